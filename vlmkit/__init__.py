@@ -1,0 +1,1 @@
+"""vlmkit: a from-scratch PyTorch engine for vision-language models."""

@@ -1,0 +1,68 @@
+"""Chat templates rendered in jinja2's immutable sandbox, the way checkpoints' templates expect
+(trim_blocks, lstrip_blocks, loop controls, ``raise_exception``, a non-escaping ``tojson``)."""
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import TemplateError
+
+
+def _raise_exception(message):
+    raise TemplateError(f"the chat template refused the conversation: {message}")
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(f"the chat template does not parse: {err}") from None
+
+
+def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+    """Render one conversation. Sandbox violations and template errors become ``TemplateError``."""
+    import jinja2
+
+    try:
+        return _compile(template).render(messages=messages, **variables)
+    except jinja2.exceptions.SecurityError as err:
+        raise TemplateError(f"the chat template tried an unsafe operation: {err}") from None
+    except jinja2.TemplateError as err:
+        raise TemplateError(f"the chat template failed: {err}") from None
+
+
+def find_chat_template(folder: Path, *configs: dict) -> str | None:
+    """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json`` or a
+    ``chat_template`` key in one of the given configs (a string, or a list of named templates)."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    json_file = folder / "chat_template.json"
+    if json_file.is_file():
+        return _pick(json.loads(json_file.read_text(encoding="utf-8")).get("chat_template"))
+    for config in configs:
+        template = _pick(config.get("chat_template"))
+        if template:
+            return template
+    return None
+
+
+def _pick(template):
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template

@@ -1,0 +1,194 @@
+"""Checkpoint folders: finding them (local path or HF cache), their weight files (safetensors first,
+``.bin`` only through torch's restricted ``weights_only`` loader) and loading weights straight into a
+model built on the meta device, in their final dtype and device."""
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def hf_cache_dir() -> Path:
+    """Where the Hugging Face hub cache lives, honouring HF_HUB_CACHE and HF_HOME."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main") -> Path:
+    """A local checkpoint folder, or the snapshot of a hub model id already in the local HF cache.
+
+    Nothing is downloaded: a model id that is not cached is an error naming where it should be."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the checkpoint folder that holds config.json")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+        ref = repo / "refs" / revision
+        snapshot = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+        if snapshot.is_dir():
+            return snapshot
+        snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+        if len(snapshots) == 1 and revision == "main":
+            return snapshots[0]
+        raise CheckpointError(
+            f"model {name!r} is neither a local folder nor in the local Hugging Face cache (looked in {repo}). "
+            f"vlmkit never downloads: fetch it first, e.g. `huggingface-cli download {name}` "
+            f"(it lands in {repo}), or pass the path of a folder that holds it.")
+    raise CheckpointError(f"checkpoint folder {name!r} does not exist")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file, with a clear error when it is missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files, every shard checked to exist. safetensors win over ``.bin``."""
+    for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder} is incomplete: shard(s) {', '.join(missing)} listed in "
+                                      f"{index_name} are missing; download the checkpoint again")
+            if not shards:
+                raise CheckpointError(f"{index} lists no weight files")
+            return [folder / s for s in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"no weights in {folder}: expected model.safetensors, {SAFETENSORS_INDEX}, "
+                          f"pytorch_model.bin or {BIN_INDEX}")
+
+
+def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, load) pairs over all files; ``load()`` reads one tensor (memory-mapped where possible)."""
+    from safetensors import safe_open
+
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {file}: {err}") from None
+            for name in handle.keys():
+                yield name, (lambda h=handle, n=name: h.get_tensor(n))
+        else:
+            state = _load_bin(file)
+            for name, tensor in state.items():
+                yield name, (lambda t=tensor: t)
+
+
+def _load_bin(file: Path) -> dict:
+    # weights_only=True uses torch's restricted unpickler: tensors and plain containers only, no code.
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)  # old non-zip format
+    except Exception as err:
+        raise CheckpointError(f"cannot load {file} with torch's safe weights-only loader: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a dict of tensors")
+    return state
+
+
+def resolve_dtype(dtype, config: dict) -> torch.dtype:
+    """A torch dtype from ``dtype``/``torch_dtype`` arguments: a dtype, a name, or "auto" (the config's)."""
+    if dtype is None or dtype == "auto":
+        for source in (config, config.get("text_config") or {}, config.get("language_config") or {}):
+            name = source.get("dtype") or source.get("torch_dtype")
+            if isinstance(name, str) and name in _DTYPES:
+                return _DTYPES[name]
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
+
+
+def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, device: torch.device | str,
+                 rename: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+                 ignore: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> set[str]:
+    """Fill ``model`` (built on the meta device) from checkpoint ``files``.
+
+    ``rename(name, tensor)`` maps one checkpoint tensor to zero or more model tensors (families use it
+    for their layout differences). Names matching an ``ignore`` pattern are skipped; model tensors
+    matching an ``optional`` pattern may be missing (the caller ties or derives them). Floating tensors
+    are cast to ``dtype``; every tensor is moved to ``device`` one at a time, so no second full copy of
+    the weights is ever held. Returns the names of the model tensors that were missing."""
+    expected = dict(model.state_dict(keep_vars=True))
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, wrong_shape = [], []
+    for name, load in iter_checkpoint_tensors(files):
+        if any(re.search(p, name) for p in ignore):
+            continue
+        pairs = rename(name, load()) if rename else [(name, load())]
+        for target, tensor in pairs:
+            if target not in expected:
+                unexpected.append(name if target == name else f"{name} (as {target})")
+                continue
+            if tuple(tensor.shape) != tuple(expected[target].shape):
+                wrong_shape.append(f"{target}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[target].shape)}")
+                continue
+            tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            loaded[target] = tensor
+    missing = sorted(set(expected) - set(loaded))
+    required_missing = [m for m in missing if not any(re.search(p, m) for p in optional)]
+    problems = []
+    if wrong_shape:
+        problems.append("wrongly shaped tensors: " + "; ".join(wrong_shape[:10]))
+    if required_missing:
+        problems.append(f"{len(required_missing)} missing tensors: " + ", ".join(required_missing[:10]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors: " + ", ".join(unexpected[:10]))
+    if problems:
+        raise CheckpointError(f"checkpoint in {files[0].parent} does not fit the model config: "
+                              + " | ".join(problems))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    return set(missing)
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Recompute derived buffers (e.g. rotary frequencies) after loading; fail on anything still unloaded."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(torch.device(device))
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise CheckpointError("weights missing after loading: " + ", ".join(leftovers[:10]))
+
+
+class WeightLayout:
+    """How a checkpoint's tensor names map onto a model: ``rename(name, tensor)`` -> [(name, tensor)],
+    regex patterns of checkpoint names to ``ignore``, and model names that may be ``optional``."""
+
+    def __init__(self, rename=None, ignore: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+        self.rename = rename
+        self.ignore = ignore
+        self.optional = optional

@@ -1,0 +1,174 @@
+"""What every vision-language model class shares: loading from a checkpoint folder onto a device
+in a dtype, the model-output container, the causal-LM loss, and the HF-style ``generate``."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import InputError
+from ..generation.config import GenerationConfig
+from ..generation.loop import generate_tokens, stop_string_checker
+from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
+
+
+class ModelOutput(dict):
+    """Forward results (``logits``, ``loss``...) readable as attributes or keys."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def resolve_device(device_map=None, device=None) -> torch.device:
+    """One device from transformers-style ``device_map`` ("auto", "cpu", "cuda:0", {"": dev}) or ``device``."""
+    choice = device if device is not None else device_map
+    if isinstance(choice, dict):
+        targets = set(map(str, choice.values()))
+        if len(targets) != 1:
+            raise InputError(f"device_map spreads the model over {sorted(targets)}; vlmkit places a model on one "
+                             f"device: pass device_map='auto', 'cpu' or 'cuda:N'")
+        choice = targets.pop()
+    if choice is None or choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(choice, int):
+        return torch.device("cuda", choice)
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {choice!r} asked for, but torch sees no CUDA device here")
+    return device
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy: position t predicts label t+1; ``ignore_index`` labels are skipped."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+
+
+class PretrainedVLM(nn.Module):
+    """Base of the families' top-level classes. A family provides ``config_from_folder`` (returns its
+    config and the weight-name mapping for that layout), ``__init__(config)``, the text decoder as
+    ``text_model``, ``lm_logits(hidden)`` and ``embed_inputs(input_ids, **model_inputs)``."""
+
+    generation_config: GenerationConfig
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
+                        revision: str = "main", **unused):
+        """Load a checkpoint from a folder or the local HF cache, in ``dtype`` ("auto" = the checkpoint's)
+        onto one device, without materialising random weights first."""
+        from ..io.checkpoint import load_weights, weight_files
+
+        _reject_unsupported(unused)
+        folder = resolve_model_path(name_or_path, revision)
+        raw_config = read_json(folder / "config.json")
+        config, layout = cls.config_from_folder(folder, raw_config)
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config)
+        target_device = resolve_device(device_map, device)
+        with torch.device("meta"):
+            model = cls(config)
+        missing = load_weights(model, weight_files(folder), dtype=target_dtype, device=target_device,
+                               rename=layout.rename, ignore=layout.ignore, optional=layout.optional)
+        model.tie_missing_weights(missing)
+        materialize(model, target_device)
+        model.name_or_path = str(name_or_path)
+        model.folder = folder
+        model.generation_config = cls.default_generation_config(folder, config)
+        return model.eval()
+
+    def tie_missing_weights(self, missing: set[str]) -> None:
+        """Share the input embedding as the LM head when the checkpoint has no separate head."""
+        if "lm_head.weight" in missing:
+            self.lm_head.weight = self.text_model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def max_context(self) -> int:
+        return self.text_model.config.max_position_embeddings
+
+    # --- the protocol generation/loop.py drives ------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int):
+        return self.text_model.new_cache(batch_size, max_len)
+
+    def prefill(self, input_ids, attention_mask, position_ids, cache, **model_inputs):
+        embeds = self.embed_inputs(input_ids, **model_inputs)
+        hidden = self.text_model(embeds, position_ids, attention_mask, cache)
+        return self.lm_logits(hidden[:, -1])
+
+    def decode(self, token_ids, position_ids, cache):
+        hidden = self.text_model(self.text_model.embed_tokens(token_ids), position_ids, None, cache)
+        return self.lm_logits(hidden[:, -1])
+
+    # --- the transformers-shaped entry point ---------------------------------------------------
+    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 streamer=None, tokenizer=None, **kwargs):
+        """Text generation as transformers' ``generate``: returns prompt + new token ids.
+
+        Generation options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``num_return_sequences``, ``eos_token_id``, ``stop_strings`` (needs
+        ``tokenizer``), ``seed``...) go by keyword; other keywords are model inputs such as
+        ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as tokens come."""
+        if input_ids is None:
+            raise InputError("generate needs input_ids (call the processor first)")
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATION_OPTIONS}
+        kwargs.pop("use_cache", None)
+        config = (generation_config or self.generation_config).updated(**options)
+        should_stop = None
+        if config.stop_strings:
+            if tokenizer is None:
+                raise InputError("stop_strings needs the tokenizer: pass tokenizer=processor.tokenizer")
+            stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+            should_stop = stop_string_checker(tokenizer, stops)
+        model_inputs = self.model_inputs(**kwargs)
+        on_tokens = streamer.put if streamer is not None else None
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
+        try:
+            return generate_tokens(self, input_ids, attention_mask, config, model_inputs, on_tokens, should_stop)
+        finally:
+            if streamer is not None:
+                streamer.end()
+
+    def model_inputs(self, **kwargs) -> dict:
+        """The keyword inputs ``prefill`` takes, moved to the model; unknown keys are an error."""
+        accepted = self.accepted_inputs
+        unknown = sorted(k for k in kwargs if k not in accepted and k not in self.ignored_inputs)
+        if unknown:
+            raise InputError(f"{type(self).__name__}.generate got unexpected argument(s): {', '.join(unknown)}")
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                for k, v in kwargs.items() if k in accepted and v is not None}
+
+    accepted_inputs: tuple[str, ...] = ()
+    ignored_inputs: tuple[str, ...] = ("token_type_ids", "return_dict", "output_attentions",
+                                       "output_hidden_states", "logits_processor")
+
+    @classmethod
+    def default_generation_config(cls, folder: Path, config) -> GenerationConfig:
+        text = config.text_config
+        return GenerationConfig.from_pretrained(folder, bos_token_id=text.bos_token_id,
+                                                eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+
+
+_GENERATION_OPTIONS = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "num_return_sequences", "bos_token_id", "eos_token_id", "pad_token_id", "stop_strings", "seed",
+    "guidance_scale", "num_beams",
+}
+
+
+def _reject_unsupported(options: dict) -> None:
+    unsupported = {k: v for k, v in options.items()
+                   if k not in ("trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "local_files_only")}
+    if unsupported:
+        raise InputError(f"from_pretrained got unsupported option(s): {', '.join(sorted(unsupported))}")

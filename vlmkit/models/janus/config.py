@@ -1,0 +1,81 @@
+"""Janus / Janus-Pro configs from a transformers-layout ``config.json`` (``model_type: janus``)."""
+
+from dataclasses import dataclass, field
+
+from ...configs import dataclass_from_dict
+from ...errors import CheckpointError
+from ...nn.decoder import DecoderConfig
+
+
+@dataclass
+class JanusVisionConfig:
+    """The SigLIP understanding tower and its aligner MLP."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    patch_size: int = 16
+    image_size: int = 384
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    mlp_ratio: float = 4.0
+    attention_bias: bool = True
+    projection_dim: int = 2048
+    depth: int = 2
+    num_image_tokens: int = 576
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+@dataclass
+class JanusVQVAEConfig:
+    """The VQ-VAE that turns image tokens into pixels, with the generation embedding/aligner/head sizes."""
+
+    embed_dim: int = 8
+    num_embeddings: int = 16384
+    double_latent: bool = False
+    latent_channels: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_multiplier: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    projection_dim: int = 2048
+    num_hidden_layers: int = 2
+    hidden_act: str = "gelu"
+    image_token_embed_dim: int = 2048
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class JanusConfig:
+    """The whole model: LLaMA text side, vision tower, VQ-VAE and the image token id."""
+
+    text_config: DecoderConfig
+    vision_config: JanusVisionConfig
+    vq_config: JanusVQVAEConfig
+    image_token_id: int = 100581
+    tie_word_embeddings: bool | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "JanusConfig":
+        """From a transformers-layout ``config.json`` dict."""
+        if values.get("model_type") != "janus":
+            raise CheckpointError(f"not a Janus config (model_type {values.get('model_type')!r})")
+        config = dataclass_from_dict(
+            cls, values,
+            text_config=DecoderConfig.from_dict(values.get("text_config") or {}),
+            vision_config=dataclass_from_dict(JanusVisionConfig, values.get("vision_config")),
+            vq_config=dataclass_from_dict(JanusVQVAEConfig, values.get("vq_config")),
+        )
+        return config
+
+    @property
+    def num_patches_per_side(self) -> int:
+        """The VQ latent grid side: image tokens form a square grid of this side."""
+        return self.vision_config.image_size // self.vision_config.patch_size

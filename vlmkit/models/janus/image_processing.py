@@ -1,0 +1,141 @@
+"""Janus image preprocessing: longest side to the model's size (aspect kept, a minimum side), pad to
+a square with the mean colour, rescale and normalise; and the inverse for generated images."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...errors import InputError
+from ...io.media import load_image
+
+
+@dataclass
+class JanusImageProcessor:
+    """Settings come from the checkpoint's preprocessor config. The real checkpoints use mean = std
+    = 0.5, unlike the class defaults (CLIP's values), so the config must always be read."""
+
+    size: int = 384
+    min_size: int = 14
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_pad: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    # transformers rounds the resized side; DeepSeek's original processor truncates it
+    resize_rounding: str = "round"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "JanusImageProcessor":
+        """From a ``preprocessor_config.json`` dict (transformers' or the original layout's keys)."""
+        size = config.get("size") or config.get("image_size") or 384
+        if isinstance(size, dict):
+            if size.get("height") != size.get("width"):
+                raise InputError(f"Janus needs a square image size, got {size}")
+            size = size["height"]
+        known = {k: config[k] for k in ("min_size", "image_mean", "image_std", "rescale_factor", "do_resize",
+                                        "do_pad", "do_rescale", "do_normalize") if config.get(k) is not None}
+        for key in ("image_mean", "image_std"):
+            if key in known and not isinstance(known[key], (list, tuple)):
+                known[key] = [known[key]] * 3
+        return cls(size=int(size), **known)
+
+    @property
+    def background_color(self) -> tuple[int, int, int]:
+        return tuple(int(x * 255) for x in self.image_mean)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Longest side to ``size``, the other scaled alike but never below ``min_size`` (bicubic)."""
+        width, height = image.size
+        scale = self.size / max(width, height)
+        to_int = round if self.resize_rounding == "round" else int
+        new_height = max(to_int(height * scale), self.min_size)
+        new_width = max(to_int(width * scale), self.min_size)
+        return image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+
+    def pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
+        """Centre ``pixels`` [H, W, 3] on a square canvas of the background colour."""
+        height, width = pixels.shape[:2]
+        if height == width:
+            return pixels
+        side = max(height, width)
+        canvas = np.empty((side, side, 3), dtype=pixels.dtype)
+        canvas[...] = np.asarray(self.background_color, dtype=pixels.dtype)
+        if width > height:
+            top = (side - height) // 2
+            canvas[top:top + height] = pixels
+        else:
+            left = (side - width) // 2
+            canvas[:, left:left + width] = pixels
+        return canvas
+
+    def preprocess_one(self, image) -> torch.Tensor:
+        """One image (any source ``load_image`` takes) to a float32 tensor [3, size, size]."""
+        image = load_image(image)
+        if self.do_resize:
+            image = self.resize(image)
+        pixels = np.asarray(image, dtype=np.uint8)
+        if self.do_pad:
+            pixels = self.pad_to_square(pixels)
+        # float64 multiply then float32, normalise in float32: the reference's exact arithmetic
+        values = pixels.astype(np.float32)
+        if self.do_rescale:
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            values = (values - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+
+    def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
+        """``{"pixel_values": [N, 3, size, size]}`` for one image or a list."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return {"pixel_values": torch.stack([self.preprocess_one(i) for i in images])}
+
+    preprocess = __call__
+
+    def postprocess(self, images, return_tensors: str | None = None, **_ignored) -> dict:
+        """Generated images back to pixels: undo normalisation, scale to 0..255, clip, uint8.
+
+        Takes tensors or arrays shaped [3, H, W] or [H, W, 3] (the seeds pass channels-last output
+        of ``decode_image_tokens``), one or a list or a batch. With ``return_tensors="PIL.Image.Image"``
+        the ``pixel_values`` are PIL images."""
+        if isinstance(images, Image.Image) or (isinstance(images, list) and images and isinstance(images[0], Image.Image)):
+            return {"pixel_values": images if isinstance(images, list) else [images]}
+        arrays = _as_hwc_list(images)
+        # the reference's arithmetic: un-normalise in float32 as (x + mean/std) * std, then
+        # rescale in float64 -> float32, clip and truncate to uint8
+        shift = np.asarray([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=np.float32)
+        inverse_std = np.asarray([1 / s for s in self.image_std], dtype=np.float32)
+        out = []
+        for array in arrays:
+            values = array.astype(np.float32)
+            if self.do_normalize:
+                values = (values - shift) / inverse_std
+            if self.do_rescale:
+                values = (values.astype(np.float64) * (1 / self.rescale_factor)).astype(np.float32)
+                values = values.clip(0, 255).astype(np.uint8)
+            out.append(Image.fromarray(values) if return_tensors == "PIL.Image.Image" else values)
+        if return_tensors == "pt":
+            out = torch.from_numpy(np.stack(out))
+        return {"pixel_values": out}
+
+
+def _as_hwc_list(images) -> list[np.ndarray]:
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        images = list(images)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    arrays = []
+    for image in images:
+        array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.ndim != 3:
+            raise InputError(f"postprocess takes images shaped [3, H, W] or [H, W, 3], got {array.shape}")
+        if array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = array.transpose(1, 2, 0)
+        arrays.append(array)
+    return arrays

@@ -1,0 +1,173 @@
+"""Janus / Janus-Pro: a SigLIP tower whose patch features are aligned into a LLaMA decoder for
+understanding, and a VQ-VAE codebook with its own embedding, aligner and head for writing images.
+
+Module names follow the transformers layout, so its checkpoints load by name (``projection_layer``
+is the one rename); DeepSeek's original layout is mapped in ``original_layout.py``."""
+
+import re
+
+import torch
+from torch import nn
+
+from ...errors import CheckpointError, InputError
+from ...io.checkpoint import WeightLayout
+from ...nn.activations import get_activation
+from ...nn.decoder import DecoderModel
+from ...nn.vit import PatchEmbedding, VisionEncoder
+from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
+from .config import JanusConfig, JanusVisionConfig
+from .vq import JanusVQVAE
+
+
+class JanusVisionModel(nn.Module):
+    """SigLIP ViT: patches + positions, encoder, final LayerNorm (no attention pooling)."""
+
+    def __init__(self, config: JanusVisionConfig):
+        super().__init__()
+        self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
+                                         config.image_size)
+        self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
+                                     num_heads=config.num_attention_heads,
+                                     intermediate_size=config.intermediate_size, activation=config.hidden_act,
+                                     eps=config.layer_norm_eps, qkv_bias=config.attention_bias)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+
+
+class AlignerMLP(nn.Module):
+    """fc1, then (act, linear) x (depth - 1): maps vision (or VQ code) features into the LM's width."""
+
+    def __init__(self, in_features: int, out_features: int, depth: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, out_features)
+        self.hidden_layers = nn.ModuleList(nn.Linear(out_features, out_features) for _ in range(1, depth))
+        self.act = get_activation(activation)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        for layer in self.hidden_layers:
+            x = layer(self.act(x))
+        return x
+
+
+class GenerationHead(nn.Module):
+    """Hidden state -> logits over the VQ codebook (replaces the LM head when writing images)."""
+
+    def __init__(self, hidden_size: int, projection_dim: int, num_codes: int, activation: str):
+        super().__init__()
+        self.proj_out = nn.Linear(hidden_size, projection_dim)
+        self.vision_head = nn.Linear(projection_dim, num_codes)
+        self.act = get_activation(activation)
+
+    def forward(self, x):
+        return self.vision_head(self.act(self.proj_out(x)))
+
+
+class JanusModel(nn.Module):
+    def __init__(self, config: JanusConfig):
+        super().__init__()
+        vision, vq = config.vision_config, config.vq_config
+        self.vision_model = JanusVisionModel(vision)
+        self.aligner = AlignerMLP(vision.hidden_size, vision.projection_dim, vision.depth, vision.hidden_act)
+        self.vqmodel = JanusVQVAE(vq, config.num_patches_per_side)
+        self.generation_embeddings = nn.Embedding(vq.num_embeddings, vq.embed_dim)
+        self.generation_aligner = AlignerMLP(vq.embed_dim, vq.projection_dim, vq.num_hidden_layers, vq.hidden_act)
+        self.generation_head = GenerationHead(vq.image_token_embed_dim, vq.projection_dim, vq.num_embeddings,
+                                              vq.hidden_act)
+        self.language_model = DecoderModel(config.text_config)
+
+
+def _rename_transformers_layout(name: str, tensor: torch.Tensor):
+    return [(re.sub(r"\.self_attn\.projection_layer\.", ".self_attn.out_proj.", name), tensor)]
+
+
+class JanusForConditionalGeneration(PretrainedVLM):
+    """Janus for image understanding (text out) and text-to-image generation (image tokens out)."""
+
+    accepted_inputs = ("pixel_values",)
+    ignored_inputs = PretrainedVLM.ignored_inputs + ("images_seq_mask", "images_emb_mask", "sft_format")
+
+    def __init__(self, config: JanusConfig):
+        super().__init__()
+        self.config = config
+        self.model = JanusModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    @classmethod
+    def config_from_folder(cls, folder, raw_config: dict):
+        """(config, weight layout) for a transformers-layout or DeepSeek original-layout folder."""
+        model_type = raw_config.get("model_type")
+        if model_type == "janus":
+            layout = WeightLayout(_rename_transformers_layout, optional=(r"^lm_head\.weight$",))
+            return JanusConfig.from_dict(raw_config), layout
+        if model_type == "multi_modality":
+            from .original_layout import original_config_and_layout
+            return original_config_and_layout(folder, raw_config)
+        raise CheckpointError(f"{folder} holds a {model_type!r} checkpoint, not Janus")
+
+    @property
+    def text_model(self) -> DecoderModel:
+        return self.model.language_model
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # --- understanding -------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Aligned vision features [num_images, num_image_tokens, hidden] for pixels [num_images, 3, H, W]."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim == 5:  # the original processor batches as [batch, images, 3, H, W]
+            pixel_values = pixel_values.flatten(0, 1)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise InputError(f"pixel_values must be shaped [num_images, 3, {size}, {size}], "
+                             f"got {tuple(pixel_values.shape)}")
+        return self.model.aligner(self.model.vision_model(pixel_values.to(self.dtype)))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's features written over its image-token positions."""
+        embeds = self.text_model.embed_tokens(input_ids)
+        image_positions = input_ids == self.config.image_token_id
+        num_slots = int(image_positions.sum())
+        if pixel_values is None:
+            if num_slots:
+                raise InputError(f"the prompt holds {num_slots} image tokens but no pixel_values were given")
+            return embeds
+        features = self.get_image_features(pixel_values)
+        if features.shape[0] * features.shape[1] != num_slots:
+            raise InputError(f"the prompt holds {num_slots} image tokens but {features.shape[0]} image(s) of "
+                             f"{features.shape[1]} tokens each were given; each image needs one placeholder")
+        embeds = embeds.clone()
+        embeds[image_positions] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
+                inputs_embeds=None, logits_to_keep: int = 0, generation_mode: str = "text", **unused) -> ModelOutput:
+        """Logits over the text vocabulary (or, with ``generation_mode="image"``, over image codes for
+        ``input_ids`` that are image tokens after the prompt); ``labels`` give the loss."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise InputError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        hidden = self.text_model(inputs_embeds, position_ids, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_logits(hidden) if generation_mode == "text" else self.model.generation_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+
+    def generate(self, input_ids=None, attention_mask=None, generation_mode: str = "text", **kwargs):
+        """Text generation (``generation_mode="text"``) or image tokens (``"image"``, see ``generate_image``)."""
+        if generation_mode == "text":
+            return super().generate(input_ids, attention_mask, **kwargs)
+        if generation_mode == "image":
+            from .image_generation import generate_image_tokens
+            return generate_image_tokens(self, input_ids, attention_mask, **kwargs)
+        raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
+
+    # --- images out ----------------------------------------------------------------------------
+    def decode_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, H, W, 3] (channels last, processor-normalised range) from image tokens [B, N]."""
+        return self.model.vqmodel.decode(image_tokens.to(self.device)).permute(0, 2, 3, 1)

@@ -1,0 +1,137 @@
+"""JanusProcessor: prompts with image placeholders expanded to the image-token block, images to
+pixel values, chat templates, decoding. Mirrors transformers' JanusProcessor."""
+
+from pathlib import Path
+
+import torch
+
+from ...errors import InputError
+from ...io.checkpoint import read_json, resolve_model_path
+from ...io.media import load_image
+from ...io.tokenizer import Tokenizer
+from ...processing import (BatchFeature, expand_placeholders, flatten_images, media_from_messages,
+                           normalize_conversations)
+from .image_processing import JanusImageProcessor
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language.\n\n")
+
+IMAGE_TOKEN, BEGIN_IMAGE_TOKEN, END_IMAGE_TOKEN = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+
+
+def _config_file(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+class JanusProcessor:
+    """Tokenizer + image processor + the Janus prompt conventions."""
+
+    def __init__(self, image_processor: JanusImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None,
+                 use_default_system_prompt: bool = False, num_image_tokens: int = 576):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template
+        self.use_default_system_prompt = use_default_system_prompt
+        self.num_image_tokens = num_image_tokens
+        self.image_token = tokenizer.special_tokens.get("image_token", IMAGE_TOKEN)
+        self.image_start_token = tokenizer.special_tokens.get("boi_token", BEGIN_IMAGE_TOKEN)
+        self.image_end_token = tokenizer.special_tokens.get("eoi_token", END_IMAGE_TOKEN)
+        self.image_token_id = tokenizer.token_id(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "JanusProcessor":
+        """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache."""
+        folder = resolve_model_path(name_or_path, revision)
+        processor_config = _config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
+        model_config = _config_file(folder, "config.json")
+        tokenizer = Tokenizer.from_pretrained(folder)
+        if tokenizer.padding_side == "right":
+            tokenizer.padding_side = "left"  # Janus pads prompts on the left
+        if model_config.get("model_type") == "multi_modality":
+            from .original_layout import original_processor_settings
+            return cls(**original_processor_settings(folder, model_config, processor_config, image_config,
+                                                     tokenizer))
+        from ...io.chat_template import find_chat_template
+        image_processor = JanusImageProcessor.from_config(image_config)
+        return cls(image_processor, tokenizer,
+                   chat_template=find_chat_template(folder, processor_config, tokenizer.config),
+                   use_default_system_prompt=bool(processor_config.get("use_default_system_prompt", False)),
+                   num_image_tokens=int(processor_config.get("num_image_tokens", 576)))
+
+    def image_block(self, _index: int = 0) -> str:
+        """What one image placeholder becomes in the token stream."""
+        return self.image_start_token + self.image_token * self.num_image_tokens + self.image_end_token
+
+    def __call__(self, text=None, images=None, *, generation_mode: str = "text", padding=False,
+                 padding_side: str | None = None, return_tensors="pt", add_special_tokens: bool = True,
+                 **kwargs) -> BatchFeature:
+        """Tokenise prompt(s), expanding each ``<image_placeholder>`` to the image block, and
+        preprocess the images (one per placeholder, in order)."""
+        for key in ("text_kwargs", "images_kwargs"):
+            kwargs.pop(key, None)
+        if text is None:
+            raise InputError("JanusProcessor needs text (a prompt, or a list of prompts)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if generation_mode == "image":
+            if images is not None:
+                raise InputError("Janus generates images from text only; pass no images with generation_mode='image'")
+            texts = [t + self.image_start_token for t in texts]
+        elif generation_mode == "text":
+            if self.use_default_system_prompt:
+                texts = [DEFAULT_SYSTEM_PROMPT + t for t in texts]
+        else:
+            raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
+        flat_images, counts = flatten_images(images)
+        texts = expand_placeholders(texts, self.image_token, counts, self.image_block, len(flat_images))
+        if len(texts) > 1 and not padding:
+            lengths = {len(self.tokenizer.encode(t, add_special_tokens)) for t in texts}
+            if len(lengths) > 1:
+                raise InputError("prompts of different lengths need padding=True to be batched")
+        encoded = self.tokenizer(texts, padding=padding or len(texts) > 1, padding_side=padding_side or "left",
+                                 add_special_tokens=add_special_tokens, return_tensors="pt")
+        features = BatchFeature(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        if flat_images:
+            features["pixel_values"] = self.image_processor([load_image(i) for i in flat_images])["pixel_values"]
+        return features
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+        """Render conversation(s) with the checkpoint's template; with ``tokenize=True`` also load the
+        images named in the messages (``url``/``path``/``image``/``base64``) and return model inputs."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InputError("this checkpoint has no chat template")
+        conversations, batched = normalize_conversations(conversation)
+        conversations = [[_with_block_content(m) for m in messages] for messages in conversations]
+        call_options = {k: kwargs.pop(k) for k in ("generation_mode", "padding", "padding_side", "return_tensors")
+                        if k in kwargs}
+        kwargs.pop("processor_kwargs", None)
+        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                                     chat_template=template, **kwargs)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [media_from_messages(messages, "image") for messages in conversations]
+        starts_with_bos = self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
+        features = self(prompts, images=images if any(images) else None,
+                        add_special_tokens=not starts_with_bos, **call_options)
+        return features if return_dict else features["input_ids"]
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def postprocess(self, images, **kwargs):
+        """Generated pixels back to images (see ``JanusImageProcessor.postprocess``)."""
+        return self.image_processor.postprocess(images, **kwargs)
+
+
+def _with_block_content(message: dict) -> dict:
+    # A plain-string content becomes one text block, the shape the Janus template iterates over.
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": [{"type": "text", "text": content}]}
+    return message

@@ -1,0 +1,129 @@
+"""The LLaMA-style decoder-only language model (LLaMA, Qwen2) that every family's text side runs on."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..configs import dataclass_from_dict
+from .attention import DecoderSelfAttention, causal_mask
+from .kv_cache import KVCache
+from .mlp import GatedMLP
+from .norms import RMSNorm
+from .rotary import RotaryEmbedding, rope_settings
+
+
+@dataclass
+class DecoderConfig:
+    """A text config in the checkpoint's own key names; LLaMA's defaults fill what a config omits
+    (DeepSeek's original Janus configs list only a few keys and lean on them)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "DecoderConfig":
+        """Build from a ``text_config``/``language_config`` dict; unknown keys are kept in ``extra``."""
+        return dataclass_from_dict(cls, values, **overrides)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope(self) -> tuple[float, dict]:
+        return rope_settings(self.extra)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return True if self.model_type == "qwen2" else self.attention_bias
+
+    @property
+    def output_bias(self) -> bool:
+        return False if self.model_type == "qwen2" else self.attention_bias
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.self_attn = DecoderSelfAttention(config.hidden_size, config.num_attention_heads, config.kv_heads,
+                                              config.attention_head_dim, config.qkv_bias, config.output_bias)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0):
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, mask, cache,
+                                                       layer_index)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DecoderModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm; returns hidden states (no LM head)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        theta, scaling = config.rope
+        self.rotary_emb = RotaryEmbedding(config.attention_head_dim, theta, scaling)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        """A KV cache for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype/device."""
+        weight = self.embed_tokens.weight
+        return KVCache(len(self.layers), batch_size, self.config.kv_heads, self.config.attention_head_dim,
+                       max_len, dtype or weight.dtype, device or weight.device)
+
+    def prepare(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+        """Rotary cos/sin and the attention mask for this forward; records the new positions in ``cache``."""
+        batch, seq_len = inputs_embeds.shape[:2]
+        start = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + seq_len, device=inputs_embeds.device).expand(batch, -1)
+        if cache is not None:
+            cache.extend_mask(attention_mask)
+            key_mask = cache.key_mask[:, :start + seq_len]
+        else:
+            key_mask = attention_mask.bool()
+        rotary = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        return rotary, causal_mask(key_mask, start, seq_len)
+
+    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+        rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
+        hidden_states = inputs_embeds
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, rotary, mask, cache, index)
+        if cache is not None:
+            cache.advance(inputs_embeds.shape[1])
+        return self.norm(hidden_states)

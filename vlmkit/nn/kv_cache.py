@@ -1,0 +1,48 @@
+"""A key/value cache allocated once per request batch and written in place.
+
+Every row of a batch advances together (prompts are left-padded), so one fill counter serves the
+whole batch; which cached positions hold real tokens is tracked by ``key_mask``.
+"""
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values for all decoder layers: [layers, batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for ``layer`` at the current fill position; return all filled so far."""
+        end = self.length + keys.shape[2]
+        self.keys[layer, :, :, self.length:end] = keys
+        self.values[layer, :, :, self.length:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def extend_mask(self, attention_mask: torch.Tensor) -> None:
+        """Record which of the positions about to be written are real tokens (``attention_mask`` [batch, T])."""
+        end = self.length + attention_mask.shape[1]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+        self.key_mask[:, self.length:end] = attention_mask.bool()
+
+    def advance(self, num_positions: int) -> None:
+        """Mark ``num_positions`` more positions as filled (after every layer has written them)."""
+        self.length += num_positions
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (e.g. drop finished sequences)."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self.key_mask = self.key_mask[rows]

@@ -1,0 +1,32 @@
+"""Feed-forward blocks: the gated (SwiGLU) MLP of LLaMA-style decoders and the two-layer MLP of ViTs."""
+
+from torch import nn
+
+from .activations import get_activation
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), LLaMA/Qwen2's feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = get_activation(activation)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TwoLayerMLP(nn.Module):
+    """fc2(act(fc1(x))), the ViT feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.act = get_activation(activation)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))

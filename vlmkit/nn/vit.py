@@ -1,0 +1,72 @@
+"""The pre-norm ViT encoder shared by the SigLIP (Janus, LLaVA-OneVision) and CLIP (IDEFICS) towers."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .mlp import TwoLayerMLP
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention over patches."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, hidden = x.shape
+
+        def heads(t):
+            return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, hidden))
+
+
+class VisionEncoderLayer(nn.Module):
+    """x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, activation: str,
+                 eps: float, qkv_bias: bool = True):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.self_attn = VisionAttention(hidden_size, num_heads, qkv_bias)
+        self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = TwoLayerMLP(hidden_size, intermediate_size, activation)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """A stack of ViT layers; can stop early for towers whose features come from an inner layer."""
+
+    def __init__(self, num_layers: int, **layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionEncoderLayer(**layer_args) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
+
+
+class PatchEmbedding(nn.Module):
+    """Conv patchify plus learned absolute positions (SigLIP style, no class token)."""
+
+    def __init__(self, num_channels: int, hidden_size: int, patch_size: int, image_size: int):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.num_patches = (image_size // patch_size) ** 2
+        self.position_embedding = nn.Embedding(self.num_patches, hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return patches.flatten(2).transpose(1, 2) + self.position_embedding.weight

@@ -34,7 +34,7 @@ def check_context(prompt_length: int, new_tokens: int, max_context: int | None) 
                          f"model's context of {max_context} tokens; lower max_new_tokens")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     config: GenerationConfig, model_inputs: dict | None = None,
                     on_tokens: Callable[[torch.Tensor], None] | None = None,

@@ -185,3 +185,14 @@ def _clean_up_spaces(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
+
+
+def added_token_id(folder: Path, content: str) -> int | None:
+    """The id of an added token in a folder's ``tokenizer.json`` without building the tokenizer."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    for token in read_json(path).get("added_tokens", []):
+        if token.get("content") == content:
+            return int(token["id"])
+    return None

@@ -79,6 +79,10 @@ class JanusModel(nn.Module):
         self.language_model = DecoderModel(config.text_config)
 
 
+# Understanding-only checkpoints may lack these; image generation then says so clearly.
+GENERATION_WEIGHTS = (r"^model\.vqmodel\.", r"^model\.generation_")
+
+
 def _rename_transformers_layout(name: str, tensor: torch.Tensor):
     return [(re.sub(r"\.self_attn\.projection_layer\.", ".self_attn.out_proj.", name), tensor)]
 
@@ -101,12 +105,36 @@ class JanusForConditionalGeneration(PretrainedVLM):
         """(config, weight layout) for a transformers-layout or DeepSeek original-layout folder."""
         model_type = raw_config.get("model_type")
         if model_type == "janus":
-            layout = WeightLayout(_rename_transformers_layout, optional=(r"^lm_head\.weight$",))
+            layout = WeightLayout(_rename_transformers_layout, optional=(r"^lm_head\.weight$",) + GENERATION_WEIGHTS)
             return JanusConfig.from_dict(raw_config), layout
         if model_type == "multi_modality":
             from .original_layout import original_config_and_layout
             return original_config_and_layout(folder, raw_config)
         raise CheckpointError(f"{folder} holds a {model_type!r} checkpoint, not Janus")
+
+    def tie_missing_weights(self, missing: set[str]) -> None:
+        super().tie_missing_weights(missing)
+        generation_missing = [m for m in missing if any(re.search(p, m) for p in GENERATION_WEIGHTS)]
+        self.has_generation_weights = not generation_missing
+        if generation_missing:  # drop the unloaded generation modules instead of keeping meta tensors
+            for name in ("vqmodel", "generation_embeddings", "generation_aligner", "generation_head"):
+                setattr(self.model, name, None)
+
+    def require_generation_weights(self) -> None:
+        if not getattr(self, "has_generation_weights", True):
+            raise InputError(f"{getattr(self, 'name_or_path', 'this checkpoint')} has no image-generation weights "
+                             "(VQ-VAE, generation embedding/aligner/head): it can only answer about images")
+
+    @classmethod
+    def default_generation_config(cls, folder, config):
+        generation_config = super().default_generation_config(folder, config)
+        extra = generation_config.extra
+        if "boi_token_id" not in extra and "boi_token_id" not in (extra.get("generation_kwargs") or {}):
+            from ...io.tokenizer import added_token_id
+            token_id = added_token_id(folder, "<begin_of_image>")
+            if token_id is not None:
+                extra["boi_token_id"] = token_id
+        return generation_config
 
     @property
     def text_model(self) -> DecoderModel:
@@ -164,10 +192,30 @@ class JanusForConditionalGeneration(PretrainedVLM):
             return super().generate(input_ids, attention_mask, **kwargs)
         if generation_mode == "image":
             from .image_generation import generate_image_tokens
+            self.require_generation_weights()
             return generate_image_tokens(self, input_ids, attention_mask, **kwargs)
         raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
 
     # --- images out ----------------------------------------------------------------------------
+    @torch.no_grad()
     def decode_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Pixels [B, H, W, 3] (channels last, processor-normalised range) from image tokens [B, N]."""
+        self.require_generation_weights()
         return self.model.vqmodel.decode(image_tokens.to(self.device)).permute(0, 2, 3, 1)
+
+    # --- image generation helpers (see image_generation.py) ------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_patches_per_side ** 2
+
+    @property
+    def begin_image_token_id(self) -> int:
+        token_id = self.generation_config.extra.get("boi_token_id") or \
+            (self.generation_config.extra.get("generation_kwargs") or {}).get("boi_token_id")
+        if token_id is None:
+            raise InputError("this checkpoint's generation config names no begin-of-image token (boi_token_id)")
+        return int(token_id)
+
+    def image_token_embeddings(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of image tokens: codebook embedding then the generation aligner."""
+        return self.model.generation_aligner(self.model.generation_embeddings(image_tokens))

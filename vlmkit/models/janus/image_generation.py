@@ -1,0 +1,96 @@
+"""Janus text-to-image: the image-token loop with classifier-free guidance.
+
+Conditional and unconditional rows run as one batch of 2B in every forward, into one KV cache sized
+for prompt + image tokens. The unconditional row is the prompt with everything but BOS and the
+begin-of-image token replaced by pad; those pads stay attended (they are the null prompt Janus was
+trained with) while left padding of a batch stays masked."""
+
+from collections.abc import Callable
+
+import torch
+
+from ...errors import InputError
+from ...generation.loop import prompt_positions
+from ...generation.sampling import make_generator, next_token
+
+
+def guided_logits(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on stacked [cond; uncond] logits: uncond + scale * (cond - uncond)."""
+    conditional, unconditional = logits.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def unconditional_prompt(input_ids: torch.Tensor, bos_id: int | None, begin_image_id: int, pad_id: int) -> torch.Tensor:
+    """The null prompt: every token but BOS and begin-of-image becomes pad."""
+    keep = input_ids == begin_image_id
+    if bos_id is not None:
+        keep |= input_ids == bos_id
+    return torch.where(keep, input_ids, torch.full_like(input_ids, pad_id))
+
+
+@torch.no_grad()
+def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          generation_config=None, on_step: Callable[[int, int], None] | None = None,
+                          max_batch_images: int | None = None, **options) -> torch.Tensor:
+    """Image tokens [B * num_return_sequences, num_image_tokens] for prompts ending in <begin_of_image>.
+
+    Options are transformers' (``do_sample``, ``guidance_scale`` (default 5), ``temperature``, ``top_k``,
+    ``top_p``, ``num_return_sequences``, ``seed``). ``max_batch_images`` splits the images into
+    batches that run one after another, bounding memory; ``on_step(done, total)`` reports progress."""
+    for key in ("use_cache", "pixel_values_ignored"):
+        options.pop(key, None)
+    if options.pop("pixel_values", None) is not None:
+        raise InputError("Janus generates images from text only; pass no pixel_values with generation_mode='image'")
+    config = (generation_config or model.generation_config).updated(**options)
+    if config.guidance_scale is None:
+        config = config.updated(guidance_scale=5.0)
+    begin_image_id = model.begin_image_token_id
+    if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise InputError("image generation needs a tokenised prompt (processor(text=..., generation_mode='image'))")
+    if not bool((input_ids[:, -1] == begin_image_id).all()):
+        raise InputError("image generation prompts must end with the <begin_of_image> token: prepare them with "
+                         "processor(text=prompt, generation_mode='image')")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    copies = config.num_return_sequences
+    input_ids = input_ids.to(model.device).repeat_interleave(copies, dim=0)
+    attention_mask = attention_mask.to(model.device).repeat_interleave(copies, dim=0)
+    generator = make_generator(config.seed, model.device)
+    chunk = max_batch_images or input_ids.shape[0]
+    total_steps = model.num_image_tokens * -(-input_ids.shape[0] // chunk)
+    done = [0]
+
+    def progress():
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], total_steps)
+
+    outputs = [_generate_batch(model, input_ids[i:i + chunk], attention_mask[i:i + chunk], config, generator,
+                               progress) for i in range(0, input_ids.shape[0], chunk)]
+    return torch.cat(outputs)
+
+
+def _generate_batch(model, input_ids, attention_mask, config, generator, progress) -> torch.Tensor:
+    batch, prompt_length = input_ids.shape
+    num_tokens = model.num_image_tokens
+    text = model.text_model
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    rows = torch.cat([input_ids, unconditional_prompt(input_ids, config.bos_token_id, model.begin_image_token_id,
+                                                      pad_id)])
+    mask = attention_mask.repeat(2, 1)
+    positions = prompt_positions(mask)
+    cache = text.new_cache(2 * batch, prompt_length + num_tokens)
+    hidden = text(text.embed_tokens(rows), positions, mask, cache)[:, -1]
+    next_position = positions[:, -1:] + 1
+    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
+    for step in range(num_tokens):
+        logits = guided_logits(model.model.generation_head(hidden).float(), config.guidance_scale)
+        token = next_token(logits, config, generator)
+        tokens[:, step] = token
+        progress()
+        if step == num_tokens - 1:
+            break
+        embeds = model.image_token_embeddings(token.repeat(2))[:, None]
+        hidden = text(embeds, next_position, None, cache)[:, -1]
+        next_position = next_position + 1
+    return tokens

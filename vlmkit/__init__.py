@@ -1,1 +1,37 @@
-"""vlmkit: a from-scratch PyTorch engine for vision-language models."""
+"""vlmkit: a from-scratch PyTorch engine for vision-language models (Janus, LLaVA-OneVision, IDEFICS).
+
+The classes mirror transformers' names, so the usual examples run with only the import changed;
+families load lazily, on first use."""
+
+from importlib import import_module
+
+from .auto import AutoModel, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor, load
+from .errors import CheckpointError, InputError, MediaError, TemplateError, VlmkitError
+from .generation.config import GenerationConfig
+from .generation.streaming import TextIteratorStreamer, TextStreamer
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "JanusForConditionalGeneration": "vlmkit.models.janus",
+    "JanusProcessor": "vlmkit.models.janus",
+    "JanusImageProcessor": "vlmkit.models.janus",
+    "JanusConfig": "vlmkit.models.janus",
+    "LlavaOnevisionForConditionalGeneration": "vlmkit.models.llava_onevision",
+    "LlavaOnevisionProcessor": "vlmkit.models.llava_onevision",
+    "LlavaOnevisionImageProcessor": "vlmkit.models.llava_onevision",
+    "IdeficsForVisionText2Text": "vlmkit.models.idefics",
+    "IdeficsProcessor": "vlmkit.models.idefics",
+    "IdeficsImageProcessor": "vlmkit.models.idefics",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+
+
+__all__ = ["AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoProcessor", "load",
+           "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "VlmkitError", "CheckpointError",
+           "InputError", "MediaError", "TemplateError", *_LAZY]

@@ -1,0 +1,114 @@
+"""Finding and loading checkpoints: local folders, the HF cache, shards, dtypes, and clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmkit import AutoModel, AutoProcessor, CheckpointError, JanusForConditionalGeneration
+
+
+def _reshard(folder, out, shards):
+    shutil.copytree(folder, out)
+    state = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for index in range(shards):
+        part = names[index::shards]
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, str(out / file))
+        weight_map.update({n: file for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return out
+
+
+def test_sharded_safetensors_load_the_same_weights(janus_dir, tmp_path):
+    sharded = _reshard(janus_dir, tmp_path / "sharded", 3)
+    a = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=torch.float32)
+    b = JanusForConditionalGeneration.from_pretrained(sharded, dtype=torch.float32)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_missing_shard_is_named(janus_dir, tmp_path):
+    sharded = _reshard(janus_dir, tmp_path / "sharded", 2)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        JanusForConditionalGeneration.from_pretrained(sharded)
+
+
+def test_missing_and_misshaped_tensors_are_named(janus_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(janus_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state.pop("model.language_model.norm.weight")
+    state["model.aligner.fc1.bias"] = torch.zeros(3)
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        JanusForConditionalGeneration.from_pretrained(broken)
+    assert "model.language_model.norm.weight" in str(error.value)
+    assert "model.aligner.fc1.bias" in str(error.value)
+
+
+def test_dtype_auto_follows_the_config_and_explicit_dtypes_apply(janus_dir):
+    assert JanusForConditionalGeneration.from_pretrained(janus_dir).dtype == torch.float32
+    model = JanusForConditionalGeneration.from_pretrained(janus_dir, torch_dtype=torch.float16)
+    assert model.dtype == torch.float16
+    assert model.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_hub_id_resolves_through_the_local_cache_and_names_the_path_when_absent(janus_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="models--deepseek-community--Janus-Pro-1B"):
+        AutoModel.from_pretrained("deepseek-community/Janus-Pro-1B")
+    repo = tmp_path / "hub" / "models--deepseek-community--Janus-Pro-1B"
+    shutil.copytree(janus_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    model = AutoModel.from_pretrained("deepseek-community/Janus-Pro-1B", dtype="float32")
+    processor = AutoProcessor.from_pretrained("deepseek-community/Janus-Pro-1B")
+    assert isinstance(model, JanusForConditionalGeneration)
+    assert processor.num_image_tokens == model.num_image_tokens
+
+
+def test_unknown_model_type_is_refused(janus_dir, tmp_path):
+    folder = tmp_path / "other"
+    shutil.copytree(janus_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "blip_2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unknown model type 'blip_2'"):
+        AutoModel.from_pretrained(folder)
+
+
+def test_pickled_bin_with_code_is_refused_by_the_weights_only_loader(janus_dir, tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    shutil.copy(janus_dir / "config.json", folder / "config.json")
+    torch.save({"weight": torch.zeros(1), "payload": _Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        JanusForConditionalGeneration.from_pretrained(folder)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_understanding_only_checkpoint_loads_and_refuses_image_generation(janus_dir, tmp_path):
+    from vlmkit import InputError
+    folder = tmp_path / "understanding_only"
+    shutil.copytree(janus_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state = {k: v for k, v in state.items() if not k.startswith(("model.vqmodel.", "model.generation_"))}
+    save_file(state, str(folder / "model.safetensors"))
+    model = JanusForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "A cat."}], add_generation_prompt=True)
+    with pytest.raises(InputError, match="no image-generation weights"):
+        model.generate(**processor(text=prompt, generation_mode="image"), generation_mode="image")
+    text = model.generate(**processor(text=prompt), max_new_tokens=3)
+    assert text.shape[1] == processor(text=prompt)["input_ids"].shape[1] + 3

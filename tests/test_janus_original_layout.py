@@ -1,0 +1,64 @@
+"""DeepSeek's original Janus layout loads onto the same modules and gives the same numbers."""
+
+import pytest
+import torch
+from builders.janus import write_original_layout
+from janus_reference import chat_inputs, ours
+
+
+@pytest.mark.parametrize("weights,shards", [("bin", 1), ("bin", 2), ("safetensors", 3)])
+def test_original_layout_gives_the_same_logits_as_its_transformers_twin(janus_dir, tmp_path, sample_images,
+                                                                         weights, shards):
+    original = write_original_layout(janus_dir, tmp_path / "original", weights=weights, shards=shards)
+    processor, model = ours(str(janus_dir))
+    original_processor, original_model = ours(str(original))
+    messages = [{"role": "user", "content": [{"type": "image", "image": sample_images["square"]},
+                                             {"type": "text", "text": "What is it?"}]}]
+    inputs, original_inputs = chat_inputs(processor, messages), chat_inputs(original_processor, messages)
+    assert torch.equal(inputs["input_ids"], original_inputs["input_ids"])
+    assert torch.equal(inputs["pixel_values"], original_inputs["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, original_model(**original_inputs).logits)
+    assert model.generate(**inputs, max_new_tokens=16).tolist() == \
+        original_model.generate(**original_inputs, max_new_tokens=16).tolist()
+    image_inputs = processor(text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "A cat."}]}], add_generation_prompt=True),
+        generation_mode="image")
+    assert model.generate(**image_inputs, generation_mode="image", do_sample=False).tolist() == \
+        original_model.generate(**image_inputs, generation_mode="image", do_sample=False).tolist()
+
+
+def test_original_processor_truncates_the_resized_side_like_deepseek(janus_original_dir):
+    from vlmkit import JanusProcessor
+    processor = JanusProcessor.from_pretrained(janus_original_dir)
+    assert processor.image_processor.resize_rounding == "floor"
+    assert processor.use_default_system_prompt
+    from PIL import Image
+    resized = processor.image_processor.resize(Image.new("RGB", (45, 23)))
+    assert resized.size == (32, int(23 * 32 / 45))
+
+
+def test_convert_rewrites_bin_weights_as_safetensors(janus_original_dir, tmp_path):
+    from vlmkit.cli import main
+    from vlmkit import JanusForConditionalGeneration
+    assert main(["convert", str(janus_original_dir), str(tmp_path / "st")]) == 0
+    assert (tmp_path / "st" / "model.safetensors").is_file()
+    assert not list((tmp_path / "st").glob("*.bin"))
+    converted = JanusForConditionalGeneration.from_pretrained(tmp_path / "st", dtype=torch.float32)
+    original = JanusForConditionalGeneration.from_pretrained(janus_original_dir, dtype=torch.float32)
+    for (name, a), (_, b) in zip(converted.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_multi_modality_without_generation_sections_is_refused(janus_original_dir, tmp_path):
+    import json
+    import shutil
+    from vlmkit import AutoModel, CheckpointError
+    folder = tmp_path / "deepseek_vl"
+    shutil.copytree(janus_original_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("gen_vision_config", "gen_aligner_config", "gen_head_config"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="Janus"):
+        AutoModel.from_pretrained(folder)

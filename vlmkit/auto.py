@@ -1,0 +1,56 @@
+"""Picking the family from a checkpoint's ``config.json``: ``AutoProcessor``, ``AutoModel`` and ``load``."""
+
+from importlib import import_module
+
+from .errors import CheckpointError
+from .io.checkpoint import read_json, resolve_model_path
+
+# model_type -> (module, model class, processor class)
+FAMILIES = {
+    "janus": ("vlmkit.models.janus", "JanusForConditionalGeneration", "JanusProcessor"),
+    "multi_modality": ("vlmkit.models.janus", "JanusForConditionalGeneration", "JanusProcessor"),
+    "llava_onevision": ("vlmkit.models.llava_onevision", "LlavaOnevisionForConditionalGeneration",
+                        "LlavaOnevisionProcessor"),
+    "idefics": ("vlmkit.models.idefics", "IdeficsForVisionText2Text", "IdeficsProcessor"),
+}
+
+
+def family_of(name_or_path, revision: str = "main") -> tuple[str, object, object]:
+    """(model_type, model class, processor class) of a checkpoint."""
+    folder = resolve_model_path(name_or_path, revision)
+    config = read_json(folder / "config.json")
+    model_type = config.get("model_type")
+    if model_type == "multi_modality" and "gen_vision_config" not in config:
+        raise CheckpointError(f"{folder} is a DeepSeek multi_modality checkpoint without image-generation sections "
+                              "(JanusFlow or DeepSeek-VL v1?); vlmkit supports Janus and Janus-Pro only")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{folder}: unknown model type {model_type!r}; vlmkit supports "
+                              f"{', '.join(sorted(FAMILIES))}")
+    module_name, model_name, processor_name = FAMILIES[model_type]
+    module = import_module(module_name)
+    return model_type, getattr(module, model_name), getattr(module, processor_name)
+
+
+class AutoProcessor:
+    """``AutoProcessor.from_pretrained(path)``: the processor of whatever family the checkpoint is."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        return family_of(name_or_path, kwargs.get("revision", "main"))[2].from_pretrained(name_or_path, **kwargs)
+
+
+class AutoModel:
+    """``AutoModel.from_pretrained(path, dtype=..., device_map=...)`` for any supported family."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        return family_of(name_or_path, kwargs.get("revision", "main"))[1].from_pretrained(name_or_path, **kwargs)
+
+
+AutoModelForImageTextToText = AutoModel
+AutoModelForVision2Seq = AutoModel
+
+
+def load(name_or_path, **kwargs):
+    """(model, processor) for a checkpoint folder or cached hub id."""
+    return AutoModel.from_pretrained(name_or_path, **kwargs), AutoProcessor.from_pretrained(name_or_path)

@@ -1,0 +1,171 @@
+"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import VlmkitError
+
+
+def _default_model() -> str:
+    model = os.environ.get("VLMKIT_MODEL")
+    if model:
+        return model
+    from .builtin import builtin_model_path
+    return builtin_model_path()
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", help="checkpoint folder or cached hub id (default: $VLMKIT_MODEL, "
+                                              "else the built-in model)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+
+
+def _load_engine(args):
+    from .engine import Engine
+    return Engine.load(args.model or _default_model(), dtype=args.dtype, device=args.device)
+
+
+def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
+    content = [{"type": "image", "path": image} for image in images]
+    content += [{"type": "video", "path": video} for video in videos]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def cmd_chat(args) -> int:
+    engine = _load_engine(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed)
+    if args.video:
+        options["num_frames"] = args.frames
+
+    def answer(messages):
+        result = engine.chat(messages, on_text=lambda chunk: print(chunk, end="", flush=True), **options)
+        print(flush=True)
+        return result
+
+    messages = []
+    if args.prompt:
+        messages.append(_user_message(args.prompt, args.image, args.video))
+        result = answer(messages)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
+    if not args.interactive:
+        if not args.prompt:
+            print("vlmkit chat: give a question, or -i for an interactive session", file=sys.stderr)
+            return 2
+        return 0
+    pending_images = [] if args.prompt else list(args.image)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line.startswith("/image "):
+            pending_images.append(line[len("/image "):].strip())
+            continue
+        if not line:
+            continue
+        messages.append(_user_message(line, pending_images, []))
+        pending_images = []
+        try:
+            result = answer(messages)
+        except VlmkitError as err:
+            print(f"error: {err}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
+
+
+def cmd_imagine(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import default_max_batch_images
+    engine = _load_engine(args)
+    batch = args.batch_size or default_max_batch_images(engine.model)
+    bar = tqdm(total=1, unit="tok", desc="image tokens", dynamic_ncols=True)
+
+    def on_step(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    images = engine.imagine(args.prompt, args.n, seed=args.seed, guidance_scale=args.cfg,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_batch_images=batch, on_step=on_step)
+    bar.close()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "image"
+    for index, image in enumerate(images):
+        path = out / f"{stem}-{index:02d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .io.convert import convert_to_safetensors
+    for path in convert_to_safetensors(args.source, args.destination):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description="Run vision-language models: chat about images, "
+                                                                "draw images, serve them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="ask about images (streams the answer)")
+    _add_model_options(chat)
+    chat.add_argument("prompt", nargs="?", help="the question")
+    chat.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="video path (models that take video)")
+    chat.add_argument("--frames", type=int, default=8, help="frames sampled from each video")
+    chat.add_argument("-i", "--interactive", action="store_true", help="keep a multi-turn session "
+                                                                      "(/image PATH adds an image, /exit quits)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int)
+    chat.set_defaults(run=cmd_chat)
+
+    imagine = commands.add_parser("imagine", help="draw images from text (Janus)")
+    _add_model_options(imagine)
+    imagine.add_argument("prompt")
+    imagine.add_argument("-n", type=int, default=1, help="how many images")
+    imagine.add_argument("-o", "--output", default=".", help="folder for the PNGs")
+    imagine.add_argument("--name", help="file name stem (default: image)")
+    imagine.add_argument("--seed", type=int)
+    imagine.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
+    imagine.add_argument("--temperature", type=float, default=1.0)
+    imagine.add_argument("--top-k", type=int, default=0, help="0 = sample from the full softmax")
+    imagine.add_argument("--top-p", type=float, default=1.0)
+    imagine.add_argument("--batch-size", type=int, help="images generated at once (default: what fits)")
+    imagine.set_defaults(run=cmd_imagine)
+
+    convert = commands.add_parser("convert", help="rewrite a .bin checkpoint as safetensors")
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except VlmkitError as err:
+        print(f"vlmkit: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

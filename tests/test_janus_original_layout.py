@@ -62,3 +62,31 @@ def test_multi_modality_without_generation_sections_is_refused(janus_original_di
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="Janus"):
         AutoModel.from_pretrained(folder)
+
+
+def test_deepseek_vlchat_processor_call_style(janus_original_dir, sample_images):
+    """The seed's VLChatProcessor example: conversations with <image_placeholder>, batched and padded."""
+    processor, model = ours(str(janus_original_dir))
+    conversation = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this image.",
+                     "images": ["./examples/image.png"]}, {"role": "<|Assistant|>", "content": ""}]
+    inputs = processor(conversations=conversation, images=[sample_images["square"]], force_batchify=True)
+    tokens = model.num_image_tokens
+    assert inputs["pixel_values"].shape == (1, 1, 3, 32, 32)
+    assert int(inputs["images_seq_mask"].sum()) == tokens
+    assert inputs["sft_format"][0].endswith("<|User|>: <image_placeholder>\nDescribe this image.\n\n<|Assistant|>:")
+    # the same prompt through the chat template gives the same ids
+    messages = [{"role": "user", "content": [{"type": "image", "image": sample_images["square"]},
+                                             {"type": "text", "text": "Describe this image."}]}]
+    assert torch.equal(inputs["input_ids"], chat_inputs(processor, messages)["input_ids"])
+    second = [{"role": "<|User|>", "content": "<image_placeholder><image_placeholder> Compare."},
+              {"role": "<|Assistant|>", "content": ""}]
+    batch = processor(conversations=[conversation, second],
+                      images=[[sample_images["wide"]], [sample_images["tall"], sample_images["square"]]])
+    assert batch["pixel_values"].shape[:2] == (2, 2)
+    assert batch["images_emb_mask"][:, :, 0].tolist() == [[True, False], [True, True]]
+    assert batch["attention_mask"][0, 0] == 0  # left padded
+    out = model.generate(**batch, max_new_tokens=6)
+    for row, (conv, images) in enumerate([(conversation, [sample_images["wide"]]),
+                                          (second, [sample_images["tall"], sample_images["square"]])]):
+        alone = model.generate(**processor(conversations=conv, images=images), max_new_tokens=6)
+        assert alone[0, -6:].tolist() == out[row, -6:].tolist()

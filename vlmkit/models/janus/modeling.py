@@ -90,8 +90,8 @@ def _rename_transformers_layout(name: str, tensor: torch.Tensor):
 class JanusForConditionalGeneration(PretrainedVLM):
     """Janus for image understanding (text out) and text-to-image generation (image tokens out)."""
 
-    accepted_inputs = ("pixel_values",)
-    ignored_inputs = PretrainedVLM.ignored_inputs + ("images_seq_mask", "images_emb_mask", "sft_format")
+    accepted_inputs = ("pixel_values", "images_emb_mask")
+    ignored_inputs = PretrainedVLM.ignored_inputs + ("images_seq_mask", "sft_format")
 
     def __init__(self, config: JanusConfig):
         super().__init__()
@@ -154,8 +154,13 @@ class JanusForConditionalGeneration(PretrainedVLM):
                              f"got {tuple(pixel_values.shape)}")
         return self.model.aligner(self.model.vision_model(pixel_values.to(self.dtype)))
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each image's features written over its image-token positions."""
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     images_emb_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's features written over its image-token positions.
+        ``pixel_values`` [num_images, 3, H, W], or the original processor's [batch, max_images, 3, H, W]
+        with ``images_emb_mask`` marking which of those images are real."""
+        if pixel_values is not None and pixel_values.ndim == 5 and images_emb_mask is not None:
+            pixel_values = pixel_values[images_emb_mask.any(-1).to(pixel_values.device)]
         embeds = self.text_model.embed_tokens(input_ids)
         image_positions = input_ids == self.config.image_token_id
         num_slots = int(image_positions.sum())
@@ -172,13 +177,14 @@ class JanusForConditionalGeneration(PretrainedVLM):
         return embeds
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
-                inputs_embeds=None, logits_to_keep: int = 0, generation_mode: str = "text", **unused) -> ModelOutput:
+                inputs_embeds=None, logits_to_keep: int = 0, generation_mode: str = "text",
+                images_emb_mask=None, **unused) -> ModelOutput:
         """Logits over the text vocabulary (or, with ``generation_mode="image"``, over image codes for
         ``input_ids`` that are image tokens after the prompt); ``labels`` give the loss."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, images_emb_mask)
         hidden = self.text_model(inputs_embeds, position_ids, attention_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

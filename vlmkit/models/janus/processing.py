@@ -66,11 +66,16 @@ class JanusProcessor:
 
     def __call__(self, text=None, images=None, *, generation_mode: str = "text", padding=False,
                  padding_side: str | None = None, return_tensors="pt", add_special_tokens: bool = True,
-                 **kwargs) -> BatchFeature:
+                 conversations=None, prompt=None, force_batchify: bool = True, **kwargs) -> BatchFeature:
         """Tokenise prompt(s), expanding each ``<image_placeholder>`` to the image block, and
-        preprocess the images (one per placeholder, in order)."""
+        preprocess the images (one per placeholder, in order). ``generation_mode="image"`` prepares a
+        text-to-image prompt. DeepSeek's ``conversations=``/``prompt=`` call style is accepted too."""
         for key in ("text_kwargs", "images_kwargs"):
             kwargs.pop(key, None)
+        if conversations is not None or prompt is not None:
+            from .vlchat import vlchat_call
+            return vlchat_call(self, prompt=prompt, conversations=conversations, images=images,
+                               force_batchify=force_batchify)
         if text is None:
             raise InputError("JanusProcessor needs text (a prompt, or a list of prompts)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -81,7 +86,7 @@ class JanusProcessor:
         elif generation_mode == "text":
             if self.use_default_system_prompt:
                 texts = [DEFAULT_SYSTEM_PROMPT + t for t in texts]
-        else:
+        elif generation_mode != "plain":  # "plain": the prompt is already complete
             raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
         flat_images, counts = flatten_images(images)
         texts = expand_placeholders(texts, self.image_token, counts, self.image_block, len(flat_images))

@@ -1,0 +1,65 @@
+"""DeepSeek's ``VLChatProcessor`` call style on top of ``JanusProcessor``:
+``processor(conversations=[{"role": "<|User|>", "content": "<image_placeholder>\\n...", "images": [...]},
+{"role": "<|Assistant|>", "content": ""}], images=pil_images)`` -> input ids, masks, per-sample image
+tensors and the formatted prompts, with left padding, as the original repository returns them."""
+
+import torch
+
+from ...errors import InputError
+from ...processing import BatchFeature
+from .original_layout import SEPARATORS
+
+
+def format_conversation(messages: list[dict], system_prompt: str) -> str:
+    """The original "deepseek" SFT format: system, then ``role: content`` turns with alternating
+    separators; an empty turn (the assistant's) ends the prompt as ``role:``."""
+    parts = [system_prompt + SEPARATORS[0]] if system_prompt else []
+    for index, message in enumerate(messages):
+        if "role" not in message or "content" not in message:
+            raise InputError("each conversation message needs 'role' and 'content'")
+        content = str(message["content"]).strip()
+        if content:
+            parts.append(f"{message['role']}: {content}{SEPARATORS[index % 2]}")
+        else:
+            parts.append(f"{message['role']}:")
+    return "".join(parts).strip()
+
+
+def vlchat_call(processor, *, prompt=None, conversations=None, images=None, force_batchify: bool = True):
+    """One sample (or a batch: a list of conversations) in the original processor's output layout."""
+    from .processing import DEFAULT_SYSTEM_PROMPT
+
+    if (prompt is None) == (conversations is None):
+        raise InputError("pass exactly one of prompt= or conversations=")
+    batched = conversations is not None and conversations and isinstance(conversations[0], (list, tuple))
+    samples = conversations if batched else [conversations if conversations is not None else None]
+    image_groups = images if batched else [images or []]
+    if len(image_groups) != len(samples):
+        raise InputError(f"{len(samples)} conversations but {len(image_groups)} image lists")
+    system = DEFAULT_SYSTEM_PROMPT.rstrip("\n")
+    texts = [prompt if sample is None else format_conversation(sample, system) for sample in samples]
+    pad_id = processor.tokenizer.pad_token_id
+    rows, sample_pixels = [], []
+    for text, group in zip(texts, image_groups):
+        one = processor(text, images=list(group) or None, generation_mode="plain")
+        rows.append(one["input_ids"][0])
+        sample_pixels.append(one.get("pixel_values"))
+    length = max(len(r) for r in rows)
+    most_images = max((p.shape[0] for p in sample_pixels if p is not None), default=0)
+    size = processor.image_processor.size
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    pixel_values = torch.zeros((len(rows), most_images, 3, size, size))
+    images_emb_mask = torch.zeros((len(rows), most_images, processor.num_image_tokens), dtype=torch.bool)
+    for index, (row, pixels) in enumerate(zip(rows, sample_pixels)):
+        input_ids[index, length - len(row):] = row
+        attention_mask[index, length - len(row):] = 1
+        if pixels is not None:
+            pixel_values[index, :pixels.shape[0]] = pixels
+            images_emb_mask[index, :pixels.shape[0]] = True
+    features = BatchFeature(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            images_seq_mask=input_ids == processor.image_token_id, images_emb_mask=images_emb_mask,
+                            sft_format=texts)
+    if not force_batchify and not batched:
+        return BatchFeature({k: v[0] for k, v in features.items()})
+    return features

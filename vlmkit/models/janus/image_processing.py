@@ -25,6 +25,7 @@ class JanusImageProcessor:
     do_pad: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
+    resample: int = Image.Resampling.BICUBIC
     # transformers rounds the resized side; DeepSeek's original processor truncates it
     resize_rounding: str = "round"
 
@@ -37,7 +38,8 @@ class JanusImageProcessor:
                 raise InputError(f"Janus needs a square image size, got {size}")
             size = size["height"]
         known = {k: config[k] for k in ("min_size", "image_mean", "image_std", "rescale_factor", "do_resize",
-                                        "do_pad", "do_rescale", "do_normalize") if config.get(k) is not None}
+                                        "do_pad", "do_rescale", "do_normalize", "resample")
+                 if config.get(k) is not None}
         for key in ("image_mean", "image_std"):
             if key in known and not isinstance(known[key], (list, tuple)):
                 known[key] = [known[key]] * 3
@@ -54,7 +56,7 @@ class JanusImageProcessor:
         to_int = round if self.resize_rounding == "round" else int
         new_height = max(to_int(height * scale), self.min_size)
         new_width = max(to_int(width * scale), self.min_size)
-        return image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        return image.resize((new_width, new_height), Image.Resampling(self.resample))
 
     def pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
         """Centre ``pixels`` [H, W, 3] on a square canvas of the background colour."""

@@ -54,13 +54,19 @@ class _SlowHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_image_url_that_times_out():
-    import vlmkit.io.media as media
+def test_image_url_that_times_out(janus_dir):
+    from vlmkit import JanusProcessor
+    from vlmkit.io.media import MediaPolicy
+    processor = JanusProcessor.from_pretrained(janus_dir, media_policy=MediaPolicy(timeout_s=0.3))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/slow.png"
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}, {"type": "text", "text": "?"}]}]
     try:
+        started = time.monotonic()
         with pytest.raises(MediaError, match="timed out|timeout"):
-            media.load_image(f"http://127.0.0.1:{server.server_port}/slow.png", media.MediaPolicy(timeout_s=0.3))
+            chat_inputs(processor, messages)
+        assert time.monotonic() - started < 1.5
     finally:
         server.shutdown()
 

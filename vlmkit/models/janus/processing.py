@@ -28,7 +28,8 @@ class JanusProcessor:
     """Tokenizer + image processor + the Janus prompt conventions."""
 
     def __init__(self, image_processor: JanusImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None,
-                 use_default_system_prompt: bool = False, num_image_tokens: int = 576):
+                 use_default_system_prompt: bool = False, num_image_tokens: int = 576, media_policy=None):
+        self.media_policy = media_policy  # limits for fetching images (None: MediaPolicy's defaults)
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.chat_template = chat_template or tokenizer.chat_template
@@ -40,8 +41,9 @@ class JanusProcessor:
         self.image_token_id = tokenizer.token_id(self.image_token)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "JanusProcessor":
-        """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache."""
+    def from_pretrained(cls, name_or_path, revision: str = "main", media_policy=None, **unused) -> "JanusProcessor":
+        """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache.
+        ``media_policy`` (a ``vlmkit.io.media.MediaPolicy``) bounds image fetches."""
         folder = resolve_model_path(name_or_path, revision)
         processor_config = _config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
@@ -52,13 +54,13 @@ class JanusProcessor:
         if model_config.get("model_type") == "multi_modality":
             from .original_layout import original_processor_settings
             return cls(**original_processor_settings(folder, model_config, processor_config, image_config,
-                                                     tokenizer))
+                                                     tokenizer), media_policy=media_policy)
         from ...io.chat_template import find_chat_template
         image_processor = JanusImageProcessor.from_config(image_config)
         return cls(image_processor, tokenizer,
                    chat_template=find_chat_template(folder, processor_config, tokenizer.config),
                    use_default_system_prompt=bool(processor_config.get("use_default_system_prompt", False)),
-                   num_image_tokens=int(processor_config.get("num_image_tokens", 576)))
+                   num_image_tokens=int(processor_config.get("num_image_tokens", 576)), media_policy=media_policy)
 
     def image_block(self, _index: int = 0) -> str:
         """What one image placeholder becomes in the token stream."""
@@ -98,7 +100,7 @@ class JanusProcessor:
                                  add_special_tokens=add_special_tokens, return_tensors="pt")
         features = BatchFeature(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
         if flat_images:
-            features["pixel_values"] = self.image_processor([load_image(i) for i in flat_images])["pixel_values"]
+            features["pixel_values"] = self.image_processor([load_image(i, self.media_policy) for i in flat_images])["pixel_values"]
         return features
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,

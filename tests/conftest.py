@@ -56,3 +56,7 @@ def sample_images() -> dict[str, Image.Image]:
         "rgba": Image.fromarray(rgba, "RGBA"),
         "palette": Image.fromarray(_pattern(44, 32, 6), "RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
     }
+
+
+# session fixtures of the IDEFICS tests (tests/fixtures_idefics.py)
+pytest_plugins = ["fixtures_idefics"]

@@ -1,0 +1,107 @@
+"""IDEFICS configs from a transformers-layout ``config.json`` (``model_type: idefics``).
+
+The text side's keys sit at the top level of the file (LLaMA's names); the CLIP tower and the
+perceiver resampler have their own sub-dicts."""
+
+from dataclasses import dataclass, field
+
+from ...configs import dataclass_from_dict
+from ...errors import CheckpointError
+from ...nn.decoder import DecoderConfig
+
+# What ``freeze_*_module_exceptions`` may name, as the reference maps them.
+FREEZE_EXCEPTION_NAMES = ("LayerNorm", "Linear", "Embedding")
+
+
+@dataclass
+class IdeficsVisionConfig:
+    """The CLIP ViT tower (class token, pre-LayerNorm); ``embed_dim`` is its width."""
+
+    embed_dim: int = 768
+    image_size: int = 224
+    intermediate_size: int = 5120
+    patch_size: int = 14
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class IdeficsPerceiverConfig:
+    """The perceiver resampler that compresses each image's patches to ``resampler_n_latents`` vectors."""
+
+    resampler_n_latents: int = 64
+    resampler_depth: int = 6
+    resampler_n_heads: int = 16
+    resampler_head_dim: int = 96
+    qk_layer_norms_perceiver: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class IdeficsConfig:
+    """The whole model: LLaMA decoder plus gated cross-attention layers, vision tower, optional resampler."""
+
+    text_config: DecoderConfig
+    vision_config: IdeficsVisionConfig
+    perceiver_config: IdeficsPerceiverConfig
+    additional_vocab_size: int = 0
+    alpha_type: str = "float"
+    alpha_initializer: str = "zeros"
+    cross_layer_interval: int = 1
+    qk_layer_norms: bool = False
+    use_resampler: bool = False
+    freeze_text_layers: bool = True
+    freeze_text_module_exceptions: list = field(default_factory=list)
+    freeze_lm_head: bool = False
+    freeze_vision_layers: bool = True
+    freeze_vision_module_exceptions: list = field(default_factory=list)
+    tie_word_embeddings: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "IdeficsConfig":
+        """From a transformers-layout ``config.json`` dict; the text keys are read from its top level."""
+        if values.get("model_type") != "idefics":
+            raise CheckpointError(f"not an IDEFICS config (model_type {values.get('model_type')!r})")
+        text_keys = {k: v for k, v in values.items() if k not in ("vision_config", "perceiver_config")}
+        config = dataclass_from_dict(
+            cls, values,
+            text_config=DecoderConfig.from_dict(text_keys),
+            vision_config=dataclass_from_dict(IdeficsVisionConfig, values.get("vision_config")),
+            perceiver_config=dataclass_from_dict(IdeficsPerceiverConfig, values.get("perceiver_config")),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Reject settings the model cannot be built with, naming the key."""
+        if self.alpha_type not in ("float", "vector"):
+            raise CheckpointError(f"alpha_type must be 'float' or 'vector', got {self.alpha_type!r}")
+        layers, interval = self.text_config.num_hidden_layers, self.cross_layer_interval
+        # a cross-attention layer precedes every interval-th decoder layer; the reference builds
+        # layers // interval of them, so a remainder would leave the last one missing.
+        if interval < 1 or layers % interval:
+            raise CheckpointError(f"num_hidden_layers ({layers}) must be a multiple of cross_layer_interval "
+                                  f"({interval})")
+        for key in ("freeze_text_module_exceptions", "freeze_vision_module_exceptions"):
+            unknown = [name for name in getattr(self, key) if name not in FREEZE_EXCEPTION_NAMES]
+            if unknown:
+                raise CheckpointError(f"{key} names unknown module type(s) {unknown}; "
+                                      f"known: {list(FREEZE_EXCEPTION_NAMES)}")
+
+    @property
+    def num_cross_layers(self) -> int:
+        return self.text_config.num_hidden_layers // self.cross_layer_interval
+
+    @property
+    def image_width(self) -> int:
+        """Width of the image features cross-attention reads (the resampler keeps the tower's width)."""
+        return self.vision_config.embed_dim

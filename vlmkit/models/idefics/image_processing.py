@@ -1,0 +1,80 @@
+"""IDEFICS image preprocessing: every image to RGB, resized (bicubic) to a square, rescaled and
+normalised with CLIP's mean/std. Same arithmetic as transformers' PIL backend."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...errors import InputError
+from ...io.media import load_image
+
+IDEFICS_STANDARD_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IDEFICS_STANDARD_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class IdeficsImageProcessor:
+    """Settings from the checkpoint's processor config (``image_size`` or ``size``, mean/std...)."""
+
+    image_size: int = 224
+    image_mean: list[float] = field(default_factory=lambda: list(IDEFICS_STANDARD_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IDEFICS_STANDARD_STD))
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+    image_num_channels: int = 3
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict) -> "IdeficsImageProcessor":
+        """From a ``preprocessor_config.json`` dict or the ``image_processor`` entry of ``processor_config.json``."""
+        size = config.get("size")
+        if isinstance(size, dict):
+            if size.get("height") != size.get("width"):
+                raise InputError(f"IDEFICS needs a square image size, got {size}")
+            size = size["height"]
+        size = size or config.get("image_size") or 224
+        known = {k: config[k] for k in ("image_mean", "image_std", "rescale_factor", "resample", "image_num_channels",
+                                        "do_resize", "do_rescale", "do_normalize") if config.get(k) is not None}
+        for key in ("image_mean", "image_std"):
+            if key in known and not isinstance(known[key], (list, tuple)):
+                known[key] = [known[key]] * 3
+        return cls(image_size=int(size), **known)
+
+    @property
+    def image_dims(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one processed image."""
+        return self.image_num_channels, self.image_size, self.image_size
+
+    def preprocess_one(self, image) -> torch.Tensor:
+        """One image (anything ``load_image`` takes) to float32 [3, image_size, image_size]."""
+        image = load_image(image)
+        if self.do_resize:
+            image = image.resize((self.image_size, self.image_size), Image.Resampling(self.resample))
+        pixels = np.asarray(image, dtype=np.uint8)
+        values = pixels.astype(np.float32)
+        if self.do_rescale:  # float64 multiply, then float32: the reference's exact arithmetic
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            values = (values - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+
+    def __call__(self, images, transform=None, **_ignored) -> torch.Tensor:
+        """Pixel values [N, 3, size, size] for one image or a list. ``transform`` (a callable on each RGB
+        PIL image returning a tensor, e.g. torchvision's training augmentations) replaces the preset steps."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if transform is not None:
+            return torch.stack([transform(load_image(image)) for image in images])
+        return torch.stack([self.preprocess_one(image) for image in images])
+
+    preprocess = __call__
+
+    def fetch_images(self, sources):
+        """RGB PIL images from URLs (or paths, data URIs...): one for one source, a list for a list."""
+        if isinstance(sources, (list, tuple)):
+            return [self.fetch_images(s) for s in sources]
+        return load_image(sources)

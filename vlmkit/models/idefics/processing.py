@@ -1,0 +1,256 @@
+"""IdeficsProcessor: interleaved prompts (lists mixing text, images and image URLs) to token ids, pixel
+values padded to the batch's largest image count, and the ``image_attention_mask`` that tells the gated
+cross-attention which image each token may see. Mirrors transformers' IdeficsProcessor; unlike it, keeps
+the checkpoint's chat template and places a conversation's images where the user put them."""
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...errors import InputError
+from ...io.chat_template import find_chat_template
+from ...io.checkpoint import read_json, resolve_model_path
+from ...io.tokenizer import Tokenizer
+from ...processing import BatchFeature, media_from_messages, normalize_conversations
+from .image_processing import IdeficsImageProcessor
+
+IMAGE_TOKEN = "<image>"
+FAKE_TOKEN = "<fake_token_around_image>"
+END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+_IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor)
+# For checkpoints that save no chat template (the idefics-9b(-instruct) repositories predate them): the
+# prompt format of the idefics-9b-instruct model card, "User: <text><image><end_of_utterance>\nAssistant:".
+# A text block right after the role gets one space; image blocks become the image token where they are.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] }}"
+    "{% else %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'image' %}<image>"
+    "{% elif block['type'] == 'text' %}{% if loop.first %} {% endif %}{{ block['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif %}"
+)
+_CALL_OPTIONS = ("add_end_of_utterance_token", "add_eos_token", "padding", "padding_side", "truncation", "max_length",
+                 "add_special_tokens", "return_tensors", "transform")
+
+
+def is_url(text: str) -> bool:
+    """The reference's test: a string without spaces that parses with a scheme and a host."""
+    if " " in text:
+        return False
+    parsed = urlparse(text)
+    return bool(parsed.scheme and parsed.netloc)
+
+
+def _config_file(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+class IdeficsProcessor:
+    """Tokenizer + image processor + the IDEFICS prompt conventions."""
+
+    def __init__(self, image_processor: IdeficsImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.image_token_id = tokenizer.token_id(tokenizer.special_tokens.get("image_token", IMAGE_TOKEN))
+        # add_end_of_utterance_token=None is documented as "on when the tokenizer has the token", but the
+        # reference (transformers 5.23) looks where v5 tokenizers no longer list it, so it is always off
+        # there. Prompts must tokenise exactly as the reference does, so None means off here too.
+        self.tokenizer_was_trained_with_end_of_utterance_token = False
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "IdeficsProcessor":
+        """Load from a checkpoint folder or the local HF cache (``backend=`` and such are accepted and ignored)."""
+        folder = resolve_model_path(name_or_path, revision)
+        processor_config = _config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
+        tokenizer = Tokenizer.from_pretrained(folder)
+        return cls(IdeficsImageProcessor.from_config(image_config), tokenizer,
+                   chat_template=find_chat_template(folder, processor_config, tokenizer.config))
+
+    # --- prompts -------------------------------------------------------------------------------
+    def __call__(self, images=None, text=None, *, text_kwargs: dict | None = None, images_kwargs: dict | None = None,
+                 **kwargs) -> BatchFeature:
+        """Model inputs for one prompt or a batch.
+
+        A prompt is a list whose items are text, images (PIL, numpy, torch) or image URLs; a batch is a
+        list of prompts. It can be passed as ``text=``, or positionally (``processor(prompts)``, the
+        model card's form). With both ``images`` and ``text``, prompt i is ``text[i]`` with ``images[i]``
+        (a list: text first, then those images; a single image: the image first), as the reference.
+        Options: ``add_end_of_utterance_token`` (None: on when the tokenizer has the token),
+        ``add_eos_token``, ``padding`` ("longest"), ``padding_side``, ``truncation``, ``max_length``,
+        ``transform`` (a callable replacing the image preprocessing). Returns ``input_ids``,
+        ``attention_mask``, ``pixel_values`` [batch, max images, 3, H, W] and ``image_attention_mask``."""
+        options = {**kwargs, **(images_kwargs or {}), **(text_kwargs or {})}
+        prompts = _prompts_from_arguments(images, text)
+        samples = [[_classify(item, row, col) for col, item in enumerate(prompt)] for row, prompt in enumerate(prompts)]
+        return self._encode(samples, **{k: v for k, v in options.items() if k in _CALL_OPTIONS})
+
+    def _prompt_text(self, items: list[tuple[str, object]], add_end_of_utterance_token: bool,
+                     add_eos_token: bool) -> str:
+        """The prompt string: BOS, texts verbatim, each image (run) wrapped in fake tokens."""
+        text = self.tokenizer.bos_token or ""
+        last_was_image = False
+        for index, (kind, value) in enumerate(items):
+            last_was_text = index > 0 and not last_was_image
+            if kind == "image":
+                # consecutive images share the fake token between them
+                text += IMAGE_TOKEN + FAKE_TOKEN if last_was_image else FAKE_TOKEN + IMAGE_TOKEN + FAKE_TOKEN
+                last_was_image = True
+            else:
+                if add_end_of_utterance_token and last_was_text:  # between consecutive texts only
+                    text += END_OF_UTTERANCE_TOKEN
+                text += value
+                last_was_image = False
+        if add_eos_token:
+            text += self.tokenizer.eos_token
+        return text
+
+    def _encode(self, samples: list[list[tuple[str, object]]], *, add_end_of_utterance_token: bool | None = None,
+                add_eos_token: bool = False, padding="longest", padding_side: str | None = None,
+                truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = False,
+                return_tensors="pt", transform=None) -> BatchFeature:
+        if return_tensors not in ("pt", None):
+            raise InputError(f"IdeficsProcessor returns torch tensors only (return_tensors='pt'), "
+                             f"not {return_tensors!r}")
+        if add_end_of_utterance_token is None:
+            add_end_of_utterance_token = self.tokenizer_was_trained_with_end_of_utterance_token
+        texts = [self._prompt_text(items, add_end_of_utterance_token, add_eos_token) for items in samples]
+        sample_images = [[value for kind, value in items if kind == "image"] for items in samples]
+        pixels = [self.image_processor(images, transform=transform) if images else None for images in sample_images]
+        encoded = self.tokenizer(texts, padding=padding, padding_side=padding_side, truncation=truncation,
+                                 max_length=max_length, add_special_tokens=add_special_tokens)
+        rows, masks = encoded["input_ids"], encoded["attention_mask"]
+        if len({len(r) for r in rows}) > 1:
+            raise InputError("prompts of different lengths need padding (padding='longest', the default)")
+        max_images = max(1, *(len(images) for images in sample_images))
+        padded = []
+        for row, row_pixels in zip(rows, pixels):
+            # images beyond the row's image tokens (cut by truncation) are dropped, as the reference does
+            keep = min(row.count(self.image_token_id), max_images)
+            dims = row_pixels.shape[1:] if row_pixels is not None and keep else self.image_processor.image_dims
+            tensor = torch.zeros(max_images, *dims)
+            if keep:
+                tensor[:keep] = row_pixels[:keep]
+            padded.append(tensor)
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        if any(sample_images):
+            mask = image_attention_mask(input_ids, self.image_token_id, self.tokenizer.eos_token_id, max_images)
+        else:  # text only: no position sees an image
+            mask = torch.zeros(*input_ids.shape, 1, dtype=torch.bool)
+        return BatchFeature(input_ids=input_ids, attention_mask=torch.tensor(masks, dtype=torch.long),
+                            pixel_values=torch.stack(padded), image_attention_mask=mask)
+
+    # --- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+        """Render conversation(s) with the checkpoint's chat template. With ``tokenize=True`` return model
+        inputs: each image block of the messages (``image``/``url``/``path``/``base64``) becomes an image
+        exactly where the template writes the image token ``<image>``."""
+        template = chat_template or self.chat_template
+        conversations, batched = normalize_conversations(conversation)
+        call_options = {k: kwargs.pop(k) for k in _CALL_OPTIONS if k in kwargs}
+        kwargs.pop("processor_kwargs", None)
+        rendered = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                                      chat_template=template, **kwargs)
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        samples = [self._chat_items(text, media_from_messages(messages, "image"), row)
+                   for row, (text, messages) in enumerate(zip(rendered, conversations))]
+        features = self._encode(samples, **call_options)
+        return features if return_dict else features["input_ids"]
+
+    def _chat_items(self, rendered: str, images: list, row: int) -> list[tuple[str, object]]:
+        bos = self.tokenizer.bos_token
+        if bos and rendered.startswith(bos):  # the processor writes BOS itself
+            rendered = rendered[len(bos):]
+        pieces = rendered.split(IMAGE_TOKEN)
+        if len(pieces) - 1 != len(images):
+            raise InputError(f"conversation {row}: the chat template wrote {len(pieces) - 1} image token(s) "
+                             f"({IMAGE_TOKEN}) for {len(images)} image block(s); they must match")
+        items = [("text", pieces[0])] if pieces[0] else []
+        for image, piece in zip(images, pieces[1:]):
+            items.append(("image", image))
+            if piece:
+                items.append(("text", piece))
+        return items
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _prompts_from_arguments(images, text) -> list[list]:
+    """The batch of prompts (each a list of items) from the call's ``images``/``text`` arguments."""
+    if images is not None and text is not None:
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        texts = [text] if isinstance(text, str) else list(text)
+        if len(texts) != len(images):
+            raise InputError(f"with both images and text, give one text per prompt and that prompt's images "
+                             f"(images=[[img1, img2], [img3]], text=[prompt1, prompt2]); got {len(texts)} text(s) "
+                             f"and {len(images)} image entries")
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError("with both images and text, each text must be a string")
+        if images and isinstance(images[0], (list, tuple)):
+            prompts = [[t, *group] for group, t in zip(images, texts)]
+        else:
+            prompts = [[image, t] for image, t in zip(images, texts)]
+    else:
+        prompts = text if text is not None else images
+    if prompts is None:
+        raise InputError("IdeficsProcessor needs a prompt: a list of texts, images and image URLs (or a list of them)")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        prompts = [prompts]  # one item (the reference would iterate a string's characters)
+    if not prompts:
+        raise InputError("the prompt list is empty: give at least one text, image or image URL")
+    if not any(isinstance(p, (list, tuple)) for p in prompts):
+        prompts = [prompts]  # one prompt, not a batch
+    prompts = [list(p) if isinstance(p, (list, tuple)) else [p] for p in prompts]
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise InputError(f"prompt {row} of the batch is empty: give at least one text, image or image URL")
+    return prompts
+
+
+def _classify(item, row: int, col: int) -> tuple[str, object]:
+    """("text", str) or ("image", source): a string is an image when it is a URL (after the reference's
+    stripping of spaces), text otherwise."""
+    if isinstance(item, str):
+        item = item.strip(" ")
+        return ("image", item) if is_url(item) else ("text", item)
+    if isinstance(item, _IMAGE_TYPES):
+        return "image", item
+    raise InputError(f"item {col} of prompt {row} is a {type(item).__name__}: each item must be text (str), an "
+                     f"image (PIL.Image, numpy array, torch tensor) or an image URL (http:// or https://)")
+
+
+def image_attention_mask(input_ids: torch.Tensor, image_token_id: int, eos_token_id: int | None,
+                         num_images: int) -> torch.Tensor:
+    """[batch, T, num_images] int64: 1 where a token may attend to an image.
+
+    A token sees the latest image at or before it (so tokens before any image see none), except after
+    an end-of-sequence token, until the next image; images past ``num_images`` are seen by nobody."""
+    indices = []
+    for row in input_ids.tolist():
+        count, seen_eos, row_indices = -1, False, []
+        for token in row:
+            if token == image_token_id:
+                count, seen_eos = count + 1, False
+            row_indices.append(-1 if seen_eos else count)
+            if token == eos_token_id:
+                seen_eos = True
+        indices.append(row_indices)
+    index = torch.tensor(indices, dtype=torch.long)
+    index[index >= num_images] = -1
+    one_hot = torch.nn.functional.one_hot(index.clamp(min=0), num_classes=num_images)
+    return one_hot.masked_fill((index < 0)[..., None], 0)

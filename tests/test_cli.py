@@ -65,3 +65,20 @@ def test_cli_errors_are_one_clear_line(janus_dir, args, message):
     result = run_cli(*[a.replace("{janus}", str(janus_dir)) for a in args])
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_with_an_idefics_checkpoint_puts_images_where_the_user_put_them(idefics_resampler_dir, tmp_path,
+                                                                              sample_images):
+    from vlmkit.engine import Engine
+    sample_images["square"].save(tmp_path / "a.png")
+    sample_images["tall"].save(tmp_path / "b.png")
+    result = run_cli("chat", "--model", str(idefics_resampler_dir), "--image", str(tmp_path / "a.png"),
+                     "--image", str(tmp_path / "b.png"), "Compare them.", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    engine = Engine.load(idefics_resampler_dir, dtype="float32")
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "a.png")},
+                                             {"type": "image", "path": str(tmp_path / "b.png")},
+                                             {"type": "text", "text": "Compare them."}]}]
+    inputs = engine.prepare_chat(messages)
+    assert inputs["pixel_values"].shape[1] == 2  # both images, in order
+    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6).text

@@ -58,5 +58,5 @@ def sample_images() -> dict[str, Image.Image]:
     }
 
 
-# session fixtures of the IDEFICS tests (tests/fixtures_idefics.py)
-pytest_plugins = ["fixtures_idefics"]
+# session fixtures of the LLaVA-OneVision and IDEFICS tests (tests/fixtures_llava.py, tests/fixtures_idefics.py)
+pytest_plugins = ["fixtures_llava", "fixtures_idefics"]

@@ -41,6 +41,15 @@ def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:
     return conversations, batched
 
 
+def content_as_blocks(message: dict) -> dict:
+    """The message with a plain-string content turned into one text block, the shape that templates
+    iterating over content blocks expect."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": [{"type": "text", "text": content}]}
+    return message
+
+
 def media_from_messages(messages: list[dict], kind: str) -> list:
     """The image (or video) sources of one conversation's content blocks, in order."""
     keys = ("image", "url", "path", "base64") if kind == "image" else ("video", "url", "path")
@@ -59,18 +68,19 @@ def media_from_messages(messages: list[dict], kind: str) -> list:
 
 
 def expand_placeholders(texts: list[str], placeholder: str, image_counts: list[int] | None,
-                        expansion: Callable[[int], str], total_images: int) -> list[str]:
+                        expansion: Callable[[int], str], total_images: int, kind: str = "image") -> list[str]:
     """Replace each ``placeholder`` in ``texts`` by ``expansion(image_index)``; the number of
-    placeholders must equal the number of images (per text when ``image_counts`` is given)."""
+    placeholders must equal the number of images (per text when ``image_counts`` is given).
+    ``kind`` names the media in error messages ("image", "video")."""
     counts = [t.count(placeholder) for t in texts]
     if image_counts is not None:
         for row, (have, want) in enumerate(zip(counts, image_counts)):
             if have != want:
-                raise InputError(f"prompt {row} has {have} image placeholder(s) ({placeholder}) but {want} "
-                                 f"image(s) were given for it; they must match")
+                raise InputError(f"prompt {row} has {have} {kind} placeholder(s) ({placeholder}) but {want} "
+                                 f"{kind}(s) were given for it; they must match")
     if sum(counts) != total_images:
-        raise InputError(f"the prompt(s) hold {sum(counts)} image placeholder(s) ({placeholder}) but "
-                         f"{total_images} image(s) were given; they must match")
+        raise InputError(f"the prompt(s) hold {sum(counts)} {kind} placeholder(s) ({placeholder}) but "
+                         f"{total_images} {kind}(s) were given; they must match")
     expanded, index = [], 0
     for text in texts:
         pieces = text.split(placeholder)

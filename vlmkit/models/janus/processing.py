@@ -9,8 +9,8 @@ from ...errors import InputError
 from ...io.checkpoint import read_json, resolve_model_path
 from ...io.media import load_image
 from ...io.tokenizer import Tokenizer
-from ...processing import (BatchFeature, expand_placeholders, flatten_images, media_from_messages,
-                           normalize_conversations)
+from ...processing import (BatchFeature, content_as_blocks, expand_placeholders, flatten_images,
+                           media_from_messages, normalize_conversations)
 from .image_processing import JanusImageProcessor
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -111,7 +111,7 @@ class JanusProcessor:
         if template is None:
             raise InputError("this checkpoint has no chat template")
         conversations, batched = normalize_conversations(conversation)
-        conversations = [[_with_block_content(m) for m in messages] for messages in conversations]
+        conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
         call_options = {k: kwargs.pop(k) for k in ("generation_mode", "padding", "padding_side", "return_tensors")
                         if k in kwargs}
         kwargs.pop("processor_kwargs", None)
@@ -135,10 +135,3 @@ class JanusProcessor:
         """Generated pixels back to images (see ``JanusImageProcessor.postprocess``)."""
         return self.image_processor.postprocess(images, **kwargs)
 
-
-def _with_block_content(message: dict) -> dict:
-    # A plain-string content becomes one text block, the shape the Janus template iterates over.
-    content = message.get("content")
-    if isinstance(content, str):
-        return {**message, "content": [{"type": "text", "text": content}]}
-    return message

@@ -1,0 +1,116 @@
+"""LLaVA-OneVision configs from a llava-hf ``config.json`` (``model_type: llava_onevision``)."""
+
+from dataclasses import dataclass, field
+
+from ...configs import dataclass_from_dict
+from ...errors import CheckpointError
+from ...nn.decoder import DecoderConfig
+
+# transformers' LlavaOnevisionConfig default: anyres_max_9's pinpoints, multiples of 384 up to 6 x 384.
+DEFAULT_GRID_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+# What the reference builds when a config has no vision_config at all (SigLIP-so400m less its last
+# layer); a vision_config dict that is present but partial falls back on SigLIP's own defaults instead.
+ONEVISION_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch_size=14, image_size=384,
+                                 num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
+
+
+@dataclass
+class SiglipVisionConfig:
+    """The SigLIP tower; defaults are ``SiglipVisionConfig``'s."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side. The convolution drops the remainder: so400m's 384 px / 14 px gives 27."""
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class LlavaOnevisionConfig:
+    """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings."""
+
+    text_config: DecoderConfig
+    vision_config: SiglipVisionConfig
+    image_token_index: int = 151646
+    video_token_index: int = 151647
+    projector_hidden_act: str = "gelu"
+    vision_feature_select_strategy: str = "full"
+    vision_feature_layer: int | list[int] = -1
+    vision_aspect_ratio: str = "anyres_max_9"
+    image_grid_pinpoints: list[list[int]] = field(default_factory=lambda: [list(p) for p in DEFAULT_GRID_PINPOINTS])
+    tie_word_embeddings: bool = False
+    multimodal_projector_bias: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LlavaOnevisionConfig":
+        """From a transformers-layout ``config.json`` dict."""
+        if values.get("model_type") != "llava_onevision":
+            raise CheckpointError(f"not a LLaVA-OneVision config (model_type {values.get('model_type')!r})")
+        values = dict(values)
+        # transformers 5 may write the token ids under their attribute-map names
+        for alias, key in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
+            if values.get(key) is None and values.get(alias) is not None:
+                values[key] = values.pop(alias)
+        text = dict(values.get("text_config") or {})
+        text.setdefault("model_type", "qwen2")  # the reference's default text backbone
+        if text.get("use_sliding_window"):
+            raise CheckpointError("this checkpoint's Qwen2 uses sliding-window attention, which vlmkit does not "
+                                  "implement; LLaVA-OneVision checkpoints have use_sliding_window false")
+        vision = values.get("vision_config")
+        config = dataclass_from_dict(
+            cls, values,
+            text_config=DecoderConfig.from_dict(text),
+            vision_config=dataclass_from_dict(SiglipVisionConfig, vision if vision else ONEVISION_VISION_DEFAULTS),
+        )
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                                  f"got {config.vision_feature_select_strategy!r}")
+        parse_max_num_patches(config.vision_aspect_ratio)  # an unknown setting fails at load time
+        return config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.image_token_index
+
+    @property
+    def video_token_id(self) -> int:
+        return self.video_token_index
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The vision hidden-state indices whose features are concatenated (0 = patch embeddings)."""
+        layers = self.vision_feature_layer
+        return [layers] if isinstance(layers, int) else list(layers)
+
+    @property
+    def max_num_patches(self) -> int:
+        """The N of ``anyres_max_N``: images whose unpadded feature map holds more than about N tiles'
+        worth of features are downsampled."""
+        return parse_max_num_patches(self.vision_aspect_ratio)
+
+    @property
+    def ties_word_embeddings(self) -> bool:
+        # the reference ties when either the top level or the text config says so
+        return bool(self.tie_word_embeddings or self.text_config.tie_word_embeddings)
+
+
+def parse_max_num_patches(vision_aspect_ratio: str) -> int:
+    """``"anyres_max_9"`` -> 9 (the reference strips the characters of ``anyres_max_``)."""
+    try:
+        return int(str(vision_aspect_ratio).strip("anyres_max_"))
+    except ValueError:
+        raise CheckpointError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not supported; "
+                              "LLaVA-OneVision checkpoints use 'anyres_max_N', e.g. 'anyres_max_9'") from None

@@ -1,0 +1,180 @@
+"""LLaVA-OneVision pixel preprocessing: anyres tiling for images (the reference's PIL/numpy backend,
+value for value) and the per-frame resize of videos (the reference's torchvision backend).
+
+Images of a single-image prompt go through anyres: the base image plus tiles of the best pinpoint.
+Images of a multi-image prompt are padded to a square with the mean colour and resized, one input
+each. Video frames are resized straight to the tower's size, never tiled.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from ...errors import InputError
+from ...io.media import load_image
+from . import anyres
+from .config import DEFAULT_GRID_PINPOINTS
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _square_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        if size.get("height") and size.get("width"):
+            if size["height"] != size["width"]:
+                raise InputError(f"LLaVA-OneVision needs a square tile size, got {size}")
+            return int(size["height"])
+        if size.get("shortest_edge"):
+            return int(size["shortest_edge"])
+    raise InputError(f"unsupported image size setting {size!r}; expected {{'height': N, 'width': N}}")
+
+
+@dataclass
+class LlavaOnevisionImageProcessor:
+    """Settings come from the checkpoint's image (and video) processor config; the real checkpoints
+    use mean = std = 0.5, not the class defaults (CLIP's), so the config must always be read."""
+
+    size: int = 384
+    image_grid_pinpoints: list = field(default_factory=lambda: [list(p) for p in DEFAULT_GRID_PINPOINTS])
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_pad: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LlavaOnevisionImageProcessor":
+        """From a ``preprocessor_config.json`` dict (or the ``image_processor`` section of
+        ``processor_config.json``, or a video processor config)."""
+        known = {k: config[k] for k in ("image_grid_pinpoints", "image_mean", "image_std", "rescale_factor",
+                                        "resample", "do_resize", "do_rescale", "do_normalize", "do_pad")
+                 if config.get(k) is not None}
+        for key in ("image_mean", "image_std"):
+            if key in known and not isinstance(known[key], (list, tuple)):
+                known[key] = [known[key]] * 3
+        if config.get("do_center_crop"):
+            raise InputError("center-cropping image processors are not LLaVA-OneVision's; check the checkpoint")
+        return cls(size=_square_size(config.get("size") or 384), **known)
+
+    # --- images -------------------------------------------------------------------------------
+    def _resize(self, image: Image.Image, size: anyres.Size) -> Image.Image:
+        # same size is a copy in PIL too, so tiles that already fit are untouched
+        return image.resize((size[1], size[0]), Image.Resampling(self.resample))
+
+    def _normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> float32 [3, H, W] with the reference's arithmetic: rescale in float64
+        then cast, normalise in float32."""
+        values = pixels.astype(np.float32)
+        if self.do_rescale:
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            values = (values - mean) / std
+        return values.transpose(2, 0, 1)
+
+    def anyres_patches(self, image: Image.Image) -> list[np.ndarray]:
+        """The base image resized to the tile size, then the tiles (row-major) of the image fitted
+        into its best pinpoint and zero-padded to it; uint8 [H, W, 3] each."""
+        height, width = image.height, image.width
+        target = anyres.select_best_resolution((height, width), self.image_grid_pinpoints)
+        fitted = np.asarray(self._resize(image, anyres.fitted_size((height, width), target)))
+        (top, bottom), (left, right) = anyres.centered_padding(fitted.shape[:2], target)
+        padded = np.pad(fitted, ((top, bottom), (left, right), (0, 0)), mode="constant", constant_values=0)
+        tiles = [padded[i:i + self.size, j:j + self.size]
+                 for i in range(0, target[0], self.size) for j in range(0, target[1], self.size)]
+        return [np.asarray(self._resize(image, (self.size, self.size)))] + tiles
+
+    def square_patch(self, image: Image.Image) -> np.ndarray:
+        """The whole image centred on a square of the mean colour (multi-image prompts)."""
+        pixels = np.asarray(image)
+        height, width = pixels.shape[:2]
+        if height != width:
+            side = max(height, width)
+            # the reference truncates mean * 255 (0.5 -> 127)
+            canvas = np.empty((side, side, 3), dtype=np.uint8)
+            canvas[...] = np.asarray([int(m * 255) for m in self.image_mean], dtype=np.uint8)
+            if width > height:
+                top = (side - height) // 2
+                canvas[top:top + height] = pixels
+            else:
+                left = (side - width) // 2
+                canvas[:, left:left + width] = pixels
+            pixels = canvas
+        return pixels
+
+    def preprocess_one(self, image, anyres_tiling: bool = True) -> np.ndarray:
+        """One image (any source ``load_image`` takes) -> float32 [num_patches, 3, size, size]."""
+        return self._pixel_values(load_image(image), anyres_tiling)
+
+    def _pixel_values(self, image: Image.Image, anyres_tiling: bool) -> np.ndarray:
+        patches = self.anyres_patches(image) if anyres_tiling else [self.square_patch(image)]
+        out = []
+        for patch in patches:
+            if self.do_resize and patch.shape[:2] != (self.size, self.size):
+                patch = np.asarray(self._resize(Image.fromarray(patch), (self.size, self.size)))
+            out.append(self._normalize(patch))
+        return np.stack(out)
+
+    def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
+        """``pixel_values`` [num_images, max_patches, 3, size, size] (zero patches pad the shorter
+        ones), ``image_sizes`` [num_images, 2] as (height, width), ``batch_num_images``.
+
+        ``images``: one image, a flat list (each one anyres, as the reference treats a flat list),
+        or a list of lists per prompt (a prompt with several images gets no anyres tiling)."""
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
+            groups = [list(g) for g in images if g]
+        elif isinstance(images, (list, tuple)):
+            groups = [[i] for i in images]
+        else:
+            groups = [[images]]
+        batch_num_images = [len(g) for g in groups]
+        pixel_values, image_sizes = [], []
+        for group in groups:
+            for image in group:
+                image = load_image(image)
+                pixel_values.append(self._pixel_values(image, anyres_tiling=len(group) == 1))
+                image_sizes.append((image.height, image.width))
+        if not pixel_values:
+            raise InputError("no images to preprocess")
+        if self.do_pad:
+            most = max(len(p) for p in pixel_values)
+            pixel_values = [np.pad(p, ((0, most - len(p)), (0, 0), (0, 0), (0, 0))) for p in pixel_values]
+        elif len({len(p) for p in pixel_values}) > 1:
+            raise InputError("images with different numbers of anyres patches need do_pad=True to be batched")
+        return {"pixel_values": torch.from_numpy(np.stack(pixel_values)),
+                "image_sizes": torch.tensor(image_sizes, dtype=torch.long),
+                "batch_num_images": torch.tensor(batch_num_images, dtype=torch.long)}
+
+    preprocess = __call__
+
+    # --- video frames --------------------------------------------------------------------------
+    def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """Frames uint8 [T, H, W, 3] -> float32 [T, 3, size, size], as the reference's torchvision
+        video processor computes them on the CPU: uint8 bicubic resize with antialiasing (torchvision
+        hands uint8 bicubic to torch's native uint8 kernel there; it differs from PIL's bicubic by a
+        level or two on under 1% of values), then one fused rescale-and-normalise in float32."""
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+        if self.do_resize and tuple(video.shape[-2:]) != (self.size, self.size):
+            if int(self.resample) != int(Image.Resampling.BICUBIC):
+                raise InputError("LLaVA-OneVision video frames are resized bicubic; this config asks for "
+                                 f"resample={self.resample}")
+            video = F.interpolate(video, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                  align_corners=False)
+        values = video.to(torch.float32)
+        if self.do_rescale and self.do_normalize:
+            mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
+            std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
+            return (values - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        if self.do_normalize:
+            return (values - torch.tensor(self.image_mean).view(-1, 1, 1)) / torch.tensor(self.image_std).view(-1, 1, 1)
+        return values * self.rescale_factor if self.do_rescale else values

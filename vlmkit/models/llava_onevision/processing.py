@@ -1,0 +1,185 @@
+"""LlavaOnevisionProcessor: prompts with ``<image>``/``<video>`` expanded to as many tokens as the model
+makes features, images to anyres pixel values, videos to frames, chat templates, decoding. Mirrors
+transformers' LlavaOnevisionProcessor (images through its PIL backend, videos through its video processor)."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...errors import InputError
+from ...io.checkpoint import read_json, resolve_model_path
+from ...io.chat_template import find_chat_template
+from ...io.tokenizer import Tokenizer
+from ...io.video import load_video
+from ...processing import (BatchFeature, content_as_blocks, expand_placeholders, flatten_images,
+                           media_from_messages, normalize_conversations)
+from . import anyres
+from .config import parse_max_num_patches
+from .image_processing import LlavaOnevisionImageProcessor
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+def _config_file(folder: Path, name: str) -> dict:
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+class LlavaOnevisionProcessor:
+    """Tokenizer + image/video preprocessing + the OneVision placeholder rules."""
+
+    def __init__(self, image_processor: LlavaOnevisionImageProcessor, tokenizer: Tokenizer,
+                 video_processor: LlavaOnevisionImageProcessor | None = None, num_image_tokens: int | None = None,
+                 vision_feature_select_strategy: str | None = "full", chat_template: str | None = None,
+                 image_token: str = IMAGE_TOKEN, video_token: str = VIDEO_TOKEN,
+                 vision_aspect_ratio: str = "anyres_max_9"):
+        self.image_processor = image_processor
+        self.video_processor = video_processor or image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = tokenizer.special_tokens.get("image_token", image_token)
+        self.video_token = tokenizer.special_tokens.get("video_token", video_token)
+        self.image_token_id = tokenizer.token_id(self.image_token)
+        self.video_token_id = tokenizer.token_id(self.video_token)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.max_num_patches = parse_max_num_patches(vision_aspect_ratio)
+        # the tower's patches per side; the reference derives it from num_image_tokens the same way
+        self.num_image_tokens = num_image_tokens or 729
+        self.grid_size = int(self.num_image_tokens ** 0.5)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "LlavaOnevisionProcessor":
+        """Load from a checkpoint folder or the HF cache. Reads transformers 5's single
+        ``processor_config.json`` and the older separate preprocessor/video-preprocessor files alike."""
+        folder = resolve_model_path(name_or_path, revision)
+        processor_config = _config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
+        video_config = (processor_config.get("video_processor")
+                        or _config_file(folder, "video_preprocessor_config.json") or image_config)
+        tokenizer = Tokenizer.from_pretrained(folder)
+        return cls(LlavaOnevisionImageProcessor.from_config(image_config), tokenizer,
+                   video_processor=LlavaOnevisionImageProcessor.from_config(video_config),
+                   num_image_tokens=processor_config.get("num_image_tokens"),
+                   vision_feature_select_strategy=processor_config.get("vision_feature_select_strategy"),
+                   chat_template=find_chat_template(folder, processor_config, tokenizer.config),
+                   image_token=processor_config.get("image_token", IMAGE_TOKEN),
+                   video_token=processor_config.get("video_token", VIDEO_TOKEN),
+                   vision_aspect_ratio=processor_config.get("vision_aspect_ratio", "anyres_max_9"))
+
+    # --- placeholder counts ---------------------------------------------------------------------
+    def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True) -> int:
+        """Prompt tokens for one image of ``image_size`` (height, width); see ``anyres.image_token_count``."""
+        count = anyres.image_token_count(image_size, self.image_processor.image_grid_pinpoints,
+                                         self.image_processor.size, self.grid_size, self.max_num_patches,
+                                         anyres=anyres_tiling)
+        # a "default" strategy drops a class token SigLIP does not have; kept for parity with the reference
+        return count - 1 if self.vision_feature_select_strategy == "default" else count
+
+    def video_token_count(self, num_frames: int) -> int:
+        """Prompt tokens for one video of ``num_frames`` frames."""
+        return anyres.video_token_count(num_frames, self.grid_size)
+
+    # --- the call ---------------------------------------------------------------------------------
+    def __call__(self, images=None, text=None, videos=None, *, padding=False, padding_side: str | None = None,
+                 return_tensors="pt", add_special_tokens: bool = True, num_frames: int | None = None,
+                 fps: float | None = None, **kwargs) -> BatchFeature:
+        """Tokenise prompt(s), expanding each ``<image>``/``<video>`` to its feature count, and
+        preprocess the images (one per ``<image>``, in order) and videos (one per ``<video>``).
+
+        ``images``: one image, a flat list (every image anyres-tiled), or one list per prompt (a prompt
+        with several images gets them untiled, as the reference). ``videos``: one video or a list;
+        each is a path/URL/bytes/array/frame list, sampled to ``num_frames`` (or at ``fps``)."""
+        for key in ("text_kwargs", "images_kwargs", "videos_kwargs", "processor_kwargs", "do_sample_frames"):
+            kwargs.pop(key, None)
+        if text is None:
+            raise InputError("LlavaOnevisionProcessor needs text (a prompt, or a list of prompts)")
+        texts = [text] if isinstance(text, str) else list(text)
+        texts, features = self._expand_images(texts, images)
+        texts, video_features = self._expand_videos(texts, videos, num_frames, fps)
+        features.update(video_features)
+        encoded = self.tokenizer(texts, padding=padding, padding_side=padding_side,
+                                 add_special_tokens=add_special_tokens, return_tensors="pt")
+        return BatchFeature(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], **features)
+
+    def _expand_images(self, texts: list[str], images) -> tuple[list[str], dict]:
+        """Texts with each ``<image>`` expanded, and pixel_values / image_sizes / batch_num_images."""
+        flat_images, counts = flatten_images(images)
+        if not flat_images:
+            return expand_placeholders(texts, self.image_token, None, str, 0), {}  # raises if any <image>
+        groups = _image_groups(images)
+        pixels = self.image_processor(groups)
+        tiled = [len(group) == 1 for group in groups if group for _ in group]
+        sizes = [tuple(size) for size in pixels["image_sizes"].tolist()]
+        tokens = [self.image_token * self.image_token_count(size, t) for size, t in zip(sizes, tiled)]
+        return expand_placeholders(texts, self.image_token, counts, tokens.__getitem__, len(flat_images)), pixels
+
+    def _expand_videos(self, texts: list[str], videos, num_frames, fps) -> tuple[list[str], dict]:
+        """Texts with each ``<video>`` expanded, and pixel_values_videos [videos, frames, 3, S, S]."""
+        sources = _as_video_list(videos)
+        if not sources:
+            return expand_placeholders(texts, self.video_token, None, str, 0, kind="video"), {}
+        frames = [self.video_processor.preprocess_frames(load_video(v, num_frames, fps=fps)) for v in sources]
+        if len({tuple(f.shape) for f in frames}) > 1:
+            raise InputError("videos of different frame counts cannot be batched; pass the same num_frames")
+        tokens = [self.video_token * self.video_token_count(len(f)) for f in frames]
+        texts = expand_placeholders(texts, self.video_token, None, tokens.__getitem__, len(frames), kind="video")
+        return texts, {"pixel_values_videos": torch.stack(frames)}
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+        """Render conversation(s) with the checkpoint's template; with ``tokenize=True`` also load the
+        images and videos named in the messages (``url``/``path``/``image``/``video``) and return model
+        inputs. Each conversation's images form one group: two images in one conversation are a
+        multi-image prompt (no anyres tiling), as in the reference."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InputError("this checkpoint has no chat template")
+        conversations, batched = normalize_conversations(conversation)
+        # the template iterates content blocks; a plain-string content would render as nothing
+        conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
+        call_options = {k: kwargs.pop(k) for k in ("padding", "padding_side", "return_tensors", "num_frames", "fps")
+                        if k in kwargs}
+        call_options.update(kwargs.pop("processor_kwargs", None) or {})
+        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                                     chat_template=template, **kwargs)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [media_from_messages(messages, "image") for messages in conversations]
+        videos = [v for messages in conversations for v in media_from_messages(messages, "video")]
+        starts_with_bos = self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
+        features = self(images=images if any(images) else None, text=prompts, videos=videos or None,
+                        add_special_tokens=not starts_with_bos, **call_options)
+        return features if return_dict else features["input_ids"]
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _image_groups(images) -> list[list]:
+    """Images as one list per prompt: a list of lists stays, a flat list or single image is one
+    image per group (each tiled), as the reference's image processor reads them."""
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, (list, tuple)) for i in images):
+        return [list(g) for g in images]
+    if isinstance(images, (list, tuple)):
+        return [[i] for i in images]
+    return [[images]]
+
+
+def _as_video_list(videos) -> list:
+    if videos is None:
+        return []
+    if isinstance(videos, (list, tuple)):
+        # a list of frames (images) is one video; otherwise a list of videos
+        if videos and all(_is_frame(v) for v in videos):
+            return [list(videos)]
+        return list(videos)
+    return [videos]
+
+
+def _is_frame(item) -> bool:
+    return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim == 3)

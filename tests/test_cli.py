@@ -82,3 +82,15 @@ def test_chat_with_an_idefics_checkpoint_puts_images_where_the_user_put_them(ide
     inputs = engine.prepare_chat(messages)
     assert inputs["pixel_values"].shape[1] == 2  # both images, in order
     assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6).text
+
+
+def test_chat_about_a_video_with_a_llava_onevision_checkpoint(llava_onevision_dir, onevision_videos):
+    from vlmkit.engine import Engine
+    video = str(onevision_videos["clip"])
+    result = run_cli("chat", "--model", str(llava_onevision_dir), "--video", video, "--frames", "4",
+                     "What happens?", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    engine = Engine.load(llava_onevision_dir, dtype="float32")
+    messages = [{"role": "user", "content": [{"type": "video", "path": video},
+                                             {"type": "text", "text": "What happens?"}]}]
+    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6, num_frames=4).text

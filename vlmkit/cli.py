@@ -1,4 +1,4 @@
-"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints."""
+"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve."""
 
 import argparse
 import os
@@ -108,6 +108,18 @@ def cmd_imagine(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve.app import run_server
+    except ImportError as err:
+        print(f"vlmkit serve needs the server extra ({err.name} is missing): pip install 'vlmkit[serve]'",
+              file=sys.stderr)
+        return 1
+    from .serve.config import config_from_args
+    args.model = args.model or _default_model()
+    return run_server(config_from_args(args))
+
+
 def cmd_convert(args) -> int:
     from .io.convert import convert_to_safetensors
     for path in convert_to_safetensors(args.source, args.destination):
@@ -148,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--top-p", type=float, default=1.0)
     imagine.add_argument("--batch-size", type=int, help="images generated at once (default: what fits)")
     imagine.set_defaults(run=cmd_imagine)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, image generation)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLMKIT_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests before cancelling them")
+    from .serve.config import add_serve_arguments
+    add_serve_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
 
     convert = commands.add_parser("convert", help="rewrite a .bin checkpoint as safetensors")
     convert.add_argument("source")

@@ -1,0 +1,295 @@
+"""The HTTP side of ``vlmkit serve``: a FastAPI app with OpenAI's endpoints over the shared request path
+(``requests.RequestHandler``) and the batching ``Scheduler``; API-key checks, body-size limits, server-sent
+events, client-disconnect cancellation, and ``run_server`` with a graceful SIGTERM."""
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .config import ServeConfig
+from .requests import ApiError, RequestHandler, api_error
+from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
+from .schemas import ModelCard, ModelList, Usage, error_body, new_id
+
+log = logging.getLogger("vlmkit.serve")
+
+
+class ServerState:
+    """The loaded model, its request handler and scheduler; empty until loading has finished."""
+
+    def __init__(self, config: ServeConfig, engine=None):
+        self.config = config
+        self.engine = engine
+        self.handler: RequestHandler | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.on_load_failed = None  # run_server stops uvicorn with it
+
+    def load(self) -> None:
+        """Load the model named by the config (run in a thread, so /health answers meanwhile)."""
+        from ..engine import Engine
+        try:
+            self.engine = Engine.load(self.config.model, dtype=self.config.dtype, device=self.config.device)
+            self.attach()
+            log.info("model %s loaded; serving as %r", self.config.model, self.config.model_name)
+        except Exception as err:
+            self.load_error = f"{type(err).__name__}: {err}"
+            log.error("could not load the model %s: %s", self.config.model, self.load_error)
+            if self.on_load_failed is not None:
+                self.on_load_failed()
+
+    def attach(self) -> None:
+        config = self.config
+        self.handler = RequestHandler(self.engine, config)
+        self.scheduler = Scheduler(self.engine, max_batch_rows=config.max_batch_rows,
+                                   max_batch_images=config.max_batch_images, max_waiting=config.max_waiting).start()
+
+    def ready(self) -> tuple[RequestHandler, Scheduler]:
+        if self.scheduler is None:
+            raise ApiError(503, "the model is still loading; retry when GET /health answers 200",
+                           "server_error", "model_loading")
+        return self.handler, self.scheduler
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+
+def create_app(config: ServeConfig, engine=None) -> FastAPI:
+    """The app for ``config``; with ``engine`` given it serves that loaded model, else it loads
+    ``config.model`` in the background at startup (``/health`` is 503 until then)."""
+    state = ServerState(config, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine is not None:
+            state.attach()
+        else:
+            threading.Thread(target=state.load, name="vlmkit-load", daemon=True).start()
+        yield
+        state.close()
+
+    app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.vlmkit = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        return JSONResponse(error_body(message, code=str(err.status_code)), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health():
+        if state.scheduler is not None:
+            return {"status": "ok", "model": config.model_name}
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    router = APIRouter(dependencies=[Depends(_authorizer(config.api_key))])
+
+    @router.get("/v1/models")
+    async def models():
+        return ModelList(data=[ModelCard(id=config.model_name, created=state.created)]).model_dump()
+
+    @router.get("/stats")
+    async def stats():
+        return state.ready()[1].stats()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await _read_json(request, config.limits.max_body_bytes)
+            handler, scheduler = state.ready()
+            scheduler.check_capacity()  # before fetching anything
+            parsed, task = await run_in_threadpool(handler.prepare_chat, body)
+            events: asyncio.Queue = asyncio.Queue()
+            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, parsed.stream))
+        except Exception as err:
+            return _error_response(err)
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(_sse(job, events, request, handler.model_name, parsed.n, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return handler.chat_body(parsed, await _outcome(job, events, request))
+        except Exception as err:
+            return _error_response(err)
+
+    @router.post("/v1/images/generations")
+    async def image_generations(request: Request):
+        try:
+            body = await _read_json(request, config.limits.max_body_bytes)
+            handler, scheduler = state.ready()
+            scheduler.check_capacity()
+            _, task = await run_in_threadpool(handler.prepare_images, body)
+            events: asyncio.Queue = asyncio.Queue()
+            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, False))
+            outcome = await _outcome(job, events, request)
+            return await run_in_threadpool(handler.images_body, outcome)
+        except Exception as err:
+            return _error_response(err)
+
+    app.include_router(router)
+    return app
+
+
+# --- pieces of the endpoints ---------------------------------------------------------------------
+def _authorizer(api_key: str | None):
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "incorrect or missing API key: send the header 'Authorization: Bearer <key>' with "
+                                "the key the server was started with", code="invalid_api_key")
+    return authorize
+
+
+async def _read_json(request: Request, limit: int):
+    """The request body as JSON, refusing (413) bodies over ``limit`` bytes before reading them whole."""
+    def too_large(size: str) -> ApiError:
+        return ApiError(413, f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
+                             f"(--max-body-bytes); send smaller or fewer inline images, or image URLs",
+                        code="request_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(f"over {limit}")
+    except ClientDisconnect:
+        raise ApiError(499, "the client disconnected while sending the request", code="client_closed_request") from None
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+
+
+def _error_response(err: BaseException) -> JSONResponse:
+    error = api_error(err)
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _forward(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool):
+    """A job listener that hands events from the worker thread to this request's event loop (only the
+    final one unless streaming)."""
+    def listen(event) -> None:
+        if stream or isinstance(event, (JobEnd, JobFailed)):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+    return listen
+
+
+async def _events(job, events: asyncio.Queue, request: Request):
+    """The job's events as they come; if the client disconnects first, the job is cancelled (its rows
+    leave the batch before the next step) and the iteration ends."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            get = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                return
+            yield get.result()
+    finally:
+        gone.cancel()
+        job.cancel()  # no-op once finished
+
+
+async def _outcome(job, events: asyncio.Queue, request: Request):
+    """Wait for the job's outcome (raising its error)."""
+    async for event in _events(job, events, request):
+        if isinstance(event, JobEnd):
+            return event.outcome
+        if isinstance(event, JobFailed):
+            raise event.error
+    raise ApiError(499, "the client disconnected", code="client_closed_request")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int, include_usage: bool):
+    """``chat.completion.chunk`` server-sent events, then ``data: [DONE]``. Closing the stream early (the
+    client went away) cancels the job."""
+    chunk_id, created = new_id("chatcmpl"), int(time.time())
+
+    def event(choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    stream = _events(job, events, request)
+    try:
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(n)])
+        async for item in stream:
+            if isinstance(item, TextDelta):
+                yield event([{"index": item.index, "delta": {"content": item.text}, "finish_reason": None}])
+            elif isinstance(item, ChoiceEnd):
+                yield event([{"index": item.index, "delta": {}, "finish_reason": item.finish_reason}])
+            elif isinstance(item, JobEnd):
+                if include_usage:
+                    outcome = item.outcome
+                    yield event([], Usage(prompt_tokens=outcome.prompt_tokens,
+                                          completion_tokens=outcome.completion_tokens,
+                                          total_tokens=outcome.prompt_tokens + outcome.completion_tokens).model_dump())
+                break
+            elif isinstance(item, JobFailed):
+                yield f"data: {json.dumps(api_error(item.error).body())}\n\n"
+                break
+        else:
+            return  # the client went away: nothing more to send
+        yield "data: [DONE]\n\n"
+    finally:
+        await stream.aclose()
+
+
+# --- the process ---------------------------------------------------------------------------------
+def run_server(config: ServeConfig) -> int:
+    """Serve until SIGTERM or Ctrl-C. On SIGTERM: stop accepting, let in-flight requests finish (up to
+    ``config.shutdown_timeout_s``, then cancel them), exit 0. Returns 1 if the model failed to load."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=config.shutdown_timeout_s))
+    state: ServerState = app.state.vlmkit
+
+    def stop_after_failed_load() -> None:
+        server.should_exit = True
+
+    state.on_load_failed = stop_after_failed_load
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; with this handler in place that
+    # re-raise ends nothing, and the process exits 0 as a service manager expects.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 1 if state.load_error else 0

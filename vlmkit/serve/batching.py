@@ -1,0 +1,88 @@
+"""The two tools that let requests share decode steps: joining KV caches of different lengths into one
+batch, and drawing each row's next token with its own request's settings and random generator.
+
+Every row of a ``KVCache`` writes its next key in the same column (one fill counter), so caches are
+joined right-aligned: a shorter history gets masked padding on its left. Positions are per row, so
+rotary angles are unaffected; the ``key_mask`` keeps the padding out of attention."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.config import GenerationConfig
+from ..generation.sampling import next_token
+from ..nn.kv_cache import KVCache
+
+
+def can_merge(cache) -> bool:
+    """Whether caches like this one can be joined. A ``KVCache`` subclass that carries more per-row
+    state (IDEFICS keeps each request's image keys with its cache) can once it defines
+    ``join_extra(self, parts)``: fill that state for the joined rows from ``parts``, in row order."""
+    return type(cache) is KVCache or callable(getattr(type(cache), "join_extra", None))
+
+
+def merge_caches(caches: list[KVCache], room: int) -> KVCache:
+    """One cache holding every row of ``caches`` in order, right-aligned at the longest fill, with
+    space for ``room`` more positions."""
+    first = caches[0]
+    length = max(cache.length for cache in caches)
+    layers, _, heads, _, head_dim = first.keys.shape
+    merged = type(first)(layers, sum(cache.batch_size for cache in caches), heads, head_dim, length + room,
+                         first.keys.dtype, first.keys.device)
+    row = 0
+    for cache in caches:
+        rows, start = slice(row, row + cache.batch_size), length - cache.length
+        merged.keys[:, rows, :, start:length] = cache.keys[:, :, :, :cache.length]
+        merged.values[:, rows, :, start:length] = cache.values[:, :, :, :cache.length]
+        merged.key_mask[rows, start:length] = cache.key_mask[:, :cache.length]
+        row += cache.batch_size
+    merged.length = length
+    if type(merged) is not KVCache:
+        merged.join_extra(caches)
+    return merged
+
+
+def keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    """Keep only ``rows`` of ``cache``, then drop leading columns that are padding in every kept row
+    (left behind by a long request that has finished), so attention stops paying for them."""
+    cache.select_rows(rows)
+    used = cache.key_mask[:, :cache.length].any(dim=0)
+    if not bool(used.any()):
+        return
+    first = int(used.int().argmax())
+    if first:
+        cache.keys, cache.values = cache.keys[:, :, :, first:], cache.values[:, :, :, first:]
+        cache.key_mask = cache.key_mask[:, first:]
+        cache.length -= first
+        cache.max_len -= first
+
+
+@dataclass
+class RowSampling:
+    """The rows of one request in a step's logits, with how that request samples."""
+
+    rows: list[int]
+    config: GenerationConfig
+    generator: torch.Generator | None
+    seen_ids: torch.Tensor | None = None  # prompt + answer so far, for the repetition penalty
+
+
+def sample_rows(logits: torch.Tensor, requests: list[RowSampling]) -> torch.Tensor:
+    """Next token of every row of ``logits`` [rows, vocab]. Greedy rows take one argmax together; each
+    sampling request draws from its own generator, so a seeded request's tokens do not depend on what
+    else shares the batch (and equal ``generate`` with that seed)."""
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    plain = [r for s in requests if _plain_greedy(s.config) for r in s.rows]
+    if plain:
+        index = torch.tensor(plain, device=logits.device)
+        tokens[index] = logits[index].float().argmax(dim=-1)
+    for request in requests:
+        if not _plain_greedy(request.config):
+            index = torch.tensor(request.rows, device=logits.device)
+            seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
+            tokens[index] = next_token(logits[index], request.config, request.generator, seen)
+    return tokens
+
+
+def _plain_greedy(config: GenerationConfig) -> bool:
+    return not config.do_sample and config.repetition_penalty in (None, 1.0)

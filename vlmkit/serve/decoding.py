@@ -1,0 +1,314 @@
+"""The rows the scheduler's worker decodes: answers (text) and, for Janus, images.
+
+A request is prefilled alone, exactly as ``Engine.chat`` / ``Engine.imagine`` would run it, into a cache
+of its own; from then on its rows share every decode step with whatever else is running, its cache
+joined to theirs (``batching.merge_caches``). Rows leave the batch the step they finish or their
+request is cancelled. Everything here runs on the worker thread only."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation.loop import prompt_positions
+from ..generation.sampling import make_generator
+from .batching import RowSampling, can_merge, keep_rows, merge_caches, sample_rows
+
+
+class AnswerText:
+    """One answer's text as its tokens arrive: what may be sent so far, and whether a stop string ended it.
+
+    Text is held back while it ends in an incomplete UTF-8 character or in what could be the start of
+    a stop string, so a streamed answer never shows a stop string or half a character."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped_at: int | None = None
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when a stop string has now appeared."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped_at = min(hits)
+        return self.stopped_at is not None
+
+    @property
+    def final(self) -> str:
+        return self.text if self.stopped_at is None else self.text[:self.stopped_at]
+
+    def take_ready(self, finished: bool = False) -> str:
+        """The text not sent yet that is safe to send (all of it once ``finished``)."""
+        end = len(self.final)
+        if not finished:
+            end = len(self.text.rstrip("\ufffd"))
+            for size in range(min(end, max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+                if any(s.startswith(self.text[end - size:end]) for s in self.stops):
+                    end -= size
+                    break
+        chunk = self.final[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return chunk
+
+
+@dataclass
+class TextRow:
+    """One choice of one chat request."""
+
+    job: object
+    index: int
+    answer: AnswerText
+    tokens: list[int] = field(default_factory=list)  # every token drawn, the end-of-sequence one included
+
+    def take(self, token: int, eos: set[int]) -> bool:
+        """Record the drawn token and report what is ready; False once this choice has finished."""
+        task = self.job.task
+        self.tokens.append(token)
+        reason = None
+        if token in eos and not task.ignore_eos:
+            reason = "stop"
+        elif token not in eos and self.answer.add(token):
+            reason = "stop"
+        elif len(self.tokens) >= task.max_tokens:
+            reason = "length"
+        chunk = self.answer.take_ready(finished=reason is not None)
+        if chunk:
+            self.job.text(self.index, chunk)
+        if reason is not None:
+            self.job.end_choice(self.index, self.answer.final, reason, len(self.tokens))
+            return False
+        return True
+
+
+@dataclass
+class _Part:
+    """Rows that share one KV cache; ``last`` holds each row's newest token, not yet fed to the model."""
+
+    cache: object
+    rows: list
+    last: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [rows, 1], each row's next position id
+
+    def keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.last.device)
+        keep_rows(self.cache, index)
+        self.rows = [self.rows[i] for i in keep]
+        self.last, self.positions = self.last[index], self.positions[index]
+
+
+class TextDecoder:
+    """The running answers: one part (one KV cache) when the model's caches can be joined, else one per request."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = set(model.generation_config.eos_token_ids)
+        self.parts: list[_Part] = []
+
+    @property
+    def rows(self) -> list[TextRow]:
+        return [row for part in self.parts for row in part.rows]
+
+    def add(self, job) -> None:
+        """Prefill a request alone and draw its first token(s); its rows join the batch at the next step."""
+        task, model = job.task, self.model
+        inputs = dict(task.inputs)
+        input_ids = inputs.pop("input_ids").to(model.device)
+        mask = inputs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(model.device)
+        positions = prompt_positions(mask)
+        cache = model.new_cache(1, input_ids.shape[1] + task.max_tokens)
+        logits = model.prefill(input_ids, mask, positions, cache, **model.model_inputs(**inputs))
+        copies = torch.zeros(task.n, dtype=torch.long, device=model.device)
+        if task.n > 1:
+            cache.select_rows(copies)
+            logits = logits[copies]
+        job.generator = make_generator(task.config.seed, model.device)
+        job.prompt_ids = input_ids[0].tolist() if _penalised(task.config) else None
+        rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop)) for i in range(task.n)]
+        tokens = sample_rows(logits, [_sampling(job, rows, list(range(task.n)))])
+        part = _Part(cache, rows, tokens, positions[:, -1:][copies] + 1)
+        self._after_sampling(part, tokens)
+
+    def step(self) -> int:
+        """Feed every row its newest token and draw the next; returns how many requests shared the step."""
+        if len(self.parts) > 1 and all(can_merge(part.cache) for part in self.parts):
+            self.parts = [self._merged(self.parts)]
+        jobs = 0
+        for part in list(self.parts):
+            logits = self.model.decode(part.last[:, None], part.positions, part.cache)
+            part.positions = part.positions + 1
+            by_job: dict[int, list[int]] = {}
+            for i, row in enumerate(part.rows):
+                by_job.setdefault(id(row.job), []).append(i)
+            jobs = max(jobs, len(by_job))
+            tokens = sample_rows(logits, [_sampling(part.rows[r[0]].job, part.rows, r) for r in by_job.values()])
+            self._after_sampling(part, tokens, added=False)
+        return jobs
+
+    def drop(self, should_drop) -> None:
+        """Remove the rows whose job ``should_drop(job)`` (cancelled ones), at once."""
+        for part in list(self.parts):
+            keep = [i for i, row in enumerate(part.rows) if not should_drop(row.job)]
+            self._keep(part, keep)
+
+    def _after_sampling(self, part: _Part, tokens: torch.Tensor, added: bool = True) -> None:
+        part.last = tokens
+        keep = [i for i, (row, token) in enumerate(zip(part.rows, tokens.tolist())) if row.take(token, self.eos)]
+        if added:
+            self.parts.append(part)
+        self._keep(part, keep)
+
+    def _keep(self, part: _Part, keep: list[int]) -> None:
+        if not keep:
+            self.parts.remove(part)
+        elif len(keep) < len(part.rows):
+            part.keep(keep)
+
+    def _merged(self, parts: list[_Part]) -> _Part:
+        rows = [row for part in parts for row in part.rows]
+        room = max(row.job.task.max_tokens - len(row.tokens) for row in rows)
+        cache = merge_caches([part.cache for part in parts], room)
+        return _Part(cache, rows, torch.cat([p.last for p in parts]), torch.cat([p.positions for p in parts]))
+
+
+def _penalised(config) -> bool:
+    return config.repetition_penalty not in (None, 1.0)
+
+
+def _sampling(job, rows: list[TextRow], indices: list[int]) -> RowSampling:
+    seen = None
+    if job.prompt_ids is not None:  # prompt + answer so far; a request's rows are always the same length
+        seen = torch.tensor([job.prompt_ids + rows[i].tokens for i in indices])
+    return RowSampling(indices, job.task.config, job.generator, seen)
+
+
+@dataclass
+class ImageRow:
+    """One image being drawn: its tokens so far."""
+
+    job: object
+    index: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _ImagePart:
+    """Images sharing one KV cache: image i conditions on row ``cond[i]`` and guides against ``uncond[i]``."""
+
+    cache: object
+    images: list[ImageRow]
+    hidden: torch.Tensor  # [rows, hidden]: each row's last hidden state, not yet turned into a token
+    positions: torch.Tensor  # [rows, 1]
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+class ImageDecoder:
+    """The running Janus image generations, with classifier-free guidance, as ``generate_image_tokens``."""
+
+    def __init__(self, engine):
+        self.model = engine.model
+        self.processor = engine.processor
+        self.parts: list[_ImagePart] = []
+
+    @property
+    def images(self) -> list[ImageRow]:
+        return [image for part in self.parts for image in part.images]
+
+    def add(self, job) -> None:
+        """Prefill the conditional and unconditional prompts of a request's ``n`` images."""
+        from ..models.janus.image_generation import unconditional_prompt
+
+        task, model = job.task, self.model
+        text = model.text_model
+        config = task.config
+        ids = task.input_ids.to(model.device).repeat_interleave(task.n, dim=0)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        rows = torch.cat([ids, unconditional_prompt(ids, config.bos_token_id, model.begin_image_token_id, pad)])
+        mask = torch.ones_like(rows)
+        positions = prompt_positions(mask)
+        cache = text.new_cache(rows.shape[0], rows.shape[1] + model.num_image_tokens)
+        hidden = text(text.embed_tokens(rows), positions, mask, cache)[:, -1]
+        job.generator = make_generator(config.seed, model.device)
+        index = torch.arange(task.n, device=model.device)
+        self.parts.append(_ImagePart(cache, [ImageRow(job, i) for i in range(task.n)], hidden,
+                                     positions[:, -1:] + 1, index, index + task.n))
+
+    def step(self) -> None:
+        """Draw one token of every running image; finished requests get their pictures decoded."""
+        from ..models.janus.image_generation import guided_logits
+        from ..generation.sampling import next_token
+
+        if len(self.parts) > 1 and all(can_merge(part.cache) for part in self.parts):
+            self.parts = [self._merged(self.parts)]
+        for part in list(self.parts):
+            logits = self.model.model.generation_head(part.hidden).float()
+            tokens = torch.empty(len(part.images), dtype=torch.long, device=logits.device)
+            for job, indices in _group_by_job(part.images).items():
+                index = torch.tensor(indices, device=logits.device)
+                both = torch.cat([logits[part.cond[index]], logits[part.uncond[index]]])
+                guided = guided_logits(both, job.task.config.guidance_scale)
+                tokens[index] = next_token(guided, job.task.config, job.generator)
+            for image, token in zip(part.images, tokens.tolist()):
+                image.tokens.append(token)
+            done = [i for i, image in enumerate(part.images) if len(image.tokens) >= self.model.num_image_tokens]
+            if done:
+                self._finish([part.images[i] for i in done])
+                self._keep(part, [i for i in range(len(part.images)) if i not in set(done)])
+                if part not in self.parts:
+                    continue
+                tokens = tokens[[i for i in range(len(tokens)) if i not in set(done)]]
+            row_tokens = torch.empty(part.hidden.shape[0], dtype=torch.long, device=tokens.device)
+            row_tokens[part.cond], row_tokens[part.uncond] = tokens, tokens
+            embeds = self.model.image_token_embeddings(row_tokens)[:, None]
+            part.hidden = self.model.text_model(embeds, part.positions, None, part.cache)[:, -1]
+            part.positions = part.positions + 1
+
+    def drop(self, should_drop) -> None:
+        for part in list(self.parts):
+            self._keep(part, [i for i, image in enumerate(part.images) if not should_drop(image.job)])
+
+    def _finish(self, images: list[ImageRow]) -> None:
+        for job, rows in _group_by_job(images).items():
+            tokens = torch.tensor([images[i].tokens for i in rows], device=self.model.device)
+            pixels = self.model.decode_image_tokens(tokens)
+            pictures = self.processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")
+            job.end_images(pictures["pixel_values"])
+
+    def _keep(self, part: _ImagePart, keep: list[int]) -> None:
+        if not keep:
+            self.parts.remove(part)
+            return
+        if len(keep) == len(part.images):
+            return
+        index = torch.tensor(keep, device=part.hidden.device)
+        rows = torch.cat([part.cond[index], part.uncond[index]])
+        keep_rows(part.cache, rows)
+        part.images = [part.images[i] for i in keep]
+        part.hidden, part.positions = part.hidden[rows], part.positions[rows]
+        part.cond = torch.arange(len(keep), device=rows.device)
+        part.uncond = part.cond + len(keep)
+
+    def _merged(self, parts: list[_ImagePart]) -> _ImagePart:
+        images = [image for part in parts for image in part.images]
+        room = max(self.model.num_image_tokens - len(image.tokens) for image in images)
+        cache = merge_caches([part.cache for part in parts], room)
+        offsets = [0]
+        for part in parts[:-1]:
+            offsets.append(offsets[-1] + part.hidden.shape[0])
+        cond = torch.cat([part.cond + offset for part, offset in zip(parts, offsets)])
+        uncond = torch.cat([part.uncond + offset for part, offset in zip(parts, offsets)])
+        return _ImagePart(cache, images, torch.cat([p.hidden for p in parts]),
+                          torch.cat([p.positions for p in parts]), cond, uncond)
+
+
+def _group_by_job(images: list[ImageRow]) -> dict:
+    groups: dict = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.job, []).append(i)
+    return groups

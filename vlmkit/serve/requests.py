@@ -1,0 +1,257 @@
+"""The request path shared by the HTTP server and batch jobs: an OpenAI request body becomes a task the
+scheduler runs (messages to the Engine's content blocks, media fetched under the server's policy and
+limits, the prompt checked against the context), and the scheduler's outcome becomes the OpenAI
+response body. Bad input is an ``ApiError`` with a status code and a message, never a crash.
+
+Everything here blocks (fetching, decoding media, tokenising): the app runs it in a worker thread."""
+
+import base64
+import io
+import logging
+import re
+
+from ..errors import InputError, MediaError, TemplateError, VlmkitError
+from ..io.media import load_image
+from .config import ServeConfig
+from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
+                      ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
+from .scheduler import ChatOutcome, ChatTask, ImageOutcome, ImageTask, JobCancelled, ServerBusy
+
+log = logging.getLogger("vlmkit.serve")
+
+VIDEO_FAMILIES = ("llava_onevision",)  # model types whose processors take video content blocks
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, message, and OpenAI's error type and code."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.code)
+
+
+def api_error(err: BaseException) -> ApiError:
+    """The client-facing form of any error: vlmkit's input, media and template errors are 400s with
+    their own message; anything unexpected is a 500 that reveals nothing but its type."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ServerBusy):
+        return ApiError(503, str(err), "server_error", "server_busy")
+    if isinstance(err, JobCancelled):
+        return ApiError(499, str(err), "invalid_request_error", "cancelled")
+    if isinstance(err, (InputError, MediaError, TemplateError)):
+        return ApiError(400, str(err))
+    if isinstance(err, VlmkitError):
+        return ApiError(400, str(err))
+    log.error("internal error while serving a request", exc_info=err)
+    return ApiError(500, f"internal server error ({type(err).__name__}); the server logged the details",
+                    "server_error", "internal_error")
+
+
+class RequestHandler:
+    """Turns request bodies into scheduler tasks and outcomes into response bodies, for one loaded model."""
+
+    def __init__(self, engine, config: ServeConfig):
+        self.engine = engine
+        self.config = config
+        self.limits = config.limits
+        self.policy = config.media_policy()
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def _default_frames(self) -> int:
+        return min(self.limits.video_frames, self.limits.max_video_frames)
+
+    def check_model(self, name: str | None) -> None:
+        """A request naming another model is a 404, as OpenAI's API answers."""
+        if name and name not in (self.model_name, self.config.model):
+            raise ApiError(404, f"the model {name!r} does not exist on this server; it serves {self.model_name!r}",
+                           code="model_not_found")
+
+    # --- chat ---------------------------------------------------------------------------------------
+    def prepare_chat(self, body) -> tuple[ChatCompletionRequest, ChatTask]:
+        """Validate a chat body and build its task (fetches and decodes the media it names)."""
+        request = parse_request(ChatCompletionRequest, body)
+        self.check_model(request.model)
+        limits = self.limits
+        if request.n > limits.max_n:
+            raise ApiError(400, f"n={request.n} is more than this server's limit of {limits.max_n} choices per "
+                                f"request (--max-n)")
+        if len(request.stop_strings) > limits.max_stop:
+            raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
+        messages = self.engine_messages(request)
+        inputs = self.engine.prepare_chat(messages)
+        prompt = int(inputs["input_ids"].shape[1])
+        context = self.engine.model.max_context
+        budget = request.answer_budget
+        if budget is None:
+            budget = min(limits.default_max_tokens, context - prompt)
+            if budget < 1:
+                raise ApiError(400, f"the prompt is {prompt} tokens long and fills the model's context of {context} "
+                                    f"tokens; shorten the conversation or send fewer images")
+        elif prompt + budget > context:
+            raise ApiError(400, f"the prompt ({prompt} tokens) plus max_tokens ({budget}) is more than the model's "
+                                f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
+                                f" or shorten the prompt")
+        return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
+                                 request.stop_strings, request.ignore_eos)
+
+    def sampling_config(self, request: ChatCompletionRequest, budget: int):
+        """The request's generation settings over the checkpoint's; temperature 0 is greedy. An omitted
+        temperature is OpenAI's default, 1."""
+        temperature = 1.0 if request.temperature is None else request.temperature
+        options = dict(do_sample=temperature > 0, max_new_tokens=budget, seed=request.seed,
+                       repetition_penalty=request.repetition_penalty or 1.0)
+        if temperature > 0:  # as Engine.chat: top_k off unless asked for
+            options.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=request.top_k or 0)
+        return self.engine.model.generation_config.updated(**options)
+
+    def engine_messages(self, request: ChatCompletionRequest) -> list[dict]:
+        """OpenAI messages as the Engine's content-block messages, media loaded under the server's policy."""
+        parts = [part for message in request.messages if isinstance(message.content, list)
+                 for part in message.content]
+        images = sum(part.type == "image_url" for part in parts)
+        if images > self.limits.max_images:
+            raise ApiError(400, f"the request has {images} images; this server takes at most {self.limits.max_images} "
+                                f"per request (--max-images)")
+        videos = [part for part in parts if part.type == "video_url"]
+        for part in videos:
+            frames = part.video_url.num_frames or self._default_frames
+            if frames > self.limits.max_video_frames:
+                raise ApiError(400, f"a video asks for {frames} frames; this server samples at most "
+                                    f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
+        if videos and self.engine.model_type not in VIDEO_FAMILIES:
+            raise ApiError(400, f"this model ({self.engine.model_type}) does not take video; send images instead")
+        converted = []
+        for i, message in enumerate(request.messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if isinstance(content, list):
+                content = [self._block(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content)]
+            converted.append({"role": role, "content": content if content is not None else ""})
+        return converted
+
+    def _block(self, part, where: str) -> dict:
+        if part.type == "text":
+            return {"type": "text", "text": part.text}
+        url = (part.image_url if part.type == "image_url" else part.video_url).url
+        scheme = _URL_SCHEME.match(url)
+        if scheme is None or scheme.group(1).lower() == "file":
+            if self.config.media_root is None:
+                raise ApiError(400, f"{where}: local paths and file:// URLs are refused (the server was started "
+                                    f"without --media-root); send an http(s) URL or a data: URI")
+        elif scheme.group(1).lower() not in ("http", "https", "data"):
+            raise ApiError(400, f"{where}: unsupported URL scheme {scheme.group(1)!r}; send an http(s) URL or a "
+                                f"data: URI")
+        try:
+            if part.type == "image_url":
+                return {"type": "image", "image": load_image(url, self.policy)}
+            from ..io.video import load_video
+            frames = part.video_url.num_frames or self._default_frames
+            video = load_video(url, frames, policy=self.policy, max_frames=self.limits.max_video_frames,
+                               max_pixels_per_frame=self.limits.max_image_pixels)
+            return {"type": "video", "video": video}
+        except MediaError as err:
+            raise ApiError(400, f"{where}: {err}") from None
+
+    def chat_body(self, request: ChatCompletionRequest, outcome: ChatOutcome) -> dict:
+        """The ``chat.completion`` response body."""
+        choices = [Choice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                   for c in outcome.choices]
+        usage = Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                      total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
+        return ChatCompletion(model=self.model_name, choices=choices, usage=usage).model_dump()
+
+    # --- images -------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of the images the model draws: Janus's VQ decoder upsamples its token grid by 2
+        per level after the first (24 tokens x 16 = 384 px for Janus-Pro)."""
+        if not self.engine.can_generate_images:
+            return None
+        config = self.engine.model.config
+        side = config.num_patches_per_side * 2 ** (len(config.vq_config.channel_multiplier) - 1)
+        return side, side
+
+    def prepare_images(self, body) -> tuple[ImageGenerationRequest, ImageTask]:
+        """Validate an image-generation body and build its task."""
+        request = parse_request(ImageGenerationRequest, body)
+        self.check_model(request.model)
+        engine, limits = self.engine, self.limits
+        if not engine.can_generate_images:
+            raise ApiError(400, "this model cannot generate images (only Janus checkpoints with generation weights "
+                                "can); use /v1/chat/completions")
+        if request.response_format not in (None, "b64_json"):
+            raise ApiError(400, f"response_format {request.response_format!r} is not supported: this server returns "
+                                f"images inline only; use response_format='b64_json'")
+        width, height = self.image_size
+        if request.size not in (None, "auto", f"{width}x{height}"):
+            raise ApiError(400, f"size {request.size!r} is not available: this model draws {width}x{height} images "
+                                f"only; send size='{width}x{height}' or leave it out")
+        if request.n > limits.max_n:
+            raise ApiError(400, f"n={request.n} is more than this server's limit of {limits.max_n} images per "
+                                f"request (--max-n)")
+        if not request.prompt.strip():
+            raise ApiError(400, "the image prompt is empty")
+        messages = [{"role": "user", "content": [{"type": "text", "text": request.prompt.strip()}]}]
+        text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+        input_ids = engine.processor(text=text, generation_mode="image", return_tensors="pt")["input_ids"]
+        context, prompt = engine.model.max_context, int(input_ids.shape[1])
+        if prompt + engine.model.num_image_tokens > context:
+            raise ApiError(400, f"the prompt ({prompt} tokens) plus the image's {engine.model.num_image_tokens} tokens "
+                                f"is more than the model's context of {context} tokens; shorten the prompt")
+        config = engine.model.generation_config.updated(
+            do_sample=True, seed=request.seed, guidance_scale=request.guidance_scale,
+            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+        return request, ImageTask(input_ids, config, request.n)
+
+    def images_body(self, outcome: ImageOutcome) -> dict:
+        """The images response body, each picture a base64 PNG."""
+        data = []
+        for image in outcome.images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data.append(ImageData(b64_json=base64.b64encode(buffer.getvalue()).decode("ascii")))
+        return ImagesResponse(data=data).model_dump(exclude_none=True)
+
+    # --- for callers that simply wait (batch jobs) --------------------------------------------------
+    def run(self, scheduler, url: str, body) -> tuple[int, dict]:
+        """Run one request to completion: (status code, response or error body). Never raises for bad input."""
+        return self.run_many(scheduler, [(url, body)])[0]
+
+    def run_many(self, scheduler, requests: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
+        """Run requests together (each is queued as soon as it is prepared, so they share the model's steps);
+        returns (status code, body) per request, in order. Bad requests get the server's error body."""
+        pending = []
+        for url, body in requests:
+            try:
+                if url == "/v1/chat/completions":
+                    request, task = self.prepare_chat(body)
+                    pending.append((lambda outcome, request=request: self.chat_body(request, outcome),
+                                    scheduler.submit(task)))
+                elif url == "/v1/images/generations":
+                    _, task = self.prepare_images(body)
+                    pending.append((self.images_body, scheduler.submit(task)))
+                else:
+                    raise ApiError(404, f"unknown endpoint {url!r}: use /v1/chat/completions or "
+                                        f"/v1/images/generations", code="unknown_url")
+            except Exception as err:
+                pending.append((api_error(err), None))
+        results = []
+        for respond, job in pending:
+            if job is None:
+                results.append((respond.status, respond.body()))
+                continue
+            try:
+                results.append((200, respond(job.wait())))
+            except Exception as err:
+                error = api_error(err)
+                results.append((error.status, error.body()))
+        return results

@@ -375,3 +375,34 @@ def test_images_without_their_attention_mask_are_an_input_error(idefics_plain_di
         model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=2)
     with pytest.raises(InputError, match="image_attention_mask"):
         model(**dict(inputs, image_attention_mask=inputs["image_attention_mask"][:, :-1]))
+
+
+def test_requests_with_different_image_counts_decode_together_as_they_do_alone(idefics_plain_dir, sample_images):
+    """What the server's step-level batching relies on: caches of separate requests (two images, one,
+    none) joined into one batch give each row the logits it gets alone."""
+    from vlmkit.generation.loop import prompt_positions
+    from vlmkit.serve.batching import merge_caches
+
+    processor, model = ours(str(idefics_plain_dir))
+    requests = [["User:", sample_images["square"], "and", sample_images["wide"], "Compare.\nAssistant:"],
+                ["User:", sample_images["tall"], "What is it?\nAssistant:"],
+                ["User: say something long enough to be the longest prompt here.\nAssistant:"]]
+    caches, tokens, positions, solo_logits = [], [], [], []
+    with torch.no_grad():
+        for prompt in requests:
+            inputs = processor(text=[prompt], return_tensors="pt")
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            cache = model.new_cache(1, inputs["input_ids"].shape[1] + 4)
+            position = prompt_positions(inputs["attention_mask"])
+            logits = model.prefill(inputs["input_ids"], inputs["attention_mask"], position, cache, **extra)
+            token = logits.argmax(-1)
+            merged_alone = merge_caches([cache], room=2)  # the same join, one request
+            solo_logits.append(model.decode(token[:, None], position[:, -1:] + 1, merged_alone))
+            cache = model.new_cache(1, inputs["input_ids"].shape[1] + 4)
+            model.prefill(inputs["input_ids"], inputs["attention_mask"], position, cache, **extra)
+            caches.append(cache)
+            tokens.append(token)
+            positions.append(position[:, -1:] + 1)
+        batched = model.decode(torch.cat(tokens)[:, None], torch.cat(positions), merge_caches(caches, room=2))
+    for row, expected in enumerate(solo_logits):
+        assert torch.allclose(batched[row], expected[0], atol=1e-5), row

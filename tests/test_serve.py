@@ -154,7 +154,7 @@ def test_concurrent_requests_share_decode_steps_and_each_equals_its_solo_answer(
         assert answer == engine.chat(engine_messages(messages), max_new_tokens=budget).text
     after = server.stats()
     assert after["completed"] - before["completed"] == len(cases) + (drawing is not None)
-    if can_merge(engine.model.new_cache(1, 1)):  # else (IDEFICS for now) requests take turns, step by step
+    if can_merge(engine.model.new_cache(1, 1)):  # every family now; a cache that cannot join takes turns
         assert after["batched_steps"] > before["batched_steps"]
         assert after["max_requests_in_step"] >= 2
 

@@ -60,6 +60,38 @@ class IdeficsCache(KVCache):
         if self.images is not None:
             self.images = self.images.select_rows(rows)
 
+    def join_extra(self, parts: list["IdeficsCache"]) -> None:
+        """The joined rows' image contexts (decode-time, one text position each), so requests with
+        different numbers of images, or none, decode in one batch: image keys are zero-padded to the
+        longest and the padding is masked; rows without images get a closed gate."""
+        contexts = [part.images for part in parts]
+        template = next((c for c in contexts if c is not None), None)
+        if template is None:
+            self.images = None
+            return
+        longest = max(c.mask.shape[-1] for c in contexts if c is not None)
+        keys_values, masks, gates = [[] for _ in template.keys_values], [], []
+        for part, context in zip(parts, contexts):
+            rows = part.batch_size
+            for layer, (keys, _) in enumerate(template.keys_values):
+                shape = (rows, keys.shape[1], longest, keys.shape[3])
+                padded_keys, padded_values = keys.new_zeros(shape), keys.new_zeros(shape)
+                if context is not None:
+                    own_keys, own_values = context.keys_values[layer]
+                    padded_keys[:, :, :own_keys.shape[2]] = own_keys
+                    padded_values[:, :, :own_values.shape[2]] = own_values
+                keys_values[layer].append((padded_keys, padded_values))
+            mask = template.mask.new_zeros((rows, 1, 1, longest))
+            if context is None:
+                mask[...] = True  # attends to zeros; the closed gate discards it (finite, never NaN)
+                gates.append(template.gate.new_zeros((rows, 1, 1)))
+            else:
+                mask[..., :context.mask.shape[-1]] = context.mask
+                gates.append(context.gate)
+            masks.append(mask)
+        self.images = ImageContext([(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+                                    for layer in keys_values], torch.cat(masks), torch.cat(gates))
+
 
 class ImageCrossAttention(nn.Module):
     """Text queries against image keys/values; no rotary positions. With ``qk_layer_norms``, per-head

@@ -23,6 +23,8 @@ _LAZY = {
     "IdeficsForVisionText2Text": "vlmkit.models.idefics",
     "IdeficsProcessor": "vlmkit.models.idefics",
     "IdeficsImageProcessor": "vlmkit.models.idefics",
+    "LLM": "vlmkit.batch.offline",
+    "SamplingParams": "vlmkit.batch.offline",
 }
 
 

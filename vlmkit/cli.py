@@ -1,4 +1,4 @@
-"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve."""
+"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve, batch."""
 
 import argparse
 import os
@@ -120,6 +120,12 @@ def cmd_serve(args) -> int:
     return run_server(config_from_args(args))
 
 
+def cmd_batch(args) -> int:
+    from .batch.command import run_command
+    args.model = args.model or _default_model()
+    return run_command(args)
+
+
 def cmd_convert(args) -> int:
     from .io.convert import convert_to_safetensors
     for path in convert_to_safetensors(args.source, args.destination):
@@ -172,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.config import add_serve_arguments
     add_serve_arguments(serve)
     serve.set_defaults(run=cmd_serve)
+
+    batch = commands.add_parser("batch", help="answer an OpenAI batch file offline (resumable; --ray for a cluster)")
+    _add_model_options(batch)
+    from .batch.command import add_batch_arguments
+    add_batch_arguments(batch)
+    batch.set_defaults(run=cmd_batch)
 
     convert = commands.add_parser("convert", help="rewrite a .bin checkpoint as safetensors")
     convert.add_argument("source")

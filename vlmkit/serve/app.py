@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import ServeConfig
-from .requests import ApiError, RequestHandler, api_error
+from .requests import ApiError, RequestHandler, api_error, body_too_large
 from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
 from .schemas import ModelCard, ModelList, Usage, error_body, new_id
 
@@ -163,9 +163,7 @@ def _authorizer(api_key: str | None):
 async def _read_json(request: Request, limit: int):
     """The request body as JSON, refusing (413) bodies over ``limit`` bytes before reading them whole."""
     def too_large(size: str) -> ApiError:
-        return ApiError(413, f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
-                             f"(--max-body-bytes); send smaller or fewer inline images, or image URLs",
-                        code="request_too_large")
+        return body_too_large(size, limit)
 
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:

@@ -34,6 +34,13 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.code)
 
 
+def body_too_large(size: str, limit: int) -> ApiError:
+    """The 413 for a request body over --max-body-bytes (``size`` is the byte count, or "over N")."""
+    return ApiError(413, f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
+                         f"(--max-body-bytes); send smaller or fewer inline images, or image URLs",
+                    code="request_too_large")
+
+
 def api_error(err: BaseException) -> ApiError:
     """The client-facing form of any error: vlmkit's input, media and template errors are 400s with
     their own message; anything unexpected is a 500 that reveals nothing but its type."""

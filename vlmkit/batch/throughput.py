@@ -1,0 +1,110 @@
+"""The benchmark's batch row: rows per second of a batch job with 1, 4 and 16 rows in flight, against a
+loop of single ``generate`` calls (``Engine.chat``), from one run and one loaded model. Rows are
+greedy chat requests about an image each, with the same answer budget in every way."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+
+
+def throughput_rows(count: int, max_tokens: int = 32, image_size: int = 64, with_images: bool = True,
+                    first_seed: int = 0) -> list[dict]:
+    """``count`` different greedy chat bodies (a generated image, from ``first_seed`` on, and a question)."""
+    from PIL import Image
+
+    bodies = []
+    for i in range(count):
+        content = [{"type": "text", "text": f"Describe picture number {i} in one sentence."}]
+        if with_images:
+            pixels = np.random.default_rng(first_seed + i).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                       "temperature": 0})
+    return bodies
+
+
+def batch_throughput(engine, *, rows: int = 32, concurrencies=(1, 4, 16), max_tokens: int = 32,
+                     with_images: bool = True, repeats: int = 3) -> list[dict]:
+    """Rows/s of ``vlmkit batch`` at each of ``concurrencies`` and of a loop of ``Engine.chat`` calls, on
+    ``engine``. Each way runs once as a warm-up, then ``repeats`` rounds take turns (loop, 1, 4, 16,
+    loop, ...) so a busy moment of the machine does not land on one way alone; the median round is
+    reported. Every run gets images of its own, so no way profits from features cached by another.
+    Returns one dict per way (``mode``, ``concurrency``, ``rows``, ``tokens``, ``seconds``,
+    ``rows_per_s``, ``tokens_per_s``, ``speedup`` over the loop)."""
+    from ..serve.config import ServeConfig
+    from .rows import BatchWorker
+
+    ways = [("loop of generate", 1)] + [("vlmkit batch", c) for c in concurrencies]
+    workers = {c: BatchWorker(engine, ServeConfig(model="benchmark"), c) for c in concurrencies}
+    runs: dict[tuple, list] = {way: [] for way in ways}
+    seed = 0
+    try:
+        for round_ in range(repeats + 1):
+            for way in ways:
+                count = rows if round_ else min(rows, 2)  # round 0: warm-up
+                bodies = throughput_rows(count, max_tokens, with_images=with_images, first_seed=seed)
+                seed += count
+                seconds, tokens = _timed_loop(engine, bodies) if way[0] == "loop of generate" else \
+                    _timed_batch(workers[way[1]], bodies)
+                if round_:
+                    runs[way].append((seconds, tokens))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    figures = []
+    for (mode, concurrency), measured in runs.items():
+        seconds, tokens = sorted(measured)[len(measured) // 2]
+        figures.append(dict(mode=mode, concurrency=concurrency, rows=rows, tokens=tokens, seconds=seconds,
+                            rows_per_s=rows / seconds, tokens_per_s=tokens / seconds))
+    loop = figures[0]["rows_per_s"]
+    for figure in figures:
+        figure["speedup"] = figure["rows_per_s"] / loop
+    return figures
+
+
+def _timed_loop(engine, bodies: list[dict]) -> tuple[float, int]:
+    """One ``Engine.chat`` (one ``generate``) per row, in turn: (seconds, answer tokens)."""
+    messages = [_engine_messages(body["messages"]) for body in bodies]
+    started = time.perf_counter()
+    tokens = sum(engine.chat(m, max_new_tokens=bodies[0]["max_tokens"]).completion_tokens for m in messages)
+    return time.perf_counter() - started, tokens
+
+
+def _timed_batch(worker, bodies: list[dict]) -> tuple[float, int]:
+    """The rows through a ``BatchWorker`` (the ``vlmkit batch`` path): (seconds, answer tokens)."""
+    from .rows import BatchRequest
+
+    requests = [BatchRequest(str(i), "POST", "/v1/chat/completions", body) for i, body in enumerate(bodies)]
+    started = time.perf_counter()
+    results = list(worker.run(requests))
+    seconds = time.perf_counter() - started
+    failed = [body for _, status, body in results if status != 200]
+    if failed:
+        raise RuntimeError(f"a benchmark row failed: {failed[0]}")
+    return seconds, sum(body["usage"]["completion_tokens"] for _, _, body in results)
+
+
+def format_throughput(figures: list[dict]) -> str:
+    """The figures as a small table."""
+    lines = [f"{'mode':<18} {'rows in flight':>14} {'rows':>5} {'rows/s':>8} {'tokens/s':>9} {'vs loop':>8}"]
+    for f in figures:
+        lines.append(f"{f['mode']:<18} {f['concurrency']:>14} {f['rows']:>5} {f['rows_per_s']:>8.2f} "
+                     f"{f['tokens_per_s']:>9.1f} {f['speedup']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def _engine_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI content parts as the Engine's (the image as its data URI)."""
+    out = []
+    for message in messages:
+        content = [{"type": "image", "url": part["image_url"]["url"]} if part["type"] == "image_url" else part
+                   for part in message["content"]]
+        out.append({"role": message["role"], "content": content})
+    return out

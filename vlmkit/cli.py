@@ -1,4 +1,4 @@
-"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve, batch."""
+"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve, batch, train."""
 
 import argparse
 import os
@@ -133,6 +133,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import Interrupted, Recipe, train
+    recipe = Recipe.from_file(args.config) if args.config else None
+    try:
+        out = train(recipe, args.out, resume=args.resume, progress=not args.quiet)
+    except Interrupted as stopped:
+        print(f"vlmkit train: {stopped}; continue with --resume", file=sys.stderr)
+        return 130
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Run vision-language models: chat about images, "
                                                                 "draw images, serve them.")
@@ -189,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("destination")
     convert.set_defaults(run=cmd_convert)
+    train = commands.add_parser("train", help="train or fine-tune a Janus model from a recipe (resumable)")
+    train.add_argument("--config", help="recipe JSON (not needed with --resume: the run's own recipe is used)")
+    train.add_argument("--out", required=True, help="output folder: the checkpoint, plus training/ state and logs")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
     return parser
 
 

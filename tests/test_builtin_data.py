@@ -1,0 +1,42 @@
+"""The shapes world that the built-in model learns: seeded scenes, exact answers, and a pixel
+checker that judges every rendered scene right (so it can judge generated images)."""
+
+import random
+
+from vlmkit.data import COLOURS, QUESTION_TYPES, SHAPES, caption, detect_objects, questions, render, sample_scene
+from vlmkit.data.shapes import Scene, SceneObject
+
+
+def test_the_same_seed_draws_the_same_scenes_and_pixels():
+    first = [sample_scene(random.Random("s:1")) for _ in range(3)]
+    again = [sample_scene(random.Random("s:1")) for _ in range(3)]
+    assert first == again
+    assert render(first[0]).tobytes() == render(again[0]).tobytes()
+
+
+def test_checker_reads_every_rendered_scene_exactly():
+    rng = random.Random("checker")
+    for _ in range(150):
+        scene = sample_scene(rng)
+        seen = sorted((o.colour, o.shape, o.position) for o in detect_objects(render(scene)))
+        assert seen == sorted((o.colour, o.shape, o.position) for o in scene.objects), scene
+
+
+def test_every_colour_and_shape_is_told_apart_on_every_background():
+    for background in ("white", "grey", "black"):
+        for colour in COLOURS:
+            for shape in SHAPES:
+                scene = Scene(background, (SceneObject(shape, colour, "center", size=0.42),))
+                (seen,) = detect_objects(render(scene))
+                assert (seen.colour, seen.shape) == (colour, shape)
+
+
+def test_questions_cover_every_type_with_exact_answers():
+    scene = Scene("white", (SceneObject("circle", "red", "left"), SceneObject("star", "blue", "right")))
+    asked = questions(scene, random.Random(0))
+    assert {kind for kind, _, _ in asked} == set(QUESTION_TYPES)
+    answers = {question: answer for _, question, answer in asked}
+    assert answers["What shape is on the left?"] == "circle"
+    assert answers["Where is the blue star?"] == "right"
+    assert answers["How many shapes are there?"] == "two"
+    assert answers["What is in this image?"] == caption(scene) == "a red circle on the left and a blue star on the right"

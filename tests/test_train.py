@@ -1,0 +1,113 @@
+"""vlmkit's training path on a tiny model: both stages run, a killed run resumes to exactly the
+weights of an uninterrupted one, and the export loads in vlmkit and in transformers alike."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmkit.cli import main
+from vlmkit.data import render, sample_scene
+from vlmkit.errors import InputError
+from vlmkit.train import Interrupted, Recipe, train
+from vlmkit.train.batches import generation_prompt_ids, understanding_row
+from vlmkit.train.data import UnderstandingExample, write_shapes_dataset
+
+TINY = {
+    "seed": 3,
+    "threads": 1,
+    "model": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+              "num_heads": 2, "num_kv_heads": 2, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
+              "vq_codebook_size": 64, "vq_latent_channels": 32, "vq_base_channels": 32,
+              "vq_channel_multiplier": [1, 1, 1, 2], "vocab_size": 400},
+    "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "crop_size": 16,
+           "full_image_steps": 2},
+    "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5},
+    "checkpoint_every": 3,
+}
+
+
+def tiny_recipe(**changes) -> Recipe:
+    values = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return Recipe.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted tiny run."""
+    return train(tiny_recipe(), tmp_path_factory.mktemp("uninterrupted") / "run", progress=False)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(trained, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(tiny_recipe(), out, progress=False, halt_after=2)  # mid VQ stage
+    assert json.loads((out / "training" / "recipe.json").read_text())["seed"] == 3
+    with pytest.raises(Interrupted):
+        train(None, out, resume=True, progress=False, halt_after=3)  # through the stage change, mid LM
+    train(None, out, resume=True, progress=False)
+    resumed, expected = load_file(str(out / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_the_export_loads_in_vlmkit_and_transformers_with_the_same_greedy_answer(trained):
+    from transformers import JanusForConditionalGeneration as Reference
+    from transformers import JanusProcessor as ReferenceProcessor
+
+    from vlmkit import JanusForConditionalGeneration, JanusProcessor
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": render(sample_scene(random.Random(1)), 32)},
+                                             {"type": "text", "text": "What colour is the shape?"}]}]
+    ours, processor = JanusForConditionalGeneration.from_pretrained(trained), JanusProcessor.from_pretrained(trained)
+    reference, info = Reference.from_pretrained(trained, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    reference_processor = ReferenceProcessor.from_pretrained(trained)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected_inputs = reference_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected_inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(ours(**inputs).logits, reference(**expected_inputs).logits, atol=1e-4, rtol=0)
+    assert ours.generate(**inputs, max_new_tokens=6).tolist() == \
+        reference.generate(**expected_inputs, max_new_tokens=6, do_sample=False).tolist()
+
+
+def test_training_rows_are_what_inference_feeds(trained):
+    from vlmkit import JanusProcessor
+    processor = JanusProcessor.from_pretrained(trained)
+    image = render(sample_scene(random.Random(2)), 32)
+    messages = [{"role": "user", "content": "Where is the shape?"}, {"role": "assistant", "content": "left"}]
+    ids, labels, _ = understanding_row(processor, UnderstandingExample(image, messages))
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                         {"type": "text", "text": "Where is the shape?"}]}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt_ids = prompt["input_ids"][0].tolist()
+    answer = processor.tokenizer.encode(" left", add_special_tokens=False) + [processor.tokenizer.eos_token_id]
+    assert ids == prompt_ids + answer
+    assert labels == [-100] * len(prompt_ids) + answer
+    imagine = processor(text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "a red circle"}]}], add_generation_prompt=True),
+        generation_mode="image")
+    assert generation_prompt_ids(processor, "a red circle") == imagine["input_ids"][0].tolist()
+
+
+def test_train_command_on_jsonl_data(tmp_path, capsys):
+    understanding, generation = write_shapes_dataset(tmp_path / "data", count=6, seed=0, image_size=32)
+    recipe = dict(TINY, data={"source": "jsonl", "understanding": str(understanding), "generation": str(generation)},
+                  vq={"steps": 0}, lm={"steps": 1, "understanding_batch": 2, "generation_batch": 2})
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    assert main(["train", "--config", str(tmp_path / "recipe.json"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["train", "--config", str(tmp_path / "recipe.json"), "--out", str(tmp_path / "out")]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_recipes_with_unknown_keys_are_refused():
+    with pytest.raises(InputError, match="unknown key.*lm.*stepz"):
+        Recipe.from_dict({"lm": {"stepz": 3}})

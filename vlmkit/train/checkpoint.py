@@ -1,0 +1,57 @@
+"""Writing training state and exported weights safely: every file is written to a temporary name
+and renamed into place, so a run killed mid-write leaves the previous file intact."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..io.checkpoint import resolve_dtype
+
+
+def _replace_atomically(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """``torch.save`` ``state`` (model, optimizer, step...) to ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    _replace_atomically(tmp, path)
+
+
+def load_training_state(path: Path) -> dict:
+    """A state written by ``save_training_state`` (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# vlmkit's shared ViT names the vision attention output ``out_proj``; transformers' Janus calls it
+# ``projection_layer`` (the loader maps it the other way).
+_VISION_OUT_PROJ = re.compile(r"^(model\.vision_model\.encoder\.layers\.\d+\.self_attn)\.out_proj\.")
+
+
+def transformers_state_dict(model, dtype="float32") -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' Janus names, in ``dtype``."""
+    target = resolve_dtype(dtype, {})
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = _VISION_OUT_PROJ.sub(r"\1.projection_layer.", name)
+        tensor = tensor.detach()
+        state[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous().clone()
+    return state
+
+
+def export_weights(model, folder: Path, dtype="float32") -> Path:
+    """Write ``model.safetensors`` in the transformers layout into ``folder`` (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "model.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(transformers_state_dict(model, dtype), str(tmp), metadata={"format": "pt"})
+    _replace_atomically(tmp, path)
+    return path

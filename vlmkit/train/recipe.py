@@ -1,0 +1,129 @@
+"""A training recipe: model sizes, data, and the two stages (VQ-VAE, then the joint LM), read from
+a JSON file. Unknown keys are an error here (unlike checkpoint configs): a typo in a recipe should
+not silently train something else."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import InputError
+
+
+@dataclass
+class ModelSizes:
+    """Sizes of a fresh model. The VQ grid must match the vision patch grid (Janus uses one side)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 1024  # RoPE: no weights depend on it; room for the CLI's 256 new tokens
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vq_embed_dim: int = 8
+    vq_codebook_size: int = 1024
+    vq_latent_channels: int = 64
+    vq_base_channels: int = 32
+    vq_channel_multiplier: list[int] = field(default_factory=lambda: [1, 1, 2, 2])
+    vq_res_blocks: int = 1
+    vocab_size: int = 1024  # the tokenizer's target; the model's vocabulary is padded to a multiple of 64
+
+
+@dataclass
+class DataSpec:
+    """Where examples come from: ``"shapes"`` draws scenes on the fly; ``"jsonl"`` reads files of
+    ``{"image": path, "conversation": [...]}`` (understanding) and ``{"image": path, "caption": text}``
+    (generation) lines, image paths relative to the file."""
+
+    source: str = "shapes"
+    understanding: str | None = None
+    generation: str | None = None
+    # shapes only: for the first N LM steps, one object per scene and only colour/shape questions. A
+    # model trained from scratch first learns answers from the question alone; easy questions get it
+    # to read the image sooner, after which binding attributes to objects comes quickly.
+    curriculum_steps: int = 0
+
+
+@dataclass
+class VQStage:
+    """Train the VQ-VAE (encoder, codebook, decoder) on images."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    commitment: float = 0.25
+    foreground_weight: float = 0.0
+    restart_dead_codes_every: int = 100
+    # Train on random crops of this side (aligned to the token grid; 0 = whole images), which is
+    # ~(image/crop)^2 times cheaper: the encoder and decoder are convolutional. The last
+    # ``full_image_steps`` steps see whole images, so the attention layers adapt to the full grid.
+    crop_size: int = 0
+    full_image_steps: int = 0
+
+
+@dataclass
+class LMStage:
+    """Train everything but the (frozen) VQ-VAE on understanding and generation examples."""
+
+    steps: int = 2000
+    understanding_batch: int = 16
+    generation_batch: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.05
+    caption_dropout: float = 0.1
+    generation_loss_weight: float = 1.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Recipe:
+    """Everything a training run depends on; with the seed it determines the result."""
+
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    init_from: str | None = None  # fine-tune this checkpoint (its sizes and tokenizer) instead of a fresh model
+    model: ModelSizes = field(default_factory=ModelSizes)
+    data: DataSpec = field(default_factory=DataSpec)
+    vq: VQStage = field(default_factory=VQStage)
+    lm: LMStage = field(default_factory=LMStage)
+    checkpoint_every: int = 100
+    export_dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Recipe":
+        nested = {"model": ModelSizes, "data": DataSpec, "vq": VQStage, "lm": LMStage}
+        return _build(cls, values, nested, "recipe")
+
+    @classmethod
+    def from_file(cls, path) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise InputError(f"recipe {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise InputError(f"recipe {path} is not valid JSON: {err}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, values: dict, nested: dict, where: str):
+    if not isinstance(values, dict):
+        raise InputError(f"{where} must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _build(nested[key], value, {}, f"{where}.{key}") if key in nested else value
+    return cls(**kwargs)

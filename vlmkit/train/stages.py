@@ -1,0 +1,103 @@
+"""One optimisation step of each stage: the VQ-VAE's losses, and the joint LM's two losses.
+
+The VQ stage quantises L2-normalised latents to L2-normalised codes, as DeepSeek's VQ does and as
+``JanusVQVAE.decode`` assumes (it normalises the looked-up codes): reconstruction (MSE + L1) through
+a straight-through estimator, plus codebook and commitment terms. Codes that go unused are restarted
+at random latents of the current batch, so the codebook does not collapse."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch.nn import functional as F
+
+from .batches import generation_batch, generation_inputs, understanding_batch
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def random_crops(pixel_values: torch.Tensor, size: int, grid: int, rng: random.Random) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image, its corner on multiples of ``grid`` (the VQ's
+    downsampling factor), so crops cut the latent grid where whole images do."""
+    side = pixel_values.shape[-1]
+    if size % grid or size > side:
+        from ..errors import InputError
+        raise InputError(f"vq.crop_size must be a multiple of {grid} and at most the image size {side}")
+    corners = [(rng.randrange(0, side - size + 1, grid), rng.randrange(0, side - size + 1, grid))
+               for _ in range(len(pixel_values))]
+    return torch.stack([p[:, y:y + size, x:x + size] for p, (y, x) in zip(pixel_values, corners)])
+
+
+def foreground_mask(pixel_values: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """[B, 1, H, W]: 1 where a pixel differs from its image's median border colour (the background)."""
+    border = torch.cat([pixel_values[..., 0, :], pixel_values[..., -1, :], pixel_values[..., :, 0],
+                        pixel_values[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return ((pixel_values - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
+def vq_losses(vq, pixel_values: torch.Tensor, commitment: float,
+              foreground_weight: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """(losses, code ids used) for a batch of images [B, 3, H, W] in the processor's range.
+    ``foreground_weight`` up-weights the reconstruction error off the background: flat scenes are
+    mostly background, and the colour of a small shape otherwise hardly moves the loss."""
+    latents = vq.quant_conv(vq.encoder(pixel_values))
+    batch, channels, height, width = latents.shape
+    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, channels), dim=-1)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    with torch.no_grad():
+        codes = (flat @ codebook.t()).argmax(dim=1)  # nearest on the unit sphere = largest dot product
+    quantized = codebook[codes]
+    codebook_loss = F.mse_loss(quantized, flat.detach())
+    commitment_loss = F.mse_loss(flat, quantized.detach())
+    straight_through = flat + (quantized - flat).detach()
+    grid = straight_through.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    reconstruction = vq.decoder(vq.post_quant_conv(grid))
+    weight = 1 + foreground_weight * foreground_mask(pixel_values)
+    mse = (weight * (reconstruction - pixel_values).pow(2)).mean()
+    l1 = (weight * (reconstruction - pixel_values).abs()).mean()
+    total = mse + l1 + codebook_loss + commitment * commitment_loss
+    return {"loss": total, "mse": mse, "codebook": codebook_loss, "commitment": commitment_loss}, codes
+
+
+@torch.no_grad()
+def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, generator: torch.Generator) -> int:
+    """Move codes unused since the last restart onto random latents of this batch; returns how many."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    latents = vq.quant_conv(vq.encoder(pixel_values))
+    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    picks = torch.randint(len(flat), (len(dead),), generator=generator)
+    noise = 0.01 * torch.randn(len(dead), flat.shape[1], generator=generator)
+    vq.quantize.embedding.weight[dead] = flat[picks] + noise
+    return len(dead)
+
+
+def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False) -> dict:
+    """Understanding and generation losses for one step's batches (either may be absent)."""
+    losses = {}
+    understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
+    generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
+    total = 0.0
+    if understanding:
+        batch = understanding_batch(processor, understanding)
+        losses["understanding"] = model(**batch).loss
+        total = total + losses["understanding"]
+    if generation:
+        batch = generation_batch(processor, generation, rng, stage.caption_dropout)
+        with torch.no_grad():
+            tokens = model.model.vqmodel.encode(batch["pixel_values"])
+        inputs = generation_inputs(model, batch["prompts"], tokens)
+        losses["generation"] = model(**inputs, generation_mode="image").loss
+        total = total + stage.generation_loss_weight * losses["generation"]
+    losses["loss"] = total
+    return losses

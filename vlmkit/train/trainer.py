@@ -1,0 +1,254 @@
+"""The training run: prepare the output folder (tokenizer, processor files, config), train the VQ-VAE,
+then the joint LM, checkpointing as it goes, and export in the transformers layout.
+
+Output folder: the checkpoint files themselves (loadable by vlmkit and transformers once training has
+finished) and ``training/`` with the recipe, ``checkpoint.pt`` (the latest resumable state) and
+``log.jsonl``. A step's batch depends only on (seed, stage, step), so resuming from a checkpoint
+reproduces the uninterrupted run exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..io.checkpoint import read_json
+from .checkpoint import export_weights, load_training_state, save_training_state
+from .data import make_source
+from .init import janus_config_dict, new_model
+from .recipe import Recipe
+from .stages import lm_losses, lr_at, random_crops, restart_dead_codes, vq_losses
+from .tokenizer import token_ids, train_tokenizer, write_processor_files
+
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "processor_config.json", "chat_template.jinja", "preprocessor_config.json",
+                     "special_tokens_map.json")
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, periodic checkpoints still hold
+                pass
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint; ``--resume`` continues it."""
+
+
+def _prepare_folder(recipe: Recipe, out: Path) -> None:
+    if recipe.init_from:
+        from ..io.checkpoint import resolve_model_path
+        source = resolve_model_path(recipe.init_from)
+        for name in _CHECKPOINT_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+        return
+    from ..data.shapes import text_corpus
+    sizes = recipe.model
+    tokenizer = train_tokenizer(text_corpus(seed=recipe.seed), sizes.vocab_size)
+    num_image_tokens = (sizes.image_size // sizes.patch_size) ** 2
+    write_processor_files(out, tokenizer, sizes.image_size, num_image_tokens)
+    vocab_size = -(-tokenizer.get_vocab_size(with_added_tokens=True) // 64) * 64
+    config = janus_config_dict(sizes, token_ids(tokenizer), vocab_size)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _build_model(recipe: Recipe, out: Path):
+    if recipe.init_from:
+        from ..models.janus.modeling import JanusForConditionalGeneration
+        model = JanusForConditionalGeneration.from_pretrained(out if (out / "model.safetensors").is_file()
+                                                              else recipe.init_from, dtype=torch.float32,
+                                                              device="cpu")
+        if not getattr(model, "has_generation_weights", True):
+            raise InputError(f"{recipe.init_from} has no image-generation weights; fine-tuning needs a full Janus")
+        return model.train()
+    return new_model(read_json(out / "config.json"), recipe.seed).train()
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """One run of a recipe into ``out``; ``run()`` trains what is left and exports."""
+
+    def __init__(self, recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
+                 halt_after: int | None = None):
+        self.out = Path(out)
+        self.work = self.out / "training"
+        self.checkpoint_path = self.work / "checkpoint.pt"
+        self.progress = progress
+        self.halt_after = halt_after  # stop (as if killed right after a checkpoint) after this many steps
+        self.steps_done = 0
+        self.state = {"stage": "vq", "step": 0, "elapsed": {}}
+        saved = None
+        if resume:
+            if not self.checkpoint_path.is_file():
+                raise InputError(f"nothing to resume in {self.out}: {self.checkpoint_path} is missing")
+            recipe = Recipe.from_file(self.work / "recipe.json")  # the run's own recipe, not a new one
+            saved = load_training_state(self.checkpoint_path)
+        else:
+            if recipe is None:
+                raise InputError("a new training run needs a recipe (--config recipe.json)")
+            if self.checkpoint_path.exists() or (self.out / "model.safetensors").exists():
+                raise InputError(f"{self.out} already holds a training run or a model: pass --resume to continue "
+                                 f"it, or choose another --out folder")
+            self.work.mkdir(parents=True, exist_ok=True)
+            (self.work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+            _prepare_folder(recipe, self.out)
+        self.recipe = recipe
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        from ..models.janus.processing import JanusProcessor
+        self.processor = JanusProcessor.from_pretrained(self.out)
+        self.model = _build_model(recipe, self.out)
+        self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
+        self.optimizer_state = None
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.state = saved["state"]
+            self.optimizer_state = saved["optimizer"]
+            self.vq_usage = saved["vq_usage"]
+        self.source = make_source(recipe.data, self.model.config.vision_config.image_size)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def save(self, optimizer) -> None:
+        save_training_state(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "state": self.state, "vq_usage": self.vq_usage})
+
+    def _log(self, values: dict) -> None:
+        with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(values) + "\n")
+
+    def _step_rng(self, stage: str, step: int):
+        import random
+        return random.Random(f"{self.recipe.seed}:{stage}:{step}")
+
+    def _loop(self, stage: str, total: int, optimizer, step_fn, peak_lr: float, warmup: int, min_ratio: float,
+              stop: _StopRequest) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=self.state["step"], desc=stage, dynamic_ncols=True, disable=not self.progress)
+        started = time.perf_counter() - self.state["elapsed"].get(stage, 0.0)
+        while self.state["step"] < total:
+            step = self.state["step"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, peak_lr, warmup, min_ratio)
+            losses = step_fn(step, self._step_rng(stage, step))
+            self.state["step"] = step + 1
+            self.state["elapsed"][stage] = time.perf_counter() - started
+            self.steps_done += 1
+            values = {k: round(float(v.detach() if torch.is_tensor(v) else v), 5) for k, v in losses.items()}
+            bar.update(1)
+            bar.set_postfix(values, refresh=False)
+            if step % 10 == 0 or step + 1 == total:
+                self._log({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **values,
+                           "elapsed": round(self.state["elapsed"][stage], 1)})
+            halting = self.halt_after is not None and self.steps_done >= self.halt_after
+            if (step + 1) % self.recipe.checkpoint_every == 0 or stop.requested or halting:
+                self.save(optimizer)
+            if stop.requested or halting:
+                bar.close()
+                raise Interrupted(f"stopped after {stage} step {step + 1}; checkpoint in {self.checkpoint_path}")
+        bar.close()
+
+    # --- stages --------------------------------------------------------------------------------
+    def _vq_stage(self, stop: _StopRequest) -> None:
+        stage, vq = self.recipe.vq, self.model.model.vqmodel
+        optimizer = _optimizer(vq.parameters(), stage.lr, 0.0)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        image_processor = self.processor.image_processor
+
+        factor = 2 ** (len(self.model.config.vq_config.channel_multiplier) - 1)
+
+        def step_fn(step, rng):
+            pixels = image_processor([self.source.image(rng) for _ in range(stage.batch_size)])["pixel_values"]
+            if stage.crop_size and step < stage.steps - stage.full_image_steps:
+                pixels = random_crops(pixels, stage.crop_size, factor, rng)
+            losses, codes = vq_losses(vq, pixels, stage.commitment, stage.foreground_weight)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            self.vq_usage += torch.bincount(codes, minlength=len(self.vq_usage))
+            if stage.restart_dead_codes_every and (step + 1) % stage.restart_dead_codes_every == 0 \
+                    and step + 1 < stage.steps * 0.8:
+                generator = torch.Generator().manual_seed(rng.getrandbits(62))
+                losses["restarted"] = restart_dead_codes(vq, self.vq_usage, pixels, generator)
+                self.vq_usage.zero_()
+            return losses
+
+        self._loop("vq", stage.steps, optimizer, step_fn, stage.lr, stage.warmup, 0.1, stop)
+
+    def _lm_stage(self, stop: _StopRequest) -> None:
+        stage, vq = self.recipe.lm, self.model.model.vqmodel
+        vq.requires_grad_(False)
+        vq.eval()
+        params = [p for n, p in self.model.named_parameters() if not n.startswith("model.vqmodel.")]
+        optimizer = _optimizer(params, stage.lr, stage.weight_decay)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+
+        def step_fn(step, rng):
+            easy = step < self.recipe.data.curriculum_steps
+            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if stage.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+            optimizer.step()
+            return losses
+
+        self._loop("lm", stage.steps, optimizer, step_fn, stage.lr, stage.warmup, stage.min_lr_ratio, stop)
+
+    def run(self) -> Path:
+        """Train what is left of the recipe, export, and return the output folder."""
+        with _StopRequest() as stop:
+            if self.state["stage"] == "vq":
+                self._vq_stage(stop)
+                self.state.update(stage="lm", step=0)
+                self.optimizer_state = None
+                self.save(None)
+            if self.state["stage"] == "lm":
+                self._lm_stage(stop)
+                self.state.update(stage="done", step=0)
+                self.save(None)
+        export_weights(self.model, self.out, self.recipe.export_dtype)
+        return self.out
+
+
+def train(recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
+          halt_after: int | None = None) -> Path:
+    """Run (or, with ``resume``, continue) a recipe into ``out``; see ``Trainer``. The recipe's thread
+    count holds for the run only."""
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(recipe, out, resume=resume, progress=progress, halt_after=halt_after).run()
+    finally:
+        torch.set_num_threads(threads)

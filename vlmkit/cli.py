@@ -145,6 +145,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """``vlmkit bench ...`` runs ``benchmarks/bench.py`` of the source checkout (vlmkit against transformers)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "bench.py").is_file():
+        print("vlmkit bench: needs vlmkit's source checkout (benchmarks/bench.py beside the package)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from benchmarks.bench import main as bench_main
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Run vision-language models: chat about images, "
                                                                 "draw images, serve them.")
@@ -197,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_arguments(batch)
     batch.set_defaults(run=cmd_batch)
 
+    commands.add_parser("bench", add_help=False, help="time vlmkit against transformers (vlmkit bench --help)")
     convert = commands.add_parser("convert", help="rewrite a .bin checkpoint as safetensors")
     convert.add_argument("source")
     convert.add_argument("destination")
@@ -211,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options, parsed by the benchmark
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.loop import generate_tokens, stop_string_checker
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
+from ..nn.layers import prepare_for_decoding
 
 
 class ModelOutput(dict):
@@ -75,6 +76,7 @@ class PretrainedVLM(nn.Module):
                                rename=layout.rename, ignore=layout.ignore, optional=layout.optional)
         model.tie_missing_weights(missing)
         materialize(model, target_device)
+        prepare_for_decoding(model)
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_kernels import decode_attention
+from .layers import Linear, project
 from .rotary import apply_rotary
 
 
@@ -33,20 +35,23 @@ class DecoderSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim or hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
+        self.q_proj = Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
 
     def forward(self, hidden_states, rotary, mask, cache=None, layer_index: int = 0):
         batch, seq_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        q = qkv[0].view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = qkv[1].view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[2].view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, *rotary)
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
-        is_causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = decode_attention(q, k, v, mask) if seq_len == 1 else None
+        if out is None:
+            is_causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import Conv2d, Linear
 from .mlp import TwoLayerMLP
 
 
@@ -14,10 +15,10 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.out_proj = Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden = x.shape
@@ -63,7 +64,7 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, hidden_size: int, patch_size: int, image_size: int):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.patch_embedding = Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.num_patches = (image_size // patch_size) ** 2
         self.position_embedding = nn.Embedding(self.num_patches, hidden_size)
 

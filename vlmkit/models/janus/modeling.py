@@ -13,6 +13,7 @@ from ...errors import CheckpointError, InputError
 from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
+from ...nn.feature_cache import FeatureCache
 from ...nn.vit import PatchEmbedding, VisionEncoder
 from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
 from .config import JanusConfig, JanusVisionConfig
@@ -99,6 +100,8 @@ class JanusForConditionalGeneration(PretrainedVLM):
         self.model = JanusModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        # aligned features of recent images, by pixel content: a repeated image skips the vision tower
+        self.vision_cache = FeatureCache()
 
     @classmethod
     def config_from_folder(cls, folder, raw_config: dict):
@@ -152,7 +155,11 @@ class JanusForConditionalGeneration(PretrainedVLM):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise InputError(f"pixel_values must be shaped [num_images, 3, {size}, {size}], "
                              f"got {tuple(pixel_values.shape)}")
-        return self.model.aligner(self.model.vision_model(pixel_values.to(self.dtype)))
+        return self.vision_cache.features(pixel_values.to(self.dtype), self._encode_images,
+                                          (self.model.vision_model, self.model.aligner))
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.aligner(self.model.vision_model(pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      images_emb_mask: torch.Tensor | None = None) -> torch.Tensor:

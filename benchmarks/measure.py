@@ -1,0 +1,93 @@
+"""Timing helpers: alternating runs with medians, per-step decode timing, the machine's memory-read
+bandwidth, and peak resident memory of a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def alternate(runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Call each run in turn (A B A B ...), ``warmup`` untimed rounds first; each run returns its own
+    measurement. Alternating spreads drifting machine load over both engines alike."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].append(run())
+    return samples
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class StepTimer:
+    """A generate() streamer that only records when each new token arrives.
+
+    transformers first puts the prompt, then one tensor per step; vlmkit puts one tensor per step. The
+    time between consecutive new tokens is one decode step (forward pass plus token selection)."""
+
+    def __init__(self, skip_first_put: bool):
+        self.skip_first_put = skip_first_put
+        self.times: list[float] = []
+        self._puts = 0
+
+    def put(self, tokens) -> None:
+        self._puts += 1
+        if self.skip_first_put and self._puts == 1:
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 9) -> float:
+    """Memory-read bandwidth with torch's current thread count: the best of ``repeats`` sums of a float32
+    tensor far larger than the caches (best, not median: the bound should be what the memory can do)."""
+    data = torch.ones(int(gib * 1024**3) // 4)
+    data.sum()
+    best = min(timed(data.sum) for _ in range(repeats))
+    return data.numel() * 4 / best / 1e9
+
+
+def peak_rss_in_child(argv: list[str], timeout: float = 1800) -> dict:
+    """Run ``python -m benchmarks.bench <argv>`` (a probe that loads one engine and answers one question)
+    and return the JSON it prints last, which carries its peak RSS."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", *argv], capture_output=True, text=True,
+                            timeout=timeout, cwd=root, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe {' '.join(argv)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB: VmHWM of its address space. (Not getrusage's
+    ru_maxrss, which Linux carries over from the parent through fork and exec.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,157 @@
+"""bf16 on CPUs without native bf16 arithmetic (x86 with AVX2, no AVX-512 BF16 or AMX): where torch's
+own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in memory throughout.
+
+* Decode steps (a few activation rows): every weight is read once per token, so speed is how fast
+  weights stream from memory; torch's bf16 ``F.linear`` is compute-bound at about half that.
+  ``csrc/decode_kernels.cpp`` widens bf16 to fp32 in registers and keeps up with memory; it also
+  attends one query over the KV cache (torch's SDPA has more setup than work there). It is compiled
+  once with torch's extension builder (needs a C++ compiler; about a minute) into
+  ``~/.cache/vlmkit/kernels``; where it cannot be built, torch's ops run.
+* Prefill and vision towers (many rows) and every convolution: torch's bf16 GEMM runs at a fifth of
+  its fp32 speed here and its bf16 convolution hundreds of times slower, so these compute in fp32
+  (weights widened per call, fp32 accumulation as before) and round the result to bf16.
+
+Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``:
+``0`` turns all of this off, ``1`` forces it on any x86 CPU with AVX2 and FMA."""
+
+import hashlib
+import os
+import sys
+import threading
+import time
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+_SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
+# Up to this many activation rows the kernel wins; beyond, a step is compute-bound and fp32 GEMM wins.
+MAX_KERNEL_ROWS = 16
+# Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
+MIN_KERNEL_WEIGHTS = 1 << 20
+
+_state = {"op": None, "tried": False}
+_lock = threading.Lock()
+
+
+@cache
+def _cpu_flags() -> frozenset:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@cache
+def slow_bf16_cpu() -> bool:
+    """Whether this CPU lacks native bf16 arithmetic but has AVX2/FMA (where vlmkit's bf16 paths help)."""
+    setting = os.environ.get("VLMKIT_CPU_KERNELS", "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return False
+    return setting in ("1", "on", "true", "yes") or not flags & {"avx512_bf16", "amx_bf16"}
+
+
+def _build_directory() -> Path:
+    root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
+    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    folder = root / f"decode_kernels-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    # torch's builder waits forever on a lock left by a build that was killed: clear stale ones
+    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+        lock.unlink(missing_ok=True)
+    return folder
+
+
+def decode_kernels():
+    """``torch.ops.vlmkit`` with the compiled kernels, built on first use; None where unavailable."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _state["op"] = _load() if slow_bf16_cpu() else None
+                _state["tried"] = True
+    return _state["op"]
+
+
+def _load():
+    if hasattr(torch.ops, "vlmkit") and hasattr(torch.ops.vlmkit, "decode_attention_bf16"):
+        return torch.ops.vlmkit
+    try:
+        from torch.utils.cpp_extension import load
+        folder = _build_directory()
+        if not any(folder.glob("*.so")):
+            print("vlmkit: compiling the bf16 CPU decode kernels once (about a minute)...", file=sys.stderr)
+        load("vlmkit_decode_kernels", [str(_SOURCE)], build_directory=str(folder), is_python_module=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+        return torch.ops.vlmkit
+    except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
+        warnings.warn(f"vlmkit: the bf16 CPU decode kernels could not be built ({type(err).__name__}: "
+                      f"{str(err).strip()[:300]}); using torch's ops", stacklevel=3)
+        return None
+
+
+def _bf16_on_slow_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and slow_bf16_cpu())
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the bf16 decode kernel is the right tool for ``x @ weight.T`` (without building it)."""
+    return (_bf16_on_slow_cpu(x, weight) and weight.numel() >= MIN_KERNEL_WEIGHTS
+            and x.numel() <= MAX_KERNEL_ROWS * weight.shape[1] and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def kernel_linears(x: torch.Tensor, weights: list[torch.Tensor],
+                   biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    """``[F.linear(x, w, b) ...]`` for several weights in one kernel call (one parallel pass over all of
+    them: q/k/v, gate/up), or None where the kernel does not apply or is unavailable."""
+    if not all(kernel_applies(x, w) for w in weights):
+        return None
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    ops = decode_kernels()
+    return None if ops is None else ops.linear_bf16(x, weights, [b for b in biases if b is not None])
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; for bf16 on a slow-bf16 CPU, the decode kernel (few rows) or fp32 compute (many)."""
+    out = kernel_linears(x, [weight], [bias])
+    if out is not None:
+        return out[0]
+    if _bf16_on_slow_cpu(x, weight) and x.numel() > MAX_KERNEL_ROWS * weight.shape[-1]:
+        return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def conv_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a convolution of bf16 ``x`` with ``weight`` should compute in fp32 (slow-bf16 CPU)."""
+    return _bf16_on_slow_cpu(x, weight)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Attention of one query position [B, H, 1, D] over cached keys/values [B, Hkv, L, D] (``mask``: the
+    boolean [B, 1, 1, L] from ``causal_mask``, or None), or None where the kernel does not apply."""
+    if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and slow_bf16_cpu()
+            and keys.stride(-1) == 1 and keys.stride(-2) == keys.shape[-1] and keys.stride() == values.stride()
+            and (mask is None or mask.dtype == torch.bool)
+            and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))):
+        return None
+    ops = decode_kernels()
+    if ops is None:
+        return None
+    return ops.decode_attention_bf16(q, keys, values, mask, q.shape[-1] ** -0.5)

@@ -1,0 +1,332 @@
+// vlmkit's bf16 decode kernels for x86 CPUs with AVX2 and no native bf16 arithmetic.
+//
+// linear_bf16: y = x @ W^T (+ b) for bf16 weights W [N, K] and a few activation rows x [B, K], for one
+// or several weights reading the same x (q/k/v, gate/up). A decode step multiplies a handful of rows by
+// every weight once, so it is bound by how fast weights stream from memory; torch's bf16 matmul is
+// compute-bound well below that here. Each 8-wide bf16 load is widened to fp32 in registers (bf16 is
+// the top half of an fp32) and fed to FMAs with fp32 accumulation, then rounded to bf16 once.
+//
+// decode_attention_bf16: one query position against the KV cache (softmax(q k^T * scale) v), fp32
+// inside, for the decode step, where torch's SDPA has more setup than work.
+//
+// Threads: work is cut into chunks that the calling thread and helper threads claim from a shared
+// counter; the caller returns as soon as every chunk is done. Unlike a fork-join barrier, a helper
+// that the OS has not scheduled (a busy machine) is simply not waited for.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using c10::BFloat16;
+
+// ---------------------------------------------------------------------------------------------------
+// Chunked work sharing without a barrier.
+
+class WorkPool {
+ public:
+  static WorkPool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { instance() = new WorkPool(); }); });
+    return *instance();
+  }
+
+  // fn(chunk) for every chunk in [0, chunks), on this thread and up to threads - 1 helpers.
+  void run(int64_t chunks, int threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || chunks <= 1) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c);
+      return;
+    }
+    auto job = std::make_shared<Job>(chunks, &fn);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(helpers_.size()) < threads - 1) helpers_.emplace_back([this] { helper_loop(); });
+      current_ = job;
+      published_.store(++generation_, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(*job);
+    for (int spins = 0; job->done.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();  // a helper mid-chunk may need this core
+      }
+    }
+  }
+
+ private:
+  struct Job {
+    Job(int64_t chunks, const std::function<void(int64_t)>* fn) : chunks(chunks), fn(fn) {}
+    std::atomic<int64_t> next{0}, done{0};
+    const int64_t chunks;
+    const std::function<void(int64_t)>* fn;  // valid until done == chunks
+  };
+
+  static WorkPool*& instance() {
+    static WorkPool* pool = new WorkPool();  // never destroyed: helpers run until the process ends
+    return pool;
+  }
+
+  static void work(Job& job) {
+    for (;;) {
+      const int64_t chunk = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (chunk >= job.chunks) return;
+      (*job.fn)(chunk);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void helper_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      // decode steps call back to back: spin a little before sleeping
+      for (int i = 0; i < 2000 && published_.load(std::memory_order_acquire) == seen; ++i) _mm_pause();
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = current_;
+      }
+      work(*job);
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::shared_ptr<Job> current_;
+  uint64_t generation_ = 0;
+  std::atomic<uint64_t> published_{0};
+  std::vector<std::thread> helpers_;
+};
+
+void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
+  WorkPool::get().run(chunks, at::get_num_threads(), fn);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Vector helpers.
+
+inline __m256 load_bf16x8(const BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// linear_bf16
+
+constexpr int64_t kRowsPerBlock = 4;
+constexpr int64_t kBlocksPerChunk = 16;
+
+// Rows [row, row + rows) of W against ROWS_X activation rows; writes fp32 sums to y. Each weight row is
+// read front to back (one sequential stream, prefetched 1 KiB ahead) with several accumulators per
+// activation row to hide FMA latency.
+template <int ROWS_X>
+void block_product(const float* x, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
+                   int64_t N) {
+  constexpr int U = ROWS_X == 1 ? 4 : (ROWS_X == 2 ? 3 : 2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const BFloat16* wr = w + (row + r) * K;
+    __m256 acc[U][ROWS_X];
+    for (int u = 0; u < U; ++u) {
+      for (int b = 0; b < ROWS_X; ++b) acc[u][b] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 8 * U <= K; k += 8 * U) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k + 512), _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const __m256 wv = load_bf16x8(wr + k + 8 * u);
+        for (int b = 0; b < ROWS_X; ++b) {
+          acc[u][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k + 8 * u), acc[u][b]);
+        }
+      }
+    }
+    for (; k + 8 <= K; k += 8) {
+      const __m256 wv = load_bf16x8(wr + k);
+      for (int b = 0; b < ROWS_X; ++b) acc[0][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k), acc[0][b]);
+    }
+    for (int b = 0; b < ROWS_X; ++b) {
+      __m256 total = acc[0][b];
+      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][b]);
+      float sum = horizontal_sum(total);
+      for (int64_t kk = k; kk < K; ++kk) sum += static_cast<float>(wr[kk]) * x[b * K + kk];
+      y[b * N + row + r] = sum;
+    }
+  }
+}
+
+void rows_product(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
+                  int64_t N) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    const float* xb = x + b0 * K;
+    float* yb = y + b0 * N;
+    switch (std::min<int64_t>(4, B - b0)) {
+      case 1: block_product<1>(xb, K, w, row, rows, yb, N); break;
+      case 2: block_product<2>(xb, K, w, row, rows, yb, N); break;
+      case 3: block_product<3>(xb, K, w, row, rows, yb, N); break;
+      default: block_product<4>(xb, K, w, row, rows, yb, N); break;
+    }
+  }
+}
+
+std::vector<at::Tensor> linear_bf16(const at::Tensor& input, at::TensorList weights, at::TensorList biases) {
+  TORCH_CHECK(!weights.empty(), "vlmkit::linear_bf16 needs at least one weight");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "vlmkit::linear_bf16: one bias per weight, or none");
+  TORCH_CHECK(input.device().is_cpu(), "vlmkit::linear_bf16 runs on the CPU");
+  const int64_t K = weights[0].size(1);
+  TORCH_CHECK(input.size(-1) == K, "vlmkit::linear_bf16: input has ", input.size(-1), " features, weight ", K);
+  std::vector<const BFloat16*> data;
+  std::vector<int64_t> rows, first_block{0}, first_column{0};
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                    w.device().is_cpu(),
+                "vlmkit::linear_bf16 needs contiguous 2-d bf16 CPU weights of the same width");
+    data.push_back(w.const_data_ptr<BFloat16>());
+    rows.push_back(w.size(0));
+    first_block.push_back(first_block.back() + (w.size(0) + kRowsPerBlock - 1) / kRowsPerBlock);
+    first_column.push_back(first_column.back() + w.size(0));
+  }
+  const int64_t N = first_column.back(), blocks = first_block.back();
+  at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor sums = at::empty({B, N}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = sums.data_ptr<float>();
+  parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
+    size_t which = 0;
+    const int64_t end = std::min(blocks, (chunk + 1) * kBlocksPerChunk);
+    for (int64_t block = chunk * kBlocksPerChunk; block < end; ++block) {
+      while (block >= first_block[which + 1]) ++which;
+      const int64_t row = (block - first_block[which]) * kRowsPerBlock;
+      const int64_t count = std::min(kRowsPerBlock, rows[which] - row);
+      // this weight's outputs start at its first column of the shared output
+      rows_product(xp, B, K, data[which], row, count, yp + first_column[which], N);
+    }
+  });
+  if (!biases.empty()) {
+    for (size_t i = 0; i < weights.size(); ++i) sums.narrow(1, first_column[i], rows[i]).add_(biases[i].to(at::kFloat));
+  }
+  at::Tensor out = sums.to(input.scalar_type());
+  std::vector<int64_t> shape = input.sizes().vec();
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    shape.back() = rows[i];
+    outputs.push_back(out.narrow(1, first_column[i], rows[i]).view(shape));
+  }
+  return outputs;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// decode_attention_bf16
+
+// One (batch row, head): softmax over the valid keys of scale * q.k, then the weighted sum of values.
+void attend_one(const BFloat16* q, const BFloat16* k, const BFloat16* v, int64_t key_stride, int64_t L, int64_t D,
+                float scale, const bool* valid, BFloat16* out, std::vector<float>& scores) {
+  std::vector<float> qf(D);
+  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]) * scale;
+  scores.resize(L);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    if (valid != nullptr && !valid[j]) {
+      scores[j] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const BFloat16* key = k + j * key_stride;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load_bf16x8(key + d), _mm256_loadu_ps(&qf[d]), acc);
+    scores[j] = horizontal_sum(acc);
+    top = std::max(top, scores[j]);
+  }
+  std::vector<float> acc(D, 0.f);
+  float total = 0.f;
+  if (top > -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float p = std::exp(scores[j] - top);
+      if (p == 0.f) continue;
+      total += p;
+      const __m256 pv = _mm256_set1_ps(p);
+      const BFloat16* value = v + j * key_stride;
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(load_bf16x8(value + d), pv, _mm256_loadu_ps(&acc[d])));
+      }
+    }
+  }
+  // a row with no valid key (a pad position) gets zeros, as torch's SDPA gives
+  const float norm = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<BFloat16>(acc[d] * norm);
+}
+
+// q [B, H, 1, D], keys/values [B, Hkv, L, D] (strided views of the cache, last dim contiguous),
+// valid: optional bool [B, L] of keys to attend to. Returns [B, H, 1, D] (memory laid out [B, 1, H, D]).
+at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                 const std::optional<at::Tensor>& valid, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "vlmkit::decode_attention_bf16: q [B, H, 1, D], keys and values [B, Hkv, L, D]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+                  values.scalar_type() == at::kBFloat16,
+              "vlmkit::decode_attention_bf16 takes bf16 tensors");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == D && H % Hkv == 0 && D % 8 == 0,
+              "vlmkit::decode_attention_bf16: mismatched shapes");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && keys.strides() == values.strides() &&
+                  keys.stride(2) == D,
+              "vlmkit::decode_attention_bf16: keys/values need contiguous rows");
+  at::Tensor query = q.contiguous();
+  at::Tensor mask;
+  if (valid.has_value() && valid->defined()) {
+    mask = valid->to(at::kBool).reshape({B, -1}).contiguous();
+    TORCH_CHECK(mask.size(1) == L, "vlmkit::decode_attention_bf16: mask covers ", mask.size(1), " keys, not ", L);
+  }
+  at::Tensor out = at::empty({B, 1, H, D}, q.options());
+  const BFloat16* qp = query.const_data_ptr<BFloat16>();
+  const BFloat16* kp = keys.const_data_ptr<BFloat16>();
+  const BFloat16* vp = values.const_data_ptr<BFloat16>();
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  BFloat16* op = out.data_ptr<BFloat16>();
+  const int64_t group = H / Hkv;
+  parallel_chunks(B * H, [&](int64_t task) {
+    thread_local std::vector<float> scores;
+    const int64_t b = task / H, h = task % H, kv = h / group;
+    const int64_t offset = b * keys.stride(0) + kv * keys.stride(1);
+    attend_one(qp + (b * H + h) * D, kp + offset, vp + offset, D, L, D, static_cast<float>(scale),
+               mp ? mp + b * L : nullptr, op + (b * H + h) * D, scores);
+  });
+  return out.transpose(1, 2);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vlmkit, m) {
+  m.def("linear_bf16(Tensor input, Tensor[] weights, Tensor[] biases) -> Tensor[]");
+  m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("decode_attention_bf16", &decode_attention_bf16);
+}

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 import torch
 
 from benchmarks.checkpoints import checkpoint
-from benchmarks.families import ENGINES, FAMILIES, test_image
+from benchmarks.families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
 from benchmarks.measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, peak_rss_in_child, peak_rss_mb,
                                 timed)
 from benchmarks.report import metric, print_table
@@ -43,92 +43,97 @@ def available_families() -> list[str]:
 
 
 def bench_family(name: str, args, bandwidth: float, log) -> dict:
-    dtype = DTYPES[args.dtype]
     folder = checkpoint(name, args.size, Path(args.cache_dir))
     log(f"[{name}] checkpoint {folder}; loading both engines")
-    family = FAMILIES[name](folder, dtype)
-    repeats, images = args.repeats, iter(range(1, 1_000_000))
-    metrics, result = {}, {"checkpoint": str(folder)}
-
-    # image preprocessing, one 640x480 picture per call
-    picture = test_image(0)
-    samples = alternate({e: lambda e=e: timed(lambda: family.preprocess(e, picture)) * 1e3 for e in ENGINES},
-                        max(repeats, 5))
-    metrics["preprocess_ms_per_image"] = metric("ms", samples)
-    log(f"[{name}] preprocessing done")
-
-    # first token: a new image every time (nothing cached anywhere), then the same image once more
-    def first_token(engine, image):
-        inputs = family.chat_inputs(engine, [image])
-        return timed(lambda: family.generate(engine, inputs, 1))
-
-    def fresh(engine):
-        family.clear_vision_cache()
-        return first_token(engine, test_image(next(images)))
-
-    metrics["first_token_s"] = metric("s", alternate({e: lambda e=e: fresh(e) for e in ENGINES}, repeats))
-    repeated = {e: [] for e in ENGINES}
-    for _ in range(repeats):
-        image = test_image(next(images))
-        for engine in ENGINES:
-            first_token(engine, image)
-            repeated[engine].append(first_token(engine, image))
-    metrics["first_token_repeated_image_s"] = metric("s", repeated)
-    metrics["first_token_repeated_image_s"]["vlmkit_speedup_over_first_image"] = \
-        metrics["first_token_s"]["vlmkit"] / metrics["first_token_repeated_image_s"]["vlmkit"]
-    log(f"[{name}] first token done")
-
-    # decode steps, batch 1 and 4: the median time between consecutive new tokens
+    family = FAMILIES[name](folder, DTYPES[args.dtype])
     weight_bytes = family.decode_weight_bytes()
-    bound_ms = weight_bytes / bandwidth / 1e6
-    result.update(decode_weight_bytes=weight_bytes, bandwidth_bound_ms=bound_ms)
+    result = {"checkpoint": str(folder), "decode_weight_bytes": weight_bytes,
+              "bandwidth_bound_ms": weight_bytes / bandwidth / 1e6}
+    metrics = result["metrics"] = {}
+    picture = test_image(0)  # 640x480, one per call
+    metrics["preprocess_ms_per_image"] = metric("ms", alternate(
+        {e: lambda e=e: timed(lambda: family.preprocess(e, picture)) * 1e3 for e in ENGINES}, max(args.repeats, 5)))
+    log(f"[{name}] preprocessing done")
+    metrics.update(first_tokens(family, args.repeats))
+    log(f"[{name}] first token done")
     for batch in (1, 4):
-        inputs = {e: family.chat_inputs(e, [test_image(100 + i) for i in range(batch)]) for e in ENGINES}
-
-        def steps(engine):
-            timer = StepTimer(skip_first_put=engine == "transformers")
-            family.generate(engine, inputs[engine], args.decode_tokens + 1, timer)
-            return median(timer.step_seconds()) * 1e3
-
-        entry = metric("ms", alternate({e: lambda e=e: steps(e) for e in ENGINES}, repeats))
-        for engine in ENGINES:
-            entry[f"{engine}_tokens_per_s"] = batch * 1e3 / entry[engine]
-            entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_ms / entry[engine]
-        metrics[f"decode_ms_per_step_batch{batch}"] = entry
+        metrics[f"decode_ms_per_step_batch{batch}"] = decode_steps(family, batch, args, result["bandwidth_bound_ms"])
         log(f"[{name}] decode batch {batch} done")
-
     if name == "janus" and not args.skip_image_generation:
-        metrics["text_to_image_s_per_image"] = text_to_image(family, args, bandwidth, result)
+        metrics.update(image_generation(family, args, bandwidth, result))
         log(f"[{name}] text-to-image done")
-
     del family
     gc.collect()
     if not args.skip_rss:
         metrics["peak_rss_mb"] = peak_rss(name, folder, args)
         log(f"[{name}] memory probes done")
-    result["metrics"] = metrics
     return result
 
 
-def text_to_image(family, args, bandwidth: float, result: dict) -> dict:
-    """Seconds per image: the CFG image-token loop (``--steps`` of the image's tokens, scaled to all of
-    them) plus the VQ decoder turning the tokens into pixels."""
+def first_tokens(family, repeats: int) -> dict:
+    """First token for one image and a question: each round a picture never seen before, then a new
+    request (another question) about the same picture, where vlmkit reuses the image's features."""
+    for engine in ENGINES:  # warm-up on a short text prompt
+        family.generate(engine, family.chat_inputs(engine, [], TEXT_PROMPTS[0]), 1)
+    first, repeated = {e: [] for e in ENGINES}, {e: [] for e in ENGINES}
+    for round_ in range(repeats):
+        image = test_image(1000 + round_)
+        for engine in ENGINES:
+            family.clear_vision_cache()
+            for samples, question in ((first, QUESTION), (repeated, REPEAT_QUESTION)):
+                inputs = family.chat_inputs(engine, [image], question)
+                samples[engine].append(timed(lambda: family.generate(engine, inputs, 1)))
+    metrics = {"first_token_s": metric("s", first), "first_token_repeated_image_s": metric("s", repeated)}
+    metrics["first_token_repeated_image_s"]["vlmkit_speedup_over_first_image"] = \
+        metrics["first_token_s"]["vlmkit"] / metrics["first_token_repeated_image_s"]["vlmkit"]
+    return metrics
+
+
+def decode_steps(family, batch: int, args, bound_ms: float) -> dict:
+    """Milliseconds per decode step (the median time between consecutive new tokens) after short text
+    prompts, ``batch`` of them at once; the weights a step reads do not depend on the prompt."""
+    inputs = {e: family.chat_inputs(e, [], TEXT_PROMPTS[:batch]) for e in ENGINES}
+
+    def steps(engine):
+        timer = StepTimer(skip_first_put=engine == "transformers")
+        family.generate(engine, inputs[engine], args.decode_tokens + 1, timer)
+        return median(timer.step_seconds()) * 1e3
+
+    entry = metric("ms", alternate({e: lambda e=e: steps(e) for e in ENGINES}, args.repeats))
+    for engine in ENGINES:
+        entry[f"{engine}_tokens_per_s"] = batch * 1e3 / entry[engine]
+        entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_ms / entry[engine]
+    return entry
+
+
+def image_generation(family, args, bandwidth: float, result: dict) -> dict:
+    """Janus text-to-image, one image: the CFG image-token loop (``--steps`` of its tokens, scaled to
+    all of them) and the VQ decoder (on a ``--vq-grid`` square of tokens, scaled by pixel count:
+    the decoder is convolutional), and their sum."""
     total = family.num_image_tokens()
     steps = min(args.steps, total)
-    loop = alternate({e: lambda e=e: timed(lambda: family.text_to_image_tokens(e, steps)) for e in ENGINES},
-                     args.repeats)
-    tokens = torch.randint(0, family.models["vlmkit"].config.vq_config.num_embeddings, (1, total))
-    decode = alternate({e: lambda e=e: timed(lambda: family.decode_image(e, tokens)) for e in ENGINES},
-                       args.repeats)
-    samples = {e: [t * total / steps + median(decode[e]) for t in loop[e]] for e in ENGINES}
-    entry = metric("s", samples)
-    entry.update(steps_run=steps, steps_per_image=total, vq_decode_s={e: median(decode[e]) for e in ENGINES})
-    step_bytes = family.image_step_weight_bytes()
-    result["image_step_weight_bytes"] = step_bytes
+    for engine in ENGINES:  # warm-up: a couple of steps and a one-token VQ decode
+        family.text_to_image_tokens(engine, 2)
+        family.decode_image(engine, 1)
+    loop = alternate({e: lambda e=e: timed(lambda: family.text_to_image_tokens(e, steps)) * total / steps
+                      for e in ENGINES}, args.repeats, warmup=0)
+    loop_entry = metric("s", loop)
+    step_bytes = result["image_step_weight_bytes"] = family.image_step_weight_bytes()
     bound_s = total * step_bytes / bandwidth / 1e9
+    loop_entry.update(steps_run=steps, steps_per_image=total, bandwidth_bound_s=bound_s)
     for engine in ENGINES:
-        entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_s / (entry[engine] - entry["vq_decode_s"][engine])
-    return entry
+        loop_entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_s / loop_entry[engine]
+
+    side = round(total ** 0.5)
+    grid = min(args.vq_grid or side, side)
+    vq = alternate({e: lambda e=e: timed(lambda: family.decode_image(e, grid)) * (side / grid) ** 2
+                    for e in ENGINES}, args.repeats, warmup=0)
+    vq_entry = metric("s", vq)
+    vq_entry["grid_decoded"] = f"{grid}x{grid} of {side}x{side} tokens" + (", scaled" if grid != side else "")
+    if grid != side:
+        vq_entry["vlmkit_full_grid_s"] = timed(lambda: family.decode_image("vlmkit", side))
+    total_entry = metric("s", {e: [t + vq_entry[e] for t in loop[e]] for e in ENGINES})
+    return {"image_token_loop_s": loop_entry, "vq_decode_s": vq_entry, "text_to_image_s_per_image": total_entry}
 
 
 def peak_rss(name: str, folder: Path, args) -> dict:
@@ -164,6 +169,10 @@ def parse_args(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per generate call")
     parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image "
                                                                "(scaled to the full image; 576 = all)")
+    parser.add_argument("--vq-grid", type=int, default=4,
+                        help="VQ-decode an NxN square of image tokens and scale by pixel count (0 = the whole "
+                             "image; transformers' bf16 convolutions need about 10 minutes for a whole image on "
+                             "AVX2); vlmkit's whole-image decode is measured as well")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"),
                         help="where the random-weight checkpoints are built and kept")
     parser.add_argument("--json", help="also write every figure to this JSON file")

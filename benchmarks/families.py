@@ -13,6 +13,9 @@ from PIL import Image
 
 ENGINES = ("vlmkit", "transformers")
 QUESTION = "Describe this image."
+REPEAT_QUESTION = "What colors do you see?"
+TEXT_PROMPTS = ["Write a short story about a lighthouse keeper.", "List three facts about the moon.",
+                "Explain how a bicycle works.", "What is the capital of France?"]
 IMAGE_PROMPT = "A photo of a red fox sitting in the snow, golden hour light."
 
 
@@ -47,10 +50,16 @@ class Family:
     def load(self, engine: str):
         raise NotImplementedError
 
-    def chat_inputs(self, engine: str, images: list[Image.Image], question: str = QUESTION):
-        """A batch of ``len(images)`` conversations, one image and the question each."""
-        messages = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-                    for image in images]
+    def chat_inputs(self, engine: str, images: list[Image.Image], questions: str | list[str] = QUESTION):
+        """A batch of conversations: one per image (each with the question), or one per question if no images."""
+        if images:
+            questions = [questions] * len(images) if isinstance(questions, str) else questions
+            messages = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                      {"type": "text", "text": question}]}]
+                        for image, question in zip(images, questions)]
+        else:
+            questions = [questions] if isinstance(questions, str) else questions
+            messages = [[{"role": "user", "content": [{"type": "text", "text": q}]}] for q in questions]
         processor = self.processors[engine]
         inputs = processor.apply_chat_template(messages if len(messages) > 1 else messages[0],
                                                add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -120,9 +129,24 @@ class Janus(Family):
         return model.num_image_tokens if hasattr(model, "num_image_tokens") else \
             model.model.vision_model.config.num_image_tokens
 
-    def decode_image(self, engine: str, tokens: torch.Tensor):
-        with torch.no_grad():
-            return self.models[engine].decode_image_tokens(tokens)
+    def decode_image(self, engine: str, grid: int):
+        """VQ-decode a ``grid`` x ``grid`` square of random image tokens (the whole image or a part)."""
+        model = self.models[engine]
+        vq = model.model.vqmodel
+        num_codes = vq.config.num_embeddings
+        tokens = torch.randint(0, num_codes, (1, grid * grid), generator=torch.Generator().manual_seed(0))
+        if engine == "vlmkit":
+            full, vq.grid_side = vq.grid_side, grid
+        else:
+            full, vq.quantize.quant_state_dims = vq.quantize.quant_state_dims, [grid, grid]
+        try:
+            with torch.no_grad():
+                return model.decode_image_tokens(tokens)
+        finally:
+            if engine == "vlmkit":
+                vq.grid_side = full
+            else:
+                vq.quantize.quant_state_dims = full
 
     def image_step_weight_bytes(self) -> int:
         """Bytes of weights one image-token step reads: decoder layers, norm, generation head and aligner."""

@@ -155,3 +155,26 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if ops is None:
         return None
     return ops.decode_attention_bf16(q, keys, values, mask, q.shape[-1] ** -0.5)
+
+
+def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache,
+                       layer_index: int) -> torch.Tensor | None:
+    """One decode step (one new position) through a whole LLaMA/Qwen2 ``DecoderLayer`` in a single kernel
+    call, writing its keys/values into ``cache``; None where that does not apply (the caller then runs
+    the layer's modules). ``decoder.py`` decides which layers qualify."""
+    attention, mlp = layer.self_attn, layer.mlp
+    if not (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.shape[1] == 1
+            and slow_bf16_cpu() and cache.keys.dtype == torch.bfloat16 and attention.head_dim % 8 == 0
+            and not torch.is_grad_enabled()):
+        return None
+    ops = decode_kernels()
+    if ops is None:
+        return None
+    cos, sin = rotary
+    q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+    qkv_bias = [q.bias, k.bias, v.bias] if q.bias is not None else []
+    return ops.decoder_layer_step_bf16(
+        hidden, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
+        [q.weight, k.weight, v.weight], qkv_bias, o.weight, [o.bias] if o.bias is not None else [],
+        [mlp.gate_proj.weight, mlp.up_proj.weight], mlp.down_proj.weight, cos, sin, cache.keys[layer_index],
+        cache.values[layer_index], cache.length, mask, attention.num_heads)

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from ..configs import dataclass_from_dict
+from .activations import get_activation
 from .attention import DecoderSelfAttention, causal_mask
+from .cpu_kernels import decoder_layer_step
+from .layers import Linear
 from .kv_cache import KVCache
 from .mlp import GatedMLP
 from .norms import RMSNorm
@@ -80,9 +83,28 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0):
+        if cache is not None and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.bfloat16 \
+                and self.is_plain():  # a bf16 decode step: one kernel call where it applies
+            out = decoder_layer_step(self, hidden_states, rotary, mask, cache, layer_index)
+            if out is not None:
+                return out
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, mask, cache,
                                                        layer_index)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def is_plain(self) -> bool:
+        """Whether this layer is exactly the LLaMA/Qwen2 block (SiLU MLP, vlmkit's own modules, no hooks), so
+        the one-call decode step computes what its modules would."""
+        modules = (self, self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm,
+                   self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj, self.self_attn.o_proj,
+                   self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        return (type(self.self_attn) is DecoderSelfAttention and type(self.mlp) is GatedMLP
+                and type(self.input_layernorm) is RMSNorm and type(self.post_attention_layernorm) is RMSNorm
+                and all(type(m) is Linear for m in modules[5:]) and self.mlp.act is _SILU
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+_SILU = get_activation("silu")
 
 
 class DecoderModel(nn.Module):

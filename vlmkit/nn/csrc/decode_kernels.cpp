@@ -9,6 +9,10 @@
 // decode_attention_bf16: one query position against the KV cache (softmax(q k^T * scale) v), fp32
 // inside, for the decode step, where torch's SDPA has more setup than work.
 //
+// decoder_layer_step_bf16: a whole LLaMA/Qwen2 decoder layer for one new position (norms, q/k/v,
+// rotary, KV cache write, attention, output projection, gated MLP, residuals) in one call, which
+// spares a decode step the ~40 small torch ops and Python calls per layer around the matmuls.
+//
 // Threads: work is cut into chunks that the calling thread and helper threads claim from a shared
 // counter; the caller returns as soon as every chunk is done. Unlike a fork-join barrier, a helper
 // that the OS has not scheduled (a busy machine) is simply not waited for.
@@ -194,29 +198,15 @@ void rows_product(const float* x, int64_t B, int64_t K, const BFloat16* w, int64
   }
 }
 
-std::vector<at::Tensor> linear_bf16(const at::Tensor& input, at::TensorList weights, at::TensorList biases) {
-  TORCH_CHECK(!weights.empty(), "vlmkit::linear_bf16 needs at least one weight");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "vlmkit::linear_bf16: one bias per weight, or none");
-  TORCH_CHECK(input.device().is_cpu(), "vlmkit::linear_bf16 runs on the CPU");
-  const int64_t K = weights[0].size(1);
-  TORCH_CHECK(input.size(-1) == K, "vlmkit::linear_bf16: input has ", input.size(-1), " features, weight ", K);
-  std::vector<const BFloat16*> data;
-  std::vector<int64_t> rows, first_block{0}, first_column{0};
-  for (const at::Tensor& w : weights) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
-                    w.device().is_cpu(),
-                "vlmkit::linear_bf16 needs contiguous 2-d bf16 CPU weights of the same width");
-    data.push_back(w.const_data_ptr<BFloat16>());
-    rows.push_back(w.size(0));
-    first_block.push_back(first_block.back() + (w.size(0) + kRowsPerBlock - 1) / kRowsPerBlock);
-    first_column.push_back(first_column.back() + w.size(0));
+// y [B, sum of N_i] (fp32) = x [B, K] (fp32) times each weight W_i [N_i, K] (bf16), side by side.
+void multi_product(const float* x, int64_t B, int64_t K, const std::vector<const BFloat16*>& weights,
+                   const std::vector<int64_t>& rows, float* y) {
+  std::vector<int64_t> first_block{0}, first_column{0};
+  for (int64_t n : rows) {
+    first_block.push_back(first_block.back() + (n + kRowsPerBlock - 1) / kRowsPerBlock);
+    first_column.push_back(first_column.back() + n);
   }
   const int64_t N = first_column.back(), blocks = first_block.back();
-  at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t B = x.size(0);
-  at::Tensor sums = at::empty({B, N}, x.options());
-  const float* xp = x.const_data_ptr<float>();
-  float* yp = sums.data_ptr<float>();
   parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
     const int64_t end = std::min(blocks, (chunk + 1) * kBlocksPerChunk);
@@ -225,18 +215,51 @@ std::vector<at::Tensor> linear_bf16(const at::Tensor& input, at::TensorList weig
       const int64_t row = (block - first_block[which]) * kRowsPerBlock;
       const int64_t count = std::min(kRowsPerBlock, rows[which] - row);
       // this weight's outputs start at its first column of the shared output
-      rows_product(xp, B, K, data[which], row, count, yp + first_column[which], N);
+      rows_product(x, B, K, weights[which], row, count, y + first_column[which], N);
     }
   });
-  if (!biases.empty()) {
-    for (size_t i = 0; i < weights.size(); ++i) sums.narrow(1, first_column[i], rows[i]).add_(biases[i].to(at::kFloat));
+}
+
+void check_weights(at::TensorList weights, int64_t K, std::vector<const BFloat16*>& data, std::vector<int64_t>& rows) {
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                    w.device().is_cpu(),
+                "vlmkit: weights must be contiguous 2-d bf16 CPU tensors of width ", K);
+    data.push_back(w.const_data_ptr<BFloat16>());
+    rows.push_back(w.size(0));
   }
-  at::Tensor out = sums.to(input.scalar_type());
-  std::vector<int64_t> shape = input.sizes().vec();
+}
+
+std::vector<at::Tensor> linear_bf16(const at::Tensor& input, at::TensorList weights, at::TensorList biases) {
+  TORCH_CHECK(!weights.empty(), "vlmkit::linear_bf16 needs at least one weight");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "vlmkit::linear_bf16: one bias per weight, or none");
+  TORCH_CHECK(input.device().is_cpu(), "vlmkit::linear_bf16 runs on the CPU");
+  const int64_t K = weights[0].size(1);
+  TORCH_CHECK(input.size(-1) == K, "vlmkit::linear_bf16: input has ", input.size(-1), " features, weight ", K);
+  std::vector<const BFloat16*> data;
+  std::vector<int64_t> rows;
+  check_weights(weights, K, data, rows);
+  at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();
+  int64_t N = 0;
+  for (int64_t n : rows) N += n;
+  at::Tensor sums = at::empty({x.size(0), N}, x.options());
+  multi_product(x.const_data_ptr<float>(), x.size(0), K, data, rows, sums.data_ptr<float>());
   std::vector<at::Tensor> outputs;
+  std::vector<int64_t> shape = input.sizes().vec();
+  at::Tensor out;
+  if (!biases.empty()) {
+    int64_t column = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      sums.narrow(1, column, rows[i]).add_(biases[i].to(at::kFloat));
+      column += rows[i];
+    }
+  }
+  out = sums.to(input.scalar_type());
+  int64_t column = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     shape.back() = rows[i];
-    outputs.push_back(out.narrow(1, first_column[i], rows[i]).view(shape));
+    outputs.push_back(out.narrow(1, column, rows[i]).view(shape));
+    column += rows[i];
   }
   return outputs;
 }
@@ -319,14 +342,168 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& keys, co
   return out.transpose(1, 2);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// decoder_layer_step_bf16: one LLaMA/Qwen2 decoder layer for one new position, in one call.
+// Every intermediate is rounded to bf16 where torch's bf16 ops round it (after each norm, projection,
+// rotary product and sum, activation, product and residual sum), so it computes what the Python layer
+// computes, up to the order of sums.
+
+inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
+
+// RMSNorm as the references write it: fp32 statistics, x * rsqrt(mean(x^2) + eps) rounded, times weight.
+void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * D;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 v = _mm256_loadu_ps(row + d);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float squares = horizontal_sum(acc);
+    for (; d < D; ++d) squares += row[d] * row[d];
+    const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
+    for (d = 0; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
+  }
+}
+
+void add_bias_and_round(float* y, int64_t B, int64_t N, at::TensorList biases, const std::vector<int64_t>& rows) {
+  if (!biases.empty()) {
+    int64_t column = 0;
+    for (size_t i = 0; i < biases.size(); ++i) {
+      at::Tensor bias = biases[i].to(at::kFloat).contiguous();
+      const float* bp = bias.const_data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = 0; j < rows[i]; ++j) y[b * N + column + j] += bp[j];
+      }
+      column += rows[i];
+    }
+  }
+  for (int64_t i = 0; i < B * N; ++i) y[i] = bf16_round(y[i]);
+}
+
+// x * cos + rotate_half(x) * sin for one head, with torch's bf16 rounding of each product and the sum.
+inline void rotate(const float* x, const BFloat16* cos, const BFloat16* sin, int64_t hd, BFloat16* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; ++i) {
+    const float turned = i < half ? -x[i + half] : x[i - half];
+    out[i] = static_cast<BFloat16>(bf16_round(x[i] * static_cast<float>(cos[i])) +
+                                   bf16_round(turned * static_cast<float>(sin[i])));
+  }
+}
+
+at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& input_norm,
+                                   const at::Tensor& post_attention_norm, double eps, at::TensorList qkv,
+                                   at::TensorList qkv_bias, const at::Tensor& o_weight, at::TensorList o_bias,
+                                   at::TensorList gate_up, const at::Tensor& down, const at::Tensor& cos,
+                                   const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                   int64_t position, const std::optional<at::Tensor>& valid, int64_t num_heads) {
+  const int64_t B = hidden.size(0), D = hidden.size(-1);
+  const int64_t Hkv = key_cache.size(1), max_len = key_cache.size(2), hd = key_cache.size(3), H = num_heads;
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.numel() == B * D,
+              "vlmkit::decoder_layer_step_bf16: hidden must be bf16 [B, 1, D]");
+  TORCH_CHECK(qkv.size() == 3 && gate_up.size() == 2 && (qkv_bias.empty() || qkv_bias.size() == 3),
+              "vlmkit::decoder_layer_step_bf16: q/k/v and gate/up weights expected");
+  TORCH_CHECK(position < max_len && key_cache.stride(3) == 1 && key_cache.stride(2) == hd &&
+                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == at::kBFloat16 &&
+                  value_cache.scalar_type() == at::kBFloat16 && hd % 8 == 0 && H % Hkv == 0,
+              "vlmkit::decoder_layer_step_bf16: unexpected KV cache layout");
+  at::Tensor hidden_f = hidden.reshape({B, D}).to(at::kFloat).contiguous();
+  std::vector<float> x(hidden_f.const_data_ptr<float>(), hidden_f.const_data_ptr<float>() + B * D);
+  std::vector<float> normed(B * D);
+  const float epsilon = static_cast<float>(eps);
+
+  // attention block
+  rms_norm_rows(x.data(), B, D, input_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  std::vector<const BFloat16*> weights;
+  std::vector<int64_t> rows;
+  check_weights(qkv, D, weights, rows);
+  TORCH_CHECK(rows[0] == H * hd && rows[1] == Hkv * hd && rows[2] == Hkv * hd,
+              "vlmkit::decoder_layer_step_bf16: q/k/v sizes do not match the heads");
+  const int64_t N = rows[0] + rows[1] + rows[2];
+  std::vector<float> projected(B * N);
+  multi_product(normed.data(), B, D, weights, rows, projected.data());
+  add_bias_and_round(projected.data(), B, N, qkv_bias, rows);
+
+  at::Tensor cos_c = cos.reshape({B, hd}).contiguous(), sin_c = sin.reshape({B, hd}).contiguous();
+  const BFloat16* cp = cos_c.const_data_ptr<BFloat16>();
+  const BFloat16* sp = sin_c.const_data_ptr<BFloat16>();
+  BFloat16* kc = key_cache.data_ptr<BFloat16>();
+  BFloat16* vc = value_cache.data_ptr<BFloat16>();
+  std::vector<BFloat16> queries(B * H * hd);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = projected.data() + b * N;
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * hd, cp + b * hd, sp + b * hd, hd, &queries[(b * H + h) * hd]);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t slot = b * key_cache.stride(0) + h * key_cache.stride(1) + position * hd;
+      rotate(row + rows[0] + h * hd, cp + b * hd, sp + b * hd, hd, kc + slot);
+      for (int64_t i = 0; i < hd; ++i) vc[slot + i] = static_cast<BFloat16>(row[rows[0] + rows[1] + h * hd + i]);
+    }
+  }
+  at::Tensor mask;
+  if (valid.has_value() && valid->defined()) mask = valid->to(at::kBool).reshape({B, -1}).contiguous();
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const int64_t L = position + 1, group = H / Hkv;
+  TORCH_CHECK(mp == nullptr || mask.size(1) == L, "vlmkit::decoder_layer_step_bf16: mask does not cover the keys");
+  std::vector<BFloat16> attended(B * H * hd);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  parallel_chunks(B * H, [&](int64_t task) {
+    thread_local std::vector<float> scores;
+    const int64_t b = task / H, h = task % H;
+    const int64_t offset = b * key_cache.stride(0) + (h / group) * key_cache.stride(1);
+    attend_one(&queries[task * hd], kc + offset, vc + offset, hd, L, hd, scale, mp ? mp + b * L : nullptr,
+               &attended[task * hd], scores);
+  });
+  std::vector<float> attended_f(attended.begin(), attended.end());
+  std::vector<float> out(B * D);
+  weights.clear();
+  rows.clear();
+  check_weights({o_weight}, H * hd, weights, rows);
+  multi_product(attended_f.data(), B, H * hd, weights, rows, out.data());
+  add_bias_and_round(out.data(), B, D, o_bias, rows);
+  for (int64_t i = 0; i < B * D; ++i) x[i] = bf16_round(x[i] + out[i]);
+
+  // MLP block: down(silu(gate(x)) * up(x))
+  rms_norm_rows(x.data(), B, D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  weights.clear();
+  rows.clear();
+  check_weights(gate_up, D, weights, rows);
+  const int64_t I = rows[0];
+  TORCH_CHECK(rows[1] == I && down.size(1) == I && down.size(0) == D, "vlmkit::decoder_layer_step_bf16: MLP sizes");
+  std::vector<float> gated(B * 2 * I);
+  multi_product(normed.data(), B, D, weights, rows, gated.data());
+  add_bias_and_round(gated.data(), B, 2 * I, {}, rows);
+  std::vector<float> product(B * I);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = gated[b * 2 * I + j], u = gated[b * 2 * I + I + j];
+      product[b * I + j] = bf16_round(bf16_round(g / (1.f + std::exp(-g))) * u);
+    }
+  }
+  weights.clear();
+  rows.clear();
+  check_weights({down}, I, weights, rows);
+  multi_product(product.data(), B, I, weights, rows, out.data());
+  add_bias_and_round(out.data(), B, D, {}, rows);
+  at::Tensor result = at::empty({B, 1, D}, hidden.options());
+  BFloat16* rp = result.data_ptr<BFloat16>();
+  for (int64_t i = 0; i < B * D; ++i) rp[i] = static_cast<BFloat16>(x[i] + out[i]);
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vlmkit, m) {
   m.def("linear_bf16(Tensor input, Tensor[] weights, Tensor[] biases) -> Tensor[]");
   m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");
+  m.def("decoder_layer_step_bf16(Tensor hidden, Tensor input_norm, Tensor post_attention_norm, float eps, "
+        "Tensor[] qkv, Tensor[] qkv_bias, Tensor o_weight, Tensor[] o_bias, Tensor[] gate_up, Tensor down, "
+        "Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int position, Tensor? valid, "
+        "int num_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("decode_attention_bf16", &decode_attention_bf16);
+  m.impl("decoder_layer_step_bf16", &decoder_layer_step_bf16);
 }

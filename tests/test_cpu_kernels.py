@@ -1,0 +1,112 @@
+"""vlmkit's bf16 CPU paths (nn/cpu_kernels.py): the compiled decode kernels agree with torch's own ops,
+bf16 prefill and convolutions computed in fp32 agree with torch, and float32 never leaves torch's path.
+
+The kernels exist only on x86 CPUs with AVX2 and no native bf16 (and a C++ compiler); elsewhere these
+tests that need them are skipped."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlmkit.nn import cpu_kernels
+from vlmkit.nn.decoder import DecoderConfig, DecoderModel
+from vlmkit.nn.layers import Conv2d, Linear
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.slow_bf16_cpu() or cpu_kernels.decode_kernels() is None,
+                                   reason="no AVX2-without-bf16 CPU or no C++ compiler here")
+
+
+def bf16(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def close_to_fp32(got, weight, x, bias=None):
+    """Within the rounding of a bf16 result (what torch's own bf16 matmul gets)."""
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    torch_bf16 = F.linear(x, weight, bias).float()
+    tolerance = (torch_bf16 - expected).abs().max() + 1e-3
+    return (got.float() - expected).abs().max() <= tolerance
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])
+def test_linear_kernel_matches_torch_for_several_weights_at_once(rows):
+    x = bf16(rows, 1, 264)  # 264: not a multiple of the 32-wide inner loop, so the tails run too
+    weights = [bf16(n, 264, seed=n) for n in (64, 7, 130)]
+    biases = [bf16(w.shape[0], seed=99) for w in weights]
+    outputs = cpu_kernels.decode_kernels().linear_bf16(x, weights, biases)
+    assert [tuple(o.shape) for o in outputs] == [(rows, 1, 64), (rows, 1, 7), (rows, 1, 130)]
+    assert all(close_to_fp32(o, w, x, b) for o, w, b in zip(outputs, weights, biases))
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,keys", [(4, 4, 1), (8, 2, 37), (6, 3, 300)])
+def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, kv_heads, keys):
+    cache_k, cache_v = bf16(2, kv_heads, 512, 64, seed=1), bf16(2, kv_heads, 512, 64, seed=2)
+    q = bf16(2, 1, heads, 64, seed=3).transpose(1, 2)
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
+    mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., : keys // 3] = False  # left padding of the second row
+    got = cpu_kernels.decode_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              enable_gqa=heads != kv_heads)
+    assert got.shape == expected.shape
+    assert (got.float() - expected).abs().max() < 2e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("model_type,kv_heads", [("llama", 8), ("qwen2", 2)])
+def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type, kv_heads, monkeypatch):
+    config = DecoderConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=kv_heads, model_type=model_type)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = DecoderModel(config)
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        for layer in model.layers:
+            layer.input_layernorm.weight.normal_(1, 0.2)
+            layer.post_attention_layernorm.weight.normal_(1, 0.2)
+        model = model.bfloat16()
+    prompt, mask = bf16(2, 9, 256), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def decode(one_call: bool):
+        if not one_call:
+            monkeypatch.setattr("vlmkit.nn.decoder.decoder_layer_step", lambda *args: None)
+        cache = model.new_cache(2, 16)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            model(prompt, positions, mask, cache)
+            steps = [model(bf16(2, 1, 256, seed=10 + i), positions[:, -1:] + 1 + i, None, cache) for i in range(3)]
+        monkeypatch.undo()
+        return torch.stack(steps).float()
+
+    fused, modules = decode(True), decode(False)
+    # the same bf16 roundings in the same places: equal up to the order of fp32 sums
+    assert (fused - modules).abs().max() <= 0.02 * modules.abs().max()
+
+
+def test_bf16_linear_and_conv_with_many_rows_compute_in_fp32_and_round():
+    linear = Linear(64, 48).bfloat16()
+    x = bf16(3, 40, 64)
+    with torch.no_grad():
+        got = linear(x)
+        expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+    if cpu_kernels.slow_bf16_cpu():
+        assert torch.equal(got, expected)
+    conv = Conv2d(8, 16, 3, padding=1).bfloat16()
+    image = bf16(1, 8, 12, 12)
+    with torch.no_grad():
+        got = conv(image)
+        expected = F.conv2d(image.float(), conv.weight.float(), conv.bias.float(), padding=1).bfloat16()
+    if cpu_kernels.slow_bf16_cpu():
+        assert torch.equal(got, expected)
+
+
+def test_float32_layers_are_exactly_torchs():
+    linear, conv = Linear(64, 48), Conv2d(3, 4, 3)
+    x, image = torch.randn(2, 5, 64), torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+        assert torch.equal(conv(image), F.conv2d(image, conv.weight, conv.bias))

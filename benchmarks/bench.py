@@ -72,14 +72,15 @@ def bench_family(name: str, args, bandwidth: float, log) -> dict:
 
 def first_tokens(family, repeats: int) -> dict:
     """First token for one image and a question: each round a picture never seen before, then a new
-    request (another question) about the same picture, where vlmkit reuses the image's features."""
+    request (another question) about the same picture, where vlmkit reuses the image's features and the
+    keys/values of the prompt prefix that holds it."""
     for engine in ENGINES:  # warm-up on a short text prompt
         family.generate(engine, family.chat_inputs(engine, [], TEXT_PROMPTS[0]), 1)
     first, repeated = {e: [] for e in ENGINES}, {e: [] for e in ENGINES}
     for round_ in range(repeats):
         image = test_image(1000 + round_)
         for engine in ENGINES:
-            family.clear_vision_cache()
+            family.clear_caches()
             for samples, question in ((first, QUESTION), (repeated, REPEAT_QUESTION)):
                 inputs = family.chat_inputs(engine, [image], question)
                 samples[engine].append(timed(lambda: family.generate(engine, inputs, 1)))

@@ -83,10 +83,12 @@ class Family:
         return self.models["vlmkit"].text_model.config.vocab_size if "vlmkit" in self.models else \
             self.models["transformers"].config.text_config.vocab_size
 
-    def clear_vision_cache(self) -> None:
-        cache = getattr(self.models.get("vlmkit"), "vision_cache", None)
-        if cache is not None:
-            cache.clear()
+    def clear_caches(self) -> None:
+        """Forget every image and prompt vlmkit has seen (transformers keeps nothing across requests)."""
+        for name in ("vision_cache", "prompt_cache"):
+            cache = getattr(self.models.get("vlmkit"), name, None)
+            if cache is not None:
+                cache.clear()
 
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one text decode step reads: every decoder layer, the final norm, the LM head."""

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.loop import generate_tokens, stop_string_checker
+from ..generation.prompt_cache import PromptCache, media_digest
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..nn.layers import prepare_for_decoding
 
@@ -103,10 +104,43 @@ class PretrainedVLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int):
         return self.text_model.new_cache(batch_size, max_len)
 
+    # placeholder token ids that ``embed_inputs`` fills with media features; None: not declared (then a
+    # reused prompt prefix still recomputes the embeddings of the whole prompt)
+    media_token_ids: tuple[int, ...] | None = None
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """Keys/values of recent prompts, reused by a new prompt with the same start and media."""
+        if "_prompt_cache" not in self.__dict__:
+            self.__dict__["_prompt_cache"] = PromptCache()
+        return self.__dict__["_prompt_cache"]
+
     def prefill(self, input_ids, attention_mask, position_ids, cache, **model_inputs):
-        embeds = self.embed_inputs(input_ids, **model_inputs)
-        hidden = self.text_model(embeds, position_ids, attention_mask, cache)
+        prompt_cache = self.prompt_cache
+        use_prompt_cache = prompt_cache.applies(input_ids, attention_mask, cache)
+        start, reused_ids = 0, None
+        if use_prompt_cache:
+            media = media_digest(model_inputs)
+            start, reused_ids = prompt_cache.restore(self, input_ids, media, cache)
+        if start and self._placeholders_all_reused(input_ids, start, reused_ids):
+            embeds = self.text_model.embed_tokens(input_ids[:, start:])  # no media features needed
+        else:
+            embeds = self.embed_inputs(input_ids, **model_inputs)[:, start:]
+        mask = attention_mask[:, start:] if attention_mask is not None else None
+        hidden = self.text_model(embeds, position_ids[:, start:], mask, cache)
+        if use_prompt_cache:
+            prompt_cache.store(self, input_ids, media, cache)
         return self.lm_logits(hidden[:, -1])
+
+    def _placeholders_all_reused(self, input_ids, start: int, reused_ids: torch.Tensor) -> bool:
+        """Whether every media placeholder of the prompt lies in its first ``start`` (reused) positions,
+        and the prompt that stored them had as many (so it checked them against the same media)."""
+        if self.media_token_ids is None:
+            return False
+        ids = input_ids[0].cpu()
+        placeholders = torch.tensor(self.media_token_ids)
+        return (not bool(torch.isin(ids[start:], placeholders).any())
+                and int(torch.isin(ids, placeholders).sum()) == int(torch.isin(reused_ids, placeholders).sum()))
 
     def decode(self, token_ids, position_ids, cache):
         hidden = self.text_model(self.text_model.embed_tokens(token_ids), position_ids, None, cache)

@@ -143,6 +143,10 @@ class JanusForConditionalGeneration(PretrainedVLM):
     def text_model(self) -> DecoderModel:
         return self.model.language_model
 
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        return (self.config.image_token_id,)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

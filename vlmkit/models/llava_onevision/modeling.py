@@ -18,6 +18,7 @@ from ...generation.loop import check_context
 from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
+from ...nn.feature_cache import FeatureCache
 from ...nn.vit import PatchEmbedding, VisionEncoder
 from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
 from . import anyres
@@ -109,6 +110,8 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         self.model = LlavaOnevisionModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        # projected features of recent tiles and frames, by pixel content: a repeated image skips the tower
+        self.vision_cache = FeatureCache()
 
     @classmethod
     def config_from_folder(cls, folder, raw_config: dict):
@@ -129,6 +132,10 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
     def text_model(self) -> DecoderModel:
         return self.model.language_model
 
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        return (self.config.image_token_id, self.config.video_token_id)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
@@ -142,9 +149,13 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         size = self.config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise InputError(f"vision inputs must be shaped [N, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
-        tower = self.model.vision_tower
-        return self.model.multi_modal_projector(tower.hidden_states(pixel_values.to(self.dtype),
-                                                                    self.config.feature_layers))
+        model = self.model
+        return self.vision_cache.features(pixel_values.to(self.dtype), self._encode_uncached,
+                                          (model.vision_tower, model.multi_modal_projector))
+
+    def _encode_uncached(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.model.vision_tower.hidden_states(pixel_values, self.config.feature_layers)
+        return self.model.multi_modal_projector(features)
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes,
                            batch_num_images=None) -> list[torch.Tensor]:

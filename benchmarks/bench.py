@@ -54,7 +54,7 @@ def bench_family(name: str, args, bandwidth: float, log) -> dict:
     metrics["preprocess_ms_per_image"] = metric("ms", alternate(
         {e: lambda e=e: timed(lambda: family.preprocess(e, picture)) * 1e3 for e in ENGINES}, max(args.repeats, 5)))
     log(f"[{name}] preprocessing done")
-    metrics.update(first_tokens(family, args.repeats))
+    metrics.update(first_tokens(family, args.first_token_repeats or args.repeats))
     log(f"[{name}] first token done")
     for batch in (1, 4):
         metrics[f"decode_ms_per_step_batch{batch}"] = decode_steps(family, batch, args, result["bandwidth_bound_ms"])
@@ -167,6 +167,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per engine and figure (medians)")
+    parser.add_argument("--first-token-repeats", type=int, help="rounds of the first-token figures (default: "
+                        "--repeats; transformers' bf16 prefill of an image prompt takes minutes on some CPUs)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per generate call")
     parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image "
                                                                "(scaled to the full image; 576 = all)")

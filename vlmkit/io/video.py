@@ -16,7 +16,8 @@ import av
 import numpy as np
 
 from vlmkit.errors import MediaError
-from vlmkit.io.media import MediaPolicy, _describe, _is_tensor, _scheme, fetch_url, load_image, resolve_local_path
+from vlmkit.io.media import MediaPolicy, _is_tensor, _scheme, load_image, resolve_local_path
+from vlmkit.io.net import describe_source, fetch_url
 
 
 def sample_indices(
@@ -58,7 +59,7 @@ def load_video(
     as do missing, corrupt, truncated and zero-frame videos. Rotation metadata is not applied.
     """
     policy = policy or MediaPolicy()
-    desc = _describe(source)
+    desc = describe_source(source)
     if num_frames is not None and fps is not None:
         raise MediaError("num_frames and fps are mutually exclusive: pass one of them")
     if num_frames is not None and not 1 <= num_frames <= max_frames:

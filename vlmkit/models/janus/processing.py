@@ -3,7 +3,6 @@ pixel values, chat templates, decoding. Mirrors transformers' JanusProcessor."""
 
 from pathlib import Path
 
-import torch
 
 from ...errors import InputError
 from ...io.checkpoint import read_json, resolve_model_path

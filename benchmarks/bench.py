@@ -169,6 +169,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per engine and figure (medians)")
     parser.add_argument("--first-token-repeats", type=int, help="rounds of the first-token figures (default: "
                         "--repeats; transformers' bf16 prefill of an image prompt takes minutes on some CPUs)")
+    parser.add_argument("--quantize", help="also time decode with quantized weights on the Janus checkpoint: "
+                        "int8, int4, bnb, bnb8 or all (comma-separated), beside transformers and vlmkit in bf16")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per generate call")
     parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image "
                                                                "(scaled to the full image; 576 = all)")
@@ -209,6 +211,11 @@ def main(argv=None) -> int:
     for name in names:
         report["families"][name] = bench_family(name, args, bandwidth, log)
     print_table(report)
+    if args.quantize:  # decode with quantized weights, on the Janus checkpoint, each variant in a child
+        from benchmarks.quantized import quantized_decode_rows, table_lines
+        rows = quantized_decode_rows(checkpoint("janus", args.size, Path(args.cache_dir)), args, log)
+        report["quantized_janus"] = rows
+        print("\njanus (" + args.size + " size), quantized weights:\n" + "\n".join(table_lines(rows)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

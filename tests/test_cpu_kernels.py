@@ -110,3 +110,17 @@ def test_float32_layers_are_exactly_torchs():
     with torch.no_grad():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
         assert torch.equal(conv(image), F.conv2d(image, conv.weight, conv.bias))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,with_bias", [(1, False), (3, True), (6, False)])
+def test_int8_kernel_matches_the_dequantized_float_product(rows, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, (300, 264), dtype=torch.int8, generator=generator)
+    scale = torch.rand(300, generator=generator) / 100
+    bias = torch.randn(300, generator=generator).bfloat16() if with_bias else None
+    x = bf16(rows, 1, 264, seed=rows)
+    got = cpu_kernels.linear_int8(x, weight, scale, bias)
+    expected = F.linear(x.float(), weight.float() * scale[:, None], None if bias is None else bias.float())
+    assert got.shape == (rows, 1, 300) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)

@@ -23,6 +23,7 @@ _LAZY = {
     "IdeficsForVisionText2Text": "vlmkit.models.idefics",
     "IdeficsProcessor": "vlmkit.models.idefics",
     "IdeficsImageProcessor": "vlmkit.models.idefics",
+    "BitsAndBytesConfig": "vlmkit.quant",
     "LLM": "vlmkit.batch.offline",
     "SamplingParams": "vlmkit.batch.offline",
 }

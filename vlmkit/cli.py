@@ -21,11 +21,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                               "else the built-in model)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="quantize the weights as they load (weight-only; faster decoding, less memory; "
+                             "on CPUs use with the default bfloat16)")
 
 
 def _load_engine(args):
     from .engine import Engine
-    return Engine.load(args.model or _default_model(), dtype=args.dtype, device=args.device)
+    return Engine.load(args.model or _default_model(), dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def _user_message(text: str, images: list[str], videos: list[str]) -> dict:

@@ -29,10 +29,12 @@ class Engine:
         self.model_type = model_type
 
     @classmethod
-    def load(cls, name_or_path, dtype="auto", device=None) -> "Engine":
-        """Load any supported checkpoint (folder or cached hub id)."""
+    def load(cls, name_or_path, dtype="auto", device=None, quantize=None) -> "Engine":
+        """Load any supported checkpoint (folder or cached hub id); ``quantize``: None, "int8" or "int4"
+        (vlmkit's weight-only layers) or anything ``from_pretrained``'s ``quantization_config`` takes."""
         model_type, model_class, processor_class = family_of(name_or_path)
-        model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=device)
+        model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=device,
+                                            quantization_config=quantize)
         return cls(model, processor_class.from_pretrained(name_or_path), model_type)
 
     @property

@@ -93,7 +93,8 @@ class BatchWorker:
     def load(cls, config: ServeConfig, concurrency: int = 32) -> "BatchWorker":
         """Load ``config.model`` and start a worker on it."""
         from ..engine import Engine
-        return cls(Engine.load(config.model, dtype=config.dtype, device=config.device), config, concurrency)
+        engine = Engine.load(config.model, dtype=config.dtype, device=config.device, quantize=config.quantize)
+        return cls(engine, config, concurrency)
 
     def answer(self, request: BatchRequest) -> tuple[int, dict]:
         """Run one row to completion: (status code, response or error body), as the server answers it."""

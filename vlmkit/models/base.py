@@ -60,28 +60,55 @@ class PretrainedVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
-                        revision: str = "main", **unused):
+                        revision: str = "main", quantization_config=None, attn_implementation: str | None = None,
+                        use_flash_attention_2: bool | None = None, **unused):
         """Load a checkpoint from a folder or the local HF cache, in ``dtype`` ("auto" = the checkpoint's)
-        onto one device, without materialising random weights first."""
+        onto one device, without materialising random weights first.
+
+        ``quantization_config``: "int8"/"int4" (vlmkit's weight-only layers) or a ``BitsAndBytesConfig``
+        (bitsandbytes' 8/4-bit layers, as transformers); weights are quantized as they stream in. A
+        checkpoint saved quantized loads quantized. ``attn_implementation`` ("sdpa", "eager",
+        "flash_attention_2") or ``use_flash_attention_2=True`` picks SDPA's kernels (see quant/attention_impl)."""
         from ..io.checkpoint import load_weights, weight_files
+        from ..quant import quantizer_for, resolve_quantization
+        from ..quant.attention_impl import apply_attn_implementation, resolve_attn_implementation
 
         _reject_unsupported(unused)
+        attention = resolve_attn_implementation(attn_implementation, use_flash_attention_2)
         folder = resolve_model_path(name_or_path, revision)
         raw_config = read_json(folder / "config.json")
+        quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config)
         target_device = resolve_device(device_map, device)
+        files = weight_files(folder)
         with torch.device("meta"):
             model = cls(config)
-        missing = load_weights(model, weight_files(folder), dtype=target_dtype, device=target_device,
-                               rename=layout.rename, ignore=layout.ignore, optional=layout.optional)
+        quantizer = quantizer_for(model, quantization, pre_quantized, files, layout, target_device, target_dtype)
+        rename, optional = layout.rename, layout.optional
+        if quantizer is not None:
+            rename, optional = quantizer.wrap_rename(rename), optional + quantizer.optional
+        missing = load_weights(model, files, dtype=target_dtype, device=target_device, rename=rename,
+                               ignore=layout.ignore, optional=optional)
+        if quantizer is not None:
+            missing = quantizer.finish(model, missing)
         model.tie_missing_weights(missing)
         materialize(model, target_device)
         prepare_for_decoding(model)
+        apply_attn_implementation(model, attention, target_device, target_dtype)
+        model.quantization_config = quantization
+        model.checkpoint_config = raw_config
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)
         return model.eval()
+
+    def save_pretrained(self, save_directory, **unused) -> Path:
+        """Write a checkpoint folder (config.json, model.safetensors, the tokenizer/processor files) that
+        ``from_pretrained`` loads back as it is; a quantized model stays quantized, with no need for the
+        original weights. Tensor names follow the transformers layout."""
+        from ..quant.saving import save_checkpoint
+        return save_checkpoint(self, save_directory)
 
     def tie_missing_weights(self, missing: set[str]) -> None:
         """Share the input embedding as the LM head when the checkpoint has no separate head."""
@@ -94,7 +121,8 @@ class PretrainedVLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype activations compute in (quantized layers hold integer weights beside it)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     @property
     def max_context(self) -> int:
@@ -205,6 +233,6 @@ _GENERATION_OPTIONS = {
 
 def _reject_unsupported(options: dict) -> None:
     unsupported = {k: v for k, v in options.items()
-                   if k not in ("trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "local_files_only")}
+                   if k not in ("trust_remote_code", "low_cpu_mem_usage", "local_files_only")}
     if unsupported:
         raise InputError(f"from_pretrained got unsupported option(s): {', '.join(sorted(unsupported))}")

@@ -178,3 +178,16 @@ def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.T
         [q.weight, k.weight, v.weight], qkv_bias, o.weight, [o.bias] if o.bias is not None else [],
         [mlp.gate_proj.weight, mlp.up_proj.weight], mlp.down_proj.weight, cos, sin, cache.keys[layer_index],
         cache.values[layer_index], cache.length, mask, attention.num_heads)
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ (weight * scale[:, None]).T + bias`` for int8 ``weight`` [out, in] with one scale per output,
+    by the decode kernel (a few activation rows on a CPU where it is built), or None where it does not
+    apply. torch's own packed int8 kernel is compute-bound on AVX2 and streams a fraction of this."""
+    if not (x.device.type == "cpu" and weight.dtype == torch.int8 and weight.is_contiguous()
+            and x.numel() <= MAX_KERNEL_ROWS * weight.shape[1] and slow_bf16_cpu()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    ops = decode_kernels()
+    return None if ops is None else ops.linear_int8(x, weight, scale, bias)

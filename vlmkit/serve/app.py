@@ -41,7 +41,8 @@ class ServerState:
         """Load the model named by the config (run in a thread, so /health answers meanwhile)."""
         from ..engine import Engine
         try:
-            self.engine = Engine.load(self.config.model, dtype=self.config.dtype, device=self.config.device)
+            self.engine = Engine.load(self.config.model, dtype=self.config.dtype, device=self.config.device,
+                                      quantize=self.config.quantize)
             self.attach()
             log.info("model %s loaded; serving as %r", self.config.model, self.config.model_name)
         except Exception as err:

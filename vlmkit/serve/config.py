@@ -38,6 +38,7 @@ class ServeConfig:
     api_key: str | None = None
     dtype: str = "auto"
     device: str | None = None
+    quantize: str | None = None  # "int8" / "int4": vlmkit's weight-only quantization at load
     limits: ServeLimits = field(default_factory=ServeLimits)
     allow_private_hosts: bool = False
     allowed_hosts: tuple[str, ...] = ()
@@ -106,7 +107,8 @@ def config_from_args(args) -> ServeConfig:
     return ServeConfig(model=args.model, served_model_name=getattr(args, "served_model_name", None),
                        host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
                        api_key=getattr(args, "api_key", None) or os.environ.get("VLMKIT_API_KEY") or None,
-                       dtype=args.dtype, device=args.device, limits=limits,
+                       dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
+                       limits=limits,
                        allow_private_hosts=args.allow_private_hosts,
                        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
                        media_root=args.media_root, fetch_timeout_s=args.fetch_timeout,

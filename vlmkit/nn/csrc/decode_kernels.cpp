@@ -134,6 +134,11 @@ inline __m256 load_bf16x8(const BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
+// int8 weights (symmetric, one scale per output row applied after the sum) widen the same way.
+inline __m256 load_bf16x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
@@ -150,12 +155,11 @@ constexpr int64_t kBlocksPerChunk = 16;
 // Rows [row, row + rows) of W against ROWS_X activation rows; writes fp32 sums to y. Each weight row is
 // read front to back (one sequential stream, prefetched 1 KiB ahead) with several accumulators per
 // activation row to hide FMA latency.
-template <int ROWS_X>
-void block_product(const float* x, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
-                   int64_t N) {
+template <int ROWS_X, typename W>
+void block_product(const float* x, int64_t K, const W* w, int64_t row, int64_t rows, float* y, int64_t N) {
   constexpr int U = ROWS_X == 1 ? 4 : (ROWS_X == 2 ? 3 : 2);
   for (int64_t r = 0; r < rows; ++r) {
-    const BFloat16* wr = w + (row + r) * K;
+    const W* wr = w + (row + r) * K;
     __m256 acc[U][ROWS_X];
     for (int u = 0; u < U; ++u) {
       for (int b = 0; b < ROWS_X; ++b) acc[u][b] = _mm256_setzero_ps();
@@ -184,7 +188,8 @@ void block_product(const float* x, int64_t K, const BFloat16* w, int64_t row, in
   }
 }
 
-void rows_product(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
+template <typename W>
+void rows_product(const float* x, int64_t B, int64_t K, const W* w, int64_t row, int64_t rows, float* y,
                   int64_t N) {
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
     const float* xb = x + b0 * K;
@@ -198,8 +203,9 @@ void rows_product(const float* x, int64_t B, int64_t K, const BFloat16* w, int64
   }
 }
 
-// y [B, sum of N_i] (fp32) = x [B, K] (fp32) times each weight W_i [N_i, K] (bf16), side by side.
-void multi_product(const float* x, int64_t B, int64_t K, const std::vector<const BFloat16*>& weights,
+// y [B, sum of N_i] (fp32) = x [B, K] (fp32) times each weight W_i [N_i, K] (bf16 or int8), side by side.
+template <typename W>
+void multi_product(const float* x, int64_t B, int64_t K, const std::vector<const W*>& weights,
                    const std::vector<int64_t>& rows, float* y) {
   std::vector<int64_t> first_block{0}, first_column{0};
   for (int64_t n : rows) {
@@ -340,6 +346,25 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& keys, co
                mp ? mp + b * L : nullptr, op + (b * H + h) * D, scores);
   });
   return out.transpose(1, 2);
+}
+
+// linear_int8: y = (x @ q.T) * scale + bias for int8 weights q [N, K] with one scale per output row;
+// half the bytes of bf16 per weight, widened in registers like the bf16 path.
+at::Tensor linear_int8(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.device().is_cpu(),
+              "vlmkit::linear_int8: weight must be a contiguous 2-d int8 CPU tensor");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(input.size(-1) == K && scale.numel() == N, "vlmkit::linear_int8: shapes do not match");
+  at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();
+  at::Tensor sums = at::empty({x.size(0), N}, x.options());
+  multi_product<int8_t>(x.const_data_ptr<float>(), x.size(0), K, {weight.const_data_ptr<int8_t>()}, {N},
+                        sums.data_ptr<float>());
+  sums.mul_(scale.to(at::kFloat).reshape({1, N}));
+  if (bias.has_value() && bias->defined()) sums.add_(bias->to(at::kFloat).reshape({1, N}));
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = N;
+  return sums.to(input.scalar_type()).reshape(shape);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -495,6 +520,7 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
 
 TORCH_LIBRARY(vlmkit, m) {
   m.def("linear_bf16(Tensor input, Tensor[] weights, Tensor[] biases) -> Tensor[]");
+  m.def("linear_int8(Tensor input, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");
   m.def("decoder_layer_step_bf16(Tensor hidden, Tensor input_norm, Tensor post_attention_norm, float eps, "
         "Tensor[] qkv, Tensor[] qkv_bias, Tensor o_weight, Tensor[] o_bias, Tensor[] gate_up, Tensor down, "
@@ -504,6 +530,7 @@ TORCH_LIBRARY(vlmkit, m) {
 
 TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
   m.impl("decode_attention_bf16", &decode_attention_bf16);
   m.impl("decoder_layer_step_bf16", &decoder_layer_step_bf16);
 }

@@ -1,0 +1,188 @@
+"""Decode speed and memory with quantized weights, on a Janus checkpoint: vlmkit in bf16, int8 and int4
+(and, asked for, transformers bf16 and the BitsAndBytesConfig path of both engines).
+
+Every variant runs alone in a child process (``python -m benchmarks.quantized --child ...``), so its
+peak RSS is its own: the child loads the model and processor, answers one image question (9 tokens,
+as bench.py's memory probe), then times decode steps at batch 1 after a short text prompt (the median
+time between consecutive new tokens, median over ``repeats`` runs). ``quantized_decode_rows`` is what
+bench.py calls; ``python -m benchmarks.quantized`` runs it alone and prints a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+# variant name -> (engine, quantization): None, "int8"/"int4" (vlmkit's own) or "bnb4"/"bnb8" (bitsandbytes)
+VARIANTS = {
+    "transformers bf16": ("transformers", None),
+    "vlmkit bf16": ("vlmkit", None),
+    "vlmkit int8": ("vlmkit", "int8"),
+    "vlmkit int4": ("vlmkit", "int4"),
+    "transformers bnb nf4": ("transformers", "bnb4"),
+    "vlmkit bnb nf4": ("vlmkit", "bnb4"),
+    "transformers bnb int8": ("transformers", "bnb8"),
+    "vlmkit bnb int8": ("vlmkit", "bnb8"),
+}
+DEFAULT_VARIANTS = ("transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4")
+
+
+def variants_for(quantize: str | None) -> list[str]:
+    """The variants a ``--quantize`` value asks for: "int8", "int4", "bnb" (both engines' nf4), "all", or a
+    comma-separated mix; transformers bf16 and vlmkit bf16 always come first, as the baselines."""
+    names = list(DEFAULT_VARIANTS[:2])
+    for part in (quantize or "int8,int4").split(","):
+        part = part.strip()
+        chosen = {"int8": ["vlmkit int8"], "int4": ["vlmkit int4"], "all": list(VARIANTS),
+                  "bnb": ["transformers bnb nf4", "vlmkit bnb nf4"],
+                  "bnb8": ["transformers bnb int8", "vlmkit bnb int8"]}.get(part)
+        if chosen is None:
+            raise ValueError(f"--quantize {part!r}: use int8, int4, bnb, bnb8 or all (comma-separated)")
+        names += [n for n in chosen if n not in names]
+    return names
+
+
+def quantized_decode_rows(folder, args, log, variants=None) -> dict:
+    """{variant: {decode_ms_per_step, tokens_per_s, peak_rss_mb, load_s}} for each variant (default:
+    ``variants_for(args.quantize)``), each measured in its own child process, plus each one's decode
+    time and peak memory as a share of "transformers bf16" and "vlmkit bf16" where those ran. ``args``
+    needs ``threads``, ``repeats``, ``decode_tokens``; ``quantize`` is optional."""
+    rows = {}
+    for name in variants or variants_for(getattr(args, "quantize", None)):
+        log(f"[quantized] {name}")
+        rows[name] = _run_child(folder, name, args)
+    for baseline in ("transformers bf16", "vlmkit bf16"):
+        if baseline in rows:
+            for row in rows.values():
+                row[f"decode_vs_{baseline.replace(' ', '_')}"] = \
+                    row["decode_ms_per_step"] / rows[baseline]["decode_ms_per_step"]
+                row[f"peak_rss_vs_{baseline.replace(' ', '_')}"] = row["peak_rss_mb"] / rows[baseline]["peak_rss_mb"]
+    return rows
+
+
+def table_lines(rows: dict) -> list[str]:
+    lines = ["| variant | decode ms/step (batch 1) | vs transformers bf16 | vs vlmkit bf16 | peak RSS MiB | "
+             "vs vlmkit bf16 | load s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        shares = [f"{row[key]:.2f}" if key in row else "-" for key in
+                  ("decode_vs_transformers_bf16", "decode_vs_vlmkit_bf16", "peak_rss_vs_vlmkit_bf16")]
+        lines.append(f"| {name} | {row['decode_ms_per_step']:.1f} | {shares[0]} | {shares[1]} | "
+                     f"{row['peak_rss_mb']:.0f} | {shares[2]} | {row['load_s']:.1f} |")
+    return lines
+
+
+def _run_child(folder, name: str, args) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [sys.executable, "-m", "benchmarks.quantized", "--child", name, "--checkpoint", str(folder),
+            "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=root, env=env,
+                            timeout=getattr(args, "child_timeout", 3600))
+    if result.returncode != 0:
+        raise RuntimeError(f"quantized benchmark child {name!r} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _load(name: str, folder: Path):
+    """The benchmark family (benchmarks.families.Janus) with one engine, loaded as the variant says."""
+    from benchmarks.families import Janus, _quiet_transformers
+
+    engine, quantization = VARIANTS[name]
+
+    class QuantizedJanus(Janus):
+        def load(self, engine):
+            if quantization is None:
+                return super().load(engine)
+            if engine == "vlmkit":
+                import vlmkit
+                config = quantization if quantization in ("int8", "int4") else vlmkit.BitsAndBytesConfig(**_bnb(quantization))
+                return (vlmkit.JanusForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype,
+                                                                            quantization_config=config),
+                        vlmkit.JanusProcessor.from_pretrained(self.folder))
+            transformers = _quiet_transformers()
+            model = transformers.JanusForConditionalGeneration.from_pretrained(
+                self.folder, dtype=self.dtype, device_map="cpu",
+                quantization_config=transformers.BitsAndBytesConfig(**_bnb(quantization)))
+            return model.eval(), transformers.JanusProcessor.from_pretrained(self.folder, backend="pil")
+
+    return QuantizedJanus(folder, torch.bfloat16, engines=(engine,)), engine
+
+
+def _bnb(quantization: str) -> dict:
+    if quantization == "bnb8":
+        return dict(load_in_8bit=True)
+    return dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def child(args) -> None:
+    """One variant: load, answer one image question, time decode steps; prints its row as JSON."""
+    from benchmarks.families import TEXT_PROMPTS, test_image
+    from benchmarks.measure import StepTimer, median, peak_rss_mb
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    family, engine = _load(args.child, Path(args.checkpoint))
+    load_s = time.perf_counter() - started
+    family.generate(engine, family.chat_inputs(engine, [test_image(1)]), 9)
+    inputs = family.chat_inputs(engine, [], TEXT_PROMPTS[:1])
+    steps = []
+    for _ in range(args.repeats):
+        timer = StepTimer(skip_first_put=engine == "transformers")
+        family.generate(engine, inputs, args.decode_tokens + 1, timer)
+        steps.append(median(timer.step_seconds()) * 1e3)
+    decode_ms = median(steps)
+    print(json.dumps({"variant": args.child, "decode_ms_per_step": decode_ms, "tokens_per_s": 1e3 / decode_ms,
+                      "decode_samples_ms": steps, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "real"], default="real")
+    parser.add_argument("--quantize", help="variants beside the bf16 baselines: int8, int4, bnb, bnb8, all "
+                                           "(comma-separated; default int8,int4)")
+    parser.add_argument("--variants", help="exactly these variants, comma-separated (" + ", ".join(VARIANTS) + ")")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"))
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    from benchmarks.checkpoints import checkpoint
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    folder = checkpoint("janus", args.size, Path(args.cache_dir))
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    unknown = [v for v in variants or [] if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    rows = quantized_decode_rows(folder, args, log, variants)
+    print("\n".join(table_lines(rows)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""benchmarks/quantized.py runs end to end on the tiny Janus and reports every variant (nothing timed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quantize_option_picks_the_variants():
+    from benchmarks.quantized import variants_for
+    assert variants_for(None) == ["transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4"]
+    assert variants_for("int4,bnb") == ["transformers bf16", "vlmkit bf16", "vlmkit int4", "transformers bnb nf4",
+                                        "vlmkit bnb nf4"]
+    with pytest.raises(ValueError, match="--quantize 'int3'"):
+        variants_for("int3")
+
+
+def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
+    out = tmp_path / "quantized.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quantized", "--size", "tiny", "--variants", "vlmkit bf16,vlmkit int4",
+         "--repeats", "1", "--decode-tokens", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["vlmkit bf16", "vlmkit int4"]
+    for row in rows.values():
+        assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0 and row["load_s"] > 0
+        assert row["decode_vs_vlmkit_bf16"] > 0 and row["peak_rss_vs_vlmkit_bf16"] > 0
+    assert "| vlmkit int4 |" in result.stdout

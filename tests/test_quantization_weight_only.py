@@ -1,0 +1,159 @@
+"""vlmkit's own int8/int4: each family stays close to its unquantized self (no worse than plain
+round-to-nearest weights on every linear layer, with 1.5x slack), in bfloat16 on the packed kernels
+too; a quantized model saves and loads back quantized without the original weights; Janus draws images
+quantized; bad requests fail before any weight is read."""
+
+import functools
+import json
+
+import pytest
+import torch
+from quantization_support import (FAMILIES, FIXTURES, forward_logits, greedy_tokens, image_prompt, relative_rms,
+                                  rtn_int4, rtn_int8, vlmkit_class, with_rtn_weights)
+
+from vlmkit.errors import CheckpointError, InputError
+from vlmkit.quant import quantized_modules
+from vlmkit.quant.weight_only import Int4Linear, Int8Linear
+
+RTN = {"int8": rtn_int8, "int4": rtn_int4}
+
+
+@functools.lru_cache(maxsize=16)
+def load(family: str, folder: str, quantization=None, dtype=torch.float32):
+    return vlmkit_class(family).from_pretrained(folder, dtype=dtype, quantization_config=quantization)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_error_is_no_worse_than_round_to_nearest_on_every_linear_layer(request, family, name):
+    folder = str(request.getfixturevalue(FIXTURES[family]))
+    inputs = image_prompt(family, folder)
+    exact = forward_logits(load(family, folder), inputs)
+    baseline_model = vlmkit_class(family).from_pretrained(folder, dtype=torch.float32)
+    with_rtn_weights(baseline_model, RTN[name])
+    baseline = relative_rms(forward_logits(baseline_model, inputs), exact)
+    quantized = load(family, folder, name)
+    assert quantized_modules(quantized)
+    error = relative_rms(forward_logits(quantized, inputs), exact)
+    print(f"{family} {name}: error {error:.4f}, round-to-nearest baseline {baseline:.4f}")
+    assert error <= 1.5 * baseline
+    assert 0 < baseline < 1  # a real error, short of noise (tiny random models are sensitive)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_models_run_the_packed_kernels_and_stay_close(request, family, name):
+    folder = str(request.getfixturevalue(FIXTURES[family]))
+    inputs = image_prompt(family, folder)
+    inputs_bf16 = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in inputs.items()}
+    exact = forward_logits(load(family, folder), inputs)
+    model = load(family, folder, name, torch.bfloat16)
+    kinds = set(quantized_modules(model).values())
+    assert kinds == ({"Int8Linear"} if name == "int8" else {"Int8Linear", "Int4Linear"})
+    # tiny random models amplify rounding: bfloat16 alone moves their logits by 4-11%
+    bf16_error = relative_rms(forward_logits(load(family, folder, None, torch.bfloat16), inputs_bf16), exact)
+    quantization_error = relative_rms(forward_logits(load(family, folder, name), inputs), exact)
+    assert relative_rms(forward_logits(model, inputs_bf16), exact) <= bf16_error + 1.5 * quantization_error
+    assert len(greedy_tokens(model, inputs_bf16, family, 6)) == 6  # decode steps: a few rows, the packed ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_compute_the_product_with_their_dequantized_weight(bits, dtype):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 256), torch.randn(96)
+    layer = Int8Linear.from_float(weight, bias, dtype) if bits == 8 else Int4Linear.from_float(weight, 128, bias, dtype)
+    dequantized = layer.dequantized_weight()
+    rounding = 1e-5 if dtype == torch.float32 else 0.02  # scales (and zero points) kept in the model's dtype
+    assert torch.allclose(dequantized, (rtn_int8 if bits == 8 else rtn_int4)(weight), atol=rounding)
+    for rows in (1, 5, 200):  # decode steps, a short prompt, a prefill past the int8 kernel's range
+        x = torch.randn(2, rows, 256).to(dtype)
+        expected = x.float() @ dequantized.T + bias
+        tolerance = 1e-4 if dtype == torch.float32 else 0.03 * expected.abs().max()
+        assert torch.allclose(layer(x).float(), expected, atol=tolerance)
+
+
+def test_which_layers_are_quantized(llava_onevision_dir, llava_onevision_tied_dir):
+    model = load("llava_onevision", str(llava_onevision_dir), "int4")
+    layers = quantized_modules(model)
+    assert layers["lm_head"] == "Int4Linear"
+    assert layers["model.language_model.layers.0.mlp.down_proj"] == "Int4Linear"
+    # the vision side (tower, projector) runs once per image on many patches: int8
+    assert layers["model.vision_tower.encoder.layers.0.self_attn.q_proj"] == "Int8Linear"
+    assert layers["model.multi_modal_projector.linear_1"] == "Int8Linear"
+    tied = load("llava_onevision", str(llava_onevision_tied_dir), "int8")
+    assert "lm_head" not in quantized_modules(tied)  # a tied head is the token embedding
+    assert tied.lm_head.weight is tied.text_model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name,bits,group_size", [("int8", 8, None), ("int4", 4, 128)])
+def test_a_quantized_model_saves_and_loads_back_without_the_original_weights(janus_dir, tmp_path, name, bits,
+                                                                            group_size):
+    from safetensors import safe_open
+    model = load("janus", str(janus_dir), name, torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "vlmkit" and saved["bits"] == bits and saved["group_size"] == group_size
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        dtype = handle.get_tensor("model.language_model.layers.0.mlp.up_proj.weight").dtype
+        assert "model.vision_model.encoder.layers.0.self_attn.projection_layer.weight" in handle.keys()
+    assert dtype == (torch.int8 if bits == 8 else torch.uint8)
+    again = vlmkit_class("janus").from_pretrained(tmp_path)  # dtype "auto": the checkpoint's bfloat16
+    assert again.dtype == torch.bfloat16
+    assert quantized_modules(again) == quantized_modules(model)
+    inputs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in image_prompt("janus", str(janus_dir)).items()}
+    assert torch.equal(forward_logits(again, inputs), forward_logits(model, inputs))
+    # asking for the format it is stored in is fine; asking for another is an error
+    vlmkit_class("janus").from_pretrained(tmp_path, quantization_config=name)
+    with pytest.raises(InputError, match="already quantized"):
+        vlmkit_class("janus").from_pretrained(tmp_path, quantization_config="int8" if bits == 4 else "int4")
+
+
+def test_janus_draws_images_with_int8_weights(janus_dir):
+    from vlmkit import JanusProcessor
+    processor = JanusProcessor.from_pretrained(janus_dir)
+    model = load("janus", str(janus_dir), "int8", torch.bfloat16)
+    assert isinstance(model.model.generation_head.vision_head, Int8Linear)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "A red fox."}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(text=text, generation_mode="image")
+    tokens = model.generate(**inputs, generation_mode="image", do_sample=False)
+    assert tokens.shape == (1, model.num_image_tokens)
+    assert tokens.equal(model.generate(**inputs, generation_mode="image", do_sample=False))
+    pixels = model.decode_image_tokens(tokens)
+    assert pixels.shape[0] == 1 and torch.isfinite(pixels.float()).all()
+
+
+def test_int4_layers_read_their_values_back_from_the_kernel_packing():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    layer = Int4Linear.from_float(weight, 128, dtype=torch.float32)
+    state = layer.state_dict()
+    assert state["weight"].shape == (96, 128) and state["weight_scale"].shape == (96, 2)
+    again = Int4Linear.from_portable(state["weight"], state["weight_scale"], state["weight_zero"],
+                                     dtype=torch.float32)
+    assert torch.equal(again.weight, layer.weight) and torch.equal(again.weight_scale_zero, layer.weight_scale_zero)
+    assert torch.allclose(layer.dequantized_weight(), rtn_int4(weight), atol=1e-5)
+
+
+@pytest.mark.parametrize("value,error,message", [
+    ("int3", InputError, "unknown quantization 'int3'"),
+    ({"quant_method": "awq", "bits": 4}, InputError, "quant_method 'awq' is not supported"),
+    (42, InputError, "quantization_config must be"),
+])
+def test_bad_quantization_requests_fail_before_any_weight_is_read(janus_dir, monkeypatch, value, error, message):
+    monkeypatch.setattr("vlmkit.io.checkpoint.load_weights", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(error, match=message):
+        vlmkit_class("janus").from_pretrained(janus_dir, quantization_config=value)
+
+
+def test_a_checkpoint_quantized_in_another_format_is_refused_before_loading(janus_dir, tmp_path, monkeypatch):
+    for item in janus_dir.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    config = json.loads((janus_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("vlmkit.io.checkpoint.load_weights", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(CheckpointError, match="already quantized with 'gptq'"):
+        vlmkit_class("janus").from_pretrained(tmp_path)

@@ -58,10 +58,10 @@ def save_checkpoint(model: nn.Module, directory) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     config = dict(raw_config)
-    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
-    for key in ("dtype", "torch_dtype"):  # what "auto" reads back: the dtype the weights were saved in
-        if key in config or key == "dtype":
-            config[key] = dtype
+    # what dtype="auto" reads back: the dtype the weights were saved in
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
     quantization = getattr(model, "quantization_config", None)
     if quantization is not None:
         config["quantization_config"] = quantization.to_dict()

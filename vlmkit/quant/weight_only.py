@@ -124,7 +124,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype=torch.float32, outputs: slice = slice(None)) -> torch.Tensor:
+        """The weight [out, in] (or the ``outputs`` rows of it) in ``dtype``."""
         raise NotImplementedError
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -135,7 +136,11 @@ class QuantizedLinear(nn.Module):
         out = self.packed_matmul(rows)
         if out is None:  # many rows, or a dtype/device the packed ops do not take
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
-            out = F.linear(rows.to(compute), self.dequantized_weight(compute))
+            rows = rows.to(compute)
+            # int8: a few MB of widened weight at a time, not a float copy of the whole layer
+            block = max(1, (1 << 21) // self.in_features) if self.bits == 8 else self.out_features
+            out = torch.cat([F.linear(rows, self.dequantized_weight(compute, slice(start, start + block)))
+                             for start in range(0, self.out_features, block)], dim=-1)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -159,8 +164,8 @@ class Int8Linear(QuantizedLinear):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype=torch.bfloat16):
         return cls(*quantize_int8(weight), bias, dtype)
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return torch.mul(self.weight, self.weight_scale.to(dtype)[:, None])
+    def dequantized_weight(self, dtype=torch.float32, outputs: slice = slice(None)) -> torch.Tensor:
+        return torch.mul(self.weight[outputs], self.weight_scale[outputs].to(dtype)[:, None])
 
     def packed_matmul(self, x):
         # CUDA: the widened weight through cuBLAS (half the bytes stay resident, no faster than bf16)
@@ -211,10 +216,10 @@ class Int4Linear(QuantizedLinear):
             values[start:start + block.shape[0]] = flat.view(block.shape[0], self.in_features)
         return values
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        scale, zero = self.weight_scale_zero.transpose(0, 1).to(dtype).unbind(-1)
-        groups = self.values().to(dtype).reshape(self.out_features, -1, self.group_size)
-        return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, self.in_features)
+    def dequantized_weight(self, dtype=torch.float32, outputs: slice = slice(None)) -> torch.Tensor:
+        scale, zero = self.weight_scale_zero.transpose(0, 1).to(dtype)[outputs].unbind(-1)
+        groups = self.values()[outputs].to(dtype).reshape(scale.shape[0], -1, self.group_size)
+        return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(scale.shape[0], self.in_features)
 
     def packed_matmul(self, x):
         if x.device.type == "cuda" and x.dtype == torch.bfloat16:
@@ -264,11 +269,15 @@ class WeightOnlyMethod:
         if self.pre_quantized:
             return tensor.to(self.device)
         weight = tensor.to(self.device)
-        group = int4_group_size(*weight.shape, self.config.group_size, weight.device) \
-            if self.bits_for(module_name) == 4 else None
+        group = self._int4_group(*weight.shape, self.config.group_size) if self.bits_for(module_name) == 4 else None
         if group is None:
             return Int8Linear.from_float(weight, dtype=self.dtype)
         return Int4Linear.from_float(weight, group, dtype=self.dtype)
+
+    def _int4_group(self, out_features: int, in_features: int, group_size: int) -> int | None:
+        if self.device.type == "cuda" and self.dtype != torch.bfloat16:
+            return None  # torch's CUDA int4 kernel takes bfloat16 activations only
+        return int4_group_size(out_features, in_features, group_size, self.device)
 
     def build(self, linear: nn.Linear, taken: dict) -> nn.Module:
         bias = None if linear.bias is None else linear.bias.detach()
@@ -276,10 +285,16 @@ class WeightOnlyMethod:
             module = taken["weight"]
             module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
             return module
-        if "weight_zero" in taken:
-            return Int4Linear.from_portable(taken["weight"], taken["weight_scale"], taken["weight_zero"], bias,
-                                            self.dtype)
-        return Int8Linear(taken["weight"], taken["weight_scale"], bias, self.dtype)
+        if "weight_zero" not in taken:
+            return Int8Linear(taken["weight"], taken["weight_scale"], bias, self.dtype)
+        packed, scale, zero = taken["weight"], taken["weight_scale"], taken["weight_zero"]
+        group = packed.shape[1] * 2 // scale.shape[1]
+        if self._int4_group(packed.shape[0], packed.shape[1] * 2, group) == group:
+            return Int4Linear.from_portable(packed, scale, zero, bias, self.dtype)
+        # saved where the int4 kernel took this shape, loaded where it does not: int8 of the same values
+        groups = unpack_nibbles(packed).float().reshape(packed.shape[0], -1, group)
+        weight = (groups - 8) * scale.float()[..., None] + zero.float()[..., None]
+        return Int8Linear.from_float(weight.reshape(packed.shape[0], -1), bias, self.dtype)
 
 
 def weight_only_module_names(model: nn.Module) -> list[str]:

@@ -40,3 +40,24 @@ def test_questions_cover_every_type_with_exact_answers():
     assert answers["Where is the blue star?"] == "right"
     assert answers["How many shapes are there?"] == "two"
     assert answers["What is in this image?"] == caption(scene) == "a red circle on the left and a blue star on the right"
+
+
+def test_training_conversations_ask_distinct_questions_about_one_scene():
+    from vlmkit.train.data import ShapesSource
+
+    source = ShapesSource(32, questions_per_image=3)
+    for seed in range(20):
+        rng = random.Random(f"conversation:{seed}")
+        example = source.understanding(rng)
+        roles = [m["role"] for m in example.messages]
+        assert roles == ["user", "assistant"] * 3
+        # the same draws, replayed, give the scene the conversation is about: every answer is its answer
+        replay = random.Random(f"conversation:{seed}")
+        scene = sample_scene(replay)
+        answers = {q: a for _, q, a in questions(scene, random.Random(0))}
+        asked = [m["content"] for m in example.messages[::2]]
+        assert len(set(asked)) == 3
+        for question, answer in zip(asked, [m["content"] for m in example.messages[1::2]]):
+            if question in answers:  # the question's wording may be another of the same type
+                assert answers[question] == answer
+    assert len(ShapesSource(32).understanding(random.Random(0)).messages) == 2

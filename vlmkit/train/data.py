@@ -38,15 +38,21 @@ class GenerationExample:
 class ShapesSource:
     """Scenes of the shapes world, drawn fresh for every example."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, questions_per_image: int = 1):
         self.image_size = image_size
+        self.questions_per_image = questions_per_image
 
     def understanding(self, rng: random.Random, easy: bool = False) -> UnderstandingExample:
-        """A scene and one question about it; ``easy``: one object, asked its colour or shape."""
+        """A scene and a conversation about it: ``questions_per_image`` questions of distinct types
+        in random order (one turn each); ``easy``: one object, asked its colour or shape."""
         scene = sample_scene(rng, 1 if easy else None)
-        question, answer = question_of_type(scene, rng.choice(("colour", "shape") if easy else QUESTION_TYPES), rng)
-        return UnderstandingExample(render(scene, self.image_size), [{"role": "user", "content": question},
-                                                                     {"role": "assistant", "content": answer}])
+        kinds = ("colour", "shape") if easy else QUESTION_TYPES
+        count = min(self.questions_per_image, len(kinds))
+        messages = []
+        for kind in ([rng.choice(kinds)] if count == 1 else rng.sample(kinds, count)):
+            question, answer = question_of_type(scene, kind, rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return UnderstandingExample(render(scene, self.image_size), messages)
 
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)
@@ -123,7 +129,7 @@ def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
 def make_source(data, image_size: int):
     """The source a recipe's ``data`` section names."""
     if data.source == "shapes":
-        return ShapesSource(image_size)
+        return ShapesSource(image_size, data.questions_per_image)
     if data.source == "jsonl":
         return JsonlSource(data.understanding, data.generation)
     raise InputError(f"data.source must be 'shapes' or 'jsonl', got {data.source!r}")

@@ -48,6 +48,9 @@ class DataSpec:
     # model trained from scratch first learns answers from the question alone; easy questions get it
     # to read the image sooner, after which binding attributes to objects comes quickly.
     curriculum_steps: int = 0
+    # shapes only: questions asked about each understanding image, as a multi-turn conversation.
+    # The image costs most of a row's tokens, so more answers per image are cheap supervision.
+    questions_per_image: int = 1
 
 
 @dataclass

@@ -1,9 +1,13 @@
-"""A small byte-level BPE tokenizer for the benchmark's random-weight checkpoints (copied from
-tests/builders/tokenizer.py so that benchmarks never import the tests).
+"""Tiny byte-level BPE tokenizers for test and benchmark checkpoints.
 
-Trained in code on a generated English corpus (no download); the model's real special tokens are
-appended as special added tokens right after the learned vocabulary. Decode speed does not depend on
-the tokenizer; the model's vocabulary (embedding and LM head) keeps its real size regardless.
+The tokenizer is trained with the `tokenizers` library on a small English corpus generated in code
+(no download), then the model-specific special tokens are appended as *special* added tokens, so they
+get the ids right after the BPE vocabulary, as in real checkpoints (whose special tokens sit at the
+end of the vocabulary, e.g. DeepSeek's 100000+). A `TemplateProcessing` post-processor prepends BOS
+when asked to; the byte-level decoder makes `decode(encode(text)) == text` for any text.
+
+Generic: the benchmark's checkpoints and the tests' Janus, LLaVA-OneVision and IDEFICS builders call
+it with their own special tokens.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import build_tokenizer
+from benchmarks.tokenizer import build_tokenizer
 
 __all__ = [
     "IDEFICS_BOS", "IDEFICS_EOS", "IDEFICS_UNK", "IDEFICS_FAKE_TOKEN", "IDEFICS_IMAGE_TOKEN",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import build_tokenizer
+from benchmarks.tokenizer import build_tokenizer
 
 __all__ = [
     "JANUS_PRO_CHAT_TEMPLATE",

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.tokenizer import build_tokenizer
+from vlmkit.models.janus.chat_template import JANUS_PRO_CHAT_TEMPLATE
 
 __all__ = [
     "JANUS_PRO_CHAT_TEMPLATE",
@@ -39,47 +40,6 @@ __all__ = [
     "original_config_from_hf",
 ]
 
-# The chat template of the deepseek-community/Janus-Pro-* checkpoints: `CHAT_TEMPLATE` of
-# transformers' src/transformers/models/janus/convert_janus_weights_to_hf.py, reproduced verbatim
-# (same Python string literal pieces, so the '\n' escapes become the same characters). Checkpoint
-# data: do not "fix" it.
-JANUS_PRO_CHAT_TEMPLATE = (
-    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}"
-    "{%set i=0%}"
-    "{%for message in messages%}"
-    "{%if message['role']|lower=='user'%}"
-    "<|User|>: "
-    "{%elif message['role']|lower=='assistant'%}"
-    "<|Assistant|>:{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' and message['content'][0]['text']=='')%} {%endif%}"
-    "{%else%}"
-    "{{message['role'].capitalize()}}: "
-    "{%endif%}"
-    "{%for content in message['content']%}"
-    "{%if content['type']=='image'%}"
-    "{%if not loop.first%}{{'\n'}}{%endif%}"
-    "<image_placeholder>"
-    "{%if not loop.last%}{{'\n'}}{%endif%}"
-    "{%elif content['type']=='text'%}"
-    "{%set text=content['text']%}"
-    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
-    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
-    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}"
-    "{{' '+text}}"
-    "{%else%}"
-    "{{text}}"
-    "{%endif%}"
-    "{%endif%}"
-    "{%endfor%}"
-    "{%if not loop.last or add_generation_prompt%}"
-    "{%if message['role']|lower=='user'%}"
-    "{{seps[0]}}"
-    "{%else%}"
-    "{{seps[1]}}"
-    "{%endif%}"
-    "{%endif%}"
-    "{%endfor%}"
-    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
-)
 
 JANUS_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"  # <｜begin▁of▁sentence｜>
 JANUS_EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"  # <｜end▁of▁sentence｜>

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..models.janus.chat_template import JANUS_PRO_CHAT_TEMPLATE
+
 BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
 EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
 PAD = "<\uff5c\u2581pad\u2581\uff5c>"
@@ -17,45 +19,6 @@ END_IMAGE = "<end_of_image>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, BEGIN_IMAGE, END_IMAGE, IMAGE, "<patch_placeholder>", "<|ref|>", "<|/ref|>",
                   "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>"]
 
-# The deepseek-community/Janus-Pro-* chat template (transformers' convert_janus_weights_to_hf.py).
-CHAT_TEMPLATE = (
-    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}"
-    "{%set i=0%}"
-    "{%for message in messages%}"
-    "{%if message['role']|lower=='user'%}"
-    "<|User|>: "
-    "{%elif message['role']|lower=='assistant'%}"
-    "<|Assistant|>:{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' "
-    "and message['content'][0]['text']=='')%} {%endif%}"
-    "{%else%}"
-    "{{message['role'].capitalize()}}: "
-    "{%endif%}"
-    "{%for content in message['content']%}"
-    "{%if content['type']=='image'%}"
-    "{%if not loop.first%}{{'\n'}}{%endif%}"
-    "<image_placeholder>"
-    "{%if not loop.last%}{{'\n'}}{%endif%}"
-    "{%elif content['type']=='text'%}"
-    "{%set text=content['text']%}"
-    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
-    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
-    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}"
-    "{{' '+text}}"
-    "{%else%}"
-    "{{text}}"
-    "{%endif%}"
-    "{%endif%}"
-    "{%endfor%}"
-    "{%if not loop.last or add_generation_prompt%}"
-    "{%if message['role']|lower=='user'%}"
-    "{{seps[0]}}"
-    "{%else%}"
-    "{{seps[1]}}"
-    "{%endif%}"
-    "{%endif%}"
-    "{%endfor%}"
-    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
-)
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
@@ -98,7 +61,7 @@ def write_processor_files(folder: Path, tokenizer, image_size: int, num_image_to
         "image_token": IMAGE, "boi_token": BEGIN_IMAGE, "eoi_token": END_IMAGE, "extra_special_tokens": [],
         "clean_up_tokenization_spaces": False, "model_max_length": 16384, "padding_side": "left",
     })
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(JANUS_PRO_CHAT_TEMPLATE, encoding="utf-8")
     _write_json(folder / "processor_config.json", {
         "image_processor": {
             "image_processor_type": "JanusImageProcessor", "background_color": [127, 127, 127],

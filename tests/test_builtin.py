@@ -14,7 +14,7 @@ import torch
 
 from vlmkit.builtin import BUILTIN_DIR, builtin_model_path
 from vlmkit.cli import main
-from vlmkit.data import judge_image, render, sample_scene
+from vlmkit.data import QUESTION_TYPES, judge_image, render, sample_scene
 from vlmkit.data.shapes import question_of_type
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -51,19 +51,24 @@ def test_builtin_model_is_small_and_loads_in_under_two_seconds():
     assert model.has_generation_weights
 
 
-def _scene_file(tmp_path, seed: int):
+def _scene_file(tmp_path, seed):
     scene = sample_scene(random.Random(f"test-builtin:{seed}"))
-    path = tmp_path / f"scene{seed}.png"
+    path = tmp_path / f"scene{seed}.png".replace(":", "-")
     render(scene).save(path)
     return scene, path
 
 
-@pytest.mark.parametrize("seed,kind", [(1, "colour"), (2, "shape"), (3, "count"), (4, "position"), (4, "describe")])
-def test_chat_without_model_flag_answers_questions_about_scenes(tmp_path, capsys, seed, kind):
-    scene, path = _scene_file(tmp_path, seed)
-    question, answer = question_of_type(scene, kind, random.Random(seed))
-    assert main(["chat", "--image", str(path), question]) == 0
-    assert capsys.readouterr().out.strip() == answer
+def test_chat_without_model_flag_answers_most_questions_about_new_scenes(tmp_path, capsys):
+    # a model that ignored the image would get about a quarter of these (README: per-type accuracy)
+    right = {}
+    for kind in QUESTION_TYPES:
+        for seed in range(8):
+            scene, path = _scene_file(tmp_path, f"{kind}:{seed}")
+            question, answer = question_of_type(scene, kind, random.Random(seed))
+            assert main(["chat", "--image", str(path), question]) == 0
+            right[kind] = right.get(kind, 0) + (capsys.readouterr().out.strip() == answer)
+    assert sum(right.values()) >= 0.6 * 8 * len(QUESTION_TYPES), right
+    assert min(right.values()) >= 3, right
 
 
 def test_the_readme_command_describes_its_example(capsys):

@@ -1,8 +1,9 @@
-"""vlmkit's bf16 CPU paths (nn/cpu_kernels.py): the compiled decode kernels agree with torch's own ops,
-bf16 prefill and convolutions computed in fp32 agree with torch, and float32 never leaves torch's path.
+"""vlmkit's CPU paths (nn/cpu_kernels.py): the compiled decode kernels agree with torch's own ops (bf16)
+or the float product (int8, int4), bf16 prefill and convolutions computed in fp32 agree with torch, and
+float32 never leaves torch's path.
 
-The kernels exist only on x86 CPUs with AVX2 and no native bf16 (and a C++ compiler); elsewhere these
-tests that need them are skipped."""
+The bf16 and int8 kernels run on x86 CPUs with AVX2 and no native bf16, the int4 kernel on any with AVX2
+(all need a C++ compiler); elsewhere the tests that need them are skipped."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.nn import functional as F
 from vlmkit.nn import cpu_kernels
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.layers import Conv2d, Linear
+from vlmkit.quant.weight_only import pack_nibbles
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.slow_bf16_cpu() or cpu_kernels.decode_kernels() is None,
                                    reason="no AVX2-without-bf16 CPU or no C++ compiler here")
@@ -124,3 +126,23 @@ def test_int8_kernel_matches_the_dequantized_float_product(rows, with_bias):
     expected = F.linear(x.float(), weight.float() * scale[:, None], None if bias is None else bias.float())
     assert got.shape == (rows, 1, 300) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not cpu_kernels.int4_kernel_available(), reason="no AVX2 CPU or no C++ compiler here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,outputs,inputs,group,with_bias", [
+    (1, 301, 96, 32, True), (1, 7, 512, 128, False), (3, 45, 320, 64, True), (6, 130, 256, 256, False),
+    (9, 33, 160, 32, True)])
+def test_int4_kernel_matches_the_dequantized_float_product(dtype, rows, outputs, inputs, group, with_bias):
+    generator = torch.Generator().manual_seed(rows * outputs)
+    values = torch.randint(0, 16, (outputs, inputs), dtype=torch.uint8, generator=generator)
+    scale = (torch.rand(outputs, inputs // group, generator=generator) / 100).to(dtype)
+    zero = (torch.randn(outputs, inputs // group, generator=generator) / 100).to(dtype)
+    bias = torch.randn(outputs, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(rows, 1, inputs, generator=generator).to(dtype)
+    got = cpu_kernels.linear_int4(x, pack_nibbles(values), scale, zero, bias)
+    weight = (values.float().reshape(outputs, -1, group) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    expected = F.linear(x.float(), weight.reshape(outputs, inputs), None if bias is None else bias.float())
+    assert got.shape == (rows, 1, outputs) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # fp32 sums either way; 16-bit dtypes round the result
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)

@@ -13,7 +13,7 @@ from quantization_support import (FAMILIES, FIXTURES, forward_logits, greedy_tok
 
 from vlmkit.errors import CheckpointError, InputError
 from vlmkit.quant import quantized_modules
-from vlmkit.quant.weight_only import Int4Linear, Int8Linear
+from vlmkit.quant.weight_only import Int4Linear, Int8Linear, unpack_nibbles
 
 RTN = {"int8": rtn_int8, "int4": rtn_int4}
 
@@ -124,15 +124,16 @@ def test_janus_draws_images_with_int8_weights(janus_dir):
     assert pixels.shape[0] == 1 and torch.isfinite(pixels.float()).all()
 
 
-def test_int4_layers_read_their_values_back_from_the_kernel_packing():
+def test_int4_layers_save_their_values_in_the_portable_form_and_load_them_back():
     torch.manual_seed(0)
     weight = torch.randn(96, 256)
     layer = Int4Linear.from_float(weight, 128, dtype=torch.float32)
     state = layer.state_dict()
     assert state["weight"].shape == (96, 128) and state["weight_scale"].shape == (96, 2)
+    assert torch.equal(unpack_nibbles(state["weight"]), layer.values())
     again = Int4Linear.from_portable(state["weight"], state["weight_scale"], state["weight_zero"],
                                      dtype=torch.float32)
-    assert torch.equal(again.weight, layer.weight) and torch.equal(again.weight_scale_zero, layer.weight_scale_zero)
+    assert all(torch.equal(t, again.state_dict()[name]) for name, t in state.items())
     assert torch.allclose(layer.dequantized_weight(), rtn_int4(weight), atol=1e-5)
 
 

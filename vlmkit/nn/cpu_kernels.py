@@ -10,9 +10,12 @@ own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in me
 * Prefill and vision towers (many rows) and every convolution: torch's bf16 GEMM runs at a fifth of
   its fp32 speed here and its bf16 convolution hundreds of times slower, so these compute in fp32
   (weights widened per call, fp32 accumulation as before) and round the result to bf16.
+* Quantized weights (``vlmkit.quant``): ``linear_int8`` and ``linear_int4`` stream int8 and 4-bit weights
+  the same way for decode steps; the int4 kernel (vlmkit's only int4 path on a CPU) is built on any
+  CPU with AVX2 and FMA.
 
 Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``:
-``0`` turns all of this off, ``1`` forces it on any x86 CPU with AVX2 and FMA."""
+``0`` turns all of this off (int4 layers are then int8), ``1`` forces it on any x86 CPU with AVX2 and FMA."""
 
 import hashlib
 import os
@@ -29,6 +32,9 @@ from torch.nn import functional as F
 _SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
 # Up to this many activation rows the kernel wins; beyond, a step is compute-bound and fp32 GEMM wins.
 MAX_KERNEL_ROWS = 16
+# The int4 kernel unpacks each weight once per four activation rows; beyond this many rows widening the
+# weight a block at a time and running the fp32 GEMM wins (measured on 2 AVX2 cores, 2048x5632).
+MAX_INT4_KERNEL_ROWS = 64
 # Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
 MIN_KERNEL_WEIGHTS = 1 << 20
 
@@ -47,16 +53,21 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
+def _setting() -> str:
+    return os.environ.get("VLMKIT_CPU_KERNELS", "auto").strip().lower()
+
+
+@cache
+def avx2_cpu() -> bool:
+    """Whether vlmkit's compiled kernels can run on this CPU (x86 with AVX2 and FMA, not turned off)."""
+    return _setting() not in ("0", "off", "false", "no") and {"avx2", "fma"} <= _cpu_flags()
+
+
 @cache
 def slow_bf16_cpu() -> bool:
     """Whether this CPU lacks native bf16 arithmetic but has AVX2/FMA (where vlmkit's bf16 paths help)."""
-    setting = os.environ.get("VLMKIT_CPU_KERNELS", "auto").strip().lower()
-    if setting in ("0", "off", "false", "no"):
-        return False
-    flags = _cpu_flags()
-    if not {"avx2", "fma"} <= flags:
-        return False
-    return setting in ("1", "on", "true", "yes") or not flags & {"avx512_bf16", "amx_bf16"}
+    return avx2_cpu() and (_setting() in ("1", "on", "true", "yes")
+                           or not _cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _build_directory() -> Path:
@@ -71,14 +82,20 @@ def _build_directory() -> Path:
     return folder
 
 
-def decode_kernels():
-    """``torch.ops.vlmkit`` with the compiled kernels, built on first use; None where unavailable."""
+def compiled_kernels():
+    """``torch.ops.vlmkit`` with the compiled kernels, built on first use on any CPU with AVX2/FMA (the int4
+    kernel is vlmkit's only int4 path on a CPU, native bf16 or not); None where unavailable."""
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
-                _state["op"] = _load() if slow_bf16_cpu() else None
+                _state["op"] = _load() if avx2_cpu() else None
                 _state["tried"] = True
     return _state["op"]
+
+
+def decode_kernels():
+    """The compiled kernels where vlmkit's bf16 paths help (``slow_bf16_cpu``); None elsewhere."""
+    return compiled_kernels() if slow_bf16_cpu() else None
 
 
 def _load():
@@ -88,12 +105,12 @@ def _load():
         from torch.utils.cpp_extension import load
         folder = _build_directory()
         if not any(folder.glob("*.so")):
-            print("vlmkit: compiling the bf16 CPU decode kernels once (about a minute)...", file=sys.stderr)
+            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
         load("vlmkit_decode_kernels", [str(_SOURCE)], build_directory=str(folder), is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
         return torch.ops.vlmkit
     except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
-        warnings.warn(f"vlmkit: the bf16 CPU decode kernels could not be built ({type(err).__name__}: "
+        warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(err).__name__}: "
                       f"{str(err).strip()[:300]}); using torch's ops", stacklevel=3)
         return None
 
@@ -191,3 +208,32 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return None
     ops = decode_kernels()
     return None if ops is None else ops.linear_int8(x, weight, scale, bias)
+
+
+def int4_kernel_available() -> bool:
+    """Whether ``linear_int4`` runs here (building the kernels if need be): where it does not, vlmkit's int4
+    layers on a CPU are int8."""
+    return compiled_kernels() is not None
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ w.T + bias`` for 4-bit ``w`` as vlmkit stores it: ``packed`` uint8 [out, in / 2] (two values
+    0..15 per byte, high nibble first), ``scale`` and ``zero`` [out, in / group] (groups of a multiple of
+    32 inputs), w = (q - 8) * scale + zero; by the decode kernel for up to ``MAX_INT4_KERNEL_ROWS``
+    activation rows, or None where it does not apply. The output has ``x``'s dtype."""
+    if not (x.device.type == "cpu" and packed.dtype == torch.uint8 and x.is_floating_point()
+            and x.numel() <= MAX_INT4_KERNEL_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    ops = compiled_kernels()
+    return None if ops is None else ops.linear_int4(x, packed, scale, zero, bias)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+    """The float32 weight [out, in] of ``linear_int4``'s operands (many-row products widen a block of rows
+    at a time and run the float GEMM), or None where the kernels are unavailable."""
+    if packed.device.type != "cpu":
+        return None
+    ops = compiled_kernels()
+    return None if ops is None else ops.dequantize_int4(packed, scale, zero)

@@ -1,38 +1,38 @@
 """vlmkit's own weight-only quantization: ``Int8Linear`` (symmetric, one scale per output channel) and
-``Int4Linear`` (asymmetric, a scale and a zero point per group of input channels), computed by torch's
-packed-weight matmul ops, and ``WeightOnlyMethod``, which decides the layers and builds them at load.
+``Int4Linear`` (asymmetric, a scale and a zero point per group of input channels), and
+``WeightOnlyMethod``, which decides the layers and builds them at load.
 
 Decoding one token reads every weight once, so at batch 1 its speed is how fast the weights stream
-from memory: one byte per weight (int8) or half a byte (int4) instead of two (bf16). Weights are packed
-once, at load, into the layout the kernel wants: ``torch._weight_int8pack_mm`` takes int8 [out, in] as
-it is; ``torch._weight_int4pack_mm_for_cpu`` (CPU) and ``torch._weight_int4pack_mm`` (CUDA) each want
-their own packing of the 4-bit values. ``state_dict`` holds the portable form every device repacks:
-int8 ``weight`` + ``weight_scale`` [out]; int4 ``weight`` uint8 [out, in / 2] (two values per byte,
-high nibble first), ``weight_scale`` and ``weight_zero`` [out, in / group], w = (q - 8) * scale + zero
-(torch's int4 rule).
+from memory: one byte per weight (int8) or half a byte (int4) instead of two (bf16). On x86 CPUs with
+AVX2 vlmkit's own kernels (``nn/csrc/decode_kernels.cpp``) take the decode steps: they widen int8, or
+int4 as it is saved (two values per byte), to fp32 in registers. On 2 AVX2 cores, 24 Janus-Pro-1B MLP
+matrices at batch 1: bf16 kernel 25 ms, int8 13 ms (as fast as memory), int4 10 ms (unpacking, not
+memory, is its limit); torch's packed int4 op 20 ms. Many-row products (prefill, vision towers) widen
+a few MB of weight at a time and run the fp32 GEMM (int4 at 600 rows: twice as fast as torch's op).
+Elsewhere int8 takes torch's ``_weight_int8pack_mm`` (compute-bound on AVX2, scalar with float32
+activations); int4 on a CPU needs vlmkit's kernel, and where it cannot run (no AVX2, no compiler)
+layers asked for int4 are int8; CUDA runs torch's ``_weight_int4pack_mm`` on its own packing
+(bfloat16 only), and int8 widened through cuBLAS.
 
-Activations stay in the model's dtype. On x86 CPUs without AVX-512 torch's packed kernels are
-compute-bound: with bfloat16 activations they stream 3-5 GB/s per core (int8 a little slower than
-vlmkit's bf16 decode kernel per byte, so a decode step takes about as long as in bf16: the gain there is
-memory, half or a third), and with float32 activations they are scalar and slow: quantized CPU models
-should run in bfloat16 (the checkpoints' own dtype)."""
+``state_dict`` holds the portable form, which is also the CPU layout: int8 ``weight`` + ``weight_scale``
+[out]; int4 ``weight`` uint8 [out, in / 2] (two values per byte, high nibble first), ``weight_scale``
+and ``weight_zero`` [out, in / group], w = (q - 8) * scale + zero (torch's int4 rule). Scales and zero
+points are kept in the model's dtype; quantized models should run in bfloat16 (the checkpoints' own)."""
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nn.cpu_kernels import linear_int8
+from ..nn.cpu_kernels import dequantize_int4, int4_kernel_available, linear_int4, linear_int8
 from .config import WeightOnlyConfig
 from .loading import plain_linear_names
 
 # Above this many activation rows (prefill, vision towers) torch's int8 kernel falls behind widening the
 # weight once per call and running the float GEMM (2048x5632 on 2 AVX2 cores: the kernel wins up to
-# about a hundred rows and takes nearly twice as long at 600). The int4 kernel always runs: reading its
-# packing back costs more than the kernel loses.
+# about a hundred rows and takes nearly twice as long at 600). vlmkit's int8 and int4 kernels stop at
+# ``cpu_kernels.MAX_KERNEL_ROWS`` and ``MAX_INT4_KERNEL_ROWS`` rows.
 MAX_INT8_PACKED_ROWS = 128
 # Layers that only ever see image features (computed once per image, from hundreds of patches at once)
 # are quantized to int8 in int4 models too: 4 bits would buy them no speed and cost accuracy.
@@ -41,34 +41,40 @@ VISION_SIDE = ("model.vision_model.", "model.vision_tower.", "model.aligner.", "
 
 
 def _row_blocks(weight: torch.Tensor):
-    # a few MB of float32 at a time: quantizing a 100k-row LM head must not hold several float copies of it
+    """(rows, float32 block) a few MB at a time. The callers write each block's result into tensors of
+    the final size: quantizing a 100k-row LM head holds neither several float copies of it nor a list of
+    quantized blocks beside their concatenation (whose freed memory the allocator keeps)."""
     rows = max(1, (1 << 21) // weight.shape[1])
-    return (weight[start:start + rows].float() for start in range(0, weight.shape[0], rows))
+    return ((slice(start, start + rows), weight[start:start + rows].float())
+            for start in range(0, weight.shape[0], rows))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest per output channel: (int8 [out, in], fp32 scale [out])."""
-    values, scales = [], []
-    for block in _row_blocks(weight):
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
+    for rows, block in _row_blocks(weight):
         scale = (block.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        values.append(torch.round(block / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        scales.append(scale)
-    return torch.cat(values), torch.cat(scales)
+        values[rows] = torch.round(block / scale[:, None]).clamp(-127, 127)
+        scales[rows] = scale
+    return values, scales
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric round-to-nearest in groups of ``group_size`` inputs: (values 0..15 as uint8 [out, in],
-    fp32 scale and zero [out, in / group]) with w ~ (q - 8) * scale + zero."""
-    values, scales, zeros = [], [], []
-    for block in _row_blocks(weight):
+    """Asymmetric round-to-nearest in groups of ``group_size`` inputs: (values 0..15 two per byte as
+    ``pack_nibbles`` packs them, uint8 [out, in / 2]; fp32 scale and zero [out, in / group]) with
+    w ~ (q - 8) * scale + zero."""
+    out_features, in_features = weight.shape
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
+    scales, zeros = (torch.empty(out_features, in_features // group_size, device=weight.device) for _ in range(2))
+    for rows, block in _row_blocks(weight):
         groups = block.reshape(block.shape[0], -1, group_size)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        values.append(q.reshape(block.shape).to(torch.uint8))
-        scales.append(scale)
-        zeros.append(low + 8 * scale)
-    return torch.cat(values), torch.cat(scales), torch.cat(zeros)
+        packed[rows] = pack_nibbles(q.reshape(block.shape).to(torch.uint8))
+        scales[rows], zeros[rows] = scale, low + 8 * scale
+    return packed, scales, zeros
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -78,40 +84,6 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)
-
-
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    data = packed.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    return torch.stack([data >> 4, data & 15], dim=-1).reshape(-1)
-
-
-@functools.lru_cache(maxsize=8)  # a block of rows of each input width, and the last, shorter blocks
-def _cpu_int4_positions(out_features: int, in_features: int) -> torch.Tensor:
-    """Where torch's CPU int4 packing puts each weight: for every nibble of the packed tensor, the flat
-    index of the weight it holds. torch does not document the layout (it differs between CPU kernels),
-    so it is read off the packer: pack the indices themselves, four bits at a time."""
-    index = torch.arange(out_features * in_features, dtype=torch.int32)
-    positions = torch.zeros_like(index)
-    for shift in range(0, max(1, (index.numel() - 1).bit_length()), 4):
-        digits = ((index >> shift) & 15).reshape(out_features, in_features)
-        positions |= _nibbles(torch._convert_weight_to_int4pack_for_cpu(digits, 1)) << shift
-    return positions
-
-
-def _block_rows(in_features: int) -> int:
-    # both int4 packers lay rows out in independent blocks (of at most 64 rows): packing a few MB of rows
-    # at a time gives the same tensor, without the CPU packer's int32 copy of a whole LM head
-    return 64 * max(1, (1 << 22) // (64 * in_features))
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """The device's int4 kernel packing of values 0..15 [out, in], a block of rows at a time."""
-    rows = _block_rows(q.shape[1])
-    if q.device.type == "cuda":
-        return torch.cat([torch._convert_weight_to_int4pack(pack_nibbles(q[i:i + rows]), 8)
-                          for i in range(0, q.shape[0], rows)])
-    return torch.cat([torch._convert_weight_to_int4pack_for_cpu(q[i:i + rows].to(torch.int32), 1)
-                      for i in range(0, q.shape[0], rows)])
 
 
 class QuantizedLinear(nn.Module):
@@ -137,8 +109,8 @@ class QuantizedLinear(nn.Module):
         if out is None:  # many rows, or a dtype/device the packed ops do not take
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
             rows = rows.to(compute)
-            # int8: a few MB of widened weight at a time, not a float copy of the whole layer
-            block = max(1, (1 << 21) // self.in_features) if self.bits == 8 else self.out_features
+            # a few MB of widened weight at a time, not a float copy of the whole layer
+            block = max(1, (1 << 21) // self.in_features)
             out = torch.cat([F.linear(rows, self.dequantized_weight(compute, slice(start, start + block)))
                              for start in range(0, self.out_features, block)], dim=-1)
         if self.bias is not None:
@@ -177,76 +149,78 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """4-bit weights in groups of ``group_size`` input channels, with a scale and a zero point each."""
+    """4-bit weights in groups of ``group_size`` input channels, with a scale and a zero point each:
+    w = (q - 8) * scale + zero. On a CPU the layer holds the portable form itself (``weight`` uint8
+    [out, in / 2], two values per byte, high nibble first; ``weight_scale`` and ``weight_zero``
+    [out, in / group] in the model's dtype), which vlmkit's int4 kernel reads as it is; on CUDA, torch's
+    int4 packing and its [in / group, out, 2] bfloat16 ``weight_scale_zero``."""
 
     bits = 4
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
-        super().__init__(q.shape[1], q.shape[0], bias)
-        self.group_size = group_size
-        # scales and zero points as both int4 kernels take them: [in / group, out, 2]
-        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        scale_zero = scale_zero.bfloat16() if q.device.type == "cuda" else scale_zero.to(dtype)
-        self.weight = nn.Parameter(_pack_int4(q), requires_grad=False)
-        self.weight_scale_zero = nn.Parameter(scale_zero, requires_grad=False)
+        super().__init__(packed.shape[1] * 2, packed.shape[0], bias)
+        self.group_size = self.in_features // scale.shape[1]
+        self.cuda_packing = packed.device.type == "cuda"
+        if self.cuda_packing:
+            scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().bfloat16()
+            self.weight = nn.Parameter(torch._convert_weight_to_int4pack(packed.contiguous(), 8), requires_grad=False)
+            self.weight_scale_zero = nn.Parameter(scale_zero, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(packed.to(torch.uint8).contiguous(), requires_grad=False)
+            self.weight_scale = nn.Parameter(scale.to(dtype).contiguous(), requires_grad=False)
+            self.weight_zero = nn.Parameter(zero.to(dtype).contiguous(), requires_grad=False)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
                    dtype=torch.bfloat16):
-        return cls(*quantize_int4(weight, group_size), group_size, bias, dtype)
+        return cls(*quantize_int4(weight, group_size), bias, dtype)
 
     @classmethod
     def from_portable(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias=None,
                       dtype=torch.bfloat16):
-        group_size = packed.shape[1] * 2 // scale.shape[1]
-        return cls(unpack_nibbles(packed), scale.float(), zero.float(), group_size, bias, dtype)
+        """The layer from its saved form (``state_dict``'s ``weight``, ``weight_scale``, ``weight_zero``)."""
+        return cls(packed, scale, zero, bias, dtype)
 
     def values(self) -> torch.Tensor:
-        """The 4-bit values 0..15 as uint8 [out, in], read back from the kernel's packing."""
-        if self.weight.device.type == "cuda":
+        """The 4-bit values 0..15 as uint8 [out, in]."""
+        if self.cuda_packing:
             raise NotImplementedError("reading int4 weights back from the CUDA packing; save from a CPU model")
-        values = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
-        rows = _block_rows(self.in_features)
-        for start in range(0, self.out_features, rows):
-            block = self.weight[start:start + rows]
-            flat = torch.empty(block.shape[0] * self.in_features, dtype=torch.uint8)
-            flat[_cpu_int4_positions(block.shape[0], self.in_features).to(torch.int64)] = \
-                _nibbles(block).to(torch.uint8)
-            values[start:start + block.shape[0]] = flat.view(block.shape[0], self.in_features)
-        return values
+        return unpack_nibbles(self.weight)
 
     def dequantized_weight(self, dtype=torch.float32, outputs: slice = slice(None)) -> torch.Tensor:
-        scale, zero = self.weight_scale_zero.transpose(0, 1).to(dtype)[outputs].unbind(-1)
-        groups = self.values()[outputs].to(dtype).reshape(scale.shape[0], -1, self.group_size)
+        if self.cuda_packing:
+            raise NotImplementedError("widening int4 weights from the CUDA packing")
+        widened = dequantize_int4(self.weight[outputs], self.weight_scale[outputs], self.weight_zero[outputs])
+        if widened is not None:
+            return widened.to(dtype)
+        scale, zero = self.weight_scale[outputs].to(dtype), self.weight_zero[outputs].to(dtype)
+        groups = unpack_nibbles(self.weight[outputs]).to(dtype).reshape(scale.shape[0], -1, self.group_size)
         return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(scale.shape[0], self.in_features)
 
     def packed_matmul(self, x):
-        if x.device.type == "cuda" and x.dtype == torch.bfloat16:
-            return torch._weight_int4pack_mm(x.contiguous(), self.weight, self.group_size, self.weight_scale_zero)
-        if x.device.type == "cpu" and x.dtype == self.weight_scale_zero.dtype:
-            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.group_size,
-                                                     self.weight_scale_zero)
-        return None
+        if self.cuda_packing:
+            if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+                return torch._weight_int4pack_mm(x.contiguous(), self.weight, self.group_size, self.weight_scale_zero)
+            return None
+        return linear_int4(x, self.weight, self.weight_scale, self.weight_zero)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # the portable form (any device can repack it), not the kernel's packing
-        scale, zero = self.weight_scale_zero.transpose(0, 1).unbind(-1)
-        destination[prefix + "weight"] = pack_nibbles(self.values())
-        destination[prefix + "weight_scale"] = scale.contiguous()
-        destination[prefix + "weight_zero"] = zero.contiguous()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        # the CPU layout is the portable form every device loads; torch's CUDA packing is not
+        if self.cuda_packing:
+            raise NotImplementedError("saving int4 weights from the CUDA packing; save from a CPU model")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 def int4_group_size(out_features: int, in_features: int, group_size: int, device: torch.device) -> int | None:
     """The group size an int4 layer gets: ``group_size``, or for narrower layers the largest of 64 and 32
-    that divides its inputs; None where the device's int4 kernel cannot take the layer's shape (CPU:
-    outputs a multiple of 16; CUDA: of 8, inputs of 128), which is then quantized to int8."""
+    that divides its inputs; None where the device's int4 kernel cannot take the layer (CPU: vlmkit's
+    kernel is not available here; CUDA: outputs a multiple of 8, inputs of 128), which is then quantized
+    to int8."""
     if device.type == "cuda" and (out_features % 8 or in_features % 128):
         return None
-    if device.type != "cuda" and out_features % 16:
-        return None
+    if device.type != "cuda" and not int4_kernel_available():
+        return None  # without the kernel every int4 product would widen the whole weight
     for size in (group_size, 64, 32):
         if size <= group_size and in_features % size == 0:
             return size

@@ -40,11 +40,16 @@ VISION_SIDE = ("model.vision_model.", "model.vision_tower.", "model.aligner.", "
                "model.perceiver_resampler.")
 
 
+def block_rows(in_features: int) -> int:
+    """Rows of a weight that make a few MB (2M values) once widened to float32."""
+    return max(1, (1 << 21) // in_features)
+
+
 def _row_blocks(weight: torch.Tensor):
     """(rows, float32 block) a few MB at a time. The callers write each block's result into tensors of
     the final size: quantizing a 100k-row LM head holds neither several float copies of it nor a list of
     quantized blocks beside their concatenation (whose freed memory the allocator keeps)."""
-    rows = max(1, (1 << 21) // weight.shape[1])
+    rows = block_rows(weight.shape[1])
     return ((slice(start, start + rows), weight[start:start + rows].float())
             for start in range(0, weight.shape[0], rows))
 
@@ -110,7 +115,7 @@ class QuantizedLinear(nn.Module):
             compute = torch.float32 if x.device.type == "cpu" else x.dtype
             rows = rows.to(compute)
             # a few MB of widened weight at a time, not a float copy of the whole layer
-            block = max(1, (1 << 21) // self.in_features)
+            block = block_rows(self.in_features)
             out = torch.cat([F.linear(rows, self.dequantized_weight(compute, slice(start, start + block)))
                              for start in range(0, self.out_features, block)], dim=-1)
         if self.bias is not None:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
+from builders.janus import build_tiny_janus
 from serve_support import data_uri, engine_for, engine_messages, image_part, serve, user
 
 from vlmkit.serve.batching import can_merge
@@ -20,6 +21,7 @@ from vlmkit.serve.batching import can_merge
 CHAT_FAMILIES = ["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"]
 VIDEO_FAMILIES = ["llava_onevision_dir"]
 API_KEY = "test-key"
+LONG_STREAM = 16000  # tokens; cancelled long before the end
 
 
 @pytest.fixture(scope="module", params=CHAT_FAMILIES)
@@ -175,15 +177,18 @@ def test_video_answer_equals_engine_chat_and_frames_follow_the_request(family, r
 
 # --- cancellation and back-pressure, on a server that decodes one sequence at a time ---------------
 @pytest.fixture(scope="module")
-def tight(janus_dir):
-    with serve(janus_dir, max_batch_rows=1, max_waiting=1) as running:
+def tight(tmp_path_factory):
+    # A long context, so the stream below outlasts the test's slowest waits by a wide margin
+    # (the tiny model decodes ~400 tokens a second; 512 positions ran out within the test).
+    model_dir = build_tiny_janus(tmp_path_factory.mktemp("janus_long"), seed=0, max_position_embeddings=LONG_STREAM + 512)
+    with serve(model_dir, max_batch_rows=1, max_waiting=1) as running:
         yield running
 
 
 def _long_stream(server):
-    """Open a streamed request that would run for hundreds of steps; returns (client, response)."""
+    """Open a streamed request that would run for tens of seconds; returns (client, response)."""
     http = httpx.Client(timeout=30)
-    body = {"messages": user("Go on forever."), "max_tokens": 380, "ignore_eos": True, "stream": True}
+    body = {"messages": user("Go on forever."), "max_tokens": LONG_STREAM, "ignore_eos": True, "stream": True}
     request = http.build_request("POST", server.url + "/v1/chat/completions", json=body)
     response = http.send(request, stream=True)
     lines = response.iter_lines()  # kept: dropping a half-read iterator would close the connection

@@ -180,7 +180,8 @@ def test_video_answer_equals_engine_chat_and_frames_follow_the_request(family, r
 def tight(tmp_path_factory):
     # A long context, so the stream below outlasts the test's slowest waits by a wide margin
     # (the tiny model decodes ~400 tokens a second; 512 positions ran out within the test).
-    model_dir = build_tiny_janus(tmp_path_factory.mktemp("janus_long"), seed=0, max_position_embeddings=LONG_STREAM + 512)
+    context = LONG_STREAM + 512  # room for the prompt
+    model_dir = build_tiny_janus(tmp_path_factory.mktemp("janus_long"), seed=0, max_position_embeddings=context)
     with serve(model_dir, max_batch_rows=1, max_waiting=1) as running:
         yield running
 

@@ -5,6 +5,9 @@ float32 never leaves torch's path.
 The bf16 and int8 kernels run on x86 CPUs with AVX2 and no native bf16, the int4 kernel on any with AVX2
 (all need a C++ compiler); elsewhere the tests that need them are skipped."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,10 +15,20 @@ from torch.nn import functional as F
 from vlmkit.nn import cpu_kernels
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.layers import Conv2d, Linear
-from vlmkit.quant.weight_only import pack_nibbles
+from vlmkit.quant.weight_only import Int4Linear, Int8Linear, pack_nibbles
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.slow_bf16_cpu() or cpu_kernels.decode_kernels() is None,
+# Skipped only where the kernels cannot be: a CPU without AVX2 (or with native bf16), or no C++ compiler.
+# Where they can, a build that fails is a failure (decoding would still work, silently slower).
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_kernels = pytest.mark.skipif(not (cpu_kernels.slow_bf16_cpu() and HAS_COMPILER),
                                    reason="no AVX2-without-bf16 CPU or no C++ compiler here")
+needs_int4_kernel = pytest.mark.skipif(not (cpu_kernels.avx2_cpu() and HAS_COMPILER),
+                                       reason="no AVX2 CPU or no C++ compiler here")
+
+
+def test_the_kernels_build_wherever_they_can():
+    if cpu_kernels.avx2_cpu() and HAS_COMPILER:
+        assert cpu_kernels.compiled_kernels() is not None, "the kernels failed to build (see the warning)"
 
 
 def bf16(*shape, seed=0):
@@ -56,9 +69,22 @@ def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, 
     assert (got.float() - expected).abs().max() < 2e-2
 
 
+def quantize_linears(model, weights: str) -> None:
+    """Swap the decoder layers' linear layers for vlmkit's int8 or 4-bit ones (in place)."""
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is Linear:
+                    bias = None if child.bias is None else child.bias.detach()
+                    quantized = Int8Linear.from_float(child.weight.float(), bias) if weights == "int8" \
+                        else Int4Linear.from_float(child.weight.float(), 64, bias)
+                    setattr(parent, name, quantized)
+
+
 @needs_kernels
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("model_type,kv_heads", [("llama", 8), ("qwen2", 2)])
-def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type, kv_heads, monkeypatch):
+def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type, kv_heads, weights, monkeypatch):
     config = DecoderConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=kv_heads, model_type=model_type)
     torch.manual_seed(0)
@@ -70,12 +96,20 @@ def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type
             layer.input_layernorm.weight.normal_(1, 0.2)
             layer.post_attention_layernorm.weight.normal_(1, 0.2)
         model = model.bfloat16()
+    if weights != "bf16":
+        quantize_linears(model, weights)
+    assert all(layer.is_plain() for layer in model.layers)
+    one_calls = []
+
+    def counted(*args):
+        out = cpu_kernels.decoder_layer_step(*args)
+        one_calls.append(out is not None)
+        return out
     prompt, mask = bf16(2, 9, 256), torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0
 
     def decode(one_call: bool):
-        if not one_call:
-            monkeypatch.setattr("vlmkit.nn.decoder.decoder_layer_step", lambda *args: None)
+        monkeypatch.setattr("vlmkit.nn.decoder.decoder_layer_step", counted if one_call else lambda *args: None)
         cache = model.new_cache(2, 16)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
@@ -84,7 +118,9 @@ def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type
         monkeypatch.undo()
         return torch.stack(steps).float()
 
-    fused, modules = decode(True), decode(False)
+    fused = decode(True)
+    assert one_calls == [True] * 3 * len(model.layers)  # every step of every layer took the one call
+    modules = decode(False)
     # the same bf16 roundings in the same places: equal up to the order of fp32 sums
     assert (fused - modules).abs().max() <= 0.02 * modules.abs().max()
 
@@ -128,7 +164,7 @@ def test_int8_kernel_matches_the_dequantized_float_product(rows, with_bias):
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.skipif(not cpu_kernels.int4_kernel_available(), reason="no AVX2 CPU or no C++ compiler here")
+@needs_int4_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,outputs,inputs,group,with_bias", [
     (1, 301, 96, 32, True), (1, 7, 512, 128, False), (3, 45, 320, 64, True), (6, 130, 256, 256, False),

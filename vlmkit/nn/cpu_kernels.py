@@ -3,8 +3,9 @@ own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in me
 
 * Decode steps (a few activation rows): every weight is read once per token, so speed is how fast
   weights stream from memory; torch's bf16 ``F.linear`` is compute-bound at about half that.
-  ``csrc/decode_kernels.cpp`` widens bf16 to fp32 in registers and keeps up with memory; it also
-  attends one query over the KV cache (torch's SDPA has more setup than work there). It is compiled
+  ``csrc/`` widens bf16 to fp32 in registers and keeps up with memory; it also attends one query over
+  the KV cache (torch's SDPA has more setup than work there) and runs a whole decoder layer's step in
+  one call (bf16, int8 or 4-bit weights). It is compiled
   once with torch's extension builder (needs a C++ compiler; about a minute) into
   ``~/.cache/vlmkit/kernels``; where it cannot be built, torch's ops run.
 * Prefill and vision towers (many rows) and every convolution: torch's bf16 GEMM runs at a fifth of
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-_SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
+_SOURCES = Path(__file__).with_name("csrc")
 # Up to this many activation rows the kernel wins; beyond, a step is compute-bound and fp32 GEMM wins.
 MAX_KERNEL_ROWS = 16
 # The int4 kernel unpacks each weight once per four activation rows; beyond this many rows widening the
@@ -72,8 +73,11 @@ def slow_bf16_cpu() -> bool:
 
 def _build_directory() -> Path:
     root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
-    digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    folder = root / f"decode_kernels-{digest}"
+    digest = hashlib.sha256()
+    for path in sorted(_SOURCES.glob("*.[ch]*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(torch.__version__.encode())
+    folder = root / f"decode_kernels-{digest.hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"
     # torch's builder waits forever on a lock left by a build that was killed: clear stale ones
@@ -106,7 +110,8 @@ def _load():
         folder = _build_directory()
         if not any(folder.glob("*.so")):
             print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
-        load("vlmkit_decode_kernels", [str(_SOURCE)], build_directory=str(folder), is_python_module=False,
+        sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
+        load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
         return torch.ops.vlmkit
     except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
@@ -174,27 +179,40 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return ops.decode_attention_bf16(q, keys, values, mask, q.shape[-1] ** -0.5)
 
 
+def _layer_step_parts(linear) -> list[torch.Tensor] | None:
+    """``linear``'s weight as the one-call layer step reads it: [bf16 weight], or a quantized layer's
+    ``layer_step_parts()`` ([int8, scale] or [nibbles, scale, zero]); None where it cannot."""
+    if hasattr(linear, "layer_step_parts"):
+        return linear.layer_step_parts()
+    return [linear.weight] if linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous() else None
+
+
 def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache,
                        layer_index: int) -> torch.Tensor | None:
     """One decode step (one new position) through a whole LLaMA/Qwen2 ``DecoderLayer`` in a single kernel
     call, writing its keys/values into ``cache``; None where that does not apply (the caller then runs
-    the layer's modules). ``decoder.py`` decides which layers qualify."""
+    the layer's modules). ``decoder.py`` decides which layers qualify; their linear layers may be bf16 or
+    vlmkit's int8/int4."""
     attention, mlp = layer.self_attn, layer.mlp
     if not (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.shape[1] == 1
             and slow_bf16_cpu() and cache.keys.dtype == torch.bfloat16 and attention.head_dim % 8 == 0
             and not torch.is_grad_enabled()):
         return None
+    linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
+               mlp.down_proj)
+    parts = [_layer_step_parts(linear) for linear in linears]
+    if any(p is None for p in parts):
+        return None
     ops = decode_kernels()
     if ops is None:
         return None
     cos, sin = rotary
-    q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
-    qkv_bias = [q.bias, k.bias, v.bias] if q.bias is not None else []
+    q, o = attention.q_proj, attention.o_proj
+    qkv_bias = [q.bias, attention.k_proj.bias, attention.v_proj.bias] if q.bias is not None else []
     return ops.decoder_layer_step_bf16(
         hidden, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
-        [q.weight, k.weight, v.weight], qkv_bias, o.weight, [o.bias] if o.bias is not None else [],
-        [mlp.gate_proj.weight, mlp.up_proj.weight], mlp.down_proj.weight, cos, sin, cache.keys[layer_index],
-        cache.values[layer_index], cache.length, mask, attention.num_heads)
+        *parts[:3], qkv_bias, parts[3], [o.bias] if o.bias is not None else [], *parts[4:], cos, sin,
+        cache.keys[layer_index], cache.values[layer_index], cache.length, mask, attention.num_heads)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

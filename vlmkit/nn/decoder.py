@@ -94,13 +94,15 @@ class DecoderLayer(nn.Module):
 
     def is_plain(self) -> bool:
         """Whether this layer is exactly the LLaMA/Qwen2 block (SiLU MLP, vlmkit's own modules, no hooks), so
-        the one-call decode step computes what its modules would."""
+        the one-call decode step computes what its modules would. Linear layers may be vlmkit's int8/int4
+        ones (they have ``layer_step_parts``)."""
         modules = (self, self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm,
                    self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj, self.self_attn.o_proj,
                    self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
         return (type(self.self_attn) is DecoderSelfAttention and type(self.mlp) is GatedMLP
                 and type(self.input_layernorm) is RMSNorm and type(self.post_attention_layernorm) is RMSNorm
-                and all(type(m) is Linear for m in modules[5:]) and self.mlp.act is _SILU
+                and all(type(m) is Linear or hasattr(m, "layer_step_parts") for m in modules[5:])
+                and self.mlp.act is _SILU
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 

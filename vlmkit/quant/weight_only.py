@@ -144,6 +144,10 @@ class Int8Linear(QuantizedLinear):
     def dequantized_weight(self, dtype=torch.float32, outputs: slice = slice(None)) -> torch.Tensor:
         return torch.mul(self.weight[outputs], self.weight_scale[outputs].to(dtype)[:, None])
 
+    def layer_step_parts(self) -> list[torch.Tensor] | None:
+        """The weight as ``cpu_kernels.decoder_layer_step`` reads it (CPU only)."""
+        return [self.weight, self.weight_scale] if self.weight.device.type == "cpu" else None
+
     def packed_matmul(self, x):
         # CUDA: the widened weight through cuBLAS (half the bytes stay resident, no faster than bf16)
         if x.device.type != "cpu" or x.dtype != self.weight_scale.dtype or x.shape[0] > MAX_INT8_PACKED_ROWS:
@@ -202,6 +206,10 @@ class Int4Linear(QuantizedLinear):
         scale, zero = self.weight_scale[outputs].to(dtype), self.weight_zero[outputs].to(dtype)
         groups = unpack_nibbles(self.weight[outputs]).to(dtype).reshape(scale.shape[0], -1, self.group_size)
         return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(scale.shape[0], self.in_features)
+
+    def layer_step_parts(self) -> list[torch.Tensor] | None:
+        """The weight as ``cpu_kernels.decoder_layer_step`` reads it (the CPU layout only)."""
+        return None if self.cuda_packing else [self.weight, self.weight_scale, self.weight_zero]
 
     def packed_matmul(self, x):
         if self.cuda_packing:

@@ -1,0 +1,244 @@
+// decode_attention_bf16 and decoder_layer_step_bf16: the attention and whole-layer parts of a decode step.
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops.h"
+#include "products.h"
+#include "work_pool.h"
+
+namespace vlmkit {
+namespace {
+
+// One (batch row, head): softmax over the valid keys of scale * q.k, then the weighted sum of values.
+void attend_one(const BFloat16* q, const BFloat16* k, const BFloat16* v, int64_t key_stride, int64_t L, int64_t D,
+                float scale, const bool* valid, BFloat16* out, std::vector<float>& scores) {
+  std::vector<float> qf(D);
+  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]) * scale;
+  scores.resize(L);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    if (valid != nullptr && !valid[j]) {
+      scores[j] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const BFloat16* key = k + j * key_stride;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load_bf16x8(key + d), _mm256_loadu_ps(&qf[d]), acc);
+    scores[j] = horizontal_sum(acc);
+    top = std::max(top, scores[j]);
+  }
+  std::vector<float> acc(D, 0.f);
+  float total = 0.f;
+  if (top > -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float p = std::exp(scores[j] - top);
+      if (p == 0.f) continue;
+      total += p;
+      const __m256 pv = _mm256_set1_ps(p);
+      const BFloat16* value = v + j * key_stride;
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(load_bf16x8(value + d), pv, _mm256_loadu_ps(&acc[d])));
+      }
+    }
+  }
+  // a row with no valid key (a pad position) gets zeros, as torch's SDPA gives
+  const float norm = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<BFloat16>(acc[d] * norm);
+}
+
+// Every intermediate of the layer step is rounded to bf16 where torch's bf16 ops round it (after each norm,
+// projection, rotary product and sum, activation, product and residual sum), so it computes what the
+// Python layer computes, up to the order of sums.
+inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
+
+// RMSNorm as the references write it: fp32 statistics, x * rsqrt(mean(x^2) + eps) rounded, times weight.
+void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * D;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 v = _mm256_loadu_ps(row + d);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float squares = horizontal_sum(acc);
+    for (; d < D; ++d) squares += row[d] * row[d];
+    const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
+    for (d = 0; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
+  }
+}
+
+constexpr const char* kLayerStep = "vlmkit::decoder_layer_step_bf16";
+
+// x [B, K] times each weight (a list of its parts), side by side in y [B, sum N], rounded to bf16 as the
+// modules round: bf16 weights once, after the bias; quantized ones after the product and again after
+// the bias (their modules add it to the bf16 product).
+struct Projection {
+  Projection(const float* x, int64_t B, int64_t K, const std::vector<at::TensorList>& weights,
+             at::TensorList biases) {
+    TORCH_CHECK(biases.empty() || biases.size() == weights.size(), kLayerStep, ": one bias per weight, or none");
+    std::vector<PackedWeight> packed;
+    for (at::TensorList parts : weights) {
+      packed.emplace_back(parts, K, kLayerStep);
+      rows.push_back(packed.back().N);
+      N += packed.back().N;
+    }
+    y.resize(B * N);
+    weights_product(x, B, K, packed, y.data());
+    int64_t column = 0;
+    for (size_t i = 0; i < packed.size(); ++i) {
+      at::Tensor bias = biases.empty() ? at::Tensor() : biases[i].to(at::kFloat).contiguous();
+      const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = 0; j < rows[i]; ++j) {
+          float& v = y[b * N + column + j];
+          if (packed[i].quantized()) v = bf16_round(v);
+          if (bp != nullptr) v += bp[j];
+          v = bf16_round(v);
+        }
+      }
+      column += rows[i];
+    }
+  }
+  std::vector<float> y;
+  std::vector<int64_t> rows;
+  int64_t N = 0;
+};
+
+// x * cos + rotate_half(x) * sin for one head, with torch's bf16 rounding of each product and the sum.
+inline void rotate(const float* x, const BFloat16* cos, const BFloat16* sin, int64_t hd, BFloat16* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; ++i) {
+    const float turned = i < half ? -x[i + half] : x[i - half];
+    out[i] = static_cast<BFloat16>(bf16_round(x[i] * static_cast<float>(cos[i])) +
+                                   bf16_round(turned * static_cast<float>(sin[i])));
+  }
+}
+
+}  // namespace
+
+// q [B, H, 1, D], keys/values [B, Hkv, L, D] (strided views of the cache, last dim contiguous),
+// valid: optional bool [B, L] of keys to attend to. Returns [B, H, 1, D] (memory laid out [B, 1, H, D]).
+at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                 const std::optional<at::Tensor>& valid, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "vlmkit::decode_attention_bf16: q [B, H, 1, D], keys and values [B, Hkv, L, D]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+                  values.scalar_type() == at::kBFloat16,
+              "vlmkit::decode_attention_bf16 takes bf16 tensors");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == D && H % Hkv == 0 && D % 8 == 0,
+              "vlmkit::decode_attention_bf16: mismatched shapes");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && keys.strides() == values.strides() &&
+                  keys.stride(2) == D,
+              "vlmkit::decode_attention_bf16: keys/values need contiguous rows");
+  at::Tensor query = q.contiguous();
+  at::Tensor mask;
+  if (valid.has_value() && valid->defined()) {
+    mask = valid->to(at::kBool).reshape({B, -1}).contiguous();
+    TORCH_CHECK(mask.size(1) == L, "vlmkit::decode_attention_bf16: mask covers ", mask.size(1), " keys, not ", L);
+  }
+  at::Tensor out = at::empty({B, 1, H, D}, q.options());
+  const BFloat16* qp = query.const_data_ptr<BFloat16>();
+  const BFloat16* kp = keys.const_data_ptr<BFloat16>();
+  const BFloat16* vp = values.const_data_ptr<BFloat16>();
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  BFloat16* op = out.data_ptr<BFloat16>();
+  const int64_t group = H / Hkv;
+  parallel_chunks(B * H, [&](int64_t task) {
+    thread_local std::vector<float> scores;
+    const int64_t b = task / H, h = task % H, kv = h / group;
+    const int64_t offset = b * keys.stride(0) + kv * keys.stride(1);
+    attend_one(qp + (b * H + h) * D, kp + offset, vp + offset, D, L, D, static_cast<float>(scale),
+               mp ? mp + b * L : nullptr, op + (b * H + h) * D, scores);
+  });
+  return out.transpose(1, 2);
+}
+
+// Weights are lists of their parts (products.h): bf16, int8 or 4-bit, mixed as the layer holds them.
+at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& input_norm,
+                                   const at::Tensor& post_attention_norm, double eps, at::TensorList q,
+                                   at::TensorList k, at::TensorList v, at::TensorList qkv_bias, at::TensorList o,
+                                   at::TensorList o_bias, at::TensorList gate, at::TensorList up,
+                                   at::TensorList down, const at::Tensor& cos, const at::Tensor& sin,
+                                   const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t position,
+                                   const std::optional<at::Tensor>& valid, int64_t num_heads) {
+  const int64_t B = hidden.size(0), D = hidden.size(-1);
+  const int64_t Hkv = key_cache.size(1), max_len = key_cache.size(2), hd = key_cache.size(3), H = num_heads;
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.numel() == B * D,
+              kLayerStep, ": hidden must be bf16 [B, 1, D]");
+  TORCH_CHECK(position < max_len && key_cache.stride(3) == 1 && key_cache.stride(2) == hd &&
+                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == at::kBFloat16 &&
+                  value_cache.scalar_type() == at::kBFloat16 && hd % 8 == 0 && H % Hkv == 0,
+              kLayerStep, ": unexpected KV cache layout");
+  at::Tensor hidden_f = hidden.reshape({B, D}).to(at::kFloat).contiguous();
+  std::vector<float> x(hidden_f.const_data_ptr<float>(), hidden_f.const_data_ptr<float>() + B * D);
+  std::vector<float> normed(B * D);
+  const float epsilon = static_cast<float>(eps);
+
+  // attention block
+  rms_norm_rows(x.data(), B, D, input_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  const Projection qkv(normed.data(), B, D, {q, k, v}, qkv_bias);
+  const std::vector<int64_t>& rows = qkv.rows;
+  TORCH_CHECK(rows[0] == H * hd && rows[1] == Hkv * hd && rows[2] == Hkv * hd,
+              kLayerStep, ": q/k/v sizes do not match the heads");
+  const int64_t N = qkv.N;
+
+  at::Tensor cos_c = cos.reshape({B, hd}).contiguous(), sin_c = sin.reshape({B, hd}).contiguous();
+  const BFloat16* cp = cos_c.const_data_ptr<BFloat16>();
+  const BFloat16* sp = sin_c.const_data_ptr<BFloat16>();
+  BFloat16* kc = key_cache.data_ptr<BFloat16>();
+  BFloat16* vc = value_cache.data_ptr<BFloat16>();
+  std::vector<BFloat16> queries(B * H * hd);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = qkv.y.data() + b * N;
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * hd, cp + b * hd, sp + b * hd, hd, &queries[(b * H + h) * hd]);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t slot = b * key_cache.stride(0) + h * key_cache.stride(1) + position * hd;
+      rotate(row + rows[0] + h * hd, cp + b * hd, sp + b * hd, hd, kc + slot);
+      for (int64_t i = 0; i < hd; ++i) vc[slot + i] = static_cast<BFloat16>(row[rows[0] + rows[1] + h * hd + i]);
+    }
+  }
+  at::Tensor mask;
+  if (valid.has_value() && valid->defined()) mask = valid->to(at::kBool).reshape({B, -1}).contiguous();
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const int64_t L = position + 1, group = H / Hkv;
+  TORCH_CHECK(mp == nullptr || mask.size(1) == L, kLayerStep, ": mask does not cover the keys");
+  std::vector<BFloat16> attended(B * H * hd);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  parallel_chunks(B * H, [&](int64_t task) {
+    thread_local std::vector<float> scores;
+    const int64_t b = task / H, h = task % H;
+    const int64_t offset = b * key_cache.stride(0) + (h / group) * key_cache.stride(1);
+    attend_one(&queries[task * hd], kc + offset, vc + offset, hd, L, hd, scale, mp ? mp + b * L : nullptr,
+               &attended[task * hd], scores);
+  });
+  std::vector<float> attended_f(attended.begin(), attended.end());
+  const Projection attention_out(attended_f.data(), B, H * hd, {o}, o_bias);
+  TORCH_CHECK(attention_out.N == D, kLayerStep, ": the output projection gives ", attention_out.N, " features, not ", D);
+  for (int64_t i = 0; i < B * D; ++i) x[i] = bf16_round(x[i] + attention_out.y[i]);
+
+  // MLP block: down(silu(gate(x)) * up(x))
+  rms_norm_rows(x.data(), B, D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  const Projection gate_up(normed.data(), B, D, {gate, up}, {});
+  const int64_t I = gate_up.rows[0];
+  TORCH_CHECK(gate_up.rows[1] == I, kLayerStep, ": gate and up projections differ in size");
+  const std::vector<float>& gated = gate_up.y;
+  std::vector<float> product(B * I);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = gated[b * 2 * I + j], u = gated[b * 2 * I + I + j];
+      product[b * I + j] = bf16_round(bf16_round(g / (1.f + std::exp(-g))) * u);
+    }
+  }
+  const Projection mlp_out(product.data(), B, I, {down}, {});
+  TORCH_CHECK(mlp_out.N == D, kLayerStep, ": the down projection gives ", mlp_out.N, " features, not ", D);
+  at::Tensor result = at::empty({B, 1, D}, hidden.options());
+  BFloat16* rp = result.data_ptr<BFloat16>();
+  for (int64_t i = 0; i < B * D; ++i) rp[i] = static_cast<BFloat16>(x[i] + mlp_out.y[i]);
+  return result;
+}
+
+}  // namespace vlmkit

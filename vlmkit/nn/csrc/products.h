@@ -1,0 +1,64 @@
+// Matrix-vector products for decode steps: y = x @ W^T for a few activation rows x [B, K] (fp32) and one
+// or several weights W_i [N_i, K] reading the same x (q/k/v, gate/up), side by side in y [B, sum N_i].
+// A decode step multiplies a handful of rows by every weight once, so it is bound by how fast weights
+// stream from memory: each weight row is read front to back and widened to fp32 in registers.
+//
+// Weights come in the forms vlmkit stores: bf16 [N, K]; int8 [N, K] with one scale per output row
+// (applied after the sum); or 4-bit, uint8 [N, K / 2] (two values per byte, high nibble first) in
+// groups of G inputs with a scale s and a zero point z each, w = (q - 8) * s + z.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <vector>
+
+namespace vlmkit {
+
+using c10::BFloat16;
+
+// 8 bf16 values widened to fp32 (bf16 is the top half of an fp32).
+inline __m256 load_bf16x8(const BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// int8 weights widen the same way (their scale is applied after the sum).
+inline __m256 load_bf16x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// One weight as the products read it. `parts` holds its tensors: {bf16 weight}, {int8 weight, scale}
+// or {uint8 nibbles, scale, zero}; scales and zero points may be bf16 or fp32.
+struct PackedWeight {
+  enum class Kind { kBFloat16, kInt8, kInt4 };
+
+  PackedWeight(at::TensorList parts, int64_t K, const char* op);
+  bool quantized() const { return kind != Kind::kBFloat16; }
+  float scale_at(int64_t i) const { return bf16_scales ? static_cast<float>(scale_bf16[i]) : scale_f32[i]; }
+  float zero_at(int64_t i) const { return bf16_scales ? static_cast<float>(zero_bf16[i]) : zero_f32[i]; }
+
+  Kind kind;
+  int64_t N, K, G = 0;  // G: inputs per int4 group
+  const void* data;
+  bool bf16_scales = false;
+  const BFloat16 *scale_bf16 = nullptr, *zero_bf16 = nullptr;
+  const float *scale_f32 = nullptr, *zero_f32 = nullptr;
+
+ private:
+  at::Tensor scale_, zero_;  // kept alive (contiguous copies where the originals were not)
+};
+
+// y [B, sum of N_i] (fp32, row stride sum N_i) = x [B, K] (fp32, contiguous) times each weight, one
+// parallel pass over all of them.
+void weights_product(const float* x, int64_t B, int64_t K, const std::vector<PackedWeight>& weights, float* y);
+
+}  // namespace vlmkit

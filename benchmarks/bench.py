@@ -29,6 +29,7 @@ from benchmarks.checkpoints import checkpoint
 from benchmarks.families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
 from benchmarks.measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, peak_rss_in_child, peak_rss_mb,
                                 timed)
+from benchmarks.quantized import add_llama_cpp_arguments
 from benchmarks.report import metric, print_table
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -181,6 +182,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"),
                         help="where the random-weight checkpoints are built and kept")
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    add_llama_cpp_arguments(parser)  # llama.cpp's rows in the --quantize table
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--skip-image-generation", action="store_true", help="skip Janus text-to-image")
     parser.add_argument("--probe-rss", choices=ENGINES, help=argparse.SUPPRESS)

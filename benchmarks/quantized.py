@@ -1,5 +1,6 @@
-"""Decode speed and memory with quantized weights, on a Janus checkpoint: vlmkit in bf16, int8 and int4
-(and, asked for, transformers bf16 and the BitsAndBytesConfig path of both engines).
+"""Decode speed and memory with quantized weights, on a Janus checkpoint: transformers bf16, vlmkit in
+bf16, int8 and int4, llama.cpp BF16 and Q8_0 where a llama.cpp build is found (llama_cpp.py), and, asked
+for, the BitsAndBytesConfig path of both engines.
 
 Every variant runs alone in a child process (``python -m benchmarks.quantized --child ...``), so its
 peak RSS is its own: the child loads the model and processor, answers one image question (9 tokens,
@@ -22,6 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 
 import torch
 
+from benchmarks.llama_cpp import VARIANTS as LLAMA_CPP_VARIANTS
+from benchmarks.llama_cpp import llama_cpp_rows
+
 # variant name -> (engine, quantization): None, "int8"/"int4" (vlmkit's own) or "bnb4"/"bnb8" (bitsandbytes)
 VARIANTS = {
     "transformers bf16": ("transformers", None),
@@ -34,11 +38,13 @@ VARIANTS = {
     "vlmkit bnb int8": ("vlmkit", "bnb8"),
 }
 DEFAULT_VARIANTS = ("transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4")
+ALL_VARIANTS = (*VARIANTS, *LLAMA_CPP_VARIANTS)
 
 
 def variants_for(quantize: str | None) -> list[str]:
     """The variants a ``--quantize`` value asks for: "int8", "int4", "bnb" (both engines' nf4), "all", or a
-    comma-separated mix; transformers bf16 and vlmkit bf16 always come first, as the baselines."""
+    comma-separated mix; transformers bf16 and vlmkit bf16 always come first, as the baselines, and
+    llama.cpp's rows last (skipped where no llama.cpp build is found)."""
     names = list(DEFAULT_VARIANTS[:2])
     for part in (quantize or "int8,int4").split(","):
         part = part.strip()
@@ -48,7 +54,7 @@ def variants_for(quantize: str | None) -> list[str]:
         if chosen is None:
             raise ValueError(f"--quantize {part!r}: use int8, int4, bnb, bnb8 or all (comma-separated)")
         names += [n for n in chosen if n not in names]
-    return names
+    return names + list(LLAMA_CPP_VARIANTS)
 
 
 def quantized_decode_rows(folder, args, log, variants=None) -> dict:
@@ -57,9 +63,13 @@ def quantized_decode_rows(folder, args, log, variants=None) -> dict:
     time and peak memory as a share of "transformers bf16" and "vlmkit bf16" where those ran. ``args``
     needs ``threads``, ``repeats``, ``decode_tokens``; ``quantize`` is optional."""
     rows = {}
-    for name in variants or variants_for(getattr(args, "quantize", None)):
-        log(f"[quantized] {name}")
-        rows[name] = _run_child(folder, name, args)
+    names = variants or variants_for(getattr(args, "quantize", None))
+    for name in names:
+        if name in VARIANTS:
+            log(f"[quantized] {name}")
+            rows[name] = _run_child(folder, name, args)
+    if any(name in LLAMA_CPP_VARIANTS for name in names):
+        rows.update({name: row for name, row in llama_cpp_rows(Path(folder), args, log).items() if name in names})
     for baseline in ("transformers bf16", "vlmkit bf16"):
         if baseline in rows:
             for row in rows.values():
@@ -75,9 +85,17 @@ def table_lines(rows: dict) -> list[str]:
     for name, row in rows.items():
         shares = [f"{row[key]:.2f}" if key in row else "-" for key in
                   ("decode_vs_transformers_bf16", "decode_vs_vlmkit_bf16", "peak_rss_vs_vlmkit_bf16")]
+        load = f"{row['load_s']:.1f}" if "load_s" in row else "-"
         lines.append(f"| {name} | {row['decode_ms_per_step']:.1f} | {shares[0]} | {shares[1]} | "
-                     f"{row['peak_rss_mb']:.0f} | {shares[2]} | {row['load_s']:.1f} |")
+                     f"{row['peak_rss_mb']:.0f} | {shares[2]} | {load} |")
     return lines
+
+
+def add_llama_cpp_arguments(parser) -> None:
+    parser.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp source tree with build/bin/llama-bench "
+                        "(default: $VLMKIT_LLAMA_CPP, or the one --build-llama-cpp left in --cache-dir)")
+    parser.add_argument("--build-llama-cpp", action="store_true", help="fetch the llama-cpp-python sdist and "
+                        "build llama-bench into --cache-dir first (about 15 minutes on 2 cores, once)")
 
 
 def _run_child(folder, name: str, args) -> dict:
@@ -149,12 +167,14 @@ def parse_args(argv=None):
     parser.add_argument("--size", choices=["tiny", "real"], default="real")
     parser.add_argument("--quantize", help="variants beside the bf16 baselines: int8, int4, bnb, bnb8, all "
                                            "(comma-separated; default int8,int4)")
-    parser.add_argument("--variants", help="exactly these variants, comma-separated (" + ", ".join(VARIANTS) + ")")
+    parser.add_argument("--variants", help="exactly these variants, comma-separated ("
+                                           + ", ".join(ALL_VARIANTS) + ")")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"))
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_llama_cpp_arguments(parser)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -173,9 +193,9 @@ def main(argv=None) -> int:
 
     folder = checkpoint("janus", args.size, Path(args.cache_dir))
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    unknown = [v for v in variants or [] if v not in VARIANTS]
+    unknown = [v for v in variants or [] if v not in ALL_VARIANTS]
     if unknown:
-        print(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variant(s) {unknown}; choose from {list(ALL_VARIANTS)}", file=sys.stderr)
         return 2
     rows = quantized_decode_rows(folder, args, log, variants)
     print("\n".join(table_lines(rows)))

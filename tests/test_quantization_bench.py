@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quantize_option_picks_the_variants():
     from benchmarks.quantized import variants_for
-    assert variants_for(None) == ["transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4"]
+    llama_cpp = ["llama.cpp bf16", "llama.cpp q8_0"]  # last, skipped where no build is found
+    assert variants_for(None) == ["transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4", *llama_cpp]
     assert variants_for("int4,bnb") == ["transformers bf16", "vlmkit bf16", "vlmkit int4", "transformers bnb nf4",
-                                        "vlmkit bnb nf4"]
+                                        "vlmkit bnb nf4", *llama_cpp]
     with pytest.raises(ValueError, match="--quantize 'int3'"):
         variants_for("int3")
 
@@ -32,3 +33,18 @@ def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
         assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0 and row["load_s"] > 0
         assert row["decode_vs_vlmkit_bf16"] > 0 and row["peak_rss_vs_vlmkit_bf16"] > 0
     assert "| vlmkit int4 |" in result.stdout
+
+
+def test_llama_cpp_rows_are_skipped_cleanly_without_a_build(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from benchmarks.llama_cpp import llama_cpp_rows
+    monkeypatch.delenv("VLMKIT_LLAMA_CPP", raising=False)
+    logged = []
+    args = Namespace(cache_dir=str(tmp_path), llama_cpp=None, build_llama_cpp=False, threads=1, repeats=1,
+                     decode_tokens=2)
+    assert llama_cpp_rows(tmp_path / "checkpoint", args, logged.append) == {}
+    assert "rows are skipped" in logged[-1]
+    args.llama_cpp = str(tmp_path)  # named, but no llama-bench built there: an error that says so
+    with pytest.raises(FileNotFoundError, match="llama-bench"):
+        llama_cpp_rows(tmp_path / "checkpoint", args, logged.append)

@@ -165,7 +165,7 @@ def test_int8_kernel_matches_the_dequantized_float_product(rows, with_bias):
 
 
 @needs_int4_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,outputs,inputs,group,with_bias", [
     (1, 301, 96, 32, True), (1, 7, 512, 128, False), (3, 45, 320, 64, True), (6, 130, 256, 256, False),
     (9, 33, 160, 32, True)])
@@ -180,5 +180,7 @@ def test_int4_kernel_matches_the_dequantized_float_product(dtype, rows, outputs,
     weight = (values.float().reshape(outputs, -1, group) - 8) * scale.float()[..., None] + zero.float()[..., None]
     expected = F.linear(x.float(), weight.reshape(outputs, inputs), None if bias is None else bias.float())
     assert got.shape == (rows, 1, outputs) and got.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # fp32 sums either way; 16-bit dtypes round the result
-    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+    # within the rounding of the 16-bit result (the activations' int16 rounding is far below it)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+    # float32 activations are not rounded to int16: they take the float path
+    assert cpu_kernels.linear_int4(x.float(), pack_nibbles(values), scale, zero, bias) is None

@@ -39,6 +39,10 @@ MAX_INT4_KERNEL_ROWS = 64
 # Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
 MIN_KERNEL_WEIGHTS = 1 << 20
 
+# The int8 and 4-bit kernels round activation rows to int16 (a scale per row) and multiply integers: for
+# 16-bit activations that loses nothing they carry; float32 ones take torch's float path instead.
+INT16_EXACT_ENOUGH = (torch.bfloat16, torch.float16)
+
 _state = {"op": None, "tried": False}
 _lock = threading.Lock()
 
@@ -220,7 +224,8 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """``x @ (weight * scale[:, None]).T + bias`` for int8 ``weight`` [out, in] with one scale per output,
     by the decode kernel (a few activation rows on a CPU where it is built), or None where it does not
     apply. torch's own packed int8 kernel is compute-bound on AVX2 and streams a fraction of this."""
-    if not (x.device.type == "cpu" and weight.dtype == torch.int8 and weight.is_contiguous()
+    if not (x.device.type == "cpu" and x.dtype in INT16_EXACT_ENOUGH and weight.dtype == torch.int8
+            and weight.is_contiguous()
             and x.numel() <= MAX_KERNEL_ROWS * weight.shape[1] and slow_bf16_cpu()
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -240,7 +245,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     0..15 per byte, high nibble first), ``scale`` and ``zero`` [out, in / group] (groups of a multiple of
     32 inputs), w = (q - 8) * scale + zero; by the decode kernel for up to ``MAX_INT4_KERNEL_ROWS``
     activation rows, or None where it does not apply. The output has ``x``'s dtype."""
-    if not (x.device.type == "cpu" and packed.dtype == torch.uint8 and x.is_floating_point()
+    if not (x.device.type == "cpu" and packed.dtype == torch.uint8 and x.dtype in INT16_EXACT_ENOUGH
             and x.numel() <= MAX_INT4_KERNEL_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None

@@ -2,6 +2,8 @@
 #include "products.h"
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <optional>
 
 #include "work_pool.h"
@@ -63,40 +65,79 @@ void rows_product(const float* x, int64_t B, int64_t K, const W* w, int64_t row,
   }
 }
 
-// 4-bit rows. Per group the sum is s * sum(q x) + (z - 8 s) * sum(x): the inner loop multiplies the
-// bare values 0..15, and the sums of x per group are taken once per product. Unpacking takes two
-// instructions per 8 weights: 16 bytes widen to eight 32-bit lanes of four nibbles, and the i-th vector
-// keeps nibble i of each lane where it is (a mask) and converts it: q * 16^i, exact in fp32. Lane j of
-// the i-th vector is input 4 j + (1, 0, 3, 2)[i] of the 32; the activations are put in that order, and
-// scaled by 16^-i (exact too), once per product (Int4Activations).
-inline __m256 nibble_times_power(__m256i lanes, int i) {
-  return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(15 << (4 * i))));
-}
+// Quantized weights multiply integers: the activation rows are rounded once per product to int16 (a scale
+// per row: 15 bits against bf16's 8, so no more error than the bf16 activations already carry) and
+// vpmaddwd multiplies 16 weight/activation pairs and adds neighbours in one instruction, twice the
+// weights per instruction of widening to fp32. int32 sums are turned to fp32 before they could overflow
+// (int8: every kIntBlock inputs; 4-bit: every group).
+constexpr int64_t kIntBlock = 2048;  // 128 steps of at most 2 * 127 * 32767 per int32 lane
 
-struct Int4Activations {
-  Int4Activations(const float* x, int64_t B, int64_t K, int64_t G) : ordered(B * K), sums(B * (K / G), 0.f) {
-    constexpr int kNibble[4] = {1, 0, 3, 2};
-    constexpr float kPower[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
+struct Int16Activations {
+  // nibble_order: each 32 inputs stored as the 16 even ones, then the 16 odd ones (the high and low
+  // nibbles of 16 bytes); G: inputs per 4-bit group, for the per-group sums (0: none).
+  Int16Activations(const float* x, int64_t B, int64_t K, bool nibble_order, int64_t G)
+      : values(B * K), scale(B), group_sums(G > 0 ? B * (K / G) : 0, 0.f) {
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < K; ++k) sums[b * (K / G) + k / G] += x[b * K + k];
-      for (int64_t block = b * K; block < (b + 1) * K; block += 32) {
-        for (int i = 0; i < 4; ++i) {
-          for (int j = 0; j < 8; ++j) ordered[block + 8 * i + j] = x[block + 4 * j + kNibble[i]] * kPower[i];
-        }
+      const float* row = x + b * K;
+      float top = 0.f;
+      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+      scale[b] = top > 0.f ? top / 32767.f : 1.f;
+      const float inverse = 1.f / scale[b];
+      int16_t* out = values.data() + b * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t at = nibble_order ? k - k % 32 + (k % 2) * 16 + (k % 32) / 2 : k;
+        out[at] = static_cast<int16_t>(std::lrint(row[k] * inverse));
+        if (G > 0) group_sums[b * (K / G) + k / G] += static_cast<float>(out[at]) * scale[b];
       }
     }
   }
-  std::vector<float> ordered, sums;  // [B, K] in nibble order, [B, K / G]
+  std::vector<int16_t> values;  // [B, K]
+  std::vector<float> scale;  // [B]: x ~ values * scale
+  std::vector<float> group_sums;  // [B, K / G]: the sums of the rounded x per group
 };
 
+inline __m256i load_int16x16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 template <int ROWS_X>
-void int4_rows(const float* x, const float* xsum, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
-               int64_t N) {
-  constexpr int U = ROWS_X == 1 ? 4 : (ROWS_X == 2 ? 2 : 1);
-  const int64_t K = weight.K, G = weight.G, groups = K / G;
-  const uint8_t* w = static_cast<const uint8_t*>(weight.data);
+void int8_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const PackedWeight& weight, int64_t row,
+               int64_t rows, float* y, int64_t N) {
+  const int64_t K = weight.K, vector_end = K - K % 16;
   for (int64_t r = row; r < row + rows; ++r) {
-    const uint8_t* wr = w + r * (K / 2);
+    const int8_t* wr = static_cast<const int8_t*>(weight.data) + r * K;
+    __m256 total[ROWS_X];
+    for (int b = 0; b < ROWS_X; ++b) total[b] = _mm256_setzero_ps();
+    int64_t k = 0;
+    while (k < vector_end) {
+      const int64_t end = std::min(vector_end, k + kIntBlock);
+      __m256i acc[ROWS_X];
+      for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
+      for (; k < end; k += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr + k + 1024), _MM_HINT_T0);
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
+        for (int b = 0; b < ROWS_X; ++b) {
+          acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, load_int16x16(xv + b * K + k)));
+        }
+      }
+      for (int b = 0; b < ROWS_X; ++b) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
+    }
+    for (int b = 0; b < ROWS_X; ++b) {
+      float sum = horizontal_sum(total[b]);
+      for (int64_t kk = vector_end; kk < K; ++kk) sum += static_cast<float>(wr[kk]) * xv[b * K + kk];
+      y[b * N + r] = sum * x.scale[b0 + b] * weight.scale_at(r);
+    }
+  }
+}
+
+// 4-bit rows: per group the sum is s * sum(q x) + (z - 8 s) * sum(x), so the inner loop multiplies the
+// bare values 0..15. 16 bytes widen to 16 int16 lanes; the high nibbles (shifted down) are the even
+// inputs, the low ones (masked) the odd inputs, which is how Int16Activations orders them.
+template <int ROWS_X>
+void int4_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const PackedWeight& weight, int64_t row,
+               int64_t rows, float* y, int64_t N) {
+  const int64_t K = weight.K, G = weight.G, groups = K / G;
+  const __m256i low_nibble = _mm256_set1_epi16(15);
+  for (int64_t r = row; r < row + rows; ++r) {
+    const uint8_t* wr = static_cast<const uint8_t*>(weight.data) + r * (K / 2);
     __m256 total[ROWS_X];
     float offset[ROWS_X];
     for (int b = 0; b < ROWS_X; ++b) {
@@ -104,45 +145,36 @@ void int4_rows(const float* x, const float* xsum, const PackedWeight& weight, in
       offset[b] = 0.f;
     }
     for (int64_t g = 0; g < groups; ++g) {
-      __m256 acc[U][ROWS_X];
-      for (int u = 0; u < U; ++u) {
-        for (int b = 0; b < ROWS_X; ++b) acc[u][b] = _mm256_setzero_ps();
-      }
+      __m256i acc[ROWS_X];
+      for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
       for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k / 2 + 2048), _MM_HINT_T0);  // 2 KiB ahead: a little better than 512 B here
-        const __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        const __m256 wv[4] = {nibble_times_power(lanes, 0), nibble_times_power(lanes, 1), nibble_times_power(lanes, 2),
-                              nibble_times_power(lanes, 3)};
-        for (int u = 0; u < 4; ++u) {
-          for (int b = 0; b < ROWS_X; ++b) {
-            acc[u % U][b] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + b * K + k + 8 * u), acc[u % U][b]);
-          }
+        _mm_prefetch(reinterpret_cast<const char*>(wr + k / 2 + 1024), _MM_HINT_T0);
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
+        const __m256i even = _mm256_srli_epi16(bytes, 4), odd = _mm256_and_si256(bytes, low_nibble);
+        for (int b = 0; b < ROWS_X; ++b) {
+          const int16_t* xk = xv + b * K + k;
+          acc[b] = _mm256_add_epi32(acc[b], _mm256_add_epi32(_mm256_madd_epi16(even, load_int16x16(xk)),
+                                                             _mm256_madd_epi16(odd, load_int16x16(xk + 16))));
         }
       }
       const float s = weight.scale_at(r * groups + g), z = weight.zero_at(r * groups + g);
       for (int b = 0; b < ROWS_X; ++b) {
-        __m256 sum = acc[0][b];
-        for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][b]);
-        total[b] = _mm256_fmadd_ps(_mm256_set1_ps(s), sum, total[b]);
-        offset[b] += (z - 8.f * s) * xsum[b * groups + g];
+        total[b] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc[b]), total[b]);
+        offset[b] += (z - 8.f * s) * x.group_sums[(b0 + b) * groups + g];
       }
     }
-    for (int b = 0; b < ROWS_X; ++b) y[b * N + r] = horizontal_sum(total[b]) + offset[b];
+    for (int b = 0; b < ROWS_X; ++b) y[b * N + r] = horizontal_sum(total[b]) * x.scale[b0 + b] + offset[b];
   }
 }
 
-void int4_product(const Int4Activations& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows,
-                  float* y, int64_t N) {
-  const int64_t K = weight.K, groups = K / weight.G;
+// Every activation row against rows [row, row + rows) of an int8 (or, NIBBLES, 4-bit) weight, four at a time.
+template <bool NIBBLES>
+void integer_product(const Int16Activations& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows,
+                     float* y, int64_t N) {
+  constexpr auto kRows = NIBBLES ? std::array{&int4_rows<1>, &int4_rows<2>, &int4_rows<3>, &int4_rows<4>}
+                                 : std::array{&int8_rows<1>, &int8_rows<2>, &int8_rows<3>, &int8_rows<4>};
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const float *xb = x.ordered.data() + b0 * K, *sb = x.sums.data() + b0 * groups;
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: int4_rows<1>(xb, sb, weight, row, rows, yb, N); break;
-      case 2: int4_rows<2>(xb, sb, weight, row, rows, yb, N); break;
-      case 3: int4_rows<3>(xb, sb, weight, row, rows, yb, N); break;
-      default: int4_rows<4>(xb, sb, weight, row, rows, yb, N); break;
-    }
+    kRows[std::min<int64_t>(4, B - b0) - 1](x, x.values.data() + b0 * weight.K, b0, weight, row, rows, y + b0 * N, N);
   }
 }
 
@@ -197,8 +229,11 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
       G = w.G;
     }
   }
-  std::optional<Int4Activations> int4_x;
-  if (G > 0) int4_x.emplace(x, B, K, G);
+  std::optional<Int16Activations> int8_x, int4_x;  // rounded once per product, for the kinds present
+  for (const PackedWeight& w : weights) {
+    if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K, false, 0);
+  }
+  if (G > 0) int4_x.emplace(x, B, K, true, G);
   const int64_t N = first_column.back(), blocks = first_block.back();
   parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
@@ -213,13 +248,10 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
           rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
           break;
         case PackedWeight::Kind::kInt8:
-          rows_product(x, B, K, static_cast<const int8_t*>(w.data), row, count, out, N);
-          for (int64_t b = 0; b < B; ++b) {
-            for (int64_t r = row; r < row + count; ++r) out[b * N + r] *= w.scale_at(r);
-          }
+          integer_product<false>(*int8_x, B, w, row, count, out, N);
           break;
         case PackedWeight::Kind::kInt4:
-          int4_product(*int4_x, B, w, row, count, out, N);
+          integer_product<true>(*int4_x, B, w, row, count, out, N);
           break;
       }
     }

@@ -182,5 +182,7 @@ def test_int4_kernel_matches_the_dequantized_float_product(dtype, rows, outputs,
     assert got.shape == (rows, 1, outputs) and got.dtype == dtype
     # within the rounding of the 16-bit result (the activations' int16 rounding is far below it)
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+    x[0, 0, 5] = float("inf")  # a row that overflowed stays visible, as in a float product
+    assert cpu_kernels.linear_int4(x, pack_nibbles(values), scale, zero, bias)[0].isnan().all()
     # float32 activations are not rounded to int16: they take the float path
     assert cpu_kernels.linear_int4(x.float(), pack_nibbles(values), scale, zero, bias) is None

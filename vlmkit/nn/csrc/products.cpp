@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "work_pool.h"
@@ -80,13 +81,18 @@ struct Int16Activations {
     for (int64_t b = 0; b < B; ++b) {
       const float* row = x + b * K;
       float top = 0.f;
-      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
-      scale[b] = top > 0.f ? top / 32767.f : 1.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        top = std::max(top, std::fabs(row[k]));
+        finite = finite && std::isfinite(row[k]);
+      }
+      // a row with inf or NaN gives NaN, as a float product would, not a silently rounded one
+      scale[b] = !finite ? std::numeric_limits<float>::quiet_NaN() : top > 0.f ? top / 32767.f : 1.f;
       const float inverse = 1.f / scale[b];
       int16_t* out = values.data() + b * K;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t at = nibble_order ? k - k % 32 + (k % 2) * 16 + (k % 32) / 2 : k;
-        out[at] = static_cast<int16_t>(std::lrint(row[k] * inverse));
+        out[at] = finite ? static_cast<int16_t>(std::lrint(row[k] * inverse)) : 0;
         if (G > 0) group_sums[b * (K / G) + k / G] += static_cast<float>(out[at]) * scale[b];
       }
     }

@@ -12,8 +12,9 @@ own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in me
   its fp32 speed here and its bf16 convolution hundreds of times slower, so these compute in fp32
   (weights widened per call, fp32 accumulation as before) and round the result to bf16.
 * Quantized weights (``vlmkit.quant``): ``linear_int8`` and ``linear_int4`` stream int8 and 4-bit weights
-  the same way for decode steps; the int4 kernel (vlmkit's only int4 path on a CPU) is built on any
-  CPU with AVX2 and FMA.
+  for decode steps, multiplying integers (16-bit activations rounded to int16 once per product), and
+  the one-call layer step takes them too; the int4 kernel (vlmkit's only int4 path on a CPU) is built
+  on any CPU with AVX2 and FMA.
 
 Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``:
 ``0`` turns all of this off (int4 layers are then int8), ``1`` forces it on any x86 CPU with AVX2 and FMA."""

@@ -103,7 +103,10 @@ def decode_row(tree: Path, model: Path, args) -> dict:
     command = [str(tree / BENCH_BINARY), "-m", str(model), "-p", "0", "-n", str(args.decode_tokens),
                "-d", str(CONTEXT_TOKENS), "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err)
+        # its shared libraries sit beside it (the build's own runpath breaks if the tree moves)
+        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+            filter(None, [str(tree / BENCH_BINARY.parent), os.environ.get("LD_LIBRARY_PATH")])))
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)

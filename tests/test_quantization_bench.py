@@ -48,3 +48,20 @@ def test_llama_cpp_rows_are_skipped_cleanly_without_a_build(tmp_path, monkeypatc
     args.llama_cpp = str(tmp_path)  # named, but no llama-bench built there: an error that says so
     with pytest.raises(FileNotFoundError, match="llama-bench"):
         llama_cpp_rows(tmp_path / "checkpoint", args, logged.append)
+
+
+def test_llama_cpp_rows_time_the_same_tiny_checkpoint_where_a_build_is_found(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.checkpoints import checkpoint
+    from benchmarks.llama_cpp import VARIANTS, find_tree, llama_cpp_rows
+    tree = find_tree(None, Path.home() / ".cache" / "vlmkit-bench")
+    if tree is None:
+        pytest.skip("no llama.cpp build here (python -m benchmarks.quantized --build-llama-cpp makes one)")
+    args = Namespace(cache_dir=str(tmp_path), llama_cpp=str(tree), build_llama_cpp=False, threads=1, repeats=1,
+                     decode_tokens=2)
+    rows = llama_cpp_rows(checkpoint("janus", "tiny", tmp_path), args, lambda message: None)
+    assert list(rows) == list(VARIANTS)
+    for name, row in rows.items():
+        assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0, name
+        assert (tmp_path / "gguf" / f"janus-tiny-v1-{VARIANTS[name]}.gguf").is_file()

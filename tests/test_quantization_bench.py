@@ -60,8 +60,9 @@ def test_llama_cpp_rows_time_the_same_tiny_checkpoint_where_a_build_is_found(tmp
         pytest.skip("no llama.cpp build here (python -m benchmarks.quantized --build-llama-cpp makes one)")
     args = Namespace(cache_dir=str(tmp_path), llama_cpp=str(tree), build_llama_cpp=False, threads=1, repeats=1,
                      decode_tokens=2)
-    rows = llama_cpp_rows(checkpoint("janus", "tiny", tmp_path), args, lambda message: None)
+    folder = checkpoint("janus", "tiny", tmp_path)
+    rows = llama_cpp_rows(folder, args, lambda message: None)
     assert list(rows) == list(VARIANTS)
     for name, row in rows.items():
         assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0, name
-        assert (tmp_path / "gguf" / f"janus-tiny-v1-{VARIANTS[name]}.gguf").is_file()
+        assert (tmp_path / "gguf" / f"{folder.name}-{VARIANTS[name]}.gguf").is_file()

@@ -5,7 +5,7 @@ context, on the same number of threads).
 Where llama.cpp comes from: ``--llama-cpp DIR`` or ``$VLMKIT_LLAMA_CPP``, a llama.cpp source tree with
 ``build/bin/llama-bench`` in it; else the tree that ``--build-llama-cpp`` left in the cache folder. That
 option fetches the ``llama-cpp-python`` sdist from PyPI (it vendors the whole llama.cpp tree) and builds
-``llama-bench`` with cmake (about 15 minutes on 2 cores, once). Without a tree the rows are skipped.
+``llama-bench`` with cmake (once; 25 minutes with one compile job on this 2-core machine). Without a tree the rows are skipped.
 
 The checkpoint is converted with the tree's own ``convert_hf_to_gguf.py`` (the language model only, as a
 LLaMA GGUF), once per checkpoint and type. The converter refuses tokenizers it does not know by the hash
@@ -72,7 +72,7 @@ def build(cache_dir: Path, log) -> Path:
             tar.extractall(source, filter="data")
     tree = _built_tree(cache_dir)
     if not (tree / BENCH_BINARY).is_file():
-        log("[llama.cpp] building llama-bench (about 15 minutes on 2 cores)")
+        log("[llama.cpp] building llama-bench (once; tens of minutes on 2 cores)")
         jobs = str(os.cpu_count() or 1)
         subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], cwd=tree, check=True,

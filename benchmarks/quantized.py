@@ -95,7 +95,7 @@ def add_llama_cpp_arguments(parser) -> None:
     parser.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp source tree with build/bin/llama-bench "
                         "(default: $VLMKIT_LLAMA_CPP, or the one --build-llama-cpp left in --cache-dir)")
     parser.add_argument("--build-llama-cpp", action="store_true", help="fetch the llama-cpp-python sdist and "
-                        "build llama-bench into --cache-dir first (about 15 minutes on 2 cores, once)")
+                        "build llama-bench into --cache-dir first (once; tens of minutes on 2 cores)")
 
 
 def _run_child(folder, name: str, args) -> dict:

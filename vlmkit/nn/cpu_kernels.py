@@ -12,8 +12,8 @@ own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in me
   its fp32 speed here and its bf16 convolution hundreds of times slower, so these compute in fp32
   (weights widened per call, fp32 accumulation as before) and round the result to bf16.
 * Quantized weights (``vlmkit.quant``): ``linear_int8`` and ``linear_int4`` stream int8 and 4-bit weights
-  for decode steps, multiplying integers (16-bit activations rounded to int16 once per product), and
-  the one-call layer step takes them too; the int4 kernel (vlmkit's only int4 path on a CPU) is built
+  for decode steps, multiplying integers (16-bit activations rounded once per product: to int16 for
+  int8 weights, to int8 per weight group for 4-bit ones), and the one-call layer step takes them too; the int4 kernel (vlmkit's only int4 path on a CPU) is built
   on any CPU with AVX2 and FMA.
 
 Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``:
@@ -40,8 +40,9 @@ MAX_INT4_KERNEL_ROWS = 64
 # Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
 MIN_KERNEL_WEIGHTS = 1 << 20
 
-# The int8 and 4-bit kernels round activation rows to int16 (a scale per row) and multiply integers: for
-# 16-bit activations that loses nothing they carry; float32 ones take torch's float path instead.
+# The int8 kernel rounds activation rows to int16 (a scale per row), which loses nothing 16-bit activations
+# carry; the 4-bit one to int8 per weight group, far below its weights' own rounding. float32 activations
+# take torch's float path instead.
 INT16_EXACT_ENOUGH = (torch.bfloat16, torch.float16)
 
 _state = {"op": None, "tried": False}
@@ -192,32 +193,42 @@ def _layer_step_parts(linear) -> list[torch.Tensor] | None:
     return [linear.weight] if linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous() else None
 
 
+def _layer_step_operands(layer) -> tuple | None:
+    """The one-call layer step's weight operands for ``layer``, or None where the step does not apply
+    (a layer that is not exactly the LLaMA/Qwen2 block, or a weight the kernel cannot read)."""
+    if not layer.is_plain():
+        return None
+    attention, mlp = layer.self_attn, layer.mlp
+    linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
+               mlp.down_proj)
+    parts = [_layer_step_parts(linear) for linear in linears]
+    if any(p is None for p in parts) or attention.head_dim % 8:
+        return None
+    q, o = attention.q_proj, attention.o_proj
+    qkv_bias = [q.bias, attention.k_proj.bias, attention.v_proj.bias] if q.bias is not None else []
+    return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
+            *parts[:3], qkv_bias, parts[3], [o.bias] if o.bias is not None else [], *parts[4:])
+
+
 def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache,
                        layer_index: int) -> torch.Tensor | None:
     """One decode step (one new position) through a whole LLaMA/Qwen2 ``DecoderLayer`` in a single kernel
     call, writing its keys/values into ``cache``; None where that does not apply (the caller then runs
-    the layer's modules). ``decoder.py`` decides which layers qualify; their linear layers may be bf16 or
-    vlmkit's int8/int4."""
-    attention, mlp = layer.self_attn, layer.mlp
+    the layer's modules). Linear layers may be bf16 or vlmkit's int8/int4. Which layers qualify, and their
+    operands, are worked out once per cache (~30 us of module lookups per layer, 3% of an int4 step):
+    a model's modules do not change while it generates."""
     if not (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.shape[1] == 1
-            and slow_bf16_cpu() and cache.keys.dtype == torch.bfloat16 and attention.head_dim % 8 == 0
-            and not torch.is_grad_enabled()):
+            and slow_bf16_cpu() and cache.keys.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
         return None
-    linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
-               mlp.down_proj)
-    parts = [_layer_step_parts(linear) for linear in linears]
-    if any(p is None for p in parts):
-        return None
-    ops = decode_kernels()
+    if layer_index not in cache.layer_steps:
+        cache.layer_steps[layer_index] = _layer_step_operands(layer)
+    operands = cache.layer_steps[layer_index]
+    ops = decode_kernels() if operands is not None else None
     if ops is None:
         return None
     cos, sin = rotary
-    q, o = attention.q_proj, attention.o_proj
-    qkv_bias = [q.bias, attention.k_proj.bias, attention.v_proj.bias] if q.bias is not None else []
-    return ops.decoder_layer_step_bf16(
-        hidden, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
-        *parts[:3], qkv_bias, parts[3], [o.bias] if o.bias is not None else [], *parts[4:], cos, sin,
-        cache.keys[layer_index], cache.values[layer_index], cache.length, mask, attention.num_heads)
+    return ops.decoder_layer_step_bf16(hidden, *operands, cos, sin, cache.keys[layer_index],
+                                       cache.values[layer_index], cache.length, mask, layer.self_attn.num_heads)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -83,8 +83,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0):
-        if cache is not None and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.bfloat16 \
-                and self.is_plain():  # a bf16 decode step: one kernel call where it applies
+        if cache is not None and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.bfloat16:
+            # a bf16 decode step: one kernel call where it applies
             out = decoder_layer_step(self, hidden_states, rotary, mask, cache, layer_index)
             if out is not None:
                 return out

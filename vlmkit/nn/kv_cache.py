@@ -18,6 +18,9 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        # per layer, what its decode steps need from its modules, worked out on the first step
+        # (cpu_kernels.decoder_layer_step): the modules do not change while a cache is in use
+        self.layer_steps: dict[int, object] = {}
 
     @property
     def batch_size(self) -> int:

@@ -5,9 +5,9 @@
 Decoding one token reads every weight once, so at batch 1 its speed is how fast the weights stream
 from memory: one byte per weight (int8) or half a byte (int4) instead of two (bf16). On x86 CPUs with
 AVX2 vlmkit's own kernels (``nn/csrc/``) take the decode steps, a whole decoder layer per call: they
-round the 16-bit activation rows to int16 once and multiply them with int8, or int4 as it is saved
-(two values per byte), as integers. Janus-Pro-1B shape, 2 threads, one decode step: bf16 123 ms,
-int8 73 ms, int4 52 ms (transformers bf16: 186 ms; see README). Many-row products (prefill, vision
+round the 16-bit activation rows once (to int16 against int8 weights, to int8 per group against int4
+ones as they are saved, two values per byte) and multiply integers. Janus-Pro-1B shape, 2 threads,
+one decode step: see the README's quantized table. Many-row products (prefill, vision
 towers) widen a few MB of weight at a time and run the fp32 GEMM (int4 at 600 rows: twice as fast as
 torch's op). Elsewhere (and for float32 activations) int8 takes torch's ``_weight_int8pack_mm`` and
 int4 widens blocks of its weight; int4 on a CPU needs vlmkit's kernels, and where they cannot run (no

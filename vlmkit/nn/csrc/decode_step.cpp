@@ -79,22 +79,19 @@ struct Projection {
   Projection(const float* x, int64_t B, int64_t K, const std::vector<at::TensorList>& weights,
              at::TensorList biases) {
     TORCH_CHECK(biases.empty() || biases.size() == weights.size(), kLayerStep, ": one bias per weight, or none");
-    std::vector<PackedWeight> packed;
-    for (at::TensorList parts : weights) {
-      packed.emplace_back(parts, K, kLayerStep);
-      rows.push_back(packed.back().N);
-      N += packed.back().N;
-    }
+    const PackedWeights packed(weights, K, kLayerStep);
+    N = packed.N;
+    for (const PackedWeight& w : packed.list) rows.push_back(w.N);
     y.resize(B * N);
-    weights_product(x, B, K, packed, y.data());
+    weights_product(x, B, K, packed.list, y.data());
     int64_t column = 0;
-    for (size_t i = 0; i < packed.size(); ++i) {
+    for (size_t i = 0; i < packed.list.size(); ++i) {
       at::Tensor bias = biases.empty() ? at::Tensor() : biases[i].to(at::kFloat).contiguous();
       const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t j = 0; j < rows[i]; ++j) {
           float& v = y[b * N + column + j];
-          if (packed[i].quantized()) v = bf16_round(v);
+          if (packed.list[i].quantized()) v = bf16_round(v);
           if (bp != nullptr) v += bp[j];
           v = bf16_round(v);
         }

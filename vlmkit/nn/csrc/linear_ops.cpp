@@ -16,19 +16,14 @@ at::Tensor products(const at::Tensor& input, const std::vector<at::TensorList>& 
   TORCH_CHECK(input.device().is_cpu(), op, " runs on the CPU");
   TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": one bias per weight, or none");
   const int64_t K = input.size(-1);
-  std::vector<PackedWeight> packed;
-  int64_t N = 0;
-  for (at::TensorList parts : weights) {
-    packed.emplace_back(parts, K, op);
-    N += packed.back().N;
-  }
+  const PackedWeights packed(weights, K, op);
   at::Tensor x = input.reshape({-1, K}).to(at::kFloat).contiguous();
-  at::Tensor sums = at::empty({x.size(0), N}, x.options());
-  weights_product(x.const_data_ptr<float>(), x.size(0), K, packed, sums.data_ptr<float>());
+  at::Tensor sums = at::empty({x.size(0), packed.N}, x.options());
+  weights_product(x.const_data_ptr<float>(), x.size(0), K, packed.list, sums.data_ptr<float>());
   int64_t column = 0;
   for (size_t i = 0; i < biases.size(); ++i) {
-    sums.narrow(1, column, packed[i].N).add_(biases[i].to(at::kFloat));
-    column += packed[i].N;
+    sums.narrow(1, column, packed.list[i].N).add_(biases[i].to(at::kFloat));
+    column += packed.list[i].N;
   }
   return sums;
 }

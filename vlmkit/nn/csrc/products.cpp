@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "work_pool.h"
 
@@ -66,48 +67,76 @@ void rows_product(const float* x, int64_t B, int64_t K, const W* w, int64_t row,
   }
 }
 
-// Quantized weights multiply integers: the activation rows are rounded once per product to int16 (a scale
-// per row: 15 bits against bf16's 8, so no more error than the bf16 activations already carry) and
-// vpmaddwd multiplies 16 weight/activation pairs and adds neighbours in one instruction, twice the
-// weights per instruction of widening to fp32. int32 sums are turned to fp32 before they could overflow
-// (int8: every kIntBlock inputs; 4-bit: every group).
-constexpr int64_t kIntBlock = 2048;  // 128 steps of at most 2 * 127 * 32767 per int32 lane
+// Quantized weights multiply integers, so a weight needs no widening to fp32: the activations are rounded
+// once per product and the integer sums turned to fp32 before they could overflow.
+//
+// int8 weights: each activation row rounded to int16 with one scale (15 bits against bf16's 8, no more
+// error than the bf16 activations already carry); vpmaddwd multiplies 16 weight/activation pairs and
+// adds neighbours in one instruction.
+constexpr int64_t kIntBlock = 2048;  // int32 lanes take 128 steps of at most 2 * 127 * 32767
 
 struct Int16Activations {
-  // nibble_order: each 32 inputs stored as the 16 even ones, then the 16 odd ones (the high and low
-  // nibbles of 16 bytes); G: inputs per 4-bit group, for the per-group sums (0: none).
-  Int16Activations(const float* x, int64_t B, int64_t K, bool nibble_order, int64_t G)
-      : values(B * K), scale(B), group_sums(G > 0 ? B * (K / G) : 0, 0.f) {
+  Int16Activations(const float* x, int64_t B, int64_t K) : values(B * K), scale(B) {
     for (int64_t b = 0; b < B; ++b) {
       const float* row = x + b * K;
       float top = 0.f;
-      bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
-        top = std::max(top, std::fabs(row[k]));
-        finite = finite && std::isfinite(row[k]);
-      }
-      // a row with inf or NaN gives NaN, as a float product would, not a silently rounded one
-      scale[b] = !finite ? std::numeric_limits<float>::quiet_NaN() : top > 0.f ? top / 32767.f : 1.f;
-      const float inverse = 1.f / scale[b];
-      int16_t* out = values.data() + b * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t at = nibble_order ? k - k % 32 + (k % 2) * 16 + (k % 32) / 2 : k;
-        out[at] = finite ? static_cast<int16_t>(std::lrint(row[k] * inverse)) : 0;
-        if (G > 0) group_sums[b * (K / G) + k / G] += static_cast<float>(out[at]) * scale[b];
-      }
+      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
+      scale[b] = finite_row(row, K) ? (top > 0.f ? top / 32767.f : 1.f) : std::numeric_limits<float>::quiet_NaN();
+      for (int64_t k = 0; k < K; ++k) values[b * K + k] = rounded<int16_t>(row[k], scale[b]);
     }
+  }
+  // a row with inf or NaN gets a NaN scale: its products are NaN, as float ones would be
+  static bool finite_row(const float* row, int64_t K) {
+    return std::all_of(row, row + K, [](float v) { return std::isfinite(v); });
+  }
+  template <typename T>
+  static T rounded(float value, float scale) {
+    return std::isnan(scale) ? T(0) : static_cast<T>(std::lrint(value / scale));
   }
   std::vector<int16_t> values;  // [B, K]
   std::vector<float> scale;  // [B]: x ~ values * scale
+};
+
+// 4-bit weights: the activations rounded to int8 with a scale per row and weight group (|x| max / 127;
+// its rounding error, under 0.4% of the group's largest value, is far below the 4-bit weights' own), so
+// vpmaddubsw multiplies 32 weight values 0..15 by 32 activations per instruction. Within each `span` of
+// inputs (64, or 32 where groups are not a multiple of 64) the even inputs come first, then the odd
+// ones: the high and low nibbles of span / 2 weight bytes.
+struct Int8GroupActivations {
+  Int8GroupActivations(const float* x, int64_t B, int64_t K, int64_t G)
+      : G(G), span(G % 64 == 0 ? 64 : 32), values(B * K), scale(B * (K / G)), group_sums(B * (K / G)) {
+    const int64_t groups = K / G;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = x + b * K;
+      const bool finite = Int16Activations::finite_row(row, K);
+      for (int64_t g = 0; g < groups; ++g) {
+        float top = 0.f;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) top = std::max(top, std::fabs(row[k]));
+        const float s = finite ? (top > 0.f ? top / 127.f : 1.f) : std::numeric_limits<float>::quiet_NaN();
+        int32_t sum = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+          const int8_t q = Int16Activations::rounded<int8_t>(row[k], s);
+          values[b * K + k - k % span + (k % 2) * (span / 2) + (k % span) / 2] = q;
+          sum += q;
+        }
+        scale[b * groups + g] = s;
+        group_sums[b * groups + g] = static_cast<float>(sum) * s;
+      }
+    }
+  }
+  const int64_t G, span;
+  std::vector<int8_t> values;  // [B, K], in span order
+  std::vector<float> scale;  // [B, K / G]: x ~ values * scale
   std::vector<float> group_sums;  // [B, K / G]: the sums of the rounded x per group
 };
 
-inline __m256i load_int16x16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 template <int ROWS_X>
-void int8_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const PackedWeight& weight, int64_t row,
-               int64_t rows, float* y, int64_t N) {
+void int8_rows(const Int16Activations& x, int64_t b0, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
+               int64_t N) {
   const int64_t K = weight.K, vector_end = K - K % 16;
+  const int16_t* xv = x.values.data() + b0 * K;
   for (int64_t r = row; r < row + rows; ++r) {
     const int8_t* wr = static_cast<const int8_t*>(weight.data) + r * K;
     __m256 total[ROWS_X];
@@ -120,9 +149,7 @@ void int8_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const P
       for (; k < end; k += 16) {
         _mm_prefetch(reinterpret_cast<const char*>(wr + k + 1024), _MM_HINT_T0);
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-        for (int b = 0; b < ROWS_X; ++b) {
-          acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, load_int16x16(xv + b * K + k)));
-        }
+        for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, load_256(xv + b * K + k)));
       }
       for (int b = 0; b < ROWS_X; ++b) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
     }
@@ -134,16 +161,42 @@ void int8_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const P
   }
 }
 
+// One span of 4-bit weights (WIDE: 32 bytes, 64 inputs; else 16 bytes, 32 inputs) against ROWS_X rows of
+// int8 activations, added to acc as int32 (a span's pair sums stay far inside int16: 2 * 2 * 15 * 127).
+template <int ROWS_X, bool WIDE>
+inline void nibble_span(const uint8_t* bytes, const int8_t* xk, int64_t K, __m256i* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (WIDE) {
+    const __m256i packed = load_256(bytes), low = _mm256_set1_epi8(15);
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low), odd = _mm256_and_si256(packed, low);
+    for (int b = 0; b < ROWS_X; ++b) {
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(even, load_256(xk + b * K)),
+                                             _mm256_maddubs_epi16(odd, load_256(xk + b * K + 32)));
+      acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(pairs, ones));
+    }
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)), low = _mm_set1_epi8(15);
+    const __m256i values = _mm256_set_m128i(_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low));
+    for (int b = 0; b < ROWS_X; ++b) {
+      acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(values, load_256(xk + b * K)), ones));
+    }
+  }
+}
+
 // 4-bit rows: per group the sum is s * sum(q x) + (z - 8 s) * sum(x), so the inner loop multiplies the
-// bare values 0..15. 16 bytes widen to 16 int16 lanes; the high nibbles (shifted down) are the even
-// inputs, the low ones (masked) the odd inputs, which is how Int16Activations orders them.
-template <int ROWS_X>
-void int4_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const PackedWeight& weight, int64_t row,
-               int64_t rows, float* y, int64_t N) {
-  const int64_t K = weight.K, G = weight.G, groups = K / G;
-  const __m256i low_nibble = _mm256_set1_epi16(15);
+// bare values 0..15.
+template <int ROWS_X, bool WIDE, typename Scale>
+void int4_rows(const Int8GroupActivations& x, int64_t b0, const PackedWeight& weight, int64_t row, int64_t rows,
+               float* y, int64_t N) {
+  const int64_t K = weight.K, G = weight.G, groups = K / G, span = WIDE ? 64 : 32;
+  const Scale* scales = static_cast<const Scale*>(weight.scales());
+  const Scale* zeros = static_cast<const Scale*>(weight.zeros());
+  const int8_t* xv = x.values.data() + b0 * K;
+  const float* x_scale = x.scale.data() + b0 * groups;
+  const float* group_sums = x.group_sums.data() + b0 * groups;
   for (int64_t r = row; r < row + rows; ++r) {
-    const uint8_t* wr = static_cast<const uint8_t*>(weight.data) + r * (K / 2);
+    const uint8_t* bytes = static_cast<const uint8_t*>(weight.data) + r * (K / 2);
+    const int8_t* xk = xv;
     __m256 total[ROWS_X];
     float offset[ROWS_X];
     for (int b = 0; b < ROWS_X; ++b) {
@@ -153,35 +206,40 @@ void int4_rows(const Int16Activations& x, const int16_t* xv, int64_t b0, const P
     for (int64_t g = 0; g < groups; ++g) {
       __m256i acc[ROWS_X];
       for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k / 2 + 1024), _MM_HINT_T0);
-        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        const __m256i even = _mm256_srli_epi16(bytes, 4), odd = _mm256_and_si256(bytes, low_nibble);
-        for (int b = 0; b < ROWS_X; ++b) {
-          const int16_t* xk = xv + b * K + k;
-          acc[b] = _mm256_add_epi32(acc[b], _mm256_add_epi32(_mm256_madd_epi16(even, load_int16x16(xk)),
-                                                             _mm256_madd_epi16(odd, load_int16x16(xk + 16))));
-        }
+      for (const uint8_t* group_end = bytes + G / 2; bytes < group_end; bytes += span / 2, xk += span) {
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + 1024), _MM_HINT_T0);
+        nibble_span<ROWS_X, WIDE>(bytes, xk, K, acc);
       }
-      const float s = weight.scale_at(r * groups + g), z = weight.zero_at(r * groups + g);
+      const float s = static_cast<float>(scales[r * groups + g]), z = static_cast<float>(zeros[r * groups + g]);
       for (int b = 0; b < ROWS_X; ++b) {
-        total[b] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc[b]), total[b]);
-        offset[b] += (z - 8.f * s) * x.group_sums[(b0 + b) * groups + g];
+        total[b] = _mm256_fmadd_ps(_mm256_set1_ps(s * x_scale[b * groups + g]), _mm256_cvtepi32_ps(acc[b]), total[b]);
+        offset[b] += (z - 8.f * s) * group_sums[b * groups + g];
       }
     }
-    for (int b = 0; b < ROWS_X; ++b) y[b * N + r] = horizontal_sum(total[b]) * x.scale[b0 + b] + offset[b];
+    for (int b = 0; b < ROWS_X; ++b) y[b * N + r] = horizontal_sum(total[b]) + offset[b];
   }
 }
 
-// Every activation row against rows [row, row + rows) of an int8 (or, NIBBLES, 4-bit) weight, four at a time.
-template <bool NIBBLES>
-void integer_product(const Int16Activations& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows,
-                     float* y, int64_t N) {
-  constexpr auto kRows = NIBBLES ? std::array{&int4_rows<1>, &int4_rows<2>, &int4_rows<3>, &int4_rows<4>}
-                                 : std::array{&int8_rows<1>, &int8_rows<2>, &int8_rows<3>, &int8_rows<4>};
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    kRows[std::min<int64_t>(4, B - b0) - 1](x, x.values.data() + b0 * weight.K, b0, weight, row, rows, y + b0 * N, N);
+// Every activation row against rows [row, row + rows) of a quantized weight, four activation rows at a time.
+template <typename Activations>
+void integer_product(const Activations& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
+                     int64_t N) {
+  using Rows = void (*)(const Activations&, int64_t, const PackedWeight&, int64_t, int64_t, float*, int64_t);
+  std::array<Rows, 4> kernels;
+  if constexpr (std::is_same_v<Activations, Int16Activations>) {
+    kernels = {&int8_rows<1>, &int8_rows<2>, &int8_rows<3>, &int8_rows<4>};
+  } else if (x.span == 64) {
+    kernels = weight.bf16_scales ? std::array<Rows, 4>{&int4_rows<1, true, BFloat16>, &int4_rows<2, true, BFloat16>,
+                                                       &int4_rows<3, true, BFloat16>, &int4_rows<4, true, BFloat16>}
+                                 : std::array<Rows, 4>{&int4_rows<1, true, float>, &int4_rows<2, true, float>,
+                                                       &int4_rows<3, true, float>, &int4_rows<4, true, float>};
+  } else {
+    kernels = weight.bf16_scales ? std::array<Rows, 4>{&int4_rows<1, false, BFloat16>, &int4_rows<2, false, BFloat16>,
+                                                       &int4_rows<3, false, BFloat16>, &int4_rows<4, false, BFloat16>}
+                                 : std::array<Rows, 4>{&int4_rows<1, false, float>, &int4_rows<2, false, float>,
+                                                       &int4_rows<3, false, float>, &int4_rows<4, false, float>};
   }
+  for (int64_t b0 = 0; b0 < B; b0 += 4) kernels[std::min<int64_t>(4, B - b0) - 1](x, b0, weight, row, rows, y + b0 * N, N);
 }
 
 at::Tensor scale_tensor(const at::Tensor& t) {
@@ -224,6 +282,13 @@ PackedWeight::PackedWeight(at::TensorList parts, int64_t K, const char* op) : K(
   }
 }
 
+PackedWeights::PackedWeights(const std::vector<at::TensorList>& weights, int64_t K, const char* op) {
+  for (at::TensorList parts : weights) {
+    list.emplace_back(parts, K, op);
+    N += list.back().N;
+  }
+}
+
 void weights_product(const float* x, int64_t B, int64_t K, const std::vector<PackedWeight>& weights, float* y) {
   std::vector<int64_t> first_block{0}, first_column{0};
   int64_t G = 0;
@@ -235,11 +300,12 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
       G = w.G;
     }
   }
-  std::optional<Int16Activations> int8_x, int4_x;  // rounded once per product, for the kinds present
+  std::optional<Int16Activations> int8_x;  // rounded once per product, for the kinds present
+  std::optional<Int8GroupActivations> int4_x;
   for (const PackedWeight& w : weights) {
-    if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K, false, 0);
+    if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K);
   }
-  if (G > 0) int4_x.emplace(x, B, K, true, G);
+  if (G > 0) int4_x.emplace(x, B, K, G);
   const int64_t N = first_column.back(), blocks = first_block.back();
   parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
@@ -254,10 +320,10 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
           rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
           break;
         case PackedWeight::Kind::kInt8:
-          integer_product<false>(*int8_x, B, w, row, count, out, N);
+          integer_product(*int8_x, B, w, row, count, out, N);
           break;
         case PackedWeight::Kind::kInt4:
-          integer_product<true>(*int4_x, B, w, row, count, out, N);
+          integer_product(*int4_x, B, w, row, count, out, N);
           break;
       }
     }

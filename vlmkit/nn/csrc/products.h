@@ -2,7 +2,8 @@
 // or several weights W_i [N_i, K] reading the same x (q/k/v, gate/up), side by side in y [B, sum N_i].
 // A decode step multiplies a handful of rows by every weight once, so it is bound by how fast weights
 // stream from memory: each weight row is read front to back; bf16 rows are widened to fp32 in
-// registers, quantized ones multiplied as integers against the activations rounded to int16.
+// registers, quantized ones multiplied as integers against the activations rounded to int16 (int8
+// weights) or to int8 per weight group (4-bit weights).
 //
 // Weights come in the forms vlmkit stores: bf16 [N, K]; int8 [N, K] with one scale per output row
 // (applied after the sum); or 4-bit, uint8 [N, K / 2] (two values per byte, high nibble first) in
@@ -40,7 +41,8 @@ struct PackedWeight {
   PackedWeight(at::TensorList parts, int64_t K, const char* op);
   bool quantized() const { return kind != Kind::kBFloat16; }
   float scale_at(int64_t i) const { return bf16_scales ? static_cast<float>(scale_bf16[i]) : scale_f32[i]; }
-  float zero_at(int64_t i) const { return bf16_scales ? static_cast<float>(zero_bf16[i]) : zero_f32[i]; }
+  const void* scales() const { return bf16_scales ? static_cast<const void*>(scale_bf16) : scale_f32; }
+  const void* zeros() const { return bf16_scales ? static_cast<const void*>(zero_bf16) : zero_f32; }
 
   Kind kind;
   int64_t N, K, G = 0;  // G: inputs per int4 group
@@ -51,6 +53,13 @@ struct PackedWeight {
 
  private:
   at::Tensor scale_, zero_;  // kept alive (contiguous copies where the originals were not)
+};
+
+// Each weight's parts (a list per weight) packed for weights_product, and the sum of their output widths.
+struct PackedWeights {
+  PackedWeights(const std::vector<at::TensorList>& weights, int64_t K, const char* op);
+  std::vector<PackedWeight> list;
+  int64_t N = 0;
 };
 
 // y [B, sum of N_i] (fp32, row stride sum N_i) = x [B, K] (fp32, contiguous) times each weight, one

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -51,6 +52,48 @@ def test_missing_and_misshaped_tensors_are_named(janus_dir, tmp_path):
         JanusForConditionalGeneration.from_pretrained(broken)
     assert "model.language_model.norm.weight" in str(error.value)
     assert "model.aligner.fc1.bias" in str(error.value)
+
+
+def _mapped_ranges(path):
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) > 5 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_in_the_checkpoints_dtype_are_not_copied_at_load(janus_dir, tmp_path):
+    folder = shutil.copytree(janus_dir, tmp_path / "copy")
+    model = JanusForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    reference = load_file(str(folder / "model.safetensors"))
+    ranges = _mapped_ranges((folder / "model.safetensors").resolve())
+    embedding = model.model.language_model.embed_tokens.weight
+    assert any(start <= embedding.data_ptr() < end for start, end in ranges)  # a view of the mapped file
+    assert torch.equal(embedding, reference["model.language_model.embed_tokens.weight"])
+    with torch.no_grad():
+        embedding.add_(1)  # the mapping is private: the file keeps its bytes
+    assert torch.equal(load_file(str(folder / "model.safetensors"))["model.language_model.embed_tokens.weight"],
+                       reference["model.language_model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "offsets past the end"])
+def test_damaged_safetensors_files_are_named(janus_dir, tmp_path, damage):
+    folder = shutil.copytree(janus_dir, tmp_path / "damaged")
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    if damage == "truncated":
+        data = data[:header_length + 8 + 100]
+    elif damage == "garbage header":
+        data = data[:8] + b"\xff" * header_length + data[8 + header_length:]
+    else:
+        data = data[:8 + header_length + 16]
+    file.write_bytes(data)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        JanusForConditionalGeneration.from_pretrained(folder)
 
 
 def test_dtype_auto_follows_the_config_and_explicit_dtypes_apply(janus_dir):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .mapped_safetensors import MappedSafetensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -87,14 +88,13 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, load) pairs over all files; ``load()`` reads one tensor (memory-mapped where possible)."""
-    from safetensors import safe_open
-
+    """(name, load) pairs over all files; ``load()`` gives one tensor, a view of the memory-mapped file
+    where possible (mapped_safetensors.py: nothing is copied until a dtype or device change needs it)."""
     for file in files:
         if file.suffix == ".safetensors":
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                handle = MappedSafetensors(file)
+            except (OSError, ValueError) as err:
                 raise CheckpointError(f"cannot read {file}: {err}") from None
             for name in handle.keys():
                 yield name, (lambda h=handle, n=name: h.get_tensor(n))

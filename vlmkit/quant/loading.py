@@ -5,6 +5,7 @@ after loading, each chosen ``nn.Linear`` is replaced by its quantized module."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import sys
@@ -29,6 +30,7 @@ class StreamingQuantizer:
         # safetensors tensors are views of the mapped file, never shared between names (unlike a .bin's
         # tied weights): their pages can be dropped once quantized
         self.release_quantized = release_quantized
+        self._since_trim = 0
         self.taken: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
     @property
@@ -51,6 +53,10 @@ class StreamingQuantizer:
                 self.taken[owner][suffix] = self.method.take(owner, suffix, value)
                 if self.release_quantized and len(pairs) == 1 and not self.method.pre_quantized:
                     release_pages(value)  # quantized: its full-precision bytes are not needed again
+                self._since_trim += value.numel()
+                if self._since_trim >= TRIM_EVERY_WEIGHTS:  # and the float blocks that quantizing widened
+                    return_freed_memory()
+                    self._since_trim = 0
             return kept
 
         return quantizing_rename
@@ -75,9 +81,11 @@ class StreamingQuantizer:
             model.set_submodule(name, self.method.build(linear, taken))
             replaced.add(f"{name}.weight")
         self.taken.clear()
+        return_freed_memory()
         return missing - replaced
 
 
+TRIM_EVERY_WEIGHTS = 32 << 20
 _PAGE = 4096
 _MADV_DONTNEED = 4
 
@@ -96,6 +104,16 @@ def release_pages(tensor: torch.Tensor) -> None:
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
     if last > first:
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def return_freed_memory() -> None:
+    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim``). Quantizing
+    widens each weight a few MB at a time; glibc keeps those freed blocks, scattered between the
+    quantized weights: 0.6-1.6 GB more resident after loading the Janus-Pro-1B shape without this.
+    Called every ``TRIM_EVERY_WEIGHTS`` weights quantized and once at the end."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(AttributeError, OSError):
+            _libc().malloc_trim(0)
 
 
 def _libc():

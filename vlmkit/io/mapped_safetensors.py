@@ -37,7 +37,7 @@ class MappedSafetensors:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"header is not JSON ({err})") from None
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+            raise ValueError("header is not a JSON object")  # noqa: TRY004 (a malformed file, not a caller bug)
         header.pop("__metadata__", None)
         self._start = 8 + header_length
         self._entries = {name: self._entry(name, info, size - self._start) for name, info in header.items()}

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <type_traits>
 
 #include "work_pool.h"
 
@@ -220,25 +219,30 @@ void int4_rows(const Int8GroupActivations& x, int64_t b0, const PackedWeight& we
   }
 }
 
+template <typename Activations>
+using IntegerRows = void (*)(const Activations&, int64_t, const PackedWeight&, int64_t, int64_t, float*, int64_t);
+
+template <bool WIDE, typename Scale>
+constexpr std::array<IntegerRows<Int8GroupActivations>, 4> kInt4Rows{
+    &int4_rows<1, WIDE, Scale>, &int4_rows<2, WIDE, Scale>, &int4_rows<3, WIDE, Scale>, &int4_rows<4, WIDE, Scale>};
+constexpr std::array<IntegerRows<Int16Activations>, 4> kInt8Rows{&int8_rows<1>, &int8_rows<2>, &int8_rows<3>,
+                                                                 &int8_rows<4>};
+
+// The row kernels (by activation rows 1..4) for a weight: static tables, picked without building anything.
+const std::array<IntegerRows<Int16Activations>, 4>& row_kernels(const Int16Activations&, const PackedWeight&) {
+  return kInt8Rows;
+}
+const std::array<IntegerRows<Int8GroupActivations>, 4>& row_kernels(const Int8GroupActivations& x,
+                                                                    const PackedWeight& weight) {
+  if (x.span == 64) return weight.bf16_scales ? kInt4Rows<true, BFloat16> : kInt4Rows<true, float>;
+  return weight.bf16_scales ? kInt4Rows<false, BFloat16> : kInt4Rows<false, float>;
+}
+
 // Every activation row against rows [row, row + rows) of a quantized weight, four activation rows at a time.
 template <typename Activations>
 void integer_product(const Activations& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
                      int64_t N) {
-  using Rows = void (*)(const Activations&, int64_t, const PackedWeight&, int64_t, int64_t, float*, int64_t);
-  std::array<Rows, 4> kernels;
-  if constexpr (std::is_same_v<Activations, Int16Activations>) {
-    kernels = {&int8_rows<1>, &int8_rows<2>, &int8_rows<3>, &int8_rows<4>};
-  } else if (x.span == 64) {
-    kernels = weight.bf16_scales ? std::array<Rows, 4>{&int4_rows<1, true, BFloat16>, &int4_rows<2, true, BFloat16>,
-                                                       &int4_rows<3, true, BFloat16>, &int4_rows<4, true, BFloat16>}
-                                 : std::array<Rows, 4>{&int4_rows<1, true, float>, &int4_rows<2, true, float>,
-                                                       &int4_rows<3, true, float>, &int4_rows<4, true, float>};
-  } else {
-    kernels = weight.bf16_scales ? std::array<Rows, 4>{&int4_rows<1, false, BFloat16>, &int4_rows<2, false, BFloat16>,
-                                                       &int4_rows<3, false, BFloat16>, &int4_rows<4, false, BFloat16>}
-                                 : std::array<Rows, 4>{&int4_rows<1, false, float>, &int4_rows<2, false, float>,
-                                                       &int4_rows<3, false, float>, &int4_rows<4, false, float>};
-  }
+  const auto& kernels = row_kernels(x, weight);
   for (int64_t b0 = 0; b0 < B; b0 += 4) kernels[std::min<int64_t>(4, B - b0) - 1](x, b0, weight, row, rows, y + b0 * N, N);
 }
 

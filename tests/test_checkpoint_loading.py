@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit import AutoModel, AutoProcessor, CheckpointError, JanusForConditionalGeneration
+from vlmkit.io.mapped_safetensors import MappedSafetensors, release_pages
+from vlmkit.io.memory import HUGE_PAGE, huge_pages_available, move_to_huge_pages
 
 
 def _reshard(folder, out, shards):
@@ -77,6 +79,52 @@ def test_weights_in_the_checkpoints_dtype_are_not_copied_at_load(janus_dir, tmp_
         embedding.add_(1)  # the mapping is private: the file keeps its bytes
     assert torch.equal(load_file(str(folder / "model.safetensors"))["model.language_model.embed_tokens.weight"],
                        reference["model.language_model.embed_tokens.weight"])
+
+
+def _resident_kib_of_mapping_holding(address):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="transparent huge pages unavailable")
+def test_large_weights_move_to_huge_pages_and_free_their_file_pages(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Embedding(1024, 1024))  # 4 MiB each
+    file = (tmp_path / "model.safetensors").resolve()
+    save_file(model.state_dict(), str(file))
+    reference = load_file(str(file))
+    mapped = MappedSafetensors(file)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.data = mapped.get_tensor(name)
+    old_linear = model[0].weight.data
+
+    assert move_to_huge_pages(model) == 1  # the linear weight; the lookup-only table stays mapped
+    weight, table = model[0].weight, model[1].weight
+    assert _resident_kib_of_mapping_holding(table.data_ptr()) < 1024  # the copied weight's file pages freed
+    ranges = _mapped_ranges(file)
+    assert weight.data_ptr() % HUGE_PAGE == 0 and not any(a <= weight.data_ptr() < b for a, b in ranges)
+    assert any(a <= table.data_ptr() < b for a, b in ranges)
+    assert torch.equal(weight, reference["0.weight"]) and torch.equal(table, reference["1.weight"])
+    assert torch.equal(old_linear, reference["0.weight"])  # a released view reads the file again
+    x = torch.randn(3, 1024)
+    torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, reference["0.weight"], reference["0.bias"]),
+                               rtol=0, atol=0)
+    save_file({"weight": weight}, str(tmp_path / "again.safetensors"))  # a moved weight saves as usual
+    assert torch.equal(load_file(str(tmp_path / "again.safetensors"))["weight"], reference["0.weight"])
+
+
+def test_releasing_pages_leaves_tensors_outside_mapped_files_alone():
+    tensor = torch.arange(4 << 20, dtype=torch.float32)
+    assert not release_pages(tensor)
+    assert torch.equal(tensor, torch.arange(4 << 20, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "offsets past the end"])

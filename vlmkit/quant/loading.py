@@ -5,10 +5,7 @@ after loading, each chosen ``nn.Linear`` is replaced by its quantized module."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -16,6 +13,8 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import iter_checkpoint_tensors
+from ..io.mapped_safetensors import release_pages
+from ..io.memory import return_freed_memory
 
 
 class StreamingQuantizer:
@@ -24,12 +23,9 @@ class StreamingQuantizer:
     ``build(linear, taken)`` (the quantized module replacing ``linear``); ``suffixes`` says which tensor
     names after a layer's name belong to it (``weight``, ``weight.absmax``...; the bias loads as usual)."""
 
-    def __init__(self, method, module_names: Iterable[str], release_quantized: bool = False):
+    def __init__(self, method, module_names: Iterable[str]):
         self.method = method
         self.module_names = set(module_names)
-        # safetensors tensors are views of the mapped file, never shared between names (unlike a .bin's
-        # tied weights): their pages can be dropped once quantized
-        self.release_quantized = release_quantized
         self._since_trim = 0
         self.taken: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
@@ -51,8 +47,8 @@ class StreamingQuantizer:
                     continue
                 suffix = target[len(owner) + 1:]
                 self.taken[owner][suffix] = self.method.take(owner, suffix, value)
-                if self.release_quantized and len(pairs) == 1 and not self.method.pre_quantized:
-                    release_pages(value)  # quantized: its full-precision bytes are not needed again
+                if not self.method.pre_quantized:
+                    release_pages(value)  # quantized: its full-precision file pages are not needed again
                 self._since_trim += value.numel()
                 if self._since_trim >= TRIM_EVERY_WEIGHTS:  # and the float blocks that quantizing widened
                     return_freed_memory()
@@ -86,40 +82,6 @@ class StreamingQuantizer:
 
 
 TRIM_EVERY_WEIGHTS = 32 << 20
-_PAGE = 4096
-_MADV_DONTNEED = 4
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Hand the memory pages that lie wholly inside ``tensor`` back to the system. safetensors gives
-    tensors that are views into the memory-mapped file: each page read stays resident (and counts in
-    the process's memory) as long as the file is mapped, which is the whole load, so quantizing a
-    checkpoint would peak at its full size plus the quantized model. Dropping a quantized weight's
-    pages (a private file mapping re-reads them from the file if ever touched again) keeps the peak
-    near the quantized size. Pages shared with neighbouring tensors are left alone; Linux only."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-def return_freed_memory() -> None:
-    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim``). Quantizing
-    widens each weight a few MB at a time; glibc keeps those freed blocks, scattered between the
-    quantized weights: 0.6-1.6 GB more resident after loading the Janus-Pro-1B shape without this.
-    Called every ``TRIM_EVERY_WEIGHTS`` weights quantized and once at the end."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(AttributeError, OSError):
-            _libc().malloc_trim(0)
-
-
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def checkpoint_tensor_names(files, rename: Callable | None) -> list[str]:

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit import AutoModel, AutoProcessor, CheckpointError, JanusForConditionalGeneration
 from vlmkit.io.mapped_safetensors import MappedSafetensors, release_pages
-from vlmkit.io.memory import HUGE_PAGE, huge_pages_available, move_to_huge_pages
+from vlmkit.io.memory import HUGE_PAGE, huge_pages_available, in_huge_pages, move_to_huge_pages
+from vlmkit.quant.weight_only import quantize_int4, quantize_int8
 
 
 def _reshard(folder, out, shards):
@@ -96,7 +97,8 @@ def _resident_kib_of_mapping_holding(address):
 @pytest.mark.skipif(not huge_pages_available(), reason="transparent huge pages unavailable")
 def test_large_weights_move_to_huge_pages_and_free_their_file_pages(tmp_path):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Embedding(1024, 1024))  # 4 MiB each
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Embedding(1024, 1024),  # 4 MiB each
+                                torch.nn.Conv2d(512, 512, 2))
     file = (tmp_path / "model.safetensors").resolve()
     save_file(model.state_dict(), str(file))
     reference = load_file(str(file))
@@ -106,12 +108,13 @@ def test_large_weights_move_to_huge_pages_and_free_their_file_pages(tmp_path):
             param.data = mapped.get_tensor(name)
     old_linear = model[0].weight.data
 
-    assert move_to_huge_pages(model) == 1  # the linear weight; the lookup-only table stays mapped
-    weight, table = model[0].weight, model[1].weight
+    assert move_to_huge_pages(model) == 1  # the linear weight; the lookup table and the convolution stay
+    weight, table, kernel = model[0].weight, model[1].weight, model[2].weight
     assert _resident_kib_of_mapping_holding(table.data_ptr()) < 1024  # the copied weight's file pages freed
     ranges = _mapped_ranges(file)
-    assert weight.data_ptr() % HUGE_PAGE == 0 and not any(a <= weight.data_ptr() < b for a, b in ranges)
-    assert any(a <= table.data_ptr() < b for a, b in ranges)
+    assert in_huge_pages(weight) and weight.data_ptr() % HUGE_PAGE == 0
+    assert not any(a <= weight.data_ptr() < b for a, b in ranges)
+    assert all(any(a <= t.data_ptr() < b for a, b in ranges) and not in_huge_pages(t) for t in (table, kernel))
     assert torch.equal(weight, reference["0.weight"]) and torch.equal(table, reference["1.weight"])
     assert torch.equal(old_linear, reference["0.weight"])  # a released view reads the file again
     x = torch.randn(3, 1024)
@@ -119,6 +122,14 @@ def test_large_weights_move_to_huge_pages_and_free_their_file_pages(tmp_path):
                                rtol=0, atol=0)
     save_file({"weight": weight}, str(tmp_path / "again.safetensors"))  # a moved weight saves as usual
     assert torch.equal(load_file(str(tmp_path / "again.safetensors"))["weight"], reference["0.weight"])
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="transparent huge pages unavailable")
+def test_quantized_weights_are_written_straight_into_huge_pages():
+    values, _ = quantize_int8(torch.randn(2048, 1024))
+    assert in_huge_pages(values)
+    packed, _, _ = quantize_int4(torch.randn(4096, 1024), 128)
+    assert in_huge_pages(packed)
 
 
 def test_releasing_pages_leaves_tensors_outside_mapped_files_alone():

@@ -9,15 +9,16 @@ import json
 import math
 import mmap
 import os
-import weakref
 
 import torch
+
+from .mappings import MappingRegistry
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
-_MAPPINGS: list[tuple[int, int, weakref.ref]] = []  # (address, length, mapping) of each file mapped
+_FILE_MAPPINGS = MappingRegistry()
 
 
 def release_pages(tensor: torch.Tensor) -> bool:
@@ -26,18 +27,15 @@ def release_pages(tensor: torch.Tensor) -> bool:
     wrote into (a loaded weight before use): a later read of the view reads the file again, while a
     written (private) page would go back to the file's content. Pages shared with a neighbouring tensor
     stay. Returns whether the tensor was such a view."""
-    begin = tensor.data_ptr()
-    end = begin + tensor.numel() * tensor.element_size()
-    _MAPPINGS[:] = [entry for entry in _MAPPINGS if entry[2]() is not None]
-    for address, length, mapping_ref in _MAPPINGS:
-        mapping = mapping_ref()
-        if mapping is not None and address <= begin and end <= address + length:
-            first = -(-(begin - address) // mmap.PAGESIZE) * mmap.PAGESIZE
-            last = (end - address) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-            return True
-    return False
+    found = _FILE_MAPPINGS.holding(tensor)
+    if found is None:
+        return False
+    mapping, offset = found
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (offset + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return True
 
 
 class MappedSafetensors:
@@ -51,8 +49,7 @@ class MappedSafetensors:
                 raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
             # writes (training from these weights) go to private pages, never to the file
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-        _MAPPINGS.append((torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr(), size,
-                          weakref.ref(self._map)))
+        _FILE_MAPPINGS.add(self._map)
         header_length = int.from_bytes(self._map[:8], "little")
         if header_length > min(MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"header length {header_length} does not fit the {size}-byte file")

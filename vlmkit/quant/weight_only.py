@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..io.memory import empty_weight
 from ..nn.cpu_kernels import dequantize_int4, int4_kernel_available, linear_int4, linear_int8
 from .config import WeightOnlyConfig
 from .loading import plain_linear_names
@@ -56,7 +57,7 @@ def _row_blocks(weight: torch.Tensor):
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest per output channel: (int8 [out, in], fp32 scale [out])."""
-    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    values = empty_weight(weight.shape, torch.int8, weight.device)
     scales = torch.empty(weight.shape[0], device=weight.device)
     for rows, block in _row_blocks(weight):
         scale = (block.abs().amax(dim=1) / 127).clamp(min=1e-12)
@@ -70,7 +71,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     ``pack_nibbles`` packs them, uint8 [out, in / 2]; fp32 scale and zero [out, in / group]) with
     w ~ (q - 8) * scale + zero."""
     out_features, in_features = weight.shape
-    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
+    packed = empty_weight((out_features, in_features // 2), torch.uint8, weight.device)
     scales, zeros = (torch.empty(out_features, in_features // group_size, device=weight.device) for _ in range(2))
     for rows, block in _row_blocks(weight):
         groups = block.reshape(block.shape[0], -1, group_size)

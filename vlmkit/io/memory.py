@@ -27,6 +27,7 @@ from .mappings import MappingRegistry
 
 HUGE_PAGE = 2 << 20
 TRIM_EVERY_BYTES = 128 << 20
+COPY_BLOCK_BYTES = 32 << 20
 _POLICY_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _HUGE_PAGE_MAPPINGS = MappingRegistry()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -78,9 +79,7 @@ def move_to_huge_pages(model: nn.Module) -> int:
                     or param.device.type != "cpu" or not param.is_contiguous() or in_huge_pages(param)
                     or param.numel() * param.element_size() < HUGE_PAGE):
                 continue
-            source = param.data
-            param.data = empty_weight(source.shape, source.dtype).copy_(source)
-            release_pages(source)
+            param.data = _copy_releasing_file_pages(param.data)
             moved += 1
             since_trim += param.numel() * param.element_size()
             if since_trim >= TRIM_EVERY_BYTES:  # the old copies' freed heap blocks, or the peak doubles
@@ -88,6 +87,18 @@ def move_to_huge_pages(model: nn.Module) -> int:
                 since_trim = 0
     return_freed_memory()
     return moved
+
+
+def _copy_releasing_file_pages(source: torch.Tensor) -> torch.Tensor:
+    """A huge-page copy of ``source``, made a block at a time; a mapped file's pages are released behind
+    each block, so that copying a 400 MB LM head does not hold 400 MB of file pages beside it."""
+    copy = empty_weight(source.shape, source.dtype)
+    flat_source, flat_copy = source.view(-1), copy.view(-1)
+    block = COPY_BLOCK_BYTES // source.element_size()
+    for start in range(0, flat_source.numel(), block):
+        flat_copy[start:start + block].copy_(flat_source[start:start + block])
+        release_pages(flat_source[start:start + block])
+    return copy
 
 
 def return_freed_memory() -> None:
@@ -105,7 +116,8 @@ def keep_freed_blocks_for_reuse() -> None:
     under 32 MiB come from the heap, and up to 256 MiB free at its top stays mapped. Per-token
     temporaries (bitsandbytes dequantizes each weight into a fresh tensor of up to 23 MB for the
     Janus-Pro-1B shape) were otherwise faulted in page by page on every use: 60,000-90,000 page faults
-    per token, 5-8% of a step. Process-wide, set once a model is loaded (after loading trimmed the heap)."""
+    per token, 5-8% of a step. Process-wide, so only set once a bitsandbytes model is loaded: it keeps
+    more memory resident (vlmkit's own layers make few temporaries per token)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(AttributeError, OSError):
             libc = ctypes.CDLL(None)

@@ -71,7 +71,7 @@ class PretrainedVLM(nn.Module):
         "flash_attention_2") or ``use_flash_attention_2=True`` picks SDPA's kernels (see quant/attention_impl)."""
         from ..io.checkpoint import load_weights, weight_files
         from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
-        from ..quant import quantizer_for, resolve_quantization
+        from ..quant import BitsAndBytesConfig, quantizer_for, resolve_quantization
         from ..quant.attention_impl import apply_attn_implementation, resolve_attn_implementation
 
         _reject_unsupported(unused)
@@ -97,7 +97,8 @@ class PretrainedVLM(nn.Module):
         materialize(model, target_device)
         prepare_for_decoding(model)
         move_to_huge_pages(model)
-        keep_freed_blocks_for_reuse()
+        if isinstance(quantization, BitsAndBytesConfig):
+            keep_freed_blocks_for_reuse()  # bitsandbytes widens every weight into a fresh tensor per token
         apply_attn_implementation(model, attention, target_device, target_dtype)
         model.quantization_config = quantization
         model.checkpoint_config = raw_config

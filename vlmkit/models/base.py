@@ -12,7 +12,11 @@ from ..generation.config import GenerationConfig
 from ..generation.loop import generate_tokens, stop_string_checker
 from ..generation.prompt_cache import PromptCache, media_digest
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
+from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
 from ..nn.layers import prepare_for_decoding
+
+# prefills of at least this many rows hand their freed activations back to the system before decoding
+LONG_PREFILL_ROWS = 256
 
 
 class ModelOutput(dict):
@@ -70,7 +74,6 @@ class PretrainedVLM(nn.Module):
         checkpoint saved quantized loads quantized. ``attn_implementation`` ("sdpa", "eager",
         "flash_attention_2") or ``use_flash_attention_2=True`` picks SDPA's kernels (see quant/attention_impl)."""
         from ..io.checkpoint import load_weights, weight_files
-        from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
         from ..quant import BitsAndBytesConfig, quantizer_for, resolve_quantization
         from ..quant.attention_impl import apply_attn_implementation, resolve_attn_implementation
 
@@ -160,6 +163,10 @@ class PretrainedVLM(nn.Module):
             embeds = self.embed_inputs(input_ids, **model_inputs)[:, start:]
         mask = attention_mask[:, start:] if attention_mask is not None else None
         hidden = self.text_model(embeds, position_ids[:, start:], mask, cache)
+        if embeds.shape[0] * embeds.shape[1] >= LONG_PREFILL_ROWS and embeds.device.type == "cpu":
+            # a long prefill's activations are free now; glibc would keep them resident through the whole
+            # decode, beside the prompt cache's copy of the keys/values (Janus-Pro-1B, one image: ~180 MB)
+            return_freed_memory()
         if use_prompt_cache:
             prompt_cache.store(self, input_ids, media, cache)
         return self.lm_logits(hidden[:, -1])

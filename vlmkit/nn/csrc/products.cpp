@@ -81,16 +81,19 @@ struct Int16Activations {
       float top = 0.f;
       for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(row[k]));
       scale[b] = finite_row(row, K) ? (top > 0.f ? top / 32767.f : 1.f) : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t k = 0; k < K; ++k) values[b * K + k] = rounded<int16_t>(row[k], scale[b]);
+      const float inverse = 1.f / scale[b];
+      for (int64_t k = 0; k < K; ++k) values[b * K + k] = rounded<int16_t>(row[k], inverse);
     }
   }
   // a row with inf or NaN gets a NaN scale: its products are NaN, as float ones would be
   static bool finite_row(const float* row, int64_t K) {
     return std::all_of(row, row + K, [](float v) { return std::isfinite(v); });
   }
+  // value / scale to the nearest integer, given 1 / scale (a multiply per value in the hot loop, not a
+  // divide); 0 for a NaN scale
   template <typename T>
-  static T rounded(float value, float scale) {
-    return std::isnan(scale) ? T(0) : static_cast<T>(std::lrint(value / scale));
+  static T rounded(float value, float inverse) {
+    return std::isnan(inverse) ? T(0) : static_cast<T>(std::lrint(value * inverse));
   }
   std::vector<int16_t> values;  // [B, K]
   std::vector<float> scale;  // [B]: x ~ values * scale
@@ -112,9 +115,10 @@ struct Int8GroupActivations {
         float top = 0.f;
         for (int64_t k = g * G; k < (g + 1) * G; ++k) top = std::max(top, std::fabs(row[k]));
         const float s = finite ? (top > 0.f ? top / 127.f : 1.f) : std::numeric_limits<float>::quiet_NaN();
+        const float inverse = 1.f / s;
         int32_t sum = 0;
         for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const int8_t q = Int16Activations::rounded<int8_t>(row[k], s);
+          const int8_t q = Int16Activations::rounded<int8_t>(row[k], inverse);
           values[b * K + k - k % span + (k % 2) * (span / 2) + (k % span) / 2] = q;
           sum += q;
         }

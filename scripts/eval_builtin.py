@@ -114,7 +114,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from vlmkit.builtin import builtin_model_path
-    engine = Engine.load(args.model or builtin_model_path(), device="cpu")
+    from vlmkit.errors import VlmkitError
+    try:
+        engine = Engine.load(args.model or builtin_model_path(), device="cpu")
+    except VlmkitError as err:
+        print(f"eval_builtin: {err}", file=sys.stderr)
+        return 1
     report = {}
     for name, run in (("understanding", lambda: understanding(engine, args.per_type, args.seed)),
                       ("generation", lambda: generation(engine, args.images_per_prompt, args.seed)),

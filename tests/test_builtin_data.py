@@ -4,7 +4,7 @@ checker that judges every rendered scene right (so it can judge generated images
 import random
 
 from vlmkit.data import COLOURS, QUESTION_TYPES, SHAPES, caption, detect_objects, questions, render, sample_scene
-from vlmkit.data.shapes import Scene, SceneObject
+from vlmkit.data.shapes import Scene, SceneObject, canonical
 
 
 def test_the_same_seed_draws_the_same_scenes_and_pixels():
@@ -52,8 +52,7 @@ def test_training_conversations_ask_distinct_questions_about_one_scene():
         roles = [m["role"] for m in example.messages]
         assert roles == ["user", "assistant"] * 3
         # the same draws, replayed, give the scene the conversation is about: every answer is its answer
-        replay = random.Random(f"conversation:{seed}")
-        scene = sample_scene(replay)
+        scene = source.scene(random.Random(f"conversation:{seed}"))
         answers = {q: a for _, q, a in questions(scene, random.Random(0))}
         asked = [m["content"] for m in example.messages[::2]]
         assert len(set(asked)) == 3
@@ -61,3 +60,35 @@ def test_training_conversations_ask_distinct_questions_about_one_scene():
             if question in answers:  # the question's wording may be another of the same type
                 assert answers[question] == answer
     assert len(ShapesSource(32).understanding(random.Random(0)).messages) == 2
+
+
+def test_the_share_of_two_object_scenes_follows_the_recipe():
+    from vlmkit.train.data import ShapesSource
+
+    def objects(share):
+        source = ShapesSource(32, two_object_share=share)
+        return [len(source.scene(random.Random(f"share:{i}")).objects) for i in range(200)]
+
+    assert set(objects(0.0)) == {1} and set(objects(1.0)) == {2}
+    assert 0.6 < objects(0.75).count(2) / 200 < 0.9
+    easy = ShapesSource(32, two_object_share=1.0).scene(random.Random(0), easy=True)
+    assert len(easy.objects) == 1
+
+
+def test_canonical_generation_draws_one_picture_per_caption_and_background():
+    from vlmkit.train.data import ShapesSource
+
+    source = ShapesSource(64, canonical_generation=True)
+    pictures = {}
+    for i in range(300):
+        rng = random.Random(f"canonical:{i}")
+        example = source.generation(rng)
+        scene = canonical(sample_scene(random.Random(f"canonical:{i}")))
+        assert example.image.tobytes() == render(scene).tobytes()
+        key = (scene.background, caption(scene))
+        assert pictures.setdefault(key, example.image.tobytes()) == example.image.tobytes()
+        seen = sorted((o.colour, o.shape, o.position) for o in detect_objects(example.image))
+        assert seen == sorted((o.colour, o.shape, o.position) for o in scene.objects)
+    assert len(pictures) < 300  # captions repeat, so the check above compared repeats
+    jittered = ShapesSource(64).generation(random.Random("canonical:0")).image
+    assert jittered.tobytes() != source.generation(random.Random("canonical:0")).image.tobytes()

@@ -22,8 +22,9 @@ TINY = {
               "num_heads": 2, "num_kv_heads": 2, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
               "vq_codebook_size": 64, "vq_latent_channels": 32, "vq_base_channels": 32,
               "vq_channel_multiplier": [1, 1, 1, 2], "vocab_size": 400},
-    "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "crop_size": 16,
-           "full_image_steps": 2},
+    "data": {"two_object_share": 0.7, "canonical_generation": True},
+    "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "restart_worst_served": True,
+           "crop_size": 16, "full_image_steps": 2},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5},
     "checkpoint_every": 3,
 }
@@ -111,3 +112,24 @@ def test_train_command_on_jsonl_data(tmp_path, capsys):
 def test_recipes_with_unknown_keys_are_refused():
     with pytest.raises(InputError, match="unknown key.*lm.*stepz"):
         Recipe.from_dict({"lm": {"stepz": 3}})
+
+
+@pytest.mark.parametrize("worst_served", [False, True])
+def test_dead_codes_restart_where_the_codebook_serves_worst_when_asked(worst_served):
+    from types import SimpleNamespace
+
+    from vlmkit.train.stages import restart_dead_codes
+
+    # latents = the "pixels" themselves: 60 background latents right on code 0, 4 edge latents far from it
+    latents = torch.zeros(1, 2, 8, 8)
+    latents[0, 0] = 1.0
+    latents[0, :, 0, :4] = torch.tensor([0.0, 1.0])[:, None]
+    vq = SimpleNamespace(encoder=torch.nn.Identity(), quant_conv=torch.nn.Identity(),
+                         quantize=SimpleNamespace(embedding=torch.nn.Embedding(4, 2)))
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.9, 0.0], [1.0, -0.1]]))
+    usage = torch.tensor([60, 0, 0, 0])
+    assert restart_dead_codes(vq, usage, latents, torch.Generator().manual_seed(0), worst_served) == 3
+    moved = vq.quantize.embedding.weight[1:]
+    on_edges = (moved[:, 1] > 0.9).sum().item()
+    assert on_edges == 3 if worst_served else on_edges < 3  # uniform picks: mostly background

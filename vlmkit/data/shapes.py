@@ -82,6 +82,15 @@ def sample_scene(rng: random.Random, num_objects: int | None = None) -> Scene:
     return Scene(background, objects)
 
 
+def canonical(scene: Scene) -> Scene:
+    """The scene with every object at its layout's middle size and exactly on its position: the
+    same caption always renders to the same picture (training generation on these gives the model
+    one way to draw each caption, not an average of jittered ones)."""
+    size = 0.45 if len(scene.objects) == 1 else 0.35
+    return Scene(scene.background, tuple(SceneObject(o.shape, o.colour, o.position, size=size)
+                                         for o in scene.objects))
+
+
 def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
     import math
     points = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.shapes import QUESTION_TYPES, generation_caption, question_of_type, render, sample_scene
+from ..data.shapes import QUESTION_TYPES, canonical, generation_caption, question_of_type, render, sample_scene
 from ..errors import InputError
 
 
@@ -38,14 +38,17 @@ class GenerationExample:
 class ShapesSource:
     """Scenes of the shapes world, drawn fresh for every example."""
 
-    def __init__(self, image_size: int, questions_per_image: int = 1):
+    def __init__(self, image_size: int, questions_per_image: int = 1, two_object_share: float = 0.5,
+                 canonical_generation: bool = False):
         self.image_size = image_size
         self.questions_per_image = questions_per_image
+        self.two_object_share = two_object_share
+        self.canonical_generation = canonical_generation
 
     def understanding(self, rng: random.Random, easy: bool = False) -> UnderstandingExample:
         """A scene and a conversation about it: ``questions_per_image`` questions of distinct types
         in random order (one turn each); ``easy``: one object, asked its colour or shape."""
-        scene = sample_scene(rng, 1 if easy else None)
+        scene = self.scene(rng, easy)
         kinds = ("colour", "shape") if easy else QUESTION_TYPES
         count = min(self.questions_per_image, len(kinds))
         messages = []
@@ -54,8 +57,15 @@ class ShapesSource:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return UnderstandingExample(render(scene, self.image_size), messages)
 
+    def scene(self, rng: random.Random, easy: bool = False):
+        """An understanding example's scene: one object when ``easy``, else two objects with
+        probability ``two_object_share``."""
+        return sample_scene(rng, 1 if easy or rng.random() >= self.two_object_share else 2)
+
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)
+        if self.canonical_generation:
+            scene = canonical(scene)
         return GenerationExample(render(scene, self.image_size), generation_caption(scene, rng))
 
     def image(self, rng: random.Random) -> Image.Image:
@@ -129,7 +139,7 @@ def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
 def make_source(data, image_size: int):
     """The source a recipe's ``data`` section names."""
     if data.source == "shapes":
-        return ShapesSource(image_size, data.questions_per_image)
+        return ShapesSource(image_size, data.questions_per_image, data.two_object_share, data.canonical_generation)
     if data.source == "jsonl":
         return JsonlSource(data.understanding, data.generation)
     raise InputError(f"data.source must be 'shapes' or 'jsonl', got {data.source!r}")

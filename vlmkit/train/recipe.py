@@ -51,6 +51,12 @@ class DataSpec:
     # shapes only: questions asked about each understanding image, as a multi-turn conversation.
     # The image costs most of a row's tokens, so more answers per image are cheap supervision.
     questions_per_image: int = 1
+    # shapes only: the share of understanding scenes with two objects (the rest have one). Questions
+    # about one of two objects (binding a colour to a shape, counting one kind) are the hard ones.
+    two_object_share: float = 0.5
+    # shapes only: generation examples drawn at one size and exactly on their position
+    # (``shapes.canonical``), so each caption has one picture to learn instead of a jittered spread.
+    canonical_generation: bool = False
 
 
 @dataclass
@@ -64,6 +70,7 @@ class VQStage:
     commitment: float = 0.25
     foreground_weight: float = 0.0
     restart_dead_codes_every: int = 100
+    restart_worst_served: bool = False  # restart at poorly quantised latents (see stages.restart_dead_codes)
     # Train on random crops of this side (aligned to the token grid; 0 = whole images), which is
     # ~(image/crop)^2 times cheaper: the encoder and decoder are convolutional. The last
     # ``full_image_steps`` steps see whole images, so the attention layers adapt to the full grid.

@@ -69,14 +69,25 @@ def vq_losses(vq, pixel_values: torch.Tensor, commitment: float,
 
 
 @torch.no_grad()
-def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, generator: torch.Generator) -> int:
-    """Move codes unused since the last restart onto random latents of this batch; returns how many."""
+def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, generator: torch.Generator,
+                       worst_served: bool = False) -> int:
+    """Move codes unused since the last restart onto latents of this batch; returns how many.
+    ``worst_served`` picks latents with probability proportional to their distance from the nearest
+    code, instead of uniformly: in flat scenes most latents are background, and uniform restarts pile
+    codes there, so one background patch gets hundreds of interchangeable codes (noise the LM must
+    then predict) while edges stay under-served."""
     dead = (usage == 0).nonzero().flatten()
     if len(dead) == 0:
         return 0
     latents = vq.quant_conv(vq.encoder(pixel_values))
     flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
-    picks = torch.randint(len(flat), (len(dead),), generator=generator)
+    if worst_served:
+        codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+        distance = (1 - (flat @ codebook.t()).amax(dim=1)).clamp_min(0) + 1e-6
+        dead = dead[:len(flat)]
+        picks = torch.multinomial(distance, len(dead), replacement=False, generator=generator)
+    else:
+        picks = torch.randint(len(flat), (len(dead),), generator=generator)
     noise = 0.01 * torch.randn(len(dead), flat.shape[1], generator=generator)
     vq.quantize.embedding.weight[dead] = flat[picks] + noise
     return len(dead)

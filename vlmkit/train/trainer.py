@@ -200,7 +200,8 @@ class Trainer:
             if stage.restart_dead_codes_every and (step + 1) % stage.restart_dead_codes_every == 0 \
                     and step + 1 < stage.steps * 0.8:
                 generator = torch.Generator().manual_seed(rng.getrandbits(62))
-                losses["restarted"] = restart_dead_codes(vq, self.vq_usage, pixels, generator)
+                losses["restarted"] = restart_dead_codes(
+                    vq, self.vq_usage, pixels, generator, stage.restart_worst_served)
                 self.vq_usage.zero_()
             return losses
 

@@ -44,17 +44,22 @@ def foreground_mask(pixel_values: torch.Tensor, threshold: float = 0.2) -> torch
     return ((pixel_values - background).abs().amax(dim=1, keepdim=True) > threshold).float()
 
 
+def unit_latents(vq, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(latents as unit rows [B*H*W, C], the unit-length codebook, the latent grid's [B, C, H, W] shape):
+    the VQ quantises on the unit sphere, so the nearest code has the largest dot product."""
+    latents = vq.quant_conv(vq.encoder(pixel_values))
+    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    return flat, F.normalize(vq.quantize.embedding.weight, dim=-1), latents.shape
+
+
 def vq_losses(vq, pixel_values: torch.Tensor, commitment: float,
               foreground_weight: float = 0.0) -> tuple[dict, torch.Tensor]:
     """(losses, code ids used) for a batch of images [B, 3, H, W] in the processor's range.
     ``foreground_weight`` up-weights the reconstruction error off the background: flat scenes are
     mostly background, and the colour of a small shape otherwise hardly moves the loss."""
-    latents = vq.quant_conv(vq.encoder(pixel_values))
-    batch, channels, height, width = latents.shape
-    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, channels), dim=-1)
-    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    flat, codebook, (batch, channels, height, width) = unit_latents(vq, pixel_values)
     with torch.no_grad():
-        codes = (flat @ codebook.t()).argmax(dim=1)  # nearest on the unit sphere = largest dot product
+        codes = (flat @ codebook.t()).argmax(dim=1)
     quantized = codebook[codes]
     codebook_loss = F.mse_loss(quantized, flat.detach())
     commitment_loss = F.mse_loss(flat, quantized.detach())
@@ -73,16 +78,14 @@ def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, gene
                        worst_served: bool = False) -> int:
     """Move codes unused since the last restart onto latents of this batch; returns how many.
     ``worst_served`` picks latents with probability proportional to their distance from the nearest
-    code, instead of uniformly: in flat scenes most latents are background, and uniform restarts pile
-    codes there, so one background patch gets hundreds of interchangeable codes (noise the LM must
-    then predict) while edges stay under-served."""
+    code, instead of uniformly: in flat scenes most latents are background, so uniform restarts put
+    most new codes there while edges stay under-served. (It does not stop one background patch from
+    getting many interchangeable codes: that spread comes from the encoder's use of context.)"""
     dead = (usage == 0).nonzero().flatten()
     if len(dead) == 0:
         return 0
-    latents = vq.quant_conv(vq.encoder(pixel_values))
-    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    flat, codebook, _ = unit_latents(vq, pixel_values)
     if worst_served:
-        codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
         distance = (1 - (flat @ codebook.t()).amax(dim=1)).clamp_min(0) + 1e-6
         dead = dead[:len(flat)]
         picks = torch.multinomial(distance, len(dead), replacement=False, generator=generator)

@@ -60,7 +60,11 @@ class ShapesSource:
     def scene(self, rng: random.Random, easy: bool = False):
         """An understanding example's scene: one object when ``easy``, else two objects with
         probability ``two_object_share``."""
-        return sample_scene(rng, 1 if easy or rng.random() >= self.two_object_share else 2)
+        if easy:
+            return sample_scene(rng, 1)
+        if self.two_object_share == 0.5:  # sample_scene's own even draw: recipes from before the option see the same scenes
+            return sample_scene(rng)
+        return sample_scene(rng, 2 if rng.random() < self.two_object_share else 1)
 
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)

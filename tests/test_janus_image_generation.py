@@ -112,6 +112,28 @@ def test_vq_encode_uses_l2_normalised_codes_like_deepseek_not_transformers(janus
     assert ours_tokens.tolist() != raw_tokens.tolist()
 
 
+def test_patchwise_tokens_depend_on_their_patch_alone(janus_dir, sample_images):
+    processor, model = ours(str(janus_dir))
+    vq = model.model.vqmodel
+    pixels = processor.image_processor([sample_images["square"]])["pixel_values"]
+    side = 2 ** (len(vq.config.channel_multiplier) - 1)  # the encoder's downsampling factor
+    grid = pixels.shape[-1] // side
+    changed = pixels.clone()
+    changed[..., side:, :] = torch.rand_like(changed[..., side:, :]) * 2 - 1  # all but the first row of patches
+    with torch.no_grad():
+        latents = vq.latents(pixels, patchwise=True)
+        assert latents.shape[-2:] == (grid, grid)
+        # the definition: each patch, edge-padded by its side, encoded as a picture of its own
+        for row, col in [(0, 0), (1, 2), (grid - 1, grid - 1)]:
+            patch = pixels[..., row * side:(row + 1) * side, col * side:(col + 1) * side]
+            alone = torch.nn.functional.pad(patch, (side,) * 4, mode="replicate")
+            assert torch.allclose(latents[..., row, col], vq.latents(alone, patchwise=False)[..., 1, 1], atol=1e-5)
+        assert torch.equal(vq.encode(pixels, patchwise=True)[:, :grid], vq.encode(changed, patchwise=True)[:, :grid])
+        # whole-picture encoding mixes the rest of the image into every token
+        assert not torch.allclose(vq.latents(pixels)[..., 0, :], vq.latents(changed)[..., 0, :])
+    assert not vq.patchwise  # DeepSeek's and transformers' checkpoints encode whole pictures
+
+
 def test_image_training_loss_over_generation_head(janus_dir, prompts):
     processor, model = ours(str(janus_dir))
     inputs = processor(text=prompts[0], generation_mode="image")

@@ -191,10 +191,37 @@ class JanusVQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
-    def encode(self, pixel_values: torch.Tensor, l2_normalized: bool = True) -> torch.Tensor:
+    @property
+    def patchwise(self) -> bool:
+        """Whether this model's tokens were trained one patch at a time (see ``latents``); a vlmkit
+        extension recorded in ``vq_config`` (``"patchwise_encoding": true``), false for DeepSeek's."""
+        return bool(self.config.extra.get("patchwise_encoding", False))
+
+    def latents(self, pixel_values: torch.Tensor, patchwise: bool | None = None) -> torch.Tensor:
+        """The encoder's latents [B, embed_dim, H', W'] before quantisation. ``patchwise`` encodes each
+        token's patch on its own, so a token depends on its patch alone: the encoder's group norms
+        and attention otherwise mix the whole picture into every token, and the same patch of plain
+        background gets a different token in every scene. Each patch is edge-padded by its own side
+        (the group norms need more than one position to normalise over) and the centre latent kept.
+        Defaults to ``self.patchwise``."""
+        pixel_values = pixel_values.to(self.quant_conv.weight.dtype)
+        if not (self.patchwise if patchwise is None else patchwise):
+            return self.quant_conv(self.encoder(pixel_values))
+        batch, channels, height, width = pixel_values.shape
+        side = 2 ** (len(self.config.channel_multiplier) - 1)  # the encoder's downsampling factor
+        rows, cols = height // side, width // side
+        patches = pixel_values.unfold(2, side, side).unfold(3, side, side)  # [B, C, rows, cols, side, side]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch * rows * cols, channels * side * side)
+        # identical patches (plain background, mostly) give identical latents: encode each once
+        unique, inverse = torch.unique(patches, dim=0, return_inverse=True)
+        padded = F.pad(unique.view(-1, channels, side, side), (side, side, side, side), mode="replicate")
+        latents = self.quant_conv(self.encoder(padded))[..., 1, 1][inverse]  # [B*rows*cols, embed_dim]
+        return latents.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
+
+    def encode(self, pixel_values: torch.Tensor, l2_normalized: bool = True,
+               patchwise: bool | None = None) -> torch.Tensor:
         """Image token ids [B, H'*W'] of images [B, 3, H, W] normalised like the processor's output."""
-        latents = self.quant_conv(self.encoder(pixel_values.to(self.quant_conv.weight.dtype)))
-        return self.quantize.nearest_codes(latents, l2_normalized)
+        return self.quantize.nearest_codes(self.latents(pixel_values, patchwise), l2_normalized)
 
     def decode(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] (in the processor's normalised range) from image tokens [B, side*side]."""

@@ -24,7 +24,7 @@ TINY = {
               "vq_channel_multiplier": [1, 1, 1, 2], "vocab_size": 400},
     "data": {"two_object_share": 0.7, "canonical_generation": True},
     "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "restart_worst_served": True,
-           "crop_size": 16, "full_image_steps": 2},
+           "crop_size": 16, "full_image_steps": 2, "patchwise": True},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5},
     "checkpoint_every": 3,
 }
@@ -68,6 +68,7 @@ def test_the_export_loads_in_vlmkit_and_transformers_with_the_same_greedy_answer
     ours, processor = JanusForConditionalGeneration.from_pretrained(trained), JanusProcessor.from_pretrained(trained)
     reference, info = Reference.from_pretrained(trained, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert ours.model.vqmodel.patchwise  # the recipe's tokenisation travels with the checkpoint
     reference_processor = ReferenceProcessor.from_pretrained(trained)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     expected_inputs = reference_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -124,7 +125,7 @@ def test_dead_codes_restart_where_the_codebook_serves_worst_when_asked(worst_ser
     latents = torch.zeros(1, 2, 8, 8)
     latents[0, 0] = 1.0
     latents[0, :, 0, :4] = torch.tensor([0.0, 1.0])[:, None]
-    vq = SimpleNamespace(encoder=torch.nn.Identity(), quant_conv=torch.nn.Identity(),
+    vq = SimpleNamespace(latents=lambda pixel_values: pixel_values,
                          quantize=SimpleNamespace(embedding=torch.nn.Embedding(4, 2)))
     with torch.no_grad():
         vq.quantize.embedding.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.9, 0.0], [1.0, -0.1]]))

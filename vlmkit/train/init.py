@@ -15,8 +15,10 @@ from ..models.janus.modeling import JanusForConditionalGeneration
 from .recipe import ModelSizes
 
 
-def janus_config_dict(sizes: ModelSizes, token_ids: dict[str, int], vocab_size: int) -> dict:
-    """The ``config.json`` of a Janus model of these sizes, with the keys transformers writes."""
+def janus_config_dict(sizes: ModelSizes, token_ids: dict[str, int], vocab_size: int,
+                      patchwise_encoding: bool = False) -> dict:
+    """The ``config.json`` of a Janus model of these sizes, with the keys transformers writes (and
+    vlmkit's ``patchwise_encoding`` in ``vq_config`` when asked: see ``JanusVQVAE.latents``)."""
     num_image_tokens = (sizes.image_size // sizes.patch_size) ** 2
     latent_side = sizes.image_size // 2 ** (len(sizes.vq_channel_multiplier) - 1)
     if latent_side ** 2 != num_image_tokens:
@@ -50,6 +52,8 @@ def janus_config_dict(sizes: ModelSizes, token_ids: dict[str, int], vocab_size: 
         "num_hidden_layers": 2, "hidden_act": "gelu", "image_token_embed_dim": sizes.hidden_size,
         "num_patches": latent_side, "initializer_range": 0.02,
     }
+    if patchwise_encoding:
+        vq["patchwise_encoding"] = True
     return {
         "architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "dtype": "float32",
         "image_token_id": token_ids["image"], "tie_word_embeddings": False,

@@ -76,6 +76,10 @@ class VQStage:
     # ``full_image_steps`` steps see whole images, so the attention layers adapt to the full grid.
     crop_size: int = 0
     full_image_steps: int = 0
+    # Encode each token's patch on its own (``JanusVQVAE.latents``), so identical patches get identical
+    # tokens whatever else the picture holds, and the LM learns targets without context noise.
+    # Recorded in the checkpoint's config; a fine-tuned model (``init_from``) keeps its own.
+    patchwise: bool = False
 
 
 @dataclass

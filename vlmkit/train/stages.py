@@ -47,7 +47,7 @@ def foreground_mask(pixel_values: torch.Tensor, threshold: float = 0.2) -> torch
 def unit_latents(vq, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """(latents as unit rows [B*H*W, C], the unit-length codebook, the latent grid's [B, C, H, W] shape):
     the VQ quantises on the unit sphere, so the nearest code has the largest dot product."""
-    latents = vq.quant_conv(vq.encoder(pixel_values))
+    latents = vq.latents(pixel_values)
     flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
     return flat, F.normalize(vq.quantize.embedding.weight, dim=-1), latents.shape
 
@@ -79,8 +79,9 @@ def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, gene
     """Move codes unused since the last restart onto latents of this batch; returns how many.
     ``worst_served`` picks latents with probability proportional to their distance from the nearest
     code, instead of uniformly: in flat scenes most latents are background, so uniform restarts put
-    most new codes there while edges stay under-served. (It does not stop one background patch from
-    getting many interchangeable codes: that spread comes from the encoder's use of context.)"""
+    most new codes there while edges stay under-served. (With whole-picture encoding a background
+    patch still spreads over many interchangeable codes, since its latent depends on the rest of the
+    picture; patchwise encoding is what gives it one.)"""
     dead = (usage == 0).nonzero().flatten()
     if len(dead) == 0:
         return 0

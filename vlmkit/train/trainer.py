@@ -71,7 +71,7 @@ def _prepare_folder(recipe: Recipe, out: Path) -> None:
     num_image_tokens = (sizes.image_size // sizes.patch_size) ** 2
     write_processor_files(out, tokenizer, sizes.image_size, num_image_tokens)
     vocab_size = -(-tokenizer.get_vocab_size(with_added_tokens=True) // 64) * 64
-    config = janus_config_dict(sizes, token_ids(tokenizer), vocab_size)
+    config = janus_config_dict(sizes, token_ids(tokenizer), vocab_size, recipe.vq.patchwise)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -1,7 +1,7 @@
 """The shipped built-in model: it loads fast, answers about scenes of its world and draws them with
 no --model flag, and transformers reads the same checkpoint to the same greedy answers.
 
-The model is not always right (scripts/eval_builtin.py measures how often; docs/builtin.md has the
+The model is not always right (scripts/eval_builtin.py measures how often; the README has the
 figures), so the scenes and the sampling seed here are pinned cases it gets right: they check the
 whole no-flag path end to end, not the accuracy."""
 

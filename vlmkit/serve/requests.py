@@ -184,7 +184,7 @@ class RequestHandler:
         if not self.engine.can_generate_images:
             return None
         config = self.engine.model.config
-        side = config.num_patches_per_side * 2 ** (len(config.vq_config.channel_multiplier) - 1)
+        side = config.num_patches_per_side * config.vq_config.downsampling_factor
         return side, side
 
     def prepare_images(self, body) -> tuple[ImageGenerationRequest, ImageTask]:

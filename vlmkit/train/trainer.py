@@ -186,7 +186,7 @@ class Trainer:
             optimizer.load_state_dict(self.optimizer_state)
         image_processor = self.processor.image_processor
 
-        factor = 2 ** (len(self.model.config.vq_config.channel_multiplier) - 1)
+        factor = self.model.config.vq_config.downsampling_factor
 
         def step_fn(step, rng):
             pixels = image_processor([self.source.image(rng) for _ in range(stage.batch_size)])["pixel_values"]

@@ -50,6 +50,11 @@ class JanusVQVAEConfig:
     image_token_embed_dim: int = 2048
     extra: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent (and image token) along a side: the encoder halves per level after the first."""
+        return 2 ** (len(self.channel_multiplier) - 1)
+
 
 @dataclass
 class JanusConfig:

@@ -208,7 +208,7 @@ class JanusVQVAE(nn.Module):
         if not (self.patchwise if patchwise is None else patchwise):
             return self.quant_conv(self.encoder(pixel_values))
         batch, channels, height, width = pixel_values.shape
-        side = 2 ** (len(self.config.channel_multiplier) - 1)  # the encoder's downsampling factor
+        side = self.config.downsampling_factor
         rows, cols = height // side, width // side
         patches = pixel_values.unfold(2, side, side).unfold(3, side, side)  # [B, C, rows, cols, side, side]
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch * rows * cols, channels * side * side)

@@ -30,10 +30,11 @@ class Engine:
 
     @classmethod
     def load(cls, name_or_path, dtype="auto", device=None, quantize=None) -> "Engine":
-        """Load any supported checkpoint (folder or cached hub id); ``quantize``: None, "int8" or "int4"
+        """Load any supported checkpoint (folder or cached hub id) onto ``device`` (default: CUDA when there
+        is one, else the CPU); ``quantize``: None, "int8" or "int4"
         (vlmkit's weight-only layers) or anything ``from_pretrained``'s ``quantization_config`` takes."""
         model_type, model_class, processor_class = family_of(name_or_path)
-        model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=device,
+        model = model_class.from_pretrained(name_or_path, dtype=dtype, device_map=device or "auto",
                                             quantization_config=quantize)
         return cls(model, processor_class.from_pretrained(name_or_path), model_type)
 

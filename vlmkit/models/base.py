@@ -55,12 +55,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
+def _inputs_follow_the_model(model, args, kwargs):
+    """Tensors given on another device move to the model's, as transformers' ``device_map`` hooks do."""
+    device = model.device
+
+    def move(value):
+        return value.to(device) if isinstance(value, torch.Tensor) and value.device != device else value
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
 class PretrainedVLM(nn.Module):
     """Base of the families' top-level classes. A family provides ``config_from_folder`` (returns its
     config and the weight-name mapping for that layout), ``__init__(config)``, the text decoder as
     ``text_model``, ``lm_logits(hidden)`` and ``embed_inputs(input_ids, **model_inputs)``."""
 
     generation_config: GenerationConfig
+
+
+    def __init__(self):
+        super().__init__()
+        self.register_forward_pre_hook(_inputs_follow_the_model, with_kwargs=True)
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
@@ -84,7 +98,9 @@ class PretrainedVLM(nn.Module):
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config)
-        target_device = resolve_device(device_map, device)
+        # neither given: the CPU, as transformers (the CLI and server pass "auto")
+        target_device = resolve_device(device_map, device) if (device_map, device) != (None, None) else \
+            torch.device("cpu")
         files = weight_files(folder)
         with torch.device("meta"):
             model = cls(config)

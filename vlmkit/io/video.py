@@ -12,7 +12,6 @@ import io
 import os
 import tempfile
 
-import av
 import numpy as np
 
 from vlmkit.errors import MediaError
@@ -125,7 +124,17 @@ def _from_frames(frames, policy, num_frames, fps, max_frames, max_pixels, desc) 
     return np.stack(arrays)
 
 
+def _pyav():
+    # imported on first use: images-only users (and machines without FFmpeg libraries) never need it
+    try:
+        import av
+    except ImportError as e:
+        raise MediaError(f"reading video files needs PyAV (pip install av): {e}") from None
+    return av
+
+
 def _open(file, desc: str):
+    av = _pyav()
     if hasattr(file, "seek"):
         file.seek(0)
     try:
@@ -135,6 +144,7 @@ def _open(file, desc: str):
 
 
 def _decode(file, num_frames, fps, max_frames, max_pixels, desc) -> np.ndarray:
+    av = _pyav()
     try:
         with _open(file, desc) as container:
             if not container.streams.video:

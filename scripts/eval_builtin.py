@@ -84,7 +84,7 @@ def reconstruction(engine: Engine, count: int, seed: int) -> dict:
     right = total = 0
     for _ in range(count):
         scene = sample_scene(rng)
-        pixels = processor.image_processor([render(scene, size)])["pixel_values"].to(model.dtype)
+        pixels = processor.image_processor([render(scene, size)])["pixel_values"].to(model.device, model.dtype)
         decoded = model.decode_image_tokens(model.model.vqmodel.encode(pixels))
         image = processor.postprocess(list(decoded.float()), return_tensors="PIL.Image.Image")["pixel_values"][0]
         seen = sorted((o.colour, o.shape, o.position) for o in detect_objects(image))
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reconstructions", type=int, default=200)
     parser.add_argument("--skip", action="append", default=[], choices=["understanding", "generation", "reconstruction"])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the README's figures are the CPU's)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     from vlmkit.builtin import builtin_model_path
     from vlmkit.errors import VlmkitError
     try:
-        engine = Engine.load(args.model or builtin_model_path(), device="cpu")
+        engine = Engine.load(args.model or builtin_model_path(), device=args.device)
     except VlmkitError as err:
         print(f"eval_builtin: {err}", file=sys.stderr)
         return 1

@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--threads", type=int, help="override the recipe's CPU threads (the result may differ "
                                                     "in the last bits)")
+    parser.add_argument("--device", default="cpu", help="train on this device (cuda for quick recipe trials; the "
+                                                          "shipped weights are the CPU's)")
     parser.add_argument("--no-install", action="store_true", help="do not copy the result into the package")
     args = parser.parse_args(argv)
 
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
             recipe.threads = args.threads
         resume = args.resume and (out / "training" / "checkpoint.pt").is_file()
         try:
-            train(None if resume else recipe, out, resume=resume)
+            train(None if resume else recipe, out, resume=resume, device=args.device)
         except Interrupted as stopped:
             print(f"{stopped}; continue with: python scripts/train_builtin.py --resume --out {folder}",
                   file=sys.stderr)

@@ -137,10 +137,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .models.base import resolve_device
     from .train import Interrupted, Recipe, train
     recipe = Recipe.from_file(args.config) if args.config else None
     try:
-        out = train(recipe, args.out, resume=args.resume, progress=not args.quiet)
+        out = train(recipe, args.out, resume=args.resume, progress=not args.quiet,
+                    device=resolve_device(device=args.device))
     except Interrupted as stopped:
         print(f"vlmkit train: {stopped}; continue with --resume", file=sys.stderr)
         return 130
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder: the checkpoint, plus training/ state and logs")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     train.set_defaults(run=cmd_train)
     return parser
 

@@ -107,5 +107,5 @@ def generation_inputs(model, prompts: list[torch.Tensor], image_tokens: torch.Te
         row = torch.cat([text_embeds(prompt), embeds])
         fill = length - row.shape[0]
         rows.append(torch.cat([row, row.new_zeros(fill, row.shape[1])]))
-        labels.append(torch.cat([torch.full((len(prompt),), IGNORE), tokens, torch.full((fill,), IGNORE)]))
+        labels.append(torch.cat([tokens.new_full((len(prompt),), IGNORE), tokens, tokens.new_full((fill,), IGNORE)]))
     return {"inputs_embeds": torch.stack(rows), "labels": torch.stack(labels)}

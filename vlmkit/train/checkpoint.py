@@ -41,7 +41,7 @@ def transformers_state_dict(model, dtype="float32") -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in model.state_dict().items():
         name = _VISION_OUT_PROJ.sub(r"\1.projection_layer.", name)
-        tensor = tensor.detach()
+        tensor = tensor.detach().cpu()
         state[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous().clone()
     return state
 

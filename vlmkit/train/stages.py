@@ -89,29 +89,31 @@ def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, gene
     if worst_served:
         distance = (1 - (flat @ codebook.t()).amax(dim=1)).clamp_min(0) + 1e-6
         dead = dead[:len(flat)]
-        picks = torch.multinomial(distance, len(dead), replacement=False, generator=generator)
+        picks = torch.multinomial(distance.cpu(), len(dead), replacement=False, generator=generator)
     else:
         picks = torch.randint(len(flat), (len(dead),), generator=generator)
     noise = 0.01 * torch.randn(len(dead), flat.shape[1], generator=generator)
-    vq.quantize.embedding.weight[dead] = flat[picks] + noise
+    vq.quantize.embedding.weight[dead.to(flat.device)] = flat[picks.to(flat.device)] + noise.to(flat.device)
     return len(dead)
 
 
-def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False) -> dict:
-    """Understanding and generation losses for one step's batches (either may be absent)."""
+def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
+              device: torch.device | str = "cpu") -> dict:
+    """Understanding and generation losses for one step's batches (either may be absent), computed on
+    ``device`` (the model's)."""
     losses = {}
     understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
     generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
     total = 0.0
     if understanding:
-        batch = understanding_batch(processor, understanding)
+        batch = {k: v.to(device) for k, v in understanding_batch(processor, understanding).items()}
         losses["understanding"] = model(**batch).loss
         total = total + losses["understanding"]
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
         with torch.no_grad():
-            tokens = model.model.vqmodel.encode(batch["pixel_values"])
-        inputs = generation_inputs(model, batch["prompts"], tokens)
+            tokens = model.model.vqmodel.encode(batch["pixel_values"].to(device))
+        inputs = generation_inputs(model, [p.to(device) for p in batch["prompts"]], tokens)
         losses["generation"] = model(**inputs, generation_mode="image").loss
         total = total + stage.generation_loss_weight * losses["generation"]
     losses["loss"] = total

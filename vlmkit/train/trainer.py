@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..io.checkpoint import read_json
+from ..models.base import resolve_device
 from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
@@ -98,8 +99,11 @@ class Trainer:
     """One run of a recipe into ``out``; ``run()`` trains what is left and exports."""
 
     def __init__(self, recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
-                 halt_after: int | None = None):
+                 halt_after: int | None = None, device=None):
         self.out = Path(out)
+        # Where to train is not part of the recipe: the same recipe on another device trains the same
+        # model up to floating-point rounding (batches are drawn on the CPU either way).
+        self.device = resolve_device(device=device or "cpu")
         self.work = self.out / "training"
         self.checkpoint_path = self.work / "checkpoint.pt"
         self.progress = progress
@@ -126,7 +130,7 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         from ..models.janus.processing import JanusProcessor
         self.processor = JanusProcessor.from_pretrained(self.out)
-        self.model = _build_model(recipe, self.out)
+        self.model = _build_model(recipe, self.out).to(self.device)
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None
         if saved is not None:
@@ -134,13 +138,14 @@ class Trainer:
             self.state = saved["state"]
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]
+        self.vq_usage = self.vq_usage.to(self.device)
         self.source = make_source(recipe.data, self.model.config.vision_config.image_size)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:
         save_training_state(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-            "state": self.state, "vq_usage": self.vq_usage})
+            "state": self.state, "vq_usage": self.vq_usage.cpu()})
 
     def _log(self, values: dict) -> None:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
@@ -190,6 +195,7 @@ class Trainer:
 
         def step_fn(step, rng):
             pixels = image_processor([self.source.image(rng) for _ in range(stage.batch_size)])["pixel_values"]
+            pixels = pixels.to(self.device)
             if stage.crop_size and step < stage.steps - stage.full_image_steps:
                 pixels = random_crops(pixels, stage.crop_size, factor, rng)
             losses, codes = vq_losses(vq, pixels, stage.commitment, stage.foreground_weight)
@@ -218,7 +224,7 @@ class Trainer:
 
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps
-            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy)
+            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if stage.grad_clip:
@@ -245,11 +251,11 @@ class Trainer:
 
 
 def train(recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
-          halt_after: int | None = None) -> Path:
-    """Run (or, with ``resume``, continue) a recipe into ``out``; see ``Trainer``. The recipe's thread
-    count holds for the run only."""
+          halt_after: int | None = None, device=None) -> Path:
+    """Run (or, with ``resume``, continue) a recipe into ``out`` on ``device`` (default: the CPU; a run
+    may resume on another device); see ``Trainer``. The recipe's thread count holds for the run only."""
     threads = torch.get_num_threads()
     try:
-        return Trainer(recipe, out, resume=resume, progress=progress, halt_after=halt_after).run()
+        return Trainer(recipe, out, resume=resume, progress=progress, halt_after=halt_after, device=device).run()
     finally:
         torch.set_num_threads(threads)

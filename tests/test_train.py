@@ -134,3 +134,18 @@ def test_dead_codes_restart_where_the_codebook_serves_worst_when_asked(worst_ser
     moved = vq.quantize.embedding.weight[1:]
     on_edges = (moved[:, 1] > 0.9).sum().item()
     assert on_edges == 3 if worst_served else on_edges < 3  # uniform picks: mostly background
+
+
+def test_object_weighted_generation_loss_weighs_tokens_off_the_background():
+    from torch.nn import functional as F
+    from vlmkit.train.stages import object_weighted_loss
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 5, generator=generator)
+    tokens = torch.tensor([[1, 1, 3], [2, 4, 2]])  # backgrounds: 1 and 2
+    labels = torch.tensor([[-100, -100, -100, 1, 1, 3, -100], [-100, -100, -100, -100, 2, 4, 2]])
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
+    plain = F.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(object_weighted_loss(logits, labels, tokens, 1.0), plain)
+    objects = per_token[0, 4] + per_token[1, 4]  # the 3 in row 0 and the 4 in row 1 (predicted one step early)
+    background = per_token[0, 2] + per_token[0, 3] + per_token[1, 3] + per_token[1, 5]
+    assert torch.allclose(object_weighted_loss(logits, labels, tokens, 5.0), (5 * objects + background) / 14)

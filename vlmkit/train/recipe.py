@@ -95,6 +95,10 @@ class LMStage:
     weight_decay: float = 0.05
     caption_dropout: float = 0.1
     generation_loss_weight: float = 1.0
+    # Weight of the image tokens that are not their picture's most common code (the background, with
+    # patchwise tokens) in the generation loss, relative to the background's: a drawn object's few
+    # tokens, the only ones that depend on the caption's colour, otherwise hardly move the loss.
+    object_token_weight: float = 1.0
     grad_clip: float = 1.0
 
 

@@ -13,7 +13,7 @@ import random
 import torch
 from torch.nn import functional as F
 
-from .batches import generation_batch, generation_inputs, understanding_batch
+from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -97,6 +97,17 @@ def restart_dead_codes(vq, usage: torch.Tensor, pixel_values: torch.Tensor, gene
     return len(dead)
 
 
+def object_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor,
+                         object_weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over the image tokens, a weighted mean: tokens other than their row's
+    most common code (its background) weigh ``object_weight``, the rest 1."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+    background = image_tokens.mode(dim=1).values[:, None]
+    weight = torch.where(targets == background, 1.0, object_weight) * (targets != IGNORE)
+    return (losses * weight).sum() / weight.sum()
+
+
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
               device: torch.device | str = "cpu") -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
@@ -114,7 +125,11 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
         with torch.no_grad():
             tokens = model.model.vqmodel.encode(batch["pixel_values"].to(device))
         inputs = generation_inputs(model, [p.to(device) for p in batch["prompts"]], tokens)
-        losses["generation"] = model(**inputs, generation_mode="image").loss
+        if stage.object_token_weight == 1.0:
+            losses["generation"] = model(**inputs, generation_mode="image").loss
+        else:
+            logits = model(inputs_embeds=inputs["inputs_embeds"], generation_mode="image").logits
+            losses["generation"] = object_weighted_loss(logits, inputs["labels"], tokens, stage.object_token_weight)
         total = total + stage.generation_loss_weight * losses["generation"]
     losses["loss"] = total
     return losses

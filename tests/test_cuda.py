@@ -7,6 +7,16 @@ from janus_reference import chat_inputs, ours
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
+@pytest.fixture(autouse=True)
+def full_float32_on_cuda():
+    """cuDNN convolutions default to TF32 (~1e-3 off in the patch embeddings and the VQ decoder): compare
+    true float32 arithmetic with the CPU's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_device_map_and_to_cuda_give_the_cpu_greedy_answer(janus_dir, sample_images):
     from vlmkit import JanusForConditionalGeneration
     processor, cpu_model = ours(str(janus_dir))
@@ -35,3 +45,76 @@ def test_half_precision_text_and_image_generation_run_on_cuda(janus_dir, sample_
                             do_sample=True, num_return_sequences=2)
     pixels = model.decode_image_tokens(tokens)
     assert pixels.shape[0] == 2 and torch.isfinite(pixels.float()).all()
+
+
+def _cuda_matches_cpu(model_class, folder, inputs, new_tokens=8):
+    """The model on CUDA gives the CPU's fp32 logits (to rounding) and greedy tokens."""
+    cpu_model = model_class.from_pretrained(folder, dtype=torch.float32)
+    assert cpu_model.device.type == "cpu"  # no device named: the CPU, as transformers
+    cuda_model = model_class.from_pretrained(folder, dtype=torch.float32, device_map="cuda")
+    with torch.no_grad():
+        expected = cpu_model(**inputs).logits
+        got = cuda_model(**inputs).logits.cpu()  # CPU inputs follow the model, as with transformers' device_map
+    # float32 on both, but CUDA's SDPA and GEMM kernels sum in another order: ~2e-4 at most on these
+    # checkpoints' thousands of vision tokens; greedy tokens must agree exactly
+    assert torch.allclose(got, expected, atol=1e-3, rtol=0), (got - expected).abs().max()
+    expected_ids = cpu_model.generate(**inputs.to("cpu"), do_sample=False, max_new_tokens=new_tokens)
+    got_ids = cuda_model.generate(**inputs.to("cuda"), do_sample=False, max_new_tokens=new_tokens)
+    assert got_ids.cpu().tolist() == expected_ids.tolist()
+
+
+def _onevision_matches_the_cpu_on_cuda(folder, media_block):
+    from vlmkit.models.llava_onevision import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    conversation = [{"role": "user", "content": [media_block, {"type": "text", "text": "What is shown?"}]}]
+    inputs = LlavaOnevisionProcessor.from_pretrained(folder).apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    _cuda_matches_cpu(LlavaOnevisionForConditionalGeneration, folder, inputs)
+
+
+def test_llava_onevision_anyres_image_matches_the_cpu_on_cuda(llava_onevision_dir, sample_images):
+    _onevision_matches_the_cpu_on_cuda(llava_onevision_dir, {"type": "image", "image": sample_images["wide"]})
+
+
+def test_llava_onevision_video_matches_the_cpu_on_cuda(llava_onevision_dir, tmp_path):
+    pytest.importorskip("av")
+    from fixtures_llava import write_video
+    clip = write_video(tmp_path / "clip.mp4")
+    _onevision_matches_the_cpu_on_cuda(llava_onevision_dir, {"type": "video", "path": str(clip)})
+
+
+@pytest.mark.parametrize("variant", ["resampler", "plain"])
+def test_idefics_interleaved_images_match_the_cpu_on_cuda(request, sample_images, variant):
+    from vlmkit.models.idefics import IdeficsForVisionText2Text, IdeficsProcessor
+    folder = request.getfixturevalue(f"idefics_{variant}_dir")
+    processor = IdeficsProcessor.from_pretrained(folder)
+    inputs = processor(text=["User:", sample_images["wide"], "Describe this image.", sample_images["tall"],
+                             "Which is brighter?\nAssistant:"])
+    _cuda_matches_cpu(IdeficsForVisionText2Text, folder, inputs)
+
+
+def test_janus_image_generation_on_cuda_matches_the_cpu_logits(janus_dir):
+    from vlmkit import JanusForConditionalGeneration
+    processor, cpu_model = ours(str(janus_dir))
+    cuda_model = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=torch.float32, device_map="cuda")
+    prompt = processor.apply_chat_template([{"role": "user", "content": "A cat."}], add_generation_prompt=True)
+    inputs = processor(text=prompt, generation_mode="image")
+    tokens = cpu_model.generate(**inputs, generation_mode="image", seed=0, do_sample=True)
+    with torch.no_grad():  # teacher-forced on the CPU's tokens: every step's image logits agree
+        embeds = [m.image_token_embeddings(tokens.to(m.device)) for m in (cpu_model, cuda_model)]
+        text = [m.text_model.embed_tokens(inputs["input_ids"].to(m.device)) for m in (cpu_model, cuda_model)]
+        logits = [m(inputs_embeds=torch.cat([t, e], dim=1), generation_mode="image").logits.cpu()
+                  for m, t, e in zip((cpu_model, cuda_model), text, embeds)]
+        pixels = [m.decode_image_tokens(tokens.to(m.device)).cpu() for m in (cpu_model, cuda_model)]
+    assert torch.allclose(logits[1], logits[0], atol=1e-4, rtol=0)
+    assert torch.allclose(pixels[1], pixels[0], atol=1e-4, rtol=0)
+
+
+def test_training_steps_run_on_cuda_and_resume_on_the_cpu(tmp_path):
+    from test_train import tiny_recipe
+    from vlmkit.models.janus.modeling import JanusForConditionalGeneration
+    from vlmkit.train import Interrupted, train
+    with pytest.raises(Interrupted):
+        train(tiny_recipe(), tmp_path, progress=False, halt_after=6, device="cuda")  # VQ stage and 2 LM steps
+    train(None, tmp_path, resume=True, progress=False, device="cpu")
+    model = JanusForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

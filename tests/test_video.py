@@ -212,3 +212,10 @@ def test_bad_arguments_and_sources():
         load_video("ftp://example.com/a.mp4")
     with pytest.raises(MediaError, match="differ in size"):
         load_video([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
+
+
+def test_a_machine_without_pyav_gets_a_media_error_naming_it(videos, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    with pytest.raises(MediaError, match="needs PyAV"):
+        load_video(videos["clip.mp4"], 8)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from janus_reference import chat_inputs, ours
+from quantization_support import FAMILIES, FIXTURES, forward_logits, greedy_tokens, image_prompt, vlmkit_class
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -118,3 +119,46 @@ def test_training_steps_run_on_cuda_and_resume_on_the_cpu(tmp_path):
     train(None, tmp_path, resume=True, progress=False, device="cpu")
     model = JanusForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_models_compute_on_cuda_what_they_do_on_the_cpu(request, family):
+    from vlmkit.quant import quantized_modules
+    folder = str(request.getfixturevalue(FIXTURES[family]))
+    inputs = image_prompt(family, folder)
+    cpu_model = vlmkit_class(family).from_pretrained(folder, dtype=torch.float32, quantization_config="int8")
+    cuda_model = vlmkit_class(family).from_pretrained(folder, dtype=torch.float32, quantization_config="int8",
+                                                      device_map="cuda")
+    assert quantized_modules(cuda_model) == quantized_modules(cpu_model)
+    assert torch.allclose(forward_logits(cuda_model, inputs).cpu(), forward_logits(cpu_model, inputs), atol=1e-3)
+    assert greedy_tokens(cuda_model, inputs, family) == greedy_tokens(cpu_model, inputs, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_models_on_cuda_take_torchs_kernel_where_the_shape_allows_and_decode_in_bfloat16(request, family):
+    from vlmkit.quant import quantized_modules
+    from vlmkit.quant.weight_only import VISION_SIDE
+    folder = str(request.getfixturevalue(FIXTURES[family]))
+    model = vlmkit_class(family).from_pretrained(folder, dtype=torch.bfloat16, quantization_config="int4",
+                                                 device_map="cuda")
+    layers = dict(model.named_modules())
+    for name, kind in quantized_modules(model).items():
+        # vision-side layers are int8 by choice; the rest take torch's kernel where its shape rule allows
+        fits = not name.startswith(VISION_SIDE) and layers[name].out_features % 8 == 0 \
+            and layers[name].in_features % 128 == 0
+        assert kind == ("Int4Linear" if fits else "Int8Linear"), name
+    inputs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in image_prompt(family, folder).items()}
+    assert len(greedy_tokens(model, inputs, family, 6)) == 6
+
+
+def test_an_int4_layer_on_cuda_computes_what_it_does_on_the_cpu():
+    from vlmkit.quant.weight_only import Int4Linear
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 256, generator=generator), torch.randn(96, generator=generator)
+    cpu_layer = Int4Linear.from_float(weight, 128, bias, torch.bfloat16)
+    cuda_layer = Int4Linear.from_float(weight.cuda(), 128, bias.cuda(), torch.bfloat16)
+    assert cuda_layer.cuda_packing
+    for rows in (1, 7, 300):
+        x = torch.randn(2, rows, 256, generator=generator).bfloat16()
+        expected = cpu_layer(x).float()
+        assert torch.allclose(cuda_layer(x.cuda()).float().cpu(), expected, atol=0.03 * expected.abs().max())

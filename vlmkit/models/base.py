@@ -71,7 +71,6 @@ class PretrainedVLM(nn.Module):
 
     generation_config: GenerationConfig
 
-
     def __init__(self):
         super().__init__()
         self.register_forward_pre_hook(_inputs_follow_the_model, with_kwargs=True)

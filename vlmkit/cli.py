@@ -142,7 +142,7 @@ def cmd_train(args) -> int:
     recipe = Recipe.from_file(args.config) if args.config else None
     try:
         out = train(recipe, args.out, resume=args.resume, progress=not args.quiet,
-                    device=resolve_device(device=args.device))
+                    device=resolve_device(device=args.device or "auto"))
     except Interrupted as stopped:
         print(f"vlmkit train: {stopped}; continue with --resume", file=sys.stderr)
         return 130

@@ -30,7 +30,8 @@ class ModelOutput(dict):
 
 
 def resolve_device(device_map=None, device=None) -> torch.device:
-    """One device from transformers-style ``device_map`` ("auto", "cpu", "cuda:0", {"": dev}) or ``device``."""
+    """One device from transformers-style ``device_map`` ("auto", "cpu", "cuda:0", {"": dev}) or ``device``;
+    neither given: the CPU, as transformers ("auto": CUDA when there is one)."""
     choice = device if device is not None else device_map
     if isinstance(choice, dict):
         targets = set(map(str, choice.values()))
@@ -38,7 +39,9 @@ def resolve_device(device_map=None, device=None) -> torch.device:
             raise InputError(f"device_map spreads the model over {sorted(targets)}; vlmkit places a model on one "
                              f"device: pass device_map='auto', 'cpu' or 'cuda:N'")
         choice = targets.pop()
-    if choice is None or choice == "auto":
+    if choice is None:
+        return torch.device("cpu")
+    if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(choice, int):
         return torch.device("cuda", choice)
@@ -48,11 +51,17 @@ def resolve_device(device_map=None, device=None) -> torch.device:
     return device
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy: position t predicts label t+1; ``ignore_index`` labels are skipped."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy: position t predicts label t+1; ``ignore_index`` labels are skipped.
+    ``weights`` (one per label, [B, T]) make it a weighted mean over the labels that count."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    if weights is None:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
+    weights = weights[:, 1:].to(losses) * (targets != ignore_index)
+    return (losses * weights).sum() / weights.sum()
 
 
 def _inputs_follow_the_model(model, args, kwargs):
@@ -97,9 +106,7 @@ class PretrainedVLM(nn.Module):
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config)
-        # neither given: the CPU, as transformers (the CLI and server pass "auto")
-        target_device = resolve_device(device_map, device) if (device_map, device) != (None, None) else \
-            torch.device("cpu")
+        target_device = resolve_device(device_map, device)
         files = weight_files(folder)
         with torch.device("meta"):
             model = cls(config)

@@ -13,6 +13,7 @@ import random
 import torch
 from torch.nn import functional as F
 
+from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
 
 
@@ -101,11 +102,9 @@ def object_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, image_token
                          object_weight: float) -> torch.Tensor:
     """Next-token cross-entropy over the image tokens, a weighted mean: tokens other than their row's
     most common code (its background) weigh ``object_weight``, the rest 1."""
-    targets = labels[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
     background = image_tokens.mode(dim=1).values[:, None]
-    weight = torch.where(targets == background, 1.0, object_weight) * (targets != IGNORE)
-    return (losses * weight).sum() / weight.sum()
+    weights = torch.where(labels == background, 1.0, object_weight)
+    return causal_lm_loss(logits, labels, IGNORE, weights)
 
 
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,

@@ -103,7 +103,7 @@ class Trainer:
         self.out = Path(out)
         # Where to train is not part of the recipe: the same recipe on another device trains the same
         # model up to floating-point rounding (batches are drawn on the CPU either way).
-        self.device = resolve_device(device=device or "cpu")
+        self.device = resolve_device(device=device)
         self.work = self.out / "training"
         self.checkpoint_path = self.work / "checkpoint.pt"
         self.progress = progress

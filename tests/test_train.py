@@ -13,6 +13,7 @@ from vlmkit.data import render, sample_scene
 from vlmkit.errors import InputError
 from vlmkit.train import Interrupted, Recipe, train
 from vlmkit.train.batches import generation_prompt_ids, understanding_row
+from vlmkit.train.checkpoint import load_training_state
 from vlmkit.train.data import UnderstandingExample, write_shapes_dataset
 
 TINY = {
@@ -55,6 +56,24 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(traine
     assert resumed.keys() == expected.keys()
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_a_time_limited_sitting_checkpoints_and_resumes_to_the_uninterrupted_weights(trained, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(tiny_recipe(), out, progress=False, time_limit=0)  # a spent limit: one step, then stop
+    assert load_training_state(out / "training" / "checkpoint.pt")["state"]["step"] == 1
+    train(None, out, resume=True, progress=False, time_limit=3600)
+    resumed, expected = load_file(str(out / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_the_train_command_refuses_a_time_limit_that_is_not_positive(tmp_path, capsys):
+    (tmp_path / "recipe.json").write_text(json.dumps(TINY))
+    assert main(["train", "--config", str(tmp_path / "recipe.json"), "--out", str(tmp_path / "out"),
+                 "--time-limit", "-5"]) == 1
+    assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_export_loads_in_vlmkit_and_transformers_with_the_same_greedy_answer(trained):

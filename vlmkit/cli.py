@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import VlmkitError
+from .errors import InputError, VlmkitError
 
 
 def _default_model() -> str:
@@ -140,9 +140,12 @@ def cmd_train(args) -> int:
     from .models.base import resolve_device
     from .train import Interrupted, Recipe, train
     recipe = Recipe.from_file(args.config) if args.config else None
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise InputError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
     try:
         out = train(recipe, args.out, resume=args.resume, progress=not args.quiet,
-                    device=resolve_device(device=args.device or "auto"))
+                    device=resolve_device(device=args.device or "auto"),
+                    time_limit=None if args.time_limit is None else 60 * args.time_limit)
     except Interrupted as stopped:
         print(f"vlmkit train: {stopped}; continue with --resume", file=sys.stderr)
         return 130
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    train.add_argument("--time-limit", type=float, metavar="MINUTES",
+                       help="checkpoint and stop after training this long (continue later with --resume)")
     train.set_defaults(run=cmd_train)
     return parser
 

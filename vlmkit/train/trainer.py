@@ -99,7 +99,7 @@ class Trainer:
     """One run of a recipe into ``out``; ``run()`` trains what is left and exports."""
 
     def __init__(self, recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
-                 halt_after: int | None = None, device=None):
+                 halt_after: int | None = None, device=None, time_limit: float | None = None):
         self.out = Path(out)
         # Where to train is not part of the recipe: the same recipe on another device trains the same
         # model up to floating-point rounding (batches are drawn on the CPU either way).
@@ -108,6 +108,10 @@ class Trainer:
         self.checkpoint_path = self.work / "checkpoint.pt"
         self.progress = progress
         self.halt_after = halt_after  # stop (as if killed right after a checkpoint) after this many steps
+        # stop the same way once this invocation has trained for this many seconds (a run's step count
+        # is part of its recipe; how long one sitting may take is not)
+        self.time_limit = time_limit
+        self.started = time.perf_counter()
         self.steps_done = 0
         self.state = {"stage": "vq", "step": 0, "elapsed": {}}
         saved = None
@@ -175,7 +179,8 @@ class Trainer:
             if step % 10 == 0 or step + 1 == total:
                 self._log({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **values,
                            "elapsed": round(self.state["elapsed"][stage], 1)})
-            halting = self.halt_after is not None and self.steps_done >= self.halt_after
+            halting = (self.halt_after is not None and self.steps_done >= self.halt_after) or \
+                (self.time_limit is not None and time.perf_counter() - self.started >= self.time_limit)
             if (step + 1) % self.recipe.checkpoint_every == 0 or stop.requested or halting:
                 self.save(optimizer)
             if stop.requested or halting:
@@ -251,11 +256,12 @@ class Trainer:
 
 
 def train(recipe: Recipe | None, out, resume: bool = False, progress: bool = True,
-          halt_after: int | None = None, device=None) -> Path:
+          halt_after: int | None = None, device=None, time_limit: float | None = None) -> Path:
     """Run (or, with ``resume``, continue) a recipe into ``out`` on ``device`` (default: the CPU; a run
     may resume on another device); see ``Trainer``. The recipe's thread count holds for the run only."""
     threads = torch.get_num_threads()
     try:
-        return Trainer(recipe, out, resume=resume, progress=progress, halt_after=halt_after, device=device).run()
+        return Trainer(recipe, out, resume=resume, progress=progress, halt_after=halt_after, device=device,
+                       time_limit=time_limit).run()
     finally:
         torch.set_num_threads(threads)

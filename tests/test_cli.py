@@ -81,7 +81,7 @@ def test_chat_with_an_idefics_checkpoint_puts_images_where_the_user_put_them(ide
                                              {"type": "text", "text": "Compare them."}]}]
     inputs = engine.prepare_chat(messages)
     assert inputs["pixel_values"].shape[1] == 2  # both images, in order
-    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6).text
+    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6).text.lstrip()
 
 
 def test_chat_about_a_video_with_a_llava_onevision_checkpoint(llava_onevision_dir, onevision_videos):
@@ -93,4 +93,4 @@ def test_chat_about_a_video_with_a_llava_onevision_checkpoint(llava_onevision_di
     engine = Engine.load(llava_onevision_dir, dtype="float32")
     messages = [{"role": "user", "content": [{"type": "video", "path": video},
                                              {"type": "text", "text": "What happens?"}]}]
-    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6, num_frames=4).text
+    assert result.stdout.rstrip("\n") == engine.chat(messages, max_new_tokens=6, num_frames=4).text.lstrip()

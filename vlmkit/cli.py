@@ -46,7 +46,16 @@ def cmd_chat(args) -> int:
         options["num_frames"] = args.frames
 
     def answer(messages):
-        result = engine.chat(messages, on_text=lambda chunk: print(chunk, end="", flush=True), **options)
+        started = False
+
+        def show(chunk):  # the reply's first token usually carries the space after "Assistant:"
+            nonlocal started
+            if not started:
+                chunk = chunk.lstrip()
+                started = bool(chunk)
+            print(chunk, end="", flush=True)
+
+        result = engine.chat(messages, on_text=show, **options)
         print(flush=True)
         return result
 

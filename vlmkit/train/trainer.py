@@ -108,10 +108,10 @@ class Trainer:
         self.checkpoint_path = self.work / "checkpoint.pt"
         self.progress = progress
         self.halt_after = halt_after  # stop (as if killed right after a checkpoint) after this many steps
-        # stop the same way once this invocation has trained for this many seconds (a run's step count
-        # is part of its recipe; how long one sitting may take is not)
+        # stop the same way once ``run()`` has trained for this many seconds (a run's step count is part
+        # of its recipe; how long one sitting may take is not)
         self.time_limit = time_limit
-        self.started = time.perf_counter()
+        self.started = None
         self.steps_done = 0
         self.state = {"stage": "vq", "step": 0, "elapsed": {}}
         saved = None
@@ -155,6 +155,12 @@ class Trainer:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(values) + "\n")
 
+    def _sitting_is_over(self) -> bool:
+        """This invocation's step or time allowance is used up."""
+        if self.halt_after is not None and self.steps_done >= self.halt_after:
+            return True
+        return self.time_limit is not None and time.perf_counter() - self.started >= self.time_limit
+
     def _step_rng(self, stage: str, step: int):
         import random
         return random.Random(f"{self.recipe.seed}:{stage}:{step}")
@@ -179,8 +185,7 @@ class Trainer:
             if step % 10 == 0 or step + 1 == total:
                 self._log({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **values,
                            "elapsed": round(self.state["elapsed"][stage], 1)})
-            halting = (self.halt_after is not None and self.steps_done >= self.halt_after) or \
-                (self.time_limit is not None and time.perf_counter() - self.started >= self.time_limit)
+            halting = self._sitting_is_over()
             if (step + 1) % self.recipe.checkpoint_every == 0 or stop.requested or halting:
                 self.save(optimizer)
             if stop.requested or halting:
@@ -241,6 +246,7 @@ class Trainer:
 
     def run(self) -> Path:
         """Train what is left of the recipe, export, and return the output folder."""
+        self.started = time.perf_counter()
         with _StopRequest() as stop:
             if self.state["stage"] == "vq":
                 self._vq_stage(stop)

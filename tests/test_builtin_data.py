@@ -92,3 +92,24 @@ def test_canonical_generation_draws_one_picture_per_caption_and_background():
     assert len(pictures) < 300  # captions repeat, so the check above compared repeats
     jittered = ShapesSource(64).generation(random.Random("canonical:0")).image
     assert jittered.tobytes() != source.generation(random.Random("canonical:0")).image.tobytes()
+
+
+def test_canonical_objects_on_the_token_grid_cover_the_same_patches_at_every_position():
+    import numpy as np
+
+    from vlmkit.data import POSITIONS
+
+    token = 8
+    tiles = {}
+    for position in POSITIONS:
+        scene = canonical(Scene("grey", (SceneObject("star", "red", position),)), grid=token / 64)
+        image = render(scene)
+        (seen,) = detect_objects(image)
+        assert (seen.colour, seen.shape, seen.position) == ("red", "star", position)
+        pixels = np.asarray(image)
+        patches = [pixels[r:r + token, c:c + token].tobytes() for r in range(0, 64, token) for c in range(0, 64, token)]
+        background = max(set(patches), key=patches.count)
+        tiles[position] = sorted(p for p in patches if p != background)
+    assert all(t == tiles["left"] for t in tiles.values())
+    plain = [np.asarray(render(canonical(Scene("grey", (SceneObject("star", "red", p),))))) for p in ("left", "center")]
+    assert plain[0][24:40, 0:32].tobytes() != plain[1][24:40, 16:48].tobytes()  # off the grid: not the same

@@ -23,10 +23,11 @@ TINY = {
               "num_heads": 2, "num_kv_heads": 2, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
               "vq_codebook_size": 64, "vq_latent_channels": 32, "vq_base_channels": 32,
               "vq_channel_multiplier": [1, 1, 1, 2], "vocab_size": 400},
-    "data": {"two_object_share": 0.7, "canonical_generation": True},
+    "data": {"two_object_share": 0.7, "canonical_generation": True, "canonical_on_token_grid": True},
     "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "restart_worst_served": True,
            "crop_size": 16, "full_image_steps": 2, "patchwise": True},
-    "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5},
+    "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
+           "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True},
     "checkpoint_every": 3,
 }
 
@@ -168,3 +169,40 @@ def test_object_weighted_generation_loss_weighs_tokens_off_the_background():
     objects = per_token[0, 4] + per_token[1, 4]  # the 3 in row 0 and the 4 in row 1 (predicted one step early)
     background = per_token[0, 2] + per_token[0, 3] + per_token[1, 3] + per_token[1, 5]
     assert torch.allclose(object_weighted_loss(logits, labels, tokens, 5.0), (5 * objects + background) / 14)
+
+
+def test_caption_recall_loss_is_the_caption_words_cross_entropy_at_the_image_positions():
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+    from vlmkit.train.stages import caption_recall_loss
+
+    head = torch.nn.Linear(4, 6, bias=False)
+    model = SimpleNamespace(lm_logits=head)
+    hidden = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(1))
+    # row 0: a 3-token prompt, image positions 2..5; row 1: caption dropped; row 2: a 5-token prompt
+    got = caption_recall_loss(model, hidden, [3, 4, 5], 4, [[1, 4], [], [2, 2, 5]])
+    first = F.log_softmax(head(hidden[0, 2:6]), -1)
+    second = F.log_softmax(head(hidden[2, 4:8]), -1)
+    expected = (-(first[:, 1] + first[:, 4]) / 2).mean() / 2 + (-second[:, 2] * 2 / 3 - second[:, 5] / 3).mean() / 2
+    assert torch.allclose(got, expected)
+    assert caption_recall_loss(model, hidden, [3, 4, 5], 4, [[], [], []]) is None
+
+
+def test_the_lm_starts_from_the_vq_codes_when_asked(tmp_path):
+    from torch.nn import functional as F
+
+    out = train(tiny_recipe(lm={"steps": 0}), tmp_path / "run", progress=False)
+    weights = load_file(str(out / "model.safetensors"))
+    codes = F.normalize(weights["model.vqmodel.quantize.embedding.weight"], dim=-1)
+    assert torch.allclose(weights["model.generation_embeddings.weight"], codes)
+    plain = train(tiny_recipe(lm={"steps": 0, "image_embeddings_from_codebook": False}), tmp_path / "plain",
+                  progress=False)
+    assert not torch.allclose(load_file(str(plain / "model.safetensors"))["model.generation_embeddings.weight"], codes)
+
+
+def test_the_caption_recall_loss_is_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
+    log = [json.loads(line) for line in (trained / "training" / "log.jsonl").read_text().splitlines()]
+    assert any("caption recall" in row for row in log if row.get("stage") == "lm")
+    with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
+        train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)

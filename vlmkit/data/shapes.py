@@ -82,13 +82,21 @@ def sample_scene(rng: random.Random, num_objects: int | None = None) -> Scene:
     return Scene(background, objects)
 
 
-def canonical(scene: Scene) -> Scene:
+def canonical(scene: Scene, grid: float | None = None) -> Scene:
     """The scene with every object at its layout's middle size and exactly on its position: the
     same caption always renders to the same picture (training generation on these gives the model
-    one way to draw each caption, not an average of jittered ones)."""
+    one way to draw each caption, not an average of jittered ones). With ``grid`` (a token's side as
+    a fraction of the image's), each centre moves to the nearest multiple of it, so an object sits
+    on the token grid the same way at every position and patch-local tokens draw it the same."""
     size = 0.45 if len(scene.objects) == 1 else 0.35
-    return Scene(scene.background, tuple(SceneObject(o.shape, o.colour, o.position, size=size)
-                                         for o in scene.objects))
+    objects = []
+    for o in scene.objects:
+        dx = dy = 0.0
+        if grid:
+            fx, fy = _CENTRES[o.position]
+            dx, dy = round(fx / grid) * grid - fx, round(fy / grid) * grid - fy
+        objects.append(SceneObject(o.shape, o.colour, o.position, size=size, dx=dx, dy=dy))
+    return Scene(scene.background, tuple(objects))
 
 
 def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:

@@ -82,17 +82,22 @@ def generation_prompt_ids(processor, caption: str) -> list[int]:
 
 def generation_batch(processor, examples: list[GenerationExample], rng: random.Random,
                      caption_dropout: float) -> dict:
-    """``prompts`` (list of id tensors), ``pixel_values`` [B, 3, H, W]; the caller adds VQ tokens."""
+    """``prompts`` (list of id tensors), ``caption_ids`` (each caption's own token ids as they read
+    mid-sentence; empty where the caption was dropped), ``pixel_values`` [B, 3, H, W]; the caller
+    adds VQ tokens."""
     tokenizer = processor.tokenizer
     begin_image = tokenizer.token_id(processor.image_start_token)
-    prompts = []
+    prompts, caption_ids = [], []
     for example in examples:
         ids = torch.tensor(generation_prompt_ids(processor, example.caption))
+        words = tokenizer.encode(" " + example.caption.strip(), add_special_tokens=False)
         if rng.random() < caption_dropout:
             ids = unconditional_prompt(ids, tokenizer.bos_token_id, begin_image, tokenizer.pad_token_id)
+            words = []
         prompts.append(ids)
+        caption_ids.append(words)
     pixel_values = processor.image_processor([e.image for e in examples])["pixel_values"]
-    return {"prompts": prompts, "pixel_values": pixel_values}
+    return {"prompts": prompts, "caption_ids": caption_ids, "pixel_values": pixel_values}
 
 
 def generation_inputs(model, prompts: list[torch.Tensor], image_tokens: torch.Tensor) -> dict:

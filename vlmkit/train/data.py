@@ -39,11 +39,12 @@ class ShapesSource:
     """Scenes of the shapes world, drawn fresh for every example."""
 
     def __init__(self, image_size: int, questions_per_image: int = 1, two_object_share: float = 0.5,
-                 canonical_generation: bool = False):
+                 canonical_generation: bool = False, canonical_grid: int | None = None):
         self.image_size = image_size
         self.questions_per_image = questions_per_image
         self.two_object_share = two_object_share
         self.canonical_generation = canonical_generation
+        self.canonical_grid = canonical_grid  # pixels: canonical centres snap to multiples of it
 
     def understanding(self, rng: random.Random, easy: bool = False) -> UnderstandingExample:
         """A scene and a conversation about it: ``questions_per_image`` questions of distinct types
@@ -69,7 +70,7 @@ class ShapesSource:
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)
         if self.canonical_generation:
-            scene = canonical(scene)
+            scene = canonical(scene, self.canonical_grid / self.image_size if self.canonical_grid else None)
         return GenerationExample(render(scene, self.image_size), generation_caption(scene, rng))
 
     def image(self, rng: random.Random) -> Image.Image:
@@ -140,10 +141,14 @@ def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
     return records
 
 
-def make_source(data, image_size: int):
-    """The source a recipe's ``data`` section names."""
+def make_source(data, image_size: int, token_side: int | None = None):
+    """The source a recipe's ``data`` section names; ``token_side``: the VQ's downsampling factor
+    (pixels per image token side), the grid ``data.canonical_on_token_grid`` snaps to."""
     if data.source == "shapes":
-        return ShapesSource(image_size, data.questions_per_image, data.two_object_share, data.canonical_generation)
+        if data.canonical_on_token_grid and not data.canonical_generation:
+            raise InputError("data.canonical_on_token_grid needs data.canonical_generation")
+        return ShapesSource(image_size, data.questions_per_image, data.two_object_share, data.canonical_generation,
+                            token_side if data.canonical_on_token_grid else None)
     if data.source == "jsonl":
         return JsonlSource(data.understanding, data.generation)
     raise InputError(f"data.source must be 'shapes' or 'jsonl', got {data.source!r}")

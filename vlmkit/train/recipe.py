@@ -57,6 +57,10 @@ class DataSpec:
     # shapes only: generation examples drawn at one size and exactly on their position
     # (``shapes.canonical``), so each caption has one picture to learn instead of a jittered spread.
     canonical_generation: bool = False
+    # shapes only, with canonical_generation: object centres snapped to the VQ's token grid, so an
+    # object covers the same patches at every position (5,195 distinct 8-px patches in the 64-px
+    # one-object scenes become 1,043): patchwise tokens then spell each object one way.
+    canonical_on_token_grid: bool = False
 
 
 @dataclass
@@ -99,6 +103,14 @@ class LMStage:
     # patchwise tokens) in the generation loss, relative to the background's: a drawn object's few
     # tokens, the only ones that depend on the caption's colour, otherwise hardly move the loss.
     object_token_weight: float = 1.0
+    # Weight of an auxiliary loss: the hidden state at every image position predicts, through the
+    # text head, the words of its caption (training only; inference never runs it). With patch-local
+    # tokens only an object's first token needs the caption (the rest copy their neighbours), and the
+    # LM never learns to read colour and shape words for drawing; this loss makes them dense.
+    caption_recall_weight: float = 0.0
+    # Start the LM's image-token input embeddings at the trained VQ codes (fresh models only), so
+    # codes that look alike start alike instead of at unrelated random vectors.
+    image_embeddings_from_codebook: bool = False
     grad_clip: float = 1.0
 
 

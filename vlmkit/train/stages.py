@@ -107,6 +107,34 @@ def object_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, image_token
     return causal_lm_loss(logits, labels, IGNORE, weights)
 
 
+def caption_recall_loss(model, hidden: torch.Tensor, prompt_lengths: list[int], num_tokens: int,
+                        caption_ids: list[list[int]]) -> torch.Tensor | None:
+    """Mean cross-entropy of each row's caption words (the target: their frequencies) predicted by the
+    text head from the hidden state at every position that predicts an image token; rows without a
+    caption (dropped for CFG) are skipped. None when no row has one."""
+    rows = [i for i, words in enumerate(caption_ids) if words]
+    if not rows:
+        return None
+    starts = torch.tensor([prompt_lengths[i] - 1 for i in rows], device=hidden.device)
+    positions = starts[:, None] + torch.arange(num_tokens, device=hidden.device)
+    states = hidden[torch.tensor(rows, device=hidden.device)[:, None], positions]  # [rows, tokens, hidden]
+    log_probs = model.lm_logits(states).float().log_softmax(-1)
+    target = torch.zeros(len(rows), log_probs.shape[-1], device=hidden.device)
+    for row, i in enumerate(rows):  # a word said twice counts twice
+        words = torch.tensor(caption_ids[i], device=hidden.device)
+        target[row].index_add_(0, words, torch.ones(len(words), device=hidden.device))
+    target = target / target.sum(-1, keepdim=True)
+    return -(log_probs * target[:, None]).sum(-1).mean()
+
+
+@torch.no_grad()
+def image_embeddings_from_codebook(model) -> None:
+    """Set the LM's image-token input embeddings to the VQ's codes at unit length (as decoding sees
+    them): tokens that look alike (the same colour, say) then start out alike."""
+    codebook = model.model.vqmodel.quantize.embedding.weight
+    model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
+
+
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
               device: torch.device | str = "cpu") -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
@@ -125,10 +153,18 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
             tokens = model.model.vqmodel.encode(batch["pixel_values"].to(device))
         inputs = generation_inputs(model, [p.to(device) for p in batch["prompts"]], tokens)
         if stage.object_token_weight == 1.0:
-            losses["generation"] = model(**inputs, generation_mode="image").loss
+            output = model(**inputs, generation_mode="image")
+            losses["generation"] = output.loss
         else:
-            logits = model(inputs_embeds=inputs["inputs_embeds"], generation_mode="image").logits
-            losses["generation"] = object_weighted_loss(logits, inputs["labels"], tokens, stage.object_token_weight)
+            output = model(inputs_embeds=inputs["inputs_embeds"], generation_mode="image")
+            losses["generation"] = object_weighted_loss(output.logits, inputs["labels"], tokens,
+                                                        stage.object_token_weight)
         total = total + stage.generation_loss_weight * losses["generation"]
+        if stage.caption_recall_weight:
+            recall = caption_recall_loss(model, output.last_hidden_state, [len(p) for p in batch["prompts"]],
+                                         tokens.shape[1], batch["caption_ids"])
+            if recall is not None:
+                losses["caption recall"] = recall
+                total = total + stage.caption_recall_weight * recall
     losses["loss"] = total
     return losses

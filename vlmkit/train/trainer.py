@@ -23,7 +23,7 @@ from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
 from .recipe import Recipe
-from .stages import lm_losses, lr_at, random_crops, restart_dead_codes, vq_losses
+from .stages import image_embeddings_from_codebook, lm_losses, lr_at, random_crops, restart_dead_codes, vq_losses
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -143,7 +143,8 @@ class Trainer:
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]
         self.vq_usage = self.vq_usage.to(self.device)
-        self.source = make_source(recipe.data, self.model.config.vision_config.image_size)
+        self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
+                                  self.model.config.vq_config.downsampling_factor)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:
@@ -231,6 +232,8 @@ class Trainer:
         optimizer = _optimizer(params, stage.lr, stage.weight_decay)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
+        if stage.image_embeddings_from_codebook and not self.recipe.init_from and self.state["step"] == 0:
+            image_embeddings_from_codebook(self.model)  # frozen codes: a resume at step 0 redoes the same
 
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps

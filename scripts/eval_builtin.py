@@ -2,7 +2,7 @@
 
 * understanding: exact-match accuracy per question type on scenes from a seed namespace the training
   never uses ("eval:<seed>"), greedy answers through ``Engine.chat`` (what ``vlmkit chat`` runs);
-* generation: ``Engine.imagine`` (CFG 5, temperature 1, as ``vlmkit imagine``) for every colour x shape
+* generation: ``Engine.imagine`` (the checkpoint's guidance and temperature, as ``vlmkit imagine``) for every colour x shape
   prompt, with and without a position, judged by the pixel-statistics checker of ``vlmkit.data``;
 * VQ reconstruction: encode + decode held-out scenes, judged by the same checker (the ceiling for
   generation).

@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("-o", "--output", default=".", help="folder for the PNGs")
     imagine.add_argument("--name", help="file name stem (default: image)")
     imagine.add_argument("--seed", type=int)
-    imagine.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
-    imagine.add_argument("--temperature", type=float, default=1.0)
+    imagine.add_argument("--cfg", type=float, help="classifier-free guidance weight (default: the model's "
+                         "generation_config.json, else 5)")
+    imagine.add_argument("--temperature", type=float, help="default: the model's generation_config.json, else 1")
     imagine.add_argument("--top-k", type=int, default=0, help="0 = sample from the full softmax")
     imagine.add_argument("--top-p", type=float, default=1.0)
     imagine.add_argument("--batch-size", type=int, help="images generated at once (default: what fits)")

@@ -74,11 +74,12 @@ class Engine:
             or any(s in text for s in stop or [])
         return ChatResult(text, prompt_length, int(len(new_tokens)), "stop" if finished else "length")
 
-    def imagine(self, prompt: str, n: int = 1, *, seed: int | None = None, guidance_scale: float = 5.0,
-                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_batch_images: int | None = None,
-                on_step=None) -> list:
-        """Draw ``n`` images for a text prompt (Janus). Defaults follow DeepSeek's recipe: CFG 5,
-        temperature 1, the full softmax (no top-k)."""
+    def imagine(self, prompt: str, n: int = 1, *, seed: int | None = None, guidance_scale: float | None = None,
+                temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
+                max_batch_images: int | None = None, on_step=None) -> list:
+        """Draw ``n`` images for a text prompt (Janus). Guidance and temperature default to the
+        checkpoint's ``generation_config.json`` (else DeepSeek's CFG 5, temperature 1); the full
+        softmax (no top-k)."""
         if not self.can_generate_images:
             raise InputError("this model cannot generate images (only Janus checkpoints with generation weights can)")
         if not prompt or not prompt.strip():

@@ -12,6 +12,7 @@ import re
 
 from ..errors import InputError, MediaError, TemplateError, VlmkitError
 from ..io.media import load_image
+from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
                       ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
@@ -214,8 +215,8 @@ class RequestHandler:
         if prompt + engine.model.num_image_tokens > context:
             raise ApiError(400, f"the prompt ({prompt} tokens) plus the image's {engine.model.num_image_tokens} tokens "
                                 f"is more than the model's context of {context} tokens; shorten the prompt")
-        config = engine.model.generation_config.updated(
-            do_sample=True, seed=request.seed, guidance_scale=request.guidance_scale,
+        config = image_generation_config(
+            engine.model.generation_config, do_sample=True, seed=request.seed, guidance_scale=request.guidance_scale,
             temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
         return request, ImageTask(input_ids, config, request.n)
 

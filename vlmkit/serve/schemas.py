@@ -123,8 +123,8 @@ class ImageGenerationRequest(_Request):
     size: str | None = None
     response_format: str | None = None
     seed: int | None = None
-    guidance_scale: float = Field(default=5.0, ge=0)
-    temperature: float = Field(default=1.0, gt=0, le=10)
+    guidance_scale: float | None = Field(default=None, ge=0)  # None: the model's generation_config (else 5)
+    temperature: float | None = Field(default=None, gt=0, le=10)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
 

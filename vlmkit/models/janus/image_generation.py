@@ -14,6 +14,13 @@ from ...generation.loop import prompt_positions
 from ...generation.sampling import make_generator, next_token
 
 
+def image_generation_config(base, **options):
+    """``base`` (a ``GenerationConfig``) with ``options`` over it; the guidance scale is DeepSeek's 5
+    when neither sets one."""
+    config = base.updated(**options)
+    return config if config.guidance_scale is not None else config.updated(guidance_scale=5.0)
+
+
 def guided_logits(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance on stacked [cond; uncond] logits: uncond + scale * (cond - uncond)."""
     conditional, unconditional = logits.chunk(2)
@@ -41,9 +48,7 @@ def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.
         options.pop(key, None)
     if options.pop("pixel_values", None) is not None:
         raise InputError("Janus generates images from text only; pass no pixel_values with generation_mode='image'")
-    config = (generation_config or model.generation_config).updated(**options)
-    if config.guidance_scale is None:
-        config = config.updated(guidance_scale=5.0)
+    config = image_generation_config(generation_config or model.generation_config, **options)
     begin_image_id = model.begin_image_token_id
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise InputError("image generation needs a tokenised prompt (processor(text=..., generation_mode='image'))")

@@ -29,6 +29,7 @@ TINY = {
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
            "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True},
     "checkpoint_every": 3,
+    "guidance_scale": 1.5,
 }
 
 
@@ -199,6 +200,12 @@ def test_the_lm_starts_from_the_vq_codes_when_asked(tmp_path):
     plain = train(tiny_recipe(lm={"steps": 0, "image_embeddings_from_codebook": False}), tmp_path / "plain",
                   progress=False)
     assert not torch.allclose(load_file(str(plain / "model.safetensors"))["model.generation_embeddings.weight"], codes)
+
+
+def test_the_recipe_sets_the_checkpoints_default_guidance(trained):
+    from vlmkit.models.janus.modeling import JanusForConditionalGeneration
+    assert json.loads((trained / "generation_config.json").read_text())["guidance_scale"] == 1.5
+    assert JanusForConditionalGeneration.from_pretrained(trained).generation_config.guidance_scale == 1.5
 
 
 def test_the_caption_recall_loss_is_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):

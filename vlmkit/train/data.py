@@ -74,6 +74,10 @@ class ShapesSource:
         return GenerationExample(render(scene, self.image_size), generation_caption(scene, rng))
 
     def image(self, rng: random.Random) -> Image.Image:
+        """A picture for the VQ-VAE: with canonical generation, a generation target (what it will
+        encode, and what patchwise codes must spell exactly); else any scene."""
+        if self.canonical_generation:
+            return self.generation(rng).image
         return render(sample_scene(rng), self.image_size)
 
 

@@ -127,6 +127,11 @@ class Recipe:
     lm: LMStage = field(default_factory=LMStage)
     checkpoint_every: int = 100
     export_dtype: str = "float32"
+    # The guidance scale ``vlmkit imagine`` uses by default, written to generation_config.json (None:
+    # DeepSeek's 5, or the ``init_from`` checkpoint's). CFG extrapolates logits, which lifts every
+    # token the unconditional branch deems unlikely: a model whose token choices are near-certain
+    # draws noise at 5 and needs a gentle scale.
+    guidance_scale: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "Recipe":

@@ -59,6 +59,14 @@ class Interrupted(Exception):
 
 
 def _prepare_folder(recipe: Recipe, out: Path) -> None:
+    _write_checkpoint_files(recipe, out)
+    if recipe.guidance_scale is not None:
+        generation = read_json(out / "generation_config.json")
+        generation["guidance_scale"] = recipe.guidance_scale
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_checkpoint_files(recipe: Recipe, out: Path) -> None:
     if recipe.init_from:
         from ..io.checkpoint import resolve_model_path
         source = resolve_model_path(recipe.init_from)

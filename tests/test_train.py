@@ -213,3 +213,11 @@ def test_the_caption_recall_loss_is_logged_and_token_grid_needs_canonical_pictur
     assert any("caption recall" in row for row in log if row.get("stage") == "lm")
     with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
         train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)
+
+
+def test_the_recipes_shipped_in_the_repo_are_valid():
+    from pathlib import Path
+    recipes = sorted((Path(__file__).resolve().parent.parent / "scripts" / "recipes").glob("*.json"))
+    assert recipes
+    for path in recipes:
+        Recipe.from_file(path)

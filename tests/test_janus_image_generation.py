@@ -166,11 +166,15 @@ def test_imagine_takes_guidance_and_temperature_from_the_checkpoint_unless_given
     from vlmkit.engine import Engine
     processor, model = ours(str(janus_dir))
     engine = Engine(model, processor, "janus")
-    model.generation_config = replace(model.generation_config, guidance_scale=None)
-    deepseek = engine.imagine("a red circle", seed=4, guidance_scale=5.0, temperature=1.0)[0].tobytes()
-    assert engine.imagine("a red circle", seed=4)[0].tobytes() == deepseek  # neither sets it: CFG 5
-    model.generation_config = model.generation_config.updated(guidance_scale=1.5, temperature=0.7)
-    own = engine.imagine("a red circle", seed=4)[0].tobytes()
-    assert own == engine.imagine("a red circle", seed=4, guidance_scale=1.5, temperature=0.7)[0].tobytes()
-    assert own != deepseek
-    assert engine.imagine("a red circle", seed=4, guidance_scale=5.0, temperature=1.0)[0].tobytes() == deepseek
+    shared = model.generation_config  # the model is cached for other tests: restore its settings
+    try:
+        model.generation_config = replace(shared, guidance_scale=None)
+        deepseek = engine.imagine("a red circle", seed=4, guidance_scale=5.0, temperature=1.0)[0].tobytes()
+        assert engine.imagine("a red circle", seed=4)[0].tobytes() == deepseek  # neither sets it: CFG 5
+        model.generation_config = replace(shared, guidance_scale=1.5, temperature=0.7)
+        own = engine.imagine("a red circle", seed=4)[0].tobytes()
+        assert own == engine.imagine("a red circle", seed=4, guidance_scale=1.5, temperature=0.7)[0].tobytes()
+        assert own != deepseek
+        assert engine.imagine("a red circle", seed=4, guidance_scale=5.0, temperature=1.0)[0].tobytes() == deepseek
+    finally:
+        model.generation_config = shared

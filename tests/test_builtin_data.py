@@ -113,3 +113,34 @@ def test_canonical_objects_on_the_token_grid_cover_the_same_patches_at_every_pos
     assert all(t == tiles["left"] for t in tiles.values())
     plain = [np.asarray(render(canonical(Scene("grey", (SceneObject("star", "red", p),))))) for p in ("left", "center")]
     assert plain[0][24:40, 0:32].tobytes() != plain[1][24:40, 16:48].tobytes()  # off the grid: not the same
+
+
+def test_patch_labels_name_the_object_each_cell_of_the_rendering_shows():
+    from vlmkit.data import BACKGROUNDS
+    from vlmkit.data.shapes import patch_labels
+    from vlmkit.train.data import ShapesSource
+    rng = random.Random("cells")
+    for _ in range(40):
+        scene = sample_scene(rng)
+        image = render(scene, 64)
+        labels = patch_labels(scene, 64, 8)
+        assert len(labels) == 64 and set(labels) == set(range(len(scene.objects) + 1))
+        for cell, label in enumerate(labels):
+            box = ((cell % 8) * 8, (cell // 8) * 8, (cell % 8) * 8 + 8, (cell // 8) * 8 + 8)
+            pixels = [image.getpixel((x, y)) for y in range(box[1], box[3]) for x in range(box[0], box[2])]
+            colour = COLOURS[scene.objects[label - 1].colour] if label else None
+            # judged on the rendering: a labelled cell shows its object's colour over an eighth of it (minus
+            # anti-aliased edge pixels); a background cell shows no object over more than about an eighth
+            near = sum(max(abs(a - b) for a, b in zip(p, colour)) < 40 for p in pixels) if colour else 0
+            off_background = sum(max(abs(a - b) for a, b in zip(p, BACKGROUNDS[scene.background])) > 40
+                                 for p in pixels)
+            assert (near >= 4) if label else (off_background <= 12), (scene, cell, label)
+    example_rng = random.Random("cells:source")
+    image, shapes, colours = ShapesSource(64).patch_example(example_rng, 8)
+    scene = ShapesSource(64).scene(random.Random("cells:source"))
+    assert image.tobytes() == render(scene, 64).tobytes()
+    cells = patch_labels(scene, 64, 8)
+    for cell, label in enumerate(cells):
+        obj = scene.objects[label - 1] if label else None
+        assert shapes[cell] == (1 + SHAPES.index(obj.shape) if obj else 0)
+        assert colours[cell] == (1 + list(COLOURS).index(obj.colour) if obj else 0)

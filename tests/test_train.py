@@ -26,6 +26,7 @@ TINY = {
     "data": {"two_object_share": 0.7, "canonical_generation": True, "canonical_on_token_grid": True},
     "vq": {"steps": 4, "batch_size": 3, "warmup": 2, "restart_dead_codes_every": 2, "restart_worst_served": True,
            "crop_size": 16, "full_image_steps": 2, "patchwise": True},
+    "vision": {"steps": 3, "batch_size": 3, "warmup": 1},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
            "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True},
     "checkpoint_every": 3,
@@ -52,7 +53,9 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(traine
         train(tiny_recipe(), out, progress=False, halt_after=2)  # mid VQ stage
     assert json.loads((out / "training" / "recipe.json").read_text())["seed"] == 3
     with pytest.raises(Interrupted):
-        train(None, out, resume=True, progress=False, halt_after=3)  # through the stage change, mid LM
+        train(None, out, resume=True, progress=False, halt_after=3)  # through the stage change, mid vision
+    with pytest.raises(Interrupted):
+        train(None, out, resume=True, progress=False, halt_after=4)  # mid LM
     train(None, out, resume=True, progress=False)
     resumed, expected = load_file(str(out / "model.safetensors")), load_file(str(trained / "model.safetensors"))
     assert resumed.keys() == expected.keys()
@@ -123,7 +126,8 @@ def test_training_rows_are_what_inference_feeds(trained):
 def test_train_command_on_jsonl_data(tmp_path, capsys):
     understanding, generation = write_shapes_dataset(tmp_path / "data", count=6, seed=0, image_size=32)
     recipe = dict(TINY, data={"source": "jsonl", "understanding": str(understanding), "generation": str(generation)},
-                  vq={"steps": 0}, lm={"steps": 1, "understanding_batch": 2, "generation_batch": 2})
+                  vq={"steps": 0}, vision={"steps": 0},
+                  lm={"steps": 1, "understanding_batch": 2, "generation_batch": 2})
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     assert main(["train", "--config", str(tmp_path / "recipe.json"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -221,3 +225,65 @@ def test_the_recipes_shipped_in_the_repo_are_valid():
     assert recipes
     for path in recipes:
         Recipe.from_file(path)
+
+
+def test_the_vision_stage_trains_the_vision_tower_alone(tmp_path):
+    pretrained = load_file(str(train(tiny_recipe(lm={"steps": 0}), tmp_path / "vision", progress=False)
+                               / "model.safetensors"))
+    plain = load_file(str(train(tiny_recipe(lm={"steps": 0}, vision={"steps": 0}), tmp_path / "plain", progress=False)
+                          / "model.safetensors"))
+    for name in plain:
+        changed = not torch.equal(pretrained[name], plain[name])
+        if name.startswith("model.vision_model.") and name.endswith(".weight") and "norm" not in name:
+            assert changed, name
+        elif not name.startswith("model.vision_model."):
+            assert not changed, name
+    log = [json.loads(line) for line in (tmp_path / "vision" / "training" / "log.jsonl").read_text().splitlines()]
+    assert {"shape", "colour"} <= set(next(row for row in log if row["stage"] == "vision"))
+
+
+def test_the_vision_stage_needs_the_shapes_world(tmp_path):
+    understanding, generation = write_shapes_dataset(tmp_path / "data", count=2, seed=0, image_size=32)
+    recipe = tiny_recipe(data={"source": "jsonl", "understanding": str(understanding), "generation": str(generation),
+                               "canonical_generation": False, "canonical_on_token_grid": False})
+    with pytest.raises(InputError, match="vision stage needs data.source 'shapes'"):
+        train(recipe, tmp_path / "run", progress=False)
+
+
+def test_the_patch_label_loss_is_each_tokens_shape_and_colour_cross_entropy():
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+    from vlmkit.train.stages import patch_label_loss
+
+    generator = torch.Generator().manual_seed(2)
+    tower = torch.nn.Linear(3, 4)
+    model = SimpleNamespace(model=SimpleNamespace(vision_model=tower))
+    head = torch.nn.Linear(4, 5)  # 2 shape classes, 3 colour classes
+    pixels = torch.randn(2, 6, 3, generator=generator)
+    shapes = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1]])
+    colours = torch.randint(0, 3, (2, 6), generator=generator)
+    logits = head(tower(pixels))
+    losses = patch_label_loss(model, head, pixels, shapes, colours, 2)
+    assert torch.allclose(losses["shape"], F.cross_entropy(logits[..., :2].reshape(-1, 2), shapes.reshape(-1)))
+    assert torch.allclose(losses["colour"], F.cross_entropy(logits[..., 2:].reshape(-1, 3), colours.reshape(-1)))
+    assert torch.allclose(losses["loss"], losses["shape"] + losses["colour"])
+
+
+def test_the_image_token_cache_gives_the_vq_tokens_and_encodes_each_picture_once(trained):
+    from vlmkit.models.janus.modeling import JanusForConditionalGeneration
+    from vlmkit.models.janus.processing import JanusProcessor
+    from vlmkit.train.stages import ImageTokenCache
+
+    model = JanusForConditionalGeneration.from_pretrained(trained, dtype=torch.float32)
+    scenes = [sample_scene(random.Random(i)) for i in range(3)]
+    pixels = JanusProcessor.from_pretrained(trained).image_processor(
+        [render(scenes[i], 32) for i in (0, 1, 0, 2)])["pixel_values"]
+    vq = model.model.vqmodel
+    cache = ImageTokenCache(vq)
+    with torch.no_grad():
+        expected = vq.encode(pixels)
+    assert torch.equal(cache(pixels, "cpu"), expected)
+    assert len(cache.tokens) == 3  # the repeated picture is encoded once
+    assert torch.equal(cache(pixels[[2, 3]], "cpu"), expected[[2, 3]])
+    assert len(cache.tokens) == 3

@@ -109,28 +109,49 @@ def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
     return points
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side_px: int, fill) -> None:
+    fx, fy = _CENTRES[obj.position]
+    cx, cy, side = (fx + obj.dx) * side_px, (fy + obj.dy) * side_px, obj.size * side_px
+    half = side / 2
+    if obj.shape == "circle":
+        draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif obj.shape == "square":
+        half *= 0.88  # a square of the same bounding box looks larger than the other shapes
+        draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    elif obj.shape == "star":
+        draw.polygon(_star(cx, cy + 0.05 * side, half * 1.08), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """The scene as an RGB image ``size`` x ``size``."""
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        fx, fy = _CENTRES[obj.position]
-        cx, cy, side = (fx + obj.dx) * big, (fy + obj.dy) * big, obj.size * big
-        fill = COLOURS[obj.colour]
-        half = side / 2
-        if obj.shape == "circle":
-            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
-        elif obj.shape == "square":
-            half *= 0.88  # a square of the same bounding box looks larger than the other shapes
-            draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
-        elif obj.shape == "star":
-            draw.polygon(_star(cx, cy + 0.05 * side, half * 1.08), fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}")
+        _draw_object(draw, obj, big, COLOURS[obj.colour])
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+def patch_labels(scene: Scene, size: int, patch: int, min_cover: float = 0.125) -> list[int]:
+    """Which object each ``patch`` x ``patch`` cell of the ``size``-px rendering shows, row by row:
+    0 for background, else 1 + the object's index, for a cell that object covers at least
+    ``min_cover`` of (objects never touch, so at most one does)."""
+    cells = size // patch
+    labels = [0] * (cells * cells)
+    big = size * _SUPERSAMPLE  # the coverage the rendering's anti-aliased pixels show
+    for index, obj in enumerate(scene.objects, 1):
+        mask = Image.new("L", (big, big), 0)
+        _draw_object(ImageDraw.Draw(mask), obj, big, 255)
+        mask = mask.crop((0, 0, cells * patch * _SUPERSAMPLE, cells * patch * _SUPERSAMPLE))
+        cover = mask.resize((cells, cells), Image.Resampling.BOX).tobytes()  # mean per cell, 0-255
+        for cell, value in enumerate(cover):
+            if value >= min_cover * 255:
+                labels[cell] = index
+    return labels
 
 
 def caption(scene: Scene, with_position: bool = True) -> str:

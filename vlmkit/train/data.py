@@ -15,7 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.shapes import QUESTION_TYPES, canonical, generation_caption, question_of_type, render, sample_scene
+from ..data.shapes import (COLOURS, QUESTION_TYPES, SHAPES, canonical, generation_caption, patch_labels,
+                           question_of_type, render, sample_scene)
 from ..errors import InputError
 
 
@@ -66,6 +67,17 @@ class ShapesSource:
         if self.two_object_share == 0.5:  # sample_scene's own even draw: recipes from before the option see the same scenes
             return sample_scene(rng)
         return sample_scene(rng, 2 if rng.random() < self.two_object_share else 1)
+
+    def patch_example(self, rng: random.Random, patch: int) -> tuple[Image.Image, list[int], list[int]]:
+        """An understanding scene and, for each ``patch``-px cell (row by row), the class of the shape
+        and of the colour it shows: 0 for background, else 1 + the index in ``SHAPES`` / ``COLOURS``."""
+        scene = self.scene(rng)
+        shapes, colours = [0], [0]
+        for obj in scene.objects:
+            shapes.append(1 + SHAPES.index(obj.shape))
+            colours.append(1 + list(COLOURS).index(obj.colour))
+        cells = patch_labels(scene, self.image_size, patch)
+        return render(scene, self.image_size), [shapes[c] for c in cells], [colours[c] for c in cells]
 
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)

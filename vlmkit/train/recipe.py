@@ -1,5 +1,5 @@
-"""A training recipe: model sizes, data, and the two stages (VQ-VAE, then the joint LM), read from
-a JSON file. Unknown keys are an error here (unlike checkpoint configs): a typo in a recipe should
+"""A training recipe: model sizes, data, and the stages (VQ-VAE, optionally the vision tower, then the
+joint LM), read from a JSON file. Unknown keys are an error here (unlike checkpoint configs): a typo in a recipe should
 not silently train something else."""
 
 from __future__ import annotations
@@ -87,6 +87,19 @@ class VQStage:
 
 
 @dataclass
+class VisionStage:
+    """Pre-train the vision tower before the LM stage (shapes world only; 0 steps: skip): every
+    patch token predicts the shape and colour of the object it shows, or background. Learning what
+    the tokens show through the LM's answers alone is slow (a few answer tokens per image); this is
+    a dense label per token, and the LM stage then only learns to read it."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+
+
+@dataclass
 class LMStage:
     """Train everything but the (frozen) VQ-VAE on understanding and generation examples."""
 
@@ -124,6 +137,7 @@ class Recipe:
     model: ModelSizes = field(default_factory=ModelSizes)
     data: DataSpec = field(default_factory=DataSpec)
     vq: VQStage = field(default_factory=VQStage)
+    vision: VisionStage = field(default_factory=VisionStage)
     lm: LMStage = field(default_factory=LMStage)
     checkpoint_every: int = 100
     export_dtype: str = "float32"
@@ -135,7 +149,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Recipe":
-        nested = {"model": ModelSizes, "data": DataSpec, "vq": VQStage, "lm": LMStage}
+        nested = {"model": ModelSizes, "data": DataSpec, "vq": VQStage, "vision": VisionStage, "lm": LMStage}
         return _build(cls, values, nested, "recipe")
 
     @classmethod

@@ -7,6 +7,7 @@ at random latents of the current batch, so the codebook does not collapse."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -127,6 +128,17 @@ def caption_recall_loss(model, hidden: torch.Tensor, prompt_lengths: list[int], 
     return -(log_probs * target[:, None]).sum(-1).mean()
 
 
+def patch_label_loss(model, head: torch.nn.Module, pixel_values: torch.Tensor, shape_labels: torch.Tensor,
+                     colour_labels: torch.Tensor, num_shapes: int) -> dict:
+    """The vision stage's losses: cross-entropy of each patch token's shape and colour class
+    ([B, patches] each), predicted by ``head`` from the vision tower's output."""
+    logits = head(model.model.vision_model(pixel_values))
+    shape_logits, colour_logits = logits[..., :num_shapes], logits[..., num_shapes:]
+    shape = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels.flatten())
+    colour = F.cross_entropy(colour_logits.flatten(0, 1), colour_labels.flatten())
+    return {"loss": shape + colour, "shape": shape, "colour": colour}
+
+
 @torch.no_grad()
 def image_embeddings_from_codebook(model) -> None:
     """Set the LM's image-token input embeddings to the VQ's codes at unit length (as decoding sees
@@ -135,10 +147,35 @@ def image_embeddings_from_codebook(model) -> None:
     model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
 
 
+class ImageTokenCache:
+    """The frozen VQ-VAE's tokens for images already seen, keyed by their pixels: generation pictures
+    repeat (the shapes world's canonical pictures are a few thousand; a JSONL file's are fixed), and
+    encoding was a third of an LM step. Each new image is encoded on its own, so its tokens never
+    depend on the rest of the batch or on what the cache holds (a resumed run starts empty)."""
+
+    def __init__(self, vq, max_entries: int = 100_000):
+        self.vq = vq
+        self.max_entries = max_entries
+        self.tokens: dict[bytes, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor, device) -> torch.Tensor:
+        rows = []
+        for image in pixel_values:
+            key = hashlib.sha1(image.numpy().tobytes()).digest()
+            tokens = self.tokens.get(key)
+            if tokens is None:
+                tokens = self.vq.encode(image[None].to(device))[0]
+                if len(self.tokens) < self.max_entries:
+                    self.tokens[key] = tokens
+            rows.append(tokens)
+        return torch.stack(rows)
+
+
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
-              device: torch.device | str = "cpu") -> dict:
+              device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None) -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
-    ``device`` (the model's)."""
+    ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache)."""
     losses = {}
     understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
     generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
@@ -149,8 +186,7 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
         total = total + losses["understanding"]
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
-        with torch.no_grad():
-            tokens = model.model.vqmodel.encode(batch["pixel_values"].to(device))
+        tokens = (image_tokens or ImageTokenCache(model.model.vqmodel))(batch["pixel_values"], device)
         inputs = generation_inputs(model, [p.to(device) for p in batch["prompts"]], tokens)
         if stage.object_token_weight == 1.0:
             output = model(**inputs, generation_mode="image")

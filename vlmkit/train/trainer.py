@@ -1,5 +1,6 @@
 """The training run: prepare the output folder (tokenizer, processor files, config), train the VQ-VAE,
-then the joint LM, checkpointing as it goes, and export in the transformers layout.
+optionally pre-train the vision tower, then the joint LM, checkpointing as it goes, and export in the
+transformers layout.
 
 Output folder: the checkpoint files themselves (loadable by vlmkit and transformers once training has
 finished) and ``training/`` with the recipe, ``checkpoint.pt`` (the latest resumable state) and
@@ -23,7 +24,8 @@ from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
 from .recipe import Recipe
-from .stages import image_embeddings_from_codebook, lm_losses, lr_at, random_crops, restart_dead_codes, vq_losses
+from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, patch_label_loss,
+                     random_crops, restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -145,20 +147,37 @@ class Trainer:
         self.model = _build_model(recipe, self.out).to(self.device)
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None
+        self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
+                                  self.model.config.vq_config.downsampling_factor)
+        self.vision_head = self._vision_head() if recipe.vision.steps else None
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.state = saved["state"]
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]
+            if self.vision_head is not None and saved.get("vision_head"):
+                self.vision_head.load_state_dict(saved["vision_head"])
         self.vq_usage = self.vq_usage.to(self.device)
-        self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
-                                  self.model.config.vq_config.downsampling_factor)
+
+    def _vision_head(self) -> torch.nn.Linear:
+        """The vision stage's classifier (training only, never exported): shape and colour classes."""
+        if not hasattr(self.source, "patch_example"):
+            raise InputError("the vision stage needs data.source 'shapes' (it labels every patch from the scene); "
+                             "set vision.steps to 0 for other data")
+        from ..data.shapes import COLOURS, SHAPES
+        generator = torch.Generator().manual_seed(self.recipe.seed)
+        head = torch.nn.Linear(self.model.config.vision_config.hidden_size, len(SHAPES) + len(COLOURS) + 2)
+        with torch.no_grad():
+            head.weight.normal_(0, 0.02, generator=generator)
+            head.bias.zero_()
+        return head.to(self.device)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:
         save_training_state(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-            "state": self.state, "vq_usage": self.vq_usage.cpu()})
+            "state": self.state, "vq_usage": self.vq_usage.cpu(),
+            "vision_head": self.vision_head.state_dict() if self.vision_head is not None else None})
 
     def _log(self, values: dict) -> None:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
@@ -232,6 +251,27 @@ class Trainer:
 
         self._loop("vq", stage.steps, optimizer, step_fn, stage.lr, stage.warmup, 0.1, stop)
 
+    def _vision_stage(self, stop: _StopRequest) -> None:
+        from ..data.shapes import SHAPES
+        stage, vision = self.recipe.vision, self.model.model.vision_model
+        optimizer = _optimizer(list(vision.parameters()) + list(self.vision_head.parameters()), stage.lr, 0.0)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        image_processor = self.processor.image_processor
+        patch = self.model.config.vision_config.patch_size
+
+        def step_fn(step, rng):
+            images, shapes, colours = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
+            pixels = image_processor(list(images))["pixel_values"].to(self.device)
+            losses = patch_label_loss(self.model, self.vision_head, pixels, torch.tensor(shapes, device=self.device),
+                                      torch.tensor(colours, device=self.device), len(SHAPES) + 1)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            return losses
+
+        self._loop("vision", stage.steps, optimizer, step_fn, stage.lr, stage.warmup, 0.1, stop)
+
     def _lm_stage(self, stop: _StopRequest) -> None:
         stage, vq = self.recipe.lm, self.model.model.vqmodel
         vq.requires_grad_(False)
@@ -242,10 +282,11 @@ class Trainer:
             optimizer.load_state_dict(self.optimizer_state)
         if stage.image_embeddings_from_codebook and not self.recipe.init_from and self.state["step"] == 0:
             image_embeddings_from_codebook(self.model)  # frozen codes: a resume at step 0 redoes the same
+        image_tokens = ImageTokenCache(vq)
 
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps
-            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device)
+            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device, image_tokens)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if stage.grad_clip:
@@ -261,6 +302,12 @@ class Trainer:
         with _StopRequest() as stop:
             if self.state["stage"] == "vq":
                 self._vq_stage(stop)
+                self.state.update(stage="vision", step=0)
+                self.optimizer_state = None
+                self.save(None)
+            if self.state["stage"] == "vision":
+                if self.recipe.vision.steps:
+                    self._vision_stage(stop)
                 self.state.update(stage="lm", step=0)
                 self.optimizer_state = None
                 self.save(None)

@@ -28,7 +28,7 @@ TINY = {
            "crop_size": 16, "full_image_steps": 2, "patchwise": True},
     "vision": {"steps": 3, "batch_size": 3, "warmup": 1},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
-           "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True},
+           "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True, "patch_label_weight": 0.5},
     "checkpoint_every": 3,
     "guidance_scale": 1.5,
 }
@@ -212,9 +212,10 @@ def test_the_recipe_sets_the_checkpoints_default_guidance(trained):
     assert JanusForConditionalGeneration.from_pretrained(trained).generation_config.guidance_scale == 1.5
 
 
-def test_the_caption_recall_loss_is_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
+def test_the_caption_recall_and_patch_losses_are_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
     log = [json.loads(line) for line in (trained / "training" / "log.jsonl").read_text().splitlines()]
     assert any("caption recall" in row for row in log if row.get("stage") == "lm")
+    assert all({"patch shape", "patch colour"} <= set(row) for row in log if row.get("stage") == "lm")
     with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
         train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)
 
@@ -246,8 +247,10 @@ def test_the_vision_stage_needs_the_shapes_world(tmp_path):
     understanding, generation = write_shapes_dataset(tmp_path / "data", count=2, seed=0, image_size=32)
     recipe = tiny_recipe(data={"source": "jsonl", "understanding": str(understanding), "generation": str(generation),
                                "canonical_generation": False, "canonical_on_token_grid": False})
-    with pytest.raises(InputError, match="vision stage needs data.source 'shapes'"):
+    with pytest.raises(InputError, match="vision stage and lm.patch_label_weight need data.source 'shapes'"):
         train(recipe, tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match="lm.patch_label_weight need data.source 'shapes'"):
+        train(tiny_recipe(data=recipe.data.__dict__, vision={"steps": 0}), tmp_path / "again", progress=False)
 
 
 def test_the_patch_label_loss_is_each_tokens_shape_and_colour_cross_entropy():

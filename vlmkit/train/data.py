@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.shapes import (COLOURS, QUESTION_TYPES, SHAPES, canonical, generation_caption, patch_labels,
+from ..data.shapes import (COLOURS, QUESTION_TYPES, SHAPES, Scene, canonical, generation_caption, patch_labels,
                            question_of_type, render, sample_scene)
 from ..errors import InputError
 
@@ -26,6 +26,7 @@ class UnderstandingExample:
 
     image: Image.Image
     messages: list[dict]
+    scene: Scene | None = None  # shapes world: what the image shows (for patch labels)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ShapesSource:
         for kind in ([rng.choice(kinds)] if count == 1 else rng.sample(kinds, count)):
             question, answer = question_of_type(scene, kind, rng)
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return UnderstandingExample(render(scene, self.image_size), messages)
+        return UnderstandingExample(render(scene, self.image_size), messages, scene)
 
     def scene(self, rng: random.Random, easy: bool = False):
         """An understanding example's scene: one object when ``easy``, else two objects with
@@ -69,15 +70,9 @@ class ShapesSource:
         return sample_scene(rng, 2 if rng.random() < self.two_object_share else 1)
 
     def patch_example(self, rng: random.Random, patch: int) -> tuple[Image.Image, list[int], list[int]]:
-        """An understanding scene and, for each ``patch``-px cell (row by row), the class of the shape
-        and of the colour it shows: 0 for background, else 1 + the index in ``SHAPES`` / ``COLOURS``."""
+        """An understanding scene's image and its ``patch_classes``."""
         scene = self.scene(rng)
-        shapes, colours = [0], [0]
-        for obj in scene.objects:
-            shapes.append(1 + SHAPES.index(obj.shape))
-            colours.append(1 + list(COLOURS).index(obj.colour))
-        cells = patch_labels(scene, self.image_size, patch)
-        return render(scene, self.image_size), [shapes[c] for c in cells], [colours[c] for c in cells]
+        return (render(scene, self.image_size),) + patch_classes(scene, self.image_size, patch)
 
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)
@@ -91,6 +86,17 @@ class ShapesSource:
         if self.canonical_generation:
             return self.generation(rng).image
         return render(sample_scene(rng), self.image_size)
+
+
+def patch_classes(scene: Scene, image_size: int, patch: int) -> tuple[list[int], list[int]]:
+    """For each ``patch``-px cell of the scene's rendering (row by row), the class of the shape and of
+    the colour it shows: 0 for background, else 1 + the index in ``SHAPES`` / ``COLOURS``."""
+    shapes, colours = [0], [0]
+    for obj in scene.objects:
+        shapes.append(1 + SHAPES.index(obj.shape))
+        colours.append(1 + list(COLOURS).index(obj.colour))
+    cells = patch_labels(scene, image_size, patch)
+    return [shapes[c] for c in cells], [colours[c] for c in cells]
 
 
 class JsonlSource:

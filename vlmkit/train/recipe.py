@@ -124,6 +124,9 @@ class LMStage:
     # Start the LM's image-token input embeddings at the trained VQ codes (fresh models only), so
     # codes that look alike start alike instead of at unrelated random vectors.
     image_embeddings_from_codebook: bool = False
+    # Weight of the vision stage's patch-label loss on the understanding images of every LM step
+    # (shapes world only): the vision tower keeps a dense signal while answers train it too.
+    patch_label_weight: float = 0.0
     grad_clip: float = 1.0
 
 

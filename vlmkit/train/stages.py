@@ -147,6 +147,16 @@ def image_embeddings_from_codebook(model) -> None:
     model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
 
 
+def _understanding_patch_loss(model, vision_head, pixel_values: torch.Tensor, examples) -> dict:
+    from ..data.shapes import SHAPES
+    from .data import patch_classes
+    vision = model.config.vision_config
+    shapes, colours = zip(*(patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples))
+    device = pixel_values.device
+    return patch_label_loss(model, vision_head, pixel_values, torch.tensor(shapes, device=device),
+                            torch.tensor(colours, device=device), len(SHAPES) + 1)
+
+
 class ImageTokenCache:
     """The frozen VQ-VAE's tokens for images already seen, keyed by their pixels: generation pictures
     repeat (the shapes world's canonical pictures are a few thousand; a JSONL file's are fixed), and
@@ -173,9 +183,11 @@ class ImageTokenCache:
 
 
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
-              device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None) -> dict:
+              device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None,
+              vision_head: torch.nn.Module | None = None) -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
-    ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache)."""
+    ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache);
+    ``vision_head``: the vision stage's classifier, for ``stage.patch_label_weight``."""
     losses = {}
     understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
     generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
@@ -184,6 +196,10 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
         batch = {k: v.to(device) for k, v in understanding_batch(processor, understanding).items()}
         losses["understanding"] = model(**batch).loss
         total = total + losses["understanding"]
+        if stage.patch_label_weight:
+            patches = _understanding_patch_loss(model, vision_head, batch["pixel_values"], understanding)
+            losses["patch shape"], losses["patch colour"] = patches["shape"], patches["colour"]
+            total = total + stage.patch_label_weight * patches["loss"]
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
         tokens = (image_tokens or ImageTokenCache(model.model.vqmodel))(batch["pixel_values"], device)

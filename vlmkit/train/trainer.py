@@ -149,7 +149,7 @@ class Trainer:
         self.optimizer_state = None
         self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
                                   self.model.config.vq_config.downsampling_factor)
-        self.vision_head = self._vision_head() if recipe.vision.steps else None
+        self.vision_head = self._vision_head() if recipe.vision.steps or recipe.lm.patch_label_weight else None
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.state = saved["state"]
@@ -160,10 +160,11 @@ class Trainer:
         self.vq_usage = self.vq_usage.to(self.device)
 
     def _vision_head(self) -> torch.nn.Linear:
-        """The vision stage's classifier (training only, never exported): shape and colour classes."""
+        """The patch-label classifier (training only, never exported): shape and colour classes."""
         if not hasattr(self.source, "patch_example"):
-            raise InputError("the vision stage needs data.source 'shapes' (it labels every patch from the scene); "
-                             "set vision.steps to 0 for other data")
+            raise InputError("the vision stage and lm.patch_label_weight need data.source 'shapes' (they label "
+                             "every patch from the scene); set vision.steps and lm.patch_label_weight to 0 "
+                             "for other data")
         from ..data.shapes import COLOURS, SHAPES
         generator = torch.Generator().manual_seed(self.recipe.seed)
         head = torch.nn.Linear(self.model.config.vision_config.hidden_size, len(SHAPES) + len(COLOURS) + 2)
@@ -277,6 +278,8 @@ class Trainer:
         vq.requires_grad_(False)
         vq.eval()
         params = [p for n, p in self.model.named_parameters() if not n.startswith("model.vqmodel.")]
+        if stage.patch_label_weight:
+            params += list(self.vision_head.parameters())
         optimizer = _optimizer(params, stage.lr, stage.weight_decay)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -286,7 +289,8 @@ class Trainer:
 
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps
-            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device, image_tokens)
+            losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device, image_tokens,
+                               self.vision_head)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if stage.grad_clip:

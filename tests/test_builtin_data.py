@@ -116,7 +116,7 @@ def test_canonical_objects_on_the_token_grid_cover_the_same_patches_at_every_pos
 
 
 def test_patch_labels_name_the_object_each_cell_of_the_rendering_shows():
-    from vlmkit.data import BACKGROUNDS
+    from vlmkit.data import BACKGROUNDS, POSITIONS
     from vlmkit.data.shapes import patch_labels
     from vlmkit.train.data import ShapesSource
     rng = random.Random("cells")
@@ -135,12 +135,11 @@ def test_patch_labels_name_the_object_each_cell_of_the_rendering_shows():
             off_background = sum(max(abs(a - b) for a, b in zip(p, BACKGROUNDS[scene.background])) > 40
                                  for p in pixels)
             assert (near >= 4) if label else (off_background <= 12), (scene, cell, label)
-    example_rng = random.Random("cells:source")
-    image, shapes, colours = ShapesSource(64).patch_example(example_rng, 8)
+    image, classes = ShapesSource(64).patch_example(random.Random("cells:source"), 8)
     scene = ShapesSource(64).scene(random.Random("cells:source"))
     assert image.tobytes() == render(scene, 64).tobytes()
-    cells = patch_labels(scene, 64, 8)
-    for cell, label in enumerate(cells):
+    for cell, label in enumerate(patch_labels(scene, 64, 8)):
         obj = scene.objects[label - 1] if label else None
-        assert shapes[cell] == (1 + SHAPES.index(obj.shape) if obj else 0)
-        assert colours[cell] == (1 + list(COLOURS).index(obj.colour) if obj else 0)
+        assert classes["shape"][cell] == (1 + SHAPES.index(obj.shape) if obj else 0)
+        assert classes["colour"][cell] == (1 + list(COLOURS).index(obj.colour) if obj else 0)
+        assert classes["position"][cell] == (1 + POSITIONS.index(obj.position) if obj else 0)

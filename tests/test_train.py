@@ -215,7 +215,7 @@ def test_the_recipe_sets_the_checkpoints_default_guidance(trained):
 def test_the_caption_recall_and_patch_losses_are_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
     log = [json.loads(line) for line in (trained / "training" / "log.jsonl").read_text().splitlines()]
     assert any("caption recall" in row for row in log if row.get("stage") == "lm")
-    assert all({"patch shape", "patch colour"} <= set(row) for row in log if row.get("stage") == "lm")
+    assert all({"patch shape", "patch colour", "patch position"} <= set(row) for row in log if row.get("stage") == "lm")
     with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
         train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)
 
@@ -240,7 +240,7 @@ def test_the_vision_stage_trains_the_vision_tower_alone(tmp_path):
         elif not name.startswith("model.vision_model."):
             assert not changed, name
     log = [json.loads(line) for line in (tmp_path / "vision" / "training" / "log.jsonl").read_text().splitlines()]
-    assert {"shape", "colour"} <= set(next(row for row in log if row["stage"] == "vision"))
+    assert {"shape", "colour", "position"} <= set(next(row for row in log if row["stage"] == "vision"))
 
 
 def test_the_vision_stage_needs_the_shapes_world(tmp_path):
@@ -253,24 +253,25 @@ def test_the_vision_stage_needs_the_shapes_world(tmp_path):
         train(tiny_recipe(data=recipe.data.__dict__, vision={"steps": 0}), tmp_path / "again", progress=False)
 
 
-def test_the_patch_label_loss_is_each_tokens_shape_and_colour_cross_entropy():
+def test_the_patch_label_loss_is_each_tokens_cross_entropy_per_label():
     from types import SimpleNamespace
 
     from torch.nn import functional as F
+    from vlmkit.train.data import PATCH_LABELS
     from vlmkit.train.stages import patch_label_loss
 
     generator = torch.Generator().manual_seed(2)
+    sizes = [len(values) + 1 for values in PATCH_LABELS.values()]
     tower = torch.nn.Linear(3, 4)
     model = SimpleNamespace(model=SimpleNamespace(vision_model=tower))
-    head = torch.nn.Linear(4, 5)  # 2 shape classes, 3 colour classes
+    head = torch.nn.Linear(4, sum(sizes))
     pixels = torch.randn(2, 6, 3, generator=generator)
-    shapes = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1]])
-    colours = torch.randint(0, 3, (2, 6), generator=generator)
-    logits = head(tower(pixels))
-    losses = patch_label_loss(model, head, pixels, shapes, colours, 2)
-    assert torch.allclose(losses["shape"], F.cross_entropy(logits[..., :2].reshape(-1, 2), shapes.reshape(-1)))
-    assert torch.allclose(losses["colour"], F.cross_entropy(logits[..., 2:].reshape(-1, 3), colours.reshape(-1)))
-    assert torch.allclose(losses["loss"], losses["shape"] + losses["colour"])
+    labels = {name: torch.randint(0, size, (2, 6), generator=generator) for name, size in zip(PATCH_LABELS, sizes)}
+    logits = head(tower(pixels)).split(sizes, dim=-1)
+    losses = patch_label_loss(model, head, pixels, labels)
+    for (name, size), block in zip(zip(PATCH_LABELS, sizes), logits):
+        assert torch.allclose(losses[name], F.cross_entropy(block.reshape(-1, size), labels[name].reshape(-1)))
+    assert torch.allclose(losses["loss"], sum(losses[name] for name in PATCH_LABELS))
 
 
 def test_the_image_token_cache_gives_the_vq_tokens_and_encodes_each_picture_once(trained):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.shapes import (COLOURS, QUESTION_TYPES, SHAPES, Scene, canonical, generation_caption, patch_labels,
-                           question_of_type, render, sample_scene)
+from ..data.shapes import (COLOURS, POSITIONS, QUESTION_TYPES, SHAPES, Scene, canonical, generation_caption,
+                           patch_labels, question_of_type, render, sample_scene)
 from ..errors import InputError
 
 
@@ -69,10 +69,10 @@ class ShapesSource:
             return sample_scene(rng)
         return sample_scene(rng, 2 if rng.random() < self.two_object_share else 1)
 
-    def patch_example(self, rng: random.Random, patch: int) -> tuple[Image.Image, list[int], list[int]]:
+    def patch_example(self, rng: random.Random, patch: int) -> tuple[Image.Image, dict[str, list[int]]]:
         """An understanding scene's image and its ``patch_classes``."""
         scene = self.scene(rng)
-        return (render(scene, self.image_size),) + patch_classes(scene, self.image_size, patch)
+        return render(scene, self.image_size), patch_classes(scene, self.image_size, patch)
 
     def generation(self, rng: random.Random) -> GenerationExample:
         scene = sample_scene(rng)
@@ -88,15 +88,21 @@ class ShapesSource:
         return render(sample_scene(rng), self.image_size)
 
 
-def patch_classes(scene: Scene, image_size: int, patch: int) -> tuple[list[int], list[int]]:
-    """For each ``patch``-px cell of the scene's rendering (row by row), the class of the shape and of
-    the colour it shows: 0 for background, else 1 + the index in ``SHAPES`` / ``COLOURS``."""
-    shapes, colours = [0], [0]
-    for obj in scene.objects:
-        shapes.append(1 + SHAPES.index(obj.shape))
-        colours.append(1 + list(COLOURS).index(obj.colour))
+# What each patch token is taught to tell (``patch_classes``), and each label's values; class 0 is the background.
+PATCH_LABELS = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS}
+
+
+def patch_classes(scene: Scene, image_size: int, patch: int) -> dict[str, list[int]]:
+    """For each ``patch``-px cell of the scene's rendering (row by row) and each of ``PATCH_LABELS``,
+    the class of the object the cell shows: 0 for background, else 1 + the index of the object's
+    shape / colour / position. The position makes the token say where its object is, so "where is
+    the red star?" needs one look at the star's tokens."""
     cells = patch_labels(scene, image_size, patch)
-    return [shapes[c] for c in cells], [colours[c] for c in cells]
+    out = {}
+    for name, values in PATCH_LABELS.items():
+        classes = [0] + [1 + values.index(getattr(obj, name)) for obj in scene.objects]
+        out[name] = [classes[c] for c in cells]
+    return out
 
 
 class JsonlSource:

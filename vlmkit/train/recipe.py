@@ -89,7 +89,7 @@ class VQStage:
 @dataclass
 class VisionStage:
     """Pre-train the vision tower before the LM stage (shapes world only; 0 steps: skip): every
-    patch token predicts the shape and colour of the object it shows, or background. Learning what
+    patch token predicts the shape, colour and position of the object it shows, or background. Learning what
     the tokens show through the LM's answers alone is slow (a few answer tokens per image); this is
     a dense label per token, and the LM stage then only learns to read it."""
 

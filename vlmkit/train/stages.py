@@ -128,15 +128,25 @@ def caption_recall_loss(model, hidden: torch.Tensor, prompt_lengths: list[int], 
     return -(log_probs * target[:, None]).sum(-1).mean()
 
 
-def patch_label_loss(model, head: torch.nn.Module, pixel_values: torch.Tensor, shape_labels: torch.Tensor,
-                     colour_labels: torch.Tensor, num_shapes: int) -> dict:
-    """The vision stage's losses: cross-entropy of each patch token's shape and colour class
-    ([B, patches] each), predicted by ``head`` from the vision tower's output."""
+def patch_label_loss(model, head: torch.nn.Module, pixel_values: torch.Tensor,
+                     labels: dict[str, torch.Tensor]) -> dict:
+    """The vision stage's losses: for each of ``data.PATCH_LABELS``, the cross-entropy of every patch
+    token's class ([B, patches] in ``labels``), predicted by ``head`` (one block of logits per label,
+    in that order) from the vision tower's output; ``loss`` is their sum."""
+    from .data import PATCH_LABELS
     logits = head(model.model.vision_model(pixel_values))
-    shape_logits, colour_logits = logits[..., :num_shapes], logits[..., num_shapes:]
-    shape = F.cross_entropy(shape_logits.flatten(0, 1), shape_labels.flatten())
-    colour = F.cross_entropy(colour_logits.flatten(0, 1), colour_labels.flatten())
-    return {"loss": shape + colour, "shape": shape, "colour": colour}
+    losses, start = {}, 0
+    for name, values in PATCH_LABELS.items():
+        block = logits[..., start:start + len(values) + 1]
+        start += len(values) + 1
+        losses[name] = F.cross_entropy(block.flatten(0, 1), labels[name].flatten())
+    losses["loss"] = sum(losses.values())
+    return losses
+
+
+def patch_labels_tensors(examples: list[dict[str, list[int]]], device) -> dict[str, torch.Tensor]:
+    """``patch_classes`` of a batch as [B, patches] tensors per label."""
+    return {name: torch.tensor([e[name] for e in examples], device=device) for name in examples[0]}
 
 
 @torch.no_grad()
@@ -148,13 +158,10 @@ def image_embeddings_from_codebook(model) -> None:
 
 
 def _understanding_patch_loss(model, vision_head, pixel_values: torch.Tensor, examples) -> dict:
-    from ..data.shapes import SHAPES
     from .data import patch_classes
     vision = model.config.vision_config
-    shapes, colours = zip(*(patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples))
-    device = pixel_values.device
-    return patch_label_loss(model, vision_head, pixel_values, torch.tensor(shapes, device=device),
-                            torch.tensor(colours, device=device), len(SHAPES) + 1)
+    labels = [patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples]
+    return patch_label_loss(model, vision_head, pixel_values, patch_labels_tensors(labels, pixel_values.device))
 
 
 class ImageTokenCache:
@@ -198,7 +205,7 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
         total = total + losses["understanding"]
         if stage.patch_label_weight:
             patches = _understanding_patch_loss(model, vision_head, batch["pixel_values"], understanding)
-            losses["patch shape"], losses["patch colour"] = patches["shape"], patches["colour"]
+            losses.update({f"patch {name}": value for name, value in patches.items() if name != "loss"})
             total = total + stage.patch_label_weight * patches["loss"]
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)

@@ -25,7 +25,7 @@ from .data import make_source
 from .init import janus_config_dict, new_model
 from .recipe import Recipe
 from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, patch_label_loss,
-                     random_crops, restart_dead_codes, vq_losses)
+                     patch_labels_tensors, random_crops, restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -160,14 +160,15 @@ class Trainer:
         self.vq_usage = self.vq_usage.to(self.device)
 
     def _vision_head(self) -> torch.nn.Linear:
-        """The patch-label classifier (training only, never exported): shape and colour classes."""
+        """The patch-label classifier (training only, never exported): ``data.PATCH_LABELS``' classes."""
         if not hasattr(self.source, "patch_example"):
             raise InputError("the vision stage and lm.patch_label_weight need data.source 'shapes' (they label "
                              "every patch from the scene); set vision.steps and lm.patch_label_weight to 0 "
                              "for other data")
-        from ..data.shapes import COLOURS, SHAPES
+        from .data import PATCH_LABELS
         generator = torch.Generator().manual_seed(self.recipe.seed)
-        head = torch.nn.Linear(self.model.config.vision_config.hidden_size, len(SHAPES) + len(COLOURS) + 2)
+        classes = sum(len(values) + 1 for values in PATCH_LABELS.values())
+        head = torch.nn.Linear(self.model.config.vision_config.hidden_size, classes)
         with torch.no_grad():
             head.weight.normal_(0, 0.02, generator=generator)
             head.bias.zero_()
@@ -253,7 +254,6 @@ class Trainer:
         self._loop("vq", stage.steps, optimizer, step_fn, stage.lr, stage.warmup, 0.1, stop)
 
     def _vision_stage(self, stop: _StopRequest) -> None:
-        from ..data.shapes import SHAPES
         stage, vision = self.recipe.vision, self.model.model.vision_model
         optimizer = _optimizer(list(vision.parameters()) + list(self.vision_head.parameters()), stage.lr, 0.0)
         if self.optimizer_state is not None:
@@ -262,10 +262,9 @@ class Trainer:
         patch = self.model.config.vision_config.patch_size
 
         def step_fn(step, rng):
-            images, shapes, colours = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
+            images, labels = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
             pixels = image_processor(list(images))["pixel_values"].to(self.device)
-            losses = patch_label_loss(self.model, self.vision_head, pixels, torch.tensor(shapes, device=self.device),
-                                      torch.tensor(colours, device=self.device), len(SHAPES) + 1)
+            losses = patch_label_loss(self.model, self.vision_head, pixels, patch_labels_tensors(labels, self.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

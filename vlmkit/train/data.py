@@ -95,8 +95,8 @@ PATCH_LABELS = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS
 def patch_classes(scene: Scene, image_size: int, patch: int) -> dict[str, list[int]]:
     """For each ``patch``-px cell of the scene's rendering (row by row) and each of ``PATCH_LABELS``,
     the class of the object the cell shows: 0 for background, else 1 + the index of the object's
-    shape / colour / position. The position makes the token say where its object is, so "where is
-    the red star?" needs one look at the star's tokens."""
+    shape / colour / position (so a token also says where its object is, which its own place in
+    the grid does not say by itself)."""
     cells = patch_labels(scene, image_size, patch)
     out = {}
     for name, values in PATCH_LABELS.items():

@@ -1,6 +1,6 @@
 """A training recipe: model sizes, data, and the stages (VQ-VAE, optionally the vision tower, then the
-joint LM), read from a JSON file. Unknown keys are an error here (unlike checkpoint configs): a typo in a recipe should
-not silently train something else."""
+joint LM), read from a JSON file. Unknown keys are an error here (unlike checkpoint configs): a typo
+in a recipe should not silently train something else."""
 
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ class VQStage:
 @dataclass
 class VisionStage:
     """Pre-train the vision tower before the LM stage (shapes world only; 0 steps: skip): every
-    patch token predicts the shape, colour and position of the object it shows, or background. Learning what
-    the tokens show through the LM's answers alone is slow (a few answer tokens per image); this is
-    a dense label per token, and the LM stage then only learns to read it."""
+    patch token predicts the shape, colour and position of the object it shows, or background.
+    Learning what the tokens show through the LM's answers alone is slow (a few answer tokens per
+    image); this is a dense label per token, and the LM stage then only learns to read it."""
 
     steps: int = 0
     batch_size: int = 32

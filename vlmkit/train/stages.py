@@ -167,7 +167,7 @@ def _understanding_patch_loss(model, vision_head, pixel_values: torch.Tensor, ex
 class ImageTokenCache:
     """The frozen VQ-VAE's tokens for images already seen, keyed by their pixels: generation pictures
     repeat (the shapes world's canonical pictures are a few thousand; a JSONL file's are fixed), and
-    encoding was a third of an LM step. Each new image is encoded on its own, so its tokens never
+    encoding was a quarter of an LM step. Each new image is encoded on its own, so its tokens never
     depend on the rest of the batch or on what the cache holds (a resumed run starts empty)."""
 
     def __init__(self, vq, max_entries: int = 100_000):

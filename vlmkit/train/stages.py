@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
+from .data import PATCH_LABELS, patch_classes
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -133,7 +134,6 @@ def patch_label_loss(model, head: torch.nn.Module, pixel_values: torch.Tensor,
     """The vision stage's losses: for each of ``data.PATCH_LABELS``, the cross-entropy of every patch
     token's class ([B, patches] in ``labels``), predicted by ``head`` (one block of logits per label,
     in that order) from the vision tower's output; ``loss`` is their sum."""
-    from .data import PATCH_LABELS
     logits = head(model.model.vision_model(pixel_values))
     losses, start = {}, 0
     for name, values in PATCH_LABELS.items():
@@ -158,7 +158,6 @@ def image_embeddings_from_codebook(model) -> None:
 
 
 def _understanding_patch_loss(model, vision_head, pixel_values: torch.Tensor, examples) -> dict:
-    from .data import patch_classes
     vision = model.config.vision_config
     labels = [patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples]
     return patch_label_loss(model, vision_head, pixel_values, patch_labels_tensors(labels, pixel_values.device))

@@ -302,21 +302,18 @@ class Trainer:
     def run(self) -> Path:
         """Train what is left of the recipe, export, and return the output folder."""
         self.started = time.perf_counter()
+        stages = (("vq", self._vq_stage), ("vision", self._vision_stage if self.recipe.vision.steps else None),
+                  ("lm", self._lm_stage))
+        names = [name for name, _ in stages] + ["done"]
         with _StopRequest() as stop:
-            if self.state["stage"] == "vq":
-                self._vq_stage(stop)
-                self.state.update(stage="vision", step=0)
+            for name, run_stage in stages:
+                if self.state["stage"] != name:
+                    continue
+                if run_stage is not None:
+                    run_stage(stop)
+                # a checkpoint at each stage change: a resume starts the next stage with a fresh optimizer
+                self.state.update(stage=names[names.index(name) + 1], step=0)
                 self.optimizer_state = None
-                self.save(None)
-            if self.state["stage"] == "vision":
-                if self.recipe.vision.steps:
-                    self._vision_stage(stop)
-                self.state.update(stage="lm", step=0)
-                self.optimizer_state = None
-                self.save(None)
-            if self.state["stage"] == "lm":
-                self._lm_stage(stop)
-                self.state.update(stage="done", step=0)
                 self.save(None)
         export_weights(self.model, self.out, self.recipe.export_dtype)
         return self.out

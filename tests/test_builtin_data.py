@@ -62,6 +62,32 @@ def test_training_conversations_ask_distinct_questions_about_one_scene():
     assert len(ShapesSource(32).understanding(random.Random(0)).messages) == 2
 
 
+def test_each_training_answer_names_the_object_its_question_asks_about():
+    from vlmkit.train.data import ShapesSource
+
+    source = ShapesSource(32, questions_per_image=3, two_object_share=0.8)
+    seen = set()
+    for seed in range(60):
+        example = source.understanding(random.Random(f"subject:{seed}"))
+        assert len(example.subjects) == len(example.messages) // 2
+        for question, answer, subject in zip(example.messages[::2], example.messages[1::2], example.subjects):
+            words = question["content"].rstrip("?").split()
+            if subject is None:  # counting and describing ask about the whole scene
+                assert words[:2] in (["How", "many"], ["What", "is"], ["Describe", "the"]), question
+                continue
+            named = example.scene.objects[subject]
+            other = [o for o in example.scene.objects if o is not named]
+            assert answer["content"] in (named.shape, named.colour, named.position)
+            # what the question names (a colour, a shape or a position) belongs to the subject, not the other object
+            names = {named.shape, named.colour, named.position} & set(words)
+            assert names or question["content"] in ("What shape is this?", "What colour is the shape?",
+                                                    "What color is the shape?")
+            for o in other:
+                assert not set(words) & ({o.shape, o.colour, o.position} - {named.shape, named.colour, named.position})
+            seen.add((len(example.scene.objects), subject))
+    assert {(2, 0), (2, 1), (1, 0)} <= seen
+
+
 def test_the_share_of_two_object_scenes_follows_the_recipe():
     from vlmkit.train.data import ShapesSource
 

@@ -28,7 +28,8 @@ TINY = {
            "crop_size": 16, "full_image_steps": 2, "patchwise": True},
     "vision": {"steps": 3, "batch_size": 3, "warmup": 1},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
-           "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True, "patch_label_weight": 0.5},
+           "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True, "patch_label_weight": 0.5,
+           "binding_attention_weight": 0.5},
     "checkpoint_every": 3,
     "guidance_scale": 1.5,
 }
@@ -212,9 +213,10 @@ def test_the_recipe_sets_the_checkpoints_default_guidance(trained):
     assert JanusForConditionalGeneration.from_pretrained(trained).generation_config.guidance_scale == 1.5
 
 
-def test_the_caption_recall_and_patch_losses_are_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
+def test_the_auxiliary_losses_are_logged_and_token_grid_needs_canonical_pictures(trained, tmp_path):
     log = [json.loads(line) for line in (trained / "training" / "log.jsonl").read_text().splitlines()]
     assert any("caption recall" in row for row in log if row.get("stage") == "lm")
+    assert any("binding" in row for row in log if row.get("stage") == "lm")
     assert all({"patch shape", "patch colour", "patch position"} <= set(row) for row in log if row.get("stage") == "lm")
     with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
         train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)
@@ -254,8 +256,6 @@ def test_the_vision_stage_needs_the_shapes_world(tmp_path):
 
 
 def test_the_patch_label_loss_is_each_tokens_cross_entropy_per_label():
-    from types import SimpleNamespace
-
     from torch.nn import functional as F
     from vlmkit.train.data import PATCH_LABELS
     from vlmkit.train.stages import patch_label_loss
@@ -263,12 +263,11 @@ def test_the_patch_label_loss_is_each_tokens_cross_entropy_per_label():
     generator = torch.Generator().manual_seed(2)
     sizes = [len(values) + 1 for values in PATCH_LABELS.values()]
     tower = torch.nn.Linear(3, 4)
-    model = SimpleNamespace(model=SimpleNamespace(vision_model=tower))
     head = torch.nn.Linear(4, sum(sizes))
     pixels = torch.randn(2, 6, 3, generator=generator)
     labels = {name: torch.randint(0, size, (2, 6), generator=generator) for name, size in zip(PATCH_LABELS, sizes)}
     logits = head(tower(pixels)).split(sizes, dim=-1)
-    losses = patch_label_loss(model, head, pixels, labels)
+    losses = patch_label_loss(head, tower(pixels), labels)
     for (name, size), block in zip(zip(PATCH_LABELS, sizes), logits):
         assert torch.allclose(losses[name], F.cross_entropy(block.reshape(-1, size), labels[name].reshape(-1)))
     assert torch.allclose(losses["loss"], sum(losses[name] for name in PATCH_LABELS))
@@ -291,3 +290,62 @@ def test_the_image_token_cache_gives_the_vq_tokens_and_encodes_each_picture_once
     assert len(cache.tokens) == 3  # the repeated picture is encoded once
     assert torch.equal(cache(pixels[[2, 3]], "cpu"), expected[[2, 3]])
     assert len(cache.tokens) == 3
+
+
+def test_answer_query_positions_are_the_ones_before_each_answer():
+    from vlmkit.train.stages import answer_query_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100, 7, -100], [-100, 3, -100, -100, -100, -100, -100, -100]])
+    assert answer_query_positions(labels) == [[1, 5], [0]]
+
+
+def test_the_binding_loss_is_minus_log_the_heads_attention_on_the_asked_about_object(trained):
+    """Checked against transformers' own attention weights (eager attention) on the same checkpoint."""
+    from transformers import JanusForConditionalGeneration as Reference
+
+    from vlmkit import JanusForConditionalGeneration, JanusProcessor
+    from vlmkit.data.shapes import patch_labels
+    from vlmkit.train.batches import understanding_batch
+    from vlmkit.train.data import ShapesSource
+    from vlmkit.train.stages import ForwardRecord, binding_attention_loss
+
+    model, processor = JanusForConditionalGeneration.from_pretrained(trained), JanusProcessor.from_pretrained(trained)
+    reference = Reference.from_pretrained(trained, attn_implementation="eager")
+    source = ShapesSource(32, questions_per_image=3, two_object_share=0.7)
+    examples = [source.understanding(random.Random(f"binding:{i}")) for i in range(4)]
+    batch = understanding_batch(processor, examples)
+    layer, head = 1, 1
+    with torch.no_grad():
+        with ForwardRecord(model.text_model.layers[layer].self_attn) as attention:
+            model(**batch)
+        ours = binding_attention_loss(attention, head, batch["input_ids"], batch["labels"], examples,
+                                      model.config.image_token_id, 32, 8)
+        weights = reference(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                            output_attentions=True).attentions[layer][:, head]  # [rows, queries, keys]
+    expected = []
+    for row, example in enumerate(examples):
+        labels = batch["labels"][row].tolist()
+        starts = [p for p in range(1, len(labels)) if labels[p] != -100 and labels[p - 1] == -100]
+        image_positions = [p for p, t in enumerate(batch["input_ids"][row].tolist()) if t == model.config.image_token_id]
+        cells = patch_labels(example.scene, 32, 8)
+        for start, subject in zip(starts, example.subjects):
+            if subject is not None:
+                target = [p for p, cell in zip(image_positions, cells) if cell == subject + 1]
+                expected.append(-torch.log(weights[row, start - 1, target].sum()))
+    assert len(expected) >= 4
+    assert torch.allclose(ours, torch.stack(expected).mean(), atol=1e-5)
+
+
+def test_the_binding_loss_needs_the_shapes_world_and_a_real_layer_and_head(tmp_path):
+    paths = write_shapes_dataset(tmp_path / "data", 3, seed=0, image_size=32)
+    jsonl = {"source": "jsonl", "understanding": str(paths[0]), "generation": str(paths[1]),
+             "canonical_generation": False, "canonical_on_token_grid": False}
+    no_patches = {"steps": 1, "patch_label_weight": 0.0, "binding_attention_weight": 1.0}
+    with pytest.raises(InputError, match="lm.binding_attention_weight needs data.source 'shapes'"):
+        train(tiny_recipe(data=jsonl, vision={"steps": 0}, lm=no_patches), tmp_path / "a", progress=False)
+    with pytest.raises(InputError, match="binding_attention_layer must name one of the LM's 2 layers"):
+        train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_layer": 2}), tmp_path / "b",
+              progress=False)
+    with pytest.raises(InputError, match="binding_attention_head one of its 2 heads"):
+        train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_head": -1}), tmp_path / "c",
+              progress=False)

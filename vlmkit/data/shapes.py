@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
@@ -164,42 +165,64 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
-def questions(scene: Scene, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
-    """Every (type, question, exact answer) that is unambiguous for the scene. Types are
-    ``QUESTION_TYPES``; "colour" is spelt either way in questions when ``rng`` is given."""
+class Question(NamedTuple):
+    """A question about a scene: its type (``QUESTION_TYPES``), text, exact answer, and the index of
+    the object it asks about (None for count and describe questions, which ask about the whole scene)."""
+
+    type: str
+    text: str
+    answer: str
+    subject: int | None
+
+
+def scene_questions(scene: Scene, rng: random.Random | None = None) -> list[Question]:
+    """Every question that is unambiguous for the scene; "colour" is spelt either way when ``rng``
+    is given."""
     rng = rng or random.Random(0)
     colour_word = rng.choice(("colour", "color"))
     objs = scene.objects
     shapes = [o.shape for o in objs]
     colours = [o.colour for o in objs]
-    out: list[tuple[str, str, str]] = []
-    add = out.append
-    for o in objs:
+    out: list[Question] = []
+    for index, o in enumerate(objs):
+        def add(kind: str, text: str, answer: str) -> None:
+            out.append(Question(kind, text, answer, index))
         if colours.count(o.colour) == 1:
-            add(("shape", f"What shape is the {o.colour} object?", o.shape))
+            add("shape", f"What shape is the {o.colour} object?", o.shape)
         if shapes.count(o.shape) == 1:
-            add(("colour", f"What {colour_word} is the {o.shape}?", o.colour))
-        add(("position", f"Where is the {o.name}?", o.position))
+            add("colour", f"What {colour_word} is the {o.shape}?", o.colour)
+        add("position", f"Where is the {o.name}?", o.position)
         if len(objs) == 2:
-            add(("shape", f"What shape is {_PHRASES[o.position]}?", o.shape))
-            add(("colour", f"What {colour_word} is the shape {_PHRASES[o.position]}?", o.colour))
+            add("shape", f"What shape is {_PHRASES[o.position]}?", o.shape)
+            add("colour", f"What {colour_word} is the shape {_PHRASES[o.position]}?", o.colour)
     if len(objs) == 1:
         o = objs[0]
-        add(("shape", "What shape is this?", o.shape))
-        add(("colour", f"What {colour_word} is the shape?", o.colour))
-        add(("position", f"Where is the {o.shape}?", o.position))
-    add(("count", "How many shapes are there?", NUMBER_WORDS[len(objs)]))
+        out.append(Question("shape", "What shape is this?", o.shape, 0))
+        out.append(Question("colour", f"What {colour_word} is the shape?", o.colour, 0))
+        out.append(Question("position", f"Where is the {o.shape}?", o.position, 0))
+    out.append(Question("count", "How many shapes are there?", NUMBER_WORDS[len(objs)], None))
     asked = rng.choice(SHAPES)
-    add(("count", f"How many {_plural(asked)} are there?", NUMBER_WORDS[shapes.count(asked)]))
-    for question in ("What is in this image?", "Describe the image."):
-        add(("describe", question, caption(scene)))
+    out.append(Question("count", f"How many {_plural(asked)} are there?", NUMBER_WORDS[shapes.count(asked)], None))
+    for text in ("What is in this image?", "Describe the image."):
+        out.append(Question("describe", text, caption(scene), None))
     return out
+
+
+def questions(scene: Scene, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
+    """Every (type, question, exact answer) that is unambiguous for the scene (``scene_questions``
+    without the subject)."""
+    return [(q.type, q.text, q.answer) for q in scene_questions(scene, rng)]
+
+
+def question_about(scene: Scene, kind: str, rng: random.Random) -> Question:
+    """One random question of the given type for the scene."""
+    return rng.choice([q for q in scene_questions(scene, rng) if q.type == kind])
 
 
 def question_of_type(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     """One random (question, answer) of the given type for the scene."""
-    choices = [(q, a) for t, q, a in questions(scene, rng) if t == kind]
-    return rng.choice(choices)
+    question = question_about(scene, kind, rng)
+    return question.text, question.answer
 
 
 def generation_caption(scene: Scene, rng: random.Random, without_position: float = 0.4) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.shapes import (COLOURS, POSITIONS, QUESTION_TYPES, SHAPES, Scene, canonical, generation_caption,
-                           patch_labels, question_of_type, render, sample_scene)
+                           patch_labels, question_about, render, sample_scene)
 from ..errors import InputError
 
 
@@ -27,6 +27,7 @@ class UnderstandingExample:
     image: Image.Image
     messages: list[dict]
     scene: Scene | None = None  # shapes world: what the image shows (for patch labels)
+    subjects: list[int | None] | None = None  # shapes world: per answer, the object its question asks about
 
 
 @dataclass
@@ -54,11 +55,12 @@ class ShapesSource:
         scene = self.scene(rng, easy)
         kinds = ("colour", "shape") if easy else QUESTION_TYPES
         count = min(self.questions_per_image, len(kinds))
-        messages = []
+        messages, subjects = [], []
         for kind in ([rng.choice(kinds)] if count == 1 else rng.sample(kinds, count)):
-            question, answer = question_of_type(scene, kind, rng)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return UnderstandingExample(render(scene, self.image_size), messages, scene)
+            question = question_about(scene, kind, rng)
+            messages += [{"role": "user", "content": question.text}, {"role": "assistant", "content": question.answer}]
+            subjects.append(question.subject)
+        return UnderstandingExample(render(scene, self.image_size), messages, scene, subjects)
 
     def scene(self, rng: random.Random, easy: bool = False):
         """An understanding example's scene: one object when ``easy``, else two objects with

@@ -127,6 +127,14 @@ class LMStage:
     # Weight of the vision stage's patch-label loss on the understanding images of every LM step
     # (shapes world only): the vision tower keeps a dense signal while answers train it too.
     patch_label_weight: float = 0.0
+    # Weight of an auxiliary loss on where the LM looks (shapes world only; training only): at every
+    # answer to a question about one object ("where is the red circle?", "what colour is the shape on
+    # the left?"), one attention head is taught to put its weight on that object's image tokens. The
+    # LM otherwise learns to find an object by position but not by a named colour or shape, and
+    # answers about the other object of a pair.
+    binding_attention_weight: float = 0.0
+    binding_attention_layer: int | None = None  # None: the middle layer
+    binding_attention_head: int = 0
     grad_clip: float = 1.0
 
 

@@ -7,6 +7,7 @@ at random latents of the current batch, so the codebook does not collapse."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -16,6 +17,8 @@ from torch.nn import functional as F
 
 from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
+from ..data.shapes import patch_labels
+from ..nn.rotary import rotate_half
 from .data import PATCH_LABELS, patch_classes
 
 
@@ -129,12 +132,11 @@ def caption_recall_loss(model, hidden: torch.Tensor, prompt_lengths: list[int], 
     return -(log_probs * target[:, None]).sum(-1).mean()
 
 
-def patch_label_loss(model, head: torch.nn.Module, pixel_values: torch.Tensor,
-                     labels: dict[str, torch.Tensor]) -> dict:
+def patch_label_loss(head: torch.nn.Module, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict:
     """The vision stage's losses: for each of ``data.PATCH_LABELS``, the cross-entropy of every patch
     token's class ([B, patches] in ``labels``), predicted by ``head`` (one block of logits per label,
-    in that order) from the vision tower's output; ``loss`` is their sum."""
-    logits = head(model.model.vision_model(pixel_values))
+    in that order) from the vision tower's output ``features`` [B, patches, hidden]; ``loss`` is their sum."""
+    logits = head(features)
     losses, start = {}, 0
     for name, values in PATCH_LABELS.items():
         block = logits[..., start:start + len(values) + 1]
@@ -157,10 +159,75 @@ def image_embeddings_from_codebook(model) -> None:
     model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
 
 
-def _understanding_patch_loss(model, vision_head, pixel_values: torch.Tensor, examples) -> dict:
+def _understanding_patch_loss(model, vision_head, features: torch.Tensor, examples) -> dict:
     vision = model.config.vision_config
     labels = [patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples]
-    return patch_label_loss(model, vision_head, pixel_values, patch_labels_tensors(labels, pixel_values.device))
+    return patch_label_loss(vision_head, features, patch_labels_tensors(labels, features.device))
+
+
+class ForwardRecord:
+    """A context manager that keeps what ``module`` receives (``args``) and returns (``output``) in the
+    forwards run inside it: training losses read a layer's inputs or features without a second pass."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.args = self.output = None
+
+    def __enter__(self) -> "ForwardRecord":
+        self._handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _keep(self, module, args, output) -> None:
+        self.args, self.output = args, output
+
+
+def answer_query_positions(labels: torch.Tensor) -> list[list[int]]:
+    """Per row, the positions whose logits predict each answer's first token (each run of labels
+    starts one after)."""
+    labelled = labels != IGNORE
+    starts = labelled[:, 1:] & ~labelled[:, :-1]
+    return [row.nonzero().flatten().tolist() for row in starts]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch.Tensor, labels: torch.Tensor,
+                           examples, image_token_id: int, image_size: int, patch: int) -> torch.Tensor | None:
+    """Mean, over answers whose question asks about one object, of -log(the attention weight that
+    ``head`` of the recorded attention layer gives that object's image tokens from the position predicting the
+    answer). None when no answer in the batch asks about one object."""
+    rows, positions, targets = [], [], []
+    for row, (example, queries) in enumerate(zip(examples, answer_query_positions(labels))):
+        if not example.subjects:
+            continue
+        cells = torch.tensor(patch_labels(example.scene, image_size, patch), device=input_ids.device)
+        image_positions = (input_ids[row] == image_token_id).nonzero().flatten()
+        for position, subject in zip(queries, example.subjects):
+            target = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+            if subject is not None:
+                target[image_positions[cells == subject + 1]] = True
+            if target.any():
+                rows.append(row), positions.append(position), targets.append(target)
+    if not rows:
+        return None
+    hidden, (cos, sin) = attention.args[0], attention.args[1]  # the layer's normed input, rotary cos/sin
+    attention = attention.module
+    rows_t, positions_t = torch.tensor(rows, device=labels.device), torch.tensor(positions, device=labels.device)
+    dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
+    hidden = hidden[rows_t]  # [answers, seq, hidden]
+    query = attention.q_proj(hidden[torch.arange(len(rows), device=labels.device), positions_t])[:, head * dim:(head + 1) * dim]
+    keys = attention.k_proj(hidden)[..., (head // group) * dim:(head // group + 1) * dim]
+    query = _rotate(query, cos[rows_t, positions_t], sin[rows_t, positions_t])
+    keys = _rotate(keys, cos[rows_t], sin[rows_t])
+    scores = (keys @ query[:, :, None]).squeeze(-1) * dim ** -0.5  # [answers, seq]
+    future = torch.arange(scores.shape[1], device=scores.device)[None] > positions_t[:, None]
+    log_weights = scores.float().masked_fill(future, float("-inf")).log_softmax(-1)
+    return -log_weights.masked_fill(~torch.stack(targets), float("-inf")).logsumexp(-1).mean()
 
 
 class ImageTokenCache:
@@ -188,6 +255,19 @@ class ImageTokenCache:
         return torch.stack(rows)
 
 
+def binding_layer(stage, model) -> int:
+    """The decoder layer whose attention ``stage.binding_attention_weight`` teaches (default: the middle
+    one: earlier layers gather the question's words into the answer position, later ones read out)."""
+    count = len(model.text_model.layers)
+    layer = count // 2 if stage.binding_attention_layer is None else stage.binding_attention_layer
+    heads = model.config.text_config.num_attention_heads
+    if not 0 <= layer < count or not 0 <= stage.binding_attention_head < heads:
+        from ..errors import InputError
+        raise InputError(f"lm.binding_attention_layer must name one of the LM's {count} layers and "
+                         f"lm.binding_attention_head one of its {heads} heads (counting from 0)")
+    return layer
+
+
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
               device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None,
               vision_head: torch.nn.Module | None = None) -> dict:
@@ -200,12 +280,23 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
     total = 0.0
     if understanding:
         batch = {k: v.to(device) for k, v in understanding_batch(processor, understanding).items()}
-        losses["understanding"] = model(**batch).loss
+        attention = (ForwardRecord(model.text_model.layers[binding_layer(stage, model)].self_attn)
+                     if stage.binding_attention_weight else contextlib.nullcontext())
+        with ForwardRecord(model.model.vision_model) as vision, attention:
+            losses["understanding"] = model(**batch).loss
         total = total + losses["understanding"]
         if stage.patch_label_weight:
-            patches = _understanding_patch_loss(model, vision_head, batch["pixel_values"], understanding)
+            patches = _understanding_patch_loss(model, vision_head, vision.output, understanding)
             losses.update({f"patch {name}": value for name, value in patches.items() if name != "loss"})
             total = total + stage.patch_label_weight * patches["loss"]
+        if stage.binding_attention_weight:
+            vision_config = model.config.vision_config
+            binding = binding_attention_loss(attention, stage.binding_attention_head, batch["input_ids"],
+                                             batch["labels"], understanding, model.config.image_token_id,
+                                             vision_config.image_size, vision_config.patch_size)
+            if binding is not None:
+                losses["binding"] = binding
+                total = total + stage.binding_attention_weight * binding
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
         tokens = (image_tokens or ImageTokenCache(model.model.vqmodel))(batch["pixel_values"], device)

@@ -24,8 +24,8 @@ from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
 from .recipe import Recipe
-from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, patch_label_loss,
-                     patch_labels_tensors, random_crops, restart_dead_codes, vq_losses)
+from .stages import (ImageTokenCache, binding_layer, image_embeddings_from_codebook, lm_losses, lr_at,
+                     patch_label_loss, patch_labels_tensors, random_crops, restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -150,6 +150,11 @@ class Trainer:
         self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
                                   self.model.config.vq_config.downsampling_factor)
         self.vision_head = self._vision_head() if recipe.vision.steps or recipe.lm.patch_label_weight else None
+        if recipe.lm.binding_attention_weight:
+            if not hasattr(self.source, "patch_example"):
+                raise InputError("lm.binding_attention_weight needs data.source 'shapes' (it knows which object "
+                                 "each question asks about); set it to 0 for other data")
+            binding_layer(recipe.lm, self.model)  # a bad layer or head fails now, not at the first LM step
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.state = saved["state"]
@@ -264,7 +269,7 @@ class Trainer:
         def step_fn(step, rng):
             images, labels = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
             pixels = image_processor(list(images))["pixel_values"].to(self.device)
-            losses = patch_label_loss(self.model, self.vision_head, pixels, patch_labels_tensors(labels, self.device))
+            losses = patch_label_loss(self.vision_head, vision(pixels), patch_labels_tensors(labels, self.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

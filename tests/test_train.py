@@ -29,7 +29,7 @@ TINY = {
     "vision": {"steps": 3, "batch_size": 3, "warmup": 1},
     "lm": {"steps": 4, "understanding_batch": 3, "generation_batch": 3, "warmup": 2, "caption_dropout": 0.5,
            "caption_recall_weight": 0.5, "image_embeddings_from_codebook": True, "patch_label_weight": 0.5,
-           "binding_attention_weight": 0.5},
+           "binding_attention_weight": 0.5, "question_label_weight": 0.5},
     "checkpoint_every": 3,
     "guidance_scale": 1.5,
 }
@@ -217,6 +217,7 @@ def test_the_auxiliary_losses_are_logged_and_token_grid_needs_canonical_pictures
     log = [json.loads(line) for line in (trained / "training" / "log.jsonl").read_text().splitlines()]
     assert any("caption recall" in row for row in log if row.get("stage") == "lm")
     assert any("binding" in row for row in log if row.get("stage") == "lm")
+    assert any({"named shape", "named colour", "named position"} <= set(row) for row in log if row.get("stage") == "lm")
     assert all({"patch shape", "patch colour", "patch position"} <= set(row) for row in log if row.get("stage") == "lm")
     with pytest.raises(InputError, match="canonical_on_token_grid needs data.canonical_generation"):
         train(tiny_recipe(data={"canonical_generation": False}), tmp_path / "run", progress=False)
@@ -326,7 +327,8 @@ def test_the_binding_loss_is_minus_log_the_heads_attention_on_the_asked_about_ob
     for row, example in enumerate(examples):
         labels = batch["labels"][row].tolist()
         starts = [p for p in range(1, len(labels)) if labels[p] != -100 and labels[p - 1] == -100]
-        image_positions = [p for p, t in enumerate(batch["input_ids"][row].tolist()) if t == model.config.image_token_id]
+        ids = batch["input_ids"][row].tolist()
+        image_positions = [p for p, t in enumerate(ids) if t == model.config.image_token_id]
         cells = patch_labels(example.scene, 32, 8)
         for start, subject in zip(starts, example.subjects):
             if subject is not None:
@@ -341,7 +343,7 @@ def test_the_binding_loss_needs_the_shapes_world_and_a_real_layer_and_head(tmp_p
     jsonl = {"source": "jsonl", "understanding": str(paths[0]), "generation": str(paths[1]),
              "canonical_generation": False, "canonical_on_token_grid": False}
     no_patches = {"steps": 1, "patch_label_weight": 0.0, "binding_attention_weight": 1.0}
-    with pytest.raises(InputError, match="lm.binding_attention_weight needs data.source 'shapes'"):
+    with pytest.raises(InputError, match="lm.binding_attention_weight and lm.question_label_weight need data.source"):
         train(tiny_recipe(data=jsonl, vision={"steps": 0}, lm=no_patches), tmp_path / "a", progress=False)
     with pytest.raises(InputError, match="binding_attention_layer must name one of the LM's 2 layers"):
         train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_layer": 2}), tmp_path / "b",
@@ -349,3 +351,41 @@ def test_the_binding_loss_needs_the_shapes_world_and_a_real_layer_and_head(tmp_p
     with pytest.raises(InputError, match="binding_attention_head one of its 2 heads"):
         train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_head": -1}), tmp_path / "c",
               progress=False)
+
+
+def test_the_question_label_loss_reads_what_each_question_names_at_its_answer_position():
+    from torch.nn import functional as F
+    from vlmkit.data.shapes import Scene, SceneObject
+    from vlmkit.train.data import PATCH_LABELS, named_classes
+    from vlmkit.train.stages import ForwardRecord, question_label_loss
+
+    red = 1 + list(PATCH_LABELS["colour"]).index("red")
+    assert named_classes("Where is the red circle?") == {"shape": 1, "colour": red, "position": 0}
+    assert named_classes("What colour is the shape on the left?") == {"shape": 0, "colour": 0, "position": 1}
+    scene = Scene("white", (SceneObject("circle", "red", "left"), SceneObject("star", "blue", "right")))
+    messages = [{"role": "user", "content": "How many shapes are there?"}, {"role": "assistant", "content": "two"},
+                {"role": "user", "content": "Where is the blue star?"}, {"role": "assistant", "content": "right"}]
+    example = UnderstandingExample(render(scene, 32), messages, scene, [None, 1])
+    labels = torch.tensor([[-100, -100, 7, -100, -100, -100, 9, -100]])
+    attention = ForwardRecord(torch.nn.Identity())
+    attention.args = (torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(0)),)
+    sizes = [len(values) + 1 for values in PATCH_LABELS.values()]
+    head = torch.nn.Linear(6, sum(sizes))
+    losses = question_label_loss(head, attention, labels, [example])
+    expected = named_classes("Where is the blue star?")
+    for (name, size), block in zip(zip(PATCH_LABELS, sizes), head(attention.args[0][0, 5]).split(sizes)):
+        assert torch.allclose(losses[name], F.cross_entropy(block[None], torch.tensor([expected[name]])))
+
+
+def test_a_checkpoint_whose_label_head_has_other_classes_is_refused_clearly(tmp_path):
+    from vlmkit.train.checkpoint import save_training_state
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(tiny_recipe(), out, progress=False, halt_after=5)  # mid vision stage
+    path = out / "training" / "checkpoint.pt"
+    saved = load_training_state(path)
+    saved["vision_head"] = torch.nn.Linear(32, 14).state_dict()  # an older vlmkit's 14 classes
+    save_training_state(path, saved)
+    with pytest.raises(InputError, match="checkpoint's vision_head does not fit this vlmkit's labels"):
+        train(None, out, resume=True, progress=False)

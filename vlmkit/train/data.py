@@ -107,6 +107,17 @@ def patch_classes(scene: Scene, image_size: int, patch: int) -> dict[str, list[i
     return out
 
 
+def named_classes(question: str) -> dict[str, int]:
+    """For each of ``PATCH_LABELS``, the class of the value the question names ("Where is the red
+    circle?": colour red, shape circle), 0 where it names none (or more than one)."""
+    words = set(question.replace("?", " ").replace(".", " ").split())
+    out = {}
+    for name, values in PATCH_LABELS.items():
+        named = [index for index, value in enumerate(values) if value in words]
+        out[name] = 1 + named[0] if len(named) == 1 else 0
+    return out
+
+
 class JsonlSource:
     """Examples from JSONL files (either may be missing); images are read once and kept."""
 

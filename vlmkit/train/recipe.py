@@ -135,6 +135,11 @@ class LMStage:
     binding_attention_weight: float = 0.0
     binding_attention_layer: int | None = None  # None: the middle layer
     binding_attention_head: int = 0
+    # Weight of a second such loss (shapes world only; training only): at the same answer positions,
+    # the input of that layer predicts, through a training-only linear head, the colour, shape and
+    # position the question names - what the head's query needs to look the object up. Without it
+    # the named colour is hardly readable there (a linear probe: ~57%), and the lookup fails.
+    question_label_weight: float = 0.0
     grad_clip: float = 1.0
 
 

@@ -19,7 +19,7 @@ from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
 from ..data.shapes import patch_labels
 from ..nn.rotary import rotate_half
-from .data import PATCH_LABELS, patch_classes
+from .data import PATCH_LABELS, named_classes, patch_classes
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -196,23 +196,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotate_half(x) * sin
 
 
-def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch.Tensor, labels: torch.Tensor,
-                           examples, image_token_id: int, image_size: int, patch: int) -> torch.Tensor | None:
-    """Mean, over answers whose question asks about one object, of -log(the attention weight that
-    ``head`` of the recorded attention layer gives that object's image tokens from the position predicting the
-    answer). None when no answer in the batch asks about one object."""
-    rows, positions, targets = [], [], []
+def asked_objects(examples, labels: torch.Tensor) -> list[tuple[int, int, int, str]]:
+    """(row, query position, subject, question) for every answer in the batch whose question asks
+    about one object of its scene (see ``answer_query_positions``)."""
+    out = []
     for row, (example, queries) in enumerate(zip(examples, answer_query_positions(labels))):
         if not example.subjects:
             continue
-        cells = torch.tensor(patch_labels(example.scene, image_size, patch), device=input_ids.device)
+        questions = [m["content"] for m in example.messages if m["role"] == "user"]
+        out += [(row, position, subject, question)
+                for position, subject, question in zip(queries, example.subjects, questions) if subject is not None]
+    return out
+
+
+def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch.Tensor, labels: torch.Tensor,
+                           examples, image_token_id: int, image_size: int, patch: int) -> torch.Tensor | None:
+    """Mean, over answers whose question asks about one object, of -log(the attention weight that
+    ``head`` of the recorded attention layer gives that object's image tokens from the position
+    predicting the answer). None when no answer in the batch asks about one object."""
+    rows, positions, targets = [], [], []
+    cells = {}
+    for row, position, subject, _ in asked_objects(examples, labels):
+        if row not in cells:
+            cells[row] = torch.tensor(patch_labels(examples[row].scene, image_size, patch), device=input_ids.device)
         image_positions = (input_ids[row] == image_token_id).nonzero().flatten()
-        for position, subject in zip(queries, example.subjects):
-            target = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
-            if subject is not None:
-                target[image_positions[cells == subject + 1]] = True
-            if target.any():
-                rows.append(row), positions.append(position), targets.append(target)
+        target = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+        target[image_positions[cells[row] == subject + 1]] = True
+        if target.any():
+            rows.append(row), positions.append(position), targets.append(target)
     if not rows:
         return None
     hidden, (cos, sin) = attention.args[0], attention.args[1]  # the layer's normed input, rotary cos/sin
@@ -220,7 +231,8 @@ def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch
     rows_t, positions_t = torch.tensor(rows, device=labels.device), torch.tensor(positions, device=labels.device)
     dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
     hidden = hidden[rows_t]  # [answers, seq, hidden]
-    query = attention.q_proj(hidden[torch.arange(len(rows), device=labels.device), positions_t])[:, head * dim:(head + 1) * dim]
+    query = attention.q_proj(hidden[torch.arange(len(rows), device=labels.device), positions_t])
+    query = query[:, head * dim:(head + 1) * dim]
     keys = attention.k_proj(hidden)[..., (head // group) * dim:(head // group + 1) * dim]
     query = _rotate(query, cos[rows_t, positions_t], sin[rows_t, positions_t])
     keys = _rotate(keys, cos[rows_t], sin[rows_t])
@@ -228,6 +240,20 @@ def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch
     future = torch.arange(scores.shape[1], device=scores.device)[None] > positions_t[:, None]
     log_weights = scores.float().masked_fill(future, float("-inf")).log_softmax(-1)
     return -log_weights.masked_fill(~torch.stack(targets), float("-inf")).logsumexp(-1).mean()
+
+
+def question_label_loss(head: torch.nn.Module, attention: ForwardRecord, labels: torch.Tensor, examples) -> dict | None:
+    """``patch_label_loss`` at the answer positions of questions about one object: the recorded
+    attention layer's input there predicts what the question names (``data.named_classes``), which its
+    queries need to look the object up. None when no answer in the batch asks about one object."""
+    asked = asked_objects(examples, labels)
+    if not asked:
+        return None
+    rows = torch.tensor([row for row, *_ in asked], device=labels.device)
+    positions = torch.tensor([position for _, position, *_ in asked], device=labels.device)
+    features = attention.args[0][rows, positions][:, None]  # [answers, 1, hidden]
+    named = [{name: [value] for name, value in named_classes(question).items()} for *_, question in asked]
+    return patch_label_loss(head, features, patch_labels_tensors(named, labels.device))
 
 
 class ImageTokenCache:
@@ -270,10 +296,11 @@ def binding_layer(stage, model) -> int:
 
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
               device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None,
-              vision_head: torch.nn.Module | None = None) -> dict:
+              vision_head: torch.nn.Module | None = None, question_head: torch.nn.Module | None = None) -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
     ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache);
-    ``vision_head``: the vision stage's classifier, for ``stage.patch_label_weight``."""
+    ``vision_head``: the vision stage's classifier, for ``stage.patch_label_weight``; ``question_head``:
+    the classifier of what questions name, for ``stage.question_label_weight``."""
     losses = {}
     understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
     generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
@@ -281,7 +308,7 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
     if understanding:
         batch = {k: v.to(device) for k, v in understanding_batch(processor, understanding).items()}
         attention = (ForwardRecord(model.text_model.layers[binding_layer(stage, model)].self_attn)
-                     if stage.binding_attention_weight else contextlib.nullcontext())
+                     if stage.binding_attention_weight or stage.question_label_weight else contextlib.nullcontext())
         with ForwardRecord(model.model.vision_model) as vision, attention:
             losses["understanding"] = model(**batch).loss
         total = total + losses["understanding"]
@@ -297,6 +324,11 @@ def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = 
             if binding is not None:
                 losses["binding"] = binding
                 total = total + stage.binding_attention_weight * binding
+        if stage.question_label_weight:
+            named = question_label_loss(question_head, attention, batch["labels"], understanding)
+            if named is not None:
+                losses.update({f"named {name}": value for name, value in named.items() if name != "loss"})
+                total = total + stage.question_label_weight * named["loss"]
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
         tokens = (image_tokens or ImageTokenCache(model.model.vqmodel))(batch["pixel_values"], device)

@@ -149,31 +149,43 @@ class Trainer:
         self.optimizer_state = None
         self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
                                   self.model.config.vq_config.downsampling_factor)
-        self.vision_head = self._vision_head() if recipe.vision.steps or recipe.lm.patch_label_weight else None
-        if recipe.lm.binding_attention_weight:
-            if not hasattr(self.source, "patch_example"):
-                raise InputError("lm.binding_attention_weight needs data.source 'shapes' (it knows which object "
-                                 "each question asks about); set it to 0 for other data")
+        self.vision_head = self.question_head = None
+        if recipe.vision.steps or recipe.lm.patch_label_weight:
+            self._require_shapes("the vision stage and lm.patch_label_weight", "label every patch from the scene",
+                                 "vision.steps and lm.patch_label_weight")
+            self.vision_head = self._label_head(self.model.config.vision_config.hidden_size)
+        if recipe.lm.binding_attention_weight or recipe.lm.question_label_weight:
+            self._require_shapes("lm.binding_attention_weight and lm.question_label_weight",
+                                 "know which object each question asks about", "them")
             binding_layer(recipe.lm, self.model)  # a bad layer or head fails now, not at the first LM step
+        if recipe.lm.question_label_weight:
+            self.question_head = self._label_head(self.model.config.text_config.hidden_size)
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.state = saved["state"]
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]
-            if self.vision_head is not None and saved.get("vision_head"):
-                self.vision_head.load_state_dict(saved["vision_head"])
+            for name in ("vision_head", "question_head"):
+                if getattr(self, name) is not None and saved.get(name):
+                    try:
+                        getattr(self, name).load_state_dict(saved[name])
+                    except RuntimeError:  # a checkpoint from a vlmkit whose labels had other classes
+                        raise InputError(f"the training checkpoint's {name} does not fit this vlmkit's labels "
+                                         f"({self.checkpoint_path}); start the stage again or use the vlmkit "
+                                         "that wrote it") from None
         self.vq_usage = self.vq_usage.to(self.device)
 
-    def _vision_head(self) -> torch.nn.Linear:
-        """The patch-label classifier (training only, never exported): ``data.PATCH_LABELS``' classes."""
+    def _require_shapes(self, what: str, why: str, settings: str) -> None:
         if not hasattr(self.source, "patch_example"):
-            raise InputError("the vision stage and lm.patch_label_weight need data.source 'shapes' (they label "
-                             "every patch from the scene); set vision.steps and lm.patch_label_weight to 0 "
-                             "for other data")
+            raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
+
+    def _label_head(self, width: int) -> torch.nn.Linear:
+        """A training-only classifier (never exported) of ``data.PATCH_LABELS``' classes from ``width``
+        features: the vision stage's per patch token, ``lm.question_label_weight``'s per answer."""
         from .data import PATCH_LABELS
         generator = torch.Generator().manual_seed(self.recipe.seed)
         classes = sum(len(values) + 1 for values in PATCH_LABELS.values())
-        head = torch.nn.Linear(self.model.config.vision_config.hidden_size, classes)
+        head = torch.nn.Linear(width, classes)
         with torch.no_grad():
             head.weight.normal_(0, 0.02, generator=generator)
             head.bias.zero_()
@@ -184,7 +196,8 @@ class Trainer:
         save_training_state(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "state": self.state, "vq_usage": self.vq_usage.cpu(),
-            "vision_head": self.vision_head.state_dict() if self.vision_head is not None else None})
+            **{name: head.state_dict() if head is not None else None
+               for name, head in (("vision_head", self.vision_head), ("question_head", self.question_head))}})
 
     def _log(self, values: dict) -> None:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
@@ -282,8 +295,9 @@ class Trainer:
         vq.requires_grad_(False)
         vq.eval()
         params = [p for n, p in self.model.named_parameters() if not n.startswith("model.vqmodel.")]
-        if stage.patch_label_weight:
-            params += list(self.vision_head.parameters())
+        for head in (self.vision_head if stage.patch_label_weight else None, self.question_head):
+            if head is not None:
+                params += list(head.parameters())
         optimizer = _optimizer(params, stage.lr, stage.weight_decay)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -294,7 +308,7 @@ class Trainer:
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps
             losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device, image_tokens,
-                               self.vision_head)
+                               self.vision_head, self.question_head)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if stage.grad_clip:

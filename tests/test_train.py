@@ -256,10 +256,10 @@ def test_the_vision_stage_needs_the_shapes_world(tmp_path):
         train(tiny_recipe(data=recipe.data.__dict__, vision={"steps": 0}), tmp_path / "again", progress=False)
 
 
-def test_the_patch_label_loss_is_each_tokens_cross_entropy_per_label():
+def test_the_label_loss_is_each_tokens_cross_entropy_per_label():
     from torch.nn import functional as F
     from vlmkit.train.data import PATCH_LABELS
-    from vlmkit.train.stages import patch_label_loss
+    from vlmkit.train.label_heads import label_loss
 
     generator = torch.Generator().manual_seed(2)
     sizes = [len(values) + 1 for values in PATCH_LABELS.values()]
@@ -268,7 +268,7 @@ def test_the_patch_label_loss_is_each_tokens_cross_entropy_per_label():
     pixels = torch.randn(2, 6, 3, generator=generator)
     labels = {name: torch.randint(0, size, (2, 6), generator=generator) for name, size in zip(PATCH_LABELS, sizes)}
     logits = head(tower(pixels)).split(sizes, dim=-1)
-    losses = patch_label_loss(head, tower(pixels), labels)
+    losses = label_loss(head, tower(pixels), labels)
     for (name, size), block in zip(zip(PATCH_LABELS, sizes), logits):
         assert torch.allclose(losses[name], F.cross_entropy(block.reshape(-1, size), labels[name].reshape(-1)))
     assert torch.allclose(losses["loss"], sum(losses[name] for name in PATCH_LABELS))
@@ -294,7 +294,7 @@ def test_the_image_token_cache_gives_the_vq_tokens_and_encodes_each_picture_once
 
 
 def test_answer_query_positions_are_the_ones_before_each_answer():
-    from vlmkit.train.stages import answer_query_positions
+    from vlmkit.train.binding import answer_query_positions
 
     labels = torch.tensor([[-100, -100, 5, 6, -100, -100, 7, -100], [-100, 3, -100, -100, -100, -100, -100, -100]])
     assert answer_query_positions(labels) == [[1, 5], [0]]
@@ -308,7 +308,7 @@ def test_the_binding_loss_is_minus_log_the_heads_attention_on_the_asked_about_ob
     from vlmkit.data.shapes import patch_labels
     from vlmkit.train.batches import understanding_batch
     from vlmkit.train.data import ShapesSource
-    from vlmkit.train.stages import ForwardRecord, binding_attention_loss
+    from vlmkit.train.binding import ForwardRecord, binding_attention_loss
 
     model, processor = JanusForConditionalGeneration.from_pretrained(trained), JanusProcessor.from_pretrained(trained)
     reference = Reference.from_pretrained(trained, attn_implementation="eager")
@@ -357,7 +357,7 @@ def test_the_question_label_loss_reads_what_each_question_names_at_its_answer_po
     from torch.nn import functional as F
     from vlmkit.data.shapes import Scene, SceneObject
     from vlmkit.train.data import PATCH_LABELS, named_classes
-    from vlmkit.train.stages import ForwardRecord, question_label_loss
+    from vlmkit.train.binding import ForwardRecord, question_label_loss
 
     red = 1 + list(PATCH_LABELS["colour"]).index("red")
     assert named_classes("Where is the red circle?") == {"shape": 1, "colour": red, "position": 0}

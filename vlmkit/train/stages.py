@@ -17,9 +17,9 @@ from torch.nn import functional as F
 
 from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
-from ..data.shapes import patch_labels
-from ..nn.rotary import rotate_half
-from .data import PATCH_LABELS, named_classes, patch_classes
+from .binding import ForwardRecord, binding_attention_loss, binding_layer, question_label_loss
+from .data import patch_classes
+from .label_heads import label_loss, label_tensors
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -132,25 +132,6 @@ def caption_recall_loss(model, hidden: torch.Tensor, prompt_lengths: list[int], 
     return -(log_probs * target[:, None]).sum(-1).mean()
 
 
-def patch_label_loss(head: torch.nn.Module, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict:
-    """The vision stage's losses: for each of ``data.PATCH_LABELS``, the cross-entropy of every patch
-    token's class ([B, patches] in ``labels``), predicted by ``head`` (one block of logits per label,
-    in that order) from the vision tower's output ``features`` [B, patches, hidden]; ``loss`` is their sum."""
-    logits = head(features)
-    losses, start = {}, 0
-    for name, values in PATCH_LABELS.items():
-        block = logits[..., start:start + len(values) + 1]
-        start += len(values) + 1
-        losses[name] = F.cross_entropy(block.flatten(0, 1), labels[name].flatten())
-    losses["loss"] = sum(losses.values())
-    return losses
-
-
-def patch_labels_tensors(examples: list[dict[str, list[int]]], device) -> dict[str, torch.Tensor]:
-    """``patch_classes`` of a batch as [B, patches] tensors per label."""
-    return {name: torch.tensor([e[name] for e in examples], device=device) for name in examples[0]}
-
-
 @torch.no_grad()
 def image_embeddings_from_codebook(model) -> None:
     """Set the LM's image-token input embeddings to the VQ's codes at unit length (as decoding sees
@@ -162,98 +143,7 @@ def image_embeddings_from_codebook(model) -> None:
 def _understanding_patch_loss(model, vision_head, features: torch.Tensor, examples) -> dict:
     vision = model.config.vision_config
     labels = [patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples]
-    return patch_label_loss(vision_head, features, patch_labels_tensors(labels, features.device))
-
-
-class ForwardRecord:
-    """A context manager that keeps what ``module`` receives (``args``) and returns (``output``) in the
-    forwards run inside it: training losses read a layer's inputs or features without a second pass."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-        self.args = self.output = None
-
-    def __enter__(self) -> "ForwardRecord":
-        self._handle = self.module.register_forward_hook(self._keep)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _keep(self, module, args, output) -> None:
-        self.args, self.output = args, output
-
-
-def answer_query_positions(labels: torch.Tensor) -> list[list[int]]:
-    """Per row, the positions whose logits predict each answer's first token (each run of labels
-    starts one after)."""
-    labelled = labels != IGNORE
-    starts = labelled[:, 1:] & ~labelled[:, :-1]
-    return [row.nonzero().flatten().tolist() for row in starts]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-def asked_objects(examples, labels: torch.Tensor) -> list[tuple[int, int, int, str]]:
-    """(row, query position, subject, question) for every answer in the batch whose question asks
-    about one object of its scene (see ``answer_query_positions``)."""
-    out = []
-    for row, (example, queries) in enumerate(zip(examples, answer_query_positions(labels))):
-        if not example.subjects:
-            continue
-        questions = [m["content"] for m in example.messages if m["role"] == "user"]
-        out += [(row, position, subject, question)
-                for position, subject, question in zip(queries, example.subjects, questions) if subject is not None]
-    return out
-
-
-def binding_attention_loss(attention: ForwardRecord, head: int, input_ids: torch.Tensor, labels: torch.Tensor,
-                           examples, image_token_id: int, image_size: int, patch: int) -> torch.Tensor | None:
-    """Mean, over answers whose question asks about one object, of -log(the attention weight that
-    ``head`` of the recorded attention layer gives that object's image tokens from the position
-    predicting the answer). None when no answer in the batch asks about one object."""
-    rows, positions, targets = [], [], []
-    cells = {}
-    for row, position, subject, _ in asked_objects(examples, labels):
-        if row not in cells:
-            cells[row] = torch.tensor(patch_labels(examples[row].scene, image_size, patch), device=input_ids.device)
-        image_positions = (input_ids[row] == image_token_id).nonzero().flatten()
-        target = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
-        target[image_positions[cells[row] == subject + 1]] = True
-        if target.any():
-            rows.append(row), positions.append(position), targets.append(target)
-    if not rows:
-        return None
-    hidden, (cos, sin) = attention.args[0], attention.args[1]  # the layer's normed input, rotary cos/sin
-    attention = attention.module
-    rows_t, positions_t = torch.tensor(rows, device=labels.device), torch.tensor(positions, device=labels.device)
-    dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
-    hidden = hidden[rows_t]  # [answers, seq, hidden]
-    query = attention.q_proj(hidden[torch.arange(len(rows), device=labels.device), positions_t])
-    query = query[:, head * dim:(head + 1) * dim]
-    keys = attention.k_proj(hidden)[..., (head // group) * dim:(head // group + 1) * dim]
-    query = _rotate(query, cos[rows_t, positions_t], sin[rows_t, positions_t])
-    keys = _rotate(keys, cos[rows_t], sin[rows_t])
-    scores = (keys @ query[:, :, None]).squeeze(-1) * dim ** -0.5  # [answers, seq]
-    future = torch.arange(scores.shape[1], device=scores.device)[None] > positions_t[:, None]
-    log_weights = scores.float().masked_fill(future, float("-inf")).log_softmax(-1)
-    return -log_weights.masked_fill(~torch.stack(targets), float("-inf")).logsumexp(-1).mean()
-
-
-def question_label_loss(head: torch.nn.Module, attention: ForwardRecord, labels: torch.Tensor, examples) -> dict | None:
-    """``patch_label_loss`` at the answer positions of questions about one object: the recorded
-    attention layer's input there predicts what the question names (``data.named_classes``), which its
-    queries need to look the object up. None when no answer in the batch asks about one object."""
-    asked = asked_objects(examples, labels)
-    if not asked:
-        return None
-    rows = torch.tensor([row for row, *_ in asked], device=labels.device)
-    positions = torch.tensor([position for _, position, *_ in asked], device=labels.device)
-    features = attention.args[0][rows, positions][:, None]  # [answers, 1, hidden]
-    named = [{name: [value] for name, value in named_classes(question).items()} for *_, question in asked]
-    return patch_label_loss(head, features, patch_labels_tensors(named, labels.device))
+    return label_loss(vision_head, features, label_tensors(labels, features.device))
 
 
 class ImageTokenCache:
@@ -279,19 +169,6 @@ class ImageTokenCache:
                     self.tokens[key] = tokens
             rows.append(tokens)
         return torch.stack(rows)
-
-
-def binding_layer(stage, model) -> int:
-    """The decoder layer whose attention ``stage.binding_attention_weight`` teaches (default: the middle
-    one: earlier layers gather the question's words into the answer position, later ones read out)."""
-    count = len(model.text_model.layers)
-    layer = count // 2 if stage.binding_attention_layer is None else stage.binding_attention_layer
-    heads = model.config.text_config.num_attention_heads
-    if not 0 <= layer < count or not 0 <= stage.binding_attention_head < heads:
-        from ..errors import InputError
-        raise InputError(f"lm.binding_attention_layer must name one of the LM's {count} layers and "
-                         f"lm.binding_attention_head one of its {heads} heads (counting from 0)")
-    return layer
 
 
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,

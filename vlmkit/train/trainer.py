@@ -24,8 +24,10 @@ from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
 from .recipe import Recipe
-from .stages import (ImageTokenCache, binding_layer, image_embeddings_from_codebook, lm_losses, lr_at,
-                     patch_label_loss, patch_labels_tensors, random_crops, restart_dead_codes, vq_losses)
+from .binding import binding_layer
+from .label_heads import label_loss, label_tensors
+from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, random_crops,
+                     restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -282,7 +284,7 @@ class Trainer:
         def step_fn(step, rng):
             images, labels = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
             pixels = image_processor(list(images))["pixel_values"].to(self.device)
-            losses = patch_label_loss(self.vision_head, vision(pixels), patch_labels_tensors(labels, self.device))
+            losses = label_loss(self.vision_head, vision(pixels), label_tensors(labels, self.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

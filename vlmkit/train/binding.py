@@ -84,7 +84,9 @@ def binding_attention_loss(record: ForwardRecord, head: int, input_ids: torch.Te
         target = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
         target[image_positions[cells[row] == subject + 1]] = True
         if target.any():
-            rows.append(row), positions.append(position), targets.append(target)
+            rows.append(row)
+            positions.append(position)
+            targets.append(target)
     if not rows:
         return None
     hidden, (cos, sin) = record.args[0], record.args[1]  # the layer's normed input, rotary cos/sin

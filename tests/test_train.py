@@ -141,6 +141,24 @@ def test_recipes_with_unknown_keys_are_refused():
         Recipe.from_dict({"lm": {"stepz": 3}})
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"lm": {"steps": "ten"}}, "recipe.lm.steps must be an integer, got 'ten'"),
+    ({"lm": {"lr": True}}, "recipe.lm.lr must be a number, got True"),
+    ({"lm": {"binding_attention_layer": 1.5}}, "recipe.lm.binding_attention_layer must be an integer or null"),
+    ({"model": {"vq_channel_multiplier": [1, "2"]}}, "vq_channel_multiplier must be a list of integers"),
+    ({"data": {"canonical_generation": "yes"}}, "recipe.data.canonical_generation must be true or false"),
+    ({"init_from": 3}, "recipe.init_from must be a string or null, got 3"),
+])
+def test_recipe_values_of_the_wrong_type_are_refused_by_name(values, message):
+    with pytest.raises(InputError, match=message.replace("[", r"\[")):
+        Recipe.from_dict(values)
+
+
+def test_recipe_numbers_may_be_written_as_integers_and_optional_values_as_null():
+    recipe = Recipe.from_dict({"lm": {"lr": 1, "binding_attention_layer": None}, "guidance_scale": 2})
+    assert recipe.lm.lr == 1 and recipe.lm.binding_attention_layer is None and recipe.guidance_scale == 2
+
+
 @pytest.mark.parametrize("worst_served", [False, True])
 def test_dead_codes_restart_where_the_codebook_serves_worst_when_asked(worst_served):
     from types import SimpleNamespace

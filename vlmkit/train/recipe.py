@@ -5,6 +5,8 @@ in a recipe should not silently train something else."""
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -188,7 +190,39 @@ def _build(cls, values: dict, nested: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise InputError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
-        kwargs[key] = _build(nested[key], value, {}, f"{where}.{key}") if key in nested else value
+        if key in nested:
+            kwargs[key] = _build(nested[key], value, {}, f"{where}.{key}")
+        elif not _is_a(value, hints[key]):
+            raise InputError(f"{where}.{key} must be {_describe(hints[key])}, got {value!r}")
+        else:
+            kwargs[key] = value
     return cls(**kwargs)
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _is_a(value, hint) -> bool:
+    """Whether a JSON value fits a field's type (ints count as floats; booleans are not numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    return _NAMES.get(hint, hint.__name__)

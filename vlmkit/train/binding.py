@@ -93,12 +93,12 @@ def binding_attention_loss(record: ForwardRecord, head: int, input_ids: torch.Te
     attention = record.module
     rows_t, positions_t = torch.tensor(rows, device=labels.device), torch.tensor(positions, device=labels.device)
     dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
-    hidden = hidden[rows_t]  # [answers, seq, hidden]
-    query = attention.q_proj(hidden[torch.arange(len(rows), device=labels.device), positions_t])
-    query = query[:, head * dim:(head + 1) * dim]
-    keys = attention.k_proj(hidden)[..., (head // group) * dim:(head // group + 1) * dim]
+    query = attention.q_proj(hidden[rows_t, positions_t])[:, head * dim:(head + 1) * dim]
     query = rotate(query, cos[rows_t, positions_t], sin[rows_t, positions_t])
-    keys = rotate(keys, cos[rows_t], sin[rows_t])
+    # keys once per row (a row holds up to one answer per question), then one copy per answer
+    key_rows, answer_row = rows_t.unique(return_inverse=True)
+    keys = attention.k_proj(hidden[key_rows])[..., (head // group) * dim:(head // group + 1) * dim]
+    keys = rotate(keys, cos[key_rows], sin[key_rows])[answer_row]  # [answers, seq, head_dim]
     scores = (keys @ query[:, :, None]).squeeze(-1) * dim ** -0.5  # [answers, seq]
     future = torch.arange(scores.shape[1], device=scores.device)[None] > positions_t[:, None]
     log_weights = scores.float().masked_fill(future, float("-inf")).log_softmax(-1)

@@ -20,12 +20,12 @@ import torch
 from ..errors import InputError
 from ..io.checkpoint import read_json
 from ..models.base import resolve_device
+from .binding import binding_layer
 from .checkpoint import export_weights, load_training_state, save_training_state
 from .data import make_source
 from .init import janus_config_dict, new_model
-from .recipe import Recipe
-from .binding import binding_layer
 from .label_heads import label_loss, label_tensors
+from .recipe import Recipe
 from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, random_crops,
                      restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files

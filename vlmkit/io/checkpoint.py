@@ -53,7 +53,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main") 
             return snapshots[0]
         raise CheckpointError(
             f"model {name!r} is neither a local folder nor in the local Hugging Face cache (looked in {repo}). "
-            f"vlmkit never downloads: fetch it first, e.g. `huggingface-cli download {name}` "
+            f"vlmkit never downloads: fetch it first, e.g. `hf download {name}` "
             f"(it lands in {repo}), or pass the path of a folder that holds it.")
     raise CheckpointError(f"checkpoint folder {name!r} does not exist")
 

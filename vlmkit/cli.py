@@ -1,10 +1,19 @@
-"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve, batch, train."""
+"""The ``vlmkit`` command: chat about images, draw images, convert checkpoints, serve, batch, train.
+
+Every flag value is checked by argparse (``cli_args``) and every path before a model loads."""
 
 import argparse
+import inspect
 import os
+import re
 import sys
+import threading
+import time
 from pathlib import Path
 
+from . import __version__
+from .cli_args import (DTYPES, HelpFormatter, device, existing_file, non_negative_float, non_negative_int, port,
+                       positive_int, probability, prompt_text, seed)
 from .errors import InputError, VlmkitError
 
 
@@ -16,108 +25,134 @@ def _default_model() -> str:
     return builtin_model_path()
 
 
+def _is_builtin(model: str) -> bool:
+    """The built-in model answers questions about a picture of its shapes world and nothing else."""
+    from .builtin import BUILTIN_DIR
+    return Path(model).resolve() == BUILTIN_DIR.resolve()
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="checkpoint folder or cached hub id (default: $VLMKIT_MODEL, "
                                               "else the built-in model)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype; auto: the checkpoint's")
+    parser.add_argument("--device", type=device, default=None,
+                        help="auto, cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="quantize the weights as they load (weight-only; faster decoding, less memory; "
                              "on CPUs use with the default bfloat16)")
 
 
-def _load_engine(args):
+def _load_engine(args, model: str):
     from .engine import Engine
-    return Engine.load(args.model or _default_model(), dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return Engine.load(model, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
-def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
-    content = [{"type": "image", "path": image} for image in images]
-    content += [{"type": "video", "path": video} for video in videos]
-    content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
+def _takes_video(model: str) -> tuple[str, bool]:
+    """(model type, whether its processor takes videos), read from config.json without loading weights."""
+    from .auto import family_of
+    model_type, _, processor_class = family_of(model)
+    return model_type, "videos" in inspect.signature(processor_class.__call__).parameters
 
 
 def cmd_chat(args) -> int:
-    engine = _load_engine(args)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed)
+    from .cli_chat import run_chat, warn_no_image
+    if not args.prompt and not args.interactive:
+        args.parser.error("give a question, or -i for an interactive session")
+    model = args.model or _default_model()
     if args.video:
-        options["num_frames"] = args.frames
+        model_type, takes_video = _takes_video(model)
+        if not takes_video:
+            args.parser.error(f"argument --video: {model_type} models cannot take video; use a LLaVA-OneVision "
+                              f"checkpoint (--model), or give frames as --image")
+    needs_image = _is_builtin(model)
+    if needs_image and args.prompt and not args.image:
+        warn_no_image("the built-in model")
+    engine = _load_engine(args, model)
+    return run_chat(engine, args, "the built-in model" if needs_image else "this model", needs_image)
 
-    def answer(messages):
-        started = False
 
-        def show(chunk):  # the reply's first token usually carries the space after "Assistant:"
-            nonlocal started
-            if not started:
-                chunk = chunk.lstrip()
-                started = bool(chunk)
-            print(chunk, end="", flush=True)
+def _output_folder(args) -> Path:
+    """``-o``, created now (before the model loads), or a usage error saying why it cannot be."""
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        args.parser.error(f"argument -o/--output: {args.output} is a file; give a folder for the PNGs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        args.parser.error(f"argument -o/--output: cannot create {args.output}: {err.strerror or err}")
+    if not os.access(out, os.W_OK):
+        args.parser.error(f"argument -o/--output: {args.output} is not writable; give another folder")
+    return out
 
-        result = engine.chat(messages, on_text=show, **options)
-        print(flush=True)
-        return result
 
-    messages = []
-    if args.prompt:
-        messages.append(_user_message(args.prompt, args.image, args.video))
-        result = answer(messages)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
-    if not args.interactive:
-        if not args.prompt:
-            print("vlmkit chat: give a question, or -i for an interactive session", file=sys.stderr)
-            return 2
-        return 0
-    pending_images = [] if args.prompt else list(args.image)
-    while True:
-        try:
-            line = input(">>> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line.startswith("/image "):
-            pending_images.append(line[len("/image "):].strip())
-            continue
-        if not line:
-            continue
-        messages.append(_user_message(line, pending_images, []))
-        pending_images = []
-        try:
-            result = answer(messages)
-        except VlmkitError as err:
-            print(f"error: {err}", file=sys.stderr)
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
+def _first_free_index(out: Path, stem: str) -> int:
+    """One past the highest ``<stem>-NN.png`` already in ``out``, so earlier images are kept."""
+    pattern = re.compile(re.escape(stem) + r"-(\d+)\.png")
+    taken = [int(match.group(1)) for file in out.iterdir() if (match := pattern.fullmatch(file.name))]
+    return max(taken) + 1 if taken else 0
+
+
+def _batch_seed(seed_value: int | None, index: int) -> int | None:
+    """Batch ``index``'s seed: the given seed for the first, then far-apart seeds, all repeatable."""
+    if seed_value is None or index == 0:
+        return seed_value
+    return (seed_value + index * 0x9E3779B97F4A7C15) % 2**64
 
 
 def cmd_imagine(args) -> int:
     from tqdm import tqdm
 
     from .engine import default_max_batch_images
-    engine = _load_engine(args)
-    batch = args.batch_size or default_max_batch_images(engine.model)
-    bar = tqdm(total=1, unit="tok", desc="image tokens", dynamic_ncols=True)
-
-    def on_step(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    images = engine.imagine(args.prompt, args.n, seed=args.seed, guidance_scale=args.cfg,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_batch_images=batch, on_step=on_step)
-    bar.close()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args)
     stem = args.name or "image"
-    for index, image in enumerate(images):
-        path = out / f"{stem}-{index:02d}.png"
-        image.save(path)
-        print(path)
+    first = 0 if args.overwrite else _first_free_index(out, stem)
+    engine = _load_engine(args, args.model or _default_model())
+    batch = args.batch_size or default_max_batch_images(engine.model)
+    batches = -(-args.n // batch)
+    bar = tqdm(total=1, unit="tok", desc="image tokens", dynamic_ncols=True)
+    written = 0
+    for batch_index in range(batches):
+        count = min(batch, args.n - written)
+
+        def on_step(done, total, offset=batch_index):
+            bar.total = total * batches
+            bar.update(offset * total + done - bar.n)
+
+        # One batch at a time, so each batch's PNGs are on disk before the next batch starts.
+        images = engine.imagine(args.prompt, count, seed=_batch_seed(args.seed, batch_index), guidance_scale=args.cfg,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_batch_images=count, on_step=on_step)
+        for image in images:
+            path = out / f"{stem}-{first + written:02d}.png"
+            image.save(path)
+            tqdm.write(str(path), file=sys.stdout)
+            written += 1
+    bar.close()
     return 0
+
+
+def _announce_ready(host: str, port_number: int) -> None:
+    """Print "ready on http://host:port" to stderr once ``/health`` answers 200 (the model is loaded and
+    the socket listens); stop quietly if loading fails."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    probe = f"[{probe}]" if ":" in probe else probe
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{probe}:{port_number}/health", timeout=2) as response:
+                if response.status == 200:
+                    shown = f"[{host}]" if ":" in host else host
+                    print(f"vlmkit serve: ready on http://{shown}:{port_number}", file=sys.stderr, flush=True)
+                    return
+        except urllib.error.HTTPError as err:
+            if err.code == 503 and json.loads(err.read() or b"{}").get("status") == "failed":
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
 
 
 def cmd_serve(args) -> int:
@@ -129,6 +164,8 @@ def cmd_serve(args) -> int:
         return 1
     from .serve.config import config_from_args
     args.model = args.model or _default_model()
+    print(f"vlmkit serve: loading model {args.model} ...", file=sys.stderr, flush=True)
+    threading.Thread(target=_announce_ready, args=(args.host, args.port), name="vlmkit-ready", daemon=True).start()
     return run_server(config_from_args(args))
 
 
@@ -173,71 +210,86 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    parser.set_defaults(parser=parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Run vision-language models: chat about images, "
                                                                 "draw images, serve them.")
+    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    chat = commands.add_parser("chat", help="ask about images (streams the answer)")
+    chat = _command(commands, "chat", help="ask about images (streams the answer)")
     _add_model_options(chat)
     chat.add_argument("prompt", nargs="?", help="the question")
-    chat.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    chat.add_argument("--video", action="append", default=[], help="video path (models that take video)")
-    chat.add_argument("--frames", type=int, default=8, help="frames sampled from each video")
-    chat.add_argument("-i", "--interactive", action="store_true", help="keep a multi-turn session "
-                                                                      "(/image PATH adds an image, /exit quits)")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--seed", type=int)
+    chat.add_argument("--image", action="append", default=[], type=existing_file,
+                      help="image path or URL (repeatable)")
+    chat.add_argument("--video", action="append", default=[], type=existing_file,
+                      help="video path (models that take video: LLaVA-OneVision)")
+    chat.add_argument("--frames", type=positive_int, default=8, help="frames sampled from each video")
+    chat.add_argument("-i", "--interactive", action="store_true",
+                      help="keep a multi-turn session (/help lists its commands)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens")
+    chat.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling (with --temperature)")
+    chat.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k (with --temperature)")
+    chat.add_argument("--seed", type=seed, help="makes sampled answers repeatable")
     chat.set_defaults(run=cmd_chat)
 
-    imagine = commands.add_parser("imagine", help="draw images from text (Janus)")
+    imagine = _command(commands, "imagine", help="draw images from text (Janus)")
     _add_model_options(imagine)
-    imagine.add_argument("prompt")
-    imagine.add_argument("-n", type=int, default=1, help="how many images")
-    imagine.add_argument("-o", "--output", default=".", help="folder for the PNGs")
-    imagine.add_argument("--name", help="file name stem (default: image)")
-    imagine.add_argument("--seed", type=int)
-    imagine.add_argument("--cfg", type=float, help="classifier-free guidance weight (default: the model's "
-                         "generation_config.json, else 5)")
-    imagine.add_argument("--temperature", type=float, help="default: the model's generation_config.json, else 1")
-    imagine.add_argument("--top-k", type=int, default=0, help="0 = sample from the full softmax")
-    imagine.add_argument("--top-p", type=float, default=1.0)
-    imagine.add_argument("--batch-size", type=int, help="images generated at once (default: what fits)")
+    imagine.add_argument("prompt", type=prompt_text, help="what to draw")
+    imagine.add_argument("-n", type=positive_int, default=1, help="how many images")
+    imagine.add_argument("-o", "--output", default=".", help="folder for the PNGs (created if missing)")
+    imagine.add_argument("--name", default="image", help="file name stem: NAME-00.png, NAME-01.png, ...")
+    imagine.add_argument("--overwrite", action="store_true",
+                         help="number from NAME-00.png, replacing PNGs already there (default: number past them)")
+    imagine.add_argument("--seed", type=seed, help="makes the images repeatable (with the same -n and --batch-size)")
+    imagine.add_argument("--cfg", type=non_negative_float, help="classifier-free guidance weight (default: the "
+                         "model's generation_config.json, else 5)")
+    imagine.add_argument("--temperature", type=non_negative_float,
+                         help="default: the model's generation_config.json, else 1")
+    imagine.add_argument("--top-k", type=non_negative_int, default=0, help="0 = sample from the full softmax")
+    imagine.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling")
+    imagine.add_argument("--batch-size", type=positive_int, help="images generated at once (default: what fits); "
+                         "each batch is written as soon as it is done")
     imagine.set_defaults(run=cmd_imagine)
 
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, image generation)")
+    serve = _command(commands, "serve", help="an OpenAI-compatible HTTP server (chat, image generation)")
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000, help="port to listen on")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLMKIT_API_KEY)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+    serve.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before cancelling them")
     from .serve.config import add_serve_arguments
     add_serve_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
-    batch = commands.add_parser("batch", help="answer an OpenAI batch file offline (resumable; --ray for a cluster)")
+    batch = _command(commands, "batch", help="answer an OpenAI batch file offline (resumable; --ray for a cluster)")
     _add_model_options(batch)
     from .batch.command import add_batch_arguments
     add_batch_arguments(batch)
     batch.set_defaults(run=cmd_batch)
 
     commands.add_parser("bench", add_help=False, help="time vlmkit against transformers (vlmkit bench --help)")
-    convert = commands.add_parser("convert", help="rewrite a .bin checkpoint as safetensors")
-    convert.add_argument("source")
-    convert.add_argument("destination")
+    convert = _command(commands, "convert", help="rewrite a .bin checkpoint as safetensors")
+    convert.add_argument("source", help="checkpoint folder with .bin weights")
+    convert.add_argument("destination", help="folder for the safetensors copy")
     convert.set_defaults(run=cmd_convert)
-    train = commands.add_parser("train", help="train or fine-tune a Janus model from a recipe (resumable)")
-    train.add_argument("--config", help="recipe JSON (not needed with --resume: the run's own recipe is used)")
+    train = _command(commands, "train", help="train or fine-tune a Janus model from a recipe (resumable)")
+    train.add_argument("--config", type=existing_file,
+                       help="recipe JSON (not needed with --resume: the run's own recipe is used)")
     train.add_argument("--out", required=True, help="output folder: the checkpoint, plus training/ state and logs")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    train.add_argument("--time-limit", type=float, metavar="MINUTES",
+    train.add_argument("--device", type=device, default=None, help="auto, cpu, cuda, cuda:N (default: cuda if "
+                                                                    "available)")
+    train.add_argument("--time-limit", type=non_negative_float, metavar="MINUTES",
                        help="checkpoint and stop after training this long (continue later with --resume)")
     train.set_defaults(run=cmd_train)
     return parser

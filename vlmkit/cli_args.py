@@ -1,0 +1,139 @@
+"""The ``vlmkit`` command's argument types and help format: every bad flag value is refused by argparse
+(exit 2, one line naming the fix) before a model loads, instead of a traceback minutes later."""
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show or the help says it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if "default" in help_text or nothing:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (counts, sizes, token budgets)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0 (``--top-k``, where 0 means off)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (temperature, guidance)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (``--top-p``)."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed torch's generators take: a whole number from -2**63 to 2**64 - 1."""
+    value = _integer(text)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """A device torch knows and this machine has: auto, cpu, cuda, cuda:N (or mps where there is one)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        chosen = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but torch sees no CUDA device here; "
+                                             f"use --device cpu")
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has {count} CUDA device(s): "
+                                             f"use cuda:0 to cuda:{count - 1}")
+    elif chosen.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but torch sees no MPS device here; use --device cpu")
+    elif chosen.type != "cpu":
+        raise argparse.ArgumentTypeError(f"vlmkit does not run on {text!r}; use cpu, cuda or cuda:N")
+    return text
+
+
+def is_url(text: str) -> bool:
+    """Whether a media argument is a URL (fetched later, under the media policy) rather than a path."""
+    return bool(_URL.match(text))
+
+
+def existing_file(text: str) -> str:
+    """A path to a file that exists (URLs pass through: they are fetched when the model reads them)."""
+    if is_url(text):
+        return text
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return str(path)
+
+
+def prompt_text(text: str) -> str:
+    """A prompt with something in it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty; give the text to draw, e.g. \"a red circle\"")
+    return text

@@ -24,7 +24,7 @@ from serve_support import data_uri, engine_for, image_part, serve, user
 
 from vlmkit.batch import LLM, BatchFileError, ResultsFile, SamplingParams, derived_seed
 from vlmkit.batch.rows import BatchRequest, BatchWorker
-from vlmkit.batch.throughput import batch_throughput
+from vlmkit.bench.batch_throughput import batch_throughput
 from vlmkit.cli import main
 
 

@@ -1,23 +1,40 @@
-"""The benchmark runs end to end on the tiny size and writes every figure (nothing here is timed)."""
+"""``vlmkit bench`` runs from the installed package: end to end on the tiny size through the ``vlmkit``
+entry point (outside the checkout, nothing on the path but the package), and nothing in ``vlmkit/``
+reaches outside the package for it (nothing here is timed)."""
 
+import ast
 import json
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent.parent / "vlmkit"
 
 
-def test_tiny_benchmark_writes_every_figure_for_janus(tmp_path):
+def vlmkit_command() -> list[str]:
+    """The ``vlmkit`` console script of this environment (what ``pip install`` puts on PATH)."""
+    (script,) = entry_points(group="console_scripts", name="vlmkit")
+    assert script.value == "vlmkit.cli:main"
+    installed = Path(sys.executable).with_name("vlmkit")
+    if installed.is_file():
+        return [str(installed)]
+    return [sys.executable, "-c", "import sys; from vlmkit.cli import main; sys.exit(main())"]
+
+
+def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--size", "tiny", "--family", "janus", "--repeats", "1",
-         "--decode-tokens", "2", "--steps", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [*vlmkit_command(), "bench", "--size", "tiny", "--family", "janus", "--repeats", "1", "--decode-tokens", "2",
+         "--steps", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["memory_bandwidth_gb_s"] > 0
-    assert {"dtype", "threads", "cpu", "torch", "transformers"} <= set(report["settings"])
+    settings = report["settings"]
+    assert {"dtype", "threads", "cpu", "kernels", "torch", "transformers"} <= set(settings)
+    assert {"model", "cores", "class", "flags", "kernels"} <= set(settings["cpu"])
+    assert settings["kernels"] == settings["cpu"]["kernels"]
     janus = report["families"]["janus"]
     assert janus["decode_weight_bytes"] > 0 and janus["bandwidth_bound_ms"] > 0
     metrics = janus["metrics"]
@@ -32,4 +49,53 @@ def test_tiny_benchmark_writes_every_figure_for_janus(tmp_path):
                 "transformers_pct_of_bandwidth_bound"} <= set(decode)
     assert metrics["image_token_loop_s"]["steps_run"] == 2
     assert "vlmkit_speedup_over_first_image" in metrics["first_token_repeated_image_s"]
+    header = result.stdout.splitlines()[0]
+    assert header.startswith(f"CPU: {settings['cpu']['model']} ({settings['cpu']['cores']} cores), "
+                             f"{settings['cpu']['class']} [") and header.endswith(f"vlmkit kernels: {settings['kernels']}")
     assert "| decode batch 1, ms/step |" in result.stdout
+
+
+def test_bench_without_transformers_says_how_to_install_it(tmp_path):
+    blocked = "import sys; sys.modules['transformers'] = None; from vlmkit.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", blocked, "bench", "--size", "tiny"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "vlmkit bench compares against transformers: pip install 'vlmkit[bench]'"
+
+
+def test_importing_the_benchmark_does_not_import_transformers():
+    code = ("import sys, vlmkit, vlmkit.cli, vlmkit.bench.run, vlmkit.bench.quantized, vlmkit.bench.batch_throughput; "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
+
+
+def outside_reaches(source: str) -> list[str]:
+    """Imports of a top-level ``benchmarks`` package and any use of ``sys.path``, in one module's source."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] == "benchmarks"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "benchmarks":
+            found.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                and node.value.id == "sys":
+            found.append(f"sys.path (line {node.lineno})")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "__import__" \
+                and node.args and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).split(".")[0] == "benchmarks":
+            found.append("__import__('benchmarks...')")
+    return found
+
+
+def test_the_scan_catches_what_it_looks_for():
+    source = "import benchmarks.bench\nfrom benchmarks import x\nimport sys\nsys.path.insert(0, '.')\n"
+    assert len(outside_reaches(source)) == 3
+    assert outside_reaches("from .bench import run\nimport vlmkit.bench\nSCRIPT = 'sys.path[:0] = []'\n") == []
+
+
+def test_nothing_in_the_package_imports_benchmarks_or_edits_sys_path():
+    offenders = {str(path.relative_to(PACKAGE.parent)): reaches for path in sorted(PACKAGE.rglob("*.py"))
+                 if (reaches := outside_reaches(path.read_text()))}
+    assert offenders == {}

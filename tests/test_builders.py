@@ -23,7 +23,7 @@ from builders.janus import (
     build_tiny_janus,
     write_original_layout,
 )
-from benchmarks.tokenizer import build_tokenizer
+from vlmkit.bench.tokenizer import build_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, JanusForConditionalGeneration, JanusProcessor  # noqa: E402

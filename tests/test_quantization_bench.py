@@ -1,4 +1,5 @@
-"""benchmarks/quantized.py runs end to end on the tiny Janus and reports every variant (nothing timed)."""
+"""The quantized benchmark (vlmkit.bench.quantized) runs end to end on the tiny Janus and reports every
+variant (nothing timed)."""
 
 import json
 import subprocess
@@ -7,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def test_quantize_option_picks_the_variants():
-    from benchmarks.quantized import variants_for
+    from vlmkit.bench.quantized import variants_for
     llama_cpp = ["llama.cpp bf16", "llama.cpp q8_0"]  # last, skipped where no build is found
     assert variants_for(None) == ["transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4", *llama_cpp]
     assert variants_for("int4,bnb") == ["transformers bf16", "vlmkit bf16", "vlmkit int4", "transformers bnb nf4",
@@ -23,11 +22,15 @@ def test_quantize_option_picks_the_variants():
 def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
     out = tmp_path / "quantized.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quantized", "--size", "tiny", "--variants", "vlmkit bf16,vlmkit int4",
+        [sys.executable, "-m", "vlmkit.bench.quantized", "--size", "tiny", "--variants", "vlmkit bf16,vlmkit int4",
          "--repeats", "1", "--decode-tokens", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    cpu = report["settings"]["cpu"]
+    assert report["settings"]["kernels"] == cpu["kernels"]
+    assert result.stdout.splitlines()[0].startswith(f"CPU: {cpu['model']} ({cpu['cores']} cores), {cpu['class']} [")
+    rows = report["variants"]
     assert list(rows) == ["vlmkit bf16", "vlmkit int4"]
     for row in rows.values():
         assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0 and row["load_s"] > 0
@@ -38,7 +41,7 @@ def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
 def test_llama_cpp_rows_are_skipped_cleanly_without_a_build(tmp_path, monkeypatch):
     from argparse import Namespace
 
-    from benchmarks.llama_cpp import llama_cpp_rows
+    from vlmkit.bench.llama_cpp import llama_cpp_rows
     monkeypatch.delenv("VLMKIT_LLAMA_CPP", raising=False)
     logged = []
     args = Namespace(cache_dir=str(tmp_path), llama_cpp=None, build_llama_cpp=False, threads=1, repeats=1,
@@ -53,11 +56,11 @@ def test_llama_cpp_rows_are_skipped_cleanly_without_a_build(tmp_path, monkeypatc
 def test_llama_cpp_rows_time_the_same_tiny_checkpoint_where_a_build_is_found(tmp_path):
     from argparse import Namespace
 
-    from benchmarks.checkpoints import checkpoint
-    from benchmarks.llama_cpp import VARIANTS, find_tree, llama_cpp_rows
+    from vlmkit.bench.checkpoints import checkpoint
+    from vlmkit.bench.llama_cpp import VARIANTS, find_tree, llama_cpp_rows
     tree = find_tree(None, Path.home() / ".cache" / "vlmkit-bench")
     if tree is None:
-        pytest.skip("no llama.cpp build here (python -m benchmarks.quantized --build-llama-cpp makes one)")
+        pytest.skip("no llama.cpp build here (python -m vlmkit.bench.quantized --build-llama-cpp makes one)")
     args = Namespace(cache_dir=str(tmp_path), llama_cpp=str(tree), build_llama_cpp=False, threads=1, repeats=1,
                      decode_tokens=2)
     folder = checkpoint("janus", "tiny", tmp_path)

@@ -200,13 +200,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """``vlmkit bench ...`` runs ``benchmarks/bench.py`` of the source checkout (vlmkit against transformers)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "bench.py").is_file():
-        print("vlmkit bench: needs vlmkit's source checkout (benchmarks/bench.py beside the package)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from benchmarks.bench import main as bench_main
+    """``vlmkit bench ...``: vlmkit against transformers (``vlmkit.bench.run``, installed with the package)."""
+    from .bench.run import main as bench_main
     return bench_main(argv)
 
 

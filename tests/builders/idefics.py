@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tokenizer import build_tokenizer
+from vlmkit.bench.tokenizer import build_tokenizer
 
 __all__ = [
     "IDEFICS_BOS", "IDEFICS_EOS", "IDEFICS_UNK", "IDEFICS_FAKE_TOKEN", "IDEFICS_IMAGE_TOKEN",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tokenizer import build_tokenizer
+from vlmkit.bench.tokenizer import build_tokenizer
 from vlmkit.models.janus.chat_template import JANUS_PRO_CHAT_TEMPLATE
 
 __all__ = [

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .janus import _randomize_
-from benchmarks.tokenizer import build_tokenizer
+from vlmkit.bench.tokenizer import build_tokenizer
 
 __all__ = ["ONEVISION_CHAT_TEMPLATE", "IMAGE_TOKEN", "VIDEO_TOKEN", "build_tiny_llava_onevision",
            "scaled_pinpoints", "reference_processor", "video_processor_class_registered", "write_llava_hf_v4_layout"]

@@ -3,7 +3,8 @@
 ``files`` (the OpenAI batch input, the output and how a killed job resumes), ``rows`` (a row, its
 derived seed, and ``BatchWorker``: a model behind the server's handler and scheduler), ``local``
 (``vlmkit batch``), ``ray_data`` (``BatchPredictor`` for ``map_batches``, ``vlmkit batch --ray``),
-``offline`` (``LLM``, vLLM's shape), ``throughput`` (the benchmark's batch row), ``command`` (the CLI).
+``offline`` (``LLM``, vLLM's shape), ``command`` (the CLI). The benchmark's batch row lives in
+``vlmkit.bench.batch_throughput``.
 
 Names load on first use, so importing this package needs neither Ray nor the model code."""
 
@@ -24,7 +25,6 @@ _LAZY = {
     "SamplingParams": "vlmkit.batch.offline",
     "ChatOutput": "vlmkit.batch.offline",
     "CompletionOutput": "vlmkit.batch.offline",
-    "batch_throughput": "vlmkit.batch.throughput",
 }
 
 

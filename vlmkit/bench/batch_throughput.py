@@ -1,12 +1,21 @@
 """The benchmark's batch row: rows per second of a batch job with 1, 4 and 16 rows in flight, against a
 loop of single ``generate`` calls (``Engine.chat``), from one run and one loaded model. Rows are
-greedy chat requests about an image each, with the same answer budget in every way."""
+greedy chat requests about an image each, with the same answer budget in every way.
+
+    python -m vlmkit.bench.batch_throughput --model PATH            # any checkpoint
+    python -m vlmkit.bench.batch_throughput --size real             # random Janus-Pro-1B shapes (built once)
+    python -m vlmkit.bench.batch_throughput --size tiny --rows 16   # seconds; a smoke test"""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import json
+import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -38,8 +47,8 @@ def batch_throughput(engine, *, rows: int = 32, concurrencies=(1, 4, 16), max_to
     reported. Every run gets images of its own, so no way profits from features cached by another.
     Returns one dict per way (``mode``, ``concurrency``, ``rows``, ``tokens``, ``seconds``,
     ``rows_per_s``, ``tokens_per_s``, ``speedup`` over the loop)."""
+    from ..batch.rows import BatchWorker
     from ..serve.config import ServeConfig
-    from .rows import BatchWorker
 
     ways = [("loop of generate", 1)] + [("vlmkit batch", c) for c in concurrencies]
     workers = {c: BatchWorker(engine, ServeConfig(model="benchmark"), c) for c in concurrencies}
@@ -79,7 +88,7 @@ def _timed_loop(engine, bodies: list[dict]) -> tuple[float, int]:
 
 def _timed_batch(worker, bodies: list[dict]) -> tuple[float, int]:
     """The rows through a ``BatchWorker`` (the ``vlmkit batch`` path): (seconds, answer tokens)."""
-    from .rows import BatchRequest
+    from ..batch.rows import BatchRequest
 
     requests = [BatchRequest(str(i), "POST", "/v1/chat/completions", body) for i, body in enumerate(bodies)]
     started = time.perf_counter()
@@ -108,3 +117,43 @@ def _engine_messages(messages: list[dict]) -> list[dict]:
                    for part in message["content"]]
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlmkit.bench.batch_throughput",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint folder (default: a random Janus checkpoint of --size)")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "real"), help="without --model: which Janus")
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"),
+                        help="where --size checkpoints are built")
+    parser.add_argument("--rows", type=int, default=32, help="rows per measurement")
+    parser.add_argument("--max-tokens", type=int, default=32, help="answer length of each row")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="rows in flight")
+    parser.add_argument("--text-only", action="store_true", help="rows without an image")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    from ..engine import Engine
+
+    model = args.model
+    if model is None:
+        from . import transformers_missing
+        from .checkpoints import checkpoint
+        if transformers_missing():  # the random checkpoint is written by transformers
+            print(transformers_missing() + " (or pass --model)", file=sys.stderr)
+            return 2
+        model = str(checkpoint("janus", args.size, Path(args.cache_dir)))
+    engine = Engine.load(model, dtype=args.dtype)
+    figures = batch_throughput(engine, rows=args.rows, concurrencies=tuple(args.concurrency),
+                               max_tokens=args.max_tokens, with_images=not args.text_only)
+    print(f"batch throughput: {model} ({engine.model_type}, {engine.model.dtype}), {args.rows} rows of "
+          f"{args.max_tokens} tokens{'' if args.text_only else ' with an image each'}")
+    print(format_throughput(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

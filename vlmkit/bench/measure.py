@@ -4,7 +4,6 @@ bandwidth, and peak resident memory of a child process."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -72,12 +71,10 @@ def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 9) -> float:
 
 
 def peak_rss_in_child(argv: list[str], timeout: float = 1800) -> dict:
-    """Run ``python -m benchmarks.bench <argv>`` (a probe that loads one engine and answers one question)
+    """Run ``python -m vlmkit.bench <argv>`` (a probe that loads one engine and answers one question)
     and return the JSON it prints last, which carries its peak RSS."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.bench", *argv], capture_output=True, text=True,
-                            timeout=timeout, cwd=root, env=env)
+    result = subprocess.run([sys.executable, "-m", "vlmkit.bench", *argv], capture_output=True, text=True,
+                            timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe {' '.join(argv)} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,11 +2,11 @@
 bf16, int8 and int4, llama.cpp BF16 and Q8_0 where a llama.cpp build is found (llama_cpp.py), and, asked
 for, the BitsAndBytesConfig path of both engines.
 
-Every variant runs alone in a child process (``python -m benchmarks.quantized --child ...``), so its
+Every variant runs alone in a child process (``python -m vlmkit.bench.quantized --child ...``), so its
 peak RSS is its own: the child loads the model and processor, answers one image question (9 tokens,
-as bench.py's memory probe), then times decode steps at batch 1 after a short text prompt (the median
+as run.py's memory probe), then times decode steps at batch 1 after a short text prompt (the median
 time between consecutive new tokens, median over ``repeats`` runs). ``quantized_decode_rows`` is what
-bench.py calls; ``python -m benchmarks.quantized`` runs it alone and prints a table."""
+``vlmkit bench --quantize`` calls; ``python -m vlmkit.bench.quantized`` runs it alone and prints a table."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from benchmarks.llama_cpp import VARIANTS as LLAMA_CPP_VARIANTS
-from benchmarks.llama_cpp import llama_cpp_rows
+from ..nn.cpu_features import cpu_description
+from . import transformers_missing
+from .llama_cpp import VARIANTS as LLAMA_CPP_VARIANTS
+from .llama_cpp import llama_cpp_rows
+from .report import cpu_line
 
 # variant name -> (engine, quantization): None, "int8"/"int4" (vlmkit's own) or "bnb4"/"bnb8" (bitsandbytes)
 VARIANTS = {
@@ -99,20 +99,17 @@ def add_llama_cpp_arguments(parser) -> None:
 
 
 def _run_child(folder, name: str, args) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-m", "benchmarks.quantized", "--child", name, "--checkpoint", str(folder),
+    argv = [sys.executable, "-m", "vlmkit.bench.quantized", "--child", name, "--checkpoint", str(folder),
             "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=root, env=env,
-                            timeout=getattr(args, "child_timeout", 3600))
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=getattr(args, "child_timeout", 3600))
     if result.returncode != 0:
         raise RuntimeError(f"quantized benchmark child {name!r} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _load(name: str, folder: Path):
-    """The benchmark family (benchmarks.families.Janus) with one engine, loaded as the variant says."""
-    from benchmarks.families import Janus, _quiet_transformers
+    """The benchmark family (families.Janus) with one engine, loaded as the variant says."""
+    from .families import Janus, _quiet_transformers
 
     engine, quantization = VARIANTS[name]
 
@@ -143,8 +140,8 @@ def _bnb(quantization: str) -> dict:
 
 def child(args) -> None:
     """One variant: load, answer one image question, time decode steps; prints its row as JSON."""
-    from benchmarks.families import TEXT_PROMPTS, test_image
-    from benchmarks.measure import StepTimer, median, peak_rss_mb
+    from .families import TEXT_PROMPTS, test_image
+    from .measure import StepTimer, median, peak_rss_mb
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -163,7 +160,7 @@ def child(args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlmkit.bench.quantized", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "real"], default="real")
     parser.add_argument("--quantize", help="variants beside the bf16 baselines: int8, int4, bnb, bnb8, all "
                                            "(comma-separated; default int8,int4)")
@@ -173,7 +170,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"))
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--json", help="also write the settings (CPU included) and the rows to this JSON file")
     add_llama_cpp_arguments(parser)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -185,7 +182,11 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    from benchmarks.checkpoints import checkpoint
+    missing = transformers_missing()  # it writes the checkpoint, and runs the "transformers" variants
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    from .checkpoints import checkpoint
     started = time.perf_counter()
 
     def log(message):
@@ -198,9 +199,14 @@ def main(argv=None) -> int:
         print(f"unknown variant(s) {unknown}; choose from {list(ALL_VARIANTS)}", file=sys.stderr)
         return 2
     rows = quantized_decode_rows(folder, args, log, variants)
-    print("\n".join(table_lines(rows)))
+    cpu = cpu_description()
+    print("\n".join([cpu_line(cpu), f"janus ({args.size} size), {args.threads} threads, quantized weights:",
+                     *table_lines(rows)]))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        settings = {"size": args.size, "threads": args.threads, "repeats": args.repeats,
+                    "decode_tokens": args.decode_tokens, "torch": torch.__version__, "cpu": cpu,
+                    "kernels": cpu["kernels"]}
+        Path(args.json).write_text(json.dumps({"settings": settings, "variants": rows}, indent=2) + "\n")
     return 0
 
 

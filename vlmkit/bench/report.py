@@ -43,10 +43,18 @@ def _extra(key: str, entry: dict) -> tuple[str, str]:
     return "", ""
 
 
+def cpu_line(cpu: dict) -> str:
+    """The header line that names the CPU (``nn.cpu_features.cpu_description``), e.g. ``CPU: AMD EPYC (2 cores),
+    x86_64 AVX-512 BF16 [avx2 fma avx512f ...], vlmkit kernels: avx512``: figures only compare within a class."""
+    return (f"CPU: {cpu['model']} ({cpu['cores']} cores), {cpu['class']} [{' '.join(cpu['flags'])}], "
+            f"vlmkit kernels: {cpu['kernels']}")
+
+
 def table_lines(report: dict) -> list[str]:
     settings = report["settings"]
-    lines = [f"vlmkit {settings['vlmkit']} vs transformers {settings['transformers']} (torch {settings['torch']}), "
-             f"{settings['dtype']}, {settings['threads']} threads, {settings['cpu']}, "
+    lines = [cpu_line(settings["cpu"]),
+             f"vlmkit {settings['vlmkit']} vs transformers {settings['transformers']} (torch {settings['torch']}), "
+             f"{settings['dtype']}, {settings['threads']} threads, "
              f"memory-read bandwidth {report['memory_bandwidth_gb_s']:.1f} GB/s"]
     for name, family in report["families"].items():
         bound = family.get("bandwidth_bound_ms")

@@ -1,5 +1,5 @@
-"""vlmkit against transformers, in one process, on the same inputs: ``python -m benchmarks.bench`` or
-``vlmkit bench``.
+"""vlmkit against transformers, in one process, on the same inputs: ``vlmkit bench`` or
+``python -m vlmkit.bench``.
 
 Builds random-weight checkpoints of the real architectures (or tiny ones), loads both engines, and
 times them alternately (A B A B ..., medians): image preprocessing, first token for one image and a
@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from benchmarks.checkpoints import checkpoint
-from benchmarks.families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
-from benchmarks.measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, peak_rss_in_child, peak_rss_mb,
-                                timed)
-from benchmarks.quantized import add_llama_cpp_arguments
-from benchmarks.report import metric, print_table
+from ..nn.cpu_features import cpu_description
+from . import transformers_missing
+from .checkpoints import checkpoint
+from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
+from .measure import StepTimer, alternate, median, memory_bandwidth_gb_s, peak_rss_in_child, peak_rss_mb, timed
+from .quantized import add_llama_cpp_arguments
+from .report import metric, print_table
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -46,10 +44,21 @@ def available_families() -> list[str]:
 def bench_family(name: str, args, bandwidth: float, log) -> dict:
     folder = checkpoint(name, args.size, Path(args.cache_dir))
     log(f"[{name}] checkpoint {folder}; loading both engines")
-    family = FAMILIES[name](folder, DTYPES[args.dtype])
+    result = {"checkpoint": str(folder)}
+    # both engines live only inside timed_figures: they are freed before the memory probes
+    result.update(timed_figures(FAMILIES[name](folder, DTYPES[args.dtype]), args, bandwidth, log))
+    gc.collect()
+    if not args.skip_rss:
+        result["metrics"]["peak_rss_mb"] = peak_rss(name, folder, args)
+        log(f"[{name}] memory probes done")
+    return result
+
+
+def timed_figures(family, args, bandwidth: float, log) -> dict:
+    """Every timed figure of one family, both engines loaded in ``family``."""
+    name = family.name
     weight_bytes = family.decode_weight_bytes()
-    result = {"checkpoint": str(folder), "decode_weight_bytes": weight_bytes,
-              "bandwidth_bound_ms": weight_bytes / bandwidth / 1e6}
+    result = {"decode_weight_bytes": weight_bytes, "bandwidth_bound_ms": weight_bytes / bandwidth / 1e6}
     metrics = result["metrics"] = {}
     picture = test_image(0)  # 640x480, one per call
     metrics["preprocess_ms_per_image"] = metric("ms", alternate(
@@ -63,11 +72,6 @@ def bench_family(name: str, args, bandwidth: float, log) -> dict:
     if name == "janus" and not args.skip_image_generation:
         metrics.update(image_generation(family, args, bandwidth, result))
         log(f"[{name}] text-to-image done")
-    del family
-    gc.collect()
-    if not args.skip_rss:
-        metrics["peak_rss_mb"] = peak_rss(name, folder, args)
-        log(f"[{name}] memory probes done")
     return result
 
 
@@ -195,6 +199,10 @@ def main(argv=None) -> int:
     if args.probe_rss:
         probe_rss(args)
         return 0
+    missing = transformers_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     names = args.family or available_families()
     missing = [n for n in names if n not in available_families()]
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
         report["families"][name] = bench_family(name, args, bandwidth, log)
     print_table(report)
     if args.quantize:  # decode with quantized weights, on the Janus checkpoint, each variant in a child
-        from benchmarks.quantized import quantized_decode_rows, table_lines
+        from .quantized import quantized_decode_rows, table_lines
         rows = quantized_decode_rows(checkpoint("janus", args.size, Path(args.cache_dir)), args, log)
         report["quantized_janus"] = rows
         print("\njanus (" + args.size + " size), quantized weights:\n" + "\n".join(table_lines(rows)))
@@ -227,22 +235,12 @@ def settings(args) -> dict:
     import transformers
 
     import vlmkit
-    from vlmkit.nn.cpu_kernels import decode_kernels
+    cpu = cpu_description()
     return {"size": args.size, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
             "decode_tokens": args.decode_tokens, "image_steps": args.steps, "torch": torch.__version__,
-            "transformers": transformers.__version__, "vlmkit": vlmkit.__version__, "cpu": _cpu_name(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "bf16_decode_kernel": DTYPES[args.dtype] == torch.bfloat16 and decode_kernels() is not None}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+            "transformers": transformers.__version__, "vlmkit": vlmkit.__version__, "cpu": cpu,
+            "kernels": cpu["kernels"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version()}
 
 
 if __name__ == "__main__":

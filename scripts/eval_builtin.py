@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reconstructions", type=int, default=200)
     parser.add_argument("--skip", action="append", default=[], choices=["understanding", "generation", "reconstruction"])
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the README's figures are the CPU's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (docs/builtin_model.md's figures are the CPU's)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads:

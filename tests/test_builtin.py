@@ -1,8 +1,8 @@
 """The shipped built-in model: it loads fast, answers about scenes of its world and draws them with
 no --model flag, and transformers reads the same checkpoint to the same greedy answers.
 
-The model is not always right (scripts/eval_builtin.py measures how often; the README has the
-figures), so the scenes and the sampling seed here are pinned cases it gets right: they check the
+The model is not always right (scripts/eval_builtin.py measures how often; docs/builtin_model.md has
+the figures), so the scenes and the sampling seed here are pinned cases it gets right: they check the
 whole no-flag path end to end, not the accuracy."""
 
 import random
@@ -59,7 +59,7 @@ def _scene_file(tmp_path, seed):
 
 
 def test_chat_without_model_flag_answers_most_questions_about_new_scenes(tmp_path, capsys):
-    # a model that ignored the image would get about a quarter of these (README: per-type accuracy)
+    # a model that ignored the image would get about a quarter of these (docs/builtin_model.md: per-type accuracy)
     right = {}
     for kind in QUESTION_TYPES:
         for seed in range(8):

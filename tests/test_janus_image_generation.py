@@ -43,7 +43,7 @@ def test_greedy_image_tokens_pixels_and_images_match_reference(janus_dir, prompt
     pixels = model.decode_image_tokens(got)
     assert pixels.shape == expected_pixels.shape
     assert torch.allclose(pixels, expected_pixels, atol=1e-4, rtol=0)
-    # the seed's call, channels-last; transformers 5 needs channels-first here (a known defect)
+    # the transformers Janus example's call, channels-last; transformers 5 needs channels-first here (a known defect)
     images = processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")["pixel_values"]
     expected_images = ref_processor.postprocess(list(expected_pixels.float().permute(0, 3, 1, 2)),
                                                 return_tensors="PIL.Image.Image")["pixel_values"]

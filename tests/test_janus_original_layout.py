@@ -65,7 +65,7 @@ def test_multi_modality_without_generation_sections_is_refused(janus_original_di
 
 
 def test_deepseek_vlchat_processor_call_style(janus_original_dir, sample_images):
-    """The seed's VLChatProcessor example: conversations with <image_placeholder>, batched and padded."""
+    """DeepSeek's VLChatProcessor example: conversations with <image_placeholder>, batched and padded."""
     processor, model = ours(str(janus_original_dir))
     conversation = [{"role": "<|User|>", "content": "<image_placeholder>\nDescribe this image.",
                      "images": ["./examples/image.png"]}, {"role": "<|Assistant|>", "content": ""}]

@@ -103,9 +103,9 @@ class JanusImageProcessor:
     def postprocess(self, images, return_tensors: str | None = None, **_ignored) -> dict:
         """Generated images back to pixels: undo normalisation, scale to 0..255, clip, uint8.
 
-        Takes tensors or arrays shaped [3, H, W] or [H, W, 3] (the seeds pass channels-last output
-        of ``decode_image_tokens``), one or a list or a batch. With ``return_tensors="PIL.Image.Image"``
-        the ``pixel_values`` are PIL images."""
+        Takes tensors or arrays shaped [3, H, W] or [H, W, 3] (the transformers Janus example passes the
+        channels-last output of ``decode_image_tokens``), one or a list or a batch. With
+        ``return_tensors="PIL.Image.Image"`` the ``pixel_values`` are PIL images."""
         if isinstance(images, Image.Image) or (isinstance(images, list) and images and isinstance(images[0], Image.Image)):
             return {"pixel_values": images if isinstance(images, list) else [images]}
         arrays = _as_hwc_list(images)

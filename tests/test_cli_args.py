@@ -1,0 +1,117 @@
+"""The vlmkit command refuses bad flag values the way argparse does (exit 2, one line naming the fix, no
+traceback) before any model loads; --version and defaults in --help."""
+
+import subprocess
+import sys
+
+import pytest
+
+import vlmkit
+from vlmkit.cli import main
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if a command gets as far as loading a model."""
+    from vlmkit.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the bad argument was refused")
+
+    monkeypatch.setattr(Engine, "load", refuse)
+    monkeypatch.delenv("VLMKIT_MODEL", raising=False)
+
+
+def usage_error(capsys, *argv) -> str:
+    """The error line of a command that argparse refuses."""
+    with pytest.raises(SystemExit) as stopped:
+        main(list(argv))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["chat", "--dtype", "foo", "hi"], "argument --dtype: invalid choice: 'foo'"),
+    (["chat", "--device", "foo", "hi"], "argument --device: unknown device 'foo'; use cpu, cuda or cuda:N"),
+    (["chat", "--device", "meta", "hi"], "vlmkit does not run on 'meta'"),
+    (["chat", "--seed", str(2**64), "hi"], "argument --seed: must be a whole number from"),
+    (["chat", "--seed", str(-2**63 - 1), "hi"], "argument --seed: must be a whole number from"),
+    (["chat", "--seed", "1.5", "hi"], "argument --seed: '1.5' is not a whole number"),
+    (["chat", "--max-new-tokens", "0", "hi"], "argument --max-new-tokens: must be 1 or more"),
+    (["chat", "--temperature", "-1", "hi"], "argument --temperature: must be 0 or more"),
+    (["chat", "--temperature", "nan", "hi"], "argument --temperature: 'nan' is not a finite number"),
+    (["chat", "--top-p", "1.5", "hi"], "argument --top-p: must be more than 0 and at most 1"),
+    (["chat", "--top-k", "-1", "hi"], "argument --top-k: must be 0 or more"),
+    (["chat", "--frames", "0", "hi"], "argument --frames: must be 1 or more"),
+    (["chat", "--image", "/no/such/picture.png", "hi"], "argument --image: no such file: /no/such/picture.png"),
+    (["chat", "--video", "/no/such/clip.mp4", "hi"], "argument --video: no such file: /no/such/clip.mp4"),
+    (["chat"], "give a question, or -i for an interactive session"),
+    (["imagine", "a red circle", "--batch-size", "-2"], "argument --batch-size: must be 1 or more, got -2"),
+    (["imagine", "a red circle", "-n", "0"], "argument -n: must be 1 or more, got 0"),
+    (["imagine", "a red circle", "-n", "-3"], "argument -n: must be 1 or more, got -3"),
+    (["imagine", "a red circle", "--seed", "-" + "9" * 30], "argument --seed: must be a whole number from"),
+    (["imagine", "   "], "argument prompt: the prompt is empty"),
+    (["serve", "--port", "70000"], "argument --port: must be a port from 1 to 65535"),
+    (["serve", "--dtype", "int3"], "argument --dtype: invalid choice"),
+    (["train", "--out", "x", "--device", "foo"], "argument --device: unknown device 'foo'"),
+])
+def test_bad_flag_values_are_usage_errors_before_the_model_loads(capsys, no_model_load, argv, message):
+    assert message in usage_error(capsys, *argv)
+
+
+def test_cuda_without_a_cuda_device_is_a_usage_error(capsys, no_model_load, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = usage_error(capsys, "chat", "--device", "cuda", "hi")
+    assert "argument --device: 'cuda' asked for, but torch sees no CUDA device here; use --device cpu" in line
+
+
+def test_a_cuda_index_past_the_devices_is_a_usage_error(capsys, no_model_load, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "use cuda:0 to cuda:1" in usage_error(capsys, "imagine", "x", "--device", "cuda:5")
+
+
+def test_good_values_parse(no_model_load):
+    from vlmkit.cli import build_parser
+    args = build_parser().parse_args(["chat", "--seed", str(2**64 - 1), "--device", "cpu", "--dtype", "bfloat16",
+                                      "--image", "https://example.com/a.png", "hi"])
+    assert args.seed == 2**64 - 1 and args.device == "cpu" and args.image == ["https://example.com/a.png"]
+    assert build_parser().parse_args(["imagine", "x", "--seed", str(-2**63)]).seed == -2**63
+
+
+def test_video_on_a_model_without_video_is_refused_before_it_loads(capsys, no_model_load, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not read")
+    line = usage_error(capsys, "chat", "--video", str(clip), "What happens?")
+    assert "argument --video: janus models cannot take video; use a LLaVA-OneVision checkpoint" in line
+
+
+def test_a_model_missing_from_the_cache_names_hf_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert main(["chat", "--model", "some-org/some-model", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "`hf download some-org/some-model`" in err and "huggingface-cli" not in err
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "vlmkit.cli", "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"vlmkit {vlmkit.__version__}"
+
+
+@pytest.mark.parametrize("command,shown", [
+    ("chat", ["(default: 256)", "(default: auto)", "(default: 8)"]),
+    ("imagine", ["(default: 1)", "(default: .)", "(default: image)"]),
+    ("serve", ["(default: 127.0.0.1)", "(default: 8000)"]),
+])
+def test_help_shows_the_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in shown:
+        assert default in text
+    assert "(default: None)" not in text and "(default: False)" not in text

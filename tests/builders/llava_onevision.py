@@ -30,7 +30,7 @@ __all__ = ["ONEVISION_CHAT_TEMPLATE", "IMAGE_TOKEN", "VIDEO_TOKEN", "build_tiny_
 # transformers' src/transformers/models/llava_onevision/convert_llava_onevision_weights_to_hf.py
 # (same Python string pieces, so the '\n' escapes become the same characters). It renders
 # "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n", which decodes to the
-# seed's 'user\n\nWhat is shown in this image?\nassistant\n...'. Checkpoint data: do not "fix" it.
+# transformers doc's 'user\n\nWhat is shown in this image?\nassistant\n...'. Checkpoint data: do not "fix" it.
 ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{# Render all images first #}"

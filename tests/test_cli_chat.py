@@ -1,0 +1,79 @@
+"""vlmkit chat on the built-in model: the interactive session's banner and slash commands, a history that
+drops its oldest turns to fit the context, and the warning for a question without an image."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmkit.cli_chat import fit_history, user_message
+
+PICTURE = str(Path(__file__).resolve().parent.parent / "examples" / "a_blue_triangle_on_the_right.png")
+
+
+def run_chat(*args, stdin=None):
+    env = {key: value for key, value in os.environ.items() if key != "VLMKIT_MODEL"}  # the built-in model
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "vlmkit.cli", "chat", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300, env=env)
+
+
+def answers(stdout: str) -> list[str]:
+    """The answers of an interactive session (what follows each ">>> " prompt, when anything does)."""
+    return [line for line in stdout.replace(">>> ", "\n").splitlines() if line.strip()]
+
+
+def test_fit_history_drops_the_oldest_turns_first_and_keeps_the_new_question():
+    messages = []
+    for turn in range(4):
+        messages += [user_message(f"question {turn}", [], []),
+                     {"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]}]
+    messages.append(user_message("question 4", [], []))
+    assert fit_history(messages, len, room=5) == 2  # one "token" per message
+    assert [m["content"][-1]["text"] for m in messages] == ["question 2", "answer 2", "question 3", "answer 3",
+                                                          "question 4"]
+    assert fit_history(messages, len, room=0) == 2 and len(messages) == 1  # the new question always stays
+
+
+def test_interactive_session_has_a_banner_and_commands_never_reach_the_model():
+    result = run_chat("-i", stdin="/help\n/bogus\n/image /no/such/picture.png\n/image\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "/image PATH" in result.stderr.splitlines()[0]  # the banner says how to use it
+    assert "/reset" in result.stderr and "/exit" in result.stderr  # /help
+    assert "error: unknown command /bogus; /help lists the commands" in result.stderr
+    assert "error: /image: no such file: /no/such/picture.png" in result.stderr
+    assert "error: give the image: /image PATH" in result.stderr
+    assert answers(result.stdout) == []  # nothing was sent to the model
+
+
+def test_reset_forgets_the_conversation_and_its_images():
+    result = run_chat("-i", "--max-new-tokens", "12",
+                      stdin=f"/image {PICTURE}\nWhat is in this image?\n/reset\nWhat colour is the shape?\n")
+    assert result.returncode == 0, result.stderr
+    assert answers(result.stdout)[0] == "a blue triangle on the right"
+    assert "(conversation cleared)" in result.stderr
+    assert "without --image" in result.stderr  # after /reset the question has no image
+
+
+def test_a_long_session_drops_its_oldest_turns_instead_of_overflowing_the_context():
+    # 900 of the built-in model's 1024 positions go to the answer; one question with its image takes ~81,
+    # so each new question pushes the previous turn out.
+    questions = "".join(f"/image {PICTURE}\n{q}\n" for q in ("What is in this image?", "What colour is the shape?",
+                                                             "Where is the shape?"))
+    result = run_chat("-i", "--max-new-tokens", "900", stdin=questions)
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    assert result.stderr.count("dropped the oldest 1 turn(s) to fit the model's context of 1024 tokens") == 2
+    replies = answers(result.stdout)
+    assert len(replies) == 3 and replies[:2] == ["a blue triangle on the right", "blue"]
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_a_question_without_an_image_to_the_built_in_model_is_warned(with_image):
+    images = ["--image", PICTURE] if with_image else []
+    result = run_chat(*images, "What colour is the shape?", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    warned = "warning: the built-in model answers questions about an image" in result.stderr
+    assert warned != with_image

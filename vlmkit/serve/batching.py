@@ -42,6 +42,13 @@ def merge_caches(caches: list[KVCache], room: int) -> KVCache:
     return merged
 
 
+def copy_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """A copy of ``rows`` of ``cache`` with room for one more position (to try a step on them alone)."""
+    copy = merge_caches([cache], room=1)
+    keep_rows(copy, rows)
+    return copy
+
+
 def keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
     """Keep only ``rows`` of ``cache``, then drop leading columns that are padding in every kept row
     (left behind by a long request that has finished), so attention stops paying for them."""

@@ -3,15 +3,25 @@
 A request is prefilled alone, exactly as ``Engine.chat`` / ``Engine.imagine`` would run it, into a cache
 of its own; from then on its rows share every decode step with whatever else is running, its cache
 joined to theirs (``batching.merge_caches``). Rows leave the batch the step they finish or their
-request is cancelled. Everything here runs on the worker thread only."""
+request is cancelled. Everything here runs on the worker thread only.
 
+A failure while computing one request's share of a step fails that request alone: a batched forward
+pass that raises is tried again on a copy of each request's rows to find the one that fails by itself,
+that request is failed and its rows dropped, and the step is run again for the others; sampling and
+the text of each request are computed apart, so there the failing request is known at once. The
+other rows get the tokens they would have got alone (their random generators are rewound first)."""
+
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import VlmkitError
 from ..generation.loop import prompt_positions
 from ..generation.sampling import make_generator
-from .batching import RowSampling, can_merge, keep_rows, merge_caches, sample_rows
+from .batching import RowSampling, can_merge, copy_rows, keep_rows, merge_caches, sample_rows
+
+log = logging.getLogger("vlmkit.serve")
 
 
 class AnswerText:
@@ -135,20 +145,55 @@ class TextDecoder:
         self._after_sampling(part, tokens)
 
     def step(self) -> int:
-        """Feed every row its newest token and draw the next; returns how many requests shared the step."""
+        """Feed every row its newest token and draw the next; returns how many requests shared the step.
+        A request whose share of the step fails is failed alone (see the module docstring)."""
         if len(self.parts) > 1 and all(can_merge(part.cache) for part in self.parts):
             self.parts = [self._merged(self.parts)]
         jobs = 0
         for part in list(self.parts):
-            logits = self.model.decode(part.last[:, None], part.positions, part.cache)
+            logits = self._forward(part)
+            if logits is None:
+                continue
             part.positions = part.positions + 1
-            by_job: dict[int, list[int]] = {}
+            by_job: dict = {}
             for i, row in enumerate(part.rows):
-                by_job.setdefault(id(row.job), []).append(i)
+                by_job.setdefault(row.job, []).append(i)
             jobs = max(jobs, len(by_job))
-            tokens = sample_rows(logits, [_sampling(part.rows[r[0]].job, part.rows, r) for r in by_job.values()])
-            self._after_sampling(part, tokens, added=False)
+            tokens, failed = self._sample(logits, part.rows, by_job)
+            self._after_sampling(part, tokens, added=False, failed=failed)
         return jobs
+
+    def _forward(self, part: _Part) -> torch.Tensor | None:
+        """The part's next-token logits, without the rows of any request that makes the forward pass fail
+        (None when no row is left)."""
+        def run(cache, rows=None):
+            if rows is None:
+                return self.model.decode(part.last[:, None], part.positions, cache)
+            return self.model.decode(part.last[rows][:, None], part.positions[rows], cache)
+
+        return _isolated(part, self, run, lambda culprits: self._keep(
+            part, [i for i, row in enumerate(part.rows) if row.job not in culprits]))
+
+    def _sample(self, logits: torch.Tensor, rows: list, by_job: dict) -> tuple[torch.Tensor, dict]:
+        """Each row's next token, and {job: error} for the requests whose sampling failed."""
+        requests = {job: _sampling(job, rows, indices) for job, indices in by_job.items()}
+        rewind = {job: job.generator.get_state() for job in requests if job.generator is not None} \
+            if len(requests) > 1 else {}
+        tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        try:
+            return sample_rows(logits, list(requests.values())), {}
+        except Exception as err:
+            if len(requests) == 1:
+                return tokens, {job: err for job in requests}
+        for job, state in rewind.items():  # each request draws again from where it was, alone
+            job.generator.set_state(state)
+        failed = {}
+        for job, request in requests.items():
+            try:
+                tokens[request.rows] = sample_rows(logits, [request])[request.rows]
+            except Exception as err:
+                failed[job] = err
+        return tokens, failed
 
     def drop(self, should_drop) -> None:
         """Remove the rows whose job ``should_drop(job)`` (cancelled ones), at once."""
@@ -156,9 +201,22 @@ class TextDecoder:
             keep = [i for i, row in enumerate(part.rows) if not should_drop(row.job)]
             self._keep(part, keep)
 
-    def _after_sampling(self, part: _Part, tokens: torch.Tensor, added: bool = True) -> None:
+    def _after_sampling(self, part: _Part, tokens: torch.Tensor, added: bool = True,
+                        failed: dict | None = None) -> None:
         part.last = tokens
-        keep = [i for i, (row, token) in enumerate(zip(part.rows, tokens.tolist())) if row.take(token, self.eos)]
+        failed = dict(failed or {})
+        keep = []
+        for i, (row, token) in enumerate(zip(part.rows, tokens.tolist())):
+            if row.job in failed:
+                continue
+            try:
+                if row.take(token, self.eos):
+                    keep.append(i)
+            except Exception as err:  # the text of this answer (a stop string, the tokenizer) failed
+                failed[row.job] = err
+        keep = [i for i in keep if part.rows[i].job not in failed]
+        for job, err in failed.items():
+            fail_job(job, err, "text")
         if added:
             self.parts.append(part)
         self._keep(part, keep)
@@ -240,20 +298,14 @@ class ImageDecoder:
                                      positions[:, -1:] + 1, index, index + task.n))
 
     def step(self) -> None:
-        """Draw one token of every running image; finished requests get their pictures decoded."""
-        from ..models.janus.image_generation import guided_logits
-        from ..generation.sampling import next_token
-
+        """Draw one token of every running image; finished requests get their pictures decoded. A request
+        whose share of the step fails is failed alone (see the module docstring)."""
         if len(self.parts) > 1 and all(can_merge(part.cache) for part in self.parts):
             self.parts = [self._merged(self.parts)]
         for part in list(self.parts):
-            logits = self.model.model.generation_head(part.hidden).float()
-            tokens = torch.empty(len(part.images), dtype=torch.long, device=logits.device)
-            for job, indices in _group_by_job(part.images).items():
-                index = torch.tensor(indices, device=logits.device)
-                both = torch.cat([logits[part.cond[index]], logits[part.uncond[index]]])
-                guided = guided_logits(both, job.task.config.guidance_scale)
-                tokens[index] = next_token(guided, job.task.config, job.generator)
+            tokens = self._draw(part)
+            if tokens is None:
+                continue
             for image, token in zip(part.images, tokens.tolist()):
                 image.tokens.append(token)
             done = [i for i, image in enumerate(part.images) if len(image.tokens) >= self.model.num_image_tokens]
@@ -263,10 +315,66 @@ class ImageDecoder:
                 if part not in self.parts:
                     continue
                 tokens = tokens[[i for i in range(len(tokens)) if i not in set(done)]]
+            self._feed(part, tokens)
+
+    def _draw(self, part: _ImagePart) -> torch.Tensor | None:
+        """The next token of each image of ``part``; requests whose logits or sampling fail leave the part
+        (None when none is left)."""
+        from ..generation.sampling import next_token
+        from ..models.janus.image_generation import guided_logits
+
+        head, groups = self.model.model.generation_head, _group_by_job(part.images)
+        failed, logits = {}, {}
+        try:
+            everything = head(part.hidden).float()
+            logits = {job: everything[_rows_of(part, job)] for job in groups}
+        except Exception as err:  # find the requests whose rows fail alone
+            if len(groups) == 1:
+                failed = {job: err for job in groups}
+            for job in groups if len(groups) > 1 else ():
+                try:
+                    logits[job] = head(part.hidden[_rows_of(part, job)]).float()
+                except Exception as alone:
+                    failed[job] = alone
+            if not failed:
+                raise
+        tokens = torch.zeros(len(part.images), dtype=torch.long, device=part.hidden.device)
+        for job, indices in groups.items():
+            if job in failed:
+                continue
+            try:  # the job's rows: its conditional ones, then its unconditional ones
+                guided = guided_logits(logits[job], job.task.config.guidance_scale)
+                tokens[indices] = next_token(guided, job.task.config, job.generator)
+            except Exception as err:
+                failed[job] = err
+        if not failed:
+            return tokens
+        keep = [i for i, image in enumerate(part.images) if image.job not in failed]
+        for job, err in failed.items():
+            fail_job(job, err, "image")
+        self._keep(part, keep)
+        return tokens[keep] if part in self.parts else None
+
+    def _feed(self, part: _ImagePart, tokens: torch.Tensor) -> None:
+        """Run the drawn tokens through the language model: each row's next hidden state."""
+        def run(cache, rows=None):
             row_tokens = torch.empty(part.hidden.shape[0], dtype=torch.long, device=tokens.device)
             row_tokens[part.cond], row_tokens[part.uncond] = tokens, tokens
+            positions = part.positions
+            if rows is not None:
+                row_tokens, positions = row_tokens[rows], positions[rows]
             embeds = self.model.image_token_embeddings(row_tokens)[:, None]
-            part.hidden = self.model.text_model(embeds, part.positions, None, part.cache)[:, -1]
+            return self.model.text_model(embeds, positions, None, cache)[:, -1]
+
+        def drop(culprits):
+            nonlocal tokens
+            keep = [i for i, image in enumerate(part.images) if image.job not in culprits]
+            self._keep(part, keep)
+            tokens = tokens[keep]
+
+        hidden = _isolated(part, self, run, drop)
+        if hidden is not None:
+            part.hidden = hidden
             part.positions = part.positions + 1
 
     def drop(self, should_drop) -> None:
@@ -275,9 +383,13 @@ class ImageDecoder:
 
     def _finish(self, images: list[ImageRow]) -> None:
         for job, rows in _group_by_job(images).items():
-            tokens = torch.tensor([images[i].tokens for i in rows], device=self.model.device)
-            pixels = self.model.decode_image_tokens(tokens)
-            pictures = self.processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")
+            try:
+                tokens = torch.tensor([images[i].tokens for i in rows], device=self.model.device)
+                pixels = self.model.decode_image_tokens(tokens)
+                pictures = self.processor.postprocess(list(pixels.float()), return_tensors="PIL.Image.Image")
+            except Exception as err:
+                fail_job(job, err, "image")
+                continue
             job.end_images(pictures["pixel_values"])
 
     def _keep(self, part: _ImagePart, keep: list[int]) -> None:
@@ -305,6 +417,59 @@ class ImageDecoder:
         uncond = torch.cat([part.uncond + offset for part, offset in zip(parts, offsets)])
         return _ImagePart(cache, images, torch.cat([p.hidden for p in parts]),
                           torch.cat([p.positions for p in parts]), cond, uncond)
+
+
+def _rows_of(part, job) -> torch.Tensor:
+    """The cache rows of ``job`` in a text or image part."""
+    if isinstance(part, _ImagePart):
+        indices = [i for i, image in enumerate(part.images) if image.job is job]
+        return torch.cat([part.cond[indices], part.uncond[indices]])
+    return torch.tensor([i for i, row in enumerate(part.rows) if row.job is job], device=part.last.device)
+
+
+def _jobs_of(part) -> list:
+    members = part.images if isinstance(part, _ImagePart) else part.rows
+    return list(dict.fromkeys(member.job for member in members))
+
+
+def _isolated(part, decoder, run, drop):
+    """``run(part.cache)``, a forward pass over every row of ``part``. If it raises, each request's rows are
+    tried alone on a copy of their cache; the requests that fail alone are failed, ``drop(culprits)``
+    removes their rows, and the pass runs again for the rest. Returns its result, or None when no row is
+    left. When no request fails alone the fault is not one request's: the error goes up to the scheduler."""
+    length = part.cache.length
+    try:
+        return run(part.cache)
+    except Exception as err:
+        part.cache.length = length  # a pass that failed half-way has advanced nothing that counts
+        jobs = _jobs_of(part)
+        culprits = {}
+        for job in jobs:
+            if len(jobs) == 1:
+                culprits[job] = err
+                break
+            rows = _rows_of(part, job)
+            try:
+                run(copy_rows(part.cache, rows), rows)
+            except Exception as alone:
+                culprits[job] = alone
+        if not culprits:
+            raise
+    for job, err in culprits.items():
+        fail_job(job, err, "text" if isinstance(part, _Part) else "image")
+    drop(set(culprits))
+    if part not in decoder.parts:
+        return None
+    return run(part.cache)
+
+
+def fail_job(job, err: BaseException, kind: str) -> None:
+    """Fail one request whose share of a step raised; a fault that is not bad input is logged in full."""
+    if isinstance(err, VlmkitError):
+        log.info("a %s request failed: %s", kind, err)
+    else:
+        log.error("a %s request failed; the others in its step go on", kind, exc_info=err)
+    job.fail(err)
 
 
 def _group_by_job(images: list[ImageRow]) -> dict:

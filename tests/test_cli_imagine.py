@@ -1,0 +1,62 @@
+"""vlmkit imagine on the built-in model: the output folder is checked and made before the model loads,
+existing PNGs are never overwritten unless asked, and each batch is on disk before the next starts."""
+
+import pytest
+from PIL import Image
+
+from vlmkit.cli import main
+from vlmkit.engine import Engine
+from vlmkit.errors import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def builtin_model(monkeypatch):
+    monkeypatch.delenv("VLMKIT_MODEL", raising=False)
+
+
+def test_an_output_path_under_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "notes.txt").write_text("a file")
+    for output, message in ((tmp_path / "notes.txt" / "out", "cannot create"), (tmp_path / "notes.txt", "is a file")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["imagine", "a red circle", "-o", str(output)])
+        assert stopped.value.code == 2
+        assert "argument -o/--output: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_the_output_folder_exists_before_the_model_loads(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "folder"
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(out.is_dir())
+        raise CheckpointError("stopped here")
+
+    monkeypatch.setattr(Engine, "load", load)
+    assert main(["imagine", "a red circle", "-o", str(out)]) == 1
+    assert seen == [True]
+
+
+def test_new_images_are_numbered_past_existing_ones_unless_overwrite(tmp_path, capsys):
+    Image.new("RGB", (4, 4), "white").save(tmp_path / "image-00.png")
+    before = (tmp_path / "image-00.png").read_bytes()
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "-n", "2", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "image-01.png"), str(tmp_path / "image-02.png")]
+    assert (tmp_path / "image-00.png").read_bytes() == before
+    first = (tmp_path / "image-01.png").read_bytes()
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "-n", "2", "--seed", "3", "--overwrite"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "image-00.png"), str(tmp_path / "image-01.png")]
+    assert (tmp_path / "image-00.png").read_bytes() == first  # the same seed draws the same image again
+
+
+def test_each_batch_is_written_before_the_next_one_starts(tmp_path, monkeypatch):
+    on_disk, imagine = [], Engine.imagine
+
+    def spy(self, prompt, n, **options):
+        on_disk.append(sorted(path.name for path in tmp_path.glob("*.png")))
+        return imagine(self, prompt, n, **options)
+
+    monkeypatch.setattr(Engine, "imagine", spy)
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "-n", "3", "--batch-size", "2", "--seed", "1"]) == 0
+    assert on_disk == [[], ["image-00.png", "image-01.png"]]
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["image-00.png", "image-01.png", "image-02.png"]

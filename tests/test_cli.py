@@ -57,13 +57,13 @@ def test_imagine_prints_paths_and_shows_progress(janus_dir, tmp_path):
     assert "16/16" in result.stderr  # the progress bar over the image tokens
 
 
-@pytest.mark.parametrize("args,message", [
-    (["chat", "--model", "/nonexistent/model", "hi"], "does not exist"),
-    (["imagine", "--model", "{janus}", "   "], "empty"),
+@pytest.mark.parametrize("args,message,code", [
+    (["chat", "--model", "/nonexistent/model", "hi"], "does not exist", 1),
+    (["imagine", "--model", "{janus}", "   "], "empty", 2),
 ])
-def test_cli_errors_are_one_clear_line(janus_dir, args, message):
+def test_cli_errors_are_one_clear_line(janus_dir, args, message, code):
     result = run_cli(*[a.replace("{janus}", str(janus_dir)) for a in args])
-    assert result.returncode == 1
+    assert result.returncode == code
     assert message in result.stderr and "Traceback" not in result.stderr
 
 

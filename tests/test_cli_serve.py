@@ -34,4 +34,5 @@ def test_serve_says_it_is_loading_then_ready_on_its_address():
         process.wait(timeout=60)
     assert lines and lines[0].startswith("vlmkit serve: loading model ")
     assert f"vlmkit serve: ready on http://127.0.0.1:{port}" in lines, "\n".join(lines)
+    assert not any("GET /health" in line for line in lines)  # the readiness probe stays out of the access log
     assert process.returncode == 0

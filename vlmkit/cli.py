@@ -4,6 +4,7 @@ Every flag value is checked by argparse (``cli_args``) and every path before a m
 
 import argparse
 import inspect
+import logging
 import os
 import re
 import sys
@@ -131,6 +132,13 @@ def cmd_imagine(args) -> int:
     return 0
 
 
+class _QuietProbes(logging.Filter):
+    """Keeps the readiness probe's ``GET /health`` requests out of uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return '"GET /health ' not in record.getMessage()
+
+
 def _announce_ready(host: str, port_number: int) -> None:
     """Print "ready on http://host:port" to stderr once ``/health`` answers 200 (the model is loaded and
     the socket listens); stop quietly if loading fails."""
@@ -140,19 +148,24 @@ def _announce_ready(host: str, port_number: int) -> None:
 
     probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     probe = f"[{probe}]" if ":" in probe else probe
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{probe}:{port_number}/health", timeout=2) as response:
-                if response.status == 200:
-                    shown = f"[{host}]" if ":" in host else host
-                    print(f"vlmkit serve: ready on http://{shown}:{port_number}", file=sys.stderr, flush=True)
+    access_log, quiet = logging.getLogger("uvicorn.access"), _QuietProbes()
+    access_log.addFilter(quiet)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{probe}:{port_number}/health", timeout=2) as response:
+                    if response.status == 200:
+                        shown = f"[{host}]" if ":" in host else host
+                        print(f"vlmkit serve: ready on http://{shown}:{port_number}", file=sys.stderr, flush=True)
+                        return
+            except urllib.error.HTTPError as err:
+                if err.code == 503 and json.loads(err.read() or b"{}").get("status") == "failed":
                     return
-        except urllib.error.HTTPError as err:
-            if err.code == 503 and json.loads(err.read() or b"{}").get("status") == "failed":
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.25)
+    finally:
+        access_log.removeFilter(quiet)
 
 
 def cmd_serve(args) -> int:

@@ -49,9 +49,9 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
                 "transformers_pct_of_bandwidth_bound"} <= set(decode)
     assert metrics["image_token_loop_s"]["steps_run"] == 2
     assert "vlmkit_speedup_over_first_image" in metrics["first_token_repeated_image_s"]
-    header = result.stdout.splitlines()[0]
-    assert header.startswith(f"CPU: {settings['cpu']['model']} ({settings['cpu']['cores']} cores), "
-                             f"{settings['cpu']['class']} [") and header.endswith(f"vlmkit kernels: {settings['kernels']}")
+    cpu, header = settings["cpu"], result.stdout.splitlines()[0]
+    assert header.startswith(f"CPU: {cpu['model']} ({cpu['cores']} cores), {cpu['class']} [")
+    assert header.endswith(f"], vlmkit kernels: {cpu['kernels']}")
     assert "| decode batch 1, ms/step |" in result.stdout
 
 

@@ -25,6 +25,7 @@ def user_message(text: str, images: list[str], videos: list[str]) -> dict:
 
 
 def has_image(messages: list[dict]) -> bool:
+    """Whether any turn of the conversation carries an image."""
     return any(part["type"] == "image" for message in messages for part in message["content"])
 
 
@@ -47,6 +48,7 @@ class ChatSession:
         self.warn_without_image = warn_without_image
 
     def answer(self, messages: list[dict]):
+        """Stream the answer to the last user turn to stdout; returns the engine's ``ChatResult``."""
         started = False
 
         def show(chunk):  # the reply's first token usually carries the space after "Assistant:"
@@ -61,6 +63,7 @@ class ChatSession:
         return result
 
     def prompt_tokens(self, messages: list[dict]) -> int:
+        """How many tokens the conversation takes as a prompt (images included)."""
         return int(self.engine.prepare_chat(messages)["input_ids"].shape[1])
 
     def room(self) -> int:
@@ -69,6 +72,7 @@ class ChatSession:
 
 
 def warn_no_image(model_name: str) -> None:
+    """Tell the user, on stderr, that this model's answers need an image to mean anything."""
     print(f"vlmkit chat: warning: {model_name} answers questions about an image; without --image (or /image "
           f"PATH) its answer means little", file=sys.stderr)
 

@@ -177,10 +177,28 @@ async def _read_json(request: Request, limit: int):
                 raise too_large(f"over {limit}")
     except ClientDisconnect:
         raise ApiError(499, "the client disconnected while sending the request", code="client_closed_request") from None
+    return parse_json(bytes(body))
+
+
+def parse_json(body: bytes):
+    """A request body as JSON; malformed, nested too deeply or with an integer longer than any field takes,
+    a 400 (never the reader's own errors as a 500)."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read; send a flatter JSON object") from None
+
+
+_MAX_INT_DIGITS = 40  # no field takes more than 64 bits (20 digits); reading 4,000 digits costs time
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ApiError(400, f"the request body holds an integer of {len(digits.lstrip('-'))} digits; no field takes "
+                            f"more than 64 bits (at most 20 digits)")
+    return int(digits)
 
 
 def _error_response(err: BaseException) -> JSONResponse:

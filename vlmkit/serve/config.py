@@ -18,6 +18,9 @@ class ServeLimits:
 
     max_images: int = 8  # image parts per request
     max_image_pixels: int = 4096 * 4096  # width x height of one image
+    max_request_pixels: int = 2 * 4096 * 4096  # width x height summed over a request's images
+    max_messages: int = 1024  # messages per chat request
+    max_parts: int = 256  # content parts per message
     max_image_bytes: int = 20 * _MiB  # one fetched or inlined image (or video file)
     max_video_frames: int = 32  # frames sampled from one video
     video_frames: int = 8  # frames sampled from a video when the request does not say
@@ -72,6 +75,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-images", type=int, default=limits.max_images, help="image parts per request")
     group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                        help="width x height of one image")
+    group.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
+                       help="width x height summed over a request's images")
+    group.add_argument("--max-messages", type=int, default=limits.max_messages, help="messages per chat request")
+    group.add_argument("--max-parts", type=int, default=limits.max_parts, help="content parts per message")
     group.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes,
                        help="bytes of one image or video")
     group.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
@@ -101,6 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> ServeConfig:
     """A ``ServeConfig`` from parsed ``vlmkit serve`` arguments (the API key also from $VLMKIT_API_KEY)."""
     limits = ServeLimits(max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                         max_request_pixels=args.max_request_pixels, max_messages=args.max_messages,
+                         max_parts=args.max_parts,
                          max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
                          video_frames=args.video_frames, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                          default_max_tokens=args.default_max_tokens)

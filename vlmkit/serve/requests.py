@@ -6,9 +6,11 @@ response body. Bad input is an ``ApiError`` with a status code and a message, ne
 Everything here blocks (fetching, decoding media, tokenising): the app runs it in a worker thread."""
 
 import base64
+import functools
 import io
 import logging
 import re
+from dataclasses import replace
 
 from ..errors import InputError, MediaError, TemplateError, VlmkitError
 from ..io.media import load_image
@@ -28,6 +30,7 @@ class ApiError(Exception):
     """An error answered to the client: HTTP status, message, and OpenAI's error type and code."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # an echoed lone surrogate
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
 
@@ -40,6 +43,23 @@ def body_too_large(size: str, limit: int) -> ApiError:
     return ApiError(413, f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
                          f"(--max-body-bytes); send smaller or fewer inline images, or image URLs",
                     code="request_too_large")
+
+
+def _texts(content) -> list[str]:
+    """The text of a message's content (a string, or the text parts of a list)."""
+    if isinstance(content, str):
+        return [content]
+    return [part.text for part in content or () if part.type == "text"]
+
+
+_ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.split() takes for space
+
+
+def _solid_chars(text: str) -> int:
+    """Characters that are not whitespace (counted fast for ASCII text, exactly for any text)."""
+    if text.isascii():
+        return len(text) - sum(text.count(c) for c in _ASCII_SPACE)
+    return sum(map(len, text.split()))
 
 
 def api_error(err: BaseException) -> ApiError:
@@ -85,7 +105,9 @@ class RequestHandler:
 
     # --- chat ---------------------------------------------------------------------------------------
     def prepare_chat(self, body) -> tuple[ChatCompletionRequest, ChatTask]:
-        """Validate a chat body and build its task (fetches and decodes the media it names)."""
+        """Validate a chat body and build its task (fetches and decodes the media it names). The cheap checks
+        (counts, sizes, the prompt's characters against the context) come before any costly work."""
+        self.check_chat_shape(body)
         request = parse_request(ChatCompletionRequest, body)
         self.check_model(request.model)
         limits = self.limits
@@ -94,6 +116,7 @@ class RequestHandler:
                                 f"request (--max-n)")
         if len(request.stop_strings) > limits.max_stop:
             raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
+        self.check_prompt_size(text for message in request.messages for text in _texts(message.content))
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages)
         prompt = int(inputs["input_ids"].shape[1])
@@ -111,10 +134,55 @@ class RequestHandler:
         return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
                                  request.stop_strings, request.ignore_eos)
 
+    def check_chat_shape(self, body) -> None:
+        """Refuse too many messages, or parts in one message, before the body is validated part by part."""
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            return  # validation names what is wrong
+        if len(messages) > self.limits.max_messages:
+            raise ApiError(400, f"messages: the request has {len(messages)} messages; this server takes at most "
+                                f"{self.limits.max_messages} (--max-messages)")
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and len(content) > self.limits.max_parts:
+                raise ApiError(400, f"messages.{i}.content: {len(content)} parts; this server takes at most "
+                                    f"{self.limits.max_parts} per message (--max-parts)")
+
+    def check_prompt_size(self, texts, what: str = "the prompt") -> None:
+        """Refuse text that cannot fit the model's context whatever it tokenizes to, before tokenizing or
+        templating it. No token covers more characters than the longest entry of the vocabulary, so text
+        with more than context x that many non-space characters needs more tokens than the context holds;
+        whitespace is left out (a template may strip it, a normalizer fold runs of it) and the bound is
+        doubled for normalizers that merge characters (NFC), so only text that surely overflows is refused."""
+        per_token = self._chars_per_token
+        if per_token is None:
+            return
+        texts = list(texts)
+        context = self.engine.model.max_context
+        bound = 2 * context * per_token
+        if sum(map(len, texts)) <= bound:  # the common case: nothing more to count
+            return
+        solid = sum(_solid_chars(text) for text in texts)
+        if solid > bound:
+            raise ApiError(400, f"{what} is {solid} characters long (not counting spaces): more tokens than the "
+                                f"model's context of {context} tokens can hold; shorten it")
+
+    @functools.cached_property
+    def _chars_per_token(self) -> int | None:
+        """The most characters one token can stand for: the longest vocabulary entry (None if unknown)."""
+        backend = getattr(self.engine.tokenizer, "backend", None)
+        try:
+            vocab = backend.get_vocab(with_added_tokens=True)
+        except Exception:  # a tokenizer without a readable vocabulary: no early refusal
+            return None
+        return max(map(len, vocab), default=0) or None
+
     def sampling_config(self, request: ChatCompletionRequest, budget: int):
         """The request's generation settings over the checkpoint's; temperature 0 is greedy. An omitted
         temperature is OpenAI's default, 1."""
         temperature = 1.0 if request.temperature is None else request.temperature
+        if temperature < request.GREEDY_BELOW:
+            temperature = 0.0
         options = dict(do_sample=temperature > 0, max_new_tokens=budget, seed=request.seed,
                        repetition_penalty=request.repetition_penalty or 1.0)
         if temperature > 0:  # as Engine.chat: top_k off unless asked for
@@ -137,18 +205,20 @@ class RequestHandler:
                                     f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
         if videos and self.engine.model_type not in VIDEO_FAMILIES:
             raise ApiError(400, f"this model ({self.engine.model_type}) does not take video; send images instead")
-        converted = []
+        for i, message in enumerate(request.messages):  # every URL is checked before any is fetched
+            for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+                if part.type != "text":
+                    self._check_url(part, f"messages[{i}].content[{j}]")
+        converted, pixels = [], [0]  # pixels: summed over the images loaded so far
         for i, message in enumerate(request.messages):
             role = "system" if message.role == "developer" else message.role
             content = message.content
             if isinstance(content, list):
-                content = [self._block(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content)]
+                content = [self._block(part, f"messages[{i}].content[{j}]", pixels) for j, part in enumerate(content)]
             converted.append({"role": role, "content": content if content is not None else ""})
         return converted
 
-    def _block(self, part, where: str) -> dict:
-        if part.type == "text":
-            return {"type": "text", "text": part.text}
+    def _check_url(self, part, where: str) -> None:
         url = (part.image_url if part.type == "image_url" else part.video_url).url
         scheme = _URL_SCHEME.match(url)
         if scheme is None or scheme.group(1).lower() == "file":
@@ -158,9 +228,14 @@ class RequestHandler:
         elif scheme.group(1).lower() not in ("http", "https", "data"):
             raise ApiError(400, f"{where}: unsupported URL scheme {scheme.group(1)!r}; send an http(s) URL or a "
                                 f"data: URI")
+
+    def _block(self, part, where: str, pixels: list[int]) -> dict:
+        if part.type == "text":
+            return {"type": "text", "text": part.text}
+        url = (part.image_url if part.type == "image_url" else part.video_url).url
+        if part.type == "image_url":
+            return {"type": "image", "image": self._image(url, where, pixels)}
         try:
-            if part.type == "image_url":
-                return {"type": "image", "image": load_image(url, self.policy)}
             from ..io.video import load_video
             frames = part.video_url.num_frames or self._default_frames
             video = load_video(url, frames, policy=self.policy, max_frames=self.limits.max_video_frames,
@@ -168,6 +243,22 @@ class RequestHandler:
             return {"type": "video", "video": video}
         except MediaError as err:
             raise ApiError(400, f"{where}: {err}") from None
+
+    def _image(self, url: str, where: str, pixels: list[int]):
+        """Load one image; the request's images together may have at most --max-request-pixels pixels, which
+        is checked from each image's header before it is decoded."""
+        limit = self.limits.max_request_pixels
+        remaining = max(limit - pixels[0], 0)
+        policy = self.policy if remaining >= self.policy.max_pixels else replace(self.policy, max_pixels=remaining)
+        try:
+            image = load_image(url, policy)
+        except MediaError as err:
+            if policy is not self.policy and "too many pixels" in str(err):
+                raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "
+                                    f"height summed; --max-request-pixels); send fewer or smaller images") from None
+            raise ApiError(400, f"{where}: {err}") from None
+        pixels[0] += image.width * image.height
+        return image
 
     def chat_body(self, request: ChatCompletionRequest, outcome: ChatOutcome) -> dict:
         """The ``chat.completion`` response body."""
@@ -208,6 +299,7 @@ class RequestHandler:
                                 f"request (--max-n)")
         if not request.prompt.strip():
             raise ApiError(400, "the image prompt is empty")
+        self.check_prompt_size([request.prompt], "the image prompt")
         messages = [{"role": "user", "content": [{"type": "text", "text": request.prompt.strip()}]}]
         text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
         input_ids = engine.processor(text=text, generation_mode="image", return_tensors="pt")["input_ids"]

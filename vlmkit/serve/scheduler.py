@@ -357,7 +357,9 @@ class Scheduler:
             job.fail(JobCancelled("the client went away"))
 
     def _guarded(self, kind: str, work, jobs: list[Job]) -> None:
-        """Run ``work``; if it raises, fail the jobs it touched and clear that decoder so the rest goes on."""
+        """Run ``work``; if it raises, fail the jobs it touched and clear that decoder so the rest goes on.
+        A decode step fails a request whose own share fails by itself (``decoding``), so what reaches
+        here is a prefill (one job) or a fault no single request explains."""
         before = {job for job in jobs if not job.done}
         try:
             work()

@@ -1,12 +1,17 @@
 """The OpenAI API shapes the server reads and writes (pydantic): chat completions (plain and streamed
 chunks), image generations, the model list and the error body. Unknown request fields are ignored, as
-OpenAI-compatible servers do; fields whose meaning vlmkit cannot honour are refused by name."""
+OpenAI-compatible servers do; fields whose meaning vlmkit cannot honour are refused by name.
+
+Values are checked as OpenAI's API documents their types, strictly: an integer field takes a JSON
+integer (not "5", 5.0 or true), a number field a finite number within its bounds, a string valid
+Unicode; so nothing a client sends reaches sampling as inf or nan, or fails later as a 500."""
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from ..errors import InputError
 
@@ -15,16 +20,41 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text holds an unpaired surrogate ({text[err.start]!r} at character {err.start}); "
+                         f"send valid Unicode text") from None
+    return text
+
+
+def _int(**bounds):
+    """A JSON integer (strict: not a string, float or boolean) within ``bounds``."""
+    return Annotated[int, Field(strict=True, **bounds)]
+
+
+def _number(**bounds):
+    """A finite JSON number within ``bounds`` (integers are taken as floats; strings and booleans are not)."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(_valid_unicode)]
+Flag = Annotated[bool, Field(strict=True)]
+# torch.Generator.manual_seed takes any 64-bit value, signed or unsigned
+Seed = _int(ge=-(2 ** 63), le=2 ** 64 - 1)
+
+
 # --- chat completions: request -------------------------------------------------------------------
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class MediaURL(_Request):
-    url: str
-    detail: str | None = None
-    num_frames: int | None = Field(default=None, ge=1)  # videos: frames to sample (an extra field)
+    url: Text
+    detail: Text | None = None
+    num_frames: _int(ge=1) | None = None  # videos: frames to sample (an extra field)
 
 
 class ImagePart(_Request):
@@ -52,39 +82,42 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``; ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are vLLM-style extras."""
+    """``POST /v1/chat/completions``; ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are vLLM-style extras.
+    A temperature under ``GREEDY_BELOW`` samples as 0 (greedy): dividing logits by less would overflow."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    max_tokens: _int(ge=1) | None = None
+    max_completion_tokens: _int(ge=1) | None = None
+    temperature: _number(ge=0, le=2) | None = None
+    top_p: _number(gt=0, le=1) | None = None
+    n: _int(ge=1) = 1
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = None
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    ignore_eos: bool = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
+    top_k: _int(ge=0, le=2 ** 31 - 1) | None = None
+    repetition_penalty: _number(ge=0.01, le=10) | None = None
+    ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
     # accepted only at the values that change nothing
     tools: list | None = None
-    tool_choice: str | dict | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    tool_choice: Text | dict | None = None
+    logprobs: Flag | None = None
+    top_logprobs: _int(ge=0, le=20) | None = None
     logit_bias: dict | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: _number(ge=-2, le=2) | None = None
+    presence_penalty: _number(ge=-2, le=2) | None = None
     response_format: dict | None = None
+
+    GREEDY_BELOW: ClassVar[float] = 1e-5
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -117,16 +150,16 @@ class ChatCompletionRequest(_Request):
 class ImageGenerationRequest(_Request):
     """``POST /v1/images/generations``; ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` are extras."""
 
-    model: str | None = None
-    prompt: str
-    n: int = Field(default=1, ge=1)
-    size: str | None = None
-    response_format: str | None = None
-    seed: int | None = None
-    guidance_scale: float | None = Field(default=None, ge=0)  # None: the model's generation_config (else 5)
-    temperature: float | None = Field(default=None, gt=0, le=10)
-    top_k: int = Field(default=0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    model: Text | None = None
+    prompt: Text
+    n: _int(ge=1) = 1
+    size: Text | None = None
+    response_format: Text | None = None
+    seed: Seed | None = None
+    guidance_scale: _number(ge=0, le=100) | None = None  # None: the model's generation_config (else 5)
+    temperature: _number(ge=0.01, le=10) | None = None
+    top_k: _int(ge=0, le=2 ** 31 - 1) = 0
+    top_p: _number(gt=0, le=1) = 1.0
 
 
 def parse_request(model: type[BaseModel], body) -> BaseModel:
@@ -140,15 +173,43 @@ def parse_request(model: type[BaseModel], body) -> BaseModel:
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """A one-line account of what is wrong: ``messages.0.role: Input should be 'system', ...``."""
+    """A one-line account of what is wrong, naming each field and the value it got:
+    ``messages.0.role: Input should be 'system', ... (got 'robot')``."""
+    problems = [(_field_path(problem["loc"]), problem) for problem in err.errors()]
     lines = []
-    for problem in err.errors()[:3]:
-        # drop pydantic's union-branch labels ("str", "list[...]", "function-after[...]") from the path
-        path = ".".join(str(p) for p in problem["loc"] if isinstance(p, int) or ("[" not in p and p not in
-                                                                                  ("str", "list", "dict")))
+    for path, problem in problems:
+        # a union's other branches ("Input should be a valid list" beside a problem inside the string)
+        if problem["type"].endswith("_type") and any(
+                other is not problem and other_path[:len(path)] == path and
+                (len(other_path) > len(path) or not other["type"].endswith("_type"))
+                for other_path, other in problems):
+            continue
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {message}" if path else message)
+        value = problem.get("input")
+        if isinstance(value, (bool, int, float)) or (isinstance(value, str) and problem["type"] != "value_error"):
+            message += f" (got {_shown(value)})"
+        name = ".".join(str(p) for p in path)
+        lines.append(f"{name}: {message}" if name else message)
+        if len(lines) == 3:
+            break
     return "invalid request: " + "; ".join(lines)
+
+
+def _field_path(loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-branch labels ("str", "list[...]", "function-after[...]") and the
+    tag a content part's type adds (``content.0.text.text`` is ``content.0.text``)."""
+    path = [p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("str", "list", "dict", "int",
+                                                                               "float", "bool"))]
+    return tuple(p for i, p in enumerate(path)
+                 if not (i and isinstance(path[i - 1], int) and p in _PART_TAGS and i + 1 < len(path)))
+
+
+_PART_TAGS = ("text", "image_url", "video_url")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --- responses -----------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""vlmkit's CPU paths (nn/cpu_kernels.py): the compiled decode kernels agree with torch's own ops (bf16)
-or the float product (int8, int4), bf16 prefill and convolutions computed in fp32 agree with torch, and
-float32 never leaves torch's path.
+"""vlmkit's CPU paths (nn/cpu_kernels.py): the compiled kernels agree with torch's own ops (bf16) or the
+float product (int8, int4) for every instruction-set variant this CPU runs (AVX2, AVX-512 BF16/VNNI), odd
+widths, 1-9 rows and unaligned weights; bf16 prefill and convolutions computed in fp32 agree with torch
+on CPUs without native bf16; float32 never leaves torch's path.
 
-The bf16 and int8 kernels run on x86 CPUs with AVX2 and no native bf16, the int4 kernel on any with AVX2
-(all need a C++ compiler); elsewhere the tests that need them are skipped."""
+The kernels run on x86 CPUs with AVX2 and FMA (and need a C++ compiler); a variant this CPU lacks is
+skipped with the flags it misses. ``VLMKIT_CPU_KERNELS=off`` (``.ci/run`` runs these tests so too) turns
+them off: the tests of torch's portable path then still run."""
 
 import os
 import shutil
@@ -13,22 +15,49 @@ import torch
 from torch.nn import functional as F
 
 from vlmkit.nn import cpu_kernels
+from vlmkit.nn.cpu_features import ISA_FLAGS, cpu_flags, kernel_isa
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.layers import Conv2d, Linear
 from vlmkit.quant.weight_only import Int4Linear, Int8Linear, pack_nibbles
 
-# Skipped only where the kernels cannot be: a CPU without AVX2 (or with native bf16), or no C++ compiler.
+# Skipped only where the kernels cannot run: a CPU without AVX2/FMA, turned off, or no C++ compiler.
 # Where they can, a build that fails is a failure (decoding would still work, silently slower).
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
-needs_kernels = pytest.mark.skipif(not (cpu_kernels.slow_bf16_cpu() and HAS_COMPILER),
-                                   reason="no AVX2-without-bf16 CPU or no C++ compiler here")
-needs_int4_kernel = pytest.mark.skipif(not (cpu_kernels.avx2_cpu() and HAS_COMPILER),
-                                       reason="no AVX2 CPU or no C++ compiler here")
+needs_kernels = pytest.mark.skipif(not (cpu_kernels.kernels_enabled() and HAS_COMPILER),
+                                   reason=f"kernels off (VLMKIT_CPU_KERNELS={os.environ.get('VLMKIT_CPU_KERNELS')}),"
+                                          " no AVX2/FMA CPU or no C++ compiler here")
+
+
+def _isa_param(isa: str):
+    missing = " ".join(sorted(ISA_FLAGS[isa] - cpu_flags()))
+    return pytest.param(isa, marks=pytest.mark.skipif(bool(missing), reason=f"this CPU lacks {missing}"))
+
+
+@pytest.fixture(params=[_isa_param(isa) for isa in ISA_FLAGS])
+def isa(request):
+    """Each instruction-set variant of the products this CPU runs, set for the test and restored after."""
+    if not (cpu_kernels.kernels_enabled() and HAS_COMPILER):
+        pytest.skip("kernels off, no AVX2/FMA CPU or no C++ compiler here")
+    ops = cpu_kernels.compiled_kernels()
+    previous = ops.kernel_isa()
+    assert ops.set_kernel_isa(request.param), f"this build has no {request.param} kernels"
+    yield request.param
+    ops.set_kernel_isa(previous)
 
 
 def test_the_kernels_build_wherever_they_can():
-    if cpu_kernels.avx2_cpu() and HAS_COMPILER:
+    if cpu_kernels.kernels_enabled() and HAS_COMPILER:
         assert cpu_kernels.compiled_kernels() is not None, "the kernels failed to build (see the warning)"
+        assert cpu_kernels.active_kernel_isa() == kernel_isa()
+
+
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose data starts one element past an aligned address (a view into a bigger buffer,
+    as weights mapped from a file may be)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def bf16(*shape, seed=0):
@@ -43,13 +72,14 @@ def close_to_fp32(got, weight, x, bias=None):
     return (got.float() - expected).abs().max() <= tolerance
 
 
-@needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])
-def test_linear_kernel_matches_torch_for_several_weights_at_once(rows):
-    x = bf16(rows, 1, 264)  # 264: not a multiple of the 32-wide inner loop, so the tails run too
-    weights = [bf16(n, 264, seed=n) for n in (64, 7, 130)]
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("width", [264, 37, 8, 2048])  # the tails of the 8-, 32- and 64-wide loops run too
+def test_linear_kernel_matches_torch_for_several_weights_at_once(isa, rows, width):
+    x = bf16(rows, 1, width)
+    weights = [bf16(n, width, seed=n) for n in (64, 7, 130)]
+    weights[1] = unaligned(weights[1])
     biases = [bf16(w.shape[0], seed=99) for w in weights]
-    outputs = cpu_kernels.decode_kernels().linear_bf16(x, weights, biases)
+    outputs = cpu_kernels.compiled_kernels().linear_bf16(x, weights, biases)
     assert [tuple(o.shape) for o in outputs] == [(rows, 1, 64), (rows, 1, 7), (rows, 1, 130)]
     assert all(close_to_fp32(o, w, x, b) for o, w, b in zip(outputs, weights, biases))
 
@@ -62,7 +92,7 @@ def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, 
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
     mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
     mask[1, ..., : keys // 3] = False  # left padding of the second row
-    got = cpu_kernels.decode_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
+    got = cpu_kernels.compiled_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                               enable_gqa=heads != kv_heads)
     assert got.shape == expected.shape
@@ -81,10 +111,10 @@ def quantize_linears(model, weights: str) -> None:
                     setattr(parent, name, quantized)
 
 
-@needs_kernels
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("model_type,kv_heads", [("llama", 8), ("qwen2", 2)])
-def test_one_call_decode_layer_step_computes_what_the_modules_compute(model_type, kv_heads, weights, monkeypatch):
+def test_one_call_decode_layer_step_computes_what_the_modules_compute(isa, model_type, kv_heads, weights,
+                                                                      monkeypatch):
     config = DecoderConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=kv_heads, model_type=model_type)
     torch.manual_seed(0)
@@ -131,15 +161,17 @@ def test_bf16_linear_and_conv_with_many_rows_compute_in_fp32_and_round():
     with torch.no_grad():
         got = linear(x)
         expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16()
-    if cpu_kernels.slow_bf16_cpu():
+    if cpu_kernels.widen_bf16_cpu():
         assert torch.equal(got, expected)
     conv = Conv2d(8, 16, 3, padding=1).bfloat16()
     image = bf16(1, 8, 12, 12)
     with torch.no_grad():
         got = conv(image)
         expected = F.conv2d(image.float(), conv.weight.float(), conv.bias.float(), padding=1).bfloat16()
-    if cpu_kernels.slow_bf16_cpu():
+    if cpu_kernels.widen_bf16_cpu():
         assert torch.equal(got, expected)
+    else:  # torch's own bf16 convolution (native bf16 CPUs, kernels off)
+        assert torch.equal(got, F.conv2d(image, conv.weight, conv.bias, padding=1))
 
 
 def test_float32_layers_are_exactly_torchs():
@@ -150,26 +182,26 @@ def test_float32_layers_are_exactly_torchs():
         assert torch.equal(conv(image), F.conv2d(image, conv.weight, conv.bias))
 
 
-@needs_kernels
-@pytest.mark.parametrize("rows,with_bias", [(1, False), (3, True), (6, False)])
-def test_int8_kernel_matches_the_dequantized_float_product(rows, with_bias):
+@pytest.mark.parametrize("rows,outputs,inputs,with_bias", [
+    (1, 300, 264, False), (3, 300, 264, True), (6, 300, 264, False), (4, 8, 24, False), (2, 2048, 8, True),
+    (5, 13, 4100, False), (17, 33, 100, True), (64, 40, 96, False)])
+def test_int8_kernel_matches_the_dequantized_float_product(isa, rows, outputs, inputs, with_bias):
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randint(-127, 128, (300, 264), dtype=torch.int8, generator=generator)
-    scale = torch.rand(300, generator=generator) / 100
-    bias = torch.randn(300, generator=generator).bfloat16() if with_bias else None
-    x = bf16(rows, 1, 264, seed=rows)
+    weight = unaligned(torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8, generator=generator))
+    scale = torch.rand(outputs, generator=generator) / 100
+    bias = torch.randn(outputs, generator=generator).bfloat16() if with_bias else None
+    x = bf16(rows, 1, inputs, seed=rows)
     got = cpu_kernels.linear_int8(x, weight, scale, bias)
     expected = F.linear(x.float(), weight.float() * scale[:, None], None if bias is None else bias.float())
-    assert got.shape == (rows, 1, 300) and got.dtype == torch.bfloat16
+    assert got.shape == (rows, 1, outputs) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-@needs_int4_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,outputs,inputs,group,with_bias", [
     (1, 301, 96, 32, True), (1, 7, 512, 128, False), (3, 45, 320, 64, True), (6, 130, 256, 256, False),
-    (9, 33, 160, 32, True)])
-def test_int4_kernel_matches_the_dequantized_float_product(dtype, rows, outputs, inputs, group, with_bias):
+    (9, 33, 160, 32, True), (2, 5, 64, 64, False), (5, 3, 192, 64, True)])
+def test_int4_kernel_matches_the_dequantized_float_product(isa, dtype, rows, outputs, inputs, group, with_bias):
     generator = torch.Generator().manual_seed(rows * outputs)
     values = torch.randint(0, 16, (outputs, inputs), dtype=torch.uint8, generator=generator)
     scale = (torch.rand(outputs, inputs // group, generator=generator) / 100).to(dtype)

@@ -1,4 +1,4 @@
-"""The seeds' other loading options and the command line: ``attn_implementation`` /
+"""The loading options the transformers examples pass, and the command line: ``attn_implementation`` /
 ``use_flash_attention_2`` accepted as in transformers (one notice on a CPU, never a crash), and
 ``--quantize int8|int4`` on ``vlmkit chat`` / ``imagine`` / ``serve``, ``Engine.load(quantize=...)``."""
 
@@ -78,6 +78,15 @@ def test_chat_and_imagine_take_quantize(janus_dir, tmp_path, sample_images):
     assert (tmp_path / "image-00.png").is_file()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["chat", "--quantize", "int3", "hi"])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_builtin_model_draws_with_quantized_weights_in_bfloat16(tmp_path, quantize):
+    """In a child process, so a crash in a native op shows as a failed exit, not a dead test run."""
+    result = run_cli("imagine", "a red circle", "--quantize", quantize, "--dtype", "bfloat16", "--seed", "0",
+                     "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "image-00.png").is_file()
 
 
 def test_serve_takes_quantize():

@@ -1,23 +1,27 @@
-"""bf16 on CPUs without native bf16 arithmetic (x86 with AVX2, no AVX-512 BF16 or AMX): where torch's
-own bf16 kernels are slow, and what vlmkit runs instead. Weights stay bf16 in memory throughout.
+"""vlmkit's compiled CPU kernels and when they run instead of torch's ops. Weights stay in memory as
+they are (bf16, or vlmkit's int8/int4) throughout.
 
 * Decode steps (a few activation rows): every weight is read once per token, so speed is how fast
-  weights stream from memory; torch's bf16 ``F.linear`` is compute-bound at about half that.
-  ``csrc/`` widens bf16 to fp32 in registers and keeps up with memory; it also attends one query over
-  the KV cache (torch's SDPA has more setup than work there) and runs a whole decoder layer's step in
-  one call (bf16, int8 or 4-bit weights). It is compiled
-  once with torch's extension builder (needs a C++ compiler; about a minute) into
-  ``~/.cache/vlmkit/kernels``; where it cannot be built, torch's ops run.
-* Prefill and vision towers (many rows) and every convolution: torch's bf16 GEMM runs at a fifth of
-  its fp32 speed here and its bf16 convolution hundreds of times slower, so these compute in fp32
-  (weights widened per call, fp32 accumulation as before) and round the result to bf16.
-* Quantized weights (``vlmkit.quant``): ``linear_int8`` and ``linear_int4`` stream int8 and 4-bit weights
-  for decode steps, multiplying integers (16-bit activations rounded once per product: to int16 for
-  int8 weights, to int8 per weight group for 4-bit ones), and the one-call layer step takes them too; the int4 kernel (vlmkit's only int4 path on a CPU) is built
-  on any CPU with AVX2 and FMA.
+  weights stream from memory; torch's ``F.linear`` is compute-bound or overhead-bound there. ``csrc/``
+  streams bf16, int8 and 4-bit weights at memory speed, attends one query over the KV cache, and runs
+  a whole decoder layer's step in one call. It is built once with torch's extension builder (needs a
+  C++ compiler; about a minute) into ``~/.cache/vlmkit/kernels``, on every x86 CPU with AVX2 and FMA;
+  the products have an AVX-512 BF16/VNNI variant chosen at run time on CPUs that have it
+  (``cpu_features.kernel_isa``). Where nothing can be built, torch's ops run.
+* Prefill and vision towers (many rows) and every convolution: on CPUs without native bf16, torch's
+  bf16 GEMM runs at a fifth of its fp32 speed and its bf16 convolution far slower, so these compute in
+  fp32 (weights widened per call, fp32 accumulation) and round the result to bf16. On CPUs with native
+  bf16 (AVX-512 BF16, AMX) torch's bf16 GEMM is 4-9x faster than that fp32 path and runs as it is.
+* Quantized weights (``vlmkit.quant``): ``linear_int8`` and ``linear_int4`` multiply integers (16-bit
+  activations rounded once per product: to int16 against int8 weights, to int8 per weight group
+  against 4-bit ones), for any layer width and row count up to their limits; beyond them, and on CPUs
+  without the kernels, the weight is widened a block at a time for the float GEMM. torch's own packed
+  int8 CPU op is never called: it crashes on some CPUs for small or unaligned shapes.
 
-Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``:
-``0`` turns all of this off (int4 layers are then int8), ``1`` forces it on any x86 CPU with AVX2 and FMA."""
+Float32 and every other device or dtype take torch's ordinary path, unchanged. ``VLMKIT_CPU_KERNELS``
+picks the kernels (``auto``, ``avx512``, ``avx2``, ``off``: see ``cpu_features``); with ``off`` int4
+layers are int8. Each C++ kernel's Python twin, and the tests that keep them equal: the decode layer step
+and ``nn.decoder.DecoderLayer`` (``tests/test_cpu_kernels.py``)."""
 
 import hashlib
 import os
@@ -25,56 +29,50 @@ import sys
 import threading
 import time
 import warnings
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from .cpu_features import kernel_isa, native_bf16
+
 _SOURCES = Path(__file__).with_name("csrc")
-# Up to this many activation rows the kernel wins; beyond, a step is compute-bound and fp32 GEMM wins.
-MAX_KERNEL_ROWS = 16
-# The int4 kernel unpacks each weight once per four activation rows; beyond this many rows widening the
-# weight a block at a time and running the fp32 GEMM wins (measured on 2 AVX2 cores, 2048x5632).
-MAX_INT4_KERNEL_ROWS = 64
 # Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
 MIN_KERNEL_WEIGHTS = 1 << 20
+# Up to this many activation rows the kernels beat the float GEMM (bf16: torch's native one where the CPU
+# has it, else the fp32 one); beyond, a product is compute-bound and the GEMM wins. Measured on 2 cores,
+# 2048x5632 weights (see docs/performance.md).
+# AVX2 without native bf16: against the fp32 GEMM; AVX2 (forced) or AVX-512 on a native-bf16 CPU: against
+# torch's bf16 GEMM, which multiplies bf16 pairs natively.
+MAX_BF16_KERNEL_ROWS = {("avx2", False): 16, ("avx2", True): 2, ("avx512", True): 8}
+MAX_INT8_KERNEL_ROWS = 128
+# The int4 kernel unpacks each weight once per four activation rows; beyond this many rows widening the
+# weight a block at a time and running the float GEMM wins (measured on 2 AVX2 cores, 2048x5632).
+MAX_INT4_KERNEL_ROWS = 64
 
 # The int8 kernel rounds activation rows to int16 (a scale per row), which loses nothing 16-bit activations
 # carry; the 4-bit one to int8 per weight group, far below its weights' own rounding. float32 activations
-# take torch's float path instead.
+# take the float path instead.
 INT16_EXACT_ENOUGH = (torch.bfloat16, torch.float16)
 
 _state = {"op": None, "tried": False}
 _lock = threading.Lock()
 
 
-@cache
-def _cpu_flags() -> frozenset:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+def kernels_enabled() -> bool:
+    """Whether vlmkit's compiled kernels may run on this CPU (x86 with AVX2 and FMA, not turned off)."""
+    return kernel_isa() is not None
 
 
-def _setting() -> str:
-    return os.environ.get("VLMKIT_CPU_KERNELS", "auto").strip().lower()
+def widen_bf16_cpu() -> bool:
+    """Whether bf16 GEMMs and convolutions with many rows compute in fp32 here (a CPU without native bf16
+    arithmetic, where torch's bf16 ones are slow), kernels not turned off."""
+    return kernels_enabled() and not native_bf16()
 
 
-@cache
-def avx2_cpu() -> bool:
-    """Whether vlmkit's compiled kernels can run on this CPU (x86 with AVX2 and FMA, not turned off)."""
-    return _setting() not in ("0", "off", "false", "no") and {"avx2", "fma"} <= _cpu_flags()
-
-
-@cache
-def slow_bf16_cpu() -> bool:
-    """Whether this CPU lacks native bf16 arithmetic but has AVX2/FMA (where vlmkit's bf16 paths help)."""
-    return avx2_cpu() and (_setting() in ("1", "on", "true", "yes")
-                           or not _cpu_flags() & {"avx512_bf16", "amx_bf16"})
+def max_bf16_kernel_rows() -> int:
+    """How many activation rows the bf16 kernel takes on this CPU before the GEMM wins."""
+    return MAX_BF16_KERNEL_ROWS[(kernel_isa() or "avx2", native_bf16())]
 
 
 def _build_directory() -> Path:
@@ -93,19 +91,29 @@ def _build_directory() -> Path:
 
 
 def compiled_kernels():
-    """``torch.ops.vlmkit`` with the compiled kernels, built on first use on any CPU with AVX2/FMA (the int4
-    kernel is vlmkit's only int4 path on a CPU, native bf16 or not); None where unavailable."""
+    """``torch.ops.vlmkit`` with the compiled kernels set to this CPU's instruction set, built on first use
+    on any CPU with AVX2/FMA; None where unavailable (no such CPU, turned off, or no compiler)."""
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
-                _state["op"] = _load() if avx2_cpu() else None
+                _state["op"] = _select_isa(_load()) if kernels_enabled() else None
                 _state["tried"] = True
     return _state["op"]
 
 
-def decode_kernels():
-    """The compiled kernels where vlmkit's bf16 paths help (``slow_bf16_cpu``); None elsewhere."""
-    return compiled_kernels() if slow_bf16_cpu() else None
+def _select_isa(ops):
+    """``ops`` with its products set to ``kernel_isa()``; the AVX2 ones where this build lacks AVX-512."""
+    if ops is not None and not ops.set_kernel_isa(kernel_isa()):
+        warnings.warn(f"vlmkit: the compiler built no {kernel_isa()} kernels; using avx2", stacklevel=4)
+        ops.set_kernel_isa("avx2")
+    return ops
+
+
+def active_kernel_isa() -> str | None:
+    """The instruction set the compiled products run with (``avx512`` or ``avx2``), building them if need
+    be; None where torch's ops run instead."""
+    ops = compiled_kernels()
+    return None if ops is None else ops.kernel_isa()
 
 
 def _load():
@@ -126,15 +134,15 @@ def _load():
         return None
 
 
-def _bf16_on_slow_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and slow_bf16_cpu())
+            and weight.device.type == "cpu")
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the bf16 decode kernel is the right tool for ``x @ weight.T`` (without building it)."""
-    return (_bf16_on_slow_cpu(x, weight) and weight.numel() >= MIN_KERNEL_WEIGHTS
-            and x.numel() <= MAX_KERNEL_ROWS * weight.shape[1] and weight.is_contiguous()
+    return (_bf16_on_cpu(x, weight) and kernels_enabled() and weight.numel() >= MIN_KERNEL_WEIGHTS
+            and x.numel() <= max_bf16_kernel_rows() * weight.shape[1] and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -146,7 +154,7 @@ def kernel_linears(x: torch.Tensor, weights: list[torch.Tensor],
         return None
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
-    ops = decode_kernels()
+    ops = compiled_kernels()
     return None if ops is None else ops.linear_bf16(x, weights, [b for b in biases if b is not None])
 
 
@@ -155,18 +163,19 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; for bf16 on a slow-bf16 CPU, the decode kernel (few rows) or fp32 compute (many)."""
+    """``F.linear``; for bf16 on a CPU the decode kernel (few rows), or fp32 compute (many rows, on a CPU
+    without native bf16)."""
     out = kernel_linears(x, [weight], [bias])
     if out is not None:
         return out[0]
-    if _bf16_on_slow_cpu(x, weight) and x.numel() > MAX_KERNEL_ROWS * weight.shape[-1]:
+    if _bf16_on_cpu(x, weight) and widen_bf16_cpu() and x.numel() > max_bf16_kernel_rows() * weight.shape[-1]:
         return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
 def conv_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a convolution of bf16 ``x`` with ``weight`` should compute in fp32 (slow-bf16 CPU)."""
-    return _bf16_on_slow_cpu(x, weight)
+    """Whether a convolution of bf16 ``x`` with ``weight`` should compute in fp32 (CPU without native bf16)."""
+    return _bf16_on_cpu(x, weight) and widen_bf16_cpu()
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -174,12 +183,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention of one query position [B, H, 1, D] over cached keys/values [B, Hkv, L, D] (``mask``: the
     boolean [B, 1, 1, L] from ``causal_mask``, or None), or None where the kernel does not apply."""
     if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and slow_bf16_cpu()
+            and q.shape[2] == 1 and q.shape[-1] % 8 == 0 and kernels_enabled()
             and keys.stride(-1) == 1 and keys.stride(-2) == keys.shape[-1] and keys.stride() == values.stride()
             and (mask is None or mask.dtype == torch.bool)
             and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))):
         return None
-    ops = decode_kernels()
+    ops = compiled_kernels()
     if ops is None:
         return None
     return ops.decode_attention_bf16(q, keys, values, mask, q.shape[-1] ** -0.5)
@@ -194,8 +203,9 @@ def _layer_step_parts(linear) -> list[torch.Tensor] | None:
 
 
 def _layer_step_operands(layer) -> tuple | None:
-    """The one-call layer step's weight operands for ``layer``, or None where the step does not apply
-    (a layer that is not exactly the LLaMA/Qwen2 block, or a weight the kernel cannot read)."""
+    """(the most activation rows the step is worth running for, its weight operands) for ``layer``, or
+    None where the step does not apply (a layer that is not exactly the LLaMA/Qwen2 block, or a weight
+    the kernel cannot read)."""
     if not layer.is_plain():
         return None
     attention, mlp = layer.self_attn, layer.mlp
@@ -206,8 +216,11 @@ def _layer_step_operands(layer) -> tuple | None:
         return None
     q, o = attention.q_proj, attention.o_proj
     qkv_bias = [q.bias, attention.k_proj.bias, attention.v_proj.bias] if q.bias is not None else []
-    return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
-            *parts[:3], qkv_bias, parts[3], [o.bias] if o.bias is not None else [], *parts[4:])
+    # the most rows the slowest of its products is worth the kernel for
+    max_rows = min({1: max_bf16_kernel_rows(), 2: MAX_INT8_KERNEL_ROWS, 3: MAX_INT4_KERNEL_ROWS}[len(part)]
+                   for part in parts)
+    return max_rows, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
+                      *parts[:3], qkv_bias, parts[3], [o.bias] if o.bias is not None else [], *parts[4:])
 
 
 def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache,
@@ -218,14 +231,15 @@ def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.T
     operands, are worked out once per cache (~30 us of module lookups per layer, 3% of an int4 step):
     a model's modules do not change while it generates."""
     if not (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.shape[1] == 1
-            and slow_bf16_cpu() and cache.keys.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
+            and kernels_enabled() and cache.keys.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
         return None
     if layer_index not in cache.layer_steps:
         cache.layer_steps[layer_index] = _layer_step_operands(layer)
-    operands = cache.layer_steps[layer_index]
-    ops = decode_kernels() if operands is not None else None
+    step = cache.layer_steps[layer_index]
+    ops = compiled_kernels() if step is not None and hidden.shape[0] <= step[0] else None
     if ops is None:
         return None
+    operands = step[1]
     cos, sin = rotary
     return ops.decoder_layer_step_bf16(hidden, *operands, cos, sin, cache.keys[layer_index],
                                        cache.values[layer_index], cache.length, mask, layer.self_attn.num_heads)
@@ -234,14 +248,14 @@ def decoder_layer_step(layer, hidden: torch.Tensor, rotary: tuple, mask: torch.T
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ (weight * scale[:, None]).T + bias`` for int8 ``weight`` [out, in] with one scale per output,
-    by the decode kernel (a few activation rows on a CPU where it is built), or None where it does not
-    apply. torch's own packed int8 kernel is compute-bound on AVX2 and streams a fraction of this."""
+    by the kernel (up to ``MAX_INT8_KERNEL_ROWS`` activation rows, any width, on a CPU where it is built),
+    or None where it does not apply."""
     if not (x.device.type == "cpu" and x.dtype in INT16_EXACT_ENOUGH and weight.dtype == torch.int8
-            and weight.is_contiguous()
-            and x.numel() <= MAX_KERNEL_ROWS * weight.shape[1] and slow_bf16_cpu()
+            and weight.is_contiguous() and weight.device.type == "cpu" and kernels_enabled()
+            and x.numel() <= MAX_INT8_KERNEL_ROWS * weight.shape[1]
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
-    ops = decode_kernels()
+    ops = compiled_kernels()
     return None if ops is None else ops.linear_int8(x, weight, scale, bias)
 
 
@@ -258,6 +272,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     32 inputs), w = (q - 8) * scale + zero; by the decode kernel for up to ``MAX_INT4_KERNEL_ROWS``
     activation rows, or None where it does not apply. The output has ``x``'s dtype."""
     if not (x.device.type == "cpu" and packed.dtype == torch.uint8 and x.dtype in INT16_EXACT_ENOUGH
+            and packed.device.type == "cpu" and packed.is_contiguous() and kernels_enabled()
             and x.numel() <= MAX_INT4_KERNEL_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -268,7 +283,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
     """The float32 weight [out, in] of ``linear_int4``'s operands (many-row products widen a block of rows
     at a time and run the float GEMM), or None where the kernels are unavailable."""
-    if packed.device.type != "cpu":
+    if packed.device.type != "cpu" or not kernels_enabled():
         return None
     ops = compiled_kernels()
     return None if ops is None else ops.dequantize_int4(packed, scale, zero)

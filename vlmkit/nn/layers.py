@@ -2,12 +2,12 @@
 ``cpu_kernels``), and ``project``: several linear layers over one input (q/k/v, gate/up) in one call.
 
 Module and parameter names are torch's, so checkpoints load by name and ``state_dict`` is unchanged;
-outside bf16 on a CPU without native bf16 they compute exactly what ``nn.Linear``/``nn.Conv2d`` do."""
+outside bf16 on a CPU they compute exactly what ``nn.Linear``/``nn.Conv2d`` do."""
 
 import torch
 from torch import nn
 
-from .cpu_kernels import MIN_KERNEL_WEIGHTS, conv_in_fp32, decode_kernels, kernel_linears, linear
+from .cpu_kernels import MIN_KERNEL_WEIGHTS, compiled_kernels, conv_in_fp32, kernel_linears, linear
 
 
 class Linear(nn.Linear):
@@ -54,4 +54,4 @@ def prepare_for_decoding(model: nn.Module) -> None:
     use_fast_layers(model)
     if any(isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
            and m.weight.numel() >= MIN_KERNEL_WEIGHTS for m in model.modules()):
-        decode_kernels()
+        compiled_kernels()

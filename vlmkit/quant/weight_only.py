@@ -4,15 +4,14 @@
 
 Decoding one token reads every weight once, so at batch 1 its speed is how fast the weights stream
 from memory: one byte per weight (int8) or half a byte (int4) instead of two (bf16). On x86 CPUs with
-AVX2 vlmkit's own kernels (``nn/csrc/``) take the decode steps, a whole decoder layer per call: they
-round the 16-bit activation rows once (to int16 against int8 weights, to int8 per group against int4
-ones as they are saved, two values per byte) and multiply integers. Janus-Pro-1B shape, 2 threads,
-one decode step: see the README's quantized table. Many-row products (prefill, vision
-towers) widen a few MB of weight at a time and run the fp32 GEMM (int4 at 600 rows: twice as fast as
-torch's op). Elsewhere (and for float32 activations) int8 takes torch's ``_weight_int8pack_mm`` and
-int4 widens blocks of its weight; int4 on a CPU needs vlmkit's kernels, and where they cannot run (no
-AVX2, no compiler) layers asked for int4 are int8; CUDA runs torch's ``_weight_int4pack_mm`` on its own packing
-(bfloat16 only), and int8 widened through cuBLAS.
+AVX2 vlmkit's own kernels (``nn/csrc/``, with AVX-512 variants where the CPU has them) take the decode
+steps, a whole decoder layer per call: they round the 16-bit activation rows once (to int16 against int8
+weights, to int8 per group against int4 ones as they are saved, two values per byte) and multiply
+integers. Many-row products (prefill, vision towers) widen a few MB of weight at a time and run the
+float GEMM. On CPUs without the kernels (ARM, x86 without AVX2, ``VLMKIT_CPU_KERNELS=off``), and for
+float32 activations, both widen blocks of their weight; int4 on a CPU needs vlmkit's kernels, and where
+they cannot run layers asked for int4 are int8. CUDA runs torch's ``_weight_int4pack_mm`` on its own
+packing (bfloat16 only), and int8 widened through cuBLAS.
 
 ``state_dict`` holds the portable form, which is also the CPU layout: int8 ``weight`` + ``weight_scale``
 [out]; int4 ``weight`` uint8 [out, in / 2] (two values per byte, high nibble first), ``weight_scale``
@@ -30,11 +29,6 @@ from ..nn.cpu_kernels import dequantize_int4, int4_kernel_available, linear_int4
 from .config import WeightOnlyConfig
 from .loading import plain_linear_names
 
-# Above this many activation rows (prefill, vision towers) torch's int8 kernel falls behind widening the
-# weight once per call and running the float GEMM (2048x5632 on 2 AVX2 cores: the kernel wins up to
-# about a hundred rows and takes nearly twice as long at 600). vlmkit's int8 and int4 kernels stop at
-# ``cpu_kernels.MAX_KERNEL_ROWS`` and ``MAX_INT4_KERNEL_ROWS`` rows.
-MAX_INT8_PACKED_ROWS = 128
 # Layers that only ever see image features (computed once per image, from hundreds of patches at once)
 # are quantized to int8 in int4 models too: 4 bits would buy them no speed and cost accuracy.
 VISION_SIDE = ("model.vision_model.", "model.vision_tower.", "model.aligner.", "model.multi_modal_projector.",
@@ -150,12 +144,10 @@ class Int8Linear(QuantizedLinear):
         return [self.weight, self.weight_scale] if self.weight.device.type == "cpu" else None
 
     def packed_matmul(self, x):
-        # CUDA: the widened weight through cuBLAS (half the bytes stay resident, no faster than bf16)
-        if x.device.type != "cpu" or x.dtype != self.weight_scale.dtype or x.shape[0] > MAX_INT8_PACKED_ROWS:
-            return None
-        # decode steps on AVX2: vlmkit's kernel streams int8 about twice as fast as torch's packed op
-        out = linear_int8(x, self.weight, self.weight_scale)
-        return out if out is not None else torch._weight_int8pack_mm(x.contiguous(), self.weight, self.weight_scale)
+        # vlmkit's kernel for up to MAX_INT8_KERNEL_ROWS rows on an x86 CPU with AVX2; elsewhere (CUDA through
+        # cuBLAS, CPUs without the kernel, float32 activations, many rows) the widened weight. torch's own
+        # packed int8 CPU op is not used: it crashes on some CPUs (AVX-512) for small or unaligned shapes.
+        return linear_int8(x, self.weight, self.weight_scale)
 
 
 class Int4Linear(QuantizedLinear):

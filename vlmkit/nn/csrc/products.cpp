@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -297,7 +298,22 @@ PackedWeights::PackedWeights(const std::vector<at::TensorList>& weights, int64_t
   }
 }
 
+namespace {
+std::atomic<bool> use_avx512{false};
+}  // namespace
+
+bool set_kernel_isa(const std::string& isa) {
+  if (isa == "avx2" || (isa == "avx512" && avx512_kernels_built())) {
+    use_avx512.store(isa == "avx512");
+    return true;
+  }
+  return false;
+}
+
+std::string kernel_isa() { return use_avx512.load() ? "avx512" : "avx2"; }
+
 void weights_product(const float* x, int64_t B, int64_t K, const std::vector<PackedWeight>& weights, float* y) {
+  const bool avx512 = use_avx512.load(std::memory_order_relaxed);
   std::vector<int64_t> first_block{0}, first_column{0};
   int64_t G = 0;
   for (const PackedWeight& w : weights) {
@@ -314,6 +330,10 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K);
   }
   if (G > 0) int4_x.emplace(x, B, K, G);
+  std::vector<BFloat16> bf16_x;  // the AVX-512 kernel multiplies bf16 pairs: x holds bf16 values already
+  if (avx512 && std::any_of(weights.begin(), weights.end(), [](const PackedWeight& w) { return !w.quantized(); })) {
+    bf16_x.assign(x, x + B * K);
+  }
   const int64_t N = first_column.back(), blocks = first_block.back();
   parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
@@ -325,13 +345,26 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
       float* out = y + first_column[which];  // this weight's outputs start at its first column
       switch (w.kind) {
         case PackedWeight::Kind::kBFloat16:
-          rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
+          if (avx512) {
+            avx512_bf16_rows(bf16_x.data(), B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
+          } else {
+            rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
+          }
           break;
         case PackedWeight::Kind::kInt8:
-          integer_product(*int8_x, B, w, row, count, out, N);
+          if (avx512) {
+            avx512_int8_rows(int8_x->values.data(), int8_x->scale.data(), B, w, row, count, out, N);
+          } else {
+            integer_product(*int8_x, B, w, row, count, out, N);
+          }
           break;
         case PackedWeight::Kind::kInt4:
-          integer_product(*int4_x, B, w, row, count, out, N);
+          if (avx512) {
+            const GroupActivationsView view{int4_x->values.data(), int4_x->scale.data(), int4_x->group_sums.data()};
+            avx512_int4_rows(view, int4_x->span, B, w, row, count, out, N);
+          } else {
+            integer_product(*int4_x, B, w, row, count, out, N);
+          }
           break;
       }
     }

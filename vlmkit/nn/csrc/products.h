@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <string>
 #include <vector>
 
 namespace vlmkit {
@@ -63,7 +64,29 @@ struct PackedWeights {
 };
 
 // y [B, sum of N_i] (fp32, row stride sum N_i) = x [B, K] (fp32, contiguous) times each weight, one
-// parallel pass over all of them.
+// parallel pass over all of them, by the row kernels of the instruction set chosen with set_kernel_isa.
 void weights_product(const float* x, int64_t B, int64_t K, const std::vector<PackedWeight>& weights, float* y);
+
+// The instruction set weights_product uses: "avx2" (every x86 CPU with AVX2 and FMA) or "avx512"
+// (AVX-512 F/BW/VL with BF16 and VNNI; the caller checks the CPU has them). False, and nothing changed,
+// for a name this build does not have.
+bool set_kernel_isa(const std::string& isa);
+std::string kernel_isa();
+
+// products_avx512.cpp: the AVX-512 row kernels (compiled there with their own target attributes).
+// Activations as the integer kernels round them, for int8 weights: values int16 [B, K], scale [B];
+// for 4-bit weights: values int8 [B, K] in span order, scale and group_sums [B, K / G].
+struct GroupActivationsView {
+  const int8_t* values;
+  const float* scale;
+  const float* group_sums;
+};
+bool avx512_kernels_built();
+void avx512_bf16_rows(const BFloat16* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
+                      int64_t N);
+void avx512_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,
+                      int64_t rows, float* y, int64_t N);
+void avx512_int4_rows(const GroupActivationsView& x, int64_t span, int64_t B, const PackedWeight& weight, int64_t row,
+                      int64_t rows, float* y, int64_t N);
 
 }  // namespace vlmkit

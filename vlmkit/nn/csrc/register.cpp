@@ -1,4 +1,5 @@
-// vlmkit's CPU kernels for x86 with AVX2 (the bf16 ones are for CPUs without native bf16 arithmetic):
+// vlmkit's CPU kernels for x86 with AVX2 and FMA; the products run AVX-512 BF16/VNNI variants
+// (products_avx512.cpp) where set_kernel_isa chose them. The Python side: vlmkit/nn/cpu_kernels.py.
 //
 // linear_bf16, linear_int8, linear_int4: y = x @ W^T (+ b) for a few activation rows, streaming bf16,
 // int8 or 4-bit weights from memory (products.h); linear_bf16 takes several weights reading the same x
@@ -13,13 +14,19 @@
 // around the products.
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
+#include "products.h"
 
 TORCH_LIBRARY(vlmkit, m) {
   m.def("linear_bf16(Tensor input, Tensor[] weights, Tensor[] biases) -> Tensor[]");
   m.def("linear_int8(Tensor input, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor input, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor");
   m.def("dequantize_int4(Tensor weight, Tensor scale, Tensor zero) -> Tensor");
+  // the instruction set of the product kernels: "avx2" or "avx512"; False where this build lacks it
+  m.def("set_kernel_isa(str isa) -> bool", [](c10::string_view isa) { return vlmkit::set_kernel_isa(std::string(isa)); });
+  m.def("kernel_isa() -> str", [] { return vlmkit::kernel_isa(); });
   m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");
   // each weight is a list of its parts: [bf16 weight], [int8 weight, scale] or [nibbles, scale, zero]
   m.def("decoder_layer_step_bf16(Tensor hidden, Tensor input_norm, Tensor post_attention_norm, float eps, "

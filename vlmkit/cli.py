@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", type=device, default=None, help="auto, cpu, cuda, cuda:N (default: cuda if "
                                                                     "available)")
-    train.add_argument("--time-limit", type=non_negative_float, metavar="MINUTES",
+    train.add_argument("--time-limit", type=float, metavar="MINUTES",
                        help="checkpoint and stop after training this long (continue later with --resume)")
     train.set_defaults(run=cmd_train)
     return parser

@@ -20,6 +20,7 @@ from PIL import Image
 from vlmkit.engine import Engine
 from vlmkit.serve.app import create_app
 from vlmkit.serve.config import ServeConfig, ServeLimits
+from vlmkit.serve.requests import RequestHandler
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -81,6 +82,12 @@ class RunningServer:
             self._client = self.openai()
         options.setdefault("temperature", 0)
         return self._client.chat.completions.create(model=self.config.model_name, messages=messages, **options)
+
+
+def served_text(engine: Engine, text: str) -> str:
+    """``Engine.chat``'s answer as the server sends it: without the space the chat template leaves the
+    model to write before its answer (Janus)."""
+    return text.removeprefix(RequestHandler(engine, ServeConfig(model="m")).answer_prefix)
 
 
 def serve(model_dir, **settings) -> RunningServer:

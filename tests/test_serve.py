@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 from builders.janus import build_tiny_janus
-from serve_support import data_uri, engine_for, engine_messages, image_part, serve, user
+from serve_support import data_uri, engine_for, engine_messages, image_part, serve, served_text, user
 
 from vlmkit.serve.batching import can_merge
 
@@ -55,7 +55,7 @@ def test_greedy_answer_with_an_image_equals_engine_chat(server, engine):
     answer = ask(server, messages, max_tokens=12)
     expected = engine.chat(engine_messages(messages), max_new_tokens=12)
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
-    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].message.content == served_text(engine, expected.text)
     assert answer.choices[0].finish_reason == expected.finish_reason
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == \
         (expected.prompt_tokens, expected.completion_tokens)
@@ -71,7 +71,7 @@ def test_multi_image_answer_equals_engine_chat(server, engine):
                 {"role": "user", "content": "Which is wider?"}]
     answer = ask(server, messages, max_tokens=8, max_completion_tokens=9)  # the newer name wins
     expected = engine.chat(engine_messages(messages), max_new_tokens=9)
-    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].message.content == served_text(engine, expected.text)
     assert answer.usage.completion_tokens == expected.completion_tokens
 
 
@@ -103,14 +103,15 @@ def test_n_choices_are_indexed_and_reproducible_with_a_seed(server, engine):
     assert len({c.message.content for c in first.choices}) > 1
     assert 3 <= first.usage.completion_tokens <= 18
     greedy = ask(server, messages, max_tokens=6, n=2)
-    expected = engine.chat(messages, max_new_tokens=6).text
+    expected = served_text(engine, engine.chat(messages, max_new_tokens=6).text)
     assert [c.message.content for c in greedy.choices] == [expected, expected]
 
 
 def test_seeded_sampling_equals_engine_chat_whatever_shares_the_batch(server, engine):
     messages = user("Describe the sea.")
     options = dict(max_tokens=10, temperature=0.8, top_p=0.9, seed=1234)
-    expected = engine.chat(messages, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=1234).text
+    expected = served_text(engine, engine.chat(messages, max_new_tokens=10, temperature=0.8, top_p=0.9,
+                                               seed=1234).text)
     with ThreadPoolExecutor(5) as pool:
         crowd = [pool.submit(ask, server, user(f"Other question {i}?"), max_tokens=12, temperature=1.0)
                  for i in range(4)]
@@ -121,7 +122,7 @@ def test_seeded_sampling_equals_engine_chat_whatever_shares_the_batch(server, en
 
 def test_stop_string_ends_the_answer_before_it_in_plain_and_streamed_answers(server, engine):
     messages = user("Say something long.")
-    full = engine.chat(messages, max_new_tokens=20).text
+    full = served_text(engine, engine.chat(messages, max_new_tokens=20).text)
     stop = full[6:9]
     expected = full[:full.find(stop)]
     answer = ask(server, messages, max_tokens=20, stop=[stop, "never-appears"])
@@ -153,7 +154,7 @@ def test_concurrent_requests_share_decode_steps_and_each_equals_its_solo_answer(
         answers = [f.result().choices[0].message.content for f in futures]
         assert drawing is None or len(drawing.result().data) == 1
     for (messages, budget), answer in zip(cases, answers):
-        assert answer == engine.chat(engine_messages(messages), max_new_tokens=budget).text
+        assert answer == served_text(engine, engine.chat(engine_messages(messages), max_new_tokens=budget).text)
     after = server.stats()
     assert after["completed"] - before["completed"] == len(cases) + (drawing is not None)
     if can_merge(engine.model.new_cache(1, 1)):  # every family now; a cache that cannot join takes turns
@@ -171,7 +172,7 @@ def test_video_answer_equals_engine_chat_and_frames_follow_the_request(family, r
             answer = server.chat(user(video, "What happens?"), max_tokens=6)
             expected = engine.chat(user({"type": "video", "path": str(clip)}, "What happens?"), max_new_tokens=6,
                                    num_frames=frames or server.config.limits.video_frames)
-            assert answer.choices[0].message.content == expected.text
+            assert answer.choices[0].message.content == served_text(engine, expected.text)
             assert answer.usage.prompt_tokens == expected.prompt_tokens
 
 

@@ -28,11 +28,15 @@ class AnswerText:
     """One answer's text as its tokens arrive: what may be sent so far, and whether a stop string ended it.
 
     Text is held back while it ends in an incomplete UTF-8 character or in what could be the start of
-    a stop string, so a streamed answer never shows a stop string or half a character."""
+    a stop string, so a streamed answer never shows a stop string or half a character. ``prefix`` is
+    what the chat template leaves between its generation prompt and an answer (Janus ends the prompt
+    with ``<|Assistant|>:`` and the model writes the space itself, as the first token "ĠAnswer"): it is
+    not part of the answer, so it is dropped here, once, for plain and streamed answers alike."""
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], prefix: str = ""):
         self.tokenizer = tokenizer
         self.stops = stops
+        self.prefix = prefix
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -41,7 +45,7 @@ class AnswerText:
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string has now appeared."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).removeprefix(self.prefix)
         hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped_at = min(hits)
@@ -139,7 +143,7 @@ class TextDecoder:
             logits = logits[copies]
         job.generator = make_generator(task.config.seed, model.device)
         job.prompt_ids = input_ids[0].tolist() if _penalised(task.config) else None
-        rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop)) for i in range(task.n)]
+        rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop, task.answer_prefix)) for i in range(task.n)]
         tokens = sample_rows(logits, [_sampling(job, rows, list(range(task.n)))])
         part = _Part(cache, rows, tokens, positions[:, -1:][copies] + 1)
         self._after_sampling(part, tokens)

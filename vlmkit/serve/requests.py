@@ -132,7 +132,24 @@ class RequestHandler:
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
                                 f" or shorten the prompt")
         return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
-                                 request.stop_strings, request.ignore_eos)
+                                 request.stop_strings, request.ignore_eos, self.answer_prefix)
+
+    @functools.cached_property
+    def answer_prefix(self) -> str:
+        """The whitespace the chat template writes between its generation prompt and an assistant's answer
+        (Janus: one space, which the model writes as the start of its first token); answers drop it."""
+        probe = "vlmkit-answer"
+        asked = {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
+        answered = {"role": "assistant", "content": [{"type": "text", "text": probe}]}
+        try:
+            prompt = self.engine.processor.apply_chat_template([asked], add_generation_prompt=True)
+            full = self.engine.processor.apply_chat_template([asked, answered])
+        except Exception:  # a template that cannot render this probe: leave answers as they come
+            return ""
+        if not isinstance(full, str) or not full.startswith(prompt) or probe not in full[len(prompt):]:
+            return ""
+        between = full[len(prompt):full.index(probe, len(prompt))]
+        return between if between.isspace() else ""
 
     def check_chat_shape(self, body) -> None:
         """Refuse too many messages, or parts in one message, before the body is validated part by part."""

@@ -46,6 +46,7 @@ class ChatTask:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens whatever the model says
+    answer_prefix: str = ""  # what the template leaves the model to write before its answer (Janus: " ")
 
     @property
     def prompt_tokens(self) -> int:

@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     serve.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before cancelling them")
-    from .serve.config import add_serve_arguments
+    from .serve.config import add_http_arguments, add_serve_arguments
     add_serve_arguments(serve)
+    add_http_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
     batch = _command(commands, "batch", help="answer an OpenAI batch file offline (resumable; --ray for a cluster)")

@@ -51,6 +51,13 @@ class ServeConfig:
     max_batch_images: int = 8  # images drawn together (each is two rows with guidance)
     max_waiting: int = 256  # requests queued for the model before new ones get a 503
     shutdown_timeout_s: float = 30.0  # how long SIGTERM waits for in-flight requests
+    # slow clients: a connection that has not sent a request's headers within header_timeout_s, or its
+    # body within body_timeout_s, is closed (408); an idle keep-alive connection after keep_alive_s
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: int = 5
+    max_header_bytes: int = 64 * 1024  # one request's headers (h11's incomplete-event limit)
+    docs: bool = False  # serve the interactive API page at /docs (the schema is always at /openapi.json)
 
     @property
     def model_name(self) -> str:
@@ -105,6 +112,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help="queued requests before new ones are refused with 503")
 
 
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's flags: timeouts for slow clients and the API docs page (``vlmkit serve`` only)."""
+    d = ServeConfig()
+    http = parser.add_argument_group("HTTP (slow clients are cut off; the OpenAPI schema is at /openapi.json)")
+    http.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                      help="seconds a client has to send a request's headers before the connection is closed")
+    http.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                      help="seconds a client has to send a request's body (else 408)")
+    http.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_s,
+                      help="seconds an idle keep-alive connection stays open")
+    http.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                      help="size of one request's headers (larger: 400)")
+    http.add_argument("--docs", action="store_true", help="serve the interactive API page at /docs")
+
+
 def config_from_args(args) -> ServeConfig:
     """A ``ServeConfig`` from parsed ``vlmkit serve`` arguments (the API key also from $VLMKIT_API_KEY)."""
     limits = ServeLimits(max_images=args.max_images, max_image_pixels=args.max_image_pixels,
@@ -123,4 +145,9 @@ def config_from_args(args) -> ServeConfig:
                        media_root=args.media_root, fetch_timeout_s=args.fetch_timeout,
                        max_batch_rows=args.max_batch_rows, max_batch_images=args.max_batch_images,
                        max_waiting=args.max_waiting,
-                       shutdown_timeout_s=getattr(args, "shutdown_timeout", ServeConfig.shutdown_timeout_s))
+                       shutdown_timeout_s=getattr(args, "shutdown_timeout", ServeConfig.shutdown_timeout_s),
+                       header_timeout_s=getattr(args, "header_timeout", ServeConfig.header_timeout_s),
+                       body_timeout_s=getattr(args, "body_timeout", ServeConfig.body_timeout_s),
+                       keep_alive_s=getattr(args, "keep_alive_timeout", ServeConfig.keep_alive_s),
+                       max_header_bytes=getattr(args, "max_header_bytes", ServeConfig.max_header_bytes),
+                       docs=getattr(args, "docs", False))

@@ -1,4 +1,4 @@
-"""The seeds' bitsandbytes path against transformers + bitsandbytes on each family's tiny checkpoint:
+"""transformers' bitsandbytes path against transformers + bitsandbytes on each family's tiny checkpoint:
 the same layers quantized, 4-bit (nf4, fp4 with double quantization; fp32 compute) logits within 2e-3
 of the largest logit and the same greedy tokens, 8-bit the same greedy tokens; checkpoints transformers
 saved quantized load; vlmkit's own save round-trips; without bitsandbytes, a clear error."""
@@ -28,9 +28,19 @@ CONFIGS = {
 def reference_model(family: str, folder: str, config: str, skip: tuple | None = None):
     import transformers
     settings = dict(CONFIGS[config], llm_int8_skip_modules=list(skip) if skip else None)
-    return transformers_class(family).from_pretrained(
+    model = transformers_class(family).from_pretrained(
         folder, quantization_config=transformers.BitsAndBytesConfig(**settings), device_map="cpu",
         dtype=torch.float32).eval()
+    # On AVX-512 BF16 CPUs bitsandbytes repacks 4-bit weights for its fast CPU kernel, which raises for the
+    # tiny layers here (outputs not in blocks of 32, inputs under one quantization block); vlmkit keeps
+    # such layers on bitsandbytes' generic path, and so does the reference here (the same 4-bit math).
+    import bitsandbytes as bnb
+
+    from vlmkit.quant.bnb import keep_packable_for_cpu
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            keep_packable_for_cpu(module)
+    return model
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,4 +1,4 @@
-"""Quantized weights: the seeds' bitsandbytes 8-bit/4-bit path (``BitsAndBytesConfig``, bnb.py) and
+"""Quantized weights: transformers' bitsandbytes 8-bit/4-bit path (``BitsAndBytesConfig``, bnb.py) and
 vlmkit's own weight-only int8/int4 (weight_only.py), both applied while ``from_pretrained`` streams
 the checkpoint (loading.py); ``attn_implementation`` (attention_impl.py); ``save_pretrained``
 (saving.py). ``quantizer_for`` is what ``from_pretrained`` calls."""

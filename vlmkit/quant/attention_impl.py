@@ -1,5 +1,5 @@
-"""``attn_implementation`` / ``use_flash_attention_2``, the seeds' other "model optimization" option,
-accepted as transformers accepts them. vlmkit's attention is always torch's
+"""``attn_implementation`` / ``use_flash_attention_2``, the other "model optimization" option of the
+transformers docs, accepted as transformers accepts them. vlmkit's attention is always torch's
 ``scaled_dot_product_attention``; the option picks which of its kernels run:
 
 * "flash_attention_2" on CUDA: SDPA's FlashAttention-2 kernel first (torch ships it; the flash-attn

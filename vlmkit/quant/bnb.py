@@ -1,4 +1,4 @@
-"""The seeds' 8-bit and 4-bit path: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
+"""transformers' 8-bit and 4-bit path: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
 puts bitsandbytes' own ``Linear8bitLt`` / ``Linear4bit`` (with its ``Int8Params`` / ``Params4bit``) on
 exactly the layers transformers 5 converts, so results match the reference:
 
@@ -35,6 +35,17 @@ def require_bitsandbytes():
                          f"pip install 'vlmkit[bnb]' -- or use vlmkit's own quantization_config='int8' / "
                          f"'int4', which needs nothing else") from None
     return bitsandbytes
+
+
+def keep_packable_for_cpu(module: nn.Module) -> None:
+    """On CPUs with AVX-512 BF16, bitsandbytes' ``Linear4bit`` repacks its weight at the first forward for
+    its fast CPU kernel, which takes outputs in blocks of 32 and inputs in whole quantization blocks; for
+    any other layer it raises (``shape '[32, 0]' is invalid``), in transformers too. Such a layer keeps
+    bitsandbytes' generic CPU path instead (the same 4-bit arithmetic)."""
+    state = module.weight.quant_state
+    packable = module.out_features % 32 == 0 and module.in_features % state.blocksize == 0
+    if getattr(module, "support_avx512bf16_for_cpu", False) and not packable:
+        module.support_avx512bf16_for_cpu = False
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -104,6 +115,7 @@ class BitsAndBytesMethod:
         if config.load_in_4bit:
             module.weight.module = module
             module.quant_state = module.weight.quant_state
+            keep_packable_for_cpu(module)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return module.requires_grad_(False)

@@ -1,5 +1,5 @@
 """What ``from_pretrained(quantization_config=...)`` accepts and what a checkpoint's ``config.json`` may
-say about its own quantization: transformers' ``BitsAndBytesConfig`` (the seeds' 8-bit and 4-bit path)
+say about its own quantization: transformers' ``BitsAndBytesConfig`` (the 8-bit and 4-bit path of the transformers docs)
 and vlmkit's weight-only int8/int4 (``WeightOnlyConfig``, asked for as ``"int8"``/``"int4"``).
 
 Everything here is checked before a single weight is read, so a bad request fails at once."""
@@ -60,7 +60,7 @@ class BitsAndBytesConfig:
         self.llm_int8_skip_modules = list(llm_int8_skip_modules) if llm_int8_skip_modules is not None else None
         self.llm_int8_enable_fp32_cpu_offload = llm_int8_enable_fp32_cpu_offload
         self.llm_int8_has_fp16_weight = llm_int8_has_fp16_weight
-        # transformers' default compute dtype is float32 (slow but safe); the seed asks for float16
+        # transformers' default compute dtype is float32 (slow but safe); the IDEFICS model card asks for float16
         self.bnb_4bit_compute_dtype = torch.float32 if bnb_4bit_compute_dtype is None else \
             _dtype(bnb_4bit_compute_dtype, _DTYPE_NAMES, "bnb_4bit_compute_dtype")
         self.bnb_4bit_quant_type = bnb_4bit_quant_type

@@ -54,7 +54,7 @@ def vlmkit_model(family: str, folder: str, config: str, skip: tuple | None = Non
 def quantized_names(model, transformers_names: bool = False) -> set[str]:
     import bitsandbytes as bnb
 
-    from vlmkit.quant.saving import transformers_name
+    from vlmkit.io.saving import transformers_name
     names = {n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
     return {transformers_name(model, n) for n in names} if transformers_names else names
 

@@ -37,7 +37,7 @@ def test_sdpa_and_eager_are_accepted_quietly(janus_dir, name):
 @pytest.mark.parametrize("name", ["flash_attention_2", "eager"])
 def test_the_kernel_choice_for_cuda_wraps_every_attention_layer_and_computes_the_same(janus_dir, name):
     # no GPU here: the wrapping is applied as for CUDA and run on the CPU, where SDPA takes the same choice
-    from vlmkit.quant.attention_impl import apply_attn_implementation
+    from vlmkit.nn.attention_choice import apply_attn_implementation
     inputs = image_prompt("janus", str(janus_dir))
     plain = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=torch.float32)
     model = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=torch.float32)

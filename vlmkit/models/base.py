@@ -94,10 +94,10 @@ class PretrainedVLM(nn.Module):
         ``quantization_config``: "int8"/"int4" (vlmkit's weight-only layers) or a ``BitsAndBytesConfig``
         (bitsandbytes' 8/4-bit layers, as transformers); weights are quantized as they stream in. A
         checkpoint saved quantized loads quantized. ``attn_implementation`` ("sdpa", "eager",
-        "flash_attention_2") or ``use_flash_attention_2=True`` picks SDPA's kernels (see quant/attention_impl)."""
+        "flash_attention_2") or ``use_flash_attention_2=True`` picks SDPA's kernels (see nn/attention_choice)."""
         from ..io.checkpoint import load_weights, weight_files
         from ..quant import BitsAndBytesConfig, quantizer_for, resolve_quantization
-        from ..quant.attention_impl import apply_attn_implementation, resolve_attn_implementation
+        from ..nn.attention_choice import apply_attn_implementation, resolve_attn_implementation
 
         _reject_unsupported(unused)
         attention = resolve_attn_implementation(attn_implementation, use_flash_attention_2)
@@ -136,7 +136,7 @@ class PretrainedVLM(nn.Module):
         """Write a checkpoint folder (config.json, model.safetensors, the tokenizer/processor files) that
         ``from_pretrained`` loads back as it is; a quantized model stays quantized, with no need for the
         original weights. Tensor names follow the transformers layout."""
-        from ..quant.saving import save_checkpoint
+        from ..io.saving import save_checkpoint
         return save_checkpoint(self, save_directory)
 
     def tie_missing_weights(self, missing: set[str]) -> None:

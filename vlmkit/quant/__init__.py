@@ -1,7 +1,7 @@
 """Quantized weights: transformers' bitsandbytes 8-bit/4-bit path (``BitsAndBytesConfig``, bnb.py) and
 vlmkit's own weight-only int8/int4 (weight_only.py), both applied while ``from_pretrained`` streams
-the checkpoint (loading.py); ``attn_implementation`` (attention_impl.py); ``save_pretrained``
-(saving.py). ``quantizer_for`` is what ``from_pretrained`` calls."""
+the checkpoint (loading.py). ``quantizer_for`` is what ``from_pretrained`` calls; the attention-kernel
+choice lives in nn/attention_choice.py and ``save_pretrained`` in io/saving.py."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..io.saving import transformers_name
 from .config import BitsAndBytesConfig
 from .loading import plain_linear_names
-from .saving import transformers_name
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 

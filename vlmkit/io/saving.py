@@ -2,7 +2,7 @@
 for the original weights: config.json (with ``quantization_config`` when the model is quantized),
 model.safetensors under transformers' tensor names, and the source folder's tokenizer, processor,
 chat-template and generation files. Quantized layers are written in their stored forms: bitsandbytes
-layers as transformers writes them, vlmkit's int8/int4 in the portable form ``weight_only.py`` names."""
+layers as transformers writes them, vlmkit's int8/int4 in the portable form ``quant/weight_only.py`` names."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError
-from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
 
 # vlmkit tensor names that differ from the transformers layout, mapped back on saving (the loaders map
 # them the other way, and also read these names as they are)

@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InputError
+from .attention import DecoderSelfAttention
+from .vit import VisionAttention
 
 IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _BACKENDS = {
@@ -62,8 +64,6 @@ def apply_attn_implementation(model: nn.Module, implementation: str, device: tor
 
 
 def _uses_sdpa(module: nn.Module) -> bool:
-    from ..nn.attention import DecoderSelfAttention
-    from ..nn.vit import VisionAttention
     return type(module) in (DecoderSelfAttention, VisionAttention)
 
 

@@ -3,7 +3,7 @@
 * understanding: exact-match accuracy per question type on scenes from a seed namespace the training
   never uses ("eval:<seed>"), greedy answers through ``Engine.chat`` (what ``vlmkit chat`` runs);
 * generation: ``Engine.imagine`` (the checkpoint's guidance and temperature, as ``vlmkit imagine``) for every colour x shape
-  prompt, with and without a position, judged by the pixel-statistics checker of ``vlmkit.data``;
+  prompt, with and without a position, judged by the pixel-statistics checker of ``vlmkit.builtin``;
 * VQ reconstruction: encode + decode held-out scenes, judged by the same checker (the ceiling for
   generation).
 
@@ -21,8 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from vlmkit.data import COLOURS, POSITIONS, QUESTION_TYPES, SHAPES, detect_objects, judge_image, render, sample_scene
-from vlmkit.data.shapes import question_of_type
+from vlmkit.builtin import COLOURS, POSITIONS, QUESTION_TYPES, SHAPES, detect_objects, judge_image, render, sample_scene
+from vlmkit.builtin.shapes import question_of_type
 from vlmkit.engine import Engine
 
 
@@ -47,11 +47,11 @@ def understanding(engine: Engine, per_type: int, seed: int) -> dict:
 
 def generation(engine: Engine, images_per_prompt: int, seed: int, positions: bool = True) -> dict:
     """Checker verdicts for "a {colour} {shape}" and "a {colour} {shape} {position}" prompts."""
-    from vlmkit.data.shapes import _PHRASES
+    from vlmkit.builtin.shapes import POSITION_PHRASES
     prompts = [(f"a {c} {s}", c, s, None) for c in COLOURS for s in SHAPES]
     if positions:
         rng = random.Random(f"eval:{seed}:positions")
-        prompts += [(f"a {c} {s} {_PHRASES[p]}", c, s, p)
+        prompts += [(f"a {c} {s} {POSITION_PHRASES[p]}", c, s, p)
                     for c, s, p in ((c, s, rng.choice(POSITIONS)) for c in COLOURS for s in SHAPES)]
     totals = defaultdict(lambda: [0, 0])
     failures = []

@@ -29,7 +29,7 @@ EXAMPLE_SCENES = 6
 
 def write_examples(folder: Path, image_size: int) -> list[Path]:
     """A few held-out scenes (seed namespace "examples") to try ``vlmkit chat`` on."""
-    from vlmkit.data import caption, render, sample_scene
+    from vlmkit.builtin import caption, render, sample_scene
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random("examples:0")
     paths = []

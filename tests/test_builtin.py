@@ -14,8 +14,8 @@ import torch
 
 from vlmkit.builtin import BUILTIN_DIR, builtin_model_path
 from vlmkit.cli import main
-from vlmkit.data import QUESTION_TYPES, judge_image, render, sample_scene
-from vlmkit.data.shapes import question_of_type
+from vlmkit.builtin import QUESTION_TYPES, judge_image, render, sample_scene
+from vlmkit.builtin.shapes import question_of_type
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -3,8 +3,8 @@ checker that judges every rendered scene right (so it can judge generated images
 
 import random
 
-from vlmkit.data import COLOURS, QUESTION_TYPES, SHAPES, caption, detect_objects, questions, render, sample_scene
-from vlmkit.data.shapes import Scene, SceneObject, canonical
+from vlmkit.builtin import COLOURS, QUESTION_TYPES, SHAPES, caption, detect_objects, questions, render, sample_scene
+from vlmkit.builtin.shapes import Scene, SceneObject, canonical
 
 
 def test_the_same_seed_draws_the_same_scenes_and_pixels():
@@ -43,7 +43,7 @@ def test_questions_cover_every_type_with_exact_answers():
 
 
 def test_training_conversations_ask_distinct_questions_about_one_scene():
-    from vlmkit.train.data import ShapesSource
+    from vlmkit.builtin.source import ShapesSource
 
     source = ShapesSource(32, questions_per_image=3)
     for seed in range(20):
@@ -63,7 +63,7 @@ def test_training_conversations_ask_distinct_questions_about_one_scene():
 
 
 def test_each_training_answer_names_the_object_its_question_asks_about():
-    from vlmkit.train.data import ShapesSource
+    from vlmkit.builtin.source import ShapesSource
 
     source = ShapesSource(32, questions_per_image=3, two_object_share=0.8)
     seen = set()
@@ -89,7 +89,7 @@ def test_each_training_answer_names_the_object_its_question_asks_about():
 
 
 def test_the_share_of_two_object_scenes_follows_the_recipe():
-    from vlmkit.train.data import ShapesSource
+    from vlmkit.builtin.source import ShapesSource
 
     def objects(share):
         source = ShapesSource(32, two_object_share=share)
@@ -102,7 +102,7 @@ def test_the_share_of_two_object_scenes_follows_the_recipe():
 
 
 def test_canonical_generation_draws_one_picture_per_caption_and_background():
-    from vlmkit.train.data import ShapesSource
+    from vlmkit.builtin.source import ShapesSource
 
     source = ShapesSource(64, canonical_generation=True)
     pictures = {}
@@ -123,7 +123,7 @@ def test_canonical_generation_draws_one_picture_per_caption_and_background():
 def test_canonical_objects_on_the_token_grid_cover_the_same_patches_at_every_position():
     import numpy as np
 
-    from vlmkit.data import POSITIONS
+    from vlmkit.builtin import POSITIONS
 
     token = 8
     tiles = {}
@@ -142,9 +142,9 @@ def test_canonical_objects_on_the_token_grid_cover_the_same_patches_at_every_pos
 
 
 def test_patch_labels_name_the_object_each_cell_of_the_rendering_shows():
-    from vlmkit.data import BACKGROUNDS, POSITIONS
-    from vlmkit.data.shapes import patch_labels
-    from vlmkit.train.data import ShapesSource
+    from vlmkit.builtin import BACKGROUNDS, POSITIONS
+    from vlmkit.builtin.shapes import patch_labels
+    from vlmkit.builtin.source import ShapesSource
     rng = random.Random("cells")
     for _ in range(40):
         scene = sample_scene(rng)

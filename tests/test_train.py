@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from vlmkit.cli import main
-from vlmkit.data import render, sample_scene
+from vlmkit.builtin import render, sample_scene
 from vlmkit.errors import InputError
 from vlmkit.train import Interrupted, Recipe, train
 from vlmkit.train.batches import generation_prompt_ids, understanding_row
 from vlmkit.train.checkpoint import load_training_state
-from vlmkit.train.data import UnderstandingExample, write_shapes_dataset
+from vlmkit.builtin.source import write_shapes_dataset
+from vlmkit.train.data import UnderstandingExample
 
 TINY = {
     "seed": 3,
@@ -276,8 +277,8 @@ def test_the_vision_stage_needs_the_shapes_world(tmp_path):
 
 def test_the_label_loss_is_each_tokens_cross_entropy_per_label():
     from torch.nn import functional as F
-    from vlmkit.train.data import PATCH_LABELS
-    from vlmkit.train.label_heads import label_loss
+    from vlmkit.builtin.label_heads import PATCH_LABELS
+    from vlmkit.builtin.label_heads import label_loss
 
     generator = torch.Generator().manual_seed(2)
     sizes = [len(values) + 1 for values in PATCH_LABELS.values()]
@@ -312,7 +313,7 @@ def test_the_image_token_cache_gives_the_vq_tokens_and_encodes_each_picture_once
 
 
 def test_answer_query_positions_are_the_ones_before_each_answer():
-    from vlmkit.train.binding import answer_query_positions
+    from vlmkit.builtin.binding import answer_query_positions
 
     labels = torch.tensor([[-100, -100, 5, 6, -100, -100, 7, -100], [-100, 3, -100, -100, -100, -100, -100, -100]])
     assert answer_query_positions(labels) == [[1, 5], [0]]
@@ -323,10 +324,10 @@ def test_the_binding_loss_is_minus_log_the_heads_attention_on_the_asked_about_ob
     from transformers import JanusForConditionalGeneration as Reference
 
     from vlmkit import JanusForConditionalGeneration, JanusProcessor
-    from vlmkit.data.shapes import patch_labels
+    from vlmkit.builtin.shapes import patch_labels
     from vlmkit.train.batches import understanding_batch
-    from vlmkit.train.data import ShapesSource
-    from vlmkit.train.binding import ForwardRecord, binding_attention_loss
+    from vlmkit.builtin.source import ShapesSource
+    from vlmkit.builtin.binding import ForwardRecord, binding_attention_loss
 
     model, processor = JanusForConditionalGeneration.from_pretrained(trained), JanusProcessor.from_pretrained(trained)
     reference = Reference.from_pretrained(trained, attn_implementation="eager")
@@ -373,9 +374,9 @@ def test_the_binding_loss_needs_the_shapes_world_and_a_real_layer_and_head(tmp_p
 
 def test_the_question_label_loss_reads_what_each_question_names_at_its_answer_position():
     from torch.nn import functional as F
-    from vlmkit.data.shapes import Scene, SceneObject
-    from vlmkit.train.data import PATCH_LABELS, named_classes
-    from vlmkit.train.binding import ForwardRecord, question_label_loss
+    from vlmkit.builtin.shapes import Scene, SceneObject
+    from vlmkit.builtin.label_heads import PATCH_LABELS, named_classes
+    from vlmkit.builtin.binding import ForwardRecord, question_label_loss
 
     red = 1 + list(PATCH_LABELS["colour"]).index("red")
     assert named_classes("Where is the red circle?") == {"shape": 1, "colour": red, "position": 0}

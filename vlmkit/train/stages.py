@@ -17,9 +17,6 @@ from torch.nn import functional as F
 
 from ..models.base import causal_lm_loss
 from .batches import IGNORE, generation_batch, generation_inputs, understanding_batch
-from .binding import ForwardRecord, binding_attention_loss, binding_layer, question_label_loss
-from .data import patch_classes
-from .label_heads import label_loss, label_tensors
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -140,12 +137,6 @@ def image_embeddings_from_codebook(model) -> None:
     model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
 
 
-def _understanding_patch_loss(model, vision_head, features: torch.Tensor, examples) -> dict:
-    vision = model.config.vision_config
-    labels = [patch_classes(e.scene, vision.image_size, vision.patch_size) for e in examples]
-    return label_loss(vision_head, features, label_tensors(labels, features.device))
-
-
 class ImageTokenCache:
     """The frozen VQ-VAE's tokens for images already seen, keyed by their pixels: generation pictures
     repeat (the shapes world's canonical pictures are a few thousand; a JSONL file's are fixed), and
@@ -173,39 +164,26 @@ class ImageTokenCache:
 
 def lm_losses(model, processor, source, rng: random.Random, stage, easy: bool = False,
               device: torch.device | str = "cpu", image_tokens: ImageTokenCache | None = None,
-              vision_head: torch.nn.Module | None = None, question_head: torch.nn.Module | None = None) -> dict:
+              auxiliary=None) -> dict:
     """Understanding and generation losses for one step's batches (either may be absent), computed on
-    ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache);
-    ``vision_head``: the vision stage's classifier, for ``stage.patch_label_weight``; ``question_head``:
-    the classifier of what questions name, for ``stage.question_label_weight``."""
+    ``device`` (the model's); ``image_tokens`` encodes generation pictures (default: a throwaway cache).
+    ``auxiliary``: training-only losses on the understanding batch (the shapes world's,
+    ``builtin.training.ShapesTraining``): ``recording(model)`` wraps the forward, and
+    ``understanding_losses(model, batch, examples, recorded)`` gives (values to log, [(weight, loss)])."""
     losses = {}
     understanding = [e for e in (source.understanding(rng, easy) for _ in range(stage.understanding_batch)) if e]
     generation = [e for e in (source.generation(rng) for _ in range(stage.generation_batch)) if e]
     total = 0.0
     if understanding:
         batch = {k: v.to(device) for k, v in understanding_batch(processor, understanding).items()}
-        attention = (ForwardRecord(model.text_model.layers[binding_layer(stage, model)].self_attn)
-                     if stage.binding_attention_weight or stage.question_label_weight else contextlib.nullcontext())
-        with ForwardRecord(model.model.vision_model) as vision, attention:
+        with auxiliary.recording(model) if auxiliary is not None else contextlib.nullcontext() as recorded:
             losses["understanding"] = model(**batch).loss
         total = total + losses["understanding"]
-        if stage.patch_label_weight:
-            patches = _understanding_patch_loss(model, vision_head, vision.output, understanding)
-            losses.update({f"patch {name}": value for name, value in patches.items() if name != "loss"})
-            total = total + stage.patch_label_weight * patches["loss"]
-        if stage.binding_attention_weight:
-            vision_config = model.config.vision_config
-            binding = binding_attention_loss(attention, stage.binding_attention_head, batch["input_ids"],
-                                             batch["labels"], understanding, model.config.image_token_id,
-                                             vision_config.image_size, vision_config.patch_size)
-            if binding is not None:
-                losses["binding"] = binding
-                total = total + stage.binding_attention_weight * binding
-        if stage.question_label_weight:
-            named = question_label_loss(question_head, attention, batch["labels"], understanding)
-            if named is not None:
-                losses.update({f"named {name}": value for name, value in named.items() if name != "loss"})
-                total = total + stage.question_label_weight * named["loss"]
+        if auxiliary is not None:
+            logged, terms = auxiliary.understanding_losses(model, batch, understanding, recorded)
+            losses.update(logged)
+            for weight, value in terms:
+                total = total + weight * value
     if generation:
         batch = generation_batch(processor, generation, rng, stage.caption_dropout)
         tokens = (image_tokens or ImageTokenCache(model.model.vqmodel))(batch["pixel_values"], device)

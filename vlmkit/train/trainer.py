@@ -20,11 +20,9 @@ import torch
 from ..errors import InputError
 from ..io.checkpoint import read_json
 from ..models.base import resolve_device
-from .binding import binding_layer
 from .checkpoint import export_weights, load_training_state, save_training_state
-from .data import make_source
+from .data import jsonl_source
 from .init import janus_config_dict, new_model
-from .label_heads import label_loss, label_tensors
 from .recipe import Recipe
 from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, random_crops,
                      restart_dead_codes, vq_losses)
@@ -78,7 +76,7 @@ def _write_checkpoint_files(recipe: Recipe, out: Path) -> None:
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
         return
-    from ..data.shapes import text_corpus
+    from ..builtin.shapes import text_corpus  # a fresh model's vocabulary: the shapes world's words
     sizes = recipe.model
     tokenizer = train_tokenizer(text_corpus(seed=recipe.seed), sizes.vocab_size)
     num_image_tokens = (sizes.image_size // sizes.patch_size) ** 2
@@ -149,28 +147,29 @@ class Trainer:
         self.model = _build_model(recipe, self.out).to(self.device)
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None
-        self.source = make_source(recipe.data, self.model.config.vision_config.image_size,
-                                  self.model.config.vq_config.downsampling_factor)
-        self.vision_head = self.question_head = None
-        if recipe.vision.steps or recipe.lm.patch_label_weight:
-            self._require_shapes("the vision stage and lm.patch_label_weight", "label every patch from the scene",
-                                 "vision.steps and lm.patch_label_weight")
-            self.vision_head = self._label_head(self.model.config.vision_config.hidden_size)
-        if recipe.lm.binding_attention_weight or recipe.lm.question_label_weight:
-            self._require_shapes("lm.binding_attention_weight and lm.question_label_weight",
-                                 "know which object each question asks about", "them")
-            binding_layer(recipe.lm, self.model)  # a bad layer or head fails now, not at the first LM step
-        if recipe.lm.question_label_weight:
-            self.question_head = self._label_head(self.model.config.text_config.hidden_size)
+        self.shapes = None  # the shapes world's stages and losses (builtin.training), when it is the data
+        if recipe.data.source == "shapes":
+            from ..builtin.training import ShapesTraining
+            self.shapes = ShapesTraining(recipe, self.model, self.device)
+            self.source = self.shapes.source
+        else:
+            self.source = jsonl_source(recipe.data)
+            if recipe.vision.steps or recipe.lm.patch_label_weight:
+                self._require_shapes("the vision stage and lm.patch_label_weight", "label every patch from the scene",
+                                     "vision.steps and lm.patch_label_weight")
+            if recipe.lm.binding_attention_weight or recipe.lm.question_label_weight:
+                self._require_shapes("lm.binding_attention_weight and lm.question_label_weight",
+                                     "know which object each question asks about", "them")
+        self.heads = self.shapes.heads if self.shapes is not None else {}
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.state = saved["state"]
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]
-            for name in ("vision_head", "question_head"):
-                if getattr(self, name) is not None and saved.get(name):
+            for name, head in self.heads.items():
+                if head is not None and saved.get(name):
                     try:
-                        getattr(self, name).load_state_dict(saved[name])
+                        head.load_state_dict(saved[name])
                     except RuntimeError:  # a checkpoint from a vlmkit whose labels had other classes
                         raise InputError(f"the training checkpoint's {name} does not fit this vlmkit's labels "
                                          f"({self.checkpoint_path}); start the stage again or use the vlmkit "
@@ -178,28 +177,15 @@ class Trainer:
         self.vq_usage = self.vq_usage.to(self.device)
 
     def _require_shapes(self, what: str, why: str, settings: str) -> None:
-        if not hasattr(self.source, "patch_example"):
-            raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
-
-    def _label_head(self, width: int) -> torch.nn.Linear:
-        """A training-only classifier (never exported) of ``data.PATCH_LABELS``' classes from ``width``
-        features: the vision stage's per patch token, ``lm.question_label_weight``'s per answer."""
-        from .data import PATCH_LABELS
-        generator = torch.Generator().manual_seed(self.recipe.seed)
-        classes = sum(len(values) + 1 for values in PATCH_LABELS.values())
-        head = torch.nn.Linear(width, classes)
-        with torch.no_grad():
-            head.weight.normal_(0, 0.02, generator=generator)
-            head.bias.zero_()
-        return head.to(self.device)
+        raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:
         save_training_state(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "state": self.state, "vq_usage": self.vq_usage.cpu(),
-            **{name: head.state_dict() if head is not None else None
-               for name, head in (("vision_head", self.vision_head), ("question_head", self.question_head))}})
+            **{name: self.heads[name].state_dict() if self.heads.get(name) is not None else None
+               for name in ("vision_head", "question_head")}})
 
     def _log(self, values: dict) -> None:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
@@ -275,16 +261,13 @@ class Trainer:
 
     def _vision_stage(self, stop: _StopRequest) -> None:
         stage, vision = self.recipe.vision, self.model.model.vision_model
-        optimizer = _optimizer(list(vision.parameters()) + list(self.vision_head.parameters()), stage.lr, 0.0)
+        optimizer = _optimizer(list(vision.parameters()) + list(self.heads["vision_head"].parameters()), stage.lr, 0.0)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
         image_processor = self.processor.image_processor
-        patch = self.model.config.vision_config.patch_size
 
         def step_fn(step, rng):
-            images, labels = zip(*(self.source.patch_example(rng, patch) for _ in range(stage.batch_size)))
-            pixels = image_processor(list(images))["pixel_values"].to(self.device)
-            losses = label_loss(self.vision_head, vision(pixels), label_tensors(labels, self.device))
+            losses = self.shapes.vision_losses(image_processor, rng, stage.batch_size)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -297,9 +280,8 @@ class Trainer:
         vq.requires_grad_(False)
         vq.eval()
         params = [p for n, p in self.model.named_parameters() if not n.startswith("model.vqmodel.")]
-        for head in (self.vision_head if stage.patch_label_weight else None, self.question_head):
-            if head is not None:
-                params += list(head.parameters())
+        if self.shapes is not None:
+            params += self.shapes.lm_parameters()
         optimizer = _optimizer(params, stage.lr, stage.weight_decay)
         if self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -310,7 +292,7 @@ class Trainer:
         def step_fn(step, rng):
             easy = step < self.recipe.data.curriculum_steps
             losses = lm_losses(self.model, self.processor, self.source, rng, stage, easy, self.device, image_tokens,
-                               self.vision_head, self.question_head)
+                               self.shapes)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if stage.grad_clip:

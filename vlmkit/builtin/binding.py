@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..data.shapes import patch_labels
 from ..errors import InputError
 from ..nn.rotary import rotate
-from .batches import IGNORE
-from .data import named_classes
-from .label_heads import label_loss, label_tensors
+from ..train.batches import IGNORE
+from .label_heads import label_loss, label_tensors, named_classes
+from .shapes import patch_labels
 
 
 def binding_layer(stage, model) -> int:
@@ -108,7 +107,7 @@ def binding_attention_loss(record: ForwardRecord, head: int, input_ids: torch.Te
 def question_label_loss(head: torch.nn.Module, record: ForwardRecord, labels: torch.Tensor,
                         examples) -> dict | None:
     """``label_loss`` at the answer positions of questions about one object: the recorded
-    attention layer's input there predicts what the question names (``data.named_classes``), which its
+    attention layer's input there predicts what the question names (``label_heads.named_classes``), which its
     queries need to look the object up. None when no answer in the batch asks about one object."""
     asked = asked_objects(examples, labels)
     if not asked:

@@ -33,7 +33,7 @@ NUMBER_WORDS = ("zero", "one", "two")
 # centre of each position as a fraction of the image side (x, y)
 _CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
             "center": (0.5, 0.5)}
-_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
             "center": "in the center"}
 _SUPERSAMPLE = 4
 
@@ -157,7 +157,7 @@ def patch_labels(scene: Scene, size: int, patch: int, min_cover: float = 0.125) 
 
 def caption(scene: Scene, with_position: bool = True) -> str:
     """"a red circle on the left", "a red circle on the left and a blue star on the right"."""
-    parts = [f"a {o.name} {_PHRASES[o.position]}" if with_position else f"a {o.name}" for o in scene.objects]
+    parts = [f"a {o.name} {POSITION_PHRASES[o.position]}" if with_position else f"a {o.name}" for o in scene.objects]
     return " and ".join(parts)
 
 
@@ -193,8 +193,8 @@ def scene_questions(scene: Scene, rng: random.Random | None = None) -> list[Ques
             add("colour", f"What {colour_word} is the {o.shape}?", o.colour)
         add("position", f"Where is the {o.name}?", o.position)
         if len(objs) == 2:
-            add("shape", f"What shape is {_PHRASES[o.position]}?", o.shape)
-            add("colour", f"What {colour_word} is the shape {_PHRASES[o.position]}?", o.colour)
+            add("shape", f"What shape is {POSITION_PHRASES[o.position]}?", o.shape)
+            add("colour", f"What {colour_word} is the shape {POSITION_PHRASES[o.position]}?", o.colour)
     if len(objs) == 1:
         o = objs[0]
         out.append(Question("shape", "What shape is this?", o.shape, 0))

@@ -20,6 +20,7 @@ from PIL import Image
 from vlmkit.engine import Engine
 from vlmkit.serve.app import create_app
 from vlmkit.serve.config import ServeConfig, ServeLimits
+from vlmkit.serve.http import uvicorn_config
 from vlmkit.serve.requests import RequestHandler
 
 _ENGINES: dict[str, Engine] = {}
@@ -47,8 +48,8 @@ class RunningServer:
 
         self.config = replace(config, port=free_port())
         self.app = create_app(self.config, engine)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.config.port,
-                                                    log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(self.app, replace(self.config, shutdown_timeout_s=5),
+                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.config.port}"
 

@@ -66,7 +66,9 @@ def test_sigterm_finishes_in_flight_answers_refuses_new_ones_and_exits_0(janus_d
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        body = {"messages": user("Tell me everything."), "max_tokens": 60, "temperature": 0, "stream": True}
+        # long enough to be in flight when uvicorn notices the signal (it looks every 0.1 s)
+        body = {"messages": user("Tell me everything."), "max_tokens": 300, "ignore_eos": True, "temperature": 0,
+                "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
                           timeout=60) as response:
             lines = response.iter_lines()

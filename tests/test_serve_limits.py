@@ -120,7 +120,8 @@ def test_invalid_json_is_400_and_the_server_goes_on(server):
 
 
 def test_unknown_route_is_404_in_openai_error_shape(server):
-    assert_refused(httpx.get(server.url + "/v1/nothing", headers=server.headers), 404, "no route")
+    assert_refused(httpx.get(server.url + "/v1/nothing", headers=server.headers), 404, "no such route",
+                   "/v1/chat/completions")
 
 
 # --- image generation requests --------------------------------------------------------------------

@@ -17,8 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from . import openapi
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large
+from .http import uvicorn_config
 from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
 from .schemas import ModelCard, ModelList, Usage, error_body, new_id
 
@@ -82,8 +84,10 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         yield
         state.close()
 
-    app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="vlmkit", version=_version(), lifespan=lifespan, docs_url="/docs" if config.docs else None,
+                  redoc_url=None, openapi_url="/openapi.json")
     app.state.vlmkit = state
+    openapi.install(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -91,10 +95,10 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
-        return JSONResponse(error_body(message, code=str(err.status_code)), status_code=err.status_code)
+        return JSONResponse(error_body(_route_error(request, err), code=str(err.status_code)),
+                            status_code=err.status_code, headers=err.headers)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH_RESPONSES)
     async def health():
         if state.scheduler is not None:
             return {"status": "ok", "model": config.model_name}
@@ -103,18 +107,18 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
     router = APIRouter(dependencies=[Depends(_authorizer(config.api_key))])
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses=openapi.MODELS_RESPONSES)
     async def models():
         return ModelList(data=[ModelCard(id=config.model_name, created=state.created)]).model_dump()
 
-    @router.get("/stats")
+    @router.get("/stats", responses=openapi.STATS_RESPONSES)
     async def stats():
         return state.ready()[1].stats()
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=openapi.CHAT_RESPONSES)
     async def chat_completions(request: Request):
         try:
-            body = await _read_json(request, config.limits.max_body_bytes)
+            body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, scheduler = state.ready()
             scheduler.check_capacity()  # before fetching anything
             parsed, task = await run_in_threadpool(handler.prepare_chat, body)
@@ -131,10 +135,10 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         except Exception as err:
             return _error_response(err)
 
-    @router.post("/v1/images/generations")
+    @router.post("/v1/images/generations", responses=openapi.IMAGE_RESPONSES)
     async def image_generations(request: Request):
         try:
-            body = await _read_json(request, config.limits.max_body_bytes)
+            body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, scheduler = state.ready()
             scheduler.check_capacity()
             _, task = await run_in_threadpool(handler.prepare_images, body)
@@ -150,6 +154,27 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
+ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /health, /stats and /openapi.json"
+
+
+def _route_error(request: Request, err: StarletteHTTPException) -> str:
+    """The message of a routing error; the requested path is not echoed back (it is the client's own text)."""
+    if err.status_code == 404:
+        return f"this server has no such route; it serves {ROUTES}"
+    if err.status_code == 405:
+        allowed = (err.headers or {}).get("Allow", "")
+        return f"method {request.method[:16]!r} is not allowed on this route; use {allowed or 'another method'}"
+    return str(err.detail)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vlmkit")
+    except PackageNotFoundError:
+        return "0"
+
+
 def _authorizer(api_key: str | None):
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -161,22 +186,30 @@ def _authorizer(api_key: str | None):
     return authorize
 
 
-async def _read_json(request: Request, limit: int):
-    """The request body as JSON, refusing (413) bodies over ``limit`` bytes before reading them whole."""
+async def _read_json(request: Request, limit: int, timeout_s: float):
+    """The request body as JSON, refusing (413) bodies over ``limit`` bytes before reading them whole, and
+    (408) bodies that take longer than ``timeout_s`` seconds to arrive."""
     def too_large(size: str) -> ApiError:
         return body_too_large(size, limit)
 
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(declared)
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_large(declared[:40])
     body = bytearray()
-    try:
+
+    async def read() -> None:
         async for chunk in request.stream():
-            body += chunk
+            body.extend(chunk)
             if len(body) > limit:
                 raise too_large(f"over {limit}")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect:
         raise ApiError(499, "the client disconnected while sending the request", code="client_closed_request") from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} seconds (--body-timeout); "
+                            f"send it faster or make it smaller", code="request_timeout") from None
     return parse_json(bytes(body))
 
 
@@ -294,8 +327,7 @@ def run_server(config: ServeConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=config.shutdown_timeout_s))
+    server = uvicorn.Server(uvicorn_config(app, config))
     state: ServerState = app.state.vlmkit
 
     def stop_after_failed_load() -> None:

@@ -1,0 +1,67 @@
+"""uvicorn as ``vlmkit serve`` runs it, with limits for slow or abusive clients.
+
+uvicorn closes idle keep-alive connections (``timeout_keep_alive``) and caps a request's headers
+(h11's ``max_incomplete_event_size``), but waits forever for a client that sends its headers a byte at
+a time. ``SlowClientProtocol`` closes a connection whose request headers have not all arrived within
+``header_timeout_s``; the body has its own deadline in the app (``app._read_json``, a 408)."""
+
+import asyncio
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class SlowClientProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers (``header_timeout_s``)."""
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._seen_cycle = None
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and self.cycle is not self._seen_cycle:  # a request's headers are in
+            self._seen_cycle = self.cycle
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # the next request on this connection gets its own deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle is self._seen_cycle and
+                                                self.cycle.response_complete):
+            self.logger.info("closing a connection that sent no complete request headers in %ss",
+                             self.header_timeout_s)
+            self.transport.close()
+
+
+def uvicorn_config(app, config, **options):
+    """The ``uvicorn.Config`` for ``app`` under a ``ServeConfig``: its address, slow-client limits and
+    graceful shutdown (``options`` go to uvicorn as they are)."""
+    import uvicorn
+
+    protocol = type("SlowClientProtocol", (SlowClientProtocol,), {"header_timeout_s": config.header_timeout_s})
+    options.setdefault("log_level", "info")
+    return uvicorn.Config(app, host=config.host, port=config.port, http=protocol, **options,
+                          timeout_keep_alive=config.keep_alive_s,
+                          h11_max_incomplete_event_size=config.max_header_bytes,
+                          timeout_graceful_shutdown=config.shutdown_timeout_s)

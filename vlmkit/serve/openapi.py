@@ -1,0 +1,62 @@
+"""The OpenAPI schema the server publishes at ``/openapi.json``: the endpoints read their bodies
+themselves (to bound the work before validation), so the request bodies are added here from the same
+pydantic models that validate them, with every status an endpoint may answer and its body."""
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from .schemas import ChatCompletion, ChatCompletionRequest, ImageGenerationRequest, ImagesResponse, ModelList
+
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, sent with every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# what each route may answer besides 200 (401 only where an API key is set; 503 while loading or busy)
+CHAT_RESPONSES = {
+    200: {"model": ChatCompletion, "description": "the answer; with stream=true, server-sent "
+                                                  "chat.completion.chunk events ending in 'data: [DONE]'",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
+IMAGE_RESPONSES = {200: {"model": ImagesResponse}, **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
+MODELS_RESPONSES = {200: {"model": ModelList}, **_errors(401)}
+STATS_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(401, 503)}
+HEALTH_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+                    503: {"content": {"application/json": {"schema": {"type": "object"}}},
+                          "description": "the model is loading, or failed to load"}}
+
+
+def install(app: FastAPI) -> None:
+    """Make ``app.openapi()`` (served at ``/openapi.json``) describe the request bodies too."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="An OpenAI-compatible server for vision-language models (vlmkit).")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in REQUEST_BODIES.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,6 +22,7 @@ from . import openapi
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large
 from .http import uvicorn_config
+from .image_stream import image_sse
 from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
 from .schemas import ModelCard, ModelList, Usage, error_body, new_id
 
@@ -141,9 +143,17 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, scheduler = state.ready()
             scheduler.check_capacity()
-            _, task = await run_in_threadpool(handler.prepare_images, body)
+            parsed, task = await run_in_threadpool(handler.prepare_images, body)
+            if parsed.stream:
+                task = replace(task, partial_images=parsed.partial_images or 0)
             events: asyncio.Queue = asyncio.Queue()
-            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, False))
+            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, parsed.stream))
+            if parsed.stream:
+                width, height = handler.image_size
+                stream = image_sse(_events(job, events, request), f"{width}x{height}", task.prompt_tokens,
+                                   handler.engine.model.num_image_tokens, lambda err: api_error(err).body(),
+                                   run_in_threadpool)
+                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             outcome = await _outcome(job, events, request)
             return await run_in_threadpool(handler.images_body, outcome)
         except Exception as err:

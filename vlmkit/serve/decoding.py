@@ -20,6 +20,7 @@ from ..errors import VlmkitError
 from ..generation.loop import prompt_positions
 from ..generation.sampling import make_generator
 from .batching import RowSampling, can_merge, copy_rows, keep_rows, merge_caches, sample_rows
+from .image_stream import PartialImages
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -277,6 +278,7 @@ class ImageDecoder:
         self.model = engine.model
         self.processor = engine.processor
         self.parts: list[_ImagePart] = []
+        self.partials = PartialImages(self.model, self.processor)
 
     @property
     def images(self) -> list[ImageRow]:
@@ -312,6 +314,7 @@ class ImageDecoder:
                 continue
             for image, token in zip(part.images, tokens.tolist()):
                 image.tokens.append(token)
+            self._report_partials(part.images)
             done = [i for i, image in enumerate(part.images) if len(image.tokens) >= self.model.num_image_tokens]
             if done:
                 self._finish([part.images[i] for i in done])
@@ -380,6 +383,14 @@ class ImageDecoder:
         if hidden is not None:
             part.hidden = hidden
             part.positions = part.positions + 1
+
+    def _report_partials(self, images: list[ImageRow]) -> None:
+        """Streamed requests' pictures so far. A preview is only a preview: one that fails to draw is
+        logged and skipped, and the request goes on to its final picture."""
+        try:
+            self.partials.after_token(images)
+        except Exception:
+            log.warning("could not draw a partial picture; the request goes on", exc_info=True)
 
     def drop(self, should_drop) -> None:
         for part in list(self.parts):

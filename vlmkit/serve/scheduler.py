@@ -60,6 +60,7 @@ class ImageTask:
     input_ids: torch.Tensor
     config: GenerationConfig  # do_sample, temperature, top_k, top_p, guidance_scale, seed
     n: int = 1
+    partial_images: int = 0  # pictures so far to report while drawing (streamed requests, 0-3)
 
     @property
     def prompt_tokens(self) -> int:
@@ -160,6 +161,9 @@ class Job:
         self._emit(end)
         if len(self._choices) == self.task.n:
             self._finish(ChatOutcome(self.task.prompt_tokens, [self._choices[i] for i in range(self.task.n)]))
+
+    def partial_image(self, event) -> None:
+        self._emit(event)  # an image_stream.PartialImage
 
     def end_images(self, images: list) -> None:
         self._finish(ImageOutcome(images))

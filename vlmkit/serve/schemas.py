@@ -160,6 +160,8 @@ class ImageGenerationRequest(_Request):
     temperature: _number(ge=0.01, le=10) | None = None
     top_k: _int(ge=0, le=2 ** 31 - 1) = 0
     top_p: _number(gt=0, le=1) = 1.0
+    stream: Flag = False  # server-sent events: partial pictures, then each finished one
+    partial_images: _int(ge=0, le=3) | None = None  # pictures so far sent while streaming
 
 
 def parse_request(model: type[BaseModel], body) -> BaseModel:

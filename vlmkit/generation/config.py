@@ -28,6 +28,23 @@ class GenerationConfig:
     guidance_scale: float | None = None
     use_cache: bool = True
     num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    # the logits pipeline (generation/logits.py), in transformers' meaning
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: list | dict | None = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    renormalize_logits: bool = False
+    # what generate returns
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
+    output_attentions: bool = False
+    output_hidden_states: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -55,8 +72,26 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        if self.num_beams != 1:
-            raise InputError("beam search is not supported; use num_beams=1")
+        if self.num_beams < 1:
+            raise InputError("num_beams must be >= 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise InputError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False "
+                             "for beam search, or num_beams=1 to sample")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise InputError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams})")
+        if self.early_stopping not in (True, False, "never"):
+            raise InputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        for name in ("min_length", "no_repeat_ngram_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InputError(f"{name} must be an integer >= 0")
+        if self.min_new_tokens is not None and (not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0):
+            raise InputError("min_new_tokens must be an integer >= 0")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise InputError("repetition_penalty must be > 0 (1.0 means no penalty)")
+        if self.return_dict_in_generate and (self.output_attentions or self.output_hidden_states):
+            raise InputError("vlmkit does not return attentions or hidden states from generate; drop "
+                             "output_attentions/output_hidden_states (call the model itself for them)")
         if self.do_sample and self.temperature is not None and self.temperature <= 0:
             raise InputError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
         if not 0 < (self.top_p if self.top_p is not None else 1.0) <= 1:

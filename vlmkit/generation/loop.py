@@ -7,13 +7,15 @@ It works on any model that provides (families implement these; nothing here know
   ``max_context``                                          -> the longest sequence the model takes
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..errors import InputError
 from .config import GenerationConfig
-from .sampling import make_generator, next_token
+from .logits import LogitsProcessor, apply_processors, logits_processors
+from .outputs import GenerateDecoderOnlyOutput
+from .sampling import make_generator
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,23 +36,33 @@ def check_context(prompt_length: int, new_tokens: int, max_context: int | None) 
                          f"model's context of {max_context} tokens; lower max_new_tokens")
 
 
+StoppingCriterion = Callable[..., torch.Tensor | bool]
+
+
 @torch.no_grad()
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     config: GenerationConfig, model_inputs: dict | None = None,
                     on_tokens: Callable[[torch.Tensor], None] | None = None,
-                    should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Generate after ``input_ids`` [batch, T]; returns prompt + new tokens [batch * num_return_sequences, T + n].
+                    should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    logits_processor: Sequence[LogitsProcessor] = (),
+                    stopping_criteria: Sequence[StoppingCriterion] = ()):
+    """Generate after ``input_ids`` [batch, T]; returns prompt + new tokens [batch * num_return_sequences, T + n]
+    (with ``config.return_dict_in_generate``: a ``GenerateDecoderOnlyOutput``, or the beam search output).
 
     ``on_tokens`` receives each step's tokens (for streaming); ``should_stop(new_tokens)`` may flag rows
-    as finished (stop strings). Finished rows are filled with the pad token, as the reference does."""
+    as finished (stop strings). ``logits_processor``: callables ``(input_ids, scores) -> scores`` run
+    after the built-in ones; ``stopping_criteria``: callables ``(input_ids, scores) -> bool [batch]``
+    (transformers' shapes). Once an end-of-sequence token is configured, finished rows are filled with
+    the pad token, as the reference does."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch, prompt_length = input_ids.shape
     budget = config.new_token_budget(prompt_length)
     check_context(prompt_length, budget, getattr(model, "max_context", None))
-    copies = config.num_return_sequences
+    copies = max(config.num_beams, config.num_return_sequences)
     if budget == 0:
-        return input_ids.repeat_interleave(copies, dim=0)
+        sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
 
     cache = model.new_cache(batch, prompt_length + budget)
     positions = prompt_positions(attention_mask)
@@ -59,32 +71,95 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         rows = torch.arange(batch, device=input_ids.device).repeat_interleave(copies)
         cache.select_rows(rows)
         logits, input_ids, positions = logits[rows], input_ids[rows], positions[rows]
+        attention_mask = attention_mask[rows]
+    padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
+    processors = logits_processors(config, prompt_length, padding, logits_processor)
+    stops = Stopping(config, prompt_length, should_stop, stopping_criteria)
+    step = model.decode, positions[:, -1:] + 1, cache
+    if config.num_beams > 1:
+        from .beam import beam_search
+        return beam_search(step, logits, input_ids, config, budget, processors, stops)
+    return _decode(step, logits, input_ids, config, budget, processors, stops, on_tokens)
 
+
+def _decode(step, logits, input_ids, config, budget, processors, stops, on_tokens):
+    """Greedy decoding or sampling, one token per row per step, after the prefill gave ``logits``."""
+    decode, next_position, cache = step
     device = input_ids.device
-    sequences = torch.empty(input_ids.shape[0], prompt_length + budget, dtype=torch.long, device=device)
+    rows, prompt_length = input_ids.shape
+    sequences = torch.empty(rows, prompt_length + budget, dtype=torch.long, device=device)
     sequences[:, :prompt_length] = input_ids
-    next_position = positions[:, -1:] + 1
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
-    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+    keep_scores = config.return_dict_in_generate and config.output_scores
+    keep_logits = config.return_dict_in_generate and config.output_logits
+    all_scores, all_logits = (), ()
     generator = make_generator(config.seed, device)
     length = prompt_length
-    for step in range(budget):
-        token = next_token(logits, config, generator, seen_ids=sequences[:, :length])
-        token = torch.where(unfinished, token, torch.full_like(token, pad))
+    for index in range(budget):
+        logits = logits.float()
+        scores = apply_processors(processors, sequences[:, :length], logits) if processors else logits
+        if keep_scores:
+            all_scores += (scores,)
+        if keep_logits:
+            all_logits += (logits,)
+        if config.do_sample:
+            token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        else:
+            token = scores.argmax(dim=-1)
+        if stops.eos.numel():
+            token = torch.where(unfinished, token, torch.full_like(token, pad))
         sequences[:, length] = token
         length += 1
         if on_tokens is not None:
             on_tokens(token)
-        if eos.numel():
-            unfinished &= ~torch.isin(token, eos)
-        if should_stop is not None:
-            unfinished &= ~should_stop(sequences[:, prompt_length:length])
-        if step == budget - 1 or not bool(unfinished.any()):
+        done = stops(sequences[:, :length], all_scores if keep_scores else None, token)
+        if done is not None:
+            unfinished &= ~done
+        if index == budget - 1 or not bool(unfinished.any()):
             break
-        logits = model.decode(token[:, None], next_position, cache)
+        logits = decode(token[:, None], next_position, cache)
         next_position = next_position + 1
+    if config.return_dict_in_generate:
+        return _wrap(config, sequences[:, :length], all_scores, all_logits)
     return sequences[:, :length]
+
+
+def _wrap(config, sequences, all_scores, all_logits):
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=all_scores if config.output_scores else None,
+                                     logits=all_logits if config.output_logits else None)
+
+
+def padding_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's count of left-padding positions; None when nothing is padded (as the reference)."""
+    if bool(attention_mask.bool().all()):
+        return None
+    return (attention_mask != 0).int().argmax(dim=1)
+
+
+class Stopping:
+    """Which rows a step finished: an end-of-sequence token, a stop string, or a user's criterion
+    (transformers' ``StoppingCriteriaList`` without the length limit, which the loops count)."""
+
+    def __init__(self, config: GenerationConfig, prompt_length: int, should_stop=None, criteria=()):
+        self.eos = torch.tensor(config.eos_token_ids, dtype=torch.long)
+        self.prompt_length, self.should_stop, self.criteria = prompt_length, should_stop, list(criteria)
+
+    def __call__(self, sequences: torch.Tensor, scores, last_tokens: torch.Tensor) -> torch.Tensor | None:
+        """``sequences`` [rows, T] so far (prompt included); ``last_tokens`` [rows]: their last column.
+        None when nothing can stop a row (no end-of-sequence token, no criteria)."""
+        done = None
+        if self.eos.numel():
+            if self.eos.device != sequences.device:
+                self.eos = self.eos.to(sequences.device)
+            done = torch.isin(last_tokens, self.eos)
+        if self.should_stop is not None:
+            hits = self.should_stop(sequences[:, self.prompt_length:])
+            done = hits if done is None else done | hits
+        for criterion in self.criteria:
+            hits = torch.as_tensor(criterion(sequences, scores), device=sequences.device).bool()
+            done = hits if done is None else done | hits
+        return done
 
 
 def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.loop import generate_tokens, stop_string_checker
+from ..generation.options import split_generate_kwargs
 from ..generation.prompt_cache import PromptCache, media_digest
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
@@ -210,17 +211,26 @@ class PretrainedVLM(nn.Module):
     # --- the transformers-shaped entry point ---------------------------------------------------
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                  streamer=None, tokenizer=None, **kwargs):
-        """Text generation as transformers' ``generate``: returns prompt + new token ids.
+        """Text generation as transformers' ``generate``: returns prompt + new token ids, or with
+        ``return_dict_in_generate=True`` an output with ``.sequences`` (and ``.scores`` / ``.logits`` when
+        ``output_scores`` / ``output_logits``).
 
-        Generation options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-        ``repetition_penalty``, ``num_return_sequences``, ``eos_token_id``, ``stop_strings`` (needs
-        ``tokenizer``), ``seed``...) go by keyword; other keywords are model inputs such as
-        ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as tokens come."""
+        Generation options go by keyword with transformers' names and meaning: ``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
+        ``min_length``, ``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens``,
+        ``no_repeat_ngram_size``, ``sequence_bias``, ``renormalize_logits``, ``num_beams``,
+        ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``eos_token_id``,
+        ``stop_strings`` (needs ``tokenizer``), ``seed``...; ``logits_processor`` and
+        ``stopping_criteria`` take lists of transformers-style callables. Other keywords are model
+        inputs such as ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as
+        tokens come."""
         if input_ids is None:
             raise InputError("generate needs input_ids (call the processor first)")
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATION_OPTIONS}
-        kwargs.pop("use_cache", None)
-        config = (generation_config or self.generation_config).updated(**options)
+        config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
+            self.generation_config, generation_config, kwargs)
+        if streamer is not None and config.num_beams > 1:
+            raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "
+                             "known at the end")
         should_stop = None
         if config.stop_strings:
             if tokenizer is None:
@@ -232,7 +242,8 @@ class PretrainedVLM(nn.Module):
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         try:
-            return generate_tokens(self, input_ids, attention_mask, config, model_inputs, on_tokens, should_stop)
+            return generate_tokens(self, input_ids, attention_mask, config, model_inputs, on_tokens, should_stop,
+                                   logits_processor, stopping_criteria)
         finally:
             if streamer is not None:
                 streamer.end()
@@ -247,21 +258,14 @@ class PretrainedVLM(nn.Module):
                 for k, v in kwargs.items() if k in accepted and v is not None}
 
     accepted_inputs: tuple[str, ...] = ()
-    ignored_inputs: tuple[str, ...] = ("token_type_ids", "return_dict", "output_attentions",
-                                       "output_hidden_states", "logits_processor")
+    # inputs transformers' models take that change nothing here
+    ignored_inputs: tuple[str, ...] = ("token_type_ids", "return_dict")
 
     @classmethod
     def default_generation_config(cls, folder: Path, config) -> GenerationConfig:
         text = config.text_config
         return GenerationConfig.from_pretrained(folder, bos_token_id=text.bos_token_id,
                                                 eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
-
-
-_GENERATION_OPTIONS = {
-    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-    "num_return_sequences", "bos_token_id", "eos_token_id", "pad_token_id", "stop_strings", "seed",
-    "guidance_scale", "num_beams",
-}
 
 
 def _reject_unsupported(options: dict) -> None:

@@ -208,7 +208,9 @@ class JanusForConditionalGeneration(PretrainedVLM):
         if generation_mode == "text":
             return super().generate(input_ids, attention_mask, **kwargs)
         if generation_mode == "image":
+            from ...generation.options import refuse_text_only
             from .image_generation import generate_image_tokens
+            refuse_text_only(kwargs, "image generation (generation_mode='image')")
             self.require_generation_weights()
             return generate_image_tokens(self, input_ids, attention_mask, **kwargs)
         raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")

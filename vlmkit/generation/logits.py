@@ -1,0 +1,273 @@
+"""The logits pipeline: every option that reshapes a step's scores before the next token is picked.
+
+A pipeline is a plain list of callables ``(input_ids [B, T], scores [B, V]) -> scores``, the shape of
+transformers' logits processors, so a user's own processors join the list as they are and the server
+can drive the same list per request. ``logits_processors`` builds it in the order of transformers'
+``GenerationMixin._get_logits_processor`` (each class below names the transformers processor it
+matches, and tests/test_generate_options.py keeps them token-identical): sequence bias, repetition
+penalty, no-repeat n-grams, bad words, minimum lengths, suppressed tokens, then the user's
+processors, then the sampling warpers (temperature, top-k, top-p), then renormalisation. With no
+option set the list is empty and the decode step does no work for it.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from .config import GenerationConfig
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], input_ids: torch.Tensor,
+                     scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` through every processor in turn."""
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores
+
+
+class _VocabMask:
+    """A boolean mask over the vocabulary, made on first use (the vocabulary size comes with the scores)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = [int(t) for t in token_ids]
+        self._mask: torch.Tensor | None = None
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._mask is None or self._mask.device != scores.device:
+            vocab = torch.arange(scores.shape[-1], device=scores.device)
+            self._mask = torch.isin(vocab, torch.tensor(self.token_ids, dtype=torch.long, device=scores.device))
+        return self._mask
+
+
+class MinLength(_VocabMask):
+    """End-of-sequence tokens banned while the sequence is shorter than ``min_length`` tokens, the prompt's
+    first ``skip`` tokens not counted (transformers' MinLength / MinNewTokensLength processors)."""
+
+    def __init__(self, min_length: int, eos_token_ids, skip: int = 0):
+        super().__init__(eos_token_ids)
+        self.min_length, self.skip = min_length, skip
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] - self.skip < self.min_length:
+            return torch.where(self.mask(scores), -torch.inf, scores)
+        return scores
+
+
+class SuppressTokens(_VocabMask):
+    """Tokens never generated, or (``at_length``) not as the token after a sequence of that length
+    (transformers' SuppressTokens / SuppressTokensAtBegin processors)."""
+
+    def __init__(self, token_ids, at_length: int | None = None):
+        super().__init__(token_ids)
+        self.at_length = at_length
+
+    def __call__(self, input_ids, scores):
+        if self.at_length is None or input_ids.shape[-1] == self.at_length:
+            return torch.where(self.mask(scores), -torch.inf, scores)
+        return scores
+
+
+class RepetitionPenalty:
+    """Scores of tokens already in the sequence divided by ``penalty`` (multiplied when negative), left
+    padding not counted (transformers' RepetitionPenaltyLogitsProcessor with ``prompt_ignore_length``)."""
+
+    def __init__(self, penalty: float, padding_lengths: torch.Tensor | None = None):
+        self.penalty, self.padding_lengths = penalty, padding_lengths
+
+    def __call__(self, input_ids, scores):
+        vocab = scores.shape[-1]
+        if self.padding_lengths is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            input_ids = input_ids.masked_fill(positions[None, :] < self.padding_lengths[:, None], vocab)
+        # ids past the scores (padding, or an embedding larger than the head) land in a spare column
+        input_ids = input_ids.clamp(max=vocab)
+        padded = torch.nn.functional.pad(scores, (0, 1))
+        score = padded.gather(1, input_ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return padded.scatter(1, input_ids, score)[..., :vocab]
+
+
+class NoRepeatNGram:
+    """A token that would repeat an n-gram already in the sequence is banned (transformers'
+    NoRepeatNGramLogitsProcessor)."""
+
+    def __init__(self, ngram_size: int):
+        self.ngram_size = ngram_size
+
+    def __call__(self, input_ids, scores):
+        n, length = self.ngram_size, input_ids.shape[-1]
+        if length < n:
+            return scores
+        prefix = input_ids[:, length + 1 - n:]
+        windows = input_ids.unfold(dimension=1, size=n, step=1)
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+        vocab = scores.shape[-1]
+        banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -torch.inf)
+
+
+class SequenceBias:
+    """An additive bias on the last token of each given sequence, applied when the tokens before it end
+    the sequence so far (always, for one-token sequences) (transformers' SequenceBiasLogitsProcessor).
+
+    ``sequence_bias``: ``[[token_ids, bias], ...]`` or ``{tuple(token_ids): bias}``."""
+
+    def __init__(self, sequence_bias):
+        self.sequence_bias = _bias_dict(sequence_bias)
+        self._prepared: tuple | None = None
+
+    def _prepare(self, scores):
+        vocab = scores.shape[-1]
+        too_big = [t for ids in self.sequence_bias for t in ids if t >= vocab]
+        if too_big:
+            raise InputError(f"the model's vocabulary has {vocab} tokens, but these token ids are biased or banned: "
+                             f"{too_big}")
+        single = torch.zeros(vocab, dtype=torch.float, device=scores.device)
+        by_prefix_length: dict[int, list] = {}
+        for ids, bias in self.sequence_bias.items():
+            if len(ids) == 1:
+                single[ids[0]] = bias
+            else:
+                by_prefix_length.setdefault(len(ids) - 1, []).append((ids, bias))
+        device = scores.device
+        groups = [(torch.tensor([ids[:-1] for ids, _ in group], device=device),
+                   torch.tensor([ids[-1] for ids, _ in group], device=device),
+                   torch.tensor([bias for _, bias in group], dtype=torch.float, device=device))
+                  for group in by_prefix_length.values()]
+        self._prepared = (single, groups)
+
+    def __call__(self, input_ids, scores):
+        if self._prepared is None:
+            self._prepare(scores)
+        single, groups = self._prepared
+        # summed into one bias first, then added, in the reference's order (same float rounding)
+        bias = torch.zeros_like(scores)
+        bias += single
+        for prefixes, last_tokens, biases in groups:
+            prefix_length = prefixes.shape[1]
+            if prefix_length > input_ids.shape[1]:
+                continue
+            matching = (input_ids[:, None, -prefix_length:] == prefixes).all(dim=-1)
+            bias.index_add_(1, last_tokens, torch.where(matching, biases, 0.0).to(bias.dtype))
+        return scores + bias
+
+
+class NoBadWords(SequenceBias):
+    """Sequences that are never completed: each one's last token is banned where the rest ends the
+    sequence so far (transformers' NoBadWordsLogitsProcessor; a lone end-of-sequence token is not banned)."""
+
+    def __init__(self, bad_words_ids: list[list[int]], eos_token_ids=()):
+        if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or \
+                any(not isinstance(ids, (list, tuple)) or not ids for ids in bad_words_ids):
+            raise InputError(f"bad_words_ids must be a non-empty list of token-id lists, got {bad_words_ids!r}")
+        eos = [int(t) for t in eos_token_ids]
+        kept = [list(ids) for ids in bad_words_ids if all(list(ids) != [e] for e in eos)]
+        super().__init__({tuple(ids): float("-inf") for ids in kept})
+
+
+class Temperature:
+    """Scores divided by the temperature (transformers' TemperatureLogitsWarper)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        return scores / self.temperature
+
+
+class TopK:
+    """All but the ``top_k`` best scores set to -inf (transformers' TopKLogitsWarper)."""
+
+    def __init__(self, top_k: int, min_tokens_to_keep: int = 1):
+        self.top_k = max(top_k, min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        k = min(self.top_k, scores.shape[-1])
+        return scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -torch.inf)
+
+
+class TopP:
+    """Only the smallest set of best tokens whose probability reaches ``top_p`` kept (transformers'
+    TopPLogitsWarper)."""
+
+    def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
+        self.top_p, self.min_tokens_to_keep = float(top_p), min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - self.top_p)
+        remove[..., -self.min_tokens_to_keep:] = False
+        return scores.masked_fill(remove.scatter(1, order, remove), -torch.inf)
+
+
+class LogSoftmax:
+    """Scores renormalised to log-probabilities (transformers' LogitNormalization, ``renormalize_logits``)."""
+
+    def __call__(self, input_ids, scores):
+        return scores.log_softmax(dim=-1)
+
+
+def logits_processors(config: GenerationConfig, prompt_length: int, padding_lengths: torch.Tensor | None = None,
+                      custom: Sequence[LogitsProcessor] = ()) -> list[LogitsProcessor]:
+    """The pipeline ``config`` asks for, for prompts ``prompt_length`` tokens long (padding included);
+    ``padding_lengths`` [rows]: each row's left padding (None: no padding), which the repetition penalty
+    skips; ``custom``: the user's ``logits_processor`` list, run after the built-in bans."""
+    eos = config.eos_token_ids
+    processors: list[LogitsProcessor] = []
+    if config.sequence_bias is not None:
+        processors.append(SequenceBias(config.sequence_bias))
+    if config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenalty(float(config.repetition_penalty), padding_lengths))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        processors.append(NoBadWords(config.bad_words_ids, eos))
+    if eos and config.min_length and config.min_new_tokens is None:  # min_new_tokens takes precedence
+        processors.append(MinLength(config.min_length, eos))
+    if eos and config.min_new_tokens:
+        processors.append(MinLength(config.min_new_tokens, eos, skip=prompt_length))
+    if config.suppress_tokens is not None:
+        processors.append(SuppressTokens(config.suppress_tokens))
+    if config.begin_suppress_tokens is not None:
+        processors.append(SuppressTokens(config.begin_suppress_tokens, at_length=prompt_length))
+    processors.extend(custom)
+    if config.do_sample:
+        processors.extend(sampling_warpers(config))
+    if config.renormalize_logits:
+        processors.append(LogSoftmax())
+    return processors
+
+
+def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> list[LogitsProcessor]:
+    """Temperature, top-k and top-p, as ``config`` sets them (used when sampling)."""
+    warpers: list[LogitsProcessor] = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(Temperature(config.temperature))
+    if config.top_k:
+        warpers.append(TopK(config.top_k, min_tokens_to_keep))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopP(config.top_p, min_tokens_to_keep))
+    return warpers
+
+
+def _bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
+    """``{tuple(token_ids): bias}`` from either form transformers accepts, checked."""
+    if isinstance(sequence_bias, dict):
+        pairs = list(sequence_bias.items())
+    elif isinstance(sequence_bias, (list, tuple)):
+        pairs = [tuple(pair) if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
+                 for pair in sequence_bias]
+    else:
+        pairs = []
+    valid = bool(pairs) and all(
+        isinstance(ids, (list, tuple)) and ids and all(isinstance(t, int) and t >= 0 for t in ids)
+        and isinstance(bias, (int, float)) for ids, bias in pairs)
+    if not valid:
+        raise InputError("sequence_bias must be a non-empty list of [token_ids, bias] pairs (e.g. [[[10, 45], -2.0]]) "
+                         f"or a dict {{(10, 45): -2.0}}, got {sequence_bias!r}")
+    return {tuple(int(t) for t in ids): float(bias) for ids, bias in pairs}

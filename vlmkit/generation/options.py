@@ -1,0 +1,105 @@
+"""Sorting ``generate``'s keywords: generation options (into a ``GenerationConfig``), the user's
+``logits_processor`` / ``stopping_criteria`` lists, and model inputs. A transformers option vlmkit
+does not implement is an error naming it, never silently dropped."""
+
+import warnings
+from dataclasses import fields
+
+from ..errors import InputError
+from .config import GenerationConfig
+
+OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
+
+# transformers options that change what is generated and that vlmkit does not implement, with the
+# values that leave generation unchanged (passing those is fine)
+UNSUPPORTED = {
+    "prefix_allowed_tokens_fn": (None,), "assistant_model": (None,), "assistant_tokenizer": (None,),
+    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "custom_generate": (None,),
+    "synced_gpus": (None, False), "max_time": (None,), "min_p": (None,), "top_h": (None,),
+    "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+    "diversity_penalty": (None, 0.0), "num_beam_groups": (None, 1), "penalty_alpha": (None,),
+    "dola_layers": (None,), "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0),
+    "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,), "watermarking_config": (None,), "token_healing": (None, False),
+    "low_memory": (None, False), "prompt_lookup_num_tokens": (None,), "use_mtp": (None, False),
+    "past_key_values": (None,), "decoder_start_token_id": (None,),
+}
+
+# transformers options that only choose how the work is done (caches, compilation): the tokens are the
+# same without them
+NO_EFFECT = frozenset({"use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile",
+                       "max_cache_len", "prefill_chunk_size"})
+
+
+def split_generate_kwargs(base: GenerationConfig, generation_config, kwargs: dict):
+    """(config, logits_processor, stopping_criteria, model-input kwargs) from ``generate``'s arguments.
+
+    ``generation_config`` may be vlmkit's or transformers' ``GenerationConfig`` (the options it sets
+    go over ``base``, the model's); keyword options go over both."""
+    kwargs = dict(kwargs)
+    logits_processor = list(kwargs.pop("logits_processor", None) or ())
+    stopping_criteria = list(kwargs.pop("stopping_criteria", None) or ())
+    for name, value in [("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)]:
+        if not all(callable(item) for item in value):
+            raise InputError(f"{name} must be a list of callables (input_ids, scores) -> ...")
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    for name in NO_EFFECT:
+        kwargs.pop(name, None)
+    refuse_unsupported({k: kwargs.pop(k) for k in list(kwargs) if k in UNSUPPORTED}, "generate")
+    if generation_config is None:
+        config = base
+    elif isinstance(generation_config, GenerationConfig):
+        config = generation_config
+    elif callable(getattr(generation_config, "to_dict", None)):  # transformers' GenerationConfig
+        config = base.updated(**_transformers_options(generation_config.to_dict()))
+    else:
+        raise InputError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+    warn_checkpoint_extras(config)
+    return config.updated(**options), logits_processor, stopping_criteria, kwargs
+
+
+def refuse_unsupported(options: dict, where: str) -> None:
+    """An error naming every option in ``options`` set to a value vlmkit cannot honour."""
+    bad = sorted(k for k, v in options.items() if not _neutral(k, v))
+    if bad:
+        raise InputError(f"{where}: vlmkit does not implement the generation option(s) {', '.join(bad)}; "
+                         "leave them unset")
+
+
+def warn_checkpoint_extras(config: GenerationConfig) -> None:
+    """A warning for options the checkpoint's ``generation_config.json`` sets that vlmkit does not implement."""
+    bad = sorted(k for k, v in config.extra.items() if k in UNSUPPORTED and not _neutral(k, v))
+    if bad:
+        warnings.warn(f"the checkpoint's generation config sets {', '.join(bad)}, which vlmkit does not implement; "
+                      "generation goes on without them", stacklevel=4)
+
+
+def _neutral(name: str, value) -> bool:
+    return any(value is neutral or (neutral is not None and value == neutral) for neutral in UNSUPPORTED[name])
+
+
+def _transformers_options(values: dict) -> dict:
+    """The options a transformers ``GenerationConfig.to_dict()`` sets, checked."""
+    values = {k: v for k, v in values.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
+    refuse_unsupported({k: v for k, v in values.items() if k in UNSUPPORTED}, "generation_config")
+    return {k: v for k, v in values.items() if k in OPTIONS}
+
+
+# options of text decoding that mean nothing to an image-token loop (Janus' generation_mode="image")
+TEXT_ONLY = ("num_beams", "length_penalty", "early_stopping", "min_length", "min_new_tokens", "no_repeat_ngram_size",
+             "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
+             "repetition_penalty", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
+             "logits_processor", "stopping_criteria", "streamer")
+
+
+def refuse_text_only(options: dict, where: str) -> None:
+    """An error naming the text-decoding options set in ``options`` (any value but the default), and
+    the transformers options vlmkit does not implement."""
+    defaults = GenerationConfig()
+    bad = sorted(k for k, v in options.items() if k in TEXT_ONLY and v is not None
+                 and not (k in OPTIONS and v == getattr(defaults, k)) and not (isinstance(v, (list, tuple)) and not v))
+    if bad:
+        raise InputError(f"{where} does not take the text-generation option(s) {', '.join(bad)}; "
+                         "they apply to generation_mode='text'")
+    refuse_unsupported({k: v for k, v in options.items() if k in UNSUPPORTED}, where)

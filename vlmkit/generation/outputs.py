@@ -1,0 +1,48 @@
+"""What ``generate(..., return_dict_in_generate=True)`` returns, shaped as transformers' outputs."""
+
+import torch
+
+
+class _GenerateOutput(dict):
+    """Fields readable as attributes, keys, or by position among the fields that are set (as
+    transformers' ``ModelOutput``); a field that was not asked for is None and not a key."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        super().__init__((name, values[name]) for name in self.FIELDS if values.get(name) is not None)
+
+    def __getattr__(self, name):
+        if name in self.FIELDS:
+            return self.get(name)
+        raise AttributeError(name)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+class GenerateDecoderOnlyOutput(_GenerateOutput):
+    """``sequences`` [batch, T]; ``scores``: one [batch, vocab] tensor of processed scores per step
+    (``output_scores``); ``logits``: the raw logits per step (``output_logits``)."""
+
+    FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values")
+    sequences: torch.Tensor
+
+
+class GenerateBeamDecoderOnlyOutput(_GenerateOutput):
+    """Beam search's: ``sequences`` [batch * num_return_sequences, T]; ``sequences_scores`` (with
+    ``output_scores``): each returned beam's length-penalised log-probability; ``scores``: the processed
+    log-probabilities per step [batch * num_beams, vocab]; ``logits``: the raw logits per step;
+    ``beam_indices``: for each returned sequence, the beam row each of its tokens came from."""
+
+    FIELDS = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states",
+              "past_key_values")
+    sequences: torch.Tensor

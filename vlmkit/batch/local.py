@@ -40,7 +40,7 @@ def run_batch(config: ServeConfig, input_path, output_path, *, concurrency: int 
         own = worker is None
         worker = worker or BatchWorker.load(config, concurrency)
         try:
-            with _progress(summary.total, report.already_done, progress) as bar:
+            with progress_bar(summary.total, report.already_done, progress) as bar:
                 for finished in worker.run_grouped(read_requests(input_path, skip=done)):
                     results.append([output_line(request.custom_id, status, body) for request, status, body in finished])
                     report.written += len(finished)
@@ -54,7 +54,8 @@ def run_batch(config: ServeConfig, input_path, output_path, *, concurrency: int 
     return report
 
 
-def _progress(total: int, done: int, enabled: bool):
+def progress_bar(total: int, done: int, enabled: bool):
+    """The batch run's progress bar on stderr: ``total`` rows, ``done`` of them already written."""
     from tqdm import tqdm
     return tqdm(total=total, initial=done, unit="row", desc="batch", dynamic_ncols=True, smoothing=0.05,
                 disable=not enabled, file=sys.stderr)

@@ -18,7 +18,7 @@ from ..errors import VlmkitError
 from ..serve.config import ServeConfig
 from ..serve.schemas import error_body
 from .files import BatchFileError, ResultsFile, output_line, scan_input
-from .local import BatchReport, _progress
+from .local import BatchReport, progress_bar
 from .rows import BatchRequest, BatchWorker
 
 
@@ -174,7 +174,7 @@ def run_batch_on_ray(config: ServeConfig, input_path, output_path, *, replicas: 
                 BatchPredictor, fn_constructor_kwargs={"config": config, "concurrency": concurrency},
                 compute=ray.data.ActorPoolStrategy(size=replicas), batch_size=concurrency,
                 num_cpus=num_cpus_per_replica, num_gpus=num_gpus_per_replica or None)
-            with _progress(summary.total, report.already_done, progress) as bar:
+            with progress_bar(summary.total, report.already_done, progress) as bar:
                 for batch in answered.iter_batches(batch_size=None, batch_format="numpy"):
                     results.append(list(batch["output"]))
                     report.written += len(batch["output"])

@@ -1,8 +1,8 @@
 """Images from anywhere a request may name them, loaded safely.
 
 This module owns turning an image source (PIL image, numpy array, torch tensor, local path, ``file://``,
-``data:`` URI or ``http(s)://`` URL) into an RGB ``PIL.Image``, and the :class:`MediaPolicy` limits that
-apply on the way: file confinement, byte and pixel caps, timeouts, redirects and refusal of private
+``data:`` URI or ``http(s)://`` URL) into an RGB ``PIL.Image``, and applying the :class:`MediaPolicy` limits
+(media_policy.py) on the way: file confinement, byte and pixel caps, timeouts, redirects and refusal of private
 network addresses (SSRF, enforced by ``net.py``'s HTTP client). ``video.py`` reuses its path helpers so
 videos obey the same policy.
 """
@@ -17,44 +17,22 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmkit.errors import MediaError
+from vlmkit.io.media_policy import MediaPolicy
 from vlmkit.io.net import check_address, describe_source, fetch_url  # noqa: F401 (check_address: re-exported)
 
-_MiB = 1024 * 1024
 # Decoders we let Pillow use on untrusted bytes; EPS and friends can shell out to Ghostscript.
 _SAFE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "AVIF", "HEIF")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\x.png" stays a path
 
 
-@dataclass(frozen=True)
-class MediaPolicy:
-    """Limits applied while loading media. The defaults suit a trusted local user; see `server_default`.
-
-    timeout_s is the wall-clock budget of a whole fetch: connect, every redirect hop and the body.
-    """
-
-    timeout_s: float = 10.0
-    max_bytes: int = 20 * _MiB
-    max_pixels: int = 64 * 1024 * 1024
-    max_redirects: int = 3
-    allow_local_files: bool = True
-    media_root: str | None = None
-    allow_private_hosts: bool = True
-    allowed_hosts: tuple[str, ...] = ()
-
-    @classmethod
-    def server_default(cls) -> MediaPolicy:
-        """The policy for a network server: no local files, no private/loopback/link-local/reserved hosts."""
-        return cls(allow_local_files=False, allow_private_hosts=False)
-
-
-def _scheme(source: str) -> str | None:
+def source_scheme(source: str) -> str | None:
+    """The URI scheme a source string starts with, lower-cased (``"data"``, ``"https"``), or None for a path."""
     match = _SCHEME.match(source)
     return match.group(1).lower() if match else None
 
@@ -75,12 +53,12 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(source))
         except (OSError, SyntaxError, ValueError) as e:  # a lazily opened image can still fail to decode
             raise MediaError(f"corrupt or truncated image ({e}): {desc}") from e
-    if isinstance(source, np.ndarray) or _is_tensor(source):
+    if isinstance(source, np.ndarray) or is_tensor(source):
         return _array_to_image(source, desc)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), policy, desc)
     if isinstance(source, str):
-        scheme = _scheme(source)
+        scheme = source_scheme(source)
         if scheme in ("http", "https"):
             buf = io.BytesIO()
             fetch_url(source, buf, policy)
@@ -159,7 +137,8 @@ def resolve_local_path(source: str | os.PathLike, policy: MediaPolicy) -> str:
     return real
 
 
-def _is_tensor(obj) -> bool:
+def is_tensor(obj) -> bool:
+    """Whether ``obj`` is a torch tensor (without importing torch when nothing has)."""
     torch = sys.modules.get("torch")  # no torch import just to ask the question
     return torch is not None and isinstance(obj, torch.Tensor)
 
@@ -204,7 +183,7 @@ def _data_uri_bytes(uri: str, policy: MediaPolicy, desc: str) -> bytes:
 
 
 def _array_to_image(source, desc: str) -> Image.Image:
-    if _is_tensor(source):
+    if is_tensor(source):
         source = source.detach().cpu()
         source = (source.float() if source.is_floating_point() else source).numpy()  # numpy has no bfloat16
     array = np.asarray(source)

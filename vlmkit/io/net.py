@@ -9,13 +9,11 @@ import ipaddress
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from vlmkit.errors import MediaError
-
-if TYPE_CHECKING:
-    from vlmkit.io.media import MediaPolicy
+from vlmkit.io.media_policy import MediaPolicy
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")

@@ -12,7 +12,8 @@ from .checkpoint import read_json
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _token_text(value):
+def token_text(value):
+    """A special token's text, whether the config writes it as a string or as ``{"content": ...}``."""
     return value.get("content") if isinstance(value, dict) else value
 
 
@@ -28,12 +29,12 @@ class Tokenizer:
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         # named special tokens: bos/eos/pad/unk, and extras such as image_token, written either at the
         # top level (transformers 5) or under extra_special_tokens (transformers 4)
-        self.special_tokens = {k: _token_text(v) for k, v in config.items()
-                               if k.endswith("_token") and isinstance(v, (str, dict)) and _token_text(v)}
+        self.special_tokens = {k: token_text(v) for k, v in config.items()
+                               if k.endswith("_token") and isinstance(v, (str, dict)) and token_text(v)}
         extra = config.get("extra_special_tokens") or {}
         if isinstance(extra, dict):
-            self.special_tokens.update({k: _token_text(v) for k, v in extra.items()})
-        self.additional_special_tokens = [_token_text(t) for t in config.get("additional_special_tokens") or []]
+            self.special_tokens.update({k: token_text(v) for k, v in extra.items()})
+        self.additional_special_tokens = [token_text(t) for t in config.get("additional_special_tokens") or []]
 
     @classmethod
     def from_pretrained(cls, folder) -> "Tokenizer":

@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from vlmkit.errors import MediaError
-from vlmkit.io.media import MediaPolicy, _is_tensor, _scheme, load_image, resolve_local_path
+from vlmkit.io.media import MediaPolicy, is_tensor, load_image, resolve_local_path, source_scheme
 from vlmkit.io.net import describe_source, fetch_url
 
 
@@ -65,7 +65,7 @@ def load_video(
         raise MediaError(f"num_frames={num_frames} requested; it must be between 1 and max_frames={max_frames}")
     limits = (num_frames, fps, max_frames, max_pixels_per_frame, desc)
 
-    if _is_tensor(source):
+    if is_tensor(source):
         source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         return _from_array(source, *limits)
@@ -76,7 +76,7 @@ def load_video(
             raise MediaError(f"video is too large: over max_bytes={policy.max_bytes}: {desc}")
         return _decode(io.BytesIO(bytes(source)), *limits)
     if isinstance(source, str):
-        scheme = _scheme(source)
+        scheme = source_scheme(source)
         if scheme in ("http", "https"):
             with tempfile.TemporaryFile() as tmp:  # on disk, not in memory; deleted on close
                 fetch_url(source, tmp, policy)

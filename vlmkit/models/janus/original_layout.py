@@ -62,14 +62,14 @@ def original_config_and_layout(folder, raw: dict) -> tuple[JanusConfig, WeightLa
 
 def _special_token_ids(folder) -> dict:
     from ...io.checkpoint import read_json
-    from ...io.tokenizer import _token_text
+    from ...io.tokenizer import token_text
 
     ids = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
         config = read_json(path) if path.is_file() else {}
         for key in ("bos_token", "eos_token", "pad_token"):
-            token = _token_text(config.get(key))
+            token = token_text(config.get(key))
             if token and f"{key}_id" not in ids and added_token_id(folder, token) is not None:
                 ids[f"{key}_id"] = added_token_id(folder, token)
     return ids

@@ -75,8 +75,8 @@ class JanusProcessor:
             kwargs.pop(key, None)
         if conversations is not None or prompt is not None:
             from .vlchat import vlchat_call
-            return vlchat_call(self, prompt=prompt, conversations=conversations, images=images,
-                               force_batchify=force_batchify)
+            return vlchat_call(self, system_prompt=DEFAULT_SYSTEM_PROMPT, prompt=prompt, conversations=conversations,
+                               images=images, force_batchify=force_batchify)
         if text is None:
             raise InputError("JanusProcessor needs text (a prompt, or a list of prompts)")
         texts = [text] if isinstance(text, str) else list(text)

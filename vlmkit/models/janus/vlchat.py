@@ -25,10 +25,10 @@ def format_conversation(messages: list[dict], system_prompt: str) -> str:
     return "".join(parts).strip()
 
 
-def vlchat_call(processor, *, prompt=None, conversations=None, images=None, force_batchify: bool = True):
-    """One sample (or a batch: a list of conversations) in the original processor's output layout."""
-    from .processing import DEFAULT_SYSTEM_PROMPT
-
+def vlchat_call(processor, *, system_prompt: str, prompt=None, conversations=None, images=None,
+                force_batchify: bool = True):
+    """One sample (or a batch: a list of conversations) in the original processor's output layout;
+    ``system_prompt`` opens each formatted conversation."""
     if (prompt is None) == (conversations is None):
         raise InputError("pass exactly one of prompt= or conversations=")
     batched = conversations is not None and conversations and isinstance(conversations[0], (list, tuple))
@@ -36,7 +36,7 @@ def vlchat_call(processor, *, prompt=None, conversations=None, images=None, forc
     image_groups = images if batched else [images or []]
     if len(image_groups) != len(samples):
         raise InputError(f"{len(samples)} conversations but {len(image_groups)} image lists")
-    system = DEFAULT_SYSTEM_PROMPT.rstrip("\n")
+    system = system_prompt.rstrip("\n")
     texts = [prompt if sample is None else format_conversation(sample, system) for sample in samples]
     pad_id = processor.tokenizer.pad_token_id
     rows, sample_pixels = [], []

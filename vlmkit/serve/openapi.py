@@ -28,13 +28,23 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
+# one server-sent event of a streamed answer (OpenAPI 3.1: the schema describes each event)
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk or an image event as JSON, an "
+                                                                        "error body, or [DONE]"},
+                             "event": {"type": "string"}}}
+
 # what each route may answer besides 200 (401 only where an API key is set; 503 while loading or busy)
 CHAT_RESPONSES = {
     200: {"model": ChatCompletion, "description": "the answer; with stream=true, server-sent "
                                                   "chat.completion.chunk events ending in 'data: [DONE]'",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
     **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
-IMAGE_RESPONSES = {200: {"model": ImagesResponse}, **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
+IMAGE_RESPONSES = {
+    200: {"model": ImagesResponse, "description": "the pictures; with stream=true, server-sent "
+                                                 "image_generation.partial_image and .completed events",
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
 MODELS_RESPONSES = {200: {"model": ModelList}, **_errors(401)}
 STATS_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(401, 503)}
 HEALTH_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}},

@@ -1,0 +1,57 @@
+"""Fuzzing the server from its own published schema (schemathesis): no request the schema lets a client
+build, nor one it does not, gets a 5xx, and every response conforms to the schema (status code, content
+type, body). Kept short: a bounded number of examples per operation and answers of a few tokens."""
+
+import pytest
+from serve_support import serve
+
+schemathesis = pytest.importorskip("schemathesis")  # in the test extra
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402 (comes with schemathesis)
+from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,  # noqa: E402
+                                 response_schema_conformance, status_code_conformance)
+
+LIMITS = dict(default_max_tokens=2, max_n=2, max_images=2, max_image_pixels=64 * 64, max_request_pixels=2 * 64 * 64,
+              max_body_bytes=256 * 1024)
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          negative_data_rejection]
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(janus_dir):
+    with serve(janus_dir, limits=LIMITS, body_timeout_s=5) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed_server):
+    return schemathesis.openapi.from_url(fuzzed_server.url + "/openapi.json")
+
+
+def _short(case) -> None:
+    """Answers of a few tokens: the fuzzer is after bad input, not long decoding."""
+    body = case.body
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body, dict) and type(body.get(name)) is int and body[name] > 4:
+            body[name] = 4
+
+
+POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
+# (method, path, what the fuzzer makes: bodies the schema allows or ones it does not, examples)
+CASES = [("POST", "/v1/chat/completions", POSITIVE, 150), ("POST", "/v1/chat/completions", NEGATIVE, 150),
+         ("POST", "/v1/images/generations", POSITIVE, 60), ("POST", "/v1/images/generations", NEGATIVE, 60),
+         ("GET", "/v1/models", POSITIVE, 3), ("GET", "/health", POSITIVE, 3), ("GET", "/stats", POSITIVE, 3)]
+
+
+@pytest.mark.parametrize("method,path,mode,examples", CASES, ids=[f"{m} {p} {g.value}" for m, p, g, _ in CASES])
+def test_no_request_from_the_schema_gets_a_5xx_and_every_answer_conforms(api_schema, fuzzed_server, method, path,
+                                                                         mode, examples):
+    operation = api_schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    def check(case):
+        _short(case)
+        case.call_and_validate(base_url=fuzzed_server.url, checks=CHECKS, timeout=60)
+
+    check()

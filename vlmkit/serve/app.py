@@ -23,6 +23,7 @@ from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large
 from .http import uvicorn_config
 from .image_stream import image_sse
+from .pages import install_playground
 from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
 from .schemas import ModelCard, ModelList, Usage, error_body, new_id
 
@@ -160,6 +161,8 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             return _error_response(err)
 
     app.include_router(router)
+    if config.playground:
+        install_playground(app, state)
     return app
 
 

@@ -58,6 +58,7 @@ class ServeConfig:
     keep_alive_s: int = 5
     max_header_bytes: int = 64 * 1024  # one request's headers (h11's incomplete-event limit)
     docs: bool = False  # serve the interactive API page at /docs (the schema is always at /openapi.json)
+    playground: bool = True  # serve the web playground at /
 
     @property
     def model_name(self) -> str:
@@ -125,6 +126,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                       help="size of one request's headers (larger: 400)")
     http.add_argument("--docs", action="store_true", help="serve the interactive API page at /docs")
+    http.add_argument("--no-playground", action="store_true", help="do not serve the web playground at /")
 
 
 def config_from_args(args) -> ServeConfig:
@@ -150,4 +152,4 @@ def config_from_args(args) -> ServeConfig:
                        body_timeout_s=getattr(args, "body_timeout", ServeConfig.body_timeout_s),
                        keep_alive_s=getattr(args, "keep_alive_timeout", ServeConfig.keep_alive_s),
                        max_header_bytes=getattr(args, "max_header_bytes", ServeConfig.max_header_bytes),
-                       docs=getattr(args, "docs", False))
+                       docs=getattr(args, "docs", False), playground=not getattr(args, "no_playground", False))

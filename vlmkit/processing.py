@@ -1,11 +1,14 @@
-"""What every family's processor shares: the output container (``BatchFeature``), chat-template
-rendering of conversations with image/video content blocks, and expanding image placeholders."""
+"""What every family's processor shares: the output container (``BatchFeature``), the base class with
+chat-template rendering and decoding (``ProcessorBase``), conversations with image/video content
+blocks, and expanding image placeholders."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .errors import InputError
+from .io.checkpoint import read_json
 
 
 class BatchFeature(dict):
@@ -27,6 +30,65 @@ class BatchFeature(dict):
                 value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
             moved[key] = value
         return moved
+
+
+def config_file(folder: Path, name: str) -> dict:
+    """A checkpoint's JSON file as a dict, or ``{}`` when the folder has no such file."""
+    return read_json(folder / name) if (folder / name).is_file() else {}
+
+
+class ProcessorBase:
+    """``apply_chat_template``, ``decode`` and ``batch_decode`` as transformers' processors have them,
+    over a family's ``tokenizer``, ``chat_template`` and ``__call__``. A family sets which keyword
+    arguments of ``apply_chat_template`` are for its ``__call__`` and says how rendered prompts become
+    model inputs (``encode_chat``)."""
+
+    tokenizer = None
+    chat_template: str | None = None
+    # keyword arguments of apply_chat_template that go to the processor call, not to the template
+    chat_call_options: tuple[str, ...] = ("padding", "padding_side", "return_tensors")
+    # turn plain-string message contents into one text block (templates that iterate content blocks
+    # render a plain string as nothing)
+    chat_content_as_blocks: bool = True
+    # transformers' ``processor_kwargs=`` joins the call options (else it is accepted and dropped)
+    chat_takes_processor_kwargs: bool = False
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+        """Render conversation(s) with the checkpoint's chat template (or ``chat_template``); with
+        ``tokenize=True`` return model inputs, the media named in the messages' content blocks loaded."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InputError("this checkpoint has no chat template")
+        conversations, batched = normalize_conversations(conversation)
+        if self.chat_content_as_blocks:
+            conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
+        call_options = {k: kwargs.pop(k) for k in self.chat_call_options if k in kwargs}
+        processor_kwargs = kwargs.pop("processor_kwargs", None)
+        if self.chat_takes_processor_kwargs:
+            call_options.update(processor_kwargs or {})
+        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                                     chat_template=template, **kwargs)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        features = self.encode_chat(prompts, conversations, call_options)
+        return features if return_dict else features["input_ids"]
+
+    def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
+        """Model inputs for rendered ``prompts`` of ``conversations`` (the family's own)."""
+        raise NotImplementedError
+
+    def prompts_start_with_bos(self, prompts: list[str]) -> bool:
+        """Whether the template already wrote BOS (then tokenising must not add another)."""
+        return self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        """Token ids back to text (the tokenizer's ``decode``)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        """Rows of token ids back to texts (the tokenizer's ``batch_decode``)."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:

@@ -9,9 +9,9 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import load_image
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_and_normalize
 
-IDEFICS_STANDARD_MEAN = [0.48145466, 0.4578275, 0.40821073]
-IDEFICS_STANDARD_STD = [0.26862954, 0.26130258, 0.27577711]
+IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
 
 
 @dataclass
@@ -37,11 +37,8 @@ class IdeficsImageProcessor:
                 raise InputError(f"IDEFICS needs a square image size, got {size}")
             size = size["height"]
         size = size or config.get("image_size") or 224
-        known = {k: config[k] for k in ("image_mean", "image_std", "rescale_factor", "resample", "image_num_channels",
-                                        "do_resize", "do_rescale", "do_normalize") if config.get(k) is not None}
-        for key in ("image_mean", "image_std"):
-            if key in known and not isinstance(known[key], (list, tuple)):
-                known[key] = [known[key]] * 3
+        known = known_settings(config, ("image_mean", "image_std", "rescale_factor", "resample",
+                                        "image_num_channels", "do_resize", "do_rescale", "do_normalize"))
         return cls(image_size=int(size), **known)
 
     @property
@@ -55,11 +52,8 @@ class IdeficsImageProcessor:
         if self.do_resize:
             image = image.resize((self.image_size, self.image_size), Image.Resampling(self.resample))
         pixels = np.asarray(image, dtype=np.uint8)
-        values = pixels.astype(np.float32)
-        if self.do_rescale:  # float64 multiply, then float32: the reference's exact arithmetic
-            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        if self.do_normalize:
-            values = (values - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
+                                       self.image_mean if self.do_normalize else None, self.image_std)
         return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
 
     def __call__(self, images, transform=None, **_ignored) -> torch.Tensor:

@@ -3,7 +3,6 @@ values padded to the batch's largest image count, and the ``image_attention_mask
 cross-attention which image each token may see. Mirrors transformers' IdeficsProcessor; unlike it, keeps
 the checkpoint's chat template and places a conversation's images where the user put them."""
 
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -12,9 +11,9 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.chat_template import find_chat_template
-from ...io.checkpoint import read_json, resolve_model_path
+from ...io.checkpoint import resolve_model_path
 from ...io.tokenizer import Tokenizer
-from ...processing import BatchFeature, media_from_messages, normalize_conversations
+from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
 from .image_processing import IdeficsImageProcessor
 
 IMAGE_TOKEN = "<image>"
@@ -49,11 +48,7 @@ def is_url(text: str) -> bool:
     return bool(parsed.scheme and parsed.netloc)
 
 
-def _config_file(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-
-class IdeficsProcessor:
+class IdeficsProcessor(ProcessorBase):
     """Tokenizer + image processor + the IDEFICS prompt conventions."""
 
     def __init__(self, image_processor: IdeficsImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None):
@@ -70,8 +65,8 @@ class IdeficsProcessor:
     def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "IdeficsProcessor":
         """Load from a checkpoint folder or the local HF cache (``backend=`` and such are accepted and ignored)."""
         folder = resolve_model_path(name_or_path, revision)
-        processor_config = _config_file(folder, "processor_config.json")
-        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
+        processor_config = config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
         tokenizer = Tokenizer.from_pretrained(folder)
         return cls(IdeficsImageProcessor.from_config(image_config), tokenizer,
                    chat_template=find_chat_template(folder, processor_config, tokenizer.config))
@@ -150,23 +145,15 @@ class IdeficsProcessor:
                             pixel_values=torch.stack(padded), image_attention_mask=mask)
 
     # --- chat ----------------------------------------------------------------------------------
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
-        """Render conversation(s) with the checkpoint's chat template. With ``tokenize=True`` return model
-        inputs: each image block of the messages (``image``/``url``/``path``/``base64``) becomes an image
+    chat_call_options = _CALL_OPTIONS
+    chat_content_as_blocks = False  # IDEFICS's template reads plain-string contents as they are
+
+    def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
+        """Each image block of the messages (``image``/``url``/``path``/``base64``) becomes an image
         exactly where the template writes the image token ``<image>``."""
-        template = chat_template or self.chat_template
-        conversations, batched = normalize_conversations(conversation)
-        call_options = {k: kwargs.pop(k) for k in _CALL_OPTIONS if k in kwargs}
-        kwargs.pop("processor_kwargs", None)
-        rendered = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                      chat_template=template, **kwargs)
-        if not tokenize:
-            return rendered if batched else rendered[0]
         samples = [self._chat_items(text, media_from_messages(messages, "image"), row)
-                   for row, (text, messages) in enumerate(zip(rendered, conversations))]
-        features = self._encode(samples, **call_options)
-        return features if return_dict else features["input_ids"]
+                   for row, (text, messages) in enumerate(zip(prompts, conversations))]
+        return self._encode(samples, **call_options)
 
     def _chat_items(self, rendered: str, images: list, row: int) -> list[tuple[str, object]]:
         bos = self.tokenizer.bos_token
@@ -182,12 +169,6 @@ class IdeficsProcessor:
             if piece:
                 items.append(("text", piece))
         return items
-
-    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def _prompts_from_arguments(images, text) -> list[list]:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import load_image
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, rescale_and_normalize
 
 
 @dataclass
@@ -18,8 +19,8 @@ class JanusImageProcessor:
 
     size: int = 384
     min_size: int = 14
-    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
-    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     rescale_factor: float = 1 / 255
     do_resize: bool = True
     do_pad: bool = True
@@ -37,17 +38,13 @@ class JanusImageProcessor:
             if size.get("height") != size.get("width"):
                 raise InputError(f"Janus needs a square image size, got {size}")
             size = size["height"]
-        known = {k: config[k] for k in ("min_size", "image_mean", "image_std", "rescale_factor", "do_resize",
-                                        "do_pad", "do_rescale", "do_normalize", "resample")
-                 if config.get(k) is not None}
-        for key in ("image_mean", "image_std"):
-            if key in known and not isinstance(known[key], (list, tuple)):
-                known[key] = [known[key]] * 3
+        known = known_settings(config, ("min_size", "image_mean", "image_std", "rescale_factor", "do_resize",
+                                        "do_pad", "do_rescale", "do_normalize", "resample"))
         return cls(size=int(size), **known)
 
     @property
     def background_color(self) -> tuple[int, int, int]:
-        return tuple(int(x * 255) for x in self.image_mean)
+        return mean_colour(self.image_mean)
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Longest side to ``size``, the other scaled alike but never below ``min_size`` (bicubic)."""
@@ -60,19 +57,7 @@ class JanusImageProcessor:
 
     def pad_to_square(self, pixels: np.ndarray) -> np.ndarray:
         """Centre ``pixels`` [H, W, 3] on a square canvas of the background colour."""
-        height, width = pixels.shape[:2]
-        if height == width:
-            return pixels
-        side = max(height, width)
-        canvas = np.empty((side, side, 3), dtype=pixels.dtype)
-        canvas[...] = np.asarray(self.background_color, dtype=pixels.dtype)
-        if width > height:
-            top = (side - height) // 2
-            canvas[top:top + height] = pixels
-        else:
-            left = (side - width) // 2
-            canvas[:, left:left + width] = pixels
-        return canvas
+        return pad_to_square(pixels, self.background_color)
 
     def preprocess_one(self, image) -> torch.Tensor:
         """One image (any source ``load_image`` takes) to a float32 tensor [3, size, size]."""
@@ -82,14 +67,8 @@ class JanusImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8)
         if self.do_pad:
             pixels = self.pad_to_square(pixels)
-        # float64 multiply then float32, normalise in float32: the reference's exact arithmetic
-        values = pixels.astype(np.float32)
-        if self.do_rescale:
-            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)
-            std = np.asarray(self.image_std, dtype=np.float32)
-            values = (values - mean) / std
+        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
+                                       self.image_mean if self.do_normalize else None, self.image_std)
         return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
 
     def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:

@@ -1,15 +1,14 @@
 """JanusProcessor: prompts with image placeholders expanded to the image-token block, images to
 pixel values, chat templates, decoding. Mirrors transformers' JanusProcessor."""
 
-from pathlib import Path
 
 
 from ...errors import InputError
-from ...io.checkpoint import read_json, resolve_model_path
+from ...io.checkpoint import resolve_model_path
 from ...io.media import load_image
 from ...io.tokenizer import Tokenizer
-from ...processing import (BatchFeature, content_as_blocks, expand_placeholders, flatten_images,
-                           media_from_messages, normalize_conversations)
+from ...processing import (BatchFeature, ProcessorBase, config_file, expand_placeholders, flatten_images,
+                           media_from_messages)
 from .image_processing import JanusImageProcessor
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -19,11 +18,7 @@ DEFAULT_SYSTEM_PROMPT = (
 IMAGE_TOKEN, BEGIN_IMAGE_TOKEN, END_IMAGE_TOKEN = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 
 
-def _config_file(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-
-class JanusProcessor:
+class JanusProcessor(ProcessorBase):
     """Tokenizer + image processor + the Janus prompt conventions."""
 
     def __init__(self, image_processor: JanusImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None,
@@ -44,9 +39,9 @@ class JanusProcessor:
         """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache.
         ``media_policy`` (a ``vlmkit.io.media.MediaPolicy``) bounds image fetches."""
         folder = resolve_model_path(name_or_path, revision)
-        processor_config = _config_file(folder, "processor_config.json")
-        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
-        model_config = _config_file(folder, "config.json")
+        processor_config = config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
+        model_config = config_file(folder, "config.json")
         tokenizer = Tokenizer.from_pretrained(folder)
         if tokenizer.padding_side == "right":
             tokenizer.padding_side = "left"  # Janus pads prompts on the left
@@ -102,33 +97,14 @@ class JanusProcessor:
             features["pixel_values"] = self.image_processor([load_image(i, self.media_policy) for i in flat_images])["pixel_values"]
         return features
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
-        """Render conversation(s) with the checkpoint's template; with ``tokenize=True`` also load the
-        images named in the messages (``url``/``path``/``image``/``base64``) and return model inputs."""
-        template = chat_template or self.chat_template
-        if template is None:
-            raise InputError("this checkpoint has no chat template")
-        conversations, batched = normalize_conversations(conversation)
-        conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
-        call_options = {k: kwargs.pop(k) for k in ("generation_mode", "padding", "padding_side", "return_tensors")
-                        if k in kwargs}
-        kwargs.pop("processor_kwargs", None)
-        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                     chat_template=template, **kwargs)
-        if not tokenize:
-            return prompts if batched else prompts[0]
+    chat_call_options = ("generation_mode", "padding", "padding_side", "return_tensors")
+
+    def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
+        """The rendered prompts with the images their messages name (``url``/``path``/``image``/``base64``)."""
         images = [media_from_messages(messages, "image") for messages in conversations]
-        starts_with_bos = self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
-        features = self(prompts, images=images if any(images) else None,
-                        add_special_tokens=not starts_with_bos, **call_options)
-        return features if return_dict else features["input_ids"]
+        return self(prompts, images=images if any(images) else None,
+                    add_special_tokens=not self.prompts_start_with_bos(prompts), **call_options)
 
-    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def postprocess(self, images, **kwargs):
         """Generated pixels back to images (see ``JanusImageProcessor.postprocess``)."""

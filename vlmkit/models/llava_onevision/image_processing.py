@@ -15,11 +15,9 @@ from torch.nn import functional as F
 
 from ...errors import InputError
 from ...io.media import load_image
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, rescale_and_normalize
 from . import anyres
 from .config import DEFAULT_GRID_PINPOINTS
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _square_size(size) -> int:
@@ -55,12 +53,8 @@ class LlavaOnevisionImageProcessor:
     def from_config(cls, config: dict) -> "LlavaOnevisionImageProcessor":
         """From a ``preprocessor_config.json`` dict (or the ``image_processor`` section of
         ``processor_config.json``, or a video processor config)."""
-        known = {k: config[k] for k in ("image_grid_pinpoints", "image_mean", "image_std", "rescale_factor",
-                                        "resample", "do_resize", "do_rescale", "do_normalize", "do_pad")
-                 if config.get(k) is not None}
-        for key in ("image_mean", "image_std"):
-            if key in known and not isinstance(known[key], (list, tuple)):
-                known[key] = [known[key]] * 3
+        known = known_settings(config, ("image_grid_pinpoints", "image_mean", "image_std", "rescale_factor",
+                                        "resample", "do_resize", "do_rescale", "do_normalize", "do_pad"))
         if config.get("do_center_crop"):
             raise InputError("center-cropping image processors are not LLaVA-OneVision's; check the checkpoint")
         return cls(size=_square_size(config.get("size") or 384), **known)
@@ -73,13 +67,8 @@ class LlavaOnevisionImageProcessor:
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> float32 [3, H, W] with the reference's arithmetic: rescale in float64
         then cast, normalise in float32."""
-        values = pixels.astype(np.float32)
-        if self.do_rescale:
-            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)
-            std = np.asarray(self.image_std, dtype=np.float32)
-            values = (values - mean) / std
+        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
+                                       self.image_mean if self.do_normalize else None, self.image_std)
         return values.transpose(2, 0, 1)
 
     def anyres_patches(self, image: Image.Image) -> list[np.ndarray]:
@@ -96,21 +85,7 @@ class LlavaOnevisionImageProcessor:
 
     def square_patch(self, image: Image.Image) -> np.ndarray:
         """The whole image centred on a square of the mean colour (multi-image prompts)."""
-        pixels = np.asarray(image)
-        height, width = pixels.shape[:2]
-        if height != width:
-            side = max(height, width)
-            # the reference truncates mean * 255 (0.5 -> 127)
-            canvas = np.empty((side, side, 3), dtype=np.uint8)
-            canvas[...] = np.asarray([int(m * 255) for m in self.image_mean], dtype=np.uint8)
-            if width > height:
-                top = (side - height) // 2
-                canvas[top:top + height] = pixels
-            else:
-                left = (side - width) // 2
-                canvas[:, left:left + width] = pixels
-            pixels = canvas
-        return pixels
+        return pad_to_square(np.asarray(image), mean_colour(self.image_mean))
 
     def preprocess_one(self, image, anyres_tiling: bool = True) -> np.ndarray:
         """One image (any source ``load_image`` takes) -> float32 [num_patches, 3, size, size]."""

@@ -2,19 +2,18 @@
 makes features, images to anyres pixel values, videos to frames, chat templates, decoding. Mirrors
 transformers' LlavaOnevisionProcessor (images through its PIL backend, videos through its video processor)."""
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ...errors import InputError
-from ...io.checkpoint import read_json, resolve_model_path
+from ...io.checkpoint import resolve_model_path
 from ...io.chat_template import find_chat_template
 from ...io.tokenizer import Tokenizer
 from ...io.video import load_video
-from ...processing import (BatchFeature, content_as_blocks, expand_placeholders, flatten_images,
-                           media_from_messages, normalize_conversations)
+from ...processing import (BatchFeature, ProcessorBase, config_file, expand_placeholders, flatten_images,
+                           media_from_messages)
 from . import anyres
 from .config import parse_max_num_patches
 from .image_processing import LlavaOnevisionImageProcessor
@@ -22,11 +21,7 @@ from .image_processing import LlavaOnevisionImageProcessor
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 
 
-def _config_file(folder: Path, name: str) -> dict:
-    return read_json(folder / name) if (folder / name).is_file() else {}
-
-
-class LlavaOnevisionProcessor:
+class LlavaOnevisionProcessor(ProcessorBase):
     """Tokenizer + image/video preprocessing + the OneVision placeholder rules."""
 
     def __init__(self, image_processor: LlavaOnevisionImageProcessor, tokenizer: Tokenizer,
@@ -54,10 +49,10 @@ class LlavaOnevisionProcessor:
         """Load from a checkpoint folder or the HF cache. Reads transformers 5's single
         ``processor_config.json`` and the older separate preprocessor/video-preprocessor files alike."""
         folder = resolve_model_path(name_or_path, revision)
-        processor_config = _config_file(folder, "processor_config.json")
-        image_config = processor_config.get("image_processor") or _config_file(folder, "preprocessor_config.json")
+        processor_config = config_file(folder, "processor_config.json")
+        image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
         video_config = (processor_config.get("video_processor")
-                        or _config_file(folder, "video_preprocessor_config.json") or image_config)
+                        or config_file(folder, "video_preprocessor_config.json") or image_config)
         tokenizer = Tokenizer.from_pretrained(folder)
         return cls(LlavaOnevisionImageProcessor.from_config(image_config), tokenizer,
                    video_processor=LlavaOnevisionImageProcessor.from_config(video_config),
@@ -127,37 +122,18 @@ class LlavaOnevisionProcessor:
         texts = expand_placeholders(texts, self.video_token, None, tokens.__getitem__, len(frames), kind="video")
         return texts, {"pixel_values_videos": torch.stack(frames)}
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
-        """Render conversation(s) with the checkpoint's template; with ``tokenize=True`` also load the
-        images and videos named in the messages (``url``/``path``/``image``/``video``) and return model
-        inputs. Each conversation's images form one group: two images in one conversation are a
-        multi-image prompt (no anyres tiling), as in the reference."""
-        template = chat_template or self.chat_template
-        if template is None:
-            raise InputError("this checkpoint has no chat template")
-        conversations, batched = normalize_conversations(conversation)
-        # the template iterates content blocks; a plain-string content would render as nothing
-        conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
-        call_options = {k: kwargs.pop(k) for k in ("padding", "padding_side", "return_tensors", "num_frames", "fps")
-                        if k in kwargs}
-        call_options.update(kwargs.pop("processor_kwargs", None) or {})
-        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                     chat_template=template, **kwargs)
-        if not tokenize:
-            return prompts if batched else prompts[0]
+    chat_call_options = ("padding", "padding_side", "return_tensors", "num_frames", "fps")
+    chat_takes_processor_kwargs = True
+
+    def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
+        """The rendered prompts with the images and videos their messages name (``url``/``path``/
+        ``image``/``video``). Each conversation's images form one group: two images in one conversation
+        are a multi-image prompt (no anyres tiling), as in the reference."""
         images = [media_from_messages(messages, "image") for messages in conversations]
         videos = [v for messages in conversations for v in media_from_messages(messages, "video")]
-        starts_with_bos = self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
-        features = self(images=images if any(images) else None, text=prompts, videos=videos or None,
-                        add_special_tokens=not starts_with_bos, **call_options)
-        return features if return_dict else features["input_ids"]
+        return self(images=images if any(images) else None, text=prompts, videos=videos or None,
+                    add_special_tokens=not self.prompts_start_with_bos(prompts), **call_options)
 
-    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def _image_groups(images) -> list[list]:

@@ -1,0 +1,55 @@
+"""Pixel arithmetic every family's image processor shares, written once with the reference's exact
+numerics: rescale and normalise a uint8 picture, centre it on a square of the mean colour, and read
+the per-channel settings of a preprocessor config."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# OpenAI CLIP's mean/std: transformers' defaults for these processors (the real checkpoints often
+# override them, so a config is always read)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def rescale_and_normalize(pixels: np.ndarray, rescale_factor: float | None, mean, std) -> np.ndarray:
+    """uint8 [H, W, C] -> float32 [H, W, C]: times ``rescale_factor`` (in float64, then cast, as
+    transformers' PIL backend does), then ``(x - mean) / std`` in float32. ``None`` skips a step."""
+    values = pixels.astype(np.float32)
+    if rescale_factor is not None:
+        values = (pixels.astype(np.float64) * rescale_factor).astype(np.float32)
+    if mean is not None:
+        values = (values - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return values
+
+
+def mean_colour(mean) -> tuple[int, ...]:
+    """The padding colour of a normalisation mean: ``int(m * 255)`` per channel (the reference
+    truncates, so 0.5 gives 127)."""
+    return tuple(int(m * 255) for m in mean)
+
+
+def pad_to_square(pixels: np.ndarray, colour) -> np.ndarray:
+    """Centre ``pixels`` [H, W, C] on a square canvas filled with ``colour``; square input is returned as is."""
+    height, width = pixels.shape[:2]
+    if height == width:
+        return pixels
+    side = max(height, width)
+    canvas = np.empty((side, side, pixels.shape[2]), dtype=pixels.dtype)
+    canvas[...] = np.asarray(colour, dtype=pixels.dtype)
+    if width > height:
+        top = (side - height) // 2
+        canvas[top:top + height] = pixels
+    else:
+        left = (side - width) // 2
+        canvas[:, left:left + width] = pixels
+    return canvas
+
+
+def known_settings(config: dict, keys: tuple[str, ...]) -> dict:
+    """The ``keys`` a preprocessor config sets (not null), with a scalar mean or std spread to three channels."""
+    known = {k: config[k] for k in keys if config.get(k) is not None}
+    for key in ("image_mean", "image_std"):
+        if key in known and not isinstance(known[key], (list, tuple)):
+            known[key] = [known[key]] * 3
+    return known

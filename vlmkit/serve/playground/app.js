@@ -122,10 +122,20 @@ async function send(event) {
       for (const choice of chunk.choices) answer.textContent += choice.delta.content || "";
       answer.parentElement.scrollIntoView({ block: "end" });
     });
+    history.push({ role: "assistant", content: answer.textContent });
   } catch (err) {
-    if (err.name !== "AbortError") showError(err.message);
+    if (err.name === "AbortError") {
+      history.push({ role: "assistant", content: answer.textContent });  // a stopped answer stays as far as it got
+    } else {  // the turn did not happen: take it back, so it can be sent again
+      showError(err.message);
+      history.pop();
+      answer.parentElement.previousElementSibling.remove();
+      answer.parentElement.remove();
+      $("prompt").value = text;
+      attachments = content.slice(1).map((part) => part.image_url.url);
+      showAttachments();
+    }
   } finally {
-    history.push({ role: "assistant", content: answer.textContent });  // a stopped answer stays as far as it got
     answer.parentElement.dataset.done = "true";
     setChatBusy(false);
   }
@@ -179,6 +189,7 @@ async function draw(event) {
         figure.download.hidden = false;
       } else {
         figure.status.textContent = `preview ${data.partial_image_index + 1}`;
+        figure.img.dataset.previews = data.partial_image_index + 1;
       }
     });
   } catch (err) {

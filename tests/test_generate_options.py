@@ -1,0 +1,253 @@
+"""generate's decoding options against transformers on the three families' tiny checkpoints (fp32):
+each option of the logits pipeline, the user's logits processors and stopping criteria, scores and
+logits in the returned dict, and beam search give the same token ids (scores within 1e-4); options
+vlmkit cannot honour are errors naming them."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlmkit.errors import InputError
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.set_verbosity_error()
+
+NEW_TOKENS = 6
+FAMILIES = ["janus", "llava_onevision", "idefics"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only fights other processes for the cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def _janus(request, images):
+    from janus_reference import chat_inputs, ours, reference
+
+    path = str(request.getfixturevalue("janus_dir"))
+    (ref_processor, ref_model), (processor, model) = reference(path), ours(path)
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": question}]}]
+                     for image, question in [(images["square"], "What do you see in this image, in detail?"),
+                                             (images["wide"], "Describe it.")]]
+    return SimpleNamespace(ref_model=ref_model, model=model, ref_inputs=chat_inputs(ref_processor, conversations,
+                                                                                    padding=True),
+                           inputs=chat_inputs(processor, conversations, padding=True),
+                           mode={"generation_mode": "text"})
+
+
+def _llava_onevision(request, images):
+    (ref_processor, ref_model) = request.getfixturevalue("onevision_reference")
+    (processor, model) = request.getfixturevalue("onevision_vlmkit")
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": question}]}]
+                     for image, question in [(images["tall"], "What is shown in this image? Be brief."),
+                                             (images["square"], "And here?")]]
+    options = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True,
+                   padding_side="left")
+    return SimpleNamespace(ref_model=ref_model, model=model,
+                           ref_inputs=ref_processor.apply_chat_template(conversations, **options),
+                           inputs=processor.apply_chat_template(conversations, **options), mode={})
+
+
+def _idefics(request, images):
+    from vlmkit.models.idefics import IdeficsForVisionText2Text, IdeficsProcessor
+
+    path = str(request.getfixturevalue("idefics_resampler_dir"))
+    ref_processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
+    ref_model = transformers.IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [["User:", images["square"], "What is in the image?\nAssistant:"],
+               ["User:", images["wide"], "Describe it.\nAssistant:"]]
+    return SimpleNamespace(ref_model=ref_model, model=IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32),
+                           ref_inputs=ref_processor(text=prompts), inputs=IdeficsProcessor.from_pretrained(path)(text=prompts),
+                           mode={}, processor=ref_processor)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, sample_images):
+    """A padded batch of two image prompts for the reference and vlmkit, and vlmkit's plain greedy output."""
+    case = {"janus": _janus, "llava_onevision": _llava_onevision, "idefics": _idefics}[request.param](
+        request, sample_images)
+    assert torch.equal(case.ref_inputs["input_ids"], case.inputs["input_ids"])
+    assert not bool(case.inputs["attention_mask"][:, 0].all())  # left padding in the batch
+    case.name = request.param
+    case.prompt_length = case.inputs["input_ids"].shape[1]
+    case.plain = case.model.generate(**case.inputs, **case.mode, max_new_tokens=NEW_TOKENS)
+    case.first = case.plain[0, case.prompt_length:].tolist()  # the first row's greedy tokens
+    return case
+
+
+def generate_both(case, **options):
+    """(reference output, vlmkit output) for the same options."""
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **case.mode, **options)
+    return case.ref_model.generate(**case.ref_inputs, **options), case.model.generate(**case.inputs, **options)
+
+
+def assert_same_steps(expected, got):
+    for name in ("scores", "logits"):
+        assert len(getattr(got, name)) == len(getattr(expected, name)), name
+        for want, have in zip(getattr(expected, name), getattr(got, name)):
+            assert want.shape == have.shape
+            assert torch.allclose(have, want, atol=1e-4, rtol=0), name
+
+
+# Options built from the first row's greedy tokens t (and the prompt length n), so that each one
+# bites on whatever the random checkpoint generates. `changes`: the first row must differ from greedy.
+OPTION_CASES = {
+    "repetition_penalty": (lambda t, n: dict(repetition_penalty=1.6), False),
+    "no_repeat_ngram_size": (lambda t, n: dict(no_repeat_ngram_size=2), False),
+    "min_new_tokens": (lambda t, n: dict(eos_token_id=t[1], min_new_tokens=4), False),
+    "min_length": (lambda t, n: dict(eos_token_id=t[1], min_length=n + 3), False),
+    "bad_words_ids one token": (lambda t, n: dict(bad_words_ids=[[t[1]]]), True),
+    "bad_words_ids sequences": (lambda t, n: dict(bad_words_ids=[[t[0], t[1]], [t[2], t[3], t[4]]]), True),
+    "suppress_tokens": (lambda t, n: dict(suppress_tokens=[t[0], t[2]]), True),
+    "begin_suppress_tokens": (lambda t, n: dict(begin_suppress_tokens=[t[0]]), True),
+    "sequence_bias": (lambda t, n: dict(sequence_bias=[[[t[0]], -4.0], [[t[0], t[1]], -2.5], [[t[3]], 1.5]]), False),
+    "renormalize_logits": (lambda t, n: dict(renormalize_logits=True, repetition_penalty=1.2), False),
+    "everything at once": (lambda t, n: dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[t[1]]],
+                                             suppress_tokens=[t[2]], begin_suppress_tokens=[t[3]],
+                                             sequence_bias={(t[0],): -1.0}, eos_token_id=t[4], min_new_tokens=3,
+                                             renormalize_logits=True), True),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTION_CASES))
+def test_logits_option_matches_reference(family, option):
+    make, changes = OPTION_CASES[option]
+    options = make(family.first, family.prompt_length)
+    expected, got = generate_both(family, **options, return_dict_in_generate=True, output_scores=True,
+                                  output_logits=True)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert_same_steps(expected, got)
+    if changes:
+        assert got.sequences[0].tolist() != family.plain[0].tolist()
+
+
+def test_return_dict_has_the_references_fields_by_name_and_position(family):
+    expected, got = generate_both(family, return_dict_in_generate=True, output_scores=True)
+    assert set(got) == set(expected) - {"past_key_values"}
+    assert got[0] is got.sequences and got["scores"] is got.scores and got.logits is None
+    assert len(got.scores) == NEW_TOKENS and got.scores[0].shape == expected.scores[0].shape
+    assert torch.equal(got.sequences, family.plain)
+    assert torch.equal(family.model.generate(**family.inputs, **family.mode, max_new_tokens=NEW_TOKENS,
+                                             output_scores=True), family.plain)  # a tensor without the dict
+
+
+BEAM_CASES = {
+    "three beams": dict(num_beams=3),
+    "return two of four, early stopping": dict(num_beams=4, num_return_sequences=2, length_penalty=0.6,
+                                               early_stopping=True),
+    "never stop early": dict(num_beams=2, early_stopping="never", length_penalty=1.5),
+    "with bans": dict(num_beams=3, num_return_sequences=3, no_repeat_ngram_size=2, repetition_penalty=1.3),
+}
+
+
+@pytest.mark.parametrize("beams", list(BEAM_CASES))
+def test_beam_search_matches_reference(family, beams):
+    # an early end-of-sequence token makes beams finish at different lengths
+    options = dict(BEAM_CASES[beams], eos_token_id=family.first[2], return_dict_in_generate=True, output_scores=True,
+                   output_logits=True)
+    expected, got = generate_both(family, **options)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert got.beam_indices.tolist() == expected.beam_indices.tolist()
+    assert torch.allclose(got.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=0)
+    assert_same_steps(expected, got)
+    plain_expected, plain_got = generate_both(family, **BEAM_CASES[beams])
+    assert plain_got.tolist() == plain_expected.tolist()
+
+
+class BanToken:
+    """A user's logits processor: bans one token and counts its calls."""
+
+    def __init__(self, token: int):
+        self.token, self.calls = token, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        scores = scores.clone()
+        scores[:, self.token] = -torch.inf
+        return scores
+
+
+def test_users_logits_processor_runs_after_the_built_in_ones(family):
+    ours_ban, reference_ban = BanToken(family.first[1]), BanToken(family.first[1])
+    options = dict(max_new_tokens=NEW_TOKENS, repetition_penalty=1.2, return_dict_in_generate=True, output_scores=True)
+    # transformers 5.23's Janus drops logits_processor in text mode; suppressing the token there bans it
+    # at the same point of the pipeline (after the repetition penalty), so the scores must still agree
+    banned = dict(suppress_tokens=[family.first[1]]) if family.name == "janus" else dict(logits_processor=[reference_ban])
+    expected = family.ref_model.generate(**family.ref_inputs, **family.mode, **options, **banned)
+    got = family.model.generate(**family.inputs, **family.mode, logits_processor=[ours_ban], **options)
+    assert ours_ban.calls == NEW_TOKENS
+    assert reference_ban.calls == (0 if family.name == "janus" else NEW_TOKENS)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert family.first[1] not in got.sequences[:, family.prompt_length:].tolist()[0]
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(got.scores, expected.scores))
+
+
+def test_stopping_criteria_stop_rows_as_the_reference(family):
+    calls = []
+
+    def after_three(input_ids, scores, **kwargs):
+        calls.append(input_ids.shape[1])
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= family.prompt_length + 3)
+
+    def on_token(input_ids, scores, **kwargs):  # stops the first row only (it is then padded)
+        return input_ids[:, -1] == family.first[1]
+
+    for criteria in ([after_three], [on_token]):
+        expected, got = generate_both(family, stopping_criteria=criteria)
+        assert got.tolist() == expected.tolist()
+    assert calls[-3:] == [family.prompt_length + 1, family.prompt_length + 2, family.prompt_length + 3]
+    assert got.shape[1] == family.prompt_length + NEW_TOKENS and got[0, -1] != family.plain[0, -1]
+    expected, got = generate_both(family, num_beams=2, stopping_criteria=[after_three])
+    assert got.tolist() == expected.tolist()
+
+
+def test_transformers_generation_config_is_read(family):
+    config = transformers.GenerationConfig(max_new_tokens=4, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]])
+    expected = family.ref_model.generate(**family.ref_inputs, **family.mode, generation_config=config)
+    got = family.model.generate(**family.inputs, **family.mode, generation_config=config)
+    assert got.tolist() == expected.tolist()
+
+
+UNSUPPORTED = {
+    "prefix_allowed_tokens_fn": lambda batch_id, ids: [0], "min_p": 0.1, "typical_p": 0.5,
+    "forced_eos_token_id": 2, "num_beam_groups": 2, "max_time": 1.0,
+}
+
+
+@pytest.mark.parametrize("option", list(UNSUPPORTED))
+def test_options_vlmkit_cannot_honour_are_errors_naming_them(family, option):
+    with pytest.raises(InputError, match=option):
+        family.model.generate(**family.inputs, **family.mode, max_new_tokens=2, **{option: UNSUPPORTED[option]})
+
+
+def test_unsupported_combinations_are_errors(family):
+    generate = lambda **options: family.model.generate(**family.inputs, **family.mode, max_new_tokens=2, **options)  # noqa: E731
+    with pytest.raises(InputError, match="attentions"):
+        generate(return_dict_in_generate=True, output_attentions=True)
+    with pytest.raises(InputError, match="beam sampling"):
+        generate(num_beams=2, do_sample=True)
+    with pytest.raises(InputError, match="num_return_sequences"):
+        generate(num_beams=2, num_return_sequences=3)
+    with pytest.raises(InputError, match="stream"):
+        generate(num_beams=2, streamer=SimpleNamespace(put=lambda tokens: None, end=lambda: None))
+    with pytest.raises(InputError, match="logits_processor"):
+        generate(logits_processor=[42])
+    # neutral values of options vlmkit does not implement change nothing, so they are accepted
+    assert generate(typical_p=1.0, num_beam_groups=1, output_attentions=False).shape[1] == family.prompt_length + 2
+
+
+@pytest.mark.parametrize("option", [dict(num_beams=2), dict(bad_words_ids=[[5]]), dict(logits_processor=[BanToken(5)]),
+                                    dict(return_dict_in_generate=True), dict(min_p=0.2)])
+def test_janus_image_generation_refuses_text_options(janus_dir, option):
+    from janus_reference import ours
+
+    processor, model = ours(str(janus_dir))
+    inputs = processor(text="A red square.", generation_mode="image", return_tensors="pt")
+    with pytest.raises(InputError, match=next(iter(option))):
+        model.generate(**inputs, generation_mode="image", seed=0, **option)

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from . import openapi
 from .config import ServeConfig
-from .requests import ApiError, RequestHandler, api_error, body_too_large
+from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
 from .http import uvicorn_config
 from .image_stream import image_sse
 from .pages import install_playground
@@ -175,8 +175,7 @@ def _route_error(request: Request, err: StarletteHTTPException) -> str:
     if err.status_code == 404:
         return f"this server has no such route; it serves {ROUTES}"
     if err.status_code == 405:
-        allowed = (err.headers or {}).get("Allow", "")
-        return f"method {request.method[:16]!r} is not allowed on this route; use {allowed or 'another method'}"
+        return method_not_allowed(request.method, (err.headers or {}).get("Allow", ""))
     return str(err.detail)
 
 

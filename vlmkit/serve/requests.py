@@ -62,6 +62,11 @@ def _solid_chars(text: str) -> int:
     return sum(map(len, text.split()))
 
 
+def method_not_allowed(method: str, allowed: str) -> str:
+    """The message of a 405 (the server's router and batch rows alike)."""
+    return f"method {method[:16]!r} is not allowed on this route; use {allowed or 'another method'}"
+
+
 def api_error(err: BaseException) -> ApiError:
     """The client-facing form of any error: vlmkit's input, media and template errors are 400s with
     their own message; anything unexpected is a 500 that reveals nothing but its type."""

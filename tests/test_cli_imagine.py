@@ -1,6 +1,8 @@
 """vlmkit imagine on the built-in model: the output folder is checked and made before the model loads,
 existing PNGs are never overwritten unless asked, and each batch is on disk before the next starts."""
 
+import re
+
 import pytest
 from PIL import Image
 
@@ -60,3 +62,9 @@ def test_each_batch_is_written_before_the_next_one_starts(tmp_path, monkeypatch)
     assert main(["imagine", "a red circle", "-o", str(tmp_path), "-n", "3", "--batch-size", "2", "--seed", "1"]) == 0
     assert on_disk == [[], ["image-00.png", "image-01.png"]]
     assert sorted(path.name for path in tmp_path.glob("*.png")) == ["image-00.png", "image-01.png", "image-02.png"]
+
+
+def test_the_progress_bar_shows_how_many_rows_of_the_picture_are_drawn(tmp_path, capsys):
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "--seed", "1"]) == 0
+    rows = re.findall(r"row (\d+)/(\d+)", capsys.readouterr().err)
+    assert rows and rows[-1][0] == rows[-1][1]  # the last update: every row drawn

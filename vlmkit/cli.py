@@ -5,6 +5,7 @@ Every flag value is checked by argparse (``cli_args``) and every path before a m
 import argparse
 import inspect
 import logging
+import math
 import os
 import re
 import sys
@@ -111,6 +112,7 @@ def cmd_imagine(args) -> int:
     batch = args.batch_size or default_max_batch_images(engine.model)
     batches = -(-args.n // batch)
     bar = tqdm(total=1, unit="tok", desc="image tokens", dynamic_ncols=True)
+    side = math.isqrt(engine.model.num_image_tokens)  # the picture is drawn a row of tokens at a time
     written = 0
     for batch_index in range(batches):
         count = min(batch, args.n - written)
@@ -118,6 +120,8 @@ def cmd_imagine(args) -> int:
         def on_step(done, total, offset=batch_index):
             bar.total = total * batches
             bar.update(offset * total + done - bar.n)
+            batch_note = f" of batch {offset + 1}/{batches}" if batches > 1 else ""
+            bar.set_postfix_str(f"row {done * side // total}/{side}{batch_note}", refresh=False)
 
         # One batch at a time, so each batch's PNGs are on disk before the next batch starts.
         images = engine.imagine(args.prompt, count, seed=_batch_seed(args.seed, batch_index), guidance_scale=args.cfg,

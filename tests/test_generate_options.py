@@ -127,6 +127,17 @@ def test_logits_option_matches_reference(family, option):
         assert got.sequences[0].tolist() != family.plain[0].tolist()
 
 
+def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family):
+    # same global seed, same draws: the warpers run after the bans, as in the reference
+    options = dict(do_sample=True, temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                   bad_words_ids=[[family.first[0]]])
+    torch.manual_seed(7)
+    expected = family.ref_model.generate(**family.ref_inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
+    torch.manual_seed(7)
+    got = family.model.generate(**family.inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
+    assert got.tolist() == expected.tolist()
+
+
 def test_return_dict_has_the_references_fields_by_name_and_position(family):
     expected, got = generate_both(family, return_dict_in_generate=True, output_scores=True)
     assert set(got) == set(expected) - {"past_key_values"}

@@ -1,6 +1,8 @@
 """Fuzzing the server from its own published schema (schemathesis): no request the schema lets a client
 build, nor one it does not, gets a 5xx, and every response conforms to the schema (status code, content
-type, body). Kept short: a bounded number of examples per operation and answers of a few tokens."""
+type, body). Kept short: a bounded number of examples per operation and answers of a few tokens (about
+half a minute). Each run draws new examples; a failure prints the seed that repeats it
+(``pytest --hypothesis-seed=N``)."""
 
 import pytest
 from serve_support import serve
@@ -37,8 +39,8 @@ def _short(case) -> None:
 
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
 # (method, path, what the fuzzer makes: bodies the schema allows or ones it does not, examples)
-CASES = [("POST", "/v1/chat/completions", POSITIVE, 150), ("POST", "/v1/chat/completions", NEGATIVE, 150),
-         ("POST", "/v1/images/generations", POSITIVE, 60), ("POST", "/v1/images/generations", NEGATIVE, 60),
+CASES = [("POST", "/v1/chat/completions", POSITIVE, 300), ("POST", "/v1/chat/completions", NEGATIVE, 300),
+         ("POST", "/v1/images/generations", POSITIVE, 100), ("POST", "/v1/images/generations", NEGATIVE, 100),
          ("GET", "/v1/models", POSITIVE, 3), ("GET", "/health", POSITIVE, 3), ("GET", "/stats", POSITIVE, 3)]
 
 

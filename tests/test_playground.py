@@ -138,9 +138,9 @@ def test_a_question_about_an_uploaded_picture_gets_the_models_answer_over_severa
     page.wait_for_selector("#attachments img")
     first = _ask(page, "What is in this image?")
     picture = image_part("data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode())
-    messages = user("What is in this image?", picture)
+    messages = user(picture, "What is in this image?")
     expected = server.chat(messages, max_tokens=256).choices[0].message.content
-    assert first == expected and first
+    assert first == expected == "a blue triangle on the right"
     assert page.locator(".message.user img").count() == 1
     second = _ask(page, "What colour is the shape?")
     messages += [{"role": "assistant", "content": first}, *user("What colour is the shape?")]
@@ -196,11 +196,13 @@ def test_server_errors_are_shown_and_the_api_key_is_sent_once_typed(browser, art
     assert [p for p in watch.problems if "401" not in p] == [] and watch.outside == []
 
 
-def test_the_readme_screenshot_can_be_made(watched, artifacts):
-    """Keeps a picture of the chat with an answer for the docs (docs/playground.png)."""
+def test_a_screenshot_of_an_answered_picture_is_kept_for_the_docs(watched, artifacts):
+    """docs/playground.png is this picture (VLMKIT_UPDATE_DOCS_SCREENSHOT=1 writes it there)."""
     page = watched.page
-    page.set_input_files("#file", str(EXAMPLE))
+    page.set_viewport_size({"width": 960, "height": 540})
+    page.set_input_files("#file", str(EXAMPLE.with_name("a_cyan_circle_on_the_left_and_a_yellow_square_on_the_right.png")))
     _ask(page, "What is in this image?")
+    _ask(page, "How many shapes are there?")
     page.screenshot(path=str(artifacts / "playground.png"))
     if os.environ.get("VLMKIT_UPDATE_DOCS_SCREENSHOT"):
-        shutil.copy(artifacts / "playground.png", Path(__file__).resolve().parent.parent / "docs" / "playground.png")
+        shutil.copy(artifacts / "playground.png", EXAMPLE.parent.parent / "docs" / "playground.png")

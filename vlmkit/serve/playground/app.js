@@ -104,7 +104,8 @@ async function send(event) {
   const text = $("prompt").value.trim();
   if (!text && !attachments.length) return;
   showError("");
-  const content = [{ type: "text", text }, ...attachments.map((url) => ({ type: "image_url", image_url: { url } }))];
+  // pictures before the question, as the models are trained (and as `vlmkit chat --image` sends them)
+  const content = [...attachments.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }];
   history.push({ role: "user", content });
   addMessage("user", text, attachments);
   $("prompt").value = "";
@@ -132,7 +133,7 @@ async function send(event) {
       answer.parentElement.previousElementSibling.remove();
       answer.parentElement.remove();
       $("prompt").value = text;
-      attachments = content.slice(1).map((part) => part.image_url.url);
+      attachments = content.slice(0, -1).map((part) => part.image_url.url);
       showAttachments();
     }
   } finally {

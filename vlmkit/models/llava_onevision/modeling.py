@@ -19,37 +19,10 @@ from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
 from ...nn.feature_cache import FeatureCache
-from ...nn.vit import PatchEmbedding, VisionEncoder
 from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
 from . import anyres
-from .config import LlavaOnevisionConfig, SiglipVisionConfig
-
-
-class SiglipVisionTransformer(nn.Module):
-    """SigLIP ViT. Features come from inner hidden states, so the final LayerNorm is loaded but the
-    reference never applies it to them (hidden_states[-1] is taken before post_layernorm)."""
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
-                                         config.image_size)
-        self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
-                                     num_heads=config.num_attention_heads,
-                                     intermediate_size=config.intermediate_size, activation=config.hidden_act,
-                                     eps=config.layer_norm_eps)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def hidden_states(self, pixel_values: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """Hidden states at ``indices`` (0 = patch embeddings, i = after layer i, negative from the
-        end), concatenated on the feature axis; layers past the deepest one asked for are not run."""
-        num_layers = len(self.encoder.layers)
-        wanted = [i + num_layers + 1 if i < 0 else i for i in indices]
-        if any(not 0 <= i <= num_layers for i in wanted):
-            raise CheckpointError(f"vision_feature_layer {indices} is outside the tower's {num_layers} layers")
-        states = [self.embeddings(pixel_values)]
-        for layer in self.encoder.layers[:max(wanted)]:
-            states.append(layer(states[-1]))
-        return torch.cat([states[i] for i in wanted], dim=-1)
+from .config import LlavaOnevisionConfig
+from .vision import SiglipVisionTransformer
 
 
 class MultiModalProjector(nn.Module):

@@ -199,6 +199,17 @@ def test_users_logits_processor_runs_after_the_built_in_ones(family):
     assert all(torch.allclose(a, b, atol=1e-4, rtol=0) for a, b in zip(got.scores, expected.scores))
 
 
+def test_a_transformers_processor_replaces_the_built_in_one_it_matches(family):
+    if family.name == "janus":
+        pytest.skip("transformers' Janus drops logits_processor in text mode")
+    from transformers import NoRepeatNGramLogitsProcessor, SuppressTokensLogitsProcessor
+
+    options = dict(no_repeat_ngram_size=1, suppress_tokens=[family.first[0]])
+    custom = [NoRepeatNGramLogitsProcessor(3), SuppressTokensLogitsProcessor([family.first[1]])]
+    expected, got = generate_both(family, logits_processor=custom, **options)
+    assert got.tolist() == expected.tolist()
+
+
 def test_stopping_criteria_stop_rows_as_the_reference(family):
     calls = []
 

@@ -49,6 +49,7 @@ class MinLength(_VocabMask):
     def __init__(self, min_length: int, eos_token_ids, skip: int = 0):
         super().__init__(eos_token_ids)
         self.min_length, self.skip = min_length, skip
+        self.reference_name = "MinNewTokensLengthLogitsProcessor" if skip else "MinLengthLogitsProcessor"
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] - self.skip < self.min_length:
@@ -63,6 +64,8 @@ class SuppressTokens(_VocabMask):
     def __init__(self, token_ids, at_length: int | None = None):
         super().__init__(token_ids)
         self.at_length = at_length
+        self.reference_name = "SuppressTokensLogitsProcessor" if at_length is None else \
+            "SuppressTokensAtBeginLogitsProcessor"
 
     def __call__(self, input_ids, scores):
         if self.at_length is None or input_ids.shape[-1] == self.at_length:
@@ -73,6 +76,8 @@ class SuppressTokens(_VocabMask):
 class RepetitionPenalty:
     """Scores of tokens already in the sequence divided by ``penalty`` (multiplied when negative), left
     padding not counted (transformers' RepetitionPenaltyLogitsProcessor with ``prompt_ignore_length``)."""
+
+    reference_name = "RepetitionPenaltyLogitsProcessor"
 
     def __init__(self, penalty: float, padding_lengths: torch.Tensor | None = None):
         self.penalty, self.padding_lengths = penalty, padding_lengths
@@ -93,6 +98,8 @@ class RepetitionPenalty:
 class NoRepeatNGram:
     """A token that would repeat an n-gram already in the sequence is banned (transformers'
     NoRepeatNGramLogitsProcessor)."""
+
+    reference_name = "NoRepeatNGramLogitsProcessor"
 
     def __init__(self, ngram_size: int):
         self.ngram_size = ngram_size
@@ -115,6 +122,8 @@ class SequenceBias:
     the sequence so far (always, for one-token sequences) (transformers' SequenceBiasLogitsProcessor).
 
     ``sequence_bias``: ``[[token_ids, bias], ...]`` or ``{tuple(token_ids): bias}``."""
+
+    reference_name = "SequenceBiasLogitsProcessor"
 
     def __init__(self, sequence_bias):
         self.sequence_bias = _bias_dict(sequence_bias)
@@ -159,6 +168,8 @@ class SequenceBias:
 class NoBadWords(SequenceBias):
     """Sequences that are never completed: each one's last token is banned where the rest ends the
     sequence so far (transformers' NoBadWordsLogitsProcessor; a lone end-of-sequence token is not banned)."""
+
+    reference_name = "NoBadWordsLogitsProcessor"
 
     def __init__(self, bad_words_ids: list[list[int]], eos_token_ids=()):
         if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or \
@@ -235,12 +246,20 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(SuppressTokens(config.suppress_tokens))
     if config.begin_suppress_tokens is not None:
         processors.append(SuppressTokens(config.begin_suppress_tokens, at_length=prompt_length))
-    processors.extend(custom)
+    processors = _merge(processors, list(custom))
     if config.do_sample:
         processors.extend(sampling_warpers(config))
     if config.renormalize_logits:
         processors.append(LogSoftmax())
     return processors
+
+
+def _merge(built: list, custom: list) -> list:
+    """The user's processors after the built-in ones; one of transformers' own processor classes takes
+    the place of the built-in processor it matches, as transformers' ``_merge_criteria_processor_list``."""
+    by_name = {type(processor).__name__: processor for processor in reversed(custom)}
+    merged = [by_name.get(getattr(processor, "reference_name", None), processor) for processor in built]
+    return merged + [processor for processor in custom if not any(processor is m for m in merged)]
 
 
 def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> list[LogitsProcessor]:

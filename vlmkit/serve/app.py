@@ -222,7 +222,7 @@ async def _read_json(request: Request, limit: int, timeout_s: float):
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} seconds (--body-timeout); "
                             f"send it faster or make it smaller", code="request_timeout") from None
-    return parse_json(bytes(body))
+    return await run_in_threadpool(parse_json, bytes(body))  # a large body takes a while: off the event loop
 
 
 def parse_json(body: bytes):

@@ -105,6 +105,27 @@ def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
+def _data(recipe: Recipe, model, device):
+    """(the example source, the shapes world's part of the run or None) for the recipe's data section.
+    The vision stage and the LM's label and binding losses need the shapes world's scenes."""
+    if recipe.data.source == "shapes":
+        from ..builtin.training import ShapesTraining
+        shapes = ShapesTraining(recipe, model, device)
+        return shapes.source, shapes
+    source = jsonl_source(recipe.data)
+    shapes_only = (
+        (recipe.vision.steps or recipe.lm.patch_label_weight, "the vision stage and lm.patch_label_weight",
+         "label every patch from the scene", "vision.steps and lm.patch_label_weight"),
+        (recipe.lm.binding_attention_weight or recipe.lm.question_label_weight,
+         "lm.binding_attention_weight and lm.question_label_weight", "know which object each question asks about",
+         "them"),
+    )
+    for asked, what, why, settings in shapes_only:
+        if asked:
+            raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
+    return source, None
+
+
 class Trainer:
     """One run of a recipe into ``out``; ``run()`` trains what is left and exports."""
 
@@ -147,19 +168,8 @@ class Trainer:
         self.model = _build_model(recipe, self.out).to(self.device)
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None
-        self.shapes = None  # the shapes world's stages and losses (builtin.training), when it is the data
-        if recipe.data.source == "shapes":
-            from ..builtin.training import ShapesTraining
-            self.shapes = ShapesTraining(recipe, self.model, self.device)
-            self.source = self.shapes.source
-        else:
-            self.source = jsonl_source(recipe.data)
-            if recipe.vision.steps or recipe.lm.patch_label_weight:
-                self._require_shapes("the vision stage and lm.patch_label_weight", "label every patch from the scene",
-                                     "vision.steps and lm.patch_label_weight")
-            if recipe.lm.binding_attention_weight or recipe.lm.question_label_weight:
-                self._require_shapes("lm.binding_attention_weight and lm.question_label_weight",
-                                     "know which object each question asks about", "them")
+        # the shapes world's stages and losses (builtin.training) plug in when it is the data
+        self.source, self.shapes = _data(recipe, self.model, self.device)
         self.heads = self.shapes.heads if self.shapes is not None else {}
         if saved is not None:
             self.model.load_state_dict(saved["model"])
@@ -175,9 +185,6 @@ class Trainer:
                                          f"({self.checkpoint_path}); start the stage again or use the vlmkit "
                                          "that wrote it") from None
         self.vq_usage = self.vq_usage.to(self.device)
-
-    def _require_shapes(self, what: str, why: str, settings: str) -> None:
-        raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:

@@ -62,9 +62,10 @@ def _idefics(request, images):
     ref_model = transformers.IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [["User:", images["square"], "What is in the image?\nAssistant:"],
                ["User:", images["wide"], "Describe it.\nAssistant:"]]
+    processor = IdeficsProcessor.from_pretrained(path)
     return SimpleNamespace(ref_model=ref_model, model=IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32),
-                           ref_inputs=ref_processor(text=prompts), inputs=IdeficsProcessor.from_pretrained(path)(text=prompts),
-                           mode={}, processor=ref_processor)
+                           ref_inputs=ref_processor(text=prompts), inputs=processor(text=prompts), mode={},
+                           processor=processor)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -136,6 +137,18 @@ def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family):
     torch.manual_seed(7)
     got = family.model.generate(**family.inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
     assert got.tolist() == expected.tolist()
+
+
+def test_idefics_model_card_bans_image_tokens_and_stops_at_end_of_utterance(family):
+    if family.name != "idefics":
+        pytest.skip("the IDEFICS model card's call")
+    tokenizer = family.processor.tokenizer
+    exit_condition = tokenizer("<end_of_utterance>", add_special_tokens=False)["input_ids"]
+    bad_words_ids = tokenizer(["<image>", "<fake_token_around_image>"], add_special_tokens=False)["input_ids"]
+    bad_words_ids.append([family.first[0], family.first[1]])  # and a two-token sequence the model would write
+    expected, got = generate_both(family, eos_token_id=exit_condition, bad_words_ids=bad_words_ids)
+    assert got.tolist() == expected.tolist()
+    assert got[0].tolist() != family.plain[0].tolist()
 
 
 def test_return_dict_has_the_references_fields_by_name_and_position(family):

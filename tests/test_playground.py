@@ -149,6 +149,24 @@ def test_a_question_about_an_uploaded_picture_gets_the_models_answer_over_severa
     assert page.locator(".message").count() == 0
 
 
+@pytest.mark.parametrize("how", ["drop", "paste"])
+def test_a_picture_can_be_dropped_or_pasted(watched, how):
+    page = watched.page
+    target = "#composer" if how == "drop" else "#prompt"
+    payload = base64.b64encode(EXAMPLE.read_bytes()).decode()
+    page.locator(target).evaluate(
+        """(element, [how, payload]) => {
+             const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
+             const files = new DataTransfer();
+             files.items.add(new File([bytes], "shape.png", { type: "image/png" }));
+             const event = how === "drop" ? new DragEvent("drop", { dataTransfer: files, bubbles: true })
+                                          : new ClipboardEvent("paste", { clipboardData: files, bubbles: true });
+             element.dispatchEvent(event);
+           }""", [how, payload])
+    page.wait_for_selector("#attachments img")
+    assert _ask(page, "What is in this image?") == "a blue triangle on the right"
+
+
 def test_markup_typed_by_the_user_stays_text(watched):
     page = watched.page
     markup = "<b>x</b><img src=x onerror=alert(1)>"

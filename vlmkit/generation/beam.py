@@ -10,8 +10,8 @@ reference on every family."""
 import torch
 
 from .logits import apply_processors
-from .loop import Stopping
 from .outputs import GenerateBeamDecoderOnlyOutput
+from .stopping import Stopping
 
 # the reference's stand-in for "impossible" in score arithmetic (not -inf, which would make NaNs)
 _NEVER = -1.0e9

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import InputError
+from .beam import beam_search
 from .config import GenerationConfig
 from .logits import LogitsProcessor, apply_processors, logits_processors
 from .outputs import GenerateDecoderOnlyOutput
 from .sampling import make_generator
+from .stopping import Stopping
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,6 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     stops = Stopping(config, prompt_length, should_stop, stopping_criteria)
     step = model.decode, positions[:, -1:] + 1, cache
     if config.num_beams > 1:
-        from .beam import beam_search
         return beam_search(step, logits, input_ids, config, budget, processors, stops)
     return _decode(step, logits, input_ids, config, budget, processors, stops, on_tokens)
 
@@ -135,41 +136,3 @@ def padding_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
     if bool(attention_mask.bool().all()):
         return None
     return (attention_mask != 0).int().argmax(dim=1)
-
-
-class Stopping:
-    """Which rows a step finished: an end-of-sequence token, a stop string, or a user's criterion
-    (transformers' ``StoppingCriteriaList`` without the length limit, which the loops count)."""
-
-    def __init__(self, config: GenerationConfig, prompt_length: int, should_stop=None, criteria=()):
-        self.eos = torch.tensor(config.eos_token_ids, dtype=torch.long)
-        self.prompt_length, self.should_stop, self.criteria = prompt_length, should_stop, list(criteria)
-
-    def __call__(self, sequences: torch.Tensor, scores, last_tokens: torch.Tensor) -> torch.Tensor | None:
-        """``sequences`` [rows, T] so far (prompt included); ``last_tokens`` [rows]: their last column.
-        None when nothing can stop a row (no end-of-sequence token, no criteria)."""
-        done = None
-        if self.eos.numel():
-            if self.eos.device != sequences.device:
-                self.eos = self.eos.to(sequences.device)
-            done = torch.isin(last_tokens, self.eos)
-        if self.should_stop is not None:
-            hits = self.should_stop(sequences[:, self.prompt_length:])
-            done = hits if done is None else done | hits
-        for criterion in self.criteria:
-            hits = torch.as_tensor(criterion(sequences, scores), device=sequences.device).bool()
-            done = hits if done is None else done | hits
-        return done
-
-
-def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``should_stop`` for ``generate_tokens``: rows whose generated text contains a stop string."""
-    longest = max(len(s) for s in stop_strings)
-
-    def should_stop(new_tokens: torch.Tensor) -> torch.Tensor:
-        # decode only a tail long enough to hold the longest stop string
-        tail = new_tokens[:, -max(longest, 8):].tolist()
-        hits = [any(s in tokenizer.decode(row) for s in stop_strings) for row in tail]
-        return torch.tensor(hits, dtype=torch.bool, device=new_tokens.device)
-
-    return should_stop

@@ -9,9 +9,10 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..generation.config import GenerationConfig
-from ..generation.loop import generate_tokens, stop_string_checker
+from ..generation.loop import generate_tokens
 from ..generation.options import split_generate_kwargs
 from ..generation.prompt_cache import PromptCache, media_digest
+from ..generation.stopping import stop_string_checker
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
 from ..nn.layers import prepare_for_decoding

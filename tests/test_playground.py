@@ -9,6 +9,7 @@ Screenshots are kept under $VLMKIT_TEST_ARTIFACTS (else a temporary folder print
 import base64
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -165,6 +166,31 @@ def test_a_picture_can_be_dropped_or_pasted(watched, how):
            }""", [how, payload])
     page.wait_for_selector("#attachments img")
     assert _ask(page, "What is in this image?") == "a blue triangle on the right"
+
+
+def test_stop_ends_the_answer_where_it_is_and_the_server_stops_decoding_it(watched, server, monkeypatch):
+    from vlmkit.serve.decoding import TextDecoder
+    step = TextDecoder.step
+
+    def slow_step(self):  # a slow model, so the answer is still coming when Stop is pressed
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(TextDecoder, "step", slow_step)
+    page = watched.page
+    cancelled = server.stats()["cancelled"]
+    page.fill("#prompt", "<b>x</b>")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant span:not(:empty)")
+    page.click("#stop")
+    page.wait_for_selector(".message.assistant[data-done]")
+    deadline = time.monotonic() + 10
+    while server.stats()["cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stats()["cancelled"] == cancelled + 1
+    assert page.locator("#error").is_hidden() and page.is_enabled("#send") and not page.is_enabled("#stop")
+    kept = page.locator(".message.assistant span").first.text_content()
+    assert 0 < len(kept.split()) < 100  # the answer as far as it got (256 tokens when left to run)
 
 
 def test_markup_typed_by_the_user_stays_text(watched):

@@ -59,7 +59,7 @@ class MediaURL(_Request):
 
 class ImagePart(_Request):
     type: Literal["image_url"]
-    image_url: MediaURL
+    image_url: MediaURL | Text  # the schema says a bare URL string is taken too
 
     @field_validator("image_url", mode="before")
     @classmethod
@@ -69,7 +69,7 @@ class ImagePart(_Request):
 
 class VideoPart(_Request):
     type: Literal["video_url"]
-    video_url: MediaURL
+    video_url: MediaURL | Text  # the schema says a bare URL string is taken too
 
     @field_validator("video_url", mode="before")
     @classmethod

@@ -164,6 +164,21 @@ def _streamed(server, body):
     return [text[i] for i in sorted(text)], error
 
 
+def _streamed_images(server, body):
+    """(the completed pictures' base64, the error event's body or None) of a streamed image request."""
+    pictures, error, kind = [], None, None
+    with httpx.stream("POST", server.url + "/v1/images/generations", json={**body, "stream": True},
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "error":
+                error = json.loads(line[6:])["error"]
+            elif line.startswith("data: ") and kind == "image_generation.completed":
+                pictures.append(json.loads(line[6:])["b64_json"])
+    return pictures, error
+
+
 def test_over_http_a_poisoned_request_fails_alone_streamed_or_not(janus_dir, request):
     with serve(janus_dir) as server:
         solo = [[c["message"]["content"] for c in _post(server, "/v1/chat/completions", body).json()["choices"]]
@@ -178,11 +193,15 @@ def test_over_http_a_poisoned_request_fails_alone_streamed_or_not(janus_dir, req
             bad_plain = pool.submit(_post, server, "/v1/chat/completions", bad)
             bad_streamed = pool.submit(_streamed, server, bad)
             bad_image = pool.submit(_post, server, "/v1/images/generations", {"prompt": "x", "seed": POISON_SEED})
+            bad_streamed_image = pool.submit(_streamed_images, server, {"prompt": "x", "seed": POISON_SEED})
             image = pool.submit(_post, server, "/v1/images/generations", INNOCENT_IMAGES[0])
+            streamed_image = pool.submit(_streamed_images, server, INNOCENT_IMAGES[0])
         assert [[c["message"]["content"] for c in f.result().json()["choices"]] for f in plain] == solo
         assert [f.result() for f in streamed] == [(texts, None) for texts in solo]
         assert bad_plain.result().status_code == 500 and "Poison" in bad_plain.result().json()["error"]["message"]
         assert bad_streamed.result()[1]["code"] == "internal_error"
         assert bad_image.result().status_code == 500
         assert image.result().json()["data"] == solo_image
+        assert streamed_image.result() == ([item["b64_json"] for item in solo_image], None)
+        assert bad_streamed_image.result()[1]["code"] == "internal_error"
         assert _post(server, "/v1/chat/completions", INNOCENT_CHATS[0]).status_code == 200

@@ -232,6 +232,7 @@ async function loadInfo() {
     modelName = info.model;
     $("model").textContent = info.model;
     $("tab-images").hidden = !info.can_generate_images;
+    if (info.api_key_required) $("api-key").placeholder = "this server needs one";
   } catch (err) {
     showError("cannot reach the server: " + err.message);
   }

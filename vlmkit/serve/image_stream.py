@@ -46,7 +46,7 @@ class PartialImages:
         of their points are decoded together and sent."""
         due = []
         for image in images:
-            wanted = getattr(image.job.task, "partial_images", 0)
+            wanted = image.job.task.partial_images
             if not wanted or image.job.cancelled:
                 continue
             points = partial_points(self.model.num_image_tokens, wanted)
@@ -59,9 +59,8 @@ class PartialImages:
             image.job.partial_image(PartialImage(image.index, partial_index, picture))
 
     def pictures(self, token_lists: list[list[int]]) -> list:
-        """PIL pictures of partly drawn token grids: the missing tokens decode as token 0, then every pixel
-        row below the last complete token row is painted grey (a half-drawn token row is shown as far as
-        it goes)."""
+        """PIL pictures of partly drawn token grids: the missing tokens decode as token 0, then their pixels
+        (the rest of a half-drawn token row and every row below it) are painted grey."""
         total = self.model.num_image_tokens
         side = int(round(total ** 0.5))
         grid = torch.zeros(len(token_lists), total, dtype=torch.long)

@@ -205,3 +205,26 @@ def test_over_http_a_poisoned_request_fails_alone_streamed_or_not(janus_dir, req
         assert streamed_image.result() == ([item["b64_json"] for item in solo_image], None)
         assert bad_streamed_image.result()[1]["code"] == "internal_error"
         assert _post(server, "/v1/chat/completions", INNOCENT_CHATS[0]).status_code == 200
+
+
+@pytest.mark.parametrize("family", ["llava_onevision_dir", "idefics_resampler_dir"])
+def test_a_poisoned_forward_pass_fails_one_request_alone_in_every_family(family, request, monkeypatch):
+    engine = engine_for(request.getfixturevalue(family))
+    chats = [{**body, "n": 1} for body in INNOCENT_CHATS]
+    with torch.no_grad():
+        expected = _alone(engine, chats, [])
+    handler = RequestHandler(engine, ServeConfig(model="m"))
+    limit = handler.prepare_chat({"messages": user(LONG)})[1].prompt_tokens - 2
+    decode = engine.model.decode
+
+    def poisoned_decode(tokens, positions, cache, *args, **kwargs):
+        if bool((positions >= limit).any()):
+            raise Poison("poisoned forward pass")
+        return decode(tokens, positions, cache, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "decode", poisoned_decode)
+    bad = {"messages": user(LONG), "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    results, _, stats = _run_together(engine, [chats[0], bad, *chats[1:]], [])
+    summaries = [_summary(r) for r in results]
+    assert summaries[1] == "Poison" and [s for i, s in enumerate(summaries) if i != 1] == expected
+    assert stats["max_requests_in_step"] >= 3

@@ -5,6 +5,7 @@ Every row of a ``KVCache`` writes its next key in the same column (one fill coun
 joined right-aligned: a shorter history gets masked padding on its left. Positions are per row, so
 rotary angles are unaffected; the ``key_mask`` keeps the padding out of attention."""
 
+import copy as copy_module
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,12 @@ def merge_caches(caches: list[KVCache], room: int) -> KVCache:
 
 
 def copy_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
-    """A copy of ``rows`` of ``cache`` with room for one more position (to try a step on them alone)."""
-    copy = merge_caches([cache], room=1)
-    keep_rows(copy, rows)
+    """A copy of ``rows`` of ``cache`` (to try a step on them alone): ``select_rows`` indexes new tensors,
+    so only those rows are copied and ``cache`` is left as it was. A running cache always has room for
+    the next position."""
+    copy = copy_module.copy(cache)
+    copy.layer_steps = {}
+    copy.select_rows(rows)
     return copy
 
 

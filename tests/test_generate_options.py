@@ -109,6 +109,10 @@ OPTION_CASES = {
     "begin_suppress_tokens": (lambda t, n: dict(begin_suppress_tokens=[t[0]]), True),
     "sequence_bias": (lambda t, n: dict(sequence_bias=[[[t[0]], -4.0], [[t[0], t[1]], -2.5], [[t[3]], 1.5]]), False),
     "renormalize_logits": (lambda t, n: dict(renormalize_logits=True, repetition_penalty=1.2), False),
+    "prefix_allowed_tokens_fn": (lambda t, n: dict(prefix_allowed_tokens_fn=lambda batch_id, ids: t[:4] if batch_id == 0
+                                                   else t[2:]), False),
+    "forced_eos_token_id": (lambda t, n: dict(forced_eos_token_id=t[0]), False),
+    "remove_invalid_values": (lambda t, n: dict(remove_invalid_values=True, suppress_tokens=[t[0]]), True),
     "everything at once": (lambda t, n: dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[t[1]]],
                                              suppress_tokens=[t[2]], begin_suppress_tokens=[t[3]],
                                              sequence_bias={(t[0],): -1.0}, eos_token_id=t[4], min_new_tokens=3,
@@ -128,10 +132,12 @@ def test_logits_option_matches_reference(family, option):
         assert got.sequences[0].tolist() != family.plain[0].tolist()
 
 
-def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family):
+@pytest.mark.parametrize("warpers", [dict(temperature=0.7, top_k=8, top_p=0.9), dict(min_p=0.05, top_k=0),
+                                     dict(typical_p=0.8, temperature=1.3)], ids=["top-k top-p", "min-p", "typical"])
+def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family, warpers):
     # same global seed, same draws: the warpers run after the bans, as in the reference
-    options = dict(do_sample=True, temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=2,
-                   bad_words_ids=[[family.first[0]]])
+    options = dict(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]],
+                   **warpers)
     torch.manual_seed(7)
     expected = family.ref_model.generate(**family.ref_inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
     torch.manual_seed(7)
@@ -240,6 +246,8 @@ def test_stopping_criteria_stop_rows_as_the_reference(family):
     assert got.shape[1] == family.prompt_length + NEW_TOKENS and got[0, -1] != family.plain[0, -1]
     expected, got = generate_both(family, num_beams=2, stopping_criteria=[after_three])
     assert got.tolist() == expected.tolist()
+    expected, got = generate_both(family, max_time=0.0)  # time is up after the first token
+    assert got.tolist() == expected.tolist() and got.shape[1] == family.prompt_length + 1
 
 
 def test_transformers_generation_config_is_read(family):
@@ -250,8 +258,8 @@ def test_transformers_generation_config_is_read(family):
 
 
 UNSUPPORTED = {
-    "prefix_allowed_tokens_fn": lambda batch_id, ids: [0], "min_p": 0.1, "typical_p": 0.5,
-    "forced_eos_token_id": 2, "num_beam_groups": 2, "max_time": 1.0,
+    "epsilon_cutoff": 0.1, "eta_cutoff": 0.1, "num_beam_groups": 2, "force_words_ids": [[3]],
+    "exponential_decay_length_penalty": (2, 1.1), "assistant_model": object(),
 }
 
 
@@ -278,7 +286,7 @@ def test_unsupported_combinations_are_errors(family):
 
 
 @pytest.mark.parametrize("option", [dict(num_beams=2), dict(bad_words_ids=[[5]]), dict(logits_processor=[BanToken(5)]),
-                                    dict(return_dict_in_generate=True), dict(min_p=0.2)])
+                                    dict(return_dict_in_generate=True), dict(min_p=0.2), dict(epsilon_cutoff=0.1)])
 def test_janus_image_generation_refuses_text_options(janus_dir, option):
     from janus_reference import ours
 

@@ -1,7 +1,10 @@
 """Generation settings with transformers' names and defaults, read from ``generation_config.json``."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+import torch
 
 from ..configs import dataclass_from_dict
 from ..errors import InputError
@@ -39,6 +42,14 @@ class GenerationConfig:
     suppress_tokens: list[int] | None = None
     begin_suppress_tokens: list[int] | None = None
     renormalize_logits: bool = False
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    remove_invalid_values: bool = False
+    min_p: float | None = None
+    typical_p: float = 1.0
+    max_time: float | None = None
+    # transformers takes it as a generate() argument: (batch_id, input_ids [T]) -> allowed token ids
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = field(default=None, repr=False)
     # what generate returns
     return_dict_in_generate: bool = False
     output_scores: bool = False
@@ -87,6 +98,12 @@ class GenerationConfig:
                 raise InputError(f"{name} must be an integer >= 0")
         if self.min_new_tokens is not None and (not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0):
             raise InputError("min_new_tokens must be an integer >= 0")
+        if self.prefix_allowed_tokens_fn is not None and not callable(self.prefix_allowed_tokens_fn):
+            raise InputError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise InputError("min_p must be in [0, 1]")
+        if self.typical_p is not None and not 0 < self.typical_p <= 1:
+            raise InputError("typical_p must be in (0, 1]")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise InputError("repetition_penalty must be > 0 (1.0 means no penalty)")
         if self.return_dict_in_generate and (self.output_attentions or self.output_hidden_states):

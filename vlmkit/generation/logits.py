@@ -5,8 +5,9 @@ transformers' logits processors, so a user's own processors join the list as the
 can drive the same list per request. ``logits_processors`` builds it in the order of transformers'
 ``GenerationMixin._get_logits_processor`` (each class below names the transformers processor it
 matches, and tests/test_generate_options.py keeps them token-identical): sequence bias, repetition
-penalty, no-repeat n-grams, bad words, minimum lengths, suppressed tokens, then the user's
-processors, then the sampling warpers (temperature, top-k, top-p), then renormalisation. With no
+penalty, no-repeat n-grams, bad words, minimum lengths, the prefix constraint, forced tokens, invalid
+values, suppressed tokens, then the user's processors, then the sampling warpers (temperature, top-k,
+top-p, min-p, typical), then renormalisation. With no
 option set the list is empty and the decode step does no work for it.
 """
 
@@ -180,6 +181,57 @@ class NoBadWords(SequenceBias):
         super().__init__({tuple(ids): float("-inf") for ids in kept})
 
 
+class PrefixConstrained:
+    """Only the tokens ``allowed(batch_id, input_ids_of_the_row)`` returns; where none of them is
+    possible for a prompt, its allowed tokens are forced (transformers' PrefixConstrainedLogitsProcessor)."""
+
+    reference_name = "PrefixConstrainedLogitsProcessor"
+
+    def __init__(self, allowed: Callable[[int, torch.Tensor], list[int]], num_beams: int = 1):
+        self.allowed, self.num_beams = allowed, num_beams
+
+    def __call__(self, input_ids, scores):
+        mask = torch.full_like(scores, -torch.inf)
+        prompts = input_ids.shape[0] // self.num_beams
+        for row in range(input_ids.shape[0]):
+            allowed = self.allowed(row // self.num_beams, input_ids[row])
+            if len(allowed) == 0:
+                raise InputError(f"prefix_allowed_tokens_fn allowed no token for batch id {row // self.num_beams}: "
+                                 "the constraint cannot be met")
+            mask[row, allowed] = 0
+        processed = scores + mask
+        unsatisfiable = processed.amax(dim=-1).isneginf().view(prompts, -1).all(dim=-1, keepdim=True)
+        return torch.where(unsatisfiable.repeat_interleave(self.num_beams, dim=0), mask, processed)
+
+
+class ForcedToken:
+    """The next token forced when the sequence is ``at_length`` long (transformers' ForcedBOSToken /
+    ForcedEOSToken processors: BOS after one token, EOS as the last token ``max_length`` allows)."""
+
+    def __init__(self, token_ids, at_length: int):
+        self.token_ids = [int(t) for t in (token_ids if isinstance(token_ids, (list, tuple)) else [token_ids])]
+        self.at_length = at_length
+        self.reference_name = "ForcedBOSTokenLogitsProcessor" if at_length == 1 else "ForcedEOSTokenLogitsProcessor"
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != self.at_length:
+            return scores
+        forced = torch.full_like(scores, -torch.inf)
+        forced[:, self.token_ids] = 0
+        return forced
+
+
+class RemoveInvalidValues:
+    """NaN scores to 0 and infinite ones to the dtype's extremes (transformers' InfNanRemoveLogitsProcessor)."""
+
+    reference_name = "InfNanRemoveLogitsProcessor"
+
+    def __call__(self, input_ids, scores):
+        processed = torch.where(scores != scores, 0.0, scores)
+        processed = torch.where(scores == float("inf"), torch.finfo(scores.dtype).max, processed)
+        return torch.where(scores == -float("inf"), torch.finfo(scores.dtype).min, processed)
+
+
 class Temperature:
     """Scores divided by the temperature (transformers' TemperatureLogitsWarper)."""
 
@@ -216,6 +268,39 @@ class TopP:
         return scores.masked_fill(remove.scatter(1, order, remove), -torch.inf)
 
 
+class MinP:
+    """Tokens less likely than ``min_p`` times the likeliest one removed (transformers' MinPLogitsWarper)."""
+
+    def __init__(self, min_p: float, min_tokens_to_keep: int = 1):
+        self.min_p, self.min_tokens_to_keep = min_p, min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
+        best = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+        remove.scatter_(-1, best, False)
+        return scores.masked_fill(remove, -torch.inf)
+
+
+class Typical:
+    """Locally typical sampling: the tokens whose surprise is closest to the entropy, up to ``mass``
+    (transformers' TypicalLogitsWarper)."""
+
+    def __init__(self, mass: float, min_tokens_to_keep: int = 1):
+        self.mass, self.min_tokens_to_keep = float(mass), min_tokens_to_keep
+
+    def __call__(self, input_ids, scores):
+        normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+        entropy = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+        shifted = torch.abs((-normalized) - entropy)
+        sorted_shifted, order = torch.sort(shifted, descending=False)
+        cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (cumulative < self.mass).sum(dim=1).clamp_(max=sorted_shifted.shape[-1] - 1)
+        remove = sorted_shifted > sorted_shifted.gather(1, last.view(-1, 1))
+        remove[..., :self.min_tokens_to_keep] = False
+        return scores.masked_fill(remove.scatter(1, order, remove), -torch.inf)
+
+
 class LogSoftmax:
     """Scores renormalised to log-probabilities (transformers' LogitNormalization, ``renormalize_logits``)."""
 
@@ -224,10 +309,11 @@ class LogSoftmax:
 
 
 def logits_processors(config: GenerationConfig, prompt_length: int, padding_lengths: torch.Tensor | None = None,
-                      custom: Sequence[LogitsProcessor] = ()) -> list[LogitsProcessor]:
+                      custom: Sequence[LogitsProcessor] = (), max_length: int | None = None) -> list[LogitsProcessor]:
     """The pipeline ``config`` asks for, for prompts ``prompt_length`` tokens long (padding included);
     ``padding_lengths`` [rows]: each row's left padding (None: no padding), which the repetition penalty
-    skips; ``custom``: the user's ``logits_processor`` list, run after the built-in bans."""
+    skips; ``custom``: the user's ``logits_processor`` list, run after the built-in bans; ``max_length``:
+    the longest a sequence may grow (prompt included), where ``forced_eos_token_id`` applies."""
     eos = config.eos_token_ids
     processors: list[LogitsProcessor] = []
     if config.sequence_bias is not None:
@@ -242,6 +328,14 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(MinLength(config.min_length, eos))
     if eos and config.min_new_tokens:
         processors.append(MinLength(config.min_new_tokens, eos, skip=prompt_length))
+    if config.prefix_allowed_tokens_fn is not None:
+        processors.append(PrefixConstrained(config.prefix_allowed_tokens_fn, config.num_beams))
+    if config.forced_bos_token_id is not None:
+        processors.append(ForcedToken(config.forced_bos_token_id, at_length=1))
+    if config.forced_eos_token_id is not None and max_length is not None:
+        processors.append(ForcedToken(config.forced_eos_token_id, at_length=max_length - 1))
+    if config.remove_invalid_values:
+        processors.append(RemoveInvalidValues())
     if config.suppress_tokens is not None:
         processors.append(SuppressTokens(config.suppress_tokens))
     if config.begin_suppress_tokens is not None:
@@ -271,6 +365,10 @@ def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> l
         warpers.append(TopK(config.top_k, min_tokens_to_keep))
     if config.top_p is not None and config.top_p < 1.0:
         warpers.append(TopP(config.top_p, min_tokens_to_keep))
+    if config.min_p is not None:
+        warpers.append(MinP(config.min_p, min_tokens_to_keep))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(Typical(config.typical_p, min_tokens_to_keep))
     return warpers
 
 

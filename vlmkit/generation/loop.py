@@ -75,7 +75,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         logits, input_ids, positions = logits[rows], input_ids[rows], positions[rows]
         attention_mask = attention_mask[rows]
     padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
-    processors = logits_processors(config, prompt_length, padding, logits_processor)
+    processors = logits_processors(config, prompt_length, padding, logits_processor, prompt_length + budget)
     stops = Stopping(config, prompt_length, should_stop, stopping_criteria)
     step = model.decode, positions[:, -1:] + 1, cache
     if config.num_beams > 1:

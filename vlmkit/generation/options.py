@@ -13,17 +13,14 @@ OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 # transformers options that change what is generated and that vlmkit does not implement, with the
 # values that leave generation unchanged (passing those is fine)
 UNSUPPORTED = {
-    "prefix_allowed_tokens_fn": (None,), "assistant_model": (None,), "assistant_tokenizer": (None,),
-    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "custom_generate": (None,),
-    "synced_gpus": (None, False), "max_time": (None,), "min_p": (None,), "top_h": (None,),
-    "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
-    "diversity_penalty": (None, 0.0), "num_beam_groups": (None, 1), "penalty_alpha": (None,),
-    "dola_layers": (None,), "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0),
-    "force_words_ids": (None,), "constraints": (None,), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "remove_invalid_values": (None, False),
-    "exponential_decay_length_penalty": (None,), "watermarking_config": (None,), "token_healing": (None, False),
-    "low_memory": (None, False), "prompt_lookup_num_tokens": (None,), "use_mtp": (None, False),
-    "past_key_values": (None,), "decoder_start_token_id": (None,),
+    "assistant_model": (None,), "assistant_tokenizer": (None,), "custom_generate": (None,),
+    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
+    "top_h": (None,), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "diversity_penalty": (None, 0.0),
+    "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
+    "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0), "force_words_ids": (None,),
+    "constraints": (None,), "exponential_decay_length_penalty": (None,), "watermarking_config": (None,),
+    "token_healing": (None, False), "low_memory": (None, False), "prompt_lookup_num_tokens": (None,),
+    "use_mtp": (None, False), "past_key_values": (None,), "decoder_start_token_id": (None,),
 }
 
 # transformers options that only choose how the work is done (caches, compilation): the tokens are the
@@ -90,7 +87,8 @@ def _transformers_options(values: dict) -> dict:
 TEXT_ONLY = ("num_beams", "length_penalty", "early_stopping", "min_length", "min_new_tokens", "no_repeat_ngram_size",
              "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
              "repetition_penalty", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
-             "logits_processor", "stopping_criteria", "streamer")
+             "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "forced_bos_token_id",
+             "forced_eos_token_id", "remove_invalid_values", "min_p", "typical_p", "max_time")
 
 
 def refuse_text_only(options: dict, where: str) -> None:
@@ -100,6 +98,6 @@ def refuse_text_only(options: dict, where: str) -> None:
     bad = sorted(k for k, v in options.items() if k in TEXT_ONLY and v is not None
                  and not (k in OPTIONS and v == getattr(defaults, k)) and not (isinstance(v, (list, tuple)) and not v))
     if bad:
-        raise InputError(f"{where} does not take the text-generation option(s) {', '.join(bad)}; "
-                         "they apply to generation_mode='text'")
+        raise InputError(f"{where} does not take the option(s) {', '.join(bad)}; they apply to text generation "
+                         "(generation_mode='text')")
     refuse_unsupported({k: v for k, v in options.items() if k in UNSUPPORTED}, where)

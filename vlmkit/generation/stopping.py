@@ -1,11 +1,24 @@
 """When rows stop: end-of-sequence tokens, stop strings and the user's stopping criteria, checked
 after every step by the decoding loop (loop.py) and beam search (beam.py)."""
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from .config import GenerationConfig
+
+
+class MaxTime:
+    """Every row stops once ``max_time`` seconds have passed since generation started (transformers'
+    MaxTimeCriteria)."""
+
+    def __init__(self, max_time: float):
+        self.max_time, self.start = max_time, time.time()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), time.time() - self.start > self.max_time, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class Stopping:
@@ -15,6 +28,8 @@ class Stopping:
     def __init__(self, config: GenerationConfig, prompt_length: int, should_stop=None, criteria=()):
         self.eos = torch.tensor(config.eos_token_ids, dtype=torch.long)
         self.prompt_length, self.should_stop, self.criteria = prompt_length, should_stop, list(criteria)
+        if config.max_time is not None:
+            self.criteria.insert(0, MaxTime(config.max_time))
 
     def __call__(self, sequences: torch.Tensor, scores, last_tokens: torch.Tensor) -> torch.Tensor | None:
         """``sequences`` [rows, T] so far (prompt included); ``last_tokens`` [rows]: their last column.

@@ -3,24 +3,20 @@
 A request is prefilled alone, exactly as ``Engine.chat`` / ``Engine.imagine`` would run it, into a cache
 of its own; from then on its rows share every decode step with whatever else is running, its cache
 joined to theirs (``batching.merge_caches``). Rows leave the batch the step they finish or their
-request is cancelled. Everything here runs on the worker thread only.
-
-A failure while computing one request's share of a step fails that request alone: a batched forward
-pass that raises is tried again on a copy of each request's rows to find the one that fails by itself,
-that request is failed and its rows dropped, and the step is run again for the others; sampling and
-the text of each request are computed apart, so there the failing request is known at once. The
-other rows get the tokens they would have got alone (their random generators are rewound first)."""
+request is cancelled. Everything here runs on the worker thread only. A failure while computing one
+request's share of a step fails that request alone (``isolation``)."""
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from ..errors import VlmkitError
 from ..generation.loop import prompt_positions
 from ..generation.sampling import make_generator
-from .batching import RowSampling, can_merge, copy_rows, keep_rows, merge_caches, sample_rows
+from .batching import RowSampling, can_merge, keep_rows, merge_caches, sample_rows
 from .image_stream import PartialImages
+from .isolation import fail_job, isolated_forward, sample_isolated
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -107,6 +103,13 @@ class _Part:
     rows: list
     last: torch.Tensor  # [rows]
     positions: torch.Tensor  # [rows, 1], each row's next position id
+    kind: ClassVar[str] = "text"
+
+    def jobs(self) -> list:
+        return list(dict.fromkeys(row.job for row in self.rows))
+
+    def rows_of(self, job) -> torch.Tensor:
+        return torch.tensor([i for i, row in enumerate(self.rows) if row.job is job], device=self.last.device)
 
     def keep(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.last.device)
@@ -164,7 +167,8 @@ class TextDecoder:
             for i, row in enumerate(part.rows):
                 by_job.setdefault(row.job, []).append(i)
             jobs = max(jobs, len(by_job))
-            tokens, failed = self._sample(logits, part.rows, by_job)
+            tokens, failed = sample_isolated(logits, {job: _sampling(job, part.rows, indices)
+                                                      for job, indices in by_job.items()})
             self._after_sampling(part, tokens, added=False, failed=failed)
         return jobs
 
@@ -176,29 +180,8 @@ class TextDecoder:
                 return self.model.decode(part.last[:, None], part.positions, cache)
             return self.model.decode(part.last[rows][:, None], part.positions[rows], cache)
 
-        return _isolated(part, self, run, lambda culprits: self._keep(
-            part, [i for i, row in enumerate(part.rows) if row.job not in culprits]))
-
-    def _sample(self, logits: torch.Tensor, rows: list, by_job: dict) -> tuple[torch.Tensor, dict]:
-        """Each row's next token, and {job: error} for the requests whose sampling failed."""
-        requests = {job: _sampling(job, rows, indices) for job, indices in by_job.items()}
-        rewind = {job: job.generator.get_state() for job in requests if job.generator is not None} \
-            if len(requests) > 1 else {}
-        tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        try:
-            return sample_rows(logits, list(requests.values())), {}
-        except Exception as err:
-            if len(requests) == 1:
-                return tokens, {job: err for job in requests}
-        for job, state in rewind.items():  # each request draws again from where it was, alone
-            job.generator.set_state(state)
-        failed = {}
-        for job, request in requests.items():
-            try:
-                tokens[request.rows] = sample_rows(logits, [request])[request.rows]
-            except Exception as err:
-                failed[job] = err
-        return tokens, failed
+        return isolated_forward(part, run, lambda culprits: self._keep(
+            part, [i for i, row in enumerate(part.rows) if row.job not in culprits]), lambda: part in self.parts)
 
     def drop(self, should_drop) -> None:
         """Remove the rows whose job ``should_drop(job)`` (cancelled ones), at once."""
@@ -269,6 +252,15 @@ class _ImagePart:
     positions: torch.Tensor  # [rows, 1]
     cond: torch.Tensor
     uncond: torch.Tensor
+    kind: ClassVar[str] = "image"
+
+    def jobs(self) -> list:
+        return list(dict.fromkeys(image.job for image in self.images))
+
+    def rows_of(self, job) -> torch.Tensor:
+        """The job's conditional rows, then its unconditional ones."""
+        indices = [i for i, image in enumerate(self.images) if image.job is job]
+        return torch.cat([self.cond[indices], self.uncond[indices]])
 
 
 class ImageDecoder:
@@ -334,13 +326,13 @@ class ImageDecoder:
         failed, logits = {}, {}
         try:
             everything = head(part.hidden).float()
-            logits = {job: everything[_rows_of(part, job)] for job in groups}
+            logits = {job: everything[part.rows_of(job)] for job in groups}
         except Exception as err:  # find the requests whose rows fail alone
             if len(groups) == 1:
                 failed = {job: err for job in groups}
             for job in groups if len(groups) > 1 else ():
                 try:
-                    logits[job] = head(part.hidden[_rows_of(part, job)]).float()
+                    logits[job] = head(part.hidden[part.rows_of(job)]).float()
                 except Exception as alone:
                     failed[job] = alone
             if not failed:
@@ -379,7 +371,7 @@ class ImageDecoder:
             self._keep(part, keep)
             tokens = tokens[keep]
 
-        hidden = _isolated(part, self, run, drop)
+        hidden = isolated_forward(part, run, drop, lambda: part in self.parts)
         if hidden is not None:
             part.hidden = hidden
             part.positions = part.positions + 1
@@ -432,59 +424,6 @@ class ImageDecoder:
         uncond = torch.cat([part.uncond + offset for part, offset in zip(parts, offsets)])
         return _ImagePart(cache, images, torch.cat([p.hidden for p in parts]),
                           torch.cat([p.positions for p in parts]), cond, uncond)
-
-
-def _rows_of(part, job) -> torch.Tensor:
-    """The cache rows of ``job`` in a text or image part."""
-    if isinstance(part, _ImagePart):
-        indices = [i for i, image in enumerate(part.images) if image.job is job]
-        return torch.cat([part.cond[indices], part.uncond[indices]])
-    return torch.tensor([i for i, row in enumerate(part.rows) if row.job is job], device=part.last.device)
-
-
-def _jobs_of(part) -> list:
-    members = part.images if isinstance(part, _ImagePart) else part.rows
-    return list(dict.fromkeys(member.job for member in members))
-
-
-def _isolated(part, decoder, run, drop):
-    """``run(part.cache)``, a forward pass over every row of ``part``. If it raises, each request's rows are
-    tried alone on a copy of their cache; the requests that fail alone are failed, ``drop(culprits)``
-    removes their rows, and the pass runs again for the rest. Returns its result, or None when no row is
-    left. When no request fails alone the fault is not one request's: the error goes up to the scheduler."""
-    length = part.cache.length
-    try:
-        return run(part.cache)
-    except Exception as err:
-        part.cache.length = length  # a pass that failed half-way has advanced nothing that counts
-        jobs = _jobs_of(part)
-        culprits = {}
-        for job in jobs:
-            if len(jobs) == 1:
-                culprits[job] = err
-                break
-            rows = _rows_of(part, job)
-            try:
-                run(copy_rows(part.cache, rows), rows)
-            except Exception as alone:
-                culprits[job] = alone
-        if not culprits:
-            raise
-    for job, err in culprits.items():
-        fail_job(job, err, "text" if isinstance(part, _Part) else "image")
-    drop(set(culprits))
-    if part not in decoder.parts:
-        return None
-    return run(part.cache)
-
-
-def fail_job(job, err: BaseException, kind: str) -> None:
-    """Fail one request whose share of a step raised; a fault that is not bad input is logged in full."""
-    if isinstance(err, VlmkitError):
-        log.info("a %s request failed: %s", kind, err)
-    else:
-        log.error("a %s request failed; the others in its step go on", kind, exc_info=err)
-    job.fail(err)
 
 
 def _group_by_job(images: list[ImageRow]) -> dict:

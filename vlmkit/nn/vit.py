@@ -1,4 +1,5 @@
-"""The pre-norm ViT encoder shared by the SigLIP (Janus, LLaVA-OneVision) and CLIP (IDEFICS) towers."""
+"""The pre-norm ViT encoder shared by the SigLIP (Janus, LLaVA-OneVision) and CLIP (IDEFICS) towers, and
+the SigLIP tower itself."""
 
 import torch
 from torch import nn
@@ -71,3 +72,23 @@ class PatchEmbedding(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         return patches.flatten(2).transpose(1, 2) + self.position_embedding.weight
+
+
+class SiglipViT(nn.Module):
+    """SigLIP's ViT: patches + learned positions, the encoder, a final LayerNorm (no attention pooling).
+    ``config`` is a vision config with SigLIP's key names (``hidden_size``, ``patch_size``...); the module
+    names are transformers', so checkpoints load by name."""
+
+    def __init__(self, config, qkv_bias: bool = True):
+        super().__init__()
+        self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
+                                         config.image_size)
+        self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
+                                     num_heads=config.num_attention_heads,
+                                     intermediate_size=config.intermediate_size, activation=config.hidden_act,
+                                     eps=config.layer_norm_eps, qkv_bias=qkv_bias)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, num_patches, hidden] after the final LayerNorm."""
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))

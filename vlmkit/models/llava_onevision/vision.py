@@ -2,26 +2,14 @@
 (``vision_feature_layer``), not from its final LayerNorm."""
 
 import torch
-from torch import nn
 
 from ...errors import CheckpointError
-from ...nn.vit import PatchEmbedding, VisionEncoder
-from .config import SiglipVisionConfig
+from ...nn.vit import SiglipViT
 
 
-class SiglipVisionTransformer(nn.Module):
-    """SigLIP ViT. Features come from inner hidden states, so the final LayerNorm is loaded but the
+class SiglipVisionTransformer(SiglipViT):
+    """SigLIP ViT built from a ``SiglipVisionConfig``. Features come from inner hidden states, so the final LayerNorm is loaded but the
     reference never applies it to them (hidden_states[-1] is taken before post_layernorm)."""
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
-                                         config.image_size)
-        self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
-                                     num_heads=config.num_attention_heads,
-                                     intermediate_size=config.intermediate_size, activation=config.hidden_act,
-                                     eps=config.layer_norm_eps)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def hidden_states(self, pixel_values: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """Hidden states at ``indices`` (0 = patch embeddings, i = after layer i, negative from the

@@ -157,6 +157,15 @@ def test_idefics_model_card_bans_image_tokens_and_stops_at_end_of_utterance(fami
     assert got[0].tolist() != family.plain[0].tolist()
 
 
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+def test_without_a_length_option_twenty_new_tokens_as_the_reference(family):
+    got = family.model.generate(**family.inputs, **family.mode)
+    assert got.shape[1] == family.prompt_length + 20
+    if family.name != "janus":  # transformers 5.23's Janus refuses: it applies max_length=20 to the whole sequence
+        expected = family.ref_model.generate(**family.ref_inputs, **family.mode)
+        assert got.tolist() == expected.tolist()
+
+
 def test_return_dict_has_the_references_fields_by_name_and_position(family):
     expected, got = generate_both(family, return_dict_in_generate=True, output_scores=True)
     assert set(got) == set(expected) - {"past_key_values"}

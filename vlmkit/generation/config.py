@@ -10,13 +10,16 @@ from ..configs import dataclass_from_dict
 from ..errors import InputError
 from ..io.checkpoint import read_json
 
+# what transformers generates when neither max_new_tokens nor max_length is set
+DEFAULT_NEW_TOKENS = 20
+
 
 @dataclass
 class GenerationConfig:
     """What ``generate`` does; any field can be overridden per call by keyword."""
 
     max_new_tokens: int | None = None
-    max_length: int = 20
+    max_length: int | None = None  # total length, prompt included; neither set: 20 new tokens
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = 50
@@ -123,8 +126,11 @@ class GenerationConfig:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    def new_token_budget(self, prompt_length: int) -> int:
-        """How many tokens to generate: ``max_new_tokens``, else what ``max_length`` leaves."""
+    def new_token_budget(self, prompt_length: int, max_context: int | None = None) -> int:
+        """How many tokens to generate: ``max_new_tokens``, else what ``max_length`` leaves, else
+        transformers' default of 20 (no further than the model's context)."""
         if self.max_new_tokens is not None:
             return self.max_new_tokens
-        return max(self.max_length - prompt_length, 0)
+        if self.max_length is not None:
+            return max(self.max_length - prompt_length, 0)
+        return max(min(DEFAULT_NEW_TOKENS, (max_context or 1 << 62) - prompt_length), 0)

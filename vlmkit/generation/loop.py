@@ -59,8 +59,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch, prompt_length = input_ids.shape
-    budget = config.new_token_budget(prompt_length)
-    check_context(prompt_length, budget, getattr(model, "max_context", None))
+    max_context = getattr(model, "max_context", None)
+    budget = config.new_token_budget(prompt_length, max_context)
+    check_context(prompt_length, budget, max_context)
     copies = max(config.num_beams, config.num_return_sequences)
     if budget == 0:
         sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)

@@ -5,6 +5,9 @@ It works on any model that provides (families implement these; nothing here know
   ``prefill(input_ids, attention_mask, position_ids, cache, **model_inputs)`` -> last-position logits [B, V]
   ``decode(token_ids [B, 1], position_ids [B, 1], cache)`` -> logits [B, V]
   ``max_context``                                          -> the longest sequence the model takes
+
+Each step's scores go through the logits pipeline (logits.py) and rows stop as stopping.py decides;
+with ``num_beams > 1`` the same prefill hands over to beam search (beam.py).
 """
 
 from collections.abc import Callable, Sequence

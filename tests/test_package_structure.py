@@ -97,11 +97,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-# Cycles that wait on their owners' next change (each one import to move: beam search takes the
-# ``Stopping`` it needs from a module of its own; the picture stream takes its job-end messages from a
-# module the scheduler does not import back). No new one may join them.
+# A cycle that waits on its owner's next change (one import to move: the picture stream takes its
+# job-end messages from a module the scheduler does not import back). No new one may join it.
 KNOWN_CYCLES = [
-    ["vlmkit.generation.beam", "vlmkit.generation.loop"],
     ["vlmkit.serve.decoding", "vlmkit.serve.image_stream", "vlmkit.serve.scheduler"],
 ]
 

@@ -199,6 +199,27 @@ def test_beam_search_matches_reference(family, beams):
     assert plain_got.tolist() == plain_expected.tolist()
 
 
+def test_a_transformers_streamer_gets_the_prompt_then_each_step_as_from_the_reference(family):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    expected, got = Recorder(), Recorder()
+    first = {k: v[:1] for k, v in family.inputs.items()}  # transformers streams a batch of one only
+    family.ref_model.generate(**first, **family.mode, max_new_tokens=NEW_TOKENS, streamer=expected)
+    family.model.generate(**first, **family.mode, max_new_tokens=NEW_TOKENS, streamer=got)
+    assert got.puts == expected.puts and got.ended and expected.ended
+    assert got.puts[0] == family.inputs["input_ids"][:1].tolist() and len(got.puts) == 1 + NEW_TOKENS
+
+
 class BanToken:
     """A user's logits processor: bans one token and counts its calls."""
 

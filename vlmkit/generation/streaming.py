@@ -1,4 +1,8 @@
-"""Streaming decoded text while tokens are generated."""
+"""Streaming decoded text while tokens are generated.
+
+vlmkit's streamers get one ``put(tokens)`` per step. A transformers streamer (``transformers.TextStreamer``,
+``TextIteratorStreamer`` or any ``BaseStreamer`` subclass) gets the prompt first, as transformers'
+``generate`` sends it (``skip_prompt=True`` relies on that)."""
 
 import queue
 import threading
@@ -74,3 +78,9 @@ def stream_in_thread(run: Callable[[TextIteratorStreamer], object], tokenizer) -
     thread.join()
     if failure:
         raise failure[0]
+
+
+def expects_prompt(streamer) -> bool:
+    """Whether ``streamer`` follows transformers' protocol (a transformers class or a subclass of one),
+    whose first ``put`` is the prompt."""
+    return any(cls.__module__.split(".")[0] == "transformers" for cls in type(streamer).__mro__)

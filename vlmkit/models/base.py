@@ -13,6 +13,7 @@ from ..generation.loop import generate_tokens
 from ..generation.options import split_generate_kwargs
 from ..generation.prompt_cache import PromptCache, media_digest
 from ..generation.stopping import stop_string_checker
+from ..generation.streaming import expects_prompt
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
 from ..nn.layers import prepare_for_decoding
@@ -240,6 +241,9 @@ class PretrainedVLM(nn.Module):
             should_stop = stop_string_checker(tokenizer, stops)
         model_inputs = self.model_inputs(**kwargs)
         on_tokens = streamer.put if streamer is not None else None
+        if streamer is not None and expects_prompt(streamer):
+            streamer.put(input_ids.cpu())
+            on_tokens = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         try:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_and_normalize
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, normalized_planes
 
 IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
 
@@ -52,9 +52,8 @@ class IdeficsImageProcessor:
         if self.do_resize:
             image = image.resize((self.image_size, self.image_size), Image.Resampling(self.resample))
         pixels = np.asarray(image, dtype=np.uint8)
-        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
-                                       self.image_mean if self.do_normalize else None, self.image_std)
-        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+        return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
+                                                  self.image_mean if self.do_normalize else None, self.image_std))
 
     def __call__(self, images, transform=None, **_ignored) -> torch.Tensor:
         """Pixel values [N, 3, size, size] for one image or a list. ``transform`` (a callable on each RGB

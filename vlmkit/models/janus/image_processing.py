@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, rescale_and_normalize
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, normalized_planes
 
 
 @dataclass
@@ -67,9 +67,8 @@ class JanusImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8)
         if self.do_pad:
             pixels = self.pad_to_square(pixels)
-        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
-                                       self.image_mean if self.do_normalize else None, self.image_std)
-        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+        return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
+                                                  self.image_mean if self.do_normalize else None, self.image_std))
 
     def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
         """``{"pixel_values": [N, 3, size, size]}`` for one image or a list."""

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ...errors import InputError
 from ...io.media import load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, rescale_and_normalize
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, normalized_planes
 from . import anyres
 from .config import DEFAULT_GRID_PINPOINTS
 
@@ -67,9 +67,8 @@ class LlavaOnevisionImageProcessor:
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> float32 [3, H, W] with the reference's arithmetic: rescale in float64
         then cast, normalise in float32."""
-        values = rescale_and_normalize(pixels, self.rescale_factor if self.do_rescale else None,
-                                       self.image_mean if self.do_normalize else None, self.image_std)
-        return values.transpose(2, 0, 1)
+        return normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
+                                 self.image_mean if self.do_normalize else None, self.image_std)
 
     def anyres_patches(self, image: Image.Image) -> list[np.ndarray]:
         """The base image resized to the tile size, then the tiles (row-major) of the image fitted

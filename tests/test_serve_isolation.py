@@ -14,7 +14,8 @@ import vlmkit.generation.sampling as sampling
 import vlmkit.serve.batching as batching
 from vlmkit.serve.config import ServeConfig
 from vlmkit.serve.requests import RequestHandler
-from vlmkit.serve.scheduler import Scheduler, TextDelta
+from vlmkit.serve.events import TextDelta
+from vlmkit.serve.scheduler import Scheduler
 
 POISON_SEED = 666  # sampling with this seed raises
 LONG = "word " * 40  # a prompt whose positions the poisoned forward pass refuses

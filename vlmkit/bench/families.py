@@ -28,7 +28,7 @@ def test_image(seed: int, width: int = 640, height: int = 480) -> Image.Image:
     return Image.fromarray(np.stack([x, y, noise], -1).round().astype(np.uint8), "RGB")
 
 
-def _quiet_transformers():
+def quiet_transformers():
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -107,7 +107,7 @@ class Janus(Family):
             from vlmkit import JanusForConditionalGeneration, JanusProcessor
             return (JanusForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype),
                     JanusProcessor.from_pretrained(self.folder))
-        transformers = _quiet_transformers()
+        transformers = quiet_transformers()
         return (transformers.JanusForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype).eval(),
                 transformers.JanusProcessor.from_pretrained(self.folder, backend="pil"))
 
@@ -184,7 +184,7 @@ class LlavaOnevision(Family):
         if engine == "vlmkit":
             from vlmkit import AutoModel, AutoProcessor
             return AutoModel.from_pretrained(self.folder, dtype=self.dtype), AutoProcessor.from_pretrained(self.folder)
-        transformers = _quiet_transformers()
+        transformers = quiet_transformers()
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil)
         from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor

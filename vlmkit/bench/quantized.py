@@ -109,7 +109,7 @@ def _run_child(folder, name: str, args) -> dict:
 
 def _load(name: str, folder: Path):
     """The benchmark family (families.Janus) with one engine, loaded as the variant says."""
-    from .families import Janus, _quiet_transformers
+    from .families import Janus, quiet_transformers
 
     engine, quantization = VARIANTS[name]
 
@@ -123,7 +123,7 @@ def _load(name: str, folder: Path):
                 return (vlmkit.JanusForConditionalGeneration.from_pretrained(self.folder, dtype=self.dtype,
                                                                             quantization_config=config),
                         vlmkit.JanusProcessor.from_pretrained(self.folder))
-            transformers = _quiet_transformers()
+            transformers = quiet_transformers()
             model = transformers.JanusForConditionalGeneration.from_pretrained(
                 self.folder, dtype=self.dtype, device_map="cpu",
                 quantization_config=transformers.BitsAndBytesConfig(**_bnb(quantization)))

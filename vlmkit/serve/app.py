@@ -24,7 +24,8 @@ from .requests import ApiError, RequestHandler, api_error, body_too_large, metho
 from .http import uvicorn_config
 from .image_stream import image_sse
 from .pages import install_playground
-from .scheduler import ChoiceEnd, JobEnd, JobFailed, Scheduler, TextDelta
+from .events import ChoiceEnd, JobEnd, JobFailed, TextDelta
+from .scheduler import Scheduler
 from .schemas import ModelCard, ModelList, Usage, error_body, new_id
 
 log = logging.getLogger("vlmkit.serve")

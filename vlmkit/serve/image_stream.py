@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .events import JobEnd, JobFailed
+
 NEUTRAL_FILL = 128  # the grey of the rows not drawn yet
 
 
@@ -104,7 +106,6 @@ async def image_sse(stream, size: str, prompt_tokens: int, image_tokens: int, er
     """The server-sent events of a streamed image job. ``stream`` is the job's events as they come (it ends
     early when the client goes away, which cancels the job); ``error_body(err)`` is the error as the
     API answers it; ``to_thread(fn, *args)`` runs PNG encoding off the event loop."""
-    from .scheduler import JobEnd, JobFailed
     try:
         async for item in stream:
             if isinstance(item, PartialImage):

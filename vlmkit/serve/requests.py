@@ -18,7 +18,8 @@ from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
                       ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
-from .scheduler import ChatOutcome, ChatTask, ImageOutcome, ImageTask, JobCancelled, ServerBusy
+from .events import ChatOutcome, ImageOutcome
+from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 
 log = logging.getLogger("vlmkit.serve")
 

@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError, VlmkitError
 from ..generation.config import GenerationConfig
 from .decoding import ImageDecoder, TextDecoder
+from .events import ChatOutcome, ChoiceEnd, ImageOutcome, JobEnd, JobFailed, TextDelta
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -65,46 +66,6 @@ class ImageTask:
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
-
-
-# --- what jobs report ----------------------------------------------------------------------------
-@dataclass
-class TextDelta:
-    index: int
-    text: str
-
-
-@dataclass
-class ChoiceEnd:
-    index: int
-    text: str
-    finish_reason: str
-    completion_tokens: int
-
-
-@dataclass
-class ChatOutcome:
-    prompt_tokens: int
-    choices: list[ChoiceEnd]
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(choice.completion_tokens for choice in self.choices)
-
-
-@dataclass
-class ImageOutcome:
-    images: list  # PIL images
-
-
-@dataclass
-class JobEnd:
-    outcome: ChatOutcome | ImageOutcome
-
-
-@dataclass
-class JobFailed:
-    error: BaseException
 
 
 class Job:

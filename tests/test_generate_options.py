@@ -315,8 +315,22 @@ def test_unsupported_combinations_are_errors(family):
     assert generate(typical_p=1.0, num_beam_groups=1, output_attentions=False).shape[1] == family.prompt_length + 2
 
 
+@pytest.mark.parametrize("warpers", [dict(min_p=0.1), dict(typical_p=0.7, top_k=0)], ids=["min-p", "typical"])
+def test_janus_image_generation_samples_with_the_sampling_options_as_the_reference(janus_dir, warpers):
+    from janus_reference import ours, reference
+
+    (ref_processor, ref_model), (processor, model) = reference(str(janus_dir)), ours(str(janus_dir))
+    torch.manual_seed(0)
+    expected = ref_model.generate(**ref_processor(text="A red square.", generation_mode="image", return_tensors="pt"),
+                                  generation_mode="image", do_sample=True, **warpers)
+    torch.manual_seed(0)
+    got = model.generate(**processor(text="A red square.", generation_mode="image"), generation_mode="image",
+                         do_sample=True, **warpers)
+    assert got.tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("option", [dict(num_beams=2), dict(bad_words_ids=[[5]]), dict(logits_processor=[BanToken(5)]),
-                                    dict(return_dict_in_generate=True), dict(min_p=0.2), dict(epsilon_cutoff=0.1)])
+                                    dict(return_dict_in_generate=True), dict(max_time=1.0), dict(epsilon_cutoff=0.1)])
 def test_janus_image_generation_refuses_text_options(janus_dir, option):
     from janus_reference import ours
 

@@ -88,7 +88,7 @@ TEXT_ONLY = ("num_beams", "length_penalty", "early_stopping", "min_length", "min
              "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
              "repetition_penalty", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
              "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "forced_bos_token_id",
-             "forced_eos_token_id", "remove_invalid_values", "min_p", "typical_p", "max_time")
+             "forced_eos_token_id", "remove_invalid_values", "max_time")
 
 
 def refuse_text_only(options: dict, where: str) -> None:

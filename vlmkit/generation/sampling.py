@@ -1,34 +1,22 @@
-"""Turning logits into the next token: repetition penalty, temperature, top-k, top-p, then argmax or
-a draw from a seeded generator. Same order and semantics as transformers' processors."""
+"""Turning one step's logits into the next token outside ``generate``'s loop (the server's batched
+steps, Janus' image tokens): repetition penalty, temperature, top-k, top-p, then argmax or a draw from
+a seeded generator. The processors are the logits pipeline's (logits.py), so the order and semantics
+are transformers'."""
 
 import torch
 
 from .config import GenerationConfig
+from .logits import RepetitionPenalty, apply_processors, sampling_warpers
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make tokens already in ``seen_ids`` [batch, len] less likely (divide positive, multiply negative)."""
-    scores = logits.gather(1, seen_ids)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen_ids, scores)
+    return RepetitionPenalty(penalty)(seen_ids, logits)
 
 
 def warp_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering for sampling."""
-    if config.temperature not in (None, 1.0):
-        logits = logits / config.temperature
-    if config.top_k:
-        k = min(config.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p is not None and config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - config.top_p)
-        remove_sorted[..., -1:] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    """Temperature, then top-k, then top-p (nucleus), min-p and typical filtering for sampling."""
+    return apply_processors(sampling_warpers(config), None, logits)
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None,

@@ -72,7 +72,13 @@ class DecoderConfig:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Its C++ twin: a bf16 decode step (one new position, on a CPU with vlmkit's kernels) runs the whole
+    layer in one call, ``cpu_kernels.decoder_layer_step`` -> ``csrc/decode_step.cpp``
+    (``decoder_layer_step_bf16``), which rounds to bf16 where these modules do;
+    ``tests/test_cpu_kernels.py::test_one_call_decode_layer_step_computes_what_the_modules_compute``
+    keeps the two equal. A change here is a change there."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()

@@ -1,4 +1,7 @@
 // decode_attention_bf16 and decoder_layer_step_bf16: the attention and whole-layer parts of a decode step.
+// decoder_layer_step_bf16 is the twin of the Python DecoderLayer (vlmkit/nn/decoder.py), called through
+// cpu_kernels.decoder_layer_step; tests/test_cpu_kernels.py (test_one_call_decode_layer_step_computes_what_
+// the_modules_compute) keeps them equal: a change to one is a change to the other.
 #include <ATen/ops/empty.h>
 
 #include <cmath>

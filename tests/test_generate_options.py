@@ -312,7 +312,10 @@ def test_unsupported_combinations_are_errors(family):
     with pytest.raises(InputError, match="logits_processor"):
         generate(logits_processor=[42])
     # neutral values of options vlmkit does not implement change nothing, so they are accepted
-    assert generate(typical_p=1.0, num_beam_groups=1, output_attentions=False).shape[1] == family.prompt_length + 2
+    assert generate(epsilon_cutoff=0.0, num_beam_groups=1, output_attentions=False).shape[1] == family.prompt_length + 2
+    inputs = dict(family.inputs, inputs=family.inputs["input_ids"])
+    del inputs["input_ids"]  # transformers' keyword for the prompt
+    assert family.model.generate(**inputs, **family.mode, max_new_tokens=2).tolist() == generate().tolist()
 
 
 @pytest.mark.parametrize("warpers", [dict(min_p=0.1), dict(typical_p=0.7, top_k=0)], ids=["min-p", "typical"])

@@ -21,6 +21,7 @@ UNSUPPORTED = {
     "constraints": (None,), "exponential_decay_length_penalty": (None,), "watermarking_config": (None,),
     "token_healing": (None, False), "low_memory": (None, False), "prompt_lookup_num_tokens": (None,),
     "use_mtp": (None, False), "past_key_values": (None,), "decoder_start_token_id": (None,),
+    "use_model_defaults": (None, True),
 }
 
 # transformers options that only choose how the work is done (caches, compilation): the tokens are the

@@ -227,6 +227,8 @@ class PretrainedVLM(nn.Module):
         inputs such as ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as
         tokens come."""
         if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
+        if input_ids is None:
             raise InputError("generate needs input_ids (call the processor first)")
         config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
             self.generation_config, generation_config, kwargs)

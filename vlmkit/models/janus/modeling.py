@@ -188,6 +188,8 @@ class JanusForConditionalGeneration(PretrainedVLM):
 
     def generate(self, input_ids=None, attention_mask=None, generation_mode: str = "text", **kwargs):
         """Text generation (``generation_mode="text"``) or image tokens (``"image"``, see ``generate_image``)."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
         if generation_mode == "text":
             return super().generate(input_ids, attention_mask, **kwargs)
         if generation_mode == "image":

@@ -62,12 +62,13 @@ class StepTimer:
 
 
 def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 9) -> float:
-    """Memory-read bandwidth with torch's current thread count: the best of ``repeats`` sums of a float32
-    tensor far larger than the caches (best, not median: the bound should be what the memory can do)."""
-    data = torch.ones(int(gib * 1024**3) // 4)
+    """Memory-read bandwidth with torch's current thread count: the median of ``repeats`` sums of a float32
+    tensor far larger than the caches, of random values (a VM may back identical pages, such as a tensor
+    of ones, by shared memory). The median, not the best: on a shared VM single sums have come out at
+    twice what the memory can do."""
+    data = torch.rand(int(gib * 1024**3) // 4)
     data.sum()
-    best = min(timed(data.sum) for _ in range(repeats))
-    return data.numel() * 4 / best / 1e9
+    return data.numel() * 4 / median([timed(data.sum) for _ in range(repeats)]) / 1e9
 
 
 def peak_rss_in_child(argv: list[str], timeout: float = 1800) -> dict:

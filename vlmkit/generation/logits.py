@@ -388,3 +388,91 @@ def _bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
         raise InputError("sequence_bias must be a non-empty list of [token_ids, bias] pairs (e.g. [[[10, 45], -2.0]]) "
                          f"or a dict {{(10, 45): -2.0}}, got {sequence_bias!r}")
     return {tuple(int(t) for t in ids): float(bias) for ids, bias in pairs}
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (the prompt's first
+    ``prompt_length`` tokens not counted): ``score -= presence * (count > 0) + frequency * count``."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0, prompt_length: int = 0):
+        self.presence, self.frequency, self.prompt_length = float(presence), float(frequency), prompt_length
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            return scores
+        vocab = scores.shape[-1]
+        counts = torch.zeros((scores.shape[0], vocab + 1), dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, generated.clamp(max=vocab), torch.ones_like(generated, dtype=scores.dtype))
+        counts = counts[:, :vocab]
+        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
+
+
+class LogitBias:
+    """OpenAI's ``logit_bias``: ``{token_id: bias}`` added to those tokens' scores at every step
+    (-100 all but bans a token, 100 all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.token_ids = torch.tensor([int(t) for t in bias], dtype=torch.long)
+        self.values = torch.tensor([float(b) for b in bias.values()], dtype=torch.float)
+
+    def __call__(self, input_ids, scores):
+        if self.token_ids.device != scores.device:
+            self.token_ids, self.values = self.token_ids.to(scores.device), self.values.to(scores.device)
+        return scores.index_add(1, self.token_ids, self.values.to(scores.dtype).expand(scores.shape[0], -1))
+
+
+class GrammarConstraint:
+    """Constrained decoding: each row's scores masked to the tokens its grammar matcher allows next
+    (``generation.grammar``: llguidance matchers, one per row; None leaves a row unconstrained, so
+    constrained and free rows share a batch). Before masking, a matcher takes the row's tokens it has
+    not seen yet (those after the prompt's ``prompt_length``), so the processor needs nothing but
+    ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(V / 32)] on the CPU; the bits are
+    unpacked and applied with torch ops on the scores' device."""
+
+    def __init__(self, matchers: list, prompt_length: int):
+        self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
+        self.prompt_length = prompt_length
+        self._bitmask: torch.Tensor | None = None
+        self._shifts: torch.Tensor | None = None
+
+    def select(self, rows: list[int]) -> "GrammarConstraint":
+        """The same constraint (same matchers, same progress) over a subset of its rows, in that order."""
+        view = GrammarConstraint([], self.prompt_length)
+        view.rows = [self.rows[i] for i in rows]
+        return view
+
+    def __call__(self, input_ids, scores):
+        words = (scores.shape[-1] + 31) // 32
+        if self._bitmask is None or self._bitmask.shape != (len(self.rows), words):
+            self._bitmask = torch.empty((len(self.rows), words), dtype=torch.int32)
+        bitmask = self._bitmask
+        bitmask.fill_(-1)
+        for b, row in enumerate(self.rows):
+            if row is None:
+                continue
+            row.advance(input_ids[b, self.prompt_length + row.consumed:].tolist())
+            row.matcher.unsafe_compute_mask_ptr(bitmask[b].data_ptr(), words * 4)
+        if self._shifts is None or self._shifts.device != scores.device:
+            self._shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+        bits = (bitmask.to(scores.device, non_blocking=True)[:, :, None] >> self._shifts) & 1
+        allowed = bits.view(len(self.rows), -1)[:, :scores.shape[-1]].bool()
+        return scores.masked_fill(~allowed, -torch.inf)
+
+    def finished(self, row: int) -> bool:
+        """Whether row ``row``'s grammar has ended (only end-of-sequence may follow)."""
+        state = self.rows[row]
+        return state is not None and state.matcher.is_stopped()
+
+
+class _GrammarRow:
+    """One row's matcher and how many generated tokens it has taken."""
+
+    def __init__(self, matcher):
+        self.matcher, self.consumed = matcher, 0
+
+    def advance(self, tokens: list[int]) -> None:
+        for token in tokens:
+            if not self.matcher.consume_token(int(token)):
+                raise InputError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        self.consumed += len(tokens)

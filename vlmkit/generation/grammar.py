@@ -1,0 +1,79 @@
+"""Grammars for constrained decoding: a JSON Schema compiled once into a matcher that, step by step,
+says which tokens may come next (the server's ``response_format`` and forced tool calls).
+
+The engine is llguidance rather than xgrammar: it builds its token table straight from a ``tokenizers``
+JSON (the tokenizer vlmkit already holds, no transformers import), computes each step's mask lazily
+from an Earley parser in tens of microseconds without precompiling every schema against the whole
+vocabulary, and brings no torch or CUDA build of its own, so it installs beside any torch. The mask it
+fills is a [rows, ceil(V / 32)] int32 bitmask; ``logits.GrammarConstraint`` applies it to the scores
+with torch ops, so it works on CPU and CUDA alike."""
+
+import functools
+import json
+import threading
+
+from ..errors import InputError
+
+_lock = threading.Lock()
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:  # an optional dependency (the serve extra)
+        raise InputError("constrained decoding needs llguidance: pip install 'vlmkit[serve]'") from None
+    return llguidance
+
+
+class GrammarTokenizer:
+    """llguidance's view of a model's vocabulary: built once per tokenizer (about a second for 100k
+    tokens), shared by every grammar compiled for it. ``vocab_size`` is the width of the model's scores
+    (it may exceed the tokenizer's entries; the extra ids are never allowed)."""
+
+    def __init__(self, backend, vocab_size: int, eos_token_ids):
+        llguidance = _llguidance()
+        self.vocab_size = int(vocab_size)
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+        self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size,
+                                                eos_token=self.eos_token_ids)
+        self._matchers: dict[str, object] = {}
+
+    def json_matcher(self, schema: dict | bool | None):
+        """A fresh matcher for JSON text valid under ``schema`` (None: any JSON object). The schema is
+        compiled once and kept (by its canonical JSON text); each call returns a copy of the compiled
+        matcher at its start. A schema llguidance cannot compile is an ``InputError`` naming why."""
+        key = json.dumps({"type": "object"} if schema is None else schema, sort_keys=True)
+        with _lock:
+            compiled = self._matchers.get(key)
+            if compiled is None:
+                compiled = self._compile(key)
+                if len(self._matchers) >= 256:  # a bounded cache: the oldest schema goes first
+                    self._matchers.pop(next(iter(self._matchers)))
+                self._matchers[key] = compiled
+            return compiled.deep_copy()
+
+    def _compile(self, schema_text: str):
+        llguidance = _llguidance()
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema_text, defaults={"whitespace_flexible": False})
+        except (ValueError, TypeError) as err:
+            raise InputError(f"not a valid JSON Schema: {err}") from None
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if failed:
+            raise InputError(f"the JSON Schema cannot be used for constrained decoding: {'; '.join(messages)}")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise InputError(f"the JSON Schema cannot be used for constrained decoding: {matcher.get_error()}")
+        return matcher
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (special tokens as their text)."""
+        data = self.tokenizer.decode_bytes([int(token_id)])
+        return data[1:] if data[:1] == b"\xff" else data  # llguidance marks special tokens with 0xFF
+
+
+@functools.lru_cache(maxsize=8)
+def grammar_tokenizer(backend, vocab_size: int, eos_token_ids: tuple[int, ...]) -> GrammarTokenizer:
+    """The ``GrammarTokenizer`` of a ``tokenizers.Tokenizer`` (cached: building it scans the vocabulary)."""
+    return GrammarTokenizer(backend, vocab_size, eos_token_ids)

@@ -61,6 +61,7 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
     can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
     running_origins = torch.full((batch, num_beams, budget), -1, dtype=torch.int32, device=device)
     finished_origins = running_origins.clone()
+    identity = torch.arange(rows, device=device)
     flat = input_ids
     cur_len = prompt_length
     while True:
@@ -108,7 +109,8 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
         open_beam = not (bool(is_finished.all()) and config.early_stopping is True)
         if not (bool(can_improve.any()) and open_beam and not bool(ended.all())):
             break
-        cache.select_rows(beam_rows)
+        if not torch.equal(beam_rows, identity):  # the cache follows the beams (a copy: skipped when none moved)
+            cache.select_rows(beam_rows)
         flat = running[:, :, :cur_len].reshape(rows, cur_len)
         logits = decode(flat[:, -1:], next_position, cache)
         next_position = next_position + 1

@@ -11,6 +11,7 @@ top-p, min-p, typical), then renormalisation. With no
 option set the list is empty and the decode step does no work for it.
 """
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -382,8 +383,8 @@ def _bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
     else:
         pairs = []
     valid = bool(pairs) and all(
-        isinstance(ids, (list, tuple)) and ids and all(isinstance(t, int) and t >= 0 for t in ids)
-        and isinstance(bias, (int, float)) for ids, bias in pairs)
+        isinstance(ids, (list, tuple)) and ids and all(isinstance(t, numbers.Integral) and t >= 0 for t in ids)
+        and isinstance(bias, numbers.Real) for ids, bias in pairs)
     if not valid:
         raise InputError("sequence_bias must be a non-empty list of [token_ids, bias] pairs (e.g. [[[10, 45], -2.0]]) "
                          f"or a dict {{(10, 45): -2.0}}, got {sequence_bias!r}")

@@ -112,6 +112,8 @@ OPTION_CASES = {
     "prefix_allowed_tokens_fn": (lambda t, n: dict(prefix_allowed_tokens_fn=lambda batch_id, ids: t[:4] if batch_id == 0
                                                    else t[2:]), False),
     "forced_eos_token_id": (lambda t, n: dict(forced_eos_token_id=t[0]), False),
+    "exponential_decay_length_penalty": (lambda t, n: dict(eos_token_id=t[4], exponential_decay_length_penalty=(1, 3.0)),
+                                         False),
     "remove_invalid_values": (lambda t, n: dict(remove_invalid_values=True, suppress_tokens=[t[0]]), True),
     "everything at once": (lambda t, n: dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[t[1]]],
                                              suppress_tokens=[t[2]], begin_suppress_tokens=[t[3]],
@@ -133,7 +135,9 @@ def test_logits_option_matches_reference(family, option):
 
 
 @pytest.mark.parametrize("warpers", [dict(temperature=0.7, top_k=8, top_p=0.9), dict(min_p=0.05, top_k=0),
-                                     dict(typical_p=0.8, temperature=1.3)], ids=["top-k top-p", "min-p", "typical"])
+                                     dict(typical_p=0.8, temperature=1.3), dict(epsilon_cutoff=0.002, top_k=0),
+                                     dict(eta_cutoff=0.002, top_k=0)],
+                         ids=["top-k top-p", "min-p", "typical", "epsilon", "eta"])
 def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family, warpers):
     # same global seed, same draws: the warpers run after the bans, as in the reference
     options = dict(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]],
@@ -288,8 +292,8 @@ def test_transformers_generation_config_is_read(family):
 
 
 UNSUPPORTED = {
-    "epsilon_cutoff": 0.1, "eta_cutoff": 0.1, "num_beam_groups": 2, "force_words_ids": [[3]],
-    "exponential_decay_length_penalty": (2, 1.1), "assistant_model": object(),
+    "top_h": 0.5, "penalty_alpha": 0.6, "num_beam_groups": 2, "force_words_ids": [[3]], "diversity_penalty": 0.5,
+    "assistant_model": object(),
 }
 
 
@@ -333,7 +337,7 @@ def test_janus_image_generation_samples_with_the_sampling_options_as_the_referen
 
 
 @pytest.mark.parametrize("option", [dict(num_beams=2), dict(bad_words_ids=[[5]]), dict(logits_processor=[BanToken(5)]),
-                                    dict(return_dict_in_generate=True), dict(max_time=1.0), dict(epsilon_cutoff=0.1)])
+                                    dict(return_dict_in_generate=True), dict(max_time=1.0), dict(top_h=0.5)])
 def test_janus_image_generation_refuses_text_options(janus_dir, option):
     from janus_reference import ours
 

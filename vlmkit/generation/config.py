@@ -50,6 +50,9 @@ class GenerationConfig:
     remove_invalid_values: bool = False
     min_p: float | None = None
     typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    exponential_decay_length_penalty: tuple[int, float] | None = None
     max_time: float | None = None
     # transformers takes it as a generate() argument: (batch_id, input_ids [T]) -> allowed token ids
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = field(default=None, repr=False)
@@ -107,6 +110,9 @@ class GenerationConfig:
             raise InputError("min_p must be in [0, 1]")
         if self.typical_p is not None and not 0 < self.typical_p <= 1:
             raise InputError("typical_p must be in (0, 1]")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{name} must be in [0, 1) (0: off)")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise InputError("repetition_penalty must be > 0 (1.0 means no penalty)")
         if self.return_dict_in_generate and (self.output_attentions or self.output_hidden_states):

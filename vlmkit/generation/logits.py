@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError
 from .config import GenerationConfig
+from .warpers import sampling_warpers
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -233,73 +234,26 @@ class RemoveInvalidValues:
         return torch.where(scores == -float("inf"), torch.finfo(scores.dtype).min, processed)
 
 
-class Temperature:
-    """Scores divided by the temperature (transformers' TemperatureLogitsWarper)."""
+class ExponentialDecayLengthPenalty:
+    """From ``start`` new tokens on, end-of-sequence scores raised by ``|score| * (factor ** n - 1)``
+    after n more tokens (transformers' ExponentialDecayLengthPenalty)."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    reference_name = "ExponentialDecayLengthPenalty"
 
-    def __call__(self, input_ids, scores):
-        return scores / self.temperature
-
-
-class TopK:
-    """All but the ``top_k`` best scores set to -inf (transformers' TopKLogitsWarper)."""
-
-    def __init__(self, top_k: int, min_tokens_to_keep: int = 1):
-        self.top_k = max(top_k, min_tokens_to_keep)
+    def __init__(self, start_and_factor, eos_token_ids, prompt_length: int):
+        self.start = int(start_and_factor[0]) + prompt_length
+        self.factor = float(start_and_factor[1])
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
 
     def __call__(self, input_ids, scores):
-        k = min(self.top_k, scores.shape[-1])
-        return scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -torch.inf)
-
-
-class TopP:
-    """Only the smallest set of best tokens whose probability reaches ``top_p`` kept (transformers'
-    TopPLogitsWarper)."""
-
-    def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
-        self.top_p, self.min_tokens_to_keep = float(top_p), min_tokens_to_keep
-
-    def __call__(self, input_ids, scores):
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - self.top_p)
-        remove[..., -self.min_tokens_to_keep:] = False
-        return scores.masked_fill(remove.scatter(1, order, remove), -torch.inf)
-
-
-class MinP:
-    """Tokens less likely than ``min_p`` times the likeliest one removed (transformers' MinPLogitsWarper)."""
-
-    def __init__(self, min_p: float, min_tokens_to_keep: int = 1):
-        self.min_p, self.min_tokens_to_keep = min_p, min_tokens_to_keep
-
-    def __call__(self, input_ids, scores):
-        probs = torch.softmax(scores, dim=-1)
-        remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
-        best = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
-        remove.scatter_(-1, best, False)
-        return scores.masked_fill(remove, -torch.inf)
-
-
-class Typical:
-    """Locally typical sampling: the tokens whose surprise is closest to the entropy, up to ``mass``
-    (transformers' TypicalLogitsWarper)."""
-
-    def __init__(self, mass: float, min_tokens_to_keep: int = 1):
-        self.mass, self.min_tokens_to_keep = float(mass), min_tokens_to_keep
-
-    def __call__(self, input_ids, scores):
-        normalized = torch.nn.functional.log_softmax(scores, dim=-1)
-        entropy = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
-        shifted = torch.abs((-normalized) - entropy)
-        sorted_shifted, order = torch.sort(shifted, descending=False)
-        cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-        last = (cumulative < self.mass).sum(dim=1).clamp_(max=sorted_shifted.shape[-1] - 1)
-        remove = sorted_shifted > sorted_shifted.gather(1, last.view(-1, 1))
-        remove[..., :self.min_tokens_to_keep] = False
-        return scores.masked_fill(remove.scatter(1, order, remove), -torch.inf)
+        length = input_ids.shape[-1]
+        if length <= self.start:
+            return scores
+        eos_scores = scores[:, self.eos_token_ids]
+        penalty = torch.abs(eos_scores) * (pow(self.factor, length - self.start) - 1)
+        penalties = torch.zeros_like(scores)
+        penalties[:, self.eos_token_ids] = penalty.masked_fill(~torch.isfinite(eos_scores), 0.0)
+        return scores + penalties
 
 
 class LogSoftmax:
@@ -337,6 +291,8 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(ForcedToken(config.forced_eos_token_id, at_length=max_length - 1))
     if config.remove_invalid_values:
         processors.append(RemoveInvalidValues())
+    if config.exponential_decay_length_penalty is not None and eos:
+        processors.append(ExponentialDecayLengthPenalty(config.exponential_decay_length_penalty, eos, prompt_length))
     if config.suppress_tokens is not None:
         processors.append(SuppressTokens(config.suppress_tokens))
     if config.begin_suppress_tokens is not None:
@@ -355,22 +311,6 @@ def _merge(built: list, custom: list) -> list:
     by_name = {type(processor).__name__: processor for processor in reversed(custom)}
     merged = [by_name.get(getattr(processor, "reference_name", None), processor) for processor in built]
     return merged + [processor for processor in custom if not any(processor is m for m in merged)]
-
-
-def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> list[LogitsProcessor]:
-    """Temperature, top-k and top-p, as ``config`` sets them (used when sampling)."""
-    warpers: list[LogitsProcessor] = []
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(Temperature(config.temperature))
-    if config.top_k:
-        warpers.append(TopK(config.top_k, min_tokens_to_keep))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopP(config.top_p, min_tokens_to_keep))
-    if config.min_p is not None:
-        warpers.append(MinP(config.min_p, min_tokens_to_keep))
-    if config.typical_p is not None and config.typical_p < 1.0:
-        warpers.append(Typical(config.typical_p, min_tokens_to_keep))
-    return warpers
 
 
 def _bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
@@ -428,23 +368,25 @@ class GrammarConstraint:
     (``generation.grammar``: llguidance matchers, one per row; None leaves a row unconstrained, so
     constrained and free rows share a batch). Before masking, a matcher takes the row's tokens it has
     not seen yet (those after the prompt's ``prompt_length``), so the processor needs nothing but
-    ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(V / 32)] on the CPU; the bits are
-    unpacked and applied with torch ops on the scores' device."""
+    ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(vocab_size / 32)] on the CPU
+    (``vocab_size``: the grammar tokenizer's; scores past it are never allowed); the bits are unpacked
+    and applied with torch ops on the scores' device."""
 
-    def __init__(self, matchers: list, prompt_length: int):
+    def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0):
         self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
-        self.prompt_length = prompt_length
+        self.prompt_length, self.vocab_size = prompt_length, vocab_size
         self._bitmask: torch.Tensor | None = None
         self._shifts: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> "GrammarConstraint":
         """The same constraint (same matchers, same progress) over a subset of its rows, in that order."""
-        view = GrammarConstraint([], self.prompt_length)
+        view = GrammarConstraint([], self.prompt_length, self.vocab_size)
         view.rows = [self.rows[i] for i in rows]
         return view
 
     def __call__(self, input_ids, scores):
-        words = (scores.shape[-1] + 31) // 32
+        filled = (self.vocab_size + 31) // 32  # the words a matcher writes
+        words = max((scores.shape[-1] + 31) // 32, filled)
         if self._bitmask is None or self._bitmask.shape != (len(self.rows), words):
             self._bitmask = torch.empty((len(self.rows), words), dtype=torch.int32)
         bitmask = self._bitmask
@@ -453,7 +395,8 @@ class GrammarConstraint:
             if row is None:
                 continue
             row.advance(input_ids[b, self.prompt_length + row.consumed:].tolist())
-            row.matcher.unsafe_compute_mask_ptr(bitmask[b].data_ptr(), words * 4)
+            bitmask[b, filled:] = 0
+            row.matcher.unsafe_compute_mask_ptr(bitmask[b].data_ptr(), filled * 4)
         if self._shifts is None or self._shifts.device != scores.device:
             self._shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
         bits = (bitmask.to(scores.device, non_blocking=True)[:, :, None] >> self._shifts) & 1

@@ -15,10 +15,10 @@ OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 UNSUPPORTED = {
     "assistant_model": (None,), "assistant_tokenizer": (None,), "custom_generate": (None,),
     "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
-    "top_h": (None,), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "diversity_penalty": (None, 0.0),
+    "top_h": (None,), "diversity_penalty": (None, 0.0),
     "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
     "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0), "force_words_ids": (None,),
-    "constraints": (None,), "exponential_decay_length_penalty": (None,), "watermarking_config": (None,),
+    "constraints": (None,), "watermarking_config": (None,),
     "token_healing": (None, False), "low_memory": (None, False), "prompt_lookup_num_tokens": (None,),
     "use_mtp": (None, False), "past_key_values": (None,), "decoder_start_token_id": (None,),
     "use_model_defaults": (None, True),
@@ -89,7 +89,7 @@ TEXT_ONLY = ("num_beams", "length_penalty", "early_stopping", "min_length", "min
              "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
              "repetition_penalty", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
              "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "forced_bos_token_id",
-             "forced_eos_token_id", "remove_invalid_values", "max_time")
+             "forced_eos_token_id", "remove_invalid_values", "max_time", "exponential_decay_length_penalty")
 
 
 def refuse_text_only(options: dict, where: str) -> None:

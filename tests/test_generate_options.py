@@ -224,6 +224,19 @@ def test_a_transformers_streamer_gets_the_prompt_then_each_step_as_from_the_refe
     assert got.puts[0] == family.inputs["input_ids"][:1].tolist() and len(got.puts) == 1 + NEW_TOKENS
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2, top_k=20, temperature=0.8)])
+def test_beam_sampling_draws_what_the_reference_draws(family, options):
+    options = dict(options, do_sample=True, eos_token_id=family.first[2], return_dict_in_generate=True,
+                   output_scores=True)
+    torch.manual_seed(5)
+    expected = family.ref_model.generate(**family.ref_inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
+    torch.manual_seed(5)
+    got = family.model.generate(**family.inputs, **family.mode, max_new_tokens=NEW_TOKENS, **options)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert got.beam_indices.tolist() == expected.beam_indices.tolist()
+    assert torch.allclose(got.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=0)
+
+
 class BanToken:
     """A user's logits processor: bans one token and counts its calls."""
 
@@ -307,8 +320,6 @@ def test_unsupported_combinations_are_errors(family):
     generate = lambda **options: family.model.generate(**family.inputs, **family.mode, max_new_tokens=2, **options)  # noqa: E731
     with pytest.raises(InputError, match="attentions"):
         generate(return_dict_in_generate=True, output_attentions=True)
-    with pytest.raises(InputError, match="beam sampling"):
-        generate(num_beams=2, do_sample=True)
     with pytest.raises(InputError, match="num_return_sequences"):
         generate(num_beams=2, num_return_sequences=3)
     with pytest.raises(InputError, match="stream"):

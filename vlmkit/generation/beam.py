@@ -1,5 +1,6 @@
 """Beam search, step for step as transformers' ``GenerationMixin._beam_search`` (vectorised over the
-batch, ``length_penalty``, ``early_stopping`` True/False/"never"), so its beams are token-identical.
+batch, ``length_penalty``, ``early_stopping`` True/False/"never", beam sampling with ``do_sample``), so
+its beams are token-identical.
 
 Every step keeps the best ``beams_to_keep`` continuations over all beams of a prompt (more than
 ``num_beams``, so enough survive when some end), moves those that just ended into the finished set
@@ -11,6 +12,7 @@ import torch
 
 from .logits import apply_processors
 from .outputs import GenerateBeamDecoderOnlyOutput
+from .sampling import make_generator
 from .stopping import Stopping
 
 # the reference's stand-in for "impossible" in score arithmetic (not -inf, which would make NaNs)
@@ -62,6 +64,7 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
     running_origins = torch.full((batch, num_beams, budget), -1, dtype=torch.int32, device=device)
     finished_origins = running_origins.clone()
     identity = torch.arange(rows, device=device)
+    generator = make_generator(config.seed, device)
     flat = input_ids
     cur_len = prompt_length
     while True:
@@ -74,8 +77,13 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 
-        # the best beams_to_keep continuations over all beams of each prompt
-        top_scores, top_indices = torch.topk(totals, k=beams_to_keep)
+        # the best beams_to_keep continuations over all beams of each prompt (drawn without replacement
+        # when sampling)
+        if config.do_sample:
+            top_indices = torch.multinomial(totals.softmax(dim=-1), beams_to_keep, generator=generator)
+            top_scores = totals.gather(1, top_indices)
+        else:
+            top_scores, top_indices = torch.topk(totals, k=beams_to_keep)
         from_beam = top_indices // vocab
         top_origins = _gather_beams(running_origins, from_beam)
         top_sequences = _gather_beams(running, from_beam)

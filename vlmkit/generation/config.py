@@ -91,9 +91,6 @@ class GenerationConfig:
         """Reject settings that cannot work, with the reason."""
         if self.num_beams < 1:
             raise InputError("num_beams must be >= 1")
-        if self.num_beams > 1 and self.do_sample:
-            raise InputError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False "
-                             "for beam search, or num_beams=1 to sample")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise InputError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
                              f"({self.num_beams})")

@@ -299,7 +299,9 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(SuppressTokens(config.begin_suppress_tokens, at_length=prompt_length))
     processors = _merge(processors, list(custom))
     if config.do_sample:
-        processors.extend(sampling_warpers(config))
+        # beam sampling keeps a token besides every end-of-sequence one, so beams can go on
+        keep = 1 if config.num_beams == 1 else len(eos) + 1 if eos else 2
+        processors.extend(sampling_warpers(config, min_tokens_to_keep=keep))
     if config.renormalize_logits:
         processors.append(LogSoftmax())
     return processors

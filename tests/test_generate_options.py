@@ -180,6 +180,28 @@ def test_return_dict_has_the_references_fields_by_name_and_position(family):
                                              output_scores=True), family.plain)  # a tensor without the dict
 
 
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_transition_scores_match_the_reference(family, options):
+    expected, got = generate_both(family, eos_token_id=family.first[2], return_dict_in_generate=True,
+                                  output_scores=True, **options)
+    beams = got.get("beam_indices")
+    have = family.model.compute_transition_scores(got.sequences, got.scores, beams)
+    if beams is None:  # greedy: the score each row's token had at its step
+        new_tokens = got.sequences[:, family.prompt_length:]
+        assert torch.equal(have, torch.stack([s.gather(1, new_tokens[:, i:i + 1])[:, 0] for i, s in enumerate(got.scores)], 1))
+    else:  # beams: transformers' own check, the length-penalised sum is the beam's score
+        lengths = (beams >= 0).sum(dim=1)
+        assert torch.allclose(have.sum(dim=1) / lengths, got.sequences_scores, atol=1e-4, rtol=0)
+    # transformers indexes the scores with the config's vocab_size, narrower than IDEFICS' head (which adds
+    # the additional vocabulary), so its numbers for any row but the first are someone else's tokens'
+    if family.name != "idefics":
+        for normalize in (False, True):
+            want = family.ref_model.compute_transition_scores(expected.sequences, expected.scores,
+                                                              expected.get("beam_indices"), normalize_logits=normalize)
+            have = family.model.compute_transition_scores(got.sequences, got.scores, beams, normalize_logits=normalize)
+            assert torch.allclose(have, want, atol=1e-4, rtol=0)
+
+
 BEAM_CASES = {
     "three beams": dict(num_beams=3),
     "return two of four, early stopping": dict(num_beams=4, num_return_sequences=2, length_penalty=0.6,

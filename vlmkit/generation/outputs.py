@@ -46,3 +46,23 @@ class GenerateBeamDecoderOnlyOutput(_GenerateOutput):
     FIELDS = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states",
               "past_key_values")
     sequences: torch.Tensor
+
+
+def transition_scores(sequences: torch.Tensor, scores: tuple[torch.Tensor, ...], beam_indices: torch.Tensor | None = None,
+                      normalize_logits: bool = False) -> torch.Tensor:
+    """The score of each generated token [rows, new tokens] from ``generate``'s ``scores`` (and, after beam
+    search, ``beam_indices``), as transformers' ``compute_transition_scores``; steps after a beam ended are 0."""
+    vocab = scores[0].shape[-1]
+    if beam_indices is None:  # greedy or sampling: row i's tokens always come from row i
+        beam_indices = torch.arange(scores[0].shape[0], device=sequences.device).view(-1, 1).expand(-1, len(scores))
+    stacked = torch.stack(scores).reshape(len(scores), -1).transpose(0, 1)  # [rows * vocab, steps]
+    if normalize_logits:
+        stacked = stacked.reshape(-1, vocab, stacked.shape[-1]).log_softmax(dim=1).reshape(-1, stacked.shape[-1])
+    ended = beam_indices < 0
+    longest = int((~ended).long().sum(-1).max())
+    beam_indices, ended = beam_indices.clone()[:, :longest], ended[:, :longest]
+    beam_indices[ended] = 0
+    indices = sequences[:, sequences.shape[-1] - longest:] + beam_indices * vocab
+    result = stacked.gather(0, indices)
+    result[ended] = 0
+    return result

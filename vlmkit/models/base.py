@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.loop import generate_tokens
 from ..generation.options import split_generate_kwargs
+from ..generation.outputs import transition_scores
 from ..generation.prompt_cache import PromptCache, media_digest
 from ..generation.stopping import stop_string_checker
 from ..generation.streaming import expects_prompt
@@ -254,6 +255,12 @@ class PretrainedVLM(nn.Module):
         finally:
             if streamer is not None:
                 streamer.end()
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+        """Each generated token's score [rows, new tokens] from ``generate(..., return_dict_in_generate=True,
+        output_scores=True)``'s ``sequences``, ``scores`` (and ``beam_indices`` after beam search), as
+        transformers' method of that name."""
+        return transition_scores(sequences, scores, beam_indices, normalize_logits)
 
     def model_inputs(self, **kwargs) -> dict:
         """The keyword inputs ``prefill`` takes, moved to the model; unknown keys are an error."""

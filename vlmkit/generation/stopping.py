@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import InputError
 from .config import GenerationConfig
 
 
@@ -59,3 +60,13 @@ def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.T
         return torch.tensor(hits, dtype=torch.bool, device=new_tokens.device)
 
     return should_stop
+
+
+def stop_strings_check(config: GenerationConfig, tokenizer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The stop-string check ``config.stop_strings`` asks for (None without stop strings)."""
+    if not config.stop_strings:
+        return None
+    if tokenizer is None:
+        raise InputError("stop_strings needs the tokenizer: pass tokenizer=processor.tokenizer")
+    stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+    return stop_string_checker(tokenizer, stops)

@@ -84,3 +84,14 @@ def expects_prompt(streamer) -> bool:
     """Whether ``streamer`` follows transformers' protocol (a transformers class or a subclass of one),
     whose first ``put`` is the prompt."""
     return any(cls.__module__.split(".")[0] == "transformers" for cls in type(streamer).__mro__)
+
+
+def step_callback(streamer, prompt_ids: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
+    """What ``generate``'s loop calls with each step's tokens: ``streamer.put``; a transformers streamer
+    gets the prompt first and CPU tensors, as transformers sends them."""
+    if streamer is None:
+        return None
+    if not expects_prompt(streamer):
+        return streamer.put
+    streamer.put(prompt_ids.cpu())
+    return lambda tokens: streamer.put(tokens.cpu())

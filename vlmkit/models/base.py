@@ -13,8 +13,8 @@ from ..generation.loop import generate_tokens
 from ..generation.options import split_generate_kwargs
 from ..generation.outputs import transition_scores
 from ..generation.prompt_cache import PromptCache, media_digest
-from ..generation.stopping import stop_string_checker
-from ..generation.streaming import expects_prompt
+from ..generation.stopping import stop_strings_check
+from ..generation.streaming import step_callback
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
 from ..nn.layers import prepare_for_decoding
@@ -236,17 +236,9 @@ class PretrainedVLM(nn.Module):
         if streamer is not None and config.num_beams > 1:
             raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "
                              "known at the end")
-        should_stop = None
-        if config.stop_strings:
-            if tokenizer is None:
-                raise InputError("stop_strings needs the tokenizer: pass tokenizer=processor.tokenizer")
-            stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
-            should_stop = stop_string_checker(tokenizer, stops)
+        should_stop = stop_strings_check(config, tokenizer)
         model_inputs = self.model_inputs(**kwargs)
-        on_tokens = streamer.put if streamer is not None else None
-        if streamer is not None and expects_prompt(streamer):
-            streamer.put(input_ids.cpu())
-            on_tokens = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
+        on_tokens = step_callback(streamer, input_ids)
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         try:

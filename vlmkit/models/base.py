@@ -231,6 +231,9 @@ class PretrainedVLM(nn.Module):
             input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
         if input_ids is None:
             raise InputError("generate needs input_ids (call the processor first)")
+        if kwargs.get("guidance_scale") not in (None, 1, 1.0):
+            raise InputError("vlmkit does not implement classifier-free guidance (guidance_scale) for text "
+                             "generation; leave it unset (Janus takes it with generation_mode='image')")
         config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
             self.generation_config, generation_config, kwargs)
         if streamer is not None and config.num_beams > 1:

@@ -191,6 +191,7 @@ class JanusForConditionalGeneration(PretrainedVLM):
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
         if generation_mode == "text":
+            kwargs.pop("guidance_scale", None)  # as transformers' Janus: guidance is for images only
             return super().generate(input_ids, attention_mask, **kwargs)
         if generation_mode == "image":
             from ...generation.options import refuse_text_only

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -23,6 +23,7 @@ from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
 from .http import uvicorn_config
 from .image_stream import image_sse
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .pages import install_playground
 from .events import ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .scheduler import Scheduler
@@ -42,6 +43,7 @@ class ServerState:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.on_load_failed = None  # run_server stops uvicorn with it
+        self.metrics = ServerMetrics()
 
     def load(self) -> None:
         """Load the model named by the config (run in a thread, so /health answers meanwhile)."""
@@ -61,7 +63,9 @@ class ServerState:
         config = self.config
         self.handler = RequestHandler(self.engine, config)
         self.scheduler = Scheduler(self.engine, max_batch_rows=config.max_batch_rows,
-                                   max_batch_images=config.max_batch_images, max_waiting=config.max_waiting).start()
+                                   max_batch_images=config.max_batch_images, max_waiting=config.max_waiting)
+        self.scheduler.on_job_done = self.metrics.observe_job
+        self.scheduler.start()
 
     def ready(self) -> tuple[RequestHandler, Scheduler]:
         if self.scheduler is None:
@@ -93,6 +97,13 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
     app.state.vlmkit = state
     openapi.install(app)
 
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         return JSONResponse(err.body(), status_code=err.status)
@@ -114,6 +125,10 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
     @router.get("/v1/models", responses=openapi.MODELS_RESPONSES)
     async def models():
         return ModelList(data=[ModelCard(id=config.model_name, created=state.created)]).model_dump()
+
+    @router.get("/metrics", include_in_schema=False)  # Prometheus' text format, not JSON: see docs/serving.md
+    async def metrics():
+        return Response(state.metrics.render(state.scheduler), media_type=METRICS_CONTENT_TYPE)
 
     @router.get("/stats", responses=openapi.STATS_RESPONSES)
     async def stats():
@@ -168,7 +183,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
-ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /health, /stats and /openapi.json"
+ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /health, /stats, /metrics and /openapi.json"
 
 
 def _route_error(request: Request, err: StarletteHTTPException) -> str:
@@ -312,9 +327,11 @@ async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int,
                      for i in range(n)])
         async for item in stream:
             if isinstance(item, TextDelta):
-                yield event([{"index": item.index, "delta": {"content": item.text}, "finish_reason": None}])
+                yield event([_chunk_choice(item.index, {"content": item.text}, None, item.logprobs)])
             elif isinstance(item, ChoiceEnd):
-                yield event([{"index": item.index, "delta": {}, "finish_reason": item.finish_reason}])
+                delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(item.tool_calls)]} \
+                    if item.tool_calls else {}
+                yield event([_chunk_choice(item.index, delta, item.finish_reason, item.last_logprobs)])
             elif isinstance(item, JobEnd):
                 if include_usage:
                     outcome = item.outcome
@@ -330,6 +347,13 @@ async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int,
         yield "data: [DONE]\n\n"
     finally:
         await stream.aclose()
+
+
+def _chunk_choice(index: int, delta: dict, finish_reason: str | None, logprobs: list[dict] | None) -> dict:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    return choice
 
 
 # --- the process ---------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ joined right-aligned: a shorter history gets masked padding on its left. Positio
 rotary angles are unaffected; the ``key_mask`` keeps the padding out of attention."""
 
 import copy as copy_module
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..generation.config import GenerationConfig
+from ..generation.logits import apply_processors
 from ..generation.sampling import next_token
 from ..nn.kv_cache import KVCache
 
@@ -70,30 +71,46 @@ def keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
 
 @dataclass
 class RowSampling:
-    """The rows of one request in a step's logits, with how that request samples."""
+    """The rows of one request in a step's logits, with how that request samples: its logits pipeline
+    (``generation.logits``: the checkpoint's and the request's processors, then the sampling warpers
+    ``generate`` builds from ``config``) over ``seen_ids``, each row's prompt + answer so far."""
 
     rows: list[int]
     config: GenerationConfig
     generator: torch.Generator | None
-    seen_ids: torch.Tensor | None = None  # prompt + answer so far, for the repetition penalty
+    seen_ids: torch.Tensor | None = None
+    processors: list = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs
+    # filled by sample_rows when top_logprobs is set: (sampled tokens, their logprobs, top values, top ids)
+    logprobs: tuple | None = None
 
 
 def sample_rows(logits: torch.Tensor, requests: list[RowSampling]) -> torch.Tensor:
-    """Next token of every row of ``logits`` [rows, vocab]. Greedy rows take one argmax together; each
-    sampling request draws from its own generator, so a seeded request's tokens do not depend on what
-    else shares the batch (and equal ``generate`` with that seed)."""
+    """Next token of every row of ``logits`` [rows, vocab]. Greedy rows with nothing to process take one
+    argmax together; each other request runs its own pipeline and draws from its own generator, so a
+    seeded request's tokens do not depend on what else shares the batch (and equal ``generate`` with
+    that seed). Logprobs are the log-softmax of the processed scores, before the warpers."""
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    plain = [r for s in requests if _plain_greedy(s.config) for r in s.rows]
+    plain = [r for s in requests if _plain_greedy(s) for r in s.rows]
     if plain:
         index = torch.tensor(plain, device=logits.device)
         tokens[index] = logits[index].float().argmax(dim=-1)
     for request in requests:
-        if not _plain_greedy(request.config):
-            index = torch.tensor(request.rows, device=logits.device)
-            seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
-            tokens[index] = next_token(logits[index], request.config, request.generator, seen)
+        if _plain_greedy(request):
+            continue
+        index = torch.tensor(request.rows, device=logits.device)
+        seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
+        scores = apply_processors(request.processors, seen, logits[index].float())
+        drawn = next_token(scores, request.config, request.generator)  # the warpers, then a draw or argmax
+        tokens[index] = drawn
+        if request.top_logprobs is not None:
+            logprobs = scores.log_softmax(dim=-1)
+            top = logprobs.topk(request.top_logprobs, dim=-1) if request.top_logprobs else None
+            request.logprobs = (drawn.tolist(), logprobs.gather(1, drawn[:, None])[:, 0].tolist(),
+                                top.values.tolist() if top is not None else [[]] * len(request.rows),
+                                top.indices.tolist() if top is not None else [[]] * len(request.rows))
     return tokens
 
 
-def _plain_greedy(config: GenerationConfig) -> bool:
-    return not config.do_sample and config.repetition_penalty in (None, 1.0)
+def _plain_greedy(request: RowSampling) -> bool:
+    return not request.config.do_sample and not request.processors and request.top_logprobs is None

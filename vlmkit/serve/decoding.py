@@ -7,16 +7,19 @@ request is cancelled. Everything here runs on the worker thread only. A failure 
 request's share of a step fails that request alone (``isolation``)."""
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from ..generation.logits import logits_processors
 from ..generation.loop import prompt_positions
 from ..generation.sampling import make_generator
 from .batching import RowSampling, can_merge, keep_rows, merge_caches, sample_rows
 from .image_stream import PartialImages
 from .isolation import fail_job, isolated_forward, sample_isolated
+from .options import logprob_entries, tool_calls
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -74,25 +77,51 @@ class TextRow:
     index: int
     answer: AnswerText
     tokens: list[int] = field(default_factory=list)  # every token drawn, the end-of-sequence one included
+    logprobs: list[dict] | None = None  # OpenAI's logprobs entries of the answer's tokens (when asked for)
+    unsent: int = 0  # logprobs entries not yet sent with a streamed chunk
 
-    def take(self, token: int, eos: set[int]) -> bool:
-        """Record the drawn token and report what is ready; False once this choice has finished."""
+    def take(self, token: int, eos: set[int], logprob: dict | None = None) -> bool:
+        """Record the drawn token (and its logprobs entry) and report what is ready; False once this
+        choice has finished."""
         task = self.job.task
         self.tokens.append(token)
         reason = None
         if token in eos and not task.ignore_eos:
             reason = "stop"
-        elif token not in eos and self.answer.add(token):
-            reason = "stop"
-        elif len(self.tokens) >= task.max_tokens:
-            reason = "length"
+        else:
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if token not in eos and self.answer.add(token):
+                reason = "stop"
+            elif len(self.tokens) >= task.max_tokens:
+                reason = "length"
+        if task.options.tool_call:  # a tool call is sent whole, at its end
+            if reason is not None:
+                self._end_tool_call(reason)
+            return reason is None
         chunk = self.answer.take_ready(finished=reason is not None)
         if chunk:
-            self.job.text(self.index, chunk)
+            self.job.text(self.index, chunk, self._take_logprobs())
         if reason is not None:
-            self.job.end_choice(self.index, self.answer.final, reason, len(self.tokens))
+            self.job.end_choice(self.index, self.answer.final, reason, len(self.tokens),
+                                logprobs=self.logprobs, last_logprobs=self._take_logprobs())
             return False
         return True
+
+    def _take_logprobs(self) -> list[dict] | None:
+        if self.logprobs is None:
+            return None
+        entries, self.unsent = self.logprobs[self.unsent:], len(self.logprobs)
+        return entries
+
+    def _end_tool_call(self, reason: str) -> None:
+        text = self.answer.final
+        calls = tool_calls(self.job.task.options, text) if reason == "stop" else None
+        if not calls and text:  # not a whole call (cut off by max_tokens): the text as it is
+            self.job.text(self.index, text)
+        self.job.end_choice(self.index, "" if calls else text, "tool_calls" if calls else reason,
+                            len(self.tokens), logprobs=self.logprobs, last_logprobs=self._take_logprobs(),
+                            tool_calls=calls)
 
 
 @dataclass
@@ -146,11 +175,20 @@ class TextDecoder:
             cache.select_rows(copies)
             logits = logits[copies]
         job.generator = make_generator(task.config.seed, model.device)
-        job.prompt_ids = input_ids[0].tolist() if _penalised(task.config) else None
-        rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop, task.answer_prefix)) for i in range(task.n)]
-        tokens = sample_rows(logits, [_sampling(job, rows, list(range(task.n)))])
+        prompt_length = input_ids.shape[1]
+        # the request's logits pipeline: the checkpoint's processors (as generate builds them), then the
+        # OpenAI options'; the sampling warpers are added when sampling (see batching.sample_rows)
+        job.processors = logits_processors(task.config.updated(do_sample=False), prompt_length) + \
+            task.options.processors(prompt_length)
+        job.grammar = task.options.grammar(task.n, prompt_length)
+        job.prompt_ids = input_ids[0].tolist() if job.processors or job.grammar else None
+        rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop, task.answer_prefix),
+                        logprobs=[] if task.options.top_logprobs is not None else None) for i in range(task.n)]
+        requests = {job: _sampling(job, rows, list(range(task.n)))}
+        tokens = sample_rows(logits, list(requests.values()))
+        job.first_token_at = time.perf_counter()
         part = _Part(cache, rows, tokens, positions[:, -1:][copies] + 1)
-        self._after_sampling(part, tokens)
+        self._after_sampling(part, tokens, logprobs=self._logprobs(requests, rows))
 
     def step(self) -> int:
         """Feed every row its newest token and draw the next; returns how many requests shared the step.
@@ -167,9 +205,10 @@ class TextDecoder:
             for i, row in enumerate(part.rows):
                 by_job.setdefault(row.job, []).append(i)
             jobs = max(jobs, len(by_job))
-            tokens, failed = sample_isolated(logits, {job: _sampling(job, part.rows, indices)
-                                                      for job, indices in by_job.items()})
-            self._after_sampling(part, tokens, added=False, failed=failed)
+            requests = {job: _sampling(job, part.rows, indices) for job, indices in by_job.items()}
+            tokens, failed = sample_isolated(logits, requests)
+            self._after_sampling(part, tokens, added=False, failed=failed,
+                                 logprobs=self._logprobs(requests, part.rows, failed))
         return jobs
 
     def _forward(self, part: _Part) -> torch.Tensor | None:
@@ -189,16 +228,27 @@ class TextDecoder:
             keep = [i for i, row in enumerate(part.rows) if not should_drop(row.job)]
             self._keep(part, keep)
 
+    def _logprobs(self, requests: dict, rows: list[TextRow], failed: dict | None = None) -> dict[int, dict]:
+        """{row index: its token's logprobs entry} for the requests that asked for logprobs."""
+        entries = {}
+        for job, request in requests.items():
+            if request.logprobs is None or job in (failed or {}):
+                continue
+            for i, entry in zip(request.rows, logprob_entries(job.task.options.tokens, *request.logprobs)):
+                entries[i] = entry
+        return entries
+
     def _after_sampling(self, part: _Part, tokens: torch.Tensor, added: bool = True,
-                        failed: dict | None = None) -> None:
+                        failed: dict | None = None, logprobs: dict | None = None) -> None:
         part.last = tokens
         failed = dict(failed or {})
+        logprobs = logprobs or {}
         keep = []
         for i, (row, token) in enumerate(zip(part.rows, tokens.tolist())):
             if row.job in failed:
                 continue
             try:
-                if row.take(token, self.eos):
+                if row.take(token, self.eos, logprobs.get(i)):
                     keep.append(i)
             except Exception as err:  # the text of this answer (a stop string, the tokenizer) failed
                 failed[row.job] = err
@@ -222,15 +272,14 @@ class TextDecoder:
         return _Part(cache, rows, torch.cat([p.last for p in parts]), torch.cat([p.positions for p in parts]))
 
 
-def _penalised(config) -> bool:
-    return config.repetition_penalty not in (None, 1.0)
-
-
 def _sampling(job, rows: list[TextRow], indices: list[int]) -> RowSampling:
     seen = None
     if job.prompt_ids is not None:  # prompt + answer so far; a request's rows are always the same length
         seen = torch.tensor([job.prompt_ids + rows[i].tokens for i in indices])
-    return RowSampling(indices, job.task.config, job.generator, seen)
+    processors = job.processors
+    if job.grammar is not None:  # each choice's own matcher, for the rows still running
+        processors = processors + [job.grammar.select([rows[i].index for i in indices])]
+    return RowSampling(indices, job.task.config, job.generator, seen, processors, job.task.options.top_logprobs)
 
 
 @dataclass

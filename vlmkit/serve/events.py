@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class TextDelta:
     index: int
     text: str
+    logprobs: list[dict] | None = None  # OpenAI's logprobs entries of the tokens this text completes
 
 
 @dataclass
@@ -17,6 +18,9 @@ class ChoiceEnd:
     text: str
     finish_reason: str
     completion_tokens: int
+    logprobs: list[dict] | None = None  # every entry of the answer (when asked for)
+    last_logprobs: list[dict] | None = None  # the entries not sent with a TextDelta yet (streaming)
+    tool_calls: list[dict] | None = None  # OpenAI's tool_calls, when the answer is a forced tool call
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .config import ServeConfig
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
                       ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
 from .events import ChatOutcome, ImageOutcome
+from .options import chat_options
 from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 
 log = logging.getLogger("vlmkit.serve")
@@ -123,6 +124,7 @@ class RequestHandler:
         if len(request.stop_strings) > limits.max_stop:
             raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
         self.check_prompt_size(text for message in request.messages for text in _texts(message.content))
+        options = chat_options(request, self.engine)
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages)
         prompt = int(inputs["input_ids"].shape[1])
@@ -138,7 +140,7 @@ class RequestHandler:
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
                                 f" or shorten the prompt")
         return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
-                                 request.stop_strings, request.ignore_eos, self.answer_prefix)
+                                 request.stop_strings, request.ignore_eos, self.answer_prefix, options)
 
     @functools.cached_property
     def answer_prefix(self) -> str:
@@ -285,7 +287,10 @@ class RequestHandler:
 
     def chat_body(self, request: ChatCompletionRequest, outcome: ChatOutcome) -> dict:
         """The ``chat.completion`` response body."""
-        choices = [Choice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        choices = [Choice(index=c.index, message=AssistantMessage(content=None if c.tool_calls else c.text,
+                                                                  tool_calls=c.tool_calls),
+                          finish_reason=c.finish_reason,
+                          logprobs=None if c.logprobs is None else {"content": c.logprobs})
                    for c in outcome.choices]
         usage = Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                       total_tokens=outcome.prompt_tokens + outcome.completion_tokens)

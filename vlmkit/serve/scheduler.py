@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError, VlmkitError
 from ..generation.config import GenerationConfig
 from .decoding import ImageDecoder, TextDecoder
+from .options import ChatOptions
 from .events import ChatOutcome, ChoiceEnd, ImageOutcome, JobEnd, JobFailed, TextDelta
 
 log = logging.getLogger("vlmkit.serve")
@@ -48,6 +49,7 @@ class ChatTask:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens whatever the model says
     answer_prefix: str = ""  # what the template leaves the model to write before its answer (Janus: " ")
+    options: ChatOptions = field(default_factory=ChatOptions)  # logprobs, penalties, logit_bias, grammar, tools
 
     @property
     def prompt_tokens(self) -> int:
@@ -84,6 +86,8 @@ class Job:
         self._done = threading.Event()
         self._on_change = None  # the scheduler's wake-up, set by submit
         self._on_done = None  # the scheduler's counters, set by submit
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None  # set by the text decoder (time to first token)
 
     @property
     def kind(self) -> str:
@@ -113,11 +117,13 @@ class Job:
         return self.outcome
 
     # called on the worker thread by the decoders ------------------------------------------------
-    def text(self, index: int, text: str) -> None:
-        self._emit(TextDelta(index, text))
+    def text(self, index: int, text: str, logprobs: list[dict] | None = None) -> None:
+        self._emit(TextDelta(index, text, logprobs))
 
-    def end_choice(self, index: int, text: str, finish_reason: str, completion_tokens: int) -> None:
-        end = ChoiceEnd(index, text, finish_reason, completion_tokens)
+    def end_choice(self, index: int, text: str, finish_reason: str, completion_tokens: int,
+                   logprobs: list[dict] | None = None, last_logprobs: list[dict] | None = None,
+                   tool_calls: list[dict] | None = None) -> None:
+        end = ChoiceEnd(index, text, finish_reason, completion_tokens, logprobs, last_logprobs, tool_calls)
         self._choices[index] = end
         self._emit(end)
         if len(self._choices) == self.task.n:
@@ -170,6 +176,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.on_job_done = None  # called with each job that ends, on the thread that ends it (metrics)
         self._stats = dict(submitted=0, completed=0, failed=0, cancelled=0, rejected=0, steps=0, image_steps=0,
                            batched_steps=0, max_requests_in_step=0, joined_running=0, prefill_s=0.0, decode_s=0.0,
                            image_decode_s=0.0)
@@ -237,6 +244,11 @@ class Scheduler:
             "cancelled" if isinstance(job.error, JobCancelled) else "failed"
         with self._wake:
             self._stats[outcome] += 1
+        if self.on_job_done is not None:
+            try:
+                self.on_job_done(job)
+            except Exception:  # monitoring must never fail a request
+                log.exception("counting a finished job failed")
 
     # --- the worker -------------------------------------------------------------------------------
     def _running(self) -> int:

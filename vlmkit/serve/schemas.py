@@ -89,6 +89,57 @@ class StreamOptions(_Request):
     include_usage: Flag = False
 
 
+def _json_schema(value):
+    if not isinstance(value, (dict, bool)):
+        raise ValueError(f"a JSON Schema is an object (or true/false), got {type(value).__name__}")
+    return value
+
+
+JsonSchema = Annotated[dict | bool, AfterValidator(_json_schema)]
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+    description: Text | None = None
+    schema_: JsonSchema = Field(default_factory=dict, alias="schema")
+    strict: Flag | None = None
+
+
+class ResponseFormat(_Request):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type 'json_schema' needs a json_schema object "
+                             "({\"name\": ..., \"schema\": {...}})")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(strict=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: Text | None = None
+    parameters: JsonSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Flag | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: Annotated[str, Field(strict=True, min_length=1)]
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``; ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are vLLM-style extras.
     A temperature under ``GREEDY_BELOW`` samples as 0 (greedy): dividing logits by less would overflow."""
@@ -107,34 +158,39 @@ class ChatCompletionRequest(_Request):
     top_k: _int(ge=0, le=2 ** 31 - 1) | None = None
     repetition_penalty: _number(ge=0.01, le=10) | None = None
     ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
-    # accepted only at the values that change nothing
-    tools: list | None = None
-    tool_choice: Text | dict | None = None
-    logprobs: Flag | None = None
+    logprobs: Flag = False
     top_logprobs: _int(ge=0, le=20) | None = None
-    logit_bias: dict | None = None
+    logit_bias: dict[Text, _number(ge=-100, le=100)] | None = None  # token id (a string) -> bias
     frequency_penalty: _number(ge=-2, le=2) | None = None
     presence_penalty: _number(ge=-2, le=2) | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     GREEDY_BELOW: ClassVar[float] = 1e-5
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self):
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported by this server")
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
-        if self.frequency_penalty or self.presence_penalty:
-            raise ValueError("frequency_penalty and presence_penalty are not supported; "
-                             "use repetition_penalty (e.g. 1.1)")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+    def _consistent(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got {key!r}")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
+            raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice: 'required' needs tools")
+        if self.forced_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with a tool_choice that forces a tool call")
         return self
+
+    @property
+    def forced_tools(self) -> list["Tool"]:
+        """The tools the answer must call: the named one, every one for "required", none otherwise."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [tool for tool in self.tools if tool.function.name == self.tool_choice.function.name]
+        return list(self.tools or ()) if self.tool_choice == "required" else []
 
     @property
     def stop_strings(self) -> list[str]:
@@ -225,16 +281,42 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -255,7 +337,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,271 @@
+"""OpenAI's decoding options through the openai client against a running ``vlmkit serve``: JSON and
+JSON Schema answers (the grammar makes every answer parse, greedy or sampled, trained or random
+weights), forced tool calls, logprobs (the log-softmax of a direct forward pass), presence/frequency
+penalties and logit_bias as OpenAI defines them, clear 400s for bad values, /metrics, and the batch path."""
+
+import json
+from typing import Literal
+
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_support import engine_for, serve, user
+from vlmkit.builtin import builtin_model_path
+from vlmkit.generation.grammar import grammar_tokenizer
+from vlmkit.generation.logits import LogitBias, OpenAIPenalties
+from vlmkit.serve.config import ServeConfig
+from vlmkit.serve.requests import RequestHandler
+from vlmkit.serve.scheduler import Scheduler
+
+
+class Pet(BaseModel):
+    """Bounded fields, so that even random weights finish the object within max_tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cat", "dog", "fish"]
+    age: int = Field(ge=0, le=30)
+    name: str = Field(max_length=6)
+    indoor: bool
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = user({"type": "text", "text": "Describe a pet of yours as JSON"})
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    with serve(builtin_model_path()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def random_janus(janus_dir):
+    with serve(janus_dir) as server:
+        yield server
+
+
+def _model(server) -> str:
+    return server.config.model_name
+
+
+@pytest.mark.parametrize("which", ["builtin", "random_janus"])
+def test_json_schema_answers_always_parse_and_validate_greedy_and_sampled(which, request):
+    server = request.getfixturevalue(which)
+    client = server.openai()
+    for options in ({"temperature": 0}, {"temperature": 1, "seed": 1, "n": 3}, {"temperature": 1, "seed": 2}):
+        done = client.chat.completions.parse(model=_model(server), messages=ASK, max_tokens=64,
+                                             response_format=Pet, **options)
+        for choice in done.choices:
+            assert choice.finish_reason == "stop"
+            assert isinstance(choice.message.parsed, Pet)  # parse validated it against the model
+    if which == "builtin":  # any object: unbounded, so only a trained model is sure to close it in time
+        plain = client.chat.completions.create(model=_model(server), messages=ASK, max_tokens=64, temperature=1,
+                                               seed=3, response_format={"type": "json_object"})
+        answer = plain.choices[0].message.content
+        assert plain.choices[0].finish_reason == "stop" and isinstance(json.loads(answer), dict)
+
+
+def test_a_constrained_request_shares_steps_with_free_ones(builtin):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = builtin.openai()
+    before = builtin.stats()["batched_steps"]
+
+    def ask(constrained: bool):
+        if constrained:
+            return client.chat.completions.parse(model=_model(builtin), messages=ASK, max_tokens=48, temperature=1,
+                                                 seed=5, response_format=Pet).choices[0].message.parsed
+        return client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=48, temperature=1,
+                                              seed=5, extra_body={"ignore_eos": True}).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, [True, False, True, False]))
+    assert isinstance(results[0], Pet) and isinstance(results[2], Pet) and results[1] == results[3]
+    assert builtin.stats()["batched_steps"] > before
+
+
+def test_forced_tool_calls_parse_and_match_the_function_schema_plain_and_streamed(builtin):
+    client = builtin.openai()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in (named, "required"):
+        done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=64, temperature=1,
+                                              seed=4, tools=[WEATHER, TIME], tool_choice=choice)
+        answer = done.choices[0]
+        assert answer.finish_reason == "tool_calls" and answer.message.content is None
+        call = answer.message.tool_calls[0]
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert arguments["city"] in ("Paris", "Oslo") and 1 <= arguments["days"] <= 7
+        else:
+            assert choice == "required" and arguments["zone"] in ("UTC", "CET")
+    chunks = list(client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=64, stream=True,
+                                                 tools=[WEATHER], tool_choice=named))
+    calls = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()]
+    assert [call.function.name for call in calls] == ["get_weather"]
+    assert set(json.loads(calls[0].function.arguments)) == {"city", "days"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    auto = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=6, tools=[WEATHER],
+                                          tool_choice="auto")
+    assert auto.choices[0].message.content  # "auto": these models answer in text
+
+
+def _vocab_bytes(engine) -> dict[bytes, int]:
+    backend = engine.tokenizer.backend
+    tokens = grammar_tokenizer(backend, backend.get_vocab_size(with_added_tokens=True),
+                               tuple(engine.model.generation_config.eos_token_ids))
+    return {tokens.token_bytes(i): i for i in reversed(range(tokens.vocab_size))}
+
+
+def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
+    engine = engine_for(builtin_model_path())
+    client = builtin.openai()
+    done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
+    entries = done.choices[0].logprobs.content
+    ids_of = _vocab_bytes(engine)
+    answer = [ids_of[bytes(entry.bytes)] for entry in entries]
+    inputs = dict(RequestHandler(engine, ServeConfig(model="m")).prepare_chat({"messages": ASK})[1].inputs)
+    prompt = inputs.pop("input_ids")
+    sequence = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(sequence)
+    with torch.no_grad():
+        logits = engine.model(input_ids=sequence, **inputs).logits[0]
+    expected = logits[prompt.shape[1] - 1:-1].float().log_softmax(dim=-1)
+    for step, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(expected[step, answer[step]].item(), abs=1e-3)
+        best = expected[step].topk(4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the best one
+    streamed = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True}, stream=True)
+    pieces = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in entries]
+
+
+def test_a_huge_logit_bias_forces_a_token_and_minus_100_bans_it(builtin):
+    engine = engine_for(builtin_model_path())
+    client = builtin.openai()
+    forced_id = 65
+    forced = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=5, temperature=1,
+                                            seed=0, logit_bias={str(forced_id): 100}, logprobs=True)
+    ids_of = _vocab_bytes(engine)
+    assert [ids_of[bytes(e.bytes)] for e in forced.choices[0].logprobs.content] == [forced_id] * 5
+    plain = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=1, temperature=0,
+                                           logprobs=True)
+    first = ids_of[bytes(plain.choices[0].logprobs.content[0].bytes)]
+    banned = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=1, temperature=0,
+                                            logprobs=True, logit_bias={str(first): -100})
+    assert ids_of[bytes(banned.choices[0].logprobs.content[0].bytes)] != first
+
+
+def test_penalties_and_logit_bias_follow_openais_definitions_on_scores():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 11, generator=generator)
+    input_ids = torch.tensor([[7, 7, 3, 3, 3, 5], [1, 2, 9, 9, 10, 0]])  # the first 2 are the prompt
+    penalised = OpenAIPenalties(presence=0.5, frequency=0.25, prompt_length=2)(input_ids, scores)
+    expected = scores.clone()
+    for row in range(2):
+        generated = input_ids[row, 2:].tolist()
+        for token in set(generated):
+            expected[row, token] -= 0.5 + 0.25 * generated.count(token)
+    torch.testing.assert_close(penalised, expected)
+    assert penalised[0, 7] == scores[0, 7]  # prompt tokens are not penalised
+    biased = LogitBias({3: 2.5, 10: -100.0})(input_ids, scores)
+    assert torch.equal(biased[:, 3], scores[:, 3] + 2.5) and torch.equal(biased[:, 10], scores[:, 10] - 100)
+
+
+def test_a_frequency_penalty_lowers_repeats(builtin):
+    client = builtin.openai()
+    answers = {}
+    for penalty in (0.0, 2.0):
+        done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=24, temperature=0,
+                                              frequency_penalty=penalty, presence_penalty=penalty / 2,
+                                              logprobs=True, extra_body={"ignore_eos": True})
+        tokens = [e.token for e in done.choices[0].logprobs.content]
+        answers[penalty] = len(tokens) - len(set(tokens))
+    assert answers[2.0] < answers[0.0]
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "banana"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+])
+def test_bad_option_values_are_a_400_naming_the_field(builtin, options, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        builtin.openai().chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=2, **options)
+    assert field in caught.value.message
+
+
+def _counters(server) -> dict:
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_what_was_served(builtin):
+    before = _counters(builtin)
+    client = builtin.openai()
+    done = [client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True}) for _ in range(2)]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=_model(builtin), messages=ASK, presence_penalty=9)
+    client.images.generate(model=_model(builtin), prompt="a red square", n=1)
+    after = _counters(builtin)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("vlmkit_requests_total", endpoint="/v1/chat/completions", status="200") == 2
+    assert grew("vlmkit_requests_total", endpoint="/v1/chat/completions", status="400") == 1
+    assert grew("vlmkit_generation_tokens_total") == sum(d.usage.completion_tokens for d in done) == 10
+    assert grew("vlmkit_prompt_tokens_total") >= sum(d.usage.prompt_tokens for d in done)
+    assert grew("vlmkit_images_generated_total") == 1
+    assert grew("vlmkit_time_to_first_token_seconds_count") == 2
+    assert grew("vlmkit_time_per_output_token_seconds_count") == 2
+    assert after[("vlmkit_queue_depth", ())] == 0 and ("vlmkit_running_rows", ()) in after
+    import httpx
+    assert "/metrics" not in httpx.get(builtin.url + "/openapi.json").json()["paths"]
+
+
+def test_batch_rows_take_the_same_options():
+    engine = engine_for(builtin_model_path())
+    handler = RequestHandler(engine, ServeConfig(model="m"))
+    scheduler = Scheduler(engine).start()
+    try:
+        body = {"messages": ASK, "max_tokens": 64, "temperature": 1, "seed": 9, "logprobs": True,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "Pet", "schema": Pet.model_json_schema()}}}
+        (status, answer), (bad, error) = handler.run_many(
+            scheduler, [("/v1/chat/completions", body), ("/v1/chat/completions", {"messages": ASK, "logit_bias": {"1": 500}})])
+    finally:
+        scheduler.stop()
+    assert status == 200 and bad == 400 and "logit_bias" in error["error"]["message"]
+    Pet.model_validate_json(answer["choices"][0]["message"]["content"])
+    assert answer["choices"][0]["logprobs"]["content"]

@@ -1,0 +1,139 @@
+"""OpenAI's per-request decoding options on the server's path: logprobs, presence and frequency
+penalties, ``logit_bias``, ``response_format`` (JSON, JSON Schema) and tool calls.
+
+``chat_options`` checks a request's options against the model (a bad value is a 400 naming its field)
+and compiles its grammar once; the decoders then add the options' processors to the request's logits
+pipeline (``generation.logits``, the pipeline ``generate`` runs), and this module turns the sampled
+tokens back into OpenAI's ``logprobs`` entries and ``tool_calls``.
+
+Which scores the logprobs are: the log-softmax of the model's scores after the logits processors
+(repetition penalty, ``logit_bias``, presence and frequency penalties, the grammar's mask) and before
+the sampling warpers (temperature, top-k, top-p), so a token's logprob does not change with the
+temperature, as OpenAI's do not. A token the grammar forbids has logprob -inf, sent as -9999.0.
+
+Tool calls: these models were not trained to call tools, so ``tool_choice`` "required" or a named
+function constrains the answer to JSON (as vLLM does for such models): a named function's answer is its
+``parameters``; "required" answers ``{"name": ..., "arguments": {...}}`` for one of the tools. "auto" and
+"none" answer in text."""
+
+import json
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
+from ..generation.logits import GrammarConstraint, LogitBias, OpenAIPenalties
+from .schemas import new_id
+
+NOT_ALLOWED_LOGPROB = -9999.0  # OpenAI's stand-in for -inf in JSON
+
+
+@dataclass
+class ChatOptions:
+    """A chat request's OpenAI decoding options, checked and ready for the decoders."""
+
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's only
+    schema: dict | bool | None = None  # the JSON Schema the answer follows (when ``constrained``)
+    constrained: bool = False
+    tool_names: tuple[str, ...] = ()  # the functions a forced tool call may name
+    named_tool: str | None = None  # tool_choice named this function: the answer is its arguments
+    tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
+
+    @property
+    def tool_call(self) -> bool:
+        return bool(self.tool_names)
+
+    def processors(self, prompt_length: int) -> list:
+        """The options' processors, added after the checkpoint's in the request's logits pipeline."""
+        processors = []
+        if self.logit_bias:
+            processors.append(LogitBias(self.logit_bias))
+        if self.presence_penalty or self.frequency_penalty:
+            processors.append(OpenAIPenalties(self.presence_penalty, self.frequency_penalty, prompt_length))
+        return processors
+
+    def grammar(self, rows: int, prompt_length: int) -> GrammarConstraint | None:
+        """One matcher per choice, from the grammar compiled when the request was checked."""
+        if not self.constrained:
+            return None
+        return GrammarConstraint([self.tokens.json_matcher(self.schema) for _ in range(rows)], prompt_length,
+                                 self.tokens.vocab_size)
+
+
+def chat_options(request, engine) -> ChatOptions:
+    """The request's options checked against ``engine``'s model; raises ``InputError`` naming the field."""
+    backend = engine.tokenizer.backend
+    vocab_size = backend.get_vocab_size(with_added_tokens=True)
+    options = ChatOptions(presence_penalty=request.presence_penalty or 0.0,
+                          frequency_penalty=request.frequency_penalty or 0.0)
+    if request.logit_bias:
+        bias = {int(key): float(value) for key, value in request.logit_bias.items()}
+        outside = [t for t in bias if t >= vocab_size]
+        if outside:
+            raise InputError(f"logit_bias: token ids {outside[:5]} are outside the model's vocabulary of "
+                             f"{vocab_size} tokens (ids 0 to {vocab_size - 1})")
+        options.logit_bias = bias
+    if request.logprobs:
+        options.top_logprobs = request.top_logprobs or 0
+    forced = request.forced_tools
+    format_ = request.response_format
+    if forced:
+        options.tool_names = tuple(tool.function.name for tool in forced)
+        if isinstance(request.tool_choice, str):  # "required": which tool, and its arguments
+            options.schema = {"anyOf": [_call_schema(tool) for tool in forced]}
+        else:
+            options.named_tool, options.schema = forced[0].function.name, forced[0].function.parameters
+        options.constrained, where = True, "tools"
+    elif format_ is not None and format_.type != "text":
+        options.constrained, where = True, "response_format"
+        options.schema = format_.json_schema.schema_ if format_.type == "json_schema" else None
+    if options.constrained or options.top_logprobs is not None:
+        eos = tuple(engine.model.generation_config.eos_token_ids)
+        options.tokens = grammar_tokenizer(backend, vocab_size, eos)
+    if options.constrained:
+        try:
+            options.tokens.json_matcher(options.schema)
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+    return options
+
+
+def _call_schema(tool) -> dict:
+    return {"type": "object", "properties": {"name": {"const": tool.function.name},
+                                             "arguments": tool.function.parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def tool_calls(options: ChatOptions, text: str) -> list[dict] | None:
+    """The answer of a forced tool call as OpenAI's ``tool_calls`` (None: the answer is not a whole call,
+    e.g. cut off by max_tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if options.named_tool is not None:
+        name, arguments = options.named_tool, value
+    elif isinstance(value, dict) and value.get("name") in options.tool_names and "arguments" in value:
+        name, arguments = value["name"], value["arguments"]
+    else:
+        return None
+    return [{"id": new_id("call"), "type": "function",
+             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
+
+
+def logprob_entries(tokens: GrammarTokenizer, token_ids, chosen, top_values, top_ids) -> list[dict]:
+    """OpenAI's ``logprobs.content`` entries for one row's sampled token(s): the token, its logprob, its
+    UTF-8 bytes and the ``top_logprobs`` best alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        data = tokens.token_bytes(token_id)
+        logprob = logprob if logprob > NOT_ALLOWED_LOGPROB else NOT_ALLOWED_LOGPROB
+        return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
+
+    entries = []
+    for token_id, logprob, values, ids in zip(token_ids, chosen, top_values, top_ids):
+        item = entry(token_id, logprob)
+        item["top_logprobs"] = [entry(i, v) for i, v in zip(ids, values)]
+        entries.append(item)
+    return entries

@@ -21,7 +21,7 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:  # an optional dependency (the serve extra)
-        raise InputError("constrained decoding needs llguidance: pip install 'vlmkit[serve]'") from None
+        raise InputError("constrained decoding and logprobs need llguidance: pip install 'vlmkit[serve]'") from None
     return llguidance
 
 

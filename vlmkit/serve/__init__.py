@@ -1,8 +1,10 @@
 """``vlmkit serve``: an OpenAI-compatible HTTP server for chat with images and Janus image generation.
 
 ``config`` (settings and flags), ``schemas`` (OpenAI shapes), ``requests`` (the request path: body to
-task, outcome to body; shared with batch jobs), ``scheduler`` + ``decoding`` + ``batching`` (one worker
-thread batching every request's decode steps), ``app`` (FastAPI endpoints, ``run_server``).
+task, outcome to body; shared with batch jobs), ``options`` (logprobs, penalties, logit_bias, JSON
+grammars and tool calls), ``scheduler`` + ``decoding`` + ``answers`` + ``batching`` (one worker thread
+batching every request's decode steps), ``app`` (FastAPI endpoints, ``run_server``), ``metrics``
+(``/metrics`` for Prometheus).
 
 Names load on first use, so ``vlmkit.serve.config`` (the CLI's flags) needs neither fastapi nor pydantic."""
 

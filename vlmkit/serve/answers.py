@@ -1,0 +1,107 @@
+"""One chat answer as its tokens arrive (``decoding``'s text rows): its text, held back while it could end
+in a stop string or half a character, its logprobs entries, and how it ends (a stop, the token budget, or
+a forced tool call, sent whole at its end)."""
+
+from dataclasses import dataclass, field
+
+from .options import tool_calls
+
+
+class AnswerText:
+    """One answer's text as its tokens arrive: what may be sent so far, and whether a stop string ended it.
+
+    Text is held back while it ends in an incomplete UTF-8 character or in what could be the start of
+    a stop string, so a streamed answer never shows a stop string or half a character. ``prefix`` is
+    what the chat template leaves between its generation prompt and an answer (Janus ends the prompt
+    with ``<|Assistant|>:`` and the model writes the space itself, as the first token "ĠAnswer"): it is
+    not part of the answer, so it is dropped here, once, for plain and streamed answers alike."""
+
+    def __init__(self, tokenizer, stops: list[str], prefix: str = ""):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prefix = prefix
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped_at: int | None = None
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when a stop string has now appeared."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).removeprefix(self.prefix)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped_at = min(hits)
+        return self.stopped_at is not None
+
+    @property
+    def final(self) -> str:
+        return self.text if self.stopped_at is None else self.text[:self.stopped_at]
+
+    def take_ready(self, finished: bool = False) -> str:
+        """The text not sent yet that is safe to send (all of it once ``finished``)."""
+        end = len(self.final)
+        if not finished:
+            end = len(self.text.rstrip("\ufffd"))
+            for size in range(min(end, max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+                if any(s.startswith(self.text[end - size:end]) for s in self.stops):
+                    end -= size
+                    break
+        chunk = self.final[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return chunk
+
+
+@dataclass
+class TextRow:
+    """One choice of one chat request."""
+
+    job: object
+    index: int
+    answer: AnswerText
+    tokens: list[int] = field(default_factory=list)  # every token drawn, the end-of-sequence one included
+    logprobs: list[dict] | None = None  # OpenAI's logprobs entries of the answer's tokens (when asked for)
+    unsent: int = 0  # logprobs entries not yet sent with a streamed chunk
+
+    def take(self, token: int, eos: set[int], logprob: dict | None = None) -> bool:
+        """Record the drawn token (and its logprobs entry) and report what is ready; False once this
+        choice has finished."""
+        task = self.job.task
+        self.tokens.append(token)
+        reason = None
+        if token in eos and not task.ignore_eos:
+            reason = "stop"
+        else:
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if token not in eos and self.answer.add(token):
+                reason = "stop"
+            elif len(self.tokens) >= task.max_tokens:
+                reason = "length"
+        if task.options.tool_call:  # a tool call is sent whole, at its end
+            if reason is not None:
+                self._end_tool_call(reason)
+            return reason is None
+        chunk = self.answer.take_ready(finished=reason is not None)
+        if chunk:
+            self.job.text(self.index, chunk, self._take_logprobs())
+        if reason is not None:
+            self.job.end_choice(self.index, self.answer.final, reason, len(self.tokens),
+                                logprobs=self.logprobs, last_logprobs=self._take_logprobs())
+            return False
+        return True
+
+    def _take_logprobs(self) -> list[dict] | None:
+        if self.logprobs is None:
+            return None
+        entries, self.unsent = self.logprobs[self.unsent:], len(self.logprobs)
+        return entries
+
+    def _end_tool_call(self, reason: str) -> None:
+        text = self.answer.final
+        calls = tool_calls(self.job.task.options, text) if reason == "stop" else None
+        if not calls and text:  # not a whole call (cut off by max_tokens): the text as it is
+            self.job.text(self.index, text)
+        self.job.end_choice(self.index, "" if calls else text, "tool_calls" if calls else reason,
+                            len(self.tokens), logprobs=self.logprobs, last_logprobs=self._take_logprobs(),
+                            tool_calls=calls)

@@ -85,14 +85,22 @@ def test_linear_kernel_matches_torch_for_several_weights_at_once(isa, rows, widt
 
 
 @needs_kernels
-@pytest.mark.parametrize("heads,kv_heads,keys", [(4, 4, 1), (8, 2, 37), (6, 3, 300)])
-def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, kv_heads, keys):
+# grouped query heads are attended together (more than 8 per KV head in passes of 8), and split across
+# threads when there are fewer (row, KV head) pairs than threads
+@pytest.mark.parametrize("heads,kv_heads,keys,threads", [(4, 4, 1, 2), (8, 2, 37, 2), (6, 3, 300, 2),
+                                                         (14, 2, 129, 2), (24, 2, 50, 2), (14, 2, 70, 8)])
+def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, kv_heads, keys, threads):
     cache_k, cache_v = bf16(2, kv_heads, 512, 64, seed=1), bf16(2, kv_heads, 512, 64, seed=2)
     q = bf16(2, 1, heads, 64, seed=3).transpose(1, 2)
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
     mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
     mask[1, ..., : keys // 3] = False  # left padding of the second row
-    got = cpu_kernels.compiled_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.compiled_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
+    finally:
+        torch.set_num_threads(previous)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                               enable_gqa=heads != kv_heads)
     assert got.shape == expected.shape

@@ -2,7 +2,10 @@
 // decoder_layer_step_bf16 is the twin of the Python DecoderLayer (vlmkit/nn/decoder.py), called through
 // cpu_kernels.decoder_layer_step; tests/test_cpu_kernels.py (test_one_call_decode_layer_step_computes_what_
 // the_modules_compute) keeps them equal: a change to one is a change to the other.
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+
+#include <algorithm>
 
 #include <cmath>
 #include <limits>
@@ -14,41 +17,78 @@
 namespace vlmkit {
 namespace {
 
-// One (batch row, head): softmax over the valid keys of scale * q.k, then the weighted sum of values.
-void attend_one(const BFloat16* q, const BFloat16* k, const BFloat16* v, int64_t key_stride, int64_t L, int64_t D,
-                float scale, const bool* valid, BFloat16* out, std::vector<float>& scores) {
-  std::vector<float> qf(D);
-  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]) * scale;
-  scores.resize(L);
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    if (valid != nullptr && !valid[j]) {
-      scores[j] = -std::numeric_limits<float>::infinity();
-      continue;
-    }
-    const BFloat16* key = k + j * key_stride;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load_bf16x8(key + d), _mm256_loadu_ps(&qf[d]), acc);
-    scores[j] = horizontal_sum(acc);
-    top = std::max(top, scores[j]);
-  }
-  std::vector<float> acc(D, 0.f);
-  float total = 0.f;
-  if (top > -std::numeric_limits<float>::infinity()) {
+// One batch row and `heads` query heads that share one KV head (grouped-query attention: Qwen2 has 7 per
+// KV head): for each head, softmax over the valid keys of scale * q.k, then the weighted sum of values.
+// Each key and value is read once for all the heads, not once per head. q and out: [heads, D]
+// contiguous. Per head the sums run in the same order as for a head alone.
+void attend_heads(const BFloat16* q, int64_t heads, const BFloat16* k, const BFloat16* v, int64_t key_stride,
+                  int64_t L, int64_t D, float scale, const bool* valid, BFloat16* out) {
+  constexpr int64_t kMaxHeads = 8;  // query vectors kept in registers' reach per pass over the keys
+  thread_local std::vector<float> qf, scores, acc;
+  qf.resize(heads * D);
+  scores.resize(heads * L);
+  acc.assign(heads * D, 0.f);
+  for (int64_t i = 0; i < heads * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
+  std::vector<float> top(heads, -std::numeric_limits<float>::infinity()), total(heads, 0.f);
+  for (int64_t h0 = 0; h0 < heads; h0 += kMaxHeads) {
+    const int64_t count = std::min(kMaxHeads, heads - h0);
     for (int64_t j = 0; j < L; ++j) {
-      const float p = std::exp(scores[j] - top);
-      if (p == 0.f) continue;
-      total += p;
-      const __m256 pv = _mm256_set1_ps(p);
-      const BFloat16* value = v + j * key_stride;
+      if (valid != nullptr && !valid[j]) {
+        for (int64_t h = h0; h < h0 + count; ++h) scores[h * L + j] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const BFloat16* key = k + j * key_stride;
+      __m256 dot[kMaxHeads];
+      for (int64_t h = 0; h < count; ++h) dot[h] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
-        _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(load_bf16x8(value + d), pv, _mm256_loadu_ps(&acc[d])));
+        const __m256 kv = load_bf16x8(key + d);
+        for (int64_t h = 0; h < count; ++h) dot[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(&qf[(h0 + h) * D + d]), dot[h]);
+      }
+      for (int64_t h = 0; h < count; ++h) {
+        const float score = horizontal_sum(dot[h]);
+        scores[(h0 + h) * L + j] = score;
+        top[h0 + h] = std::max(top[h0 + h], score);
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {  // the weights, in place of the scores
+    for (int64_t j = 0; j < L; ++j) {
+      const float p = top[h] > -std::numeric_limits<float>::infinity() ? std::exp(scores[h * L + j] - top[h]) : 0.f;
+      scores[h * L + j] = p;
+      total[h] += p;
+    }
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    const BFloat16* value = v + j * key_stride;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 vv = load_bf16x8(value + d);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float p = scores[h * L + j];
+        if (p == 0.f) continue;
+        float* a = &acc[h * D + d];
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(vv, _mm256_set1_ps(p), _mm256_loadu_ps(a)));
       }
     }
   }
   // a row with no valid key (a pad position) gets zeros, as torch's SDPA gives
-  const float norm = total > 0.f ? 1.f / total : 0.f;
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<BFloat16>(acc[d] * norm);
+  for (int64_t h = 0; h < heads; ++h) {
+    const float norm = total[h] > 0.f ? 1.f / total[h] : 0.f;
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<BFloat16>(acc[h * D + d] * norm);
+  }
+}
+
+// Attention of one position for B rows and H query heads over Hkv KV heads, one task per (row, KV head)
+// and its query heads; the heads are split further only where that leaves threads idle.
+template <typename Attend>
+void attend_all(int64_t B, int64_t H, int64_t Hkv, const Attend& attend) {
+  const int64_t group = H / Hkv, threads = at::get_num_threads();
+  const int64_t splits = B * Hkv >= threads ? 1 : std::min(group, (threads + B * Hkv - 1) / (B * Hkv));
+  const int64_t per_task = (group + splits - 1) / splits, tasks_per_kv = (group + per_task - 1) / per_task;
+  parallel_chunks(B * Hkv * tasks_per_kv, [&](int64_t task) {
+    const int64_t b = task / (Hkv * tasks_per_kv), kv = task / tasks_per_kv % Hkv, part = task % tasks_per_kv;
+    const int64_t first = kv * group + part * per_task;
+    attend(b, kv, first, std::min(per_task, (kv + 1) * group - first));
+  });
 }
 
 // Every intermediate of the layer step is rounded to bf16 where torch's bf16 ops round it (after each norm,
@@ -146,13 +186,10 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& keys, co
   const BFloat16* vp = values.const_data_ptr<BFloat16>();
   const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   BFloat16* op = out.data_ptr<BFloat16>();
-  const int64_t group = H / Hkv;
-  parallel_chunks(B * H, [&](int64_t task) {
-    thread_local std::vector<float> scores;
-    const int64_t b = task / H, h = task % H, kv = h / group;
+  attend_all(B, H, Hkv, [&](int64_t b, int64_t kv, int64_t first, int64_t heads) {
     const int64_t offset = b * keys.stride(0) + kv * keys.stride(1);
-    attend_one(qp + (b * H + h) * D, kp + offset, vp + offset, D, L, D, static_cast<float>(scale),
-               mp ? mp + b * L : nullptr, op + (b * H + h) * D, scores);
+    attend_heads(qp + (b * H + first) * D, heads, kp + offset, vp + offset, D, L, D, static_cast<float>(scale),
+                 mp ? mp + b * L : nullptr, op + (b * H + first) * D);
   });
   return out.transpose(1, 2);
 }
@@ -204,16 +241,14 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   at::Tensor mask;
   if (valid.has_value() && valid->defined()) mask = valid->to(at::kBool).reshape({B, -1}).contiguous();
   const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const int64_t L = position + 1, group = H / Hkv;
+  const int64_t L = position + 1;
   TORCH_CHECK(mp == nullptr || mask.size(1) == L, kLayerStep, ": mask does not cover the keys");
   std::vector<BFloat16> attended(B * H * hd);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  parallel_chunks(B * H, [&](int64_t task) {
-    thread_local std::vector<float> scores;
-    const int64_t b = task / H, h = task % H;
-    const int64_t offset = b * key_cache.stride(0) + (h / group) * key_cache.stride(1);
-    attend_one(&queries[task * hd], kc + offset, vc + offset, hd, L, hd, scale, mp ? mp + b * L : nullptr,
-               &attended[task * hd], scores);
+  attend_all(B, H, Hkv, [&](int64_t b, int64_t kv, int64_t first, int64_t heads) {
+    const int64_t offset = b * key_cache.stride(0) + kv * key_cache.stride(1);
+    attend_heads(&queries[(b * H + first) * hd], heads, kc + offset, vc + offset, hd, L, hd, scale,
+                 mp ? mp + b * L : nullptr, &attended[(b * H + first) * hd]);
   });
   std::vector<float> attended_f(attended.begin(), attended.end());
   const Projection attention_out(attended_f.data(), B, H * hd, {o}, o_bias);

@@ -154,6 +154,30 @@ def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
     assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in entries]
 
 
+def test_penalised_logprobs_are_the_forward_pass_scores_less_openais_penalties(builtin):
+    engine = engine_for(builtin_model_path())
+    done = builtin.openai().chat.completions.create(
+        model=_model(builtin), messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+        presence_penalty=0.5, frequency_penalty=1.5, logit_bias={"65": 3}, extra_body={"ignore_eos": True})
+    entries = done.choices[0].logprobs.content
+    ids_of = _vocab_bytes(engine)
+    answer = [ids_of[bytes(entry.bytes)] for entry in entries]
+    inputs = dict(RequestHandler(engine, ServeConfig(model="m")).prepare_chat({"messages": ASK})[1].inputs)
+    prompt = inputs.pop("input_ids")
+    sequence = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(sequence)
+    with torch.no_grad():
+        logits = engine.model(input_ids=sequence, **inputs).logits[0, prompt.shape[1] - 1:-1].float()
+    for step, entry in enumerate(entries):
+        scores = logits[step].clone()
+        scores[65] += 3
+        for token in set(answer[:step]):
+            scores[token] -= 0.5 + 1.5 * answer[:step].count(token)
+        expected = scores.log_softmax(dim=-1)
+        assert answer[step] == int(expected.argmax())  # greedy on the processed scores
+        assert entry.logprob == pytest.approx(expected[answer[step]].item(), abs=1e-3)
+
+
 def test_a_huge_logit_bias_forces_a_token_and_minus_100_bans_it(builtin):
     engine = engine_for(builtin_model_path())
     client = builtin.openai()

@@ -69,7 +69,7 @@ class TextRow:
         task = self.job.task
         self.tokens.append(token)
         reason = None
-        if token in eos and not task.ignore_eos:
+        if token in eos and (not task.ignore_eos or task.options.constrained):  # a grammar's end is the end
             reason = "stop"
         else:
             if logprob is not None:

@@ -79,7 +79,8 @@ class TextDecoder:
         prompt_length = input_ids.shape[1]
         # the request's logits pipeline: the checkpoint's processors (as generate builds them), then the
         # OpenAI options'; the sampling warpers are added when sampling (see batching.sample_rows)
-        job.processors = logits_processors(task.config.updated(do_sample=False), prompt_length) + \
+        job.processors = logits_processors(task.config.updated(do_sample=False), prompt_length,
+                                           max_length=prompt_length + task.max_tokens) + \
             task.options.processors(prompt_length)
         job.grammar = task.options.grammar(task.n, prompt_length)
         job.prompt_ids = input_ids[0].tolist() if job.processors or job.grammar else None

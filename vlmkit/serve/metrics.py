@@ -41,7 +41,7 @@ class ServerMetrics:
         outcome = job.outcome
         if outcome is None:
             return
-        self.prompt_tokens.inc(job.task.prompt_tokens * (job.task.n if job.kind == "images" else 1))
+        self.prompt_tokens.inc(job.task.prompt_tokens)
         if job.kind == "images":
             self.images.inc(len(outcome.images))
             return

@@ -293,3 +293,25 @@ def test_batch_rows_take_the_same_options():
     assert status == 200 and bad == 400 and "logit_bias" in error["error"]["message"]
     Pet.model_validate_json(answer["choices"][0]["message"]["content"])
     assert answer["choices"][0]["logprobs"]["content"]
+
+
+def test_the_grammar_constraint_is_a_logits_processor_generate_takes_too():
+    from vlmkit.generation.logits import GrammarConstraint
+
+    engine = engine_for(builtin_model_path())
+    backend = engine.tokenizer.backend
+    tokens = grammar_tokenizer(backend, backend.get_vocab_size(with_added_tokens=True),
+                               tuple(engine.model.generation_config.eos_token_ids))
+    inputs = engine.prepare_chat(engine_messages_of(ASK))
+    prompt_length = inputs["input_ids"].shape[1]
+    schema = Pet.model_json_schema()
+    constraint = GrammarConstraint([tokens.json_matcher(schema) for _ in range(2)], prompt_length, tokens.vocab_size)
+    output = engine.model.generate(**inputs, max_new_tokens=64, do_sample=True, seed=0, num_return_sequences=2,
+                                   logits_processor=[constraint])
+    for row in output[:, prompt_length:].tolist():
+        Pet.model_validate_json(engine.tokenizer.decode(row, skip_special_tokens=True))
+
+
+def engine_messages_of(messages):
+    return [{"role": m["role"], "content": [{"type": "text", "text": part["text"]} for part in m["content"]]}
+            for m in messages]

@@ -419,6 +419,8 @@ class _GrammarRow:
 
     def advance(self, tokens: list[int]) -> None:
         for token in tokens:
+            if self.matcher.is_stopped():  # a finished row is padded on by generate: nothing more to match
+                break
             if not self.matcher.consume_token(int(token)):
                 raise InputError(f"the grammar refused token {token}: {self.matcher.get_error()}")
         self.consumed += len(tokens)

@@ -10,6 +10,7 @@ reference on every family."""
 
 import torch
 
+from .decode import decode_one_token
 from .logits import apply_processors
 from .outputs import GenerateBeamDecoderOnlyOutput
 from .sampling import make_generator
@@ -39,8 +40,8 @@ def _fill_value(config) -> int:
 def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, budget: int, processors,
                 stops: Stopping):
     """Beam search after a prefill whose ``logits`` [batch * num_beams, V] and KV cache rows are already
-    repeated per beam; ``step`` = (decode, next positions [rows, 1], cache)."""
-    decode, next_position, cache = step
+    repeated per beam; ``step`` = (model, next positions [rows, 1], cache)."""
+    model, next_position, cache = step
     num_beams, device = config.num_beams, input_ids.device
     rows, prompt_length = input_ids.shape
     batch = rows // num_beams
@@ -120,7 +121,7 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
         if not torch.equal(beam_rows, identity):  # the cache follows the beams (a copy: skipped when none moved)
             cache.select_rows(beam_rows)
         flat = running[:, :, :cur_len].reshape(rows, cur_len)
-        logits = decode(flat[:, -1:], next_position, cache)
+        logits = decode_one_token(model, flat[:, -1:], next_position, cache)
         next_position = next_position + 1
 
     returned = config.num_return_sequences

@@ -1,13 +1,10 @@
-"""The text decoding loop: one prefill, then one small forward per token into a preallocated KV cache.
+"""The text generation loop, as gpt-fast's ``generate``: ``prefill`` the prompt, then one
+``decode_one_token`` (decode.py) per step into a KV cache preallocated for the whole answer.
 
-It works on any model that provides (families implement these; nothing here knows a family):
-  ``new_cache(batch_size, max_len)``                       -> KVCache
-  ``prefill(input_ids, attention_mask, position_ids, cache, **model_inputs)`` -> last-position logits [B, V]
-  ``decode(token_ids [B, 1], position_ids [B, 1], cache)`` -> logits [B, V]
-  ``max_context``                                          -> the longest sequence the model takes
-
-Each step's scores go through the logits pipeline (logits.py) and rows stop as stopping.py decides;
-with ``num_beams > 1`` the same prefill hands over to beam search (beam.py).
+Beside what decode.py's forwards use, the model provides ``new_cache(batch_size, max_len)`` and
+``max_context`` (the longest sequence it takes). Each step's scores go through the logits pipeline
+(logits.py) and rows stop as stopping.py decides; with ``num_beams > 1`` the same prefill hands over to
+beam search (beam.py).
 """
 
 from collections.abc import Callable, Sequence
@@ -17,6 +14,7 @@ import torch
 from ..errors import InputError
 from .beam import beam_search
 from .config import GenerationConfig
+from .decode import decode_one_token, prefill
 from .logits import LogitsProcessor, apply_processors, logits_processors
 from .outputs import GenerateDecoderOnlyOutput
 from .sampling import make_generator
@@ -53,6 +51,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     stopping_criteria: Sequence[StoppingCriterion] = ()):
     """Generate after ``input_ids`` [batch, T]; returns prompt + new tokens [batch * num_return_sequences, T + n]
     (with ``config.return_dict_in_generate``: a ``GenerateDecoderOnlyOutput``, or the beam search output).
+    Greedy decoding or sampling, one token per row per step, each step one ``decode_one_token``.
 
     ``on_tokens`` receives each step's tokens (for streaming); ``should_stop(new_tokens)`` may flag rows
     as finished (stop strings). ``logits_processor``: callables ``(input_ids, scores) -> scores`` run
@@ -61,41 +60,28 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     the pad token, as the reference does."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    batch, prompt_length = input_ids.shape
+    prompt_length = input_ids.shape[1]
     max_context = getattr(model, "max_context", None)
     budget = config.new_token_budget(prompt_length, max_context)
     check_context(prompt_length, budget, max_context)
-    copies = max(config.num_beams, config.num_return_sequences)
     if budget == 0:
         sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
-
-    cache = model.new_cache(batch, prompt_length + budget)
-    positions = prompt_positions(attention_mask)
-    logits = model.prefill(input_ids, attention_mask, positions, cache, **(model_inputs or {}))
-    if copies > 1:
-        rows = torch.arange(batch, device=input_ids.device).repeat_interleave(copies)
-        cache.select_rows(rows)
-        logits, input_ids, positions = logits[rows], input_ids[rows], positions[rows]
-        attention_mask = attention_mask[rows]
+    logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
+                                                                     budget, model_inputs or {})
     padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
     processors = logits_processors(config, prompt_length, padding, logits_processor, prompt_length + budget)
     stops = Stopping(config, prompt_length, should_stop, stopping_criteria)
-    step = model.decode, positions[:, -1:] + 1, cache
     if config.num_beams > 1:
-        return beam_search(step, logits, input_ids, config, budget, processors, stops)
-    return _decode(step, logits, input_ids, config, budget, processors, stops, on_tokens)
+        return beam_search((model, next_position, cache), logits, input_ids, config, budget, processors, stops)
 
-
-def _decode(step, logits, input_ids, config, budget, processors, stops, on_tokens):
-    """Greedy decoding or sampling, one token per row per step, after the prefill gave ``logits``."""
-    decode, next_position, cache = step
-    device = input_ids.device
-    rows, prompt_length = input_ids.shape
+    # everything the loop writes is allocated here, once
+    rows, device = input_ids.shape[0], input_ids.device
     sequences = torch.empty(rows, prompt_length + budget, dtype=torch.long, device=device)
     sequences[:, :prompt_length] = input_ids
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+    pads = torch.full((rows,), pad, dtype=torch.long, device=device)
     keep_scores = config.return_dict_in_generate and config.output_scores
     keep_logits = config.return_dict_in_generate and config.output_logits
     all_scores, all_logits = (), ()
@@ -113,7 +99,7 @@ def _decode(step, logits, input_ids, config, budget, processors, stops, on_token
         else:
             token = scores.argmax(dim=-1)
         if stops.eos.numel():
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            token = torch.where(unfinished, token, pads)
         sequences[:, length] = token
         length += 1
         if on_tokens is not None:
@@ -123,11 +109,27 @@ def _decode(step, logits, input_ids, config, budget, processors, stops, on_token
             unfinished &= ~done
         if index == budget - 1 or not bool(unfinished.any()):
             break
-        logits = decode(token[:, None], next_position, cache)
-        next_position = next_position + 1
+        logits = decode_one_token(model, token[:, None], next_position, cache)
+        next_position += 1
     if config.return_dict_in_generate:
         return _wrap(config, sequences[:, :length], all_scores, all_logits)
     return sequences[:, :length]
+
+
+def _start(model, input_ids, attention_mask, config, budget: int, model_inputs: dict):
+    """A cache for prompt + ``budget`` tokens and the prompt's ``prefill``, then each prompt's rows
+    repeated for its beams or return sequences; (logits, input_ids, attention_mask, next positions, cache)."""
+    batch, prompt_length = input_ids.shape
+    cache = model.new_cache(batch, prompt_length + budget)
+    positions = prompt_positions(attention_mask)
+    logits = prefill(model, input_ids, attention_mask, positions, cache, **model_inputs)
+    copies = max(config.num_beams, config.num_return_sequences)
+    if copies > 1:
+        rows = torch.arange(batch, device=input_ids.device).repeat_interleave(copies)
+        cache.select_rows(rows)
+        logits, input_ids, positions = logits[rows], input_ids[rows], positions[rows]
+        attention_mask = attention_mask[rows]
+    return logits, input_ids, attention_mask, positions[:, -1:] + 1, cache
 
 
 def _wrap(config, sequences, all_scores, all_logits):

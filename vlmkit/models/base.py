@@ -9,18 +9,16 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..generation.config import GenerationConfig
+from ..generation.decode import decode_one_token, prefill
 from ..generation.loop import generate_tokens
 from ..generation.options import split_generate_kwargs
 from ..generation.outputs import transition_scores
-from ..generation.prompt_cache import PromptCache, media_digest
+from ..generation.prompt_cache import PromptCache
 from ..generation.stopping import stop_strings_check
 from ..generation.streaming import step_callback
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
-from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages, return_freed_memory
+from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
-
-# prefills of at least this many rows hand their freed activations back to the system before decoding
-LONG_PREFILL_ROWS = 256
 
 
 class ModelOutput(dict):
@@ -161,7 +159,7 @@ class PretrainedVLM(nn.Module):
     def max_context(self) -> int:
         return self.text_model.config.max_position_embeddings
 
-    # --- the protocol generation/loop.py drives ------------------------------------------------
+    # --- what generation/ (decode.py, loop.py) uses --------------------------------------------
     def new_cache(self, batch_size: int, max_len: int):
         return self.text_model.new_cache(batch_size, max_len)
 
@@ -176,40 +174,18 @@ class PretrainedVLM(nn.Module):
             self.__dict__["_prompt_cache"] = PromptCache()
         return self.__dict__["_prompt_cache"]
 
-    def prefill(self, input_ids, attention_mask, position_ids, cache, **model_inputs):
-        prompt_cache = self.prompt_cache
-        use_prompt_cache = prompt_cache.applies(input_ids, attention_mask, cache)
-        start, reused_ids = 0, None
-        if use_prompt_cache:
-            media = media_digest(model_inputs)
-            start, reused_ids = prompt_cache.restore(self, input_ids, media, cache)
-        if start and self._placeholders_all_reused(input_ids, start, reused_ids):
-            embeds = self.text_model.embed_tokens(input_ids[:, start:])  # no media features needed
-        else:
-            embeds = self.embed_inputs(input_ids, **model_inputs)[:, start:]
-        mask = attention_mask[:, start:] if attention_mask is not None else None
-        hidden = self.text_model(embeds, position_ids[:, start:], mask, cache)
-        if embeds.shape[0] * embeds.shape[1] >= LONG_PREFILL_ROWS and embeds.device.type == "cpu":
-            # a long prefill's activations are free now; glibc would keep them resident through the whole
-            # decode, beside the prompt cache's copy of the keys/values (Janus-Pro-1B, one image: ~180 MB)
-            return_freed_memory()
-        if use_prompt_cache:
-            prompt_cache.store(self, input_ids, media, cache)
-        return self.lm_logits(hidden[:, -1])
+    def embed_prompt(self, input_ids, cache, **model_inputs) -> torch.Tensor:
+        """The prompt's input embeddings for generation/decode.py's ``prefill``: the tokens' with the media
+        features written over their placeholders (``embed_inputs``)."""
+        return self.embed_inputs(input_ids, **model_inputs)
 
-    def _placeholders_all_reused(self, input_ids, start: int, reused_ids: torch.Tensor) -> bool:
-        """Whether every media placeholder of the prompt lies in its first ``start`` (reused) positions,
-        and the prompt that stored them had as many (so it checked them against the same media)."""
-        if self.media_token_ids is None:
-            return False
-        ids = input_ids[0].cpu()
-        placeholders = torch.tensor(self.media_token_ids)
-        return (not bool(torch.isin(ids[start:], placeholders).any())
-                and int(torch.isin(ids, placeholders).sum()) == int(torch.isin(reused_ids, placeholders).sum()))
+    def prefill(self, input_ids, attention_mask, position_ids, cache, **model_inputs):
+        """generation/decode.py's ``prefill`` on this model (for callers that drive their own loop)."""
+        return prefill(self, input_ids, attention_mask, position_ids, cache, **model_inputs)
 
     def decode(self, token_ids, position_ids, cache):
-        hidden = self.text_model(self.text_model.embed_tokens(token_ids), position_ids, None, cache)
-        return self.lm_logits(hidden[:, -1])
+        """generation/decode.py's ``decode_one_token`` on this model (for callers that drive their own loop)."""
+        return decode_one_token(self, token_ids, position_ids, cache)
 
     # --- the transformers-shaped entry point ---------------------------------------------------
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,

@@ -107,6 +107,10 @@ class IdeficsModel(DecoderModel):
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: IdeficsCache | None = None,
                 images: ImageContext | None = None):
+        """Hidden states; the images are ``images``, else those the prompt left in ``cache`` (see
+        ``IdeficsForVisionText2Text.embed_prompt``), so a decode step is the plain decoder's call."""
+        if images is None and cache is not None:
+            images = cache.images
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
         for index, layer in enumerate(self.layers):
@@ -116,6 +120,8 @@ class IdeficsModel(DecoderModel):
             hidden_states = layer(hidden_states, rotary, mask, cache, index)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
+            if images is not None and inputs_embeds.shape[1] > 1:
+                cache.images = images.last_position()  # new tokens see what the prompt's last position saw
         return self.norm(hidden_states)
 
 
@@ -168,7 +174,7 @@ class IdeficsForVisionText2Text(PretrainedVLM):
         if config.freeze_lm_head:
             self.lm_head.weight.requires_grad_(False)
 
-    # --- the protocol base.py and generation/loop.py use ---------------------------------------
+    # --- what base.py and generation/ (decode.py, loop.py) use ---------------------------------
     @property
     def text_model(self) -> IdeficsModel:
         return self.model
@@ -179,21 +185,16 @@ class IdeficsForVisionText2Text(PretrainedVLM):
     def new_cache(self, batch_size: int, max_len: int) -> IdeficsCache:
         return self.model.new_cache(batch_size, max_len)
 
-    def prefill(self, input_ids, attention_mask, position_ids, cache: IdeficsCache, image_attention_mask=None,
-                **image_inputs):
-        """Encode the images once, run the prompt, and keep the image keys/values for ``decode``."""
+    def embed_prompt(self, input_ids, cache: IdeficsCache, image_attention_mask=None, **image_inputs):
+        """The prompt's token embeddings for generation/decode.py's ``prefill``; the images, encoded once,
+        go into ``cache`` for the cross-attention layers (which keep the last position's view to decode)."""
         images = None
         has_images = any(image_inputs.get(k) is not None for k in _IMAGE_INPUTS)
         # a batch none of whose positions may see an image needs no vision work: its attention branch is zero
         if has_images and (image_attention_mask is None or bool(image_attention_mask.any())):
             images = self.image_context(input_ids.shape, image_attention_mask, **image_inputs)[0]
-        hidden = self.model(self.model.embed_tokens(input_ids), position_ids, attention_mask, cache, images)
-        cache.images = images.last_position() if images is not None else None
-        return self.lm_logits(hidden[:, -1])
-
-    def decode(self, token_ids, position_ids, cache: IdeficsCache):
-        hidden = self.model(self.model.embed_tokens(token_ids), position_ids, None, cache, cache.images)
-        return self.lm_logits(hidden[:, -1])
+        cache.images = images
+        return self.model.embed_tokens(input_ids)
 
     # --- images ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values=None, image_encoder_embeddings=None, perceiver_embeddings=None,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from serve_support import engine_for, serve, user
 
+import vlmkit.generation.image_step as image_step
 import vlmkit.generation.sampling as sampling
 import vlmkit.serve.batching as batching
 from vlmkit.serve.config import ServeConfig
@@ -44,6 +45,7 @@ def poisoned_sampling(monkeypatch):
 
     monkeypatch.setattr(batching, "next_token", poisoned(batching.next_token))
     monkeypatch.setattr(sampling, "next_token", poisoned(sampling.next_token))
+    monkeypatch.setattr(image_step, "next_token", poisoned(image_step.next_token))
 
 
 def _thresholds(engine) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Janus text-to-image: the image-token loop with classifier-free guidance.
+"""Janus text-to-image: the image-token loop with classifier-free guidance (its step, shared with the
+server, is generation/image_step.py).
 
 Conditional and unconditional rows run as one batch of 2B in every forward, into one KV cache sized
 for prompt + image tokens. The unconditional row is the prompt with everything but BOS and the
@@ -10,8 +11,10 @@ from collections.abc import Callable
 import torch
 
 from ...errors import InputError
+from ...generation import image_step
+from ...generation.image_step import guided_logits  # noqa: F401  (its older home; serve imports it from here)
 from ...generation.loop import prompt_positions
-from ...generation.sampling import make_generator, next_token
+from ...generation.sampling import make_generator
 
 
 def image_generation_config(base, **options):
@@ -19,12 +22,6 @@ def image_generation_config(base, **options):
     when neither sets one."""
     config = base.updated(**options)
     return config if config.guidance_scale is not None else config.updated(guidance_scale=5.0)
-
-
-def guided_logits(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance on stacked [cond; uncond] logits: uncond + scale * (cond - uncond)."""
-    conditional, unconditional = logits.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 def unconditional_prompt(input_ids: torch.Tensor, bos_id: int | None, begin_image_id: int, pad_id: int) -> torch.Tensor:
@@ -89,13 +86,11 @@ def _generate_batch(model, input_ids, attention_mask, config, generator, progres
     next_position = positions[:, -1:] + 1
     tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
     for step in range(num_tokens):
-        logits = guided_logits(model.model.generation_head(hidden).float(), config.guidance_scale)
-        token = next_token(logits, config, generator)
+        token = image_step.guided_image_token(model.model.generation_head(hidden), config, generator)
         tokens[:, step] = token
         progress()
         if step == num_tokens - 1:
             break
-        embeds = model.image_token_embeddings(token.repeat(2))[:, None]
-        hidden = text(embeds, next_position, None, cache)[:, -1]
+        hidden = image_step.decode_image_token(model, token.repeat(2), next_position, cache)
         next_position = next_position + 1
     return tokens

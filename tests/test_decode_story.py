@@ -1,0 +1,51 @@
+"""One decode story: ``generate``'s text path prefills once and then runs generation/decode.py's
+one-token step for every further token, and Janus' ``generate(generation_mode="image")`` and the
+server's image rows draw every image token through the one CFG image step (generation/image_step.py)."""
+
+import torch
+from serve_support import engine_for
+
+import vlmkit.generation.beam as beam
+import vlmkit.generation.image_step as image_step
+import vlmkit.generation.loop as loop
+
+
+def counted(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` by a wrapper that records each call; the list of calls."""
+    calls, original = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_text_generate_prefills_once_then_decodes_each_token_with_the_shared_step(janus_dir, monkeypatch):
+    model = engine_for(janus_dir).model
+    prompts = counted(monkeypatch, loop, "prefill")
+    steps = counted(monkeypatch, loop, "decode_one_token")
+    input_ids = torch.tensor([[1, 20, 21, 22, 23]])
+    sequences = model.generate(input_ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert sequences.shape[1] == input_ids.shape[1] + 6
+    assert len(prompts) == 1
+    assert len(steps) == 5  # the prefill's logits give the first token
+    assert all(args[0] is model for args in steps)
+
+
+def test_beam_search_decodes_with_the_same_shared_step(janus_dir, monkeypatch):
+    model = engine_for(janus_dir).model
+    steps = counted(monkeypatch, beam, "decode_one_token")
+    model.generate(torch.tensor([[1, 20, 21, 22]]), max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
+    assert len(steps) == 2
+
+
+def test_janus_generate_image_draws_and_feeds_every_image_token_through_the_shared_cfg_step(janus_dir, monkeypatch):
+    engine = engine_for(janus_dir)
+    model, processor = engine.model, engine.processor
+    draws = counted(monkeypatch, image_step, "guided_image_token")
+    feeds = counted(monkeypatch, image_step, "decode_image_token")
+    tokens = model.generate(**processor(text="A red square.", generation_mode="image"), generation_mode="image",
+                            do_sample=False)
+    assert tokens.shape == (1, model.num_image_tokens)
+    assert (len(draws), len(feeds)) == (model.num_image_tokens, model.num_image_tokens - 1)

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from ..generation import image_step
 from ..generation.logits import logits_processors
 from ..generation.loop import prompt_positions
 from ..generation.sampling import make_generator
@@ -270,9 +271,6 @@ class ImageDecoder:
     def _draw(self, part: _ImagePart) -> torch.Tensor | None:
         """The next token of each image of ``part``; requests whose logits or sampling fail leave the part
         (None when none is left)."""
-        from ..generation.sampling import next_token
-        from ..models.janus.image_generation import guided_logits
-
         head, groups = self.model.model.generation_head, _group_by_job(part.images)
         failed, logits = {}, {}
         try:
@@ -293,8 +291,7 @@ class ImageDecoder:
             if job in failed:
                 continue
             try:  # the job's rows: its conditional ones, then its unconditional ones
-                guided = guided_logits(logits[job], job.task.config.guidance_scale)
-                tokens[indices] = next_token(guided, job.task.config, job.generator)
+                tokens[indices] = image_step.guided_image_token(logits[job], job.task.config, job.generator)
             except Exception as err:
                 failed[job] = err
         if not failed:
@@ -313,8 +310,7 @@ class ImageDecoder:
             positions = part.positions
             if rows is not None:
                 row_tokens, positions = row_tokens[rows], positions[rows]
-            embeds = self.model.image_token_embeddings(row_tokens)[:, None]
-            return self.model.text_model(embeds, positions, None, cache)[:, -1]
+            return image_step.decode_image_token(self.model, row_tokens, positions, cache)
 
         def drop(culprits):
             nonlocal tokens

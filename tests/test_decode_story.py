@@ -8,6 +8,9 @@ from serve_support import engine_for
 import vlmkit.generation.beam as beam
 import vlmkit.generation.image_step as image_step
 import vlmkit.generation.loop as loop
+from vlmkit.serve.config import ServeConfig
+from vlmkit.serve.requests import RequestHandler
+from vlmkit.serve.scheduler import Scheduler
 
 
 def counted(monkeypatch, module, name) -> list:
@@ -49,3 +52,18 @@ def test_janus_generate_image_draws_and_feeds_every_image_token_through_the_shar
                             do_sample=False)
     assert tokens.shape == (1, model.num_image_tokens)
     assert (len(draws), len(feeds)) == (model.num_image_tokens, model.num_image_tokens - 1)
+
+
+def test_the_servers_image_rows_draw_and_feed_every_image_token_through_the_same_cfg_step(janus_dir, monkeypatch):
+    engine = engine_for(janus_dir)
+    draws = counted(monkeypatch, image_step, "guided_image_token")
+    feeds = counted(monkeypatch, image_step, "decode_image_token")
+    scheduler = Scheduler(engine)
+    job = scheduler.submit(RequestHandler(engine, ServeConfig(model="m")).prepare_images({"prompt": "a red square"})[1])
+    scheduler.start()
+    try:
+        assert len(job.wait(60).images) == 1
+    finally:
+        scheduler.stop()
+    tokens = engine.model.num_image_tokens
+    assert (len(draws), len(feeds)) == (tokens, tokens - 1)

@@ -14,6 +14,7 @@ option set the list is empty and the decode step does no work for it.
 import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -371,14 +372,13 @@ class GrammarConstraint:
     constrained and free rows share a batch). Before masking, a matcher takes the row's tokens it has
     not seen yet (those after the prompt's ``prompt_length``), so the processor needs nothing but
     ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(vocab_size / 32)] on the CPU
-    (``vocab_size``: the grammar tokenizer's; scores past it are never allowed); the bits are unpacked
-    and applied with torch ops on the scores' device."""
+    (``vocab_size``: the grammar tokenizer's; scores past it are never allowed), numpy unpacks its bits
+    and applies them to float CPU scores (single-threaded passes, where torch's elementwise ops would
+    each wake its thread pool); on other devices and dtypes one ``torch.where`` applies them."""
 
     def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0):
         self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
         self.prompt_length, self.vocab_size = prompt_length, vocab_size
-        self._bitmask: torch.Tensor | None = None
-        self._shifts: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> "GrammarConstraint":
         """The same constraint (same matchers, same progress) over a subset of its rows, in that order."""
@@ -389,26 +389,19 @@ class GrammarConstraint:
     def __call__(self, input_ids, scores):
         filled = (self.vocab_size + 31) // 32  # the words a matcher writes
         words = max((scores.shape[-1] + 31) // 32, filled)
-        if self._bitmask is None or self._bitmask.shape != (len(self.rows), words):
-            self._bitmask = torch.empty((len(self.rows), words), dtype=torch.int32)
-        bitmask = self._bitmask
-        bitmask.fill_(-1)
+        bitmask = np.full((len(self.rows), words), -1, dtype=np.int32)
         for b, row in enumerate(self.rows):
             if row is None:
                 continue
             row.advance(input_ids[b, self.prompt_length + row.consumed:].tolist())
             bitmask[b, filled:] = 0
-            row.matcher.unsafe_compute_mask_ptr(bitmask[b].data_ptr(), filled * 4)
-        if self._shifts is None or self._shifts.device != scores.device:
-            self._shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
-        bits = (bitmask.to(scores.device, non_blocking=True)[:, :, None] >> self._shifts) & 1
-        allowed = bits.view(len(self.rows), -1)[:, :scores.shape[-1]].bool()
-        return scores.masked_fill(~allowed, -torch.inf)
-
-    def finished(self, row: int) -> bool:
-        """Whether row ``row``'s grammar has ended (only end-of-sequence may follow)."""
-        state = self.rows[row]
-        return state is not None and state.matcher.is_stopped()
+            row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + b * words * 4, filled * 4)
+        # bit i of word w is token 32 * w + i: little-endian int32 words read as bytes, bits unpacked LSB first
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :scores.shape[-1]].view(np.bool_)
+        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
+            # numpy's single pass: torch's parallel where costs milliseconds when the CPU's cores are busy
+            return torch.from_numpy(np.where(allowed, scores.numpy(), -np.inf).astype(scores.numpy().dtype, copy=False))
+        return torch.where(torch.from_numpy(allowed).to(scores.device), scores, -torch.inf)
 
 
 class _GrammarRow:

@@ -12,7 +12,6 @@ import torch
 
 from ...errors import InputError
 from ...generation import image_step
-from ...generation.image_step import guided_logits  # noqa: F401  (its older home; serve imports it from here)
 from ...generation.loop import prompt_positions
 from ...generation.sampling import make_generator
 

@@ -41,10 +41,9 @@ _SOURCES = Path(__file__).with_name("csrc")
 MIN_KERNEL_WEIGHTS = 1 << 20
 # Up to this many activation rows the kernels beat the float GEMM (bf16: torch's native one where the CPU
 # has it, else the fp32 one); beyond, a product is compute-bound and the GEMM wins. Measured on 2 cores,
-# 2048x5632 weights (see docs/performance.md).
-# AVX2 without native bf16: against the fp32 GEMM; AVX2 (forced) or AVX-512 on a native-bf16 CPU: against
-# torch's bf16 GEMM, which multiplies bf16 pairs natively.
-MAX_BF16_KERNEL_ROWS = {("avx2", False): 16, ("avx2", True): 2, ("avx512", True): 8}
+# 2048x5632 weights out of cache: AVX2 without native bf16 against the fp32 GEMM; AVX2 (forced) and
+# AVX-512 on a Zen 4 against torch's bf16 GEMM (AVX-512: 3.1-4.5 ms up to 7 rows, torch 4.5-5.0 ms).
+MAX_BF16_KERNEL_ROWS = {("avx2", False): 16, ("avx2", True): 3, ("avx512", True): 7}
 MAX_INT8_KERNEL_ROWS = 128
 # The int4 kernel unpacks each weight once per four activation rows; beyond this many rows widening the
 # weight a block at a time and running the float GEMM wins (measured on 2 AVX2 cores, 2048x5632).

@@ -17,6 +17,45 @@
 namespace vlmkit {
 namespace {
 
+// e^x for 8 floats (Cephes' polynomial, within 2 ulp of std::exp over the range that does not underflow;
+// below about -87.3 it gives a value under 1e-38 where std::exp gives 0 or a denormal). A scalar
+// std::exp per attention weight cost more than the attention's arithmetic.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+// In place: each score s of a head becomes its softmax weight e^(s - top) (0 for a masked key, -inf);
+// returns their sum.
+inline float softmax_weights(float* scores, int64_t L, float top) {
+  const __m256 shift = _mm256_set1_ps(top), masked = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 sum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    const __m256 s = _mm256_loadu_ps(scores + j);
+    const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(s, masked, _CMP_EQ_OQ), exp8(_mm256_sub_ps(s, shift)));
+    _mm256_storeu_ps(scores + j, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  float total = horizontal_sum(sum);
+  for (; j < L; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  return total;
+}
+
 // One batch row and `heads` query heads that share one KV head (grouped-query attention: Qwen2 has 7 per
 // KV head): for each head, softmax over the valid keys of scale * q.k, then the weighted sum of values.
 // Each key and value is read once for all the heads, not once per head. q and out: [heads, D]
@@ -52,10 +91,10 @@ void attend_heads(const BFloat16* q, int64_t heads, const BFloat16* k, const BFl
     }
   }
   for (int64_t h = 0; h < heads; ++h) {  // the weights, in place of the scores
-    for (int64_t j = 0; j < L; ++j) {
-      const float p = top[h] > -std::numeric_limits<float>::infinity() ? std::exp(scores[h * L + j] - top[h]) : 0.f;
-      scores[h * L + j] = p;
-      total[h] += p;
+    if (top[h] > -std::numeric_limits<float>::infinity()) {
+      total[h] = softmax_weights(&scores[h * L], L, top[h]);
+    } else {
+      std::fill_n(&scores[h * L], L, 0.f);
     }
   }
   for (int64_t j = 0; j < L; ++j) {

@@ -56,6 +56,12 @@ def usage_error(capsys, *argv) -> str:
     (["serve", "--port", "70000"], "argument --port: must be a port from 1 to 65535"),
     (["serve", "--dtype", "int3"], "argument --dtype: invalid choice"),
     (["train", "--out", "x", "--device", "foo"], "argument --device: unknown device 'foo'"),
+    (["serve", "--max-images", "-1"], "argument --max-images: must be 1 or more, got -1"),
+    (["serve", "--max-n", "x"], "argument --max-n: 'x' is not a whole number"),
+    (["serve", "--fetch-timeout", "0"], "argument --fetch-timeout: must be above 0"),
+    (["serve", "--header-timeout", "inf"], "argument --header-timeout: 'inf' is not a finite number"),
+    (["batch", "--input", "a", "--output", "b", "--concurrency", "0"], "argument --concurrency: must be 1 or more"),
+    (["batch", "--input", "a", "--output", "b", "--replicas", "-2"], "argument --replicas: must be 1 or more"),
 ])
 def test_bad_flag_values_are_usage_errors_before_the_model_loads(capsys, no_model_load, argv, message):
     assert message in usage_error(capsys, *argv)

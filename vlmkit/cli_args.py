@@ -56,6 +56,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (seconds, for instance)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number of at least 0 (temperature, guidance)."""
     value = _number(text)

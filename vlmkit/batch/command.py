@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_args import non_negative_float, positive_float, positive_int
+
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """Input, output, concurrency and Ray flags, plus ``vlmkit serve``'s limit, media and batching flags."""
@@ -14,18 +16,18 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "body} rows")
     parser.add_argument("--output", "-o", required=True,
                         help="results JSONL (OpenAI batch output lines); an existing one is resumed")
-    parser.add_argument("--concurrency", type=int, default=32,
+    parser.add_argument("--concurrency", type=positive_int, default=32,
                         help="rows in flight at once, decoded together (per replica with --ray)")
     parser.add_argument("--served-model-name", help="the model id rows may name in body.model (default: the folder "
                                                     "name); rows naming another model get the server's 404")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray (pip install 'vlmkit[ray]')")
     ray.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data, one model per actor")
-    ray.add_argument("--replicas", type=int, default=1, help="model replicas (Ray actors)")
+    ray.add_argument("--replicas", type=positive_int, default=1, help="model replicas (Ray actors)")
     ray.add_argument("--address", help="Ray cluster address (e.g. auto, or HEAD_IP:6379); default: $RAY_ADDRESS, "
                                        "else a local cluster")
-    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs reserved by each replica")
-    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="GPUs reserved by each replica")
+    ray.add_argument("--num-cpus-per-replica", type=positive_float, default=1.0, help="CPUs reserved by each replica")
+    ray.add_argument("--num-gpus-per-replica", type=non_negative_float, default=0.0, help="GPUs reserved by each replica")
     add_serve_arguments(parser)
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli_args import positive_float, positive_int
 from ..io.media import MediaPolicy
 
 _MiB = 1024 * 1024
@@ -80,22 +81,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The limit, media and batching flags (shared by ``vlmkit serve`` and jobs on its request path)."""
     d, limits = ServeConfig(), ServeLimits()
     group = parser.add_argument_group("limits (each over-limit request gets a 400 that names the limit)")
-    group.add_argument("--max-images", type=int, default=limits.max_images, help="image parts per request")
-    group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+    group.add_argument("--max-images", type=positive_int, default=limits.max_images, help="image parts per request")
+    group.add_argument("--max-image-pixels", type=positive_int, default=limits.max_image_pixels,
                        help="width x height of one image")
-    group.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
+    group.add_argument("--max-request-pixels", type=positive_int, default=limits.max_request_pixels,
                        help="width x height summed over a request's images")
-    group.add_argument("--max-messages", type=int, default=limits.max_messages, help="messages per chat request")
-    group.add_argument("--max-parts", type=int, default=limits.max_parts, help="content parts per message")
-    group.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes,
+    group.add_argument("--max-messages", type=positive_int, default=limits.max_messages, help="messages per chat request")
+    group.add_argument("--max-parts", type=positive_int, default=limits.max_parts, help="content parts per message")
+    group.add_argument("--max-image-bytes", type=positive_int, default=limits.max_image_bytes,
                        help="bytes of one image or video")
-    group.add_argument("--max-video-frames", type=int, default=limits.max_video_frames,
+    group.add_argument("--max-video-frames", type=positive_int, default=limits.max_video_frames,
                        help="frames sampled from one video")
-    group.add_argument("--video-frames", type=int, default=limits.video_frames,
+    group.add_argument("--video-frames", type=positive_int, default=limits.video_frames,
                        help="frames sampled from a video by default")
-    group.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="request body size")
-    group.add_argument("--max-n", type=int, default=limits.max_n, help="choices (or images) per request")
-    group.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens,
+    group.add_argument("--max-body-bytes", type=positive_int, default=limits.max_body_bytes, help="request body size")
+    group.add_argument("--max-n", type=positive_int, default=limits.max_n, help="choices (or images) per request")
+    group.add_argument("--default-max-tokens", type=positive_int, default=limits.default_max_tokens,
                        help="answer length when a request gives no max_tokens")
     media = parser.add_argument_group("media fetching (private addresses and local files are refused by default)")
     media.add_argument("--allow-private-hosts", action="store_true",
@@ -103,13 +104,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     media.add_argument("--allowed-hosts", default="",
                        help="comma-separated host names, IPs or CIDRs that image URLs may reach even if private")
     media.add_argument("--media-root", help="serve local paths and file:// URLs, confined to this folder")
-    media.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds per image fetch")
+    media.add_argument("--fetch-timeout", type=positive_float, default=d.fetch_timeout_s, help="seconds per image fetch")
     batching = parser.add_argument_group("batching")
-    batching.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
+    batching.add_argument("--max-batch-rows", type=positive_int, default=d.max_batch_rows,
                           help="text sequences decoded together")
-    batching.add_argument("--max-batch-images", type=int, default=d.max_batch_images,
+    batching.add_argument("--max-batch-images", type=positive_int, default=d.max_batch_images,
                           help="images generated together")
-    batching.add_argument("--max-waiting", type=int, default=d.max_waiting,
+    batching.add_argument("--max-waiting", type=positive_int, default=d.max_waiting,
                           help="queued requests before new ones are refused with 503")
 
 
@@ -117,13 +118,13 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     """The HTTP server's flags: timeouts for slow clients and the API docs page (``vlmkit serve`` only)."""
     d = ServeConfig()
     http = parser.add_argument_group("HTTP (slow clients are cut off; the OpenAPI schema is at /openapi.json)")
-    http.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+    http.add_argument("--header-timeout", type=positive_float, default=d.header_timeout_s,
                       help="seconds a client has to send a request's headers before the connection is closed")
-    http.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+    http.add_argument("--body-timeout", type=positive_float, default=d.body_timeout_s,
                       help="seconds a client has to send a request's body (else 408)")
-    http.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_s,
+    http.add_argument("--keep-alive-timeout", type=positive_int, default=d.keep_alive_s,
                       help="seconds an idle keep-alive connection stays open")
-    http.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+    http.add_argument("--max-header-bytes", type=positive_int, default=d.max_header_bytes,
                       help="size of one request's headers (larger: 400)")
     http.add_argument("--docs", action="store_true", help="serve the interactive API page at /docs")
     http.add_argument("--no-playground", action="store_true", help="do not serve the web playground at /")

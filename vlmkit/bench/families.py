@@ -117,14 +117,17 @@ class Janus(Family):
                                              add_generation_prompt=True)
         return processor(text=text, generation_mode="image", return_tensors="pt")
 
-    def text_to_image_tokens(self, engine: str, steps: int, seed: int = 0) -> torch.Tensor:
-        """The image-token loop (CFG, sampling) for the first ``steps`` of the image's tokens."""
+    def text_to_image_tokens(self, engine: str, steps: int, seed: int = 0, images: int = 1) -> torch.Tensor:
+        """The image-token loop (CFG, sampling) for the first ``steps`` of the image's tokens, ``images``
+        pictures of one prompt at once (each two rows with guidance)."""
         model, inputs = self.models[engine], self.image_prompt(engine)
         with torch.no_grad(), _image_token_limit(engine, model, steps):
             if engine == "vlmkit":
-                return model.generate(**inputs, generation_mode="image", do_sample=True, seed=seed)
+                return model.generate(**inputs, generation_mode="image", do_sample=True, seed=seed,
+                                      num_return_sequences=images)
             torch.manual_seed(seed)
-            return model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True)
+            return model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True,
+                                  num_return_sequences=images)
 
     def num_image_tokens(self) -> int:
         model = self.models.get("vlmkit") or self.models["transformers"]

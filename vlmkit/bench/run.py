@@ -139,7 +139,15 @@ def image_generation(family, args, bandwidth: float, result: dict) -> dict:
     if grid != side:
         vq_entry["vlmkit_full_grid_s"] = timed(lambda: family.decode_image("vlmkit", side))
     total_entry = metric("s", {e: [t + vq_entry[e] for t in loop[e]] for e in ENGINES})
-    return {"image_token_loop_s": loop_entry, "vq_decode_s": vq_entry, "text_to_image_s_per_image": total_entry}
+    figures = {"image_token_loop_s": loop_entry, "vq_decode_s": vq_entry, "text_to_image_s_per_image": total_entry}
+    for n in args.images_at_once:  # throughput: n pictures of one prompt drawn together, VQ-decoded one by one
+        batch = alternate({e: lambda e=e: timed(lambda: family.text_to_image_tokens(e, steps, images=n)) * total / steps
+                           for e in ENGINES}, args.repeats, warmup=0)
+        per_minute = {e: [60 * n / (t + n * vq_entry[e]) for t in batch[e]] for e in ENGINES}
+        entry = metric("images/min", per_minute)
+        entry["ratio"] = entry["transformers"] / entry["vlmkit"]  # as for times: below 1, vlmkit is faster
+        figures[f"images_per_minute_n{n}"] = entry
+    return figures
 
 
 def peak_rss(name: str, folder: Path, args) -> dict:
@@ -189,6 +197,9 @@ def parse_args(argv=None):
     add_llama_cpp_arguments(parser)  # llama.cpp's rows in the --quantize table
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--skip-image-generation", action="store_true", help="skip Janus text-to-image")
+    parser.add_argument("--images-at-once", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
+                        help="also time text-to-image throughput with this many pictures drawn together "
+                             "(comma-separated, e.g. 4,8), in images per minute")
     parser.add_argument("--probe-rss", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

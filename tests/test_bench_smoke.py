@@ -26,7 +26,7 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [*vlmkit_command(), "bench", "--size", "tiny", "--family", "janus", "--repeats", "1", "--decode-tokens", "2",
-         "--steps", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
+         "--steps", "2", "--images-at-once", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -40,7 +40,7 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
     metrics = janus["metrics"]
     assert set(metrics) == {"preprocess_ms_per_image", "first_token_s", "first_token_repeated_image_s",
                             "decode_ms_per_step_batch1", "decode_ms_per_step_batch4", "image_token_loop_s",
-                            "vq_decode_s", "text_to_image_s_per_image", "peak_rss_mb"}
+                            "vq_decode_s", "text_to_image_s_per_image", "images_per_minute_n2", "peak_rss_mb"}
     for entry in metrics.values():
         assert entry["vlmkit"] > 0 and entry["transformers"] > 0 and entry["ratio"] > 0
     for batch in (1, 4):
@@ -48,6 +48,8 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
         assert {"vlmkit_tokens_per_s", "transformers_tokens_per_s", "vlmkit_pct_of_bandwidth_bound",
                 "transformers_pct_of_bandwidth_bound"} <= set(decode)
     assert metrics["image_token_loop_s"]["steps_run"] == 2
+    assert metrics["images_per_minute_n2"]["unit"] == "images/min"
+    assert "text-to-image: 2 at once, images/min" in result.stdout
     assert "vlmkit_speedup_over_first_image" in metrics["first_token_repeated_image_s"]
     cpu, header = settings["cpu"], result.stdout.splitlines()[0]
     assert header.startswith(f"CPU: {cpu['model']} ({cpu['cores']} cores), {cpu['class']} [")

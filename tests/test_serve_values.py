@@ -3,8 +3,11 @@ out of range or not finite, seeds past 64 bits, integers sent as strings, floats
 that is not valid Unicode, bodies nested too deeply or holding huge integers. Oversized requests are
 refused by cheap checks before any costly work (a 30 MB prompt in well under a second)."""
 
+import gc
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -134,6 +137,24 @@ def test_a_30_mb_prompt_is_refused_in_under_a_second(server):
     started = time.perf_counter()
     assert_refused(post_raw(server, "/v1/images/generations", raw), "the image prompt is")
     assert time.perf_counter() - started < 1.0
+
+
+def test_refused_huge_prompts_leave_no_lasting_memory_growth(server):
+    """The server runs in this process: its resident memory after five more 30 MB refusals is where it was
+    after the first (the body, its text and its JSON are handed back, not kept)."""
+    def resident_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("no /proc/self/statm here to read the resident memory from")
+    raw = json.dumps({"messages": user("word " * 6_000_000), "max_tokens": 1}).encode()
+    assert_refused(post_raw(server, "/v1/chat/completions", raw), "the prompt is")
+    gc.collect()
+    before = resident_mb()
+    for _ in range(5):
+        assert_refused(post_raw(server, "/v1/chat/completions", raw), "the prompt is")
+    gc.collect()
+    assert resident_mb() - before < 64
 
 
 def test_the_early_size_check_refuses_only_what_surely_cannot_fit(janus_dir):

@@ -153,8 +153,9 @@ def test_idefics_model_card_bans_image_tokens_and_stops_at_end_of_utterance(fami
     if family.name != "idefics":
         pytest.skip("the IDEFICS model card's call")
     tokenizer = family.processor.tokenizer
-    exit_condition = tokenizer("<end_of_utterance>", add_special_tokens=False)["input_ids"]
-    bad_words_ids = tokenizer(["<image>", "<fake_token_around_image>"], add_special_tokens=False)["input_ids"]
+    # as the model card writes it: the tokenizer's output read by attribute
+    exit_condition = tokenizer("<end_of_utterance>", add_special_tokens=False).input_ids
+    bad_words_ids = tokenizer(["<image>", "<fake_token_around_image>"], add_special_tokens=False).input_ids
     bad_words_ids.append([family.first[0], family.first[1]])  # and a two-token sequence the model would write
     expected, got = generate_both(family, eos_token_id=exit_condition, bad_words_ids=bad_words_ids)
     assert got.tolist() == expected.tolist()

@@ -8,6 +8,7 @@ import torch
 from ..errors import CheckpointError, InputError
 from .chat_template import find_chat_template, render_chat_template
 from .checkpoint import read_json
+from .features import BatchFeature
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -107,7 +108,8 @@ class Tokenizer:
 
     def __call__(self, text, *, padding=False, padding_side=None, add_special_tokens=True, truncation=False,
                  max_length=None, return_tensors=None, return_attention_mask=True, **_ignored):
-        """Encode one text or a batch; ``padding`` True/"longest" pads to the longest row (left or right)."""
+        """Encode one text or a batch; ``padding`` True/"longest" pads to the longest row (left or right).
+        The result reads as a dict or by attribute (``tokenizer(words).input_ids``), as transformers' does."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if any(not isinstance(t, str) for t in texts):
@@ -122,12 +124,12 @@ class Tokenizer:
         elif return_tensors == "pt" and len({len(r) for r in rows}) > 1:
             raise InputError("texts of different lengths need padding=True to be returned as one tensor")
         if return_tensors == "pt":
-            out = {"input_ids": torch.tensor(rows, dtype=torch.long),
-                   "attention_mask": torch.tensor(masks, dtype=torch.long)}
+            out = BatchFeature(input_ids=torch.tensor(rows, dtype=torch.long),
+                               attention_mask=torch.tensor(masks, dtype=torch.long))
         elif single:
-            out = {"input_ids": rows[0], "attention_mask": masks[0]}
+            out = BatchFeature(input_ids=rows[0], attention_mask=masks[0])
         else:
-            out = {"input_ids": rows, "attention_mask": masks}
+            out = BatchFeature(input_ids=rows, attention_mask=masks)
         if not return_attention_mask:
             out.pop("attention_mask")
         return out

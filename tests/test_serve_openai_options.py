@@ -296,7 +296,7 @@ def test_batch_rows_take_the_same_options():
 
 
 def test_the_grammar_constraint_is_a_logits_processor_generate_takes_too():
-    from vlmkit.generation.logits import GrammarConstraint
+    from vlmkit.generation.grammar import GrammarConstraint
 
     engine = engine_for(builtin_model_path())
     backend = engine.tokenizer.backend

@@ -14,7 +14,6 @@ option set the list is empty and the decode step does no work for it.
 import numbers
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import InputError
@@ -364,56 +363,3 @@ class LogitBias:
         if self.token_ids.device != scores.device:
             self.token_ids, self.values = self.token_ids.to(scores.device), self.values.to(scores.device)
         return scores.index_add(1, self.token_ids, self.values.to(scores.dtype).expand(scores.shape[0], -1))
-
-
-class GrammarConstraint:
-    """Constrained decoding: each row's scores masked to the tokens its grammar matcher allows next
-    (``generation.grammar``: llguidance matchers, one per row; None leaves a row unconstrained, so
-    constrained and free rows share a batch). Before masking, a matcher takes the row's tokens it has
-    not seen yet (those after the prompt's ``prompt_length``), so the processor needs nothing but
-    ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(vocab_size / 32)] on the CPU
-    (``vocab_size``: the grammar tokenizer's; scores past it are never allowed), numpy unpacks its bits
-    and applies them to float CPU scores (single-threaded passes, where torch's elementwise ops would
-    each wake its thread pool); on other devices and dtypes one ``torch.where`` applies them."""
-
-    def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0):
-        self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
-        self.prompt_length, self.vocab_size = prompt_length, vocab_size
-
-    def select(self, rows: list[int]) -> "GrammarConstraint":
-        """The same constraint (same matchers, same progress) over a subset of its rows, in that order."""
-        view = GrammarConstraint([], self.prompt_length, self.vocab_size)
-        view.rows = [self.rows[i] for i in rows]
-        return view
-
-    def __call__(self, input_ids, scores):
-        filled = (self.vocab_size + 31) // 32  # the words a matcher writes
-        words = max((scores.shape[-1] + 31) // 32, filled)
-        bitmask = np.full((len(self.rows), words), -1, dtype=np.int32)
-        for b, row in enumerate(self.rows):
-            if row is None:
-                continue
-            row.advance(input_ids[b, self.prompt_length + row.consumed:].tolist())
-            bitmask[b, filled:] = 0
-            row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + b * words * 4, filled * 4)
-        # bit i of word w is token 32 * w + i: little-endian int32 words read as bytes, bits unpacked LSB first
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :scores.shape[-1]].view(np.bool_)
-        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
-            # numpy's single pass: torch's parallel where costs milliseconds when the CPU's cores are busy
-            return torch.from_numpy(np.where(allowed, scores.numpy(), -np.inf).astype(scores.numpy().dtype, copy=False))
-        return torch.where(torch.from_numpy(allowed).to(scores.device), scores, -torch.inf)
-
-
-class _GrammarRow:
-    """One row's matcher and how many generated tokens it has taken."""
-
-    def __init__(self, matcher):
-        self.matcher, self.consumed = matcher, 0
-
-    def advance(self, tokens: list[int]) -> None:
-        for token in tokens:
-            if self.matcher.is_stopped():  # a finished row is padded on by generate: nothing more to match
-                break
-            if not self.matcher.consume_token(int(token)):
-                raise InputError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-        self.consumed += len(tokens)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
-from ..generation.logits import GrammarConstraint, LogitBias, OpenAIPenalties
+from ..generation.grammar import GrammarConstraint
+from ..generation.logits import LogitBias, OpenAIPenalties
 from .schemas import new_id
 
 NOT_ALLOWED_LOGPROB = -9999.0  # OpenAI's stand-in for -inf in JSON

@@ -1,0 +1,63 @@
+"""Which kernel variant a CPU gets (nn/cpu_features.py): the widest its flags allow, what
+VLMKIT_CPU_KERNELS forces (a variant the CPU lacks falls back, with a warning naming the missing flags),
+and the CPU class the benchmark names, for the classes vlmkit knows."""
+
+import pytest
+
+from vlmkit.nn import cpu_features
+
+ZEN4 = frozenset("fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16".split())
+HASWELL = frozenset("fma avx2".split())
+ARM = frozenset("fp asimd sve".split())
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU with the given flags and kernel setting; the cached answers are recomputed."""
+    def pretend(flags, setting=None):
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags)
+        if setting is None:
+            monkeypatch.delenv("VLMKIT_CPU_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("VLMKIT_CPU_KERNELS", setting)
+        cpu_features.kernel_isa.cache_clear()
+    yield pretend
+    monkeypatch.undo()
+    cpu_features.kernel_isa.cache_clear()
+
+
+@pytest.mark.parametrize("flags,setting,isa", [
+    (ZEN4, None, "avx512"), (ZEN4, "auto", "avx512"), (ZEN4, "1", "avx512"), (ZEN4, "avx2", "avx2"),
+    (ZEN4, "off", None), (ZEN4, "0", None), (HASWELL, None, "avx2"), (HASWELL, "AVX2", "avx2"),
+    (ARM, None, None), (frozenset(), None, None)])
+def test_the_widest_variant_the_cpu_runs_unless_told_otherwise(cpu, flags, setting, isa):
+    cpu(flags, setting)
+    assert cpu_features.kernel_isa() == isa
+
+
+def test_a_variant_the_cpu_lacks_falls_back_and_names_the_missing_flags(cpu):
+    cpu(HASWELL, "avx512")
+    with pytest.warns(UserWarning, match="lacks avx512_bf16 avx512_vnni avx512bw avx512f avx512vl; using avx2"):
+        assert cpu_features.kernel_isa() == "avx2"
+    cpu(ARM, "avx2")
+    with pytest.warns(UserWarning, match="lacks avx2 fma; using torch portable path"):
+        assert cpu_features.kernel_isa() is None
+
+
+def test_an_unknown_setting_warns_and_means_auto(cpu):
+    cpu(ZEN4, "fastest")
+    with pytest.warns(UserWarning, match="not one of auto, avx512, avx2, off"):
+        assert cpu_features.kernel_isa() == "avx512"
+
+
+@pytest.mark.parametrize("flags,name,native", [
+    (ZEN4, "AVX-512 BF16", True), (ZEN4 | {"amx_bf16"}, "AMX-BF16", True),
+    (frozenset("fma avx2 avx512f avx512bw avx512vl".split()), "AVX-512 (no native bf16)", False),
+    (HASWELL, "AVX2 (no native bf16)", False), (ARM, "no AVX2", False)])
+def test_the_cpu_class_names_what_decides_the_paths(cpu, flags, name, native):
+    cpu(flags)
+    assert name in cpu_features.cpu_class()
+    assert cpu_features.native_bf16() is native
+    described = cpu_features.cpu_description()
+    assert described["class"] == cpu_features.cpu_class()
+    assert set(described["flags"]) <= flags and described["kernels"] == (cpu_features.kernel_isa() or "portable")

@@ -231,3 +231,29 @@ def test_int4_kernel_matches_the_dequantized_float_product(isa, dtype, rows, out
     assert cpu_kernels.linear_int4(x, pack_nibbles(values), scale, zero, bias)[0].isnan().all()
     # float32 activations are not rounded to int16: they take the float path
     assert cpu_kernels.linear_int4(x.float(), pack_nibbles(values), scale, zero, bias) is None
+
+
+@pytest.mark.parametrize("heads,kv_heads,queries,keys,head_dim,causal,padded", [
+    (4, 4, 40, 40, 64, True, False), (16, 16, 96, 96, 128, True, False), (8, 2, 37, 50, 128, False, True),
+    (14, 2, 100, 100, 64, False, True), (16, 16, 129, 129, 72, False, False), (3, 1, 17, 33, 8, False, False)])
+def test_prefill_attention_matches_sdpa_on_avx512(isa, heads, kv_heads, queries, keys, head_dim, causal, padded):
+    """Grouped heads, keys past the queries (a reused prompt prefix), left padding (whole rows masked: zeros,
+    as SDPA gives), head sizes with a half-vector tail; the error is the one torch's bf16 SDPA makes."""
+    torch.manual_seed(queries)
+    q = bf16(2, heads, queries, head_dim, seed=1)
+    k, v = bf16(2, kv_heads, keys, head_dim, seed=2), bf16(2, kv_heads, keys, head_dim, seed=3)
+    mask = None
+    if padded:
+        real = torch.ones(2, keys, dtype=torch.bool)
+        real[1, :9] = False
+        positions, query_positions = torch.arange(keys), torch.arange(keys - queries, keys)
+        mask = ((positions[None, :] <= query_positions[:, None])[None] & real[:, None, :])[:, None]
+    got = cpu_kernels.prefill_attention(q, k, v, mask, causal)
+    if isa != "avx512":
+        assert got is None  # the AVX2 products have no prefill attention: torch's SDPA runs
+        return
+    options = dict(attn_mask=mask, is_causal=causal and mask is None, enable_gqa=heads != kv_heads)
+    exact = torch.nan_to_num(F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options))
+    torch_bf16 = F.scaled_dot_product_attention(q, k, v, **options)
+    assert got.shape == exact.shape
+    assert (got.float() - exact).abs().max() <= 1.5 * (torch_bf16.float() - exact).abs().max() + 1e-3

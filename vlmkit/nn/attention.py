@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_kernels import decode_attention
+from .cpu_kernels import decode_attention, prefill_attention
 from .layers import Linear, project
 from .rotary import apply_rotary
 
@@ -49,9 +49,9 @@ class DecoderSelfAttention(nn.Module):
         q, k = apply_rotary(q, k, *rotary)
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
-        out = decode_attention(q, k, v, mask) if seq_len == 1 else None
+        is_causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
+        out = decode_attention(q, k, v, mask) if seq_len == 1 else prefill_attention(q, k, v, mask, is_causal)
         if out is None:
-            is_causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))

@@ -193,6 +193,29 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return ops.decode_attention_bf16(q, keys, values, mask, q.shape[-1] ** -0.5)
 
 
+# Below this many query positions torch's SDPA is as quick (and a decode step has its own kernel).
+MIN_PREFILL_ATTENTION_QUERIES = 16
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool) -> torch.Tensor | None:
+    """SDPA of many query positions [B, H, Lq, D] over keys/values [B, Hkv, Lk, D] (``mask``: boolean,
+    broadcastable to [B, 1, Lq, Lk]; ``is_causal``: query i sees keys up to i + Lk - Lq) by vlmkit's
+    AVX-512 BF16 flash attention, about 3x torch's CPU flash attention there; None where it does not
+    apply (another CPU, dtype or head size; fp32 scores and sums as torch's flash attention keeps)."""
+    if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and q.dim() == 4 and q.shape[2] >= MIN_PREFILL_ATTENTION_QUERIES and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and q.shape[2] <= keys.shape[2] and kernels_enabled()
+            and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
+            and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))):
+        return None
+    ops = compiled_kernels()
+    if ops is None or ops.kernel_isa() != "avx512":
+        return None
+    return ops.prefill_attention_bf16(q, keys, values, mask, is_causal and mask is None, q.shape[-1] ** -0.5)
+
+
 def _layer_step_parts(linear) -> list[torch.Tensor] | None:
     """``linear``'s weight as the one-call layer step reads it: [bf16 weight], or a quantized layer's
     ``layer_step_parts()`` ([int8, scale] or [nibbles, scale, zero]); None where it cannot."""

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_kernels import prefill_attention
 from .layers import Conv2d, Linear
 from .mlp import TwoLayerMLP
 
@@ -27,7 +28,10 @@ class VisionAttention(nn.Module):
         def heads(t):
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = prefill_attention(q, k, v, None, False)  # vlmkit's kernel where it runs (AVX-512 BF16 CPUs)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, hidden))
 
 

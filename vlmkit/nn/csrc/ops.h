@@ -27,4 +27,8 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
                                    const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t position,
                                    const std::optional<at::Tensor>& valid, int64_t num_heads);
 
+// attention_avx512.cpp
+at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                  const std::optional<at::Tensor>& mask, bool causal, double scale);
+
 }  // namespace vlmkit

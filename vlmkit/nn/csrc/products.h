@@ -73,6 +73,15 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
 bool set_kernel_isa(const std::string& isa);
 std::string kernel_isa();
 
+// Functions that use AVX-512 BF16/VNNI carry this attribute (compilers too old for it build none of them);
+// only functions so marked may use those instructions, and only after set_kernel_isa chose them.
+#if defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define VLMKIT_HAVE_AVX512 1
+#define VLMKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
+#else
+#define VLMKIT_HAVE_AVX512 0
+#endif
+
 // products_avx512.cpp: the AVX-512 row kernels (compiled there with their own target attributes).
 // Activations as the integer kernels round them, for int8 weights: values int16 [B, K], scale [B];
 // for 4-bit weights: values int8 [B, K] in span order, scale and group_sums [B, K / G].

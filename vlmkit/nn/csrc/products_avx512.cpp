@@ -16,13 +16,6 @@
 #include <algorithm>
 #include <array>
 
-#if defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
-#define VLMKIT_HAVE_AVX512 1
-#define VLMKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
-#else
-#define VLMKIT_HAVE_AVX512 0
-#endif
-
 namespace vlmkit {
 
 bool avx512_kernels_built() { return VLMKIT_HAVE_AVX512; }

@@ -6,7 +6,8 @@
 // (q/k/v, gate/up) in one pass. dequantize_int4 widens 4-bit weights for many-row products.
 //
 // decode_attention_bf16: one query position against the KV cache, fp32 inside, where torch's SDPA has
-// more setup than work.
+// more setup than work. prefill_attention_bf16 (AVX-512 BF16 only): many query positions, a flash
+// attention whose products run at the CPU's bf16 speed.
 //
 // decoder_layer_step_bf16: a whole LLaMA/Qwen2 decoder layer for one new position (norms, q/k/v,
 // rotary, KV cache write, attention, output projection, gated MLP, residuals) in one call, with bf16,
@@ -28,6 +29,7 @@ TORCH_LIBRARY(vlmkit, m) {
   m.def("set_kernel_isa(str isa) -> bool", [](c10::string_view isa) { return vlmkit::set_kernel_isa(std::string(isa)); });
   m.def("kernel_isa() -> str", [] { return vlmkit::kernel_isa(); });
   m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");
+  m.def("prefill_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? mask, bool causal, float scale) -> Tensor");
   // each weight is a list of its parts: [bf16 weight], [int8 weight, scale] or [nibbles, scale, zero]
   m.def("decoder_layer_step_bf16(Tensor hidden, Tensor input_norm, Tensor post_attention_norm, float eps, "
         "Tensor[] q, Tensor[] k, Tensor[] v, Tensor[] qkv_bias, Tensor[] o, Tensor[] o_bias, Tensor[] gate, "
@@ -41,5 +43,6 @@ TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
   m.impl("linear_int4", &vlmkit::linear_int4);
   m.impl("dequantize_int4", &vlmkit::dequantize_int4);
   m.impl("decode_attention_bf16", &vlmkit::decode_attention_bf16);
+  m.impl("prefill_attention_bf16", &vlmkit::prefill_attention_bf16);
   m.impl("decoder_layer_step_bf16", &vlmkit::decoder_layer_step_bf16);
 }

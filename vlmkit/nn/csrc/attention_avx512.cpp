@@ -91,78 +91,99 @@ struct Problem {
   BFloat16* out;  // [B, Lq, H, D]
 };
 
-// Query rows [r0, r0 + rows) of (row b, head h).
+// Query rows [r0, r0 + rows) of (row b, head h), over kSpan packed blocks of keys at a time: one max
+// and one rescale per row for 32 keys; the weights' sums stay vectors until the end.
 VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows) {
+  constexpr int64_t kSpan = 2;
   const int64_t D = p.D, half = D / 2, kv = h / (p.H / p.Hkv), offset = p.Lk - p.Lq;
   alignas(64) uint32_t q_pairs[kRows][128];
   alignas(64) float acc[kRows][256 + 16];  // the last 16 lanes may run past D (D % 16 == 8)
-  alignas(64) uint32_t weights[kRows][kKeys / 2];
-  float top[kRows], total[kRows];
+  alignas(64) uint32_t weights[kRows][kSpan * kKeys / 2];
+  float top[kRows];
+  __m512 total[kRows];
   for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` (the last block) stay zero
     const BFloat16* row = p.q + b * p.q_batch + h * p.q_head + (r0 + r) * p.q_row;
     for (int64_t d2 = 0; d2 < half; ++d2) q_pairs[r][d2] = r < rows ? bf16_pair(row[2 * d2], row[2 * d2 + 1]) : 0;
     std::fill_n(acc[r], (D + 15) / 16 * 16, 0.f);
     top[r] = -std::numeric_limits<float>::infinity();
-    total[r] = 0.f;
+    total[r] = _mm512_setzero_ps();
   }
   const uint32_t* keys = p.keys + (b * p.Hkv + kv) * p.packed_size;
   const uint32_t* values = p.values + (b * p.Hkv + kv) * p.packed_size;
   const int64_t last_key = p.causal ? std::min(p.Lk, r0 + rows + offset) : p.Lk;  // keys any row may see
   const int64_t blocks = (last_key + kKeys - 1) / kKeys;
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (int64_t block = 0; block < blocks; ++block) {
-    __m512 scores[kRows];
-    for (int64_t r = 0; r < kRows; ++r) scores[r] = _mm512_setzero_ps();
-    const uint32_t* key_pairs = keys + block * half * kKeys;
-    for (int64_t d2 = 0; d2 < half; ++d2) {
-      const __m512bh k = as_bh(_mm512_loadu_si512(key_pairs + d2 * kKeys));
-      for (int64_t r = 0; r < kRows; ++r) {
-        scores[r] = _mm512_dpbf16_ps(scores[r], as_bh(_mm512_set1_epi32(static_cast<int>(q_pairs[r][d2]))), k);
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t first = 0; first < blocks; first += kSpan) {
+    const int64_t span = std::min(kSpan, blocks - first);
+    __m512 scores[kRows][kSpan];
+    for (int64_t s = 0; s < span; ++s) {
+      for (int64_t r = 0; r < kRows; ++r) scores[r][s] = _mm512_setzero_ps();
+      const uint32_t* key_pairs = keys + (first + s) * half * kKeys;
+      for (int64_t d2 = 0; d2 < half; ++d2) {
+        const __m512bh k = as_bh(_mm512_loadu_si512(key_pairs + d2 * kKeys));
+        for (int64_t r = 0; r < kRows; ++r) {
+          scores[r][s] = _mm512_dpbf16_ps(scores[r][s], as_bh(_mm512_set1_epi32(static_cast<int>(q_pairs[r][d2]))), k);
+        }
       }
     }
-    const __m512i key_index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(block * kKeys)));
+    std::memset(weights, 0, sizeof(weights));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t query = r0 + r;
-      __mmask16 valid = _mm512_cmplt_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(p.Lk)));
-      if (p.causal) valid &= _mm512_cmple_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(query + offset)));
-      if (p.mask != nullptr) {
-        const bool* allowed = p.mask + (b * p.Lq + query) * p.Lk + block * kKeys;
-        const int64_t count = std::min(kKeys, p.Lk - block * kKeys);
-        const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), allowed);
-        valid &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
+      __mmask16 valid[kSpan] = {0, 0};
+      __m512 x[kSpan];
+      for (int64_t s = 0; s < span; ++s) {
+        const int64_t block = first + s;
+        const __m512i key_index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(block * kKeys)));
+        valid[s] = _mm512_cmplt_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(p.Lk)));
+        if (p.causal) valid[s] &= _mm512_cmple_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(query + offset)));
+        if (p.mask != nullptr) {
+          const bool* allowed = p.mask + (b * p.Lq + query) * p.Lk + block * kKeys;
+          const int64_t count = std::min(kKeys, p.Lk - block * kKeys);
+          const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), allowed);
+          valid[s] &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
+        }
+        x[s] = _mm512_mask_mul_ps(minus_infinity, valid[s], scores[r][s], _mm512_set1_ps(p.scale));
       }
-      std::memset(weights[r], 0, sizeof(weights[r]));
-      if (valid == 0) continue;
-      const __m512 x = _mm512_mul_ps(scores[r], _mm512_set1_ps(p.scale));
-      const float block_top = _mm512_mask_reduce_max_ps(valid, x);
-      const float new_top = std::max(top[r], block_top);
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(x, _mm512_set1_ps(new_top))));
+      if ((valid[0] | valid[1]) == 0) continue;
+      const __m512 both = span == kSpan ? _mm512_max_ps(x[0], x[1]) : x[0];
+      const float new_top = std::max(top[r], _mm512_reduce_max_ps(both));
       const float shrink = std::exp(top[r] - new_top);  // 0 while nothing was seen before
-      total[r] = total[r] * shrink + _mm512_reduce_add_ps(e);
+      __m512 sum = _mm512_mul_ps(total[r], _mm512_set1_ps(shrink));
+      for (int64_t s = 0; s < span; ++s) {
+        const __m512 e = _mm512_maskz_mov_ps(valid[s], exp16(_mm512_sub_ps(x[s], _mm512_set1_ps(new_top))));
+        sum = _mm512_add_ps(sum, e);
+        const __m256bh rounded = _mm512_cvtneps_pbh(e);  // the weights in bf16, pairs of keys side by side
+        std::memcpy(weights[r] + s * kKeys / 2, &rounded, sizeof(rounded));
+      }
+      total[r] = sum;
       if (shrink != 1.f) {
         for (int64_t d = 0; d < D; d += 16) {
           _mm512_store_ps(acc[r] + d, _mm512_mul_ps(_mm512_load_ps(acc[r] + d), _mm512_set1_ps(shrink)));
         }
       }
       top[r] = new_top;
-      const __m256bh rounded = _mm512_cvtneps_pbh(e);  // the weights in bf16, pairs of keys side by side
-      std::memcpy(weights[r], &rounded, sizeof(rounded));
     }
-    const uint32_t* value_pairs = values + block * (kKeys / 2) * D;
+    // each loaded pair of values serves every row (rows past `rows` have zero weights and are not written out)
     for (int64_t d = 0; d < D; d += 16) {
       const __mmask16 features = D - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
-      for (int64_t r = 0; r < rows; ++r) {
-        __m512 sum = _mm512_load_ps(acc[r] + d);
+      __m512 sums[kRows];
+      for (int64_t r = 0; r < kRows; ++r) sums[r] = _mm512_load_ps(acc[r] + d);
+      for (int64_t s = 0; s < span; ++s) {
+        const uint32_t* value_pairs = values + (first + s) * (kKeys / 2) * D;
         for (int64_t pair = 0; pair < kKeys / 2; ++pair) {
-          sum = _mm512_dpbf16_ps(sum, as_bh(_mm512_set1_epi32(static_cast<int>(weights[r][pair]))),
-                                 as_bh(_mm512_maskz_loadu_epi32(features, value_pairs + pair * D + d)));
+          const __m512bh v = as_bh(_mm512_maskz_loadu_epi32(features, value_pairs + pair * D + d));
+          for (int64_t r = 0; r < kRows; ++r) {
+            sums[r] = _mm512_dpbf16_ps(sums[r], as_bh(_mm512_set1_epi32(static_cast<int>(weights[r][s * kKeys / 2 + pair]))), v);
+          }
         }
-        _mm512_store_ps(acc[r] + d, sum);
       }
+      for (int64_t r = 0; r < kRows; ++r) _mm512_store_ps(acc[r] + d, sums[r]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float norm = total[r] > 0.f ? 1.f / total[r] : 0.f;
+    const float sum = _mm512_reduce_add_ps(total[r]);
+    const float norm = sum > 0.f ? 1.f / sum : 0.f;
     BFloat16* out = p.out + ((b * p.Lq + r0 + r) * p.H + h) * D;
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<BFloat16>(acc[r][d] * norm);
   }

@@ -26,7 +26,8 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [*vlmkit_command(), "bench", "--size", "tiny", "--family", "janus", "--repeats", "1", "--decode-tokens", "2",
-         "--steps", "2", "--images-at-once", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
+         "--steps", "2", "--images-at-once", "2", "--constrained", "--cache-dir", str(tmp_path / "checkpoints"),
+         "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -50,6 +51,9 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
     assert metrics["image_token_loop_s"]["steps_run"] == 2
     assert metrics["images_per_minute_n2"]["unit"] == "images/min"
     assert "text-to-image: 2 at once, images/min" in result.stdout
+    constrained = report["constrained_janus"]
+    assert constrained["unconstrained_ms"] > 0 and constrained["json_schema_ms"] > 0 and constrained["ratio"] > 0
+    assert "constrained decoding" in result.stdout
     assert "vlmkit_speedup_over_first_image" in metrics["first_token_repeated_image_s"]
     cpu, header = settings["cpu"], result.stdout.splitlines()[0]
     assert header.startswith(f"CPU: {cpu['model']} ({cpu['cores']} cores), {cpu['class']} [")

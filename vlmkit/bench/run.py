@@ -197,6 +197,8 @@ def parse_args(argv=None):
     add_llama_cpp_arguments(parser)  # llama.cpp's rows in the --quantize table
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--skip-image-generation", action="store_true", help="skip Janus text-to-image")
+    parser.add_argument("--constrained", action="store_true",
+                        help="also time a Janus decode step under a JSON Schema grammar against one without")
     parser.add_argument("--images-at-once", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
                         help="also time text-to-image throughput with this many pictures drawn together "
                              "(comma-separated, e.g. 4,8), in images per minute")
@@ -232,6 +234,15 @@ def main(argv=None) -> int:
     for name in names:
         report["families"][name] = bench_family(name, args, bandwidth, log)
     print_table(report)
+    if args.constrained and "janus" in names:  # the server's grammar-constrained step, vlmkit only
+        from .constrained import constrained_decode_row
+        from .constrained import table_lines as constrained_lines
+        log("[constrained] decode steps with and without a JSON Schema grammar")
+        folder = checkpoint("janus", args.size, Path(args.cache_dir))
+        model = FAMILIES["janus"](folder, DTYPES[args.dtype], engines=("vlmkit",)).models["vlmkit"]
+        row = report["constrained_janus"] = constrained_decode_row(model, folder, args.decode_tokens)
+        del model
+        print(f"\njanus ({args.size} size), constrained decoding:\n" + "\n".join(constrained_lines(row)))
     if args.quantize:  # decode with quantized weights, on the Janus checkpoint, each variant in a child
         from .quantized import quantized_decode_rows, table_lines
         rows = quantized_decode_rows(checkpoint("janus", args.size, Path(args.cache_dir)), args, log)

@@ -182,6 +182,20 @@ def test_bf16_linear_and_conv_with_many_rows_compute_in_fp32_and_round():
         assert torch.equal(got, F.conv2d(image, conv.weight, conv.bias, padding=1))
 
 
+def test_on_a_cpu_without_native_bf16_many_rows_compute_in_fp32_and_round(monkeypatch):
+    """The AVX2-without-bf16 class's prefill and convolution path, run on any CPU by pretending to be one
+    (it is plain torch arithmetic in fp32, so it runs wherever torch does)."""
+    monkeypatch.setattr(cpu_kernels, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "kernel_isa", lambda: "avx2")
+    assert cpu_kernels.widen_bf16_cpu() and cpu_kernels.max_bf16_kernel_rows() == 16
+    linear, x = Linear(64, 48).bfloat16(), bf16(3, 40, 64)
+    conv, image = Conv2d(8, 16, 3, padding=1).bfloat16(), bf16(1, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16())
+        assert torch.equal(conv(image), F.conv2d(image.float(), conv.weight.float(), conv.bias.float(),
+                                                 padding=1).bfloat16())
+
+
 def test_float32_layers_are_exactly_torchs():
     linear, conv = Linear(64, 48), Conv2d(3, 4, 3)
     x, image = torch.randn(2, 5, 64), torch.randn(1, 3, 9, 9)

@@ -174,7 +174,7 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got {key!r}")
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:

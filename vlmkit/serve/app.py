@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from . import openapi
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
@@ -92,7 +93,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         yield
         state.close()
 
-    app = FastAPI(title="vlmkit", version=_version(), lifespan=lifespan, docs_url="/docs" if config.docs else None,
+    app = FastAPI(title="vlmkit", version=__version__, lifespan=lifespan, docs_url="/docs" if config.docs else None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.vlmkit = state
     openapi.install(app)
@@ -193,14 +194,6 @@ def _route_error(request: Request, err: StarletteHTTPException) -> str:
     if err.status_code == 405:
         return method_not_allowed(request.method, (err.headers or {}).get("Allow", ""))
     return str(err.detail)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("vlmkit")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _authorizer(api_key: str | None):

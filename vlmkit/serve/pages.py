@@ -3,6 +3,7 @@ know about the served model. The files are plain HTML, CSS and JavaScript shippe
 (``playground/``, no build step); the page calls the same OpenAI endpoints as any client, with the
 API key the user types. ``--no-playground`` leaves all of this out (``/`` is then a 404)."""
 
+import functools
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -21,8 +22,13 @@ _HEADERS = {
 
 
 def _file(name: str) -> Response:
-    body = (PLAYGROUND_DIR / name).read_bytes()
-    return Response(body, media_type=f"{_FILES[name]}; charset=utf-8", headers=_HEADERS)
+    return Response(_body(name), media_type=f"{_FILES[name]}; charset=utf-8", headers=_HEADERS)
+
+
+@functools.cache
+def _body(name: str) -> bytes:
+    """A playground file, read once per process."""
+    return (PLAYGROUND_DIR / name).read_bytes()
 
 
 def install_playground(app: FastAPI, state) -> None:

@@ -5,9 +5,7 @@ response body. Bad input is an ``ApiError`` with a status code and a message, ne
 
 Everything here blocks (fetching, decoding media, tokenising): the app runs it in a worker thread."""
 
-import base64
 import functools
-import io
 import logging
 import re
 from dataclasses import replace
@@ -19,6 +17,7 @@ from .config import ServeConfig
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
                       ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
 from .events import ChatOutcome, ImageOutcome
+from .image_stream import png_base64
 from .options import chat_options
 from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 
@@ -342,11 +341,7 @@ class RequestHandler:
 
     def images_body(self, outcome: ImageOutcome) -> dict:
         """The images response body, each picture a base64 PNG."""
-        data = []
-        for image in outcome.images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            data.append(ImageData(b64_json=base64.b64encode(buffer.getvalue()).decode("ascii")))
+        data = [ImageData(b64_json=png_base64(image)) for image in outcome.images]
         return ImagesResponse(data=data).model_dump(exclude_none=True)
 
     # --- for callers that simply wait (batch jobs) --------------------------------------------------

@@ -106,10 +106,11 @@ class GrammarConstraint:
         filled = (self.vocab_size + 31) // 32  # the words a matcher writes
         words = max((scores.shape[-1] + 31) // 32, filled)
         bitmask = np.full((len(self.rows), words), -1, dtype=np.int32)
+        ids = input_ids.cpu()  # one copy from the device per step, not one per row
         for b, row in enumerate(self.rows):
             if row is None:
                 continue
-            row.advance(input_ids[b, self.prompt_length + row.consumed:].tolist())
+            row.advance(ids[b, self.prompt_length + row.consumed:].tolist())
             bitmask[b, filled:] = 0
             row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + b * words * 4, filled * 4)
         # bit i of word w is token 32 * w + i: little-endian int32 words read as bytes, bits unpacked LSB first

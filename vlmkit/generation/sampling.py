@@ -1,17 +1,12 @@
 """Turning one step's logits into the next token outside ``generate``'s loop (the server's batched
-steps, Janus' image tokens): repetition penalty, temperature, top-k, top-p, then argmax or a draw from
-a seeded generator. The processors are the logits pipeline's (logits.py), so the order and semantics
+steps, Janus' image tokens): temperature, top-k, top-p, then argmax or a draw from a seeded
+generator (penalties and bans run before, in the logits pipeline). The processors are the logits pipeline's (logits.py), so the order and semantics
 are transformers'."""
 
 import torch
 
 from .config import GenerationConfig
-from .logits import RepetitionPenalty, apply_processors, sampling_warpers
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already in ``seen_ids`` [batch, len] less likely (divide positive, multiply negative)."""
-    return RepetitionPenalty(penalty)(seen_ids, logits)
+from .logits import apply_processors, sampling_warpers
 
 
 def warp_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -19,12 +14,9 @@ def warp_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     return apply_processors(sampling_warpers(config), None, logits)
 
 
-def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None,
-               seen_ids: torch.Tensor | None = None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """The next token id per row of ``logits`` [batch, vocab] (float32 math for stable sampling)."""
     logits = logits.float()
-    if seen_ids is not None and config.repetition_penalty not in (None, 1.0):
-        logits = apply_repetition_penalty(logits, seen_ids, config.repetition_penalty)
     if not config.do_sample:
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, config).softmax(dim=-1)

@@ -67,11 +67,11 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if budget == 0:
         sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
+    stops = Stopping(config, prompt_length, should_stop, stopping_criteria)  # max_time's clock counts the prefill
     logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
                                                                      budget, model_inputs or {})
     padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
     processors = logits_processors(config, prompt_length, padding, logits_processor, prompt_length + budget)
-    stops = Stopping(config, prompt_length, should_stop, stopping_criteria)
     if config.num_beams > 1:
         return beam_search((model, next_position, cache), logits, input_ids, config, budget, processors, stops)
 

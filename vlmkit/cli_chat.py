@@ -115,6 +115,7 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
                 print(f"error: unknown command {command}; /help lists the commands", file=sys.stderr)
             continue
         messages.append(user_message(line, pending_images, []))
+        pending_images = []  # attached to this question only, answered or not (a bad picture is not re-sent)
         if session.warn_without_image and not warned and not has_image(messages):
             warn_no_image(model_name)
             warned = True
@@ -128,7 +129,6 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
             print(f"error: {err}", file=sys.stderr)
             messages.pop()
             continue
-        pending_images = []
         messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
 
 

@@ -6,7 +6,9 @@ import math
 import re
 from pathlib import Path
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from .io.checkpoint import DTYPE_NAMES
+
+DTYPES = ("auto", *DTYPE_NAMES)  # every name the loader takes (bf16, fp16, half...)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 

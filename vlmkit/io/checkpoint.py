@@ -17,7 +17,8 @@ from .mapped_safetensors import MappedSafetensors
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-_DTYPES = {
+# the dtype names from_pretrained(dtype=...) and --dtype take
+DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -122,13 +123,13 @@ def resolve_dtype(dtype, config: dict) -> torch.dtype:
     if dtype is None or dtype == "auto":
         for source in (config, config.get("text_config") or {}, config.get("language_config") or {}):
             name = source.get("dtype") or source.get("torch_dtype")
-            if isinstance(name, str) and name in _DTYPES:
-                return _DTYPES[name]
+            if isinstance(name, str) and name in DTYPE_NAMES:
+                return DTYPE_NAMES[name]
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
     raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
 
 

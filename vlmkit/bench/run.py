@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import positive_int
 from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .checkpoints import checkpoint
@@ -199,7 +200,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-image-generation", action="store_true", help="skip Janus text-to-image")
     parser.add_argument("--constrained", action="store_true",
                         help="also time a Janus decode step under a JSON Schema grammar against one without")
-    parser.add_argument("--images-at-once", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
+    parser.add_argument("--images-at-once", default=[],
+                        type=lambda text: [positive_int(n) for n in text.split(",") if n],
                         help="also time text-to-image throughput with this many pictures drawn together "
                              "(comma-separated, e.g. 4,8), in images per minute")
     parser.add_argument("--probe-rss", choices=ENGINES, help=argparse.SUPPRESS)

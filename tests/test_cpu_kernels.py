@@ -249,10 +249,12 @@ def test_int4_kernel_matches_the_dequantized_float_product(isa, dtype, rows, out
 
 @pytest.mark.parametrize("heads,kv_heads,queries,keys,head_dim,causal,padded", [
     (4, 4, 40, 40, 64, True, False), (16, 16, 96, 96, 128, True, False), (8, 2, 37, 50, 128, False, True),
-    (14, 2, 100, 100, 64, False, True), (16, 16, 129, 129, 72, False, False), (3, 1, 17, 33, 8, False, False)])
+    (14, 2, 100, 100, 64, False, True), (16, 16, 129, 129, 72, False, False), (3, 1, 17, 33, 8, False, False),
+    (2, 2, 70, 70, 56, True, False), (2, 1, 20, 70, 56, False, False)])
 def test_prefill_attention_matches_sdpa_on_avx512(isa, heads, kv_heads, queries, keys, head_dim, causal, padded):
     """Grouped heads, keys past the queries (a reused prompt prefix), left padding (whole rows masked: zeros,
-    as SDPA gives), head sizes with a half-vector tail; the error is the one torch's bf16 SDPA makes."""
+    as SDPA gives), head sizes with a half-vector tail (after an odd or even count of whole vectors), key
+    counts that leave a partial span; the error is the one torch's bf16 SDPA makes."""
     torch.manual_seed(queries)
     q = bf16(2, heads, queries, head_dim, seed=1)
     k, v = bf16(2, kv_heads, keys, head_dim, seed=2), bf16(2, kv_heads, keys, head_dim, seed=3)

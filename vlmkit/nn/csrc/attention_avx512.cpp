@@ -2,7 +2,7 @@
 // with AVX-512 BF16, where torch's CPU flash attention runs at about a tenth of its bf16 GEMM's speed.
 //
 // The same arithmetic as a flash attention: scores q.k in fp32 from exact bf16 products (vdpbf16ps), an
-// online softmax in fp32 over blocks of 16 keys, the weights rounded to bf16 for the product with the
+// online softmax in fp32 over spans of 64 keys, the weights rounded to bf16 for the product with the
 // values (fp32 sums), and the division by the weights' sum at the end. Keys and values are first packed in
 // the pairs vdpbf16ps multiplies: for the scores, each key's (d, d + 1) pair side by side for 16 keys; for
 // the values, each value's (j, j + 1) pair of keys side by side for 16 features. Blocks of keys past a
@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kKeys = 16;  // keys per block: one vector of fp32 scores
 constexpr int64_t kRows = 8;   // query rows that share each loaded key and value
+constexpr int64_t kSpan = 4;   // blocks of keys per softmax step
 
 inline uint32_t bf16_pair(BFloat16 low, BFloat16 high) {
   return static_cast<uint32_t>(low.x) | static_cast<uint32_t>(high.x) << 16;
@@ -92,10 +93,11 @@ struct Problem {
 };
 
 // Query rows [r0, r0 + rows) of (row b, head h), over kSpan packed blocks of keys at a time: one max
-// and one rescale per row for 32 keys; the weights' sums stay vectors until the end.
+// and one rescale per row for 64 keys; the weights' sums stay vectors until the end. Each inner loop
+// keeps 16 independent sums in flight (8 rows times 2 key blocks, or times 2 feature vectors), enough
+// to hide vdpbf16ps's latency on both of a core's vector pipes.
 VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows) {
-  constexpr int64_t kSpan = 2;
-  const int64_t D = p.D, half = D / 2, kv = h / (p.H / p.Hkv), offset = p.Lk - p.Lq;
+  const int64_t D = p.D, half = D / 2, kv = h / (p.H / p.Hkv), offset = p.Lk - p.Lq, chunks = (D + 15) / 16;
   alignas(64) uint32_t q_pairs[kRows][128];
   alignas(64) float acc[kRows][256 + 16];  // the last 16 lanes may run past D (D % 16 == 8)
   alignas(64) uint32_t weights[kRows][kSpan * kKeys / 2];
@@ -104,7 +106,7 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
   for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` (the last block) stay zero
     const BFloat16* row = p.q + b * p.q_batch + h * p.q_head + (r0 + r) * p.q_row;
     for (int64_t d2 = 0; d2 < half; ++d2) q_pairs[r][d2] = r < rows ? bf16_pair(row[2 * d2], row[2 * d2 + 1]) : 0;
-    std::fill_n(acc[r], (D + 15) / 16 * 16, 0.f);
+    std::fill_n(acc[r], chunks * 16, 0.f);
     top[r] = -std::numeric_limits<float>::infinity();
     total[r] = _mm512_setzero_ps();
   }
@@ -117,21 +119,40 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
   for (int64_t first = 0; first < blocks; first += kSpan) {
     const int64_t span = std::min(kSpan, blocks - first);
     __m512 scores[kRows][kSpan];
-    for (int64_t s = 0; s < span; ++s) {
-      for (int64_t r = 0; r < kRows; ++r) scores[r][s] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < span; s += 2) {  // two blocks of keys at a time (one for an odd last block)
       const uint32_t* key_pairs = keys + (first + s) * half * kKeys;
-      for (int64_t d2 = 0; d2 < half; ++d2) {
-        const __m512bh k = as_bh(_mm512_loadu_si512(key_pairs + d2 * kKeys));
-        for (int64_t r = 0; r < kRows; ++r) {
-          scores[r][s] = _mm512_dpbf16_ps(scores[r][s], as_bh(_mm512_set1_epi32(static_cast<int>(q_pairs[r][d2]))), k);
+      __m512 a[kRows], c[kRows];
+      for (int64_t r = 0; r < kRows; ++r) a[r] = c[r] = _mm512_setzero_ps();
+      if (s + 1 < span) {
+        for (int64_t d2 = 0; d2 < half; ++d2) {
+          const __m512bh k0 = as_bh(_mm512_loadu_si512(key_pairs + d2 * kKeys));
+          const __m512bh k1 = as_bh(_mm512_loadu_si512(key_pairs + (half + d2) * kKeys));
+          for (int64_t r = 0; r < kRows; ++r) {
+            const __m512bh q = as_bh(_mm512_set1_epi32(static_cast<int>(q_pairs[r][d2])));
+            a[r] = _mm512_dpbf16_ps(a[r], q, k0);
+            c[r] = _mm512_dpbf16_ps(c[r], q, k1);
+          }
         }
+      } else {
+        for (int64_t d2 = 0; d2 < half; ++d2) {
+          const __m512bh k0 = as_bh(_mm512_loadu_si512(key_pairs + d2 * kKeys));
+          for (int64_t r = 0; r < kRows; ++r) {
+            a[r] = _mm512_dpbf16_ps(a[r], as_bh(_mm512_set1_epi32(static_cast<int>(q_pairs[r][d2]))), k0);
+          }
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        scores[r][s] = a[r];
+        if (s + 1 < span) scores[r][s + 1] = c[r];
       }
     }
     std::memset(weights, 0, sizeof(weights));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t query = r0 + r;
-      __mmask16 valid[kSpan] = {0, 0};
+      __mmask16 valid[kSpan] = {};
+      __mmask16 any = 0;
       __m512 x[kSpan];
+      __m512 best = minus_infinity;
       for (int64_t s = 0; s < span; ++s) {
         const int64_t block = first + s;
         const __m512i key_index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(block * kKeys)));
@@ -144,10 +165,11 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
           valid[s] &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
         }
         x[s] = _mm512_mask_mul_ps(minus_infinity, valid[s], scores[r][s], _mm512_set1_ps(p.scale));
+        best = _mm512_max_ps(best, x[s]);
+        any |= valid[s];
       }
-      if ((valid[0] | valid[1]) == 0) continue;
-      const __m512 both = span == kSpan ? _mm512_max_ps(x[0], x[1]) : x[0];
-      const float new_top = std::max(top[r], _mm512_reduce_max_ps(both));
+      if (any == 0) continue;
+      const float new_top = std::max(top[r], _mm512_reduce_max_ps(best));
       const float shrink = std::exp(top[r] - new_top);  // 0 while nothing was seen before
       __m512 sum = _mm512_mul_ps(total[r], _mm512_set1_ps(shrink));
       for (int64_t s = 0; s < span; ++s) {
@@ -158,27 +180,51 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
       }
       total[r] = sum;
       if (shrink != 1.f) {
-        for (int64_t d = 0; d < D; d += 16) {
+        for (int64_t d = 0; d < chunks * 16; d += 16) {
           _mm512_store_ps(acc[r] + d, _mm512_mul_ps(_mm512_load_ps(acc[r] + d), _mm512_set1_ps(shrink)));
         }
       }
       top[r] = new_top;
     }
-    // each loaded pair of values serves every row (rows past `rows` have zero weights and are not written out)
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 features = D - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
-      __m512 sums[kRows];
-      for (int64_t r = 0; r < kRows; ++r) sums[r] = _mm512_load_ps(acc[r] + d);
-      for (int64_t s = 0; s < span; ++s) {
-        const uint32_t* value_pairs = values + (first + s) * (kKeys / 2) * D;
-        for (int64_t pair = 0; pair < kKeys / 2; ++pair) {
-          const __m512bh v = as_bh(_mm512_maskz_loadu_epi32(features, value_pairs + pair * D + d));
-          for (int64_t r = 0; r < kRows; ++r) {
-            sums[r] = _mm512_dpbf16_ps(sums[r], as_bh(_mm512_set1_epi32(static_cast<int>(weights[r][s * kKeys / 2 + pair]))), v);
-          }
+    // each loaded pair of values serves every row (rows past `rows` have zero weights and are not written
+    // out); consecutive blocks' pairs lie one after another, so the span's pairs are one run
+    const uint32_t* value_pairs = values + first * (kKeys / 2) * D;
+    const int64_t pairs = span * (kKeys / 2);
+    int64_t chunk = 0;
+    for (; chunk + 2 <= chunks; chunk += 2) {  // two vectors of features at a time; only the last may be partial
+      const int64_t d = chunk * 16;
+      const __mmask16 second = D - d - 16 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
+      __m512 a[kRows], c[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        a[r] = _mm512_load_ps(acc[r] + d);
+        c[r] = _mm512_load_ps(acc[r] + d + 16);
+      }
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const __m512bh v0 = as_bh(_mm512_loadu_si512(value_pairs + pair * D + d));
+        const __m512bh v1 = as_bh(_mm512_maskz_loadu_epi32(second, value_pairs + pair * D + d + 16));
+        for (int64_t r = 0; r < kRows; ++r) {
+          const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(weights[r][pair])));
+          a[r] = _mm512_dpbf16_ps(a[r], w, v0);
+          c[r] = _mm512_dpbf16_ps(c[r], w, v1);
         }
       }
-      for (int64_t r = 0; r < kRows; ++r) _mm512_store_ps(acc[r] + d, sums[r]);
+      for (int64_t r = 0; r < kRows; ++r) {
+        _mm512_store_ps(acc[r] + d, a[r]);
+        _mm512_store_ps(acc[r] + d + 16, c[r]);
+      }
+    }
+    if (chunk < chunks) {  // an odd last vector of features
+      const int64_t d = chunk * 16;
+      const __mmask16 features = D - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
+      __m512 a[kRows];
+      for (int64_t r = 0; r < kRows; ++r) a[r] = _mm512_load_ps(acc[r] + d);
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const __m512bh v = as_bh(_mm512_maskz_loadu_epi32(features, value_pairs + pair * D + d));
+        for (int64_t r = 0; r < kRows; ++r) {
+          a[r] = _mm512_dpbf16_ps(a[r], as_bh(_mm512_set1_epi32(static_cast<int>(weights[r][pair]))), v);
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r) _mm512_store_ps(acc[r] + d, a[r]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

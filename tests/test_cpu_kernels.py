@@ -18,6 +18,7 @@ from vlmkit.nn import cpu_kernels
 from vlmkit.nn.cpu_features import ISA_FLAGS, cpu_flags, kernel_isa
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.layers import Conv2d, Linear
+from vlmkit.nn.norms import RMSNorm
 from vlmkit.quant.weight_only import Int4Linear, Int8Linear, pack_nibbles
 
 # Skipped only where the kernels cannot run: a CPU without AVX2/FMA, turned off, or no C++ compiler.
@@ -273,3 +274,26 @@ def test_prefill_attention_matches_sdpa_on_avx512(isa, heads, kv_heads, queries,
     torch_bf16 = F.scaled_dot_product_attention(q, k, v, **options)
     assert got.shape == exact.shape
     assert (got.float() - exact).abs().max() <= 1.5 * (torch_bf16.float() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 705, 2048), (3, 50, 896), (4097, 24), (70, 1000)])
+def test_prefill_rms_norm_computes_what_the_module_computes(isa, shape):
+    """The one-pass C++ RMSNorm (csrc/rms_norm.cpp) against the LLaMA/Qwen2 formula in torch's ops, for
+    widths with and without a tail of under 8 or 16: the same bf16 values, except where the sum of squares
+    (added in another order) moves a value across a rounding boundary, one bf16 step at most."""
+    x, weight = bf16(*shape, seed=4) * 3, bf16(shape[-1], seed=5)
+    x[..., 0, :3] = torch.tensor([float("nan"), float("inf"), 0.0])  # a row that overflowed stays visible
+    got = cpu_kernels.rms_norm(x, weight, 1e-6)
+    hidden = x.float()
+    expected = weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    differ = got[finite] != expected[finite]
+    assert differ.float().mean() < 1e-3
+    one_step = expected[finite].float().abs() * 2 ** -7 + 1e-30
+    assert ((got[finite].float() - expected[finite].float()).abs() <= one_step).all()
+    norm = RMSNorm(shape[-1]).bfloat16()
+    norm.weight.data.copy_(weight)
+    with torch.no_grad():
+        assert torch.equal(norm(x).isnan(), got.isnan()) and torch.equal(norm(x)[finite], got[finite])

@@ -124,8 +124,11 @@ class PretrainedVLM(nn.Module):
         materialize(model, target_device)
         prepare_for_decoding(model)
         move_to_huge_pages(model)
-        if isinstance(quantization, BitsAndBytesConfig):
-            keep_freed_blocks_for_reuse()  # bitsandbytes widens every weight into a fresh tensor per token
+        if torch.device(target_device).type == "cpu" or isinstance(quantization, BitsAndBytesConfig):
+            # a prefill's activations (up to 32 MB each) would be fresh pages, faulted in one at a time, at
+            # every use (9% of a LLaVA-OneVision-0.5B first token); bitsandbytes widens every weight into a
+            # fresh tensor per token
+            keep_freed_blocks_for_reuse()
         apply_attn_implementation(model, attention, target_device, target_dtype)
         model.quantization_config = quantization
         model.checkpoint_config = raw_config

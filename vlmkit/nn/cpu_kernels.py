@@ -172,6 +172,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# Below this many values a norm's torch ops cost less than the call (and tiny test models never build the kernels).
+MIN_KERNEL_NORM_VALUES = 1 << 16
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``nn.norms.RMSNorm`` of many bf16 rows (a prefill) in one pass, ``csrc/rms_norm.cpp``; None where
+    torch's ops run instead (few rows, other dtypes or devices, gradients wanted, no kernels)."""
+    if not (_bf16_on_cpu(x, weight) and kernels_enabled() and x.numel() >= MIN_KERNEL_NORM_VALUES
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    ops = compiled_kernels()
+    return None if ops is None else ops.rms_norm_bf16(x, weight, eps)
+
+
 def conv_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a convolution of bf16 ``x`` with ``weight`` should compute in fp32 (CPU without native bf16)."""
     return _bf16_on_cpu(x, weight) and widen_bf16_cpu()

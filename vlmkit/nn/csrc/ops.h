@@ -31,4 +31,7 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
 at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                   const std::optional<at::Tensor>& mask, bool causal, double scale);
 
+// rms_norm.cpp
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+
 }  // namespace vlmkit

@@ -13,6 +13,8 @@
 // rotary, KV cache write, attention, output projection, gated MLP, residuals) in one call, with bf16,
 // int8 or 4-bit weights, which spares a decode step the ~40 small torch ops and Python calls per layer
 // around the products.
+//
+// rms_norm_bf16: RMSNorm of many bf16 rows (prefills) in one pass, where torch's ops make seven.
 #include <torch/library.h>
 
 #include <string>
@@ -35,6 +37,7 @@ TORCH_LIBRARY(vlmkit, m) {
         "Tensor[] q, Tensor[] k, Tensor[] v, Tensor[] qkv_bias, Tensor[] o, Tensor[] o_bias, Tensor[] gate, "
         "Tensor[] up, Tensor[] down, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "int position, Tensor? valid, int num_heads) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
@@ -45,4 +48,5 @@ TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
   m.impl("decode_attention_bf16", &vlmkit::decode_attention_bf16);
   m.impl("prefill_attention_bf16", &vlmkit::prefill_attention_bf16);
   m.impl("decoder_layer_step_bf16", &vlmkit::decoder_layer_step_bf16);
+  m.impl("rms_norm_bf16", &vlmkit::rms_norm_bf16);
 }

@@ -2,12 +2,18 @@
 one-token step for every further token, and Janus' ``generate(generation_mode="image")`` and the
 server's image rows draw every image token through the one CFG image step (generation/image_step.py)."""
 
+import inspect
+from pathlib import Path
+
 import torch
 from serve_support import engine_for
+
+import vlmkit
 
 import vlmkit.generation.beam as beam
 import vlmkit.generation.image_step as image_step
 import vlmkit.generation.loop as loop
+from vlmkit.models.base import PretrainedVLM
 from vlmkit.serve.config import ServeConfig
 from vlmkit.serve.requests import RequestHandler
 from vlmkit.serve.scheduler import Scheduler
@@ -34,6 +40,35 @@ def test_text_generate_prefills_once_then_decodes_each_token_with_the_shared_ste
     assert len(prompts) == 1
     assert len(steps) == 5  # the prefill's logits give the first token
     assert all(args[0] is model for args in steps)
+
+
+def vlmkit_frames() -> list[str]:
+    """The calling functions inside vlmkit, outermost first, as "file:function" (torch's module plumbing
+    and the tests left out)."""
+    root = Path(vlmkit.__file__).parent
+    frames = [(Path(f.filename), f.function) for f in inspect.stack()[2:]]
+    return [f"{path.relative_to(root)}:{name}" for path, name in reversed(frames) if path.is_relative_to(root)]
+
+
+def test_from_generate_to_the_attention_call_is_three_hops(janus_dir):
+    """A reader of ``generate`` (every model's, the loop itself; Janus' first switches between text and image
+    generation) finds the one-token step, then the decoder, then the layer that calls the attention:
+    generate -> decode_one_token -> DecoderModel.forward -> DecoderLayer.forward."""
+    model = engine_for(janus_dir).model
+    assert PretrainedVLM.generate is loop.generate
+    layer = model.text_model.layers[0]
+    stacks = []
+    handle = layer.self_attn.register_forward_pre_hook(lambda module, args: stacks.append(vlmkit_frames()))
+    try:
+        model.generate(torch.tensor([[1, 20, 21, 22]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    decode_stacks = [stack for stack in stacks if "generation/decode.py:decode_one_token" in stack]
+    assert len(decode_stacks) == 2
+    for stack in decode_stacks:
+        chain = stack[stack.index("generation/loop.py:generate"):]
+        assert chain == ["generation/loop.py:generate", "generation/decode.py:decode_one_token",
+                         "nn/decoder.py:forward", "nn/decoder.py:forward"]
 
 
 def test_beam_search_decodes_with_the_same_shared_step(janus_dir, monkeypatch):

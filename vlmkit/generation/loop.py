@@ -1,5 +1,6 @@
-"""The text generation loop, as gpt-fast's ``generate``: ``prefill`` the prompt, then one
-``decode_one_token`` (decode.py) per step into a KV cache preallocated for the whole answer.
+"""The text generation loop, as gpt-fast's ``generate``, and every model's ``generate`` method:
+``prefill`` the prompt, then one ``decode_one_token`` (decode.py) per step into a KV cache preallocated
+for the whole answer.
 
 Beside what decode.py's forwards use, the model provides ``new_cache(batch_size, max_len)`` and
 ``max_context`` (the longest sequence it takes). Each step's scores go through the logits pipeline
@@ -7,7 +8,7 @@ Beside what decode.py's forwards use, the model provides ``new_cache(batch_size,
 beam search (beam.py).
 """
 
-from collections.abc import Callable, Sequence
+import contextlib
 
 import torch
 
@@ -15,7 +16,8 @@ from ..errors import InputError
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import decode_one_token, prefill
-from .logits import LogitsProcessor, apply_processors, logits_processors
+from .logits import apply_processors, logits_processors
+from .options import text_request
 from .outputs import GenerateDecoderOnlyOutput
 from .sampling import make_generator
 from .stopping import Stopping
@@ -39,81 +41,98 @@ def check_context(prompt_length: int, new_tokens: int, max_context: int | None) 
                          f"model's context of {max_context} tokens; lower max_new_tokens")
 
 
-StoppingCriterion = Callable[..., torch.Tensor | bool]
-
-
 @torch.no_grad()
-def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    config: GenerationConfig, model_inputs: dict | None = None,
-                    on_tokens: Callable[[torch.Tensor], None] | None = None,
-                    should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    logits_processor: Sequence[LogitsProcessor] = (),
-                    stopping_criteria: Sequence[StoppingCriterion] = ()):
-    """Generate after ``input_ids`` [batch, T]; returns prompt + new tokens [batch * num_return_sequences, T + n]
-    (with ``config.return_dict_in_generate``: a ``GenerateDecoderOnlyOutput``, or the beam search output).
-    Greedy decoding or sampling, one token per row per step, each step one ``decode_one_token``.
+def generate(model, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+             streamer=None, tokenizer=None, **kwargs):
+    """Text generation as transformers' ``generate`` (every model's ``generate`` method): returns prompt +
+    new token ids [batch * num_return_sequences, T + n], or with ``return_dict_in_generate=True`` an output
+    with ``.sequences`` (and ``.scores`` / ``.logits`` when ``output_scores`` / ``output_logits``).
 
-    ``on_tokens`` receives each step's tokens (for streaming); ``should_stop(new_tokens)`` may flag rows
-    as finished (stop strings). ``logits_processor``: callables ``(input_ids, scores) -> scores`` run
-    after the built-in ones; ``stopping_criteria``: callables ``(input_ids, scores) -> bool [batch]``
-    (transformers' shapes). Once an end-of-sequence token is configured, finished rows are filled with
-    the pad token, as the reference does."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    prompt_length = input_ids.shape[1]
-    max_context = getattr(model, "max_context", None)
-    budget = config.new_token_budget(prompt_length, max_context)
-    check_context(prompt_length, budget, max_context)
-    if budget == 0:
-        sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
-    stops = Stopping(config, prompt_length, should_stop, stopping_criteria)  # max_time's clock counts the prefill
-    logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
-                                                                     budget, model_inputs or {})
-    padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
-    processors = logits_processors(config, prompt_length, padding, logits_processor, prompt_length + budget)
-    if config.num_beams > 1:
-        return beam_search((model, next_position, cache), logits, input_ids, config, budget, processors, stops)
+    Generation options go by keyword with transformers' names and meaning: ``max_new_tokens``,
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
+    ``min_length``, ``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens``,
+    ``no_repeat_ngram_size``, ``sequence_bias``, ``renormalize_logits``, ``num_beams``,
+    ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``eos_token_id``,
+    ``stop_strings`` (needs ``tokenizer``), ``seed``...; ``logits_processor`` and
+    ``stopping_criteria`` take lists of transformers-style callables (``(input_ids, scores) -> scores``
+    and ``-> bool [batch]``), run after the built-in ones. Other keywords are model inputs such as
+    ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as tokens come. Once an
+    end-of-sequence token is configured, finished rows are filled with the pad token, as the reference does.
 
-    # everything the loop writes is allocated here, once
-    rows, device = input_ids.shape[0], input_ids.device
-    sequences = torch.empty(rows, prompt_length + budget, dtype=torch.long, device=device)
-    sequences[:, :prompt_length] = input_ids
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
-    pads = torch.full((rows,), pad, dtype=torch.long, device=device)
-    keep_scores = config.return_dict_in_generate and config.output_scores
-    keep_logits = config.return_dict_in_generate and config.output_logits
-    all_scores, all_logits = (), ()
-    generator = make_generator(config.seed, device)
-    length = prompt_length
-    for index in range(budget):
-        logits = logits.float()
-        scores = apply_processors(processors, sequences[:, :length], logits) if processors else logits
-        if keep_scores:
-            all_scores += (scores,)
-        if keep_logits:
-            all_logits += (logits,)
-        if config.do_sample:
-            token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-        else:
-            token = scores.argmax(dim=-1)
-        if stops.eos.numel():
-            token = torch.where(unfinished, token, pads)
-        sequences[:, length] = token
-        length += 1
-        if on_tokens is not None:
-            on_tokens(token)
-        done = stops(sequences[:, :length], all_scores if keep_scores else None, token)
-        if done is not None:
-            unfinished &= ~done
-        if index == budget - 1 or not bool(unfinished.any()):
-            break
-        logits = decode_one_token(model, token[:, None], next_position, cache)
-        next_position += 1
-    if config.return_dict_in_generate:
-        return _wrap(config, sequences[:, :length], all_scores, all_logits)
-    return sequences[:, :length]
+    The story: ``prefill`` the prompt (in ``_start``), then each step picks every row's token and feeds it
+    back with ``decode_one_token`` (decode.py), which runs the decoder (nn/decoder.py): its layers call
+    the attention."""
+    request = text_request(model, input_ids, attention_mask, generation_config, streamer, tokenizer, kwargs)
+    config, input_ids, attention_mask = request.config, request.input_ids, request.attention_mask
+    with _ending(streamer):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_length = input_ids.shape[1]
+        max_context = getattr(model, "max_context", None)
+        budget = config.new_token_budget(prompt_length, max_context)
+        check_context(prompt_length, budget, max_context)
+        if budget == 0:
+            sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
+        # max_time's clock counts the prefill
+        stops = Stopping(config, prompt_length, request.should_stop, request.stopping_criteria)
+        logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
+                                                                         budget, request.model_inputs)
+        padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
+        processors = logits_processors(config, prompt_length, padding, request.logits_processor,
+                                       prompt_length + budget)
+        if config.num_beams > 1:
+            return beam_search((model, next_position, cache), logits, input_ids, config, budget, processors, stops)
+
+        # everything the loop writes is allocated here, once
+        rows, device = input_ids.shape[0], input_ids.device
+        sequences = torch.empty(rows, prompt_length + budget, dtype=torch.long, device=device)
+        sequences[:, :prompt_length] = input_ids
+        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+        pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
+        pads = torch.full((rows,), pad, dtype=torch.long, device=device)
+        keep_scores = config.return_dict_in_generate and config.output_scores
+        keep_logits = config.return_dict_in_generate and config.output_logits
+        all_scores, all_logits = (), ()
+        generator = make_generator(config.seed, device)
+        length = prompt_length
+        for index in range(budget):
+            logits = logits.float()
+            scores = apply_processors(processors, sequences[:, :length], logits) if processors else logits
+            if keep_scores:
+                all_scores += (scores,)
+            if keep_logits:
+                all_logits += (logits,)
+            if config.do_sample:
+                token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+            else:
+                token = scores.argmax(dim=-1)
+            if stops.eos.numel():
+                token = torch.where(unfinished, token, pads)
+            sequences[:, length] = token
+            length += 1
+            if request.on_tokens is not None:
+                request.on_tokens(token)
+            done = stops(sequences[:, :length], all_scores if keep_scores else None, token)
+            if done is not None:
+                unfinished &= ~done
+            if index == budget - 1 or not bool(unfinished.any()):
+                break
+            logits = decode_one_token(model, token[:, None], next_position, cache)
+            next_position += 1
+        if config.return_dict_in_generate:
+            return _wrap(config, sequences[:, :length], all_scores, all_logits)
+        return sequences[:, :length]
+
+
+@contextlib.contextmanager
+def _ending(streamer):
+    """``streamer.end()`` once generation stops, however it stops."""
+    try:
+        yield
+    finally:
+        if streamer is not None:
+            streamer.end()
 
 
 def _start(model, input_ids, attention_mask, config, budget: int, model_inputs: dict):

@@ -3,10 +3,15 @@
 does not implement is an error naming it, never silently dropped."""
 
 import warnings
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
 
 from ..errors import InputError
 from .config import GenerationConfig
+from .stopping import stop_strings_check
+from .streaming import step_callback
 
 OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 
@@ -102,3 +107,40 @@ def refuse_text_only(options: dict, where: str) -> None:
         raise InputError(f"{where} does not take the option(s) {', '.join(bad)}; they apply to text generation "
                          "(generation_mode='text')")
     refuse_unsupported({k: v for k, v in options.items() if k in UNSUPPORTED}, where)
+
+
+@dataclass
+class TextRequest:
+    """A text ``generate`` call's arguments, checked and sorted: what the loop (loop.py) runs."""
+
+    config: GenerationConfig
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    model_inputs: dict
+    on_tokens: Callable[[torch.Tensor], None] | None  # the streamer's put
+    should_stop: Callable[[torch.Tensor], torch.Tensor] | None  # stop strings
+    logits_processor: list
+    stopping_criteria: list
+
+
+def text_request(model, input_ids, attention_mask, generation_config, streamer, tokenizer, kwargs: dict) -> TextRequest:
+    """``generate``'s arguments as a ``TextRequest`` on the model's device; an error naming the problem for
+    a missing prompt, an option vlmkit does not implement, or a streamer with beam search."""
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
+    if input_ids is None:
+        raise InputError("generate needs input_ids (call the processor first)")
+    if kwargs.get("guidance_scale") not in (None, 1, 1.0):
+        raise InputError("vlmkit does not implement classifier-free guidance (guidance_scale) for text "
+                         "generation; leave it unset (Janus takes it with generation_mode='image')")
+    config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
+        model.generation_config, generation_config, kwargs)
+    if streamer is not None and config.num_beams > 1:
+        raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "
+                         "known at the end")
+    should_stop = stop_strings_check(config, tokenizer)
+    model_inputs = model.model_inputs(**kwargs)
+    on_tokens = step_callback(streamer, input_ids)
+    return TextRequest(config, input_ids.to(model.device),
+                       attention_mask.to(model.device) if attention_mask is not None else None,
+                       model_inputs, on_tokens, should_stop, logits_processor, stopping_criteria)

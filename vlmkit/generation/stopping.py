@@ -50,7 +50,7 @@ class Stopping:
 
 
 def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``should_stop`` for ``generate_tokens``: rows whose generated text contains a stop string."""
+    """``should_stop`` for the text loop (loop.py): rows whose generated text contains a stop string."""
     longest = max(len(s) for s in stop_strings)
 
     def should_stop(new_tokens: torch.Tensor) -> torch.Tensor:

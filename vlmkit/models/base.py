@@ -10,12 +10,9 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.decode import decode_one_token, prefill
-from ..generation.loop import generate_tokens
-from ..generation.options import split_generate_kwargs
+from ..generation.loop import generate
 from ..generation.outputs import transition_scores
 from ..generation.prompt_cache import PromptCache
-from ..generation.stopping import stop_strings_check
-from ..generation.streaming import step_callback
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
@@ -191,44 +188,10 @@ class PretrainedVLM(nn.Module):
         return decode_one_token(self, token_ids, position_ids, cache)
 
     # --- the transformers-shaped entry point ---------------------------------------------------
-    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-                 streamer=None, tokenizer=None, **kwargs):
-        """Text generation as transformers' ``generate``: returns prompt + new token ids, or with
-        ``return_dict_in_generate=True`` an output with ``.sequences`` (and ``.scores`` / ``.logits`` when
-        ``output_scores`` / ``output_logits``).
-
-        Generation options go by keyword with transformers' names and meaning: ``max_new_tokens``,
-        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
-        ``min_length``, ``bad_words_ids``, ``suppress_tokens``, ``begin_suppress_tokens``,
-        ``no_repeat_ngram_size``, ``sequence_bias``, ``renormalize_logits``, ``num_beams``,
-        ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``eos_token_id``,
-        ``stop_strings`` (needs ``tokenizer``), ``seed``...; ``logits_processor`` and
-        ``stopping_criteria`` take lists of transformers-style callables. Other keywords are model
-        inputs such as ``pixel_values``. ``streamer.put(tokens)`` / ``streamer.end()`` are called as
-        tokens come."""
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
-        if input_ids is None:
-            raise InputError("generate needs input_ids (call the processor first)")
-        if kwargs.get("guidance_scale") not in (None, 1, 1.0):
-            raise InputError("vlmkit does not implement classifier-free guidance (guidance_scale) for text "
-                             "generation; leave it unset (Janus takes it with generation_mode='image')")
-        config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
-            self.generation_config, generation_config, kwargs)
-        if streamer is not None and config.num_beams > 1:
-            raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "
-                             "known at the end")
-        should_stop = stop_strings_check(config, tokenizer)
-        model_inputs = self.model_inputs(**kwargs)
-        on_tokens = step_callback(streamer, input_ids)
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
-        try:
-            return generate_tokens(self, input_ids, attention_mask, config, model_inputs, on_tokens, should_stop,
-                                   logits_processor, stopping_criteria)
-        finally:
-            if streamer is not None:
-                streamer.end()
+    # ``model.generate(...)`` is the text generation loop itself (generation/loop.py), bound as a method:
+    # generate -> decode_one_token (generation/decode.py) -> the decoder (nn/decoder.py), whose layers
+    # call the attention
+    generate = generate
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
         """Each generated token's score [rows, new tokens] from ``generate(..., return_dict_in_generate=True,

@@ -10,6 +10,7 @@ reference on every family."""
 
 import torch
 
+from ..nn.cpu_kernels import torch_ops_on_one_thread
 from .decode import decode_one_token
 from .logits import apply_processors
 from .outputs import GenerateBeamDecoderOnlyOutput
@@ -69,22 +70,23 @@ def beam_search(step, logits: torch.Tensor, input_ids: torch.Tensor, config, bud
     flat = input_ids
     cur_len = prompt_length
     while True:
-        logits = logits.float()
-        log_probs = apply_processors(processors, flat, logits.log_softmax(dim=-1))
-        if keep_logits:
-            all_logits += (logits.clone(),)
-        if keep_scores:
-            all_scores += (log_probs.clone(),)
-        vocab = log_probs.shape[-1]
-        totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
+        with torch_ops_on_one_thread(logits):
+            logits = logits.float()
+            log_probs = apply_processors(processors, flat, logits.log_softmax(dim=-1))
+            if keep_logits:
+                all_logits += (logits.clone(),)
+            if keep_scores:
+                all_scores += (log_probs.clone(),)
+            vocab = log_probs.shape[-1]
+            totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
 
-        # the best beams_to_keep continuations over all beams of each prompt (drawn without replacement
-        # when sampling)
-        if config.do_sample:
-            top_indices = torch.multinomial(totals.softmax(dim=-1), beams_to_keep, generator=generator)
-            top_scores = totals.gather(1, top_indices)
-        else:
-            top_scores, top_indices = torch.topk(totals, k=beams_to_keep)
+            # the best beams_to_keep continuations over all beams of each prompt (drawn without replacement
+            # when sampling)
+            if config.do_sample:
+                top_indices = torch.multinomial(totals.softmax(dim=-1), beams_to_keep, generator=generator)
+                top_scores = totals.gather(1, top_indices)
+            else:
+                top_scores, top_indices = torch.topk(totals, k=beams_to_keep)
         from_beam = top_indices // vocab
         top_origins = _gather_beams(running_origins, from_beam)
         top_sequences = _gather_beams(running, from_beam)

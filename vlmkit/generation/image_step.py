@@ -8,6 +8,7 @@ logits into one token per image (``guided_image_token``), then feeds that token 
 
 import torch
 
+from ..nn.cpu_kernels import torch_ops_on_one_thread
 from .sampling import next_token
 
 
@@ -20,7 +21,8 @@ def guided_logits(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
 def guided_image_token(logits: torch.Tensor, config, generator: torch.Generator | None) -> torch.Tensor:
     """The next token [B] of B images from their stacked [cond; uncond] logits [2B, V]: guidance with
     ``config.guidance_scale``, then ``config``'s sampling (float32 math)."""
-    return next_token(guided_logits(logits.float(), config.guidance_scale), config, generator)
+    with torch_ops_on_one_thread(logits):
+        return next_token(guided_logits(logits.float(), config.guidance_scale), config, generator)
 
 
 def decode_image_token(model, row_tokens: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 from ..errors import InputError
+from ..nn.cpu_kernels import torch_ops_on_one_thread
 from .beam import beam_search
 from .config import GenerationConfig
 from .decode import decode_one_token, prefill
@@ -97,16 +98,17 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
         generator = make_generator(config.seed, device)
         length = prompt_length
         for index in range(budget):
-            logits = logits.float()
-            scores = apply_processors(processors, sequences[:, :length], logits) if processors else logits
-            if keep_scores:
-                all_scores += (scores,)
-            if keep_logits:
-                all_logits += (logits,)
-            if config.do_sample:
-                token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-            else:
-                token = scores.argmax(dim=-1)
+            with torch_ops_on_one_thread(logits):
+                logits = logits.float()
+                scores = apply_processors(processors, sequences[:, :length], logits) if processors else logits
+                if keep_scores:
+                    all_scores += (scores,)
+                if keep_logits:
+                    all_logits += (logits,)
+                if config.do_sample:
+                    token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+                else:
+                    token = scores.argmax(dim=-1)
             if stops.eos.numel():
                 token = torch.where(unfinished, token, pads)
             sequences[:, length] = token

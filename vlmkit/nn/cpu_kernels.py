@@ -23,6 +23,7 @@ picks the kernels (``auto``, ``avx512``, ``avx2``, ``off``: see ``cpu_features``
 layers are int8. Each C++ kernel's Python twin, and the tests that keep them equal: the decode layer step
 and ``nn.decoder.DecoderLayer`` (``tests/test_cpu_kernels.py``)."""
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -72,6 +73,24 @@ def widen_bf16_cpu() -> bool:
 def max_bf16_kernel_rows() -> int:
     """How many activation rows the bf16 kernel takes on this CPU before the GEMM wins."""
     return MAX_BF16_KERNEL_ROWS[(kernel_isa() or "avx2", native_bf16())]
+
+
+@contextlib.contextmanager
+def torch_ops_on_one_thread(tensor: torch.Tensor):
+    """Run the block's torch ops on one thread where ``tensor`` (a decode step's logits) is on a CPU whose
+    decode steps run vlmkit's kernels. After an op on several threads torch's idle OpenMP threads spin for
+    milliseconds (unless OMP_WAIT_POLICY=PASSIVE), on the cores the kernels' own threads need for the next
+    step: choosing a token from a 152K vocabulary cost a LLaVA-OneVision-0.5B step 4-5 ms of its ~30 on 2
+    cores (2026-12-06); on one thread the choice takes well under a millisecond."""
+    threads = torch.get_num_threads()
+    if threads == 1 or tensor.device.type != "cpu" or not kernels_enabled():
+        yield
+        return
+    torch.set_num_threads(1)  # OpenMP keeps this per calling thread
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _build_directory() -> Path:

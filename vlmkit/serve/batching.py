@@ -13,6 +13,7 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.logits import apply_processors
 from ..generation.sampling import next_token
+from ..nn.cpu_kernels import torch_ops_on_one_thread
 from ..nn.kv_cache import KVCache
 
 
@@ -90,26 +91,27 @@ def sample_rows(logits: torch.Tensor, requests: list[RowSampling]) -> torch.Tens
     argmax together; each other request runs its own pipeline and draws from its own generator, so a
     seeded request's tokens do not depend on what else shares the batch (and equal ``generate`` with
     that seed). Logprobs are the log-softmax of the processed scores, before the warpers."""
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    plain = [r for s in requests if _plain_greedy(s) for r in s.rows]
-    if plain:
-        index = torch.tensor(plain, device=logits.device)
-        tokens[index] = logits[index].float().argmax(dim=-1)
-    for request in requests:
-        if _plain_greedy(request):
-            continue
-        index = torch.tensor(request.rows, device=logits.device)
-        seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
-        scores = apply_processors(request.processors, seen, logits[index].float())
-        drawn = next_token(scores, request.config, request.generator)  # the warpers, then a draw or argmax
-        tokens[index] = drawn
-        if request.top_logprobs is not None:
-            logprobs = scores.log_softmax(dim=-1)
-            top = logprobs.topk(request.top_logprobs, dim=-1) if request.top_logprobs else None
-            request.logprobs = (drawn.tolist(), logprobs.gather(1, drawn[:, None])[:, 0].tolist(),
-                                top.values.tolist() if top is not None else [[]] * len(request.rows),
-                                top.indices.tolist() if top is not None else [[]] * len(request.rows))
-    return tokens
+    with torch_ops_on_one_thread(logits):  # torch's threads idle, not spinning, when the kernels resume
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        plain = [r for s in requests if _plain_greedy(s) for r in s.rows]
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            tokens[index] = logits[index].float().argmax(dim=-1)
+        for request in requests:
+            if _plain_greedy(request):
+                continue
+            index = torch.tensor(request.rows, device=logits.device)
+            seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
+            scores = apply_processors(request.processors, seen, logits[index].float())
+            drawn = next_token(scores, request.config, request.generator)  # the warpers, then a draw or argmax
+            tokens[index] = drawn
+            if request.top_logprobs is not None:
+                logprobs = scores.log_softmax(dim=-1)
+                top = logprobs.topk(request.top_logprobs, dim=-1) if request.top_logprobs else None
+                request.logprobs = (drawn.tolist(), logprobs.gather(1, drawn[:, None])[:, 0].tolist(),
+                                    top.values.tolist() if top is not None else [[]] * len(request.rows),
+                                    top.indices.tolist() if top is not None else [[]] * len(request.rows))
+        return tokens
 
 
 def _plain_greedy(request: RowSampling) -> bool:

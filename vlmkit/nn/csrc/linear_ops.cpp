@@ -28,11 +28,19 @@ at::Tensor products(const at::Tensor& input, const std::vector<at::TensorList>& 
   return sums;
 }
 
+// The fp32 sums in ``dtype`` (bf16 rounded on vlmkit's threads, not by a torch op on torch's).
+at::Tensor rounded(const at::Tensor& sums, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return sums.to(dtype);
+  at::Tensor out = at::empty(sums.sizes(), sums.options().dtype(at::kBFloat16));
+  round_to_bf16(sums.const_data_ptr<float>(), sums.numel(), out.data_ptr<BFloat16>());
+  return out;
+}
+
 // The sums rounded to the input's dtype, shaped [..., N].
 at::Tensor shaped_like(const at::Tensor& sums, const at::Tensor& input) {
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = sums.size(1);
-  return sums.to(input.scalar_type()).reshape(shape);
+  return rounded(sums, input.scalar_type()).reshape(shape);
 }
 
 std::vector<at::Tensor> optional_bias(const std::optional<at::Tensor>& bias) {
@@ -46,7 +54,7 @@ std::vector<at::Tensor> linear_bf16(const at::Tensor& input, at::TensorList weig
   TORCH_CHECK(!weights.empty(), "vlmkit::linear_bf16 needs at least one weight");
   std::vector<at::TensorList> parts;
   for (const at::Tensor& w : weights) parts.emplace_back(w);
-  const at::Tensor out = products(input, parts, biases, "vlmkit::linear_bf16").to(input.scalar_type());
+  const at::Tensor out = rounded(products(input, parts, biases, "vlmkit::linear_bf16"), input.scalar_type());
   std::vector<at::Tensor> outputs;
   std::vector<int64_t> shape = input.sizes().vec();
   int64_t column = 0;

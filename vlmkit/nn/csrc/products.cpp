@@ -375,4 +375,16 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
   });
 }
 
+void round_to_bf16(const float* values, int64_t n, BFloat16* out) {
+  constexpr int64_t kChunk = 16384;  // values per task: long runs (a vocabulary's logits) on every thread
+  parallel_chunks((n + kChunk - 1) / kChunk, [&](int64_t chunk) {
+    const int64_t end = std::min(n, (chunk + 1) * kChunk);
+    int64_t i = chunk * kChunk;
+    for (; i + 8 <= end; i += 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), round_to_bf16x8(_mm256_loadu_ps(values + i)));
+    }
+    for (; i < end; ++i) out[i] = static_cast<BFloat16>(values[i]);
+  });
+}
+
 }  // namespace vlmkit

@@ -18,18 +18,6 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 8;
 
-// 8 fp32 values rounded to bf16 (to nearest, ties to even, as c10::BFloat16 rounds; NaN stays NaN).
-inline __m128i round_to_bf16x8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-}
-
-inline __m256 widen_bf16x8(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
-
 inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
 
 void rms_norm_row(const BFloat16* x, int64_t D, const BFloat16* weight, float eps, BFloat16* out) {

@@ -3,7 +3,8 @@ once into a preallocated KV cache, then one token per row per step.
 
 They take any family's model by what it provides (nothing here knows a family):
   ``embed_prompt(input_ids, cache, **model_inputs)`` -> prompt embeddings with the media written in
-  ``text_model(embeds, position_ids, attention_mask, cache)`` -> hidden states (nn/decoder.py's DecoderModel)
+  ``text_model(embeds, position_ids, attention_mask, cache, last_position_only=False)`` -> hidden states
+  (nn/decoder.py's DecoderModel; a prefill asks for the last position's alone)
   ``lm_logits(hidden)`` -> logits, and ``prompt_cache`` / ``media_token_ids`` for reusing a prompt's start
 The text loop (loop.py), beam search (beam.py) and the server call these; the CFG image step is image_step.py."""
 
@@ -31,7 +32,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     else:
         embeds = model.embed_prompt(input_ids, cache, **model_inputs)[:, start:]
     mask = attention_mask[:, start:] if attention_mask is not None else None
-    hidden = model.text_model(embeds, position_ids[:, start:], mask, cache)
+    hidden = model.text_model(embeds, position_ids[:, start:], mask, cache, last_position_only=True)
     if embeds.shape[0] * embeds.shape[1] >= LONG_PREFILL_ROWS and embeds.device.type == "cpu":
         # a long prefill's activations are free now; glibc would keep them resident through the whole
         # decode, beside the prompt cache's copy of the keys/values (Janus-Pro-1B, one image: ~180 MB)

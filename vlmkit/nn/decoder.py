@@ -88,7 +88,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0):
+    def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0, last_position_only: bool = False):
+        """The layer's output for every position, or with ``last_position_only`` for the last one [B, 1, H]
+        (every position's keys/values still go into ``cache``): a prefill's last layer, whose other outputs
+        nothing reads, skips their MLP."""
         if cache is not None and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.bfloat16:
             # a bf16 decode step: one kernel call where it applies
             out = decoder_layer_step(self, hidden_states, rotary, mask, cache, layer_index)
@@ -96,6 +99,8 @@ class DecoderLayer(nn.Module):
                 return out
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, mask, cache,
                                                        layer_index)
+        if last_position_only:
+            hidden_states = hidden_states[:, -1:]
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
     def is_plain(self) -> bool:
@@ -149,11 +154,15 @@ class DecoderModel(nn.Module):
         rotary = self.rotary_emb(position_ids, inputs_embeds.dtype)
         return rotary, causal_mask(key_mask, start, seq_len)
 
-    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None,
+                last_position_only: bool = False):
+        """Hidden states [B, T, H] of ``inputs_embeds`` [B, T, H]; with ``last_position_only`` (a prefill, whose
+        logits come from its last position) [B, 1, H], the last layer's MLP run for that position alone."""
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, rotary, mask, cache, index)
+            hidden_states = layer(hidden_states, rotary, mask, cache, index, last_position_only and index == last)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
         return self.norm(hidden_states)

@@ -241,7 +241,7 @@ class ImageDecoder:
         mask = torch.ones_like(rows)
         positions = prompt_positions(mask)
         cache = text.new_cache(rows.shape[0], rows.shape[1] + model.num_image_tokens)
-        hidden = text(text.embed_tokens(rows), positions, mask, cache)[:, -1]
+        hidden = text(text.embed_tokens(rows), positions, mask, cache, last_position_only=True)[:, -1]
         job.generator = make_generator(config.seed, model.device)
         index = torch.arange(task.n, device=model.device)
         self.parts.append(_ImagePart(cache, [ImageRow(job, i) for i in range(task.n)], hidden,

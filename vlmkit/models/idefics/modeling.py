@@ -106,9 +106,10 @@ class IdeficsModel(DecoderModel):
         return ImageContext.build(keys_values, image_attention_mask, image_seq_len)
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: IdeficsCache | None = None,
-                images: ImageContext | None = None):
-        """Hidden states; the images are ``images``, else those the prompt left in ``cache`` (see
-        ``IdeficsForVisionText2Text.embed_prompt``), so a decode step is the plain decoder's call."""
+                images: ImageContext | None = None, last_position_only: bool = False):
+        """Hidden states (of the last position alone with ``last_position_only``, as DecoderModel); the images
+        are ``images``, else those the prompt left in ``cache`` (see ``IdeficsForVisionText2Text.embed_prompt``),
+        so a decode step is the plain decoder's call."""
         if images is None and cache is not None:
             images = cache.images
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
@@ -117,7 +118,8 @@ class IdeficsModel(DecoderModel):
             if index % self.cross_layer_interval == 0:
                 cross_index = index // self.cross_layer_interval
                 hidden_states = self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
-            hidden_states = layer(hidden_states, rotary, mask, cache, index)
+            hidden_states = layer(hidden_states, rotary, mask, cache, index,
+                                  last_position_only and index == len(self.layers) - 1)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
             if images is not None and inputs_embeds.shape[1] > 1:

@@ -81,7 +81,7 @@ def _generate_batch(model, input_ids, attention_mask, config, generator, progres
     mask = attention_mask.repeat(2, 1)
     positions = prompt_positions(mask)
     cache = text.new_cache(2 * batch, prompt_length + num_tokens)
-    hidden = text(text.embed_tokens(rows), positions, mask, cache)[:, -1]
+    hidden = text(text.embed_tokens(rows), positions, mask, cache, last_position_only=True)[:, -1]
     next_position = positions[:, -1:] + 1
     tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
     for step in range(num_tokens):

@@ -19,11 +19,11 @@ def test_quantize_option_picks_the_variants():
         variants_for("int3")
 
 
-def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
+def test_tiny_quantized_benchmark_reports_decode_and_image_step_times_and_peak_memory(tmp_path):
     out = tmp_path / "quantized.json"
     result = subprocess.run(
         [sys.executable, "-m", "vlmkit.bench.quantized", "--size", "tiny", "--variants", "vlmkit bf16,vlmkit int4",
-         "--repeats", "1", "--decode-tokens", "2", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
+         "--repeats", "1", "--decode-tokens", "2", "--image-steps", "3", "--cache-dir", str(tmp_path / "checkpoints"), "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -35,7 +35,10 @@ def test_tiny_quantized_benchmark_reports_decode_time_and_peak_memory(tmp_path):
     for row in rows.values():
         assert row["decode_ms_per_step"] > 0 and row["peak_rss_mb"] > 0 and row["load_s"] > 0
         assert row["decode_vs_vlmkit_bf16"] > 0 and row["peak_rss_vs_vlmkit_bf16"] > 0
-    assert "| vlmkit int4 |" in result.stdout
+        # text-to-image: a CFG step's median time, and its cost against the variant's own decode step
+        assert row["image_step_ms"] > 0 and len(row["image_step_samples_ms"]) == 1
+        assert row["image_step_vs_decode_step"] == row["image_step_ms"] / row["decode_ms_per_step"]
+    assert "| vlmkit int4 |" in result.stdout and "image step ms (CFG, 2 rows)" in result.stdout
 
 
 def test_llama_cpp_rows_are_skipped_cleanly_without_a_build(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ transformers is imported only when its engine is loaded (memory probes of vlmkit
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,26 @@ class Janus(Family):
             torch.manual_seed(seed)
             return model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True,
                                   num_return_sequences=images)
+
+    def image_step_seconds(self, engine: str, steps: int, seed: int = 0) -> list[float]:
+        """The seconds between consecutive image tokens over the first ``steps`` of one image: each a CFG
+        step (both rows through the decoder, the guidance, the draw). vlmkit reports each token through
+        ``on_step``, transformers' loop calls its logits processors once a step."""
+        model, inputs = self.models[engine], self.image_prompt(engine)
+        times = []
+
+        def stamp(input_ids, scores):
+            times.append(time.perf_counter())
+            return scores
+        with torch.no_grad(), _image_token_limit(engine, model, steps):
+            if engine == "vlmkit":
+                model.generate(**inputs, generation_mode="image", do_sample=True, seed=seed,
+                               on_step=lambda done, total: stamp(None, None))
+            else:
+                torch.manual_seed(seed)
+                model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True,
+                               logits_processor=quiet_transformers().LogitsProcessorList([stamp]))
+        return [b - a for a, b in zip(times, times[1:])]
 
     def num_image_tokens(self) -> int:
         model = self.models.get("vlmkit") or self.models["transformers"]

@@ -76,18 +76,30 @@ def quantized_decode_rows(folder, args, log, variants=None) -> dict:
                 row[f"decode_vs_{baseline.replace(' ', '_')}"] = \
                     row["decode_ms_per_step"] / rows[baseline]["decode_ms_per_step"]
                 row[f"peak_rss_vs_{baseline.replace(' ', '_')}"] = row["peak_rss_mb"] / rows[baseline]["peak_rss_mb"]
+    if "image_step_ms" in rows.get("transformers bf16", {}):
+        for row in rows.values():
+            if "image_step_ms" in row:
+                row["image_step_vs_transformers_bf16"] = row["image_step_ms"] / rows["transformers bf16"]["image_step_ms"]
     return rows
 
 
 def table_lines(rows: dict) -> list[str]:
+    images = any("image_step_ms" in row for row in rows.values())
+    image_head = " image step ms (CFG, 2 rows) | vs transformers bf16 | vs own decode step |" if images else ""
     lines = ["| variant | decode ms/step (batch 1) | vs transformers bf16 | vs vlmkit bf16 | peak RSS MiB | "
-             "vs vlmkit bf16 | load s |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "vs vlmkit bf16 | load s |" + image_head, "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * 3 * images]
     for name, row in rows.items():
         shares = [f"{row[key]:.2f}" if key in row else "-" for key in
                   ("decode_vs_transformers_bf16", "decode_vs_vlmkit_bf16", "peak_rss_vs_vlmkit_bf16")]
         load = f"{row['load_s']:.1f}" if "load_s" in row else "-"
-        lines.append(f"| {name} | {row['decode_ms_per_step']:.1f} | {shares[0]} | {shares[1]} | "
-                     f"{row['peak_rss_mb']:.0f} | {shares[2]} | {load} |")
+        line = (f"| {name} | {row['decode_ms_per_step']:.1f} | {shares[0]} | {shares[1]} | "
+                f"{row['peak_rss_mb']:.0f} | {shares[2]} | {load} |")
+        if images:
+            image = [f"{row[key]:{spec}}" if key in row else "-" for key, spec in
+                     (("image_step_ms", ".1f"), ("image_step_vs_transformers_bf16", ".2f"),
+                      ("image_step_vs_decode_step", ".2f"))]
+            line += f" {image[0]} | {image[1]} | {image[2]} |"
+        lines.append(line)
     return lines
 
 
@@ -100,7 +112,8 @@ def add_llama_cpp_arguments(parser) -> None:
 
 def _run_child(folder, name: str, args) -> dict:
     argv = [sys.executable, "-m", "vlmkit.bench.quantized", "--child", name, "--checkpoint", str(folder),
-            "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens)]
+            "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens),
+            "--image-steps", str(getattr(args, "image_steps", 0))]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=getattr(args, "child_timeout", 3600))
     if result.returncode != 0:
         raise RuntimeError(f"quantized benchmark child {name!r} failed:\n{result.stderr[-3000:]}")
@@ -155,8 +168,14 @@ def child(args) -> None:
         family.generate(engine, inputs, args.decode_tokens + 1, timer)
         steps.append(median(timer.step_seconds()) * 1e3)
     decode_ms = median(steps)
-    print(json.dumps({"variant": args.child, "decode_ms_per_step": decode_ms, "tokens_per_s": 1e3 / decode_ms,
-                      "decode_samples_ms": steps, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
+    row = {"variant": args.child, "decode_ms_per_step": decode_ms, "tokens_per_s": 1e3 / decode_ms,
+           "decode_samples_ms": steps, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+    if args.image_steps:
+        # text-to-image: the median CFG step (two rows) of the first image_steps tokens, per repeat
+        image = [median(family.image_step_seconds(engine, args.image_steps + 1)) * 1e3 for _ in range(args.repeats)]
+        row.update(image_step_ms=median(image), image_step_samples_ms=image,
+                   image_step_vs_decode_step=median(image) / decode_ms)
+    print(json.dumps(row))
 
 
 def parse_args(argv=None):
@@ -169,6 +188,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--image-steps", type=int, default=24, help="image-token steps timed per variant (Janus "
+                        "text-to-image, CFG; 0: none)")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"))
     parser.add_argument("--json", help="also write the settings (CPU included) and the rows to this JSON file")
     add_llama_cpp_arguments(parser)

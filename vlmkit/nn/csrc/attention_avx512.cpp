@@ -2,7 +2,7 @@
 // with AVX-512 BF16, where torch's CPU flash attention runs at about a tenth of its bf16 GEMM's speed.
 //
 // The same arithmetic as a flash attention: scores q.k in fp32 from exact bf16 products (vdpbf16ps), an
-// online softmax in fp32 over spans of 64 keys, the weights rounded to bf16 for the product with the
+// online softmax in fp32 over spans of 128 keys, the weights rounded to bf16 for the product with the
 // values (fp32 sums), and the division by the weights' sum at the end. Keys and values are first packed in
 // the pairs vdpbf16ps multiplies: for the scores, each key's (d, d + 1) pair side by side for 16 keys; for
 // the values, each value's (j, j + 1) pair of keys side by side for 16 features. Blocks of keys past a
@@ -26,7 +26,7 @@ namespace {
 
 constexpr int64_t kKeys = 16;  // keys per block: one vector of fp32 scores
 constexpr int64_t kRows = 8;   // query rows that share each loaded key and value
-constexpr int64_t kSpan = 4;   // blocks of keys per softmax step
+constexpr int64_t kSpan = 8;   // blocks of keys per softmax step
 
 inline uint32_t bf16_pair(BFloat16 low, BFloat16 high) {
   return static_cast<uint32_t>(low.x) | static_cast<uint32_t>(high.x) << 16;
@@ -93,7 +93,7 @@ struct Problem {
 };
 
 // Query rows [r0, r0 + rows) of (row b, head h), over kSpan packed blocks of keys at a time: one max
-// and one rescale per row for 64 keys; the weights' sums stay vectors until the end. Each inner loop
+// and one rescale per row for 128 keys; the weights' sums stay vectors until the end. Each inner loop
 // keeps 16 independent sums in flight (8 rows times 2 key blocks, or times 2 feature vectors), enough
 // to hide vdpbf16ps's latency on both of a core's vector pipes.
 VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t rows) {

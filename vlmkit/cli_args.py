@@ -6,10 +6,10 @@ import math
 import re
 from pathlib import Path
 
+from .generation.config import SEED_RANGE
 from .io.checkpoint import DTYPE_NAMES
 
 DTYPES = ("auto", *DTYPE_NAMES)  # every name the loader takes (bf16, fp16, half...)
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
 

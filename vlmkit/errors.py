@@ -17,6 +17,10 @@ class MediaError(VlmkitError):
     """An image or video could not be read, fetched or is over a configured limit."""
 
 
+class TooManyPixels(MediaError):
+    """An image is larger (width x height) than the ``max_pixels`` it was loaded with."""
+
+
 class InputError(VlmkitError, ValueError):
     """A prompt or request does not fit the model: placeholder counts, context length, bad options."""
 

@@ -10,6 +10,9 @@ from ..configs import dataclass_from_dict
 from ..errors import InputError
 from ..io.checkpoint import read_json
 
+# the seeds torch.Generator.manual_seed takes: any 64-bit value, signed or unsigned
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
 # what transformers generates when neither max_new_tokens nor max_length is set
 DEFAULT_NEW_TOKENS = 20
 

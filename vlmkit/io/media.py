@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmkit.errors import MediaError
+from vlmkit.errors import MediaError, TooManyPixels
 from vlmkit.io.media_policy import MediaPolicy
 from vlmkit.io.net import check_address, describe_source, fetch_url  # noqa: F401 (check_address: re-exported)
 
@@ -154,11 +154,11 @@ def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=formats)
         width, height = image.size  # from the header: nothing is decoded yet
         if width * height > policy.max_pixels:
-            raise MediaError(f"image has too many pixels: {width}x{height} > max_pixels={policy.max_pixels}: {desc}")
+            raise TooManyPixels(f"image has too many pixels: {width}x{height} > max_pixels={policy.max_pixels}: {desc}")
         image.load()  # decode everything now so truncation surfaces here
         return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as e:
-        raise MediaError(f"image has too many pixels ({e}): {desc}") from e
+        raise TooManyPixels(f"image has too many pixels ({e}): {desc}") from e
     except UnidentifiedImageError as e:
         raise MediaError(f"not an image (or an unsupported format): {desc}") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:

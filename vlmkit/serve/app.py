@@ -24,7 +24,8 @@ from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
 from .http import uvicorn_config
 from .image_stream import image_sse
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import RequestCounter, ServerMetrics
 from .pages import install_playground
 from .events import ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .scheduler import Scheduler
@@ -98,12 +99,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
     app.state.vlmkit = state
     openapi.install(app)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code)
-        return response
+    app.add_middleware(RequestCounter, metrics=state.metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):

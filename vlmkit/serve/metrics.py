@@ -62,3 +62,30 @@ class ServerMetrics:
             self.running_rows.set(stats["running_rows"])
             self.running_images.set(stats["running_images"])
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware that counts every answered request by route and status code. A plain ASGI wrapper,
+    not Starlette's ``BaseHTTPMiddleware``, which would pass each chunk of a streamed answer (server-sent
+    events) through one more task and queue; here only the response's first message is looked at. A
+    request that raised counts as the 500 it became."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")  # the router records the matched route in the scope
+            self.metrics.observe_request(getattr(route, "path", "unmatched"), status)

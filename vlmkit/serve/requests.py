@@ -10,7 +10,7 @@ import logging
 import re
 from dataclasses import replace
 
-from ..errors import InputError, MediaError, TemplateError, VlmkitError
+from ..errors import InputError, MediaError, TemplateError, TooManyPixels, VlmkitError
 from ..io.media import load_image
 from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
@@ -276,10 +276,12 @@ class RequestHandler:
         policy = self.policy if remaining >= self.policy.max_pixels else replace(self.policy, max_pixels=remaining)
         try:
             image = load_image(url, policy)
-        except MediaError as err:
-            if policy is not self.policy and "too many pixels" in str(err):
+        except TooManyPixels as err:
+            if policy is not self.policy:
                 raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "
                                     f"height summed; --max-request-pixels); send fewer or smaller images") from None
+            raise ApiError(400, f"{where}: {err}") from None
+        except MediaError as err:
             raise ApiError(400, f"{where}: {err}") from None
         pixels[0] += image.width * image.height
         return image

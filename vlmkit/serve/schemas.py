@@ -14,6 +14,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from ..errors import InputError
+from ..generation.config import SEED_RANGE
 
 
 class _Request(BaseModel):
@@ -41,8 +42,7 @@ def _number(**bounds):
 
 Text = Annotated[str, Field(strict=True), AfterValidator(_valid_unicode)]
 Flag = Annotated[bool, Field(strict=True)]
-# torch.Generator.manual_seed takes any 64-bit value, signed or unsigned
-Seed = _int(ge=-(2 ** 63), le=2 ** 64 - 1)
+Seed = _int(ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
 
 # --- chat completions: request -------------------------------------------------------------------

@@ -77,3 +77,31 @@ def test_a_question_without_an_image_to_the_built_in_model_is_warned(with_image)
     assert result.returncode == 0, result.stderr
     warned = "warning: the built-in model answers questions about an image" in result.stderr
     assert warned != with_image
+
+
+def test_pictures_and_videos_given_without_a_question_go_with_the_first_question_only(monkeypatch, capsys):
+    """``chat -i --image A --video B`` with no question on the command line: the first typed question carries
+    both, the next one neither (a model that cannot take video is refused before the session starts)."""
+    from vlmkit.cli_chat import run_interactive
+
+    class Session:  # what run_interactive uses of ChatSession, recording each conversation it answers
+        warn_without_image = False
+        asked = []
+
+        def answer(self, messages):
+            self.asked.append([dict(m) for m in messages])
+            return type("Result", (), {"text": "ok"})()
+
+        def prompt_tokens(self, messages):
+            return 1
+
+        def room(self):
+            return 100
+
+    lines = iter(["What happens here?", "And then?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert run_interactive(Session(), [], [PICTURE], ["clip.mp4"], "m") == 0
+    first, second = Session.asked
+    assert [block["type"] for block in first[0]["content"]] == ["image", "video", "text"]
+    assert first[0]["content"][1]["path"] == "clip.mp4"
+    assert [block["type"] for block in second[-1]["content"]] == ["text"]

@@ -77,8 +77,10 @@ def warn_no_image(model_name: str) -> None:
           f"PATH) its answer means little", file=sys.stderr)
 
 
-def run_interactive(session: ChatSession, messages: list[dict], pending_images: list[str], model_name: str) -> int:
-    """Read questions and slash commands from stdin until /exit or end of input."""
+def run_interactive(session: ChatSession, messages: list[dict], pending_images: list[str], pending_videos: list[str],
+                    model_name: str) -> int:
+    """Read questions and slash commands from stdin until /exit or end of input; the pending images and
+    videos (given on the command line without a question) go with the first question."""
     print(BANNER, file=sys.stderr, flush=True)
     warned = bool(messages)  # a question given on the command line has had its warning already
     while True:
@@ -98,7 +100,7 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
                 print(COMMANDS, file=sys.stderr)
             elif command == "/reset":
                 messages.clear()
-                pending_images.clear()
+                pending_images, pending_videos = [], []
                 warned = False
                 print("(conversation cleared)", file=sys.stderr)
             elif command == "/image":
@@ -114,8 +116,9 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
             else:
                 print(f"error: unknown command {command}; /help lists the commands", file=sys.stderr)
             continue
-        messages.append(user_message(line, pending_images, []))
-        pending_images = []  # attached to this question only, answered or not (a bad picture is not re-sent)
+        messages.append(user_message(line, pending_images, pending_videos))
+        # attached to this question only, answered or not (a bad picture is not re-sent)
+        pending_images, pending_videos = [], []
         if session.warn_without_image and not warned and not has_image(messages):
             warn_no_image(model_name)
             warned = True
@@ -146,4 +149,5 @@ def run_chat(engine, args, model_name: str, needs_image: bool) -> int:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
     if not args.interactive:
         return 0
-    return run_interactive(session, messages, [] if args.prompt else list(args.image), model_name)
+    pending = ([], []) if args.prompt else (list(args.image), list(args.video))
+    return run_interactive(session, messages, *pending, model_name)

@@ -35,6 +35,8 @@ def merge_caches(caches: list[KVCache], room: int) -> KVCache:
     row = 0
     for cache in caches:
         rows, start = slice(row, row + cache.batch_size), length - cache.length
+        merged.keys[:, rows, :, :start] = 0  # the left gap is masked, but must hold numbers (see KVCache)
+        merged.values[:, rows, :, :start] = 0
         merged.keys[:, rows, :, start:length] = cache.keys[:, :, :, :cache.length]
         merged.values[:, rows, :, start:length] = cache.values[:, :, :, :cache.length]
         merged.key_mask[rows, start:length] = cache.key_mask[:, :cache.length]

@@ -297,3 +297,18 @@ def test_prefill_rms_norm_computes_what_the_module_computes(isa, shape):
     norm.weight.data.copy_(weight)
     with torch.no_grad():
         assert torch.equal(norm(x).isnan(), got.isnan()) and torch.equal(norm(x)[finite], got[finite])
+
+
+def test_kernel_outputs_round_to_bf16_as_torch_does(isa):
+    """The kernels round their fp32 sums to bf16 themselves (torch's conversion would wake its OpenMP
+    threads between decode steps): the same bits as torch's rounding, ties to even, NaN, infinities, overflow
+    and subnormals included. A zero weight and an fp32 bias make the sums the bias (so no -0.0: 0 + -0 is 0)."""
+    ops = cpu_kernels.compiled_kernels()
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130 * 3])  # halfway cases
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 3.4e38, -3.4e38, 1e-45])
+    bias = torch.cat([ties, special, torch.randn(40037, generator=torch.Generator().manual_seed(7)) * 1e3])
+    x, weight = bf16(1, 24), torch.zeros(bias.numel(), 24, dtype=torch.bfloat16)
+    got = ops.linear_bf16(x, [weight], [bias])[0][0]
+    expected = bias.to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16)[~expected.isnan()], expected.view(torch.int16)[~expected.isnan()])
+    assert torch.equal(got.isnan(), expected.isnan())

@@ -127,12 +127,9 @@ def _vocab_bytes(engine) -> dict[bytes, int]:
     return {tokens.token_bytes(i): i for i in reversed(range(tokens.vocab_size))}
 
 
-def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
-    engine = engine_for(builtin_model_path())
-    client = builtin.openai()
-    done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=6, temperature=0,
-                                          logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
-    entries = done.choices[0].logprobs.content
+def _answer_and_its_logits(engine, entries) -> tuple[list[int], torch.Tensor]:
+    """The answer's token ids (from the logprob entries' bytes) and, from one direct forward pass over the
+    prompt and the answer, the fp32 logits [answer length, vocab] that chose each of them."""
     ids_of = _vocab_bytes(engine)
     answer = [ids_of[bytes(entry.bytes)] for entry in entries]
     inputs = dict(RequestHandler(engine, ServeConfig(model="m")).prepare_chat({"messages": ASK})[1].inputs)
@@ -140,8 +137,18 @@ def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
     sequence = torch.cat([prompt, torch.tensor([answer])], dim=1)
     inputs["attention_mask"] = torch.ones_like(sequence)
     with torch.no_grad():
-        logits = engine.model(input_ids=sequence, **inputs).logits[0]
-    expected = logits[prompt.shape[1] - 1:-1].float().log_softmax(dim=-1)
+        logits = engine.model(input_ids=sequence, **inputs).logits[0, prompt.shape[1] - 1:-1].float()
+    return answer, logits
+
+
+def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
+    engine = engine_for(builtin_model_path())
+    client = builtin.openai()
+    done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
+    entries = done.choices[0].logprobs.content
+    answer, logits = _answer_and_its_logits(engine, entries)
+    expected = logits.log_softmax(dim=-1)
     for step, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(expected[step, answer[step]].item(), abs=1e-3)
         best = expected[step].topk(4)
@@ -160,14 +167,7 @@ def test_penalised_logprobs_are_the_forward_pass_scores_less_openais_penalties(b
         model=_model(builtin), messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
         presence_penalty=0.5, frequency_penalty=1.5, logit_bias={"65": 3}, extra_body={"ignore_eos": True})
     entries = done.choices[0].logprobs.content
-    ids_of = _vocab_bytes(engine)
-    answer = [ids_of[bytes(entry.bytes)] for entry in entries]
-    inputs = dict(RequestHandler(engine, ServeConfig(model="m")).prepare_chat({"messages": ASK})[1].inputs)
-    prompt = inputs.pop("input_ids")
-    sequence = torch.cat([prompt, torch.tensor([answer])], dim=1)
-    inputs["attention_mask"] = torch.ones_like(sequence)
-    with torch.no_grad():
-        logits = engine.model(input_ids=sequence, **inputs).logits[0, prompt.shape[1] - 1:-1].float()
+    answer, logits = _answer_and_its_logits(engine, entries)
     for step, entry in enumerate(entries):
         scores = logits[step].clone()
         scores[65] += 3

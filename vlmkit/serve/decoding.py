@@ -230,22 +230,15 @@ class ImageDecoder:
 
     def add(self, job) -> None:
         """Prefill the conditional and unconditional prompts of a request's ``n`` images."""
-        from ..models.janus.image_generation import unconditional_prompt
+        from ..models.janus.image_generation import prefill_guided_rows
 
         task, model = job.task, self.model
-        text = model.text_model
-        config = task.config
         ids = task.input_ids.to(model.device).repeat_interleave(task.n, dim=0)
-        pad = config.pad_token_id if config.pad_token_id is not None else 0
-        rows = torch.cat([ids, unconditional_prompt(ids, config.bos_token_id, model.begin_image_token_id, pad)])
-        mask = torch.ones_like(rows)
-        positions = prompt_positions(mask)
-        cache = text.new_cache(rows.shape[0], rows.shape[1] + model.num_image_tokens)
-        hidden = text(text.embed_tokens(rows), positions, mask, cache, last_position_only=True)[:, -1]
-        job.generator = make_generator(config.seed, model.device)
+        hidden, next_position, cache = prefill_guided_rows(model, ids, torch.ones_like(ids), task.config)
+        job.generator = make_generator(task.config.seed, model.device)
         index = torch.arange(task.n, device=model.device)
-        self.parts.append(_ImagePart(cache, [ImageRow(job, i) for i in range(task.n)], hidden,
-                                     positions[:, -1:] + 1, index, index + task.n))
+        self.parts.append(_ImagePart(cache, [ImageRow(job, i) for i in range(task.n)], hidden, next_position,
+                                     index, index + task.n))
 
     def step(self) -> None:
         """Draw one token of every running image; finished requests get their pictures decoded. A request

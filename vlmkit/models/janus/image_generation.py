@@ -71,18 +71,24 @@ def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.
     return torch.cat(outputs)
 
 
-def _generate_batch(model, input_ids, attention_mask, config, generator, progress) -> torch.Tensor:
-    batch, prompt_length = input_ids.shape
-    num_tokens = model.num_image_tokens
+def prefill_guided_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config):
+    """The prompts [B, T] (``attention_mask`` [B, T]) and their unconditional twins, stacked [cond; uncond],
+    prefilled into a new KV cache with room for every image token: (each row's last hidden state [2B, hidden],
+    each row's next position [2B, 1], the cache). ``generate`` and the server's image rows start here."""
     text = model.text_model
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     rows = torch.cat([input_ids, unconditional_prompt(input_ids, config.bos_token_id, model.begin_image_token_id,
                                                       pad_id)])
     mask = attention_mask.repeat(2, 1)
     positions = prompt_positions(mask)
-    cache = text.new_cache(2 * batch, prompt_length + num_tokens)
+    cache = text.new_cache(rows.shape[0], rows.shape[1] + model.num_image_tokens)
     hidden = text(text.embed_tokens(rows), positions, mask, cache, last_position_only=True)[:, -1]
-    next_position = positions[:, -1:] + 1
+    return hidden, positions[:, -1:] + 1, cache
+
+
+def _generate_batch(model, input_ids, attention_mask, config, generator, progress) -> torch.Tensor:
+    batch, num_tokens = input_ids.shape[0], model.num_image_tokens
+    hidden, next_position, cache = prefill_guided_rows(model, input_ids, attention_mask, config)
     tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
     for step in range(num_tokens):
         token = image_step.guided_image_token(model.model.generation_head(hidden), config, generator)

@@ -89,8 +89,8 @@ class GrammarConstraint:
     not seen yet (those after the prompt's ``prompt_length``), so the processor needs nothing but
     ``input_ids``. The matcher fills an int32 bitmask [rows, ceil(vocab_size / 32)] on the CPU
     (``vocab_size``: the grammar tokenizer's; scores past it are never allowed), numpy unpacks its bits
-    and applies them to float CPU scores (single-threaded passes, where torch's elementwise ops would
-    each wake its thread pool); on other devices and dtypes one ``torch.where`` applies them."""
+    and one ``torch.where`` applies them (the decode loops run it on one thread: see
+    ``cpu_kernels.torch_ops_on_one_thread``)."""
 
     def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0):
         self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
@@ -115,9 +115,6 @@ class GrammarConstraint:
             row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + b * words * 4, filled * 4)
         # bit i of word w is token 32 * w + i: little-endian int32 words read as bytes, bits unpacked LSB first
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :scores.shape[-1]].view(np.bool_)
-        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
-            # numpy's single pass: torch's parallel where costs milliseconds when the CPU's cores are busy
-            return torch.from_numpy(np.where(allowed, scores.numpy(), -np.inf).astype(scores.numpy().dtype, copy=False))
         return torch.where(torch.from_numpy(allowed).to(scores.device), scores, -torch.inf)
 
 

@@ -330,11 +330,8 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K);
   }
   if (G > 0) int4_x.emplace(x, B, K, G);
-  // bf16 weights: with one activation row a step only streams weights, and the AVX2 kernel (one weight row
-  // at a time) keeps up with memory; from two rows on (a CFG image step) the AVX-512 tiles do fewer
-  // instructions per weight (Janus-Pro-1B shape on 2 Zen 4 cores, 2026-12-06: a 2-row step 74-76 against
-  // 77-80 ms, 4 rows 100 against 136 ms).
-  const bool avx512_bf16 = avx512 && B >= 2;
+  // bf16 weights on AVX-512 BF16: the vdpbf16ps kernel for any number of rows (see avx512_bf16_rows).
+  const bool avx512_bf16 = avx512;
   std::vector<BFloat16> bf16_x;  // the AVX-512 kernel multiplies bf16 pairs: x holds bf16 values already
   if (avx512_bf16 && std::any_of(weights.begin(), weights.end(), [](const PackedWeight& w) { return !w.quantized(); })) {
     bf16_x.assign(x, x + B * K);

@@ -1,10 +1,13 @@
 """nn/decoder.py's DecoderModel: a prefill that asks for its last position alone gets what the full
-forward gives there, and leaves the same keys/values in the cache."""
+forward gives there, and leaves the same keys/values in the cache; the rotary of a decode step keeps off
+torch's thread pool."""
 
 import pytest
 import torch
 
+from vlmkit.nn.cpu_kernels import kernels_enabled
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
+from vlmkit.nn.rotary import FEW_POSITIONS, RotaryEmbedding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,3 +31,24 @@ def test_last_position_only_prefill_equals_the_full_forward_at_its_last_position
     written = (slice(None), slice(None), slice(None), slice(0, 7))
     assert torch.equal(last_cache.keys[written], full_cache.keys[written])
     assert torch.equal(last_cache.values[written], full_cache.values[written])
+
+
+@pytest.mark.skipif(not kernels_enabled(), reason="needs vlmkit's CPU kernels (x86 with AVX2 and FMA)")
+def test_a_decode_steps_rotary_runs_on_one_thread_and_a_prefills_on_all(monkeypatch):
+    """torch's cos/sin start MKL's OpenMP team even for a decode step's 128 values, and that team then spins on
+    the cores the decode kernels need: a decode step's rotary runs on one thread, a long prefill's on all."""
+    threads_seen = []
+    original_cos = torch.Tensor.cos
+    monkeypatch.setattr(torch.Tensor, "cos", lambda self: threads_seen.append(torch.get_num_threads())
+                        or original_cos(self))
+    rotary = RotaryEmbedding(64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step_cos, _ = rotary(torch.tensor([[5], [9]]), torch.bfloat16)
+        prefill_cos, _ = rotary(torch.arange(FEW_POSITIONS + 1)[None], torch.bfloat16)
+        assert threads_seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    # the same values whichever way they were computed
+    assert torch.equal(step_cos[1], prefill_cos[0, 9:10])

@@ -1,9 +1,12 @@
 """Rotary position embeddings (RoPE), with the scaling types LLaMA-family configs use."""
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from .cpu_kernels import torch_ops_on_one_thread
 
 
 def rope_settings(config: dict) -> tuple[float, dict]:
@@ -38,6 +41,10 @@ def _inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[to
     raise ValueError(f"rope scaling type {rope_type!r} is not supported")
 
 
+# At most this many positions (decode steps of a batch) compute their cos/sin on one thread.
+FEW_POSITIONS = 64
+
+
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for given positions in float32, as the references do, then casts."""
 
@@ -54,7 +61,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq[None, :, None].float()
         positions = position_ids[:, None, :].float()
-        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        # A decode step's few positions on one thread: torch's cos/sin go through MKL, which starts its OpenMP
+        # team even for 128 values, and that team then spins on the cores the decode kernels need.
+        one_thread = torch_ops_on_one_thread(positions) if positions.numel() <= FEW_POSITIONS else nullcontext()
+        with one_thread, torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = (inv_freq @ positions).transpose(1, 2)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * self.attention_scaling

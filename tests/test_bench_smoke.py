@@ -105,3 +105,11 @@ def test_nothing_in_the_package_imports_benchmarks_or_edits_sys_path():
     offenders = {str(path.relative_to(PACKAGE.parent)): reaches for path in sorted(PACKAGE.rglob("*.py"))
                  if (reaches := outside_reaches(path.read_text()))}
     assert offenders == {}
+
+
+def test_a_whole_image_counts_the_prompts_prefill_once_and_every_further_token_at_the_mean_step():
+    from vlmkit.bench.families import Janus
+    family = Janus.__new__(Janus)  # no checkpoint: the timing of a run is given
+    family.image_token_times = lambda engine, steps, images=1: (2.0, [0.1, 0.3, 0.2])
+    family.num_image_tokens = lambda: 576
+    assert abs(family.image_loop_seconds("vlmkit", 4) - (2.0 + 575 * 0.2)) < 1e-9

@@ -118,21 +118,11 @@ class Janus(Family):
                                              add_generation_prompt=True)
         return processor(text=text, generation_mode="image", return_tensors="pt")
 
-    def text_to_image_tokens(self, engine: str, steps: int, seed: int = 0, images: int = 1) -> torch.Tensor:
+    def image_token_times(self, engine: str, steps: int, seed: int = 0, images: int = 1) -> tuple[float, list[float]]:
         """The image-token loop (CFG, sampling) for the first ``steps`` of the image's tokens, ``images``
-        pictures of one prompt at once (each two rows with guidance)."""
-        model, inputs = self.models[engine], self.image_prompt(engine)
-        with torch.no_grad(), _image_token_limit(engine, model, steps):
-            if engine == "vlmkit":
-                return model.generate(**inputs, generation_mode="image", do_sample=True, seed=seed,
-                                      num_return_sequences=images)
-            torch.manual_seed(seed)
-            return model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True,
-                                  num_return_sequences=images)
-
-    def image_step_seconds(self, engine: str, steps: int, seed: int = 0) -> list[float]:
-        """The seconds between consecutive image tokens over the first ``steps`` of one image: each a CFG
-        step (both rows through the decoder, the guidance, the draw). vlmkit reports each token through
+        pictures of one prompt at once (each two rows with guidance): (seconds from the call to the first
+        image token, which holds the prompt's prefill; the seconds between consecutive tokens, each a CFG
+        step: both rows through the decoder, the guidance, the draw). vlmkit reports each token through
         ``on_step``, transformers' loop calls its logits processors once a step."""
         model, inputs = self.models[engine], self.image_prompt(engine)
         times = []
@@ -140,15 +130,23 @@ class Janus(Family):
         def stamp(input_ids, scores):
             times.append(time.perf_counter())
             return scores
+        start = time.perf_counter()
         with torch.no_grad(), _image_token_limit(engine, model, steps):
             if engine == "vlmkit":
                 model.generate(**inputs, generation_mode="image", do_sample=True, seed=seed,
-                               on_step=lambda done, total: stamp(None, None))
+                               num_return_sequences=images, on_step=lambda done, total: stamp(None, None))
             else:
                 torch.manual_seed(seed)
                 model.generate(**inputs, generation_mode="image", do_sample=True, use_cache=True,
+                               num_return_sequences=images,
                                logits_processor=quiet_transformers().LogitsProcessorList([stamp]))
-        return [b - a for a, b in zip(times, times[1:])]
+        return times[0] - start, [b - a for a, b in zip(times, times[1:])]
+
+    def image_loop_seconds(self, engine: str, steps: int, images: int = 1) -> float:
+        """Seconds for all of an image's tokens, from a run of its first ``steps``: the prefill once, then
+        every further token at the mean step time measured (exact when ``steps`` covers the image)."""
+        first, gaps = self.image_token_times(engine, steps, images=images)
+        return first + (self.num_image_tokens() - 1) * sum(gaps) / len(gaps)
 
     def num_image_tokens(self) -> int:
         model = self.models.get("vlmkit") or self.models["transformers"]

@@ -172,7 +172,7 @@ def child(args) -> None:
            "decode_samples_ms": steps, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
     if args.image_steps:
         # text-to-image: the median CFG step (two rows) of the first image_steps tokens, per repeat
-        image = [median(family.image_step_seconds(engine, args.image_steps + 1)) * 1e3 for _ in range(args.repeats)]
+        image = [median(family.image_token_times(engine, args.image_steps + 1)[1]) * 1e3 for _ in range(args.repeats)]
         row.update(image_step_ms=median(image), image_step_samples_ms=image,
                    image_step_vs_decode_step=median(image) / decode_ms)
     print(json.dumps(row))

@@ -114,16 +114,15 @@ def decode_steps(family, batch: int, args, bound_ms: float) -> dict:
 
 
 def image_generation(family, args, bandwidth: float, result: dict) -> dict:
-    """Janus text-to-image, one image: the CFG image-token loop (``--steps`` of its tokens, scaled to
-    all of them) and the VQ decoder (on a ``--vq-grid`` square of tokens, scaled by pixel count:
-    the decoder is convolutional), and their sum."""
+    """Janus text-to-image, one image: the CFG image-token loop (the prompt's prefill once, then ``--steps``
+    of its tokens, the rest at their mean step time) and the VQ decoder (on a ``--vq-grid`` square of
+    tokens, scaled by pixel count: the decoder is convolutional), and their sum."""
     total = family.num_image_tokens()
-    steps = min(args.steps, total)
+    steps = max(2, min(args.steps, total))
     for engine in ENGINES:  # warm-up: a couple of steps and a one-token VQ decode
-        family.text_to_image_tokens(engine, 2)
+        family.image_token_times(engine, 2)
         family.decode_image(engine, 1)
-    loop = alternate({e: lambda e=e: timed(lambda: family.text_to_image_tokens(e, steps)) * total / steps
-                      for e in ENGINES}, args.repeats, warmup=0)
+    loop = alternate({e: lambda e=e: family.image_loop_seconds(e, steps) for e in ENGINES}, args.repeats, warmup=0)
     loop_entry = metric("s", loop)
     step_bytes = result["image_step_weight_bytes"] = family.image_step_weight_bytes()
     bound_s = total * step_bytes / bandwidth / 1e9
@@ -142,8 +141,8 @@ def image_generation(family, args, bandwidth: float, result: dict) -> dict:
     total_entry = metric("s", {e: [t + vq_entry[e] for t in loop[e]] for e in ENGINES})
     figures = {"image_token_loop_s": loop_entry, "vq_decode_s": vq_entry, "text_to_image_s_per_image": total_entry}
     for n in args.images_at_once:  # throughput: n pictures of one prompt drawn together, VQ-decoded one by one
-        batch = alternate({e: lambda e=e: timed(lambda: family.text_to_image_tokens(e, steps, images=n)) * total / steps
-                           for e in ENGINES}, args.repeats, warmup=0)
+        batch = alternate({e: lambda e=e: family.image_loop_seconds(e, steps, images=n) for e in ENGINES},
+                          args.repeats, warmup=0)
         per_minute = {e: [60 * n / (t + n * vq_entry[e]) for t in batch[e]] for e in ENGINES}
         entry = metric("images/min", per_minute)
         entry["ratio"] = entry["transformers"] / entry["vlmkit"]  # as for times: below 1, vlmkit is faster
@@ -186,8 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--quantize", help="also time decode with quantized weights on the Janus checkpoint: "
                         "int8, int4, bnb, bnb8 or all (comma-separated), beside transformers and vlmkit in bf16")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per generate call")
-    parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image "
-                                                               "(scaled to the full image; 576 = all)")
+    parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image: the "
+                        "prompt's prefill once, then the rest of the image's tokens at the mean step time of these "
+                        "(576 = all, measured whole)")
     parser.add_argument("--vq-grid", type=int, default=4,
                         help="VQ-decode an NxN square of image tokens and scale by pixel count (0 = the whole "
                              "image; transformers' bf16 convolutions need about 10 minutes for a whole image on "

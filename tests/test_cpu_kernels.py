@@ -88,8 +88,10 @@ def test_linear_kernel_matches_torch_for_several_weights_at_once(isa, rows, widt
 @needs_kernels
 # grouped query heads are attended together (more than 8 per KV head in passes of 8), and split across
 # threads when there are fewer (row, KV head) pairs than threads
+# (one or two query heads per KV head: keys four at a time, with padding inside a group of four)
 @pytest.mark.parametrize("heads,kv_heads,keys,threads", [(4, 4, 1, 2), (8, 2, 37, 2), (6, 3, 300, 2),
-                                                         (14, 2, 129, 2), (24, 2, 50, 2), (14, 2, 70, 8)])
+                                                         (14, 2, 129, 2), (24, 2, 50, 2), (14, 2, 70, 8),
+                                                         (4, 4, 70, 2), (4, 4, 70, 1), (6, 3, 71, 2)])
 def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, kv_heads, keys, threads):
     cache_k, cache_v = bf16(2, kv_heads, 512, 64, seed=1), bf16(2, kv_heads, 512, 64, seed=2)
     q = bf16(2, 1, heads, 64, seed=3).transpose(1, 2)

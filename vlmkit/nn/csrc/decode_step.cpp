@@ -71,7 +71,30 @@ void attend_heads(const BFloat16* q, int64_t heads, const BFloat16* k, const BFl
   std::vector<float> top(heads, -std::numeric_limits<float>::infinity()), total(heads, 0.f);
   for (int64_t h0 = 0; h0 < heads; h0 += kMaxHeads) {
     const int64_t count = std::min(kMaxHeads, heads - h0);
-    for (int64_t j = 0; j < L; ++j) {
+    int64_t j = 0;
+    if (count <= 2) {
+      // One or two heads per KV head (no grouped queries: LLaMA, Janus): four keys at a time, or each
+      // dot product would wait on its one chain of dependent multiply-adds (latency-bound, not memory).
+      for (; j + 4 <= L; j += 4) {
+        __m256 dot[4][2];
+        for (int t = 0; t < 4; ++t) dot[t][0] = dot[t][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          for (int t = 0; t < 4; ++t) {
+            const __m256 kv = load_bf16x8(k + (j + t) * key_stride + d);
+            for (int64_t h = 0; h < count; ++h) dot[t][h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(&qf[(h0 + h) * D + d]), dot[t][h]);
+          }
+        }
+        for (int t = 0; t < 4; ++t) {
+          const bool masked = valid != nullptr && !valid[j + t];
+          for (int64_t h = 0; h < count; ++h) {
+            const float score = masked ? -std::numeric_limits<float>::infinity() : horizontal_sum(dot[t][h]);
+            scores[(h0 + h) * L + j + t] = score;
+            top[h0 + h] = std::max(top[h0 + h], score);
+          }
+        }
+      }
+    }
+    for (; j < L; ++j) {
       if (valid != nullptr && !valid[j]) {
         for (int64_t h = h0; h < h0 + count; ++h) scores[h * L + j] = -std::numeric_limits<float>::infinity();
         continue;
@@ -135,6 +158,23 @@ void attend_all(int64_t B, int64_t H, int64_t Hkv, const Attend& attend) {
 // Python layer computes, up to the order of sums.
 inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
 
+// v[i] = bf16_round(v[i]) for n values, 8 at a time (round_to_bf16x8 rounds as c10::BFloat16 does).
+inline void round_in_place(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, widen_bf16x8(round_to_bf16x8(_mm256_loadu_ps(v + i))));
+  for (; i < n; ++i) v[i] = bf16_round(v[i]);
+}
+
+// x[i] = bf16_round(x[i] + add[i]): a residual sum as torch's bf16 add rounds it.
+inline void add_rounded(float* x, const float* add, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(add + i));
+    _mm256_storeu_ps(x + i, widen_bf16x8(round_to_bf16x8(sum)));
+  }
+  for (; i < n; ++i) x[i] = bf16_round(x[i] + add[i]);
+}
+
 // RMSNorm as the references write it: fp32 statistics, x * rsqrt(mean(x^2) + eps) rounded, times weight.
 void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight, float eps, float* out) {
   for (int64_t b = 0; b < B; ++b) {
@@ -148,7 +188,13 @@ void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight,
     float squares = horizontal_sum(acc);
     for (; d < D; ++d) squares += row[d] * row[d];
     const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
-    for (d = 0; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
+    const __m256 scale = _mm256_set1_ps(inverse);
+    for (d = 0; d + 8 <= D; d += 8) {
+      const __m256 normed = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(row + d), scale)));
+      const __m256 weighted = _mm256_mul_ps(load_bf16x8(weight + d), normed);
+      _mm256_storeu_ps(out + b * D + d, widen_bf16x8(round_to_bf16x8(weighted)));
+    }
+    for (; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
   }
 }
 
@@ -169,13 +215,13 @@ struct Projection {
     int64_t column = 0;
     for (size_t i = 0; i < packed.list.size(); ++i) {
       at::Tensor bias = biases.empty() ? at::Tensor() : biases[i].to(at::kFloat).contiguous();
-      const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
       for (int64_t b = 0; b < B; ++b) {
-        for (int64_t j = 0; j < rows[i]; ++j) {
-          float& v = y[b * N + column + j];
-          if (packed.list[i].quantized()) v = bf16_round(v);
-          if (bp != nullptr) v += bp[j];
-          v = bf16_round(v);
+        float* out = y.data() + b * N + column;
+        if (packed.list[i].quantized() && bias.defined()) round_in_place(out, rows[i]);
+        if (bias.defined()) {
+          add_rounded(out, bias.const_data_ptr<float>(), rows[i]);
+        } else {
+          round_in_place(out, rows[i]);
         }
       }
       column += rows[i];
@@ -189,6 +235,16 @@ struct Projection {
 // x * cos + rotate_half(x) * sin for one head, with torch's bf16 rounding of each product and the sum.
 inline void rotate(const float* x, const BFloat16* cos, const BFloat16* sin, int64_t hd, BFloat16* out) {
   const int64_t half = hd / 2;
+  if (half % 8 == 0) {
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 turned = i < half ? _mm256_xor_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + i + half))
+                                     : _mm256_loadu_ps(x + i - half);
+      const __m256 straight = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x + i), load_bf16x8(cos + i))));
+      const __m256 across = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(turned, load_bf16x8(sin + i))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), round_to_bf16x8(_mm256_add_ps(straight, across)));
+    }
+    return;
+  }
   for (int64_t i = 0; i < hd; ++i) {
     const float turned = i < half ? -x[i + half] : x[i - half];
     out[i] = static_cast<BFloat16>(bf16_round(x[i] * static_cast<float>(cos[i])) +
@@ -292,7 +348,7 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   std::vector<float> attended_f(attended.begin(), attended.end());
   const Projection attention_out(attended_f.data(), B, H * hd, {o}, o_bias);
   TORCH_CHECK(attention_out.N == D, kLayerStep, ": the output projection gives ", attention_out.N, " features, not ", D);
-  for (int64_t i = 0; i < B * D; ++i) x[i] = bf16_round(x[i] + attention_out.y[i]);
+  add_rounded(x.data(), attention_out.y.data(), B * D);
 
   // MLP block: down(silu(gate(x)) * up(x))
   rms_norm_rows(x.data(), B, D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
@@ -302,16 +358,26 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   const std::vector<float>& gated = gate_up.y;
   std::vector<float> product(B * I);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t j = 0; j < I; ++j) {
-      const float g = gated[b * 2 * I + j], u = gated[b * 2 * I + I + j];
-      product[b * I + j] = bf16_round(bf16_round(g / (1.f + std::exp(-g))) * u);
+    const float* gate_row = gated.data() + b * 2 * I;
+    const float* up_row = gate_row + I;
+    int64_t j = 0;
+    for (; j + 8 <= I; j += 8) {
+      const __m256 g = _mm256_loadu_ps(gate_row + j);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const __m256 silu = widen_bf16x8(round_to_bf16x8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e))));
+      _mm256_storeu_ps(&product[b * I + j], widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(silu, _mm256_loadu_ps(up_row + j)))));
+    }
+    for (; j < I; ++j) {
+      const float g = gate_row[j];
+      product[b * I + j] = bf16_round(bf16_round(g / (1.f + std::exp(-g))) * up_row[j]);
     }
   }
   const Projection mlp_out(product.data(), B, I, {down}, {});
   TORCH_CHECK(mlp_out.N == D, kLayerStep, ": the down projection gives ", mlp_out.N, " features, not ", D);
   at::Tensor result = at::empty({B, 1, D}, hidden.options());
   BFloat16* rp = result.data_ptr<BFloat16>();
-  for (int64_t i = 0; i < B * D; ++i) rp[i] = static_cast<BFloat16>(x[i] + mlp_out.y[i]);
+  add_rounded(x.data(), mlp_out.y.data(), B * D);
+  std::copy(x.begin(), x.end(), rp);
   return result;
 }
 

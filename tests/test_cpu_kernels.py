@@ -225,7 +225,7 @@ def test_int8_kernel_matches_the_dequantized_float_product(isa, rows, outputs, i
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,outputs,inputs,group,with_bias", [
     (1, 301, 96, 32, True), (1, 7, 512, 128, False), (3, 45, 320, 64, True), (6, 130, 256, 256, False),
-    (9, 33, 160, 32, True), (2, 5, 64, 64, False), (5, 3, 192, 64, True)])
+    (9, 33, 160, 32, True), (2, 5, 64, 64, False), (5, 3, 192, 64, True), (2, 19, 384, 128, True)])
 def test_int4_kernel_matches_the_dequantized_float_product(isa, dtype, rows, outputs, inputs, group, with_bias):
     generator = torch.Generator().manual_seed(rows * outputs)
     values = torch.randint(0, 16, (outputs, inputs), dtype=torch.uint8, generator=generator)

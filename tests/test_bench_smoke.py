@@ -48,6 +48,7 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
         decode = metrics[f"decode_ms_per_step_batch{batch}"]
         assert {"vlmkit_tokens_per_s", "transformers_tokens_per_s", "vlmkit_pct_of_bandwidth_bound",
                 "transformers_pct_of_bandwidth_bound"} <= set(decode)
+        assert decode["bandwidth_gb_s"] > 0
     assert metrics["image_token_loop_s"]["steps_run"] == 2
     assert metrics["images_per_minute_n2"]["unit"] == "images/min"
     assert "text-to-image: 2 at once, images/min" in result.stdout
@@ -113,3 +114,9 @@ def test_a_whole_image_counts_the_prompts_prefill_once_and_every_further_token_a
     family.image_token_times = lambda engine, steps, images=1: (2.0, [0.1, 0.3, 0.2])
     family.num_image_tokens = lambda: 576
     assert abs(family.image_loop_seconds("vlmkit", 4) - (2.0 + 575 * 0.2)) < 1e-9
+
+
+def test_the_share_of_the_bound_takes_each_rounds_own_bandwidth():
+    from vlmkit.bench.measure import pct_of_bound
+    # 1 GB a step: at 10 GB/s a 0.1 s step is at the bound (100%), at 20 GB/s it is at half (50%)
+    assert pct_of_bound(10**9, [10.0, 20.0], [0.1, 0.1]) == 75.0

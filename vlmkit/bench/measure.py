@@ -3,6 +3,7 @@ bandwidth, and peak resident memory of a child process."""
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import subprocess
@@ -65,10 +66,23 @@ def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 9) -> float:
     """Memory-read bandwidth with torch's current thread count: the median of ``repeats`` sums of a float32
     tensor far larger than the caches, of random values (a VM may back identical pages, such as a tensor
     of ones, by shared memory). The median, not the best: on a shared VM single sums have come out at
-    twice what the memory can do."""
+    twice what the memory can do. The tensor is made once per size and kept."""
+    data = _bandwidth_tensor(gib)
+    return data.numel() * 4 / median([timed(data.sum) for _ in range(repeats)]) / 1e9
+
+
+@functools.lru_cache(maxsize=1)
+def _bandwidth_tensor(gib: float) -> torch.Tensor:
     data = torch.rand(int(gib * 1024**3) // 4)
     data.sum()
-    return data.numel() * 4 / median([timed(data.sum) for _ in range(repeats)]) / 1e9
+    return data
+
+
+def pct_of_bound(weight_bytes: int, bandwidths_gb_s: list[float], step_seconds: list[float]) -> float:
+    """The median over rounds of (bandwidth bound / step time) in %, each round's bound from the bandwidth
+    measured in that round: on a shared VM the bandwidth moves by half within minutes."""
+    return median([100 * weight_bytes / (bandwidth * 1e9) / seconds
+                   for bandwidth, seconds in zip(bandwidths_gb_s, step_seconds)])
 
 
 def peak_rss_in_child(argv: list[str], timeout: float = 1800) -> dict:

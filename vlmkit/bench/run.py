@@ -4,7 +4,7 @@
 Builds random-weight checkpoints of the real architectures (or tiny ones), loads both engines, and
 times them alternately (A B A B ..., medians): image preprocessing, first token for one image and a
 short question, decode steps at batch 1 and 4 (also as a share of the memory-bandwidth bound: the
-weight bytes a step reads over the read bandwidth measured here), Janus text-to-image, a repeated
+weight bytes a step reads over the read bandwidth measured in the same round), Janus text-to-image, a repeated
 image (vision features cached by content), and peak RSS of each engine in a child process.
 Prints a table; ``--json`` writes every figure."""
 
@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .checkpoints import checkpoint
 from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
-from .measure import StepTimer, alternate, median, memory_bandwidth_gb_s, peak_rss_in_child, peak_rss_mb, timed
+from .measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, pct_of_bound, peak_rss_in_child,
+                      peak_rss_mb, timed)
 from .quantized import add_llama_cpp_arguments
 from .report import metric, print_table
 
@@ -42,12 +44,12 @@ def available_families() -> list[str]:
     return names
 
 
-def bench_family(name: str, args, bandwidth: float, log) -> dict:
+def bench_family(name: str, args, measure_bandwidth: Callable[[], float], log) -> dict:
     folder = checkpoint(name, args.size, Path(args.cache_dir))
     log(f"[{name}] checkpoint {folder}; loading both engines")
     result = {"checkpoint": str(folder)}
     # both engines live only inside timed_figures: they are freed before the memory probes
-    result.update(timed_figures(FAMILIES[name](folder, DTYPES[args.dtype]), args, bandwidth, log))
+    result.update(timed_figures(FAMILIES[name](folder, DTYPES[args.dtype]), args, measure_bandwidth, log))
     gc.collect()
     if not args.skip_rss:
         result["metrics"]["peak_rss_mb"] = peak_rss(name, folder, args)
@@ -55,11 +57,12 @@ def bench_family(name: str, args, bandwidth: float, log) -> dict:
     return result
 
 
-def timed_figures(family, args, bandwidth: float, log) -> dict:
-    """Every timed figure of one family, both engines loaded in ``family``."""
+def timed_figures(family, args, measure_bandwidth: Callable[[], float], log) -> dict:
+    """Every timed figure of one family, both engines loaded in ``family``; ``measure_bandwidth()`` runs in
+    each round of the figures that are compared with the memory-bandwidth bound."""
     name = family.name
     weight_bytes = family.decode_weight_bytes()
-    result = {"decode_weight_bytes": weight_bytes, "bandwidth_bound_ms": weight_bytes / bandwidth / 1e6}
+    result = {"decode_weight_bytes": weight_bytes}
     metrics = result["metrics"] = {}
     picture = test_image(0)  # 640x480, one per call
     metrics["preprocess_ms_per_image"] = metric("ms", alternate(
@@ -68,10 +71,11 @@ def timed_figures(family, args, bandwidth: float, log) -> dict:
     metrics.update(first_tokens(family, args.first_token_repeats or args.repeats))
     log(f"[{name}] first token done")
     for batch in (1, 4):
-        metrics[f"decode_ms_per_step_batch{batch}"] = decode_steps(family, batch, args, result["bandwidth_bound_ms"])
+        metrics[f"decode_ms_per_step_batch{batch}"] = decode_steps(family, batch, args, weight_bytes, measure_bandwidth)
         log(f"[{name}] decode batch {batch} done")
+    result["bandwidth_bound_ms"] = weight_bytes / metrics["decode_ms_per_step_batch1"]["bandwidth_gb_s"] / 1e6
     if name == "janus" and not args.skip_image_generation:
-        metrics.update(image_generation(family, args, bandwidth, result))
+        metrics.update(image_generation(family, args, measure_bandwidth, result))
         log(f"[{name}] text-to-image done")
     return result
 
@@ -96,9 +100,10 @@ def first_tokens(family, repeats: int) -> dict:
     return metrics
 
 
-def decode_steps(family, batch: int, args, bound_ms: float) -> dict:
+def decode_steps(family, batch: int, args, weight_bytes: int, measure_bandwidth: Callable[[], float]) -> dict:
     """Milliseconds per decode step (the median time between consecutive new tokens) after short text
-    prompts, ``batch`` of them at once; the weights a step reads do not depend on the prompt."""
+    prompts, ``batch`` of them at once; the weights a step reads do not depend on the prompt. Each round
+    also measures the memory bandwidth, for the step's share of its bound in that round."""
     inputs = {e: family.chat_inputs(e, [], TEXT_PROMPTS[:batch]) for e in ENGINES}
 
     def steps(engine):
@@ -106,14 +111,18 @@ def decode_steps(family, batch: int, args, bound_ms: float) -> dict:
         family.generate(engine, inputs[engine], args.decode_tokens + 1, timer)
         return median(timer.step_seconds()) * 1e3
 
-    entry = metric("ms", alternate({e: lambda e=e: steps(e) for e in ENGINES}, args.repeats))
+    samples = alternate({**{e: lambda e=e: steps(e) for e in ENGINES}, "bandwidth": measure_bandwidth}, args.repeats)
+    bandwidths = samples.pop("bandwidth")
+    entry = metric("ms", samples)
+    entry["bandwidth_gb_s"] = median(bandwidths)
     for engine in ENGINES:
         entry[f"{engine}_tokens_per_s"] = batch * 1e3 / entry[engine]
-        entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_ms / entry[engine]
+        entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(weight_bytes, bandwidths,
+                                                                 [ms / 1e3 for ms in samples[engine]])
     return entry
 
 
-def image_generation(family, args, bandwidth: float, result: dict) -> dict:
+def image_generation(family, args, measure_bandwidth: Callable[[], float], result: dict) -> dict:
     """Janus text-to-image, one image: the CFG image-token loop (the prompt's prefill once, then ``--steps``
     of its tokens, the rest at their mean step time) and the VQ decoder (on a ``--vq-grid`` square of
     tokens, scaled by pixel count: the decoder is convolutional), and their sum."""
@@ -122,13 +131,15 @@ def image_generation(family, args, bandwidth: float, result: dict) -> dict:
     for engine in ENGINES:  # warm-up: a couple of steps and a one-token VQ decode
         family.image_token_times(engine, 2)
         family.decode_image(engine, 1)
-    loop = alternate({e: lambda e=e: family.image_loop_seconds(e, steps) for e in ENGINES}, args.repeats, warmup=0)
+    loop = alternate({**{e: lambda e=e: family.image_loop_seconds(e, steps) for e in ENGINES},
+                      "bandwidth": measure_bandwidth}, args.repeats, warmup=0)
+    bandwidths = loop.pop("bandwidth")
     loop_entry = metric("s", loop)
     step_bytes = result["image_step_weight_bytes"] = family.image_step_weight_bytes()
-    bound_s = total * step_bytes / bandwidth / 1e9
-    loop_entry.update(steps_run=steps, steps_per_image=total, bandwidth_bound_s=bound_s)
+    loop_entry.update(steps_run=steps, steps_per_image=total, bandwidth_gb_s=median(bandwidths),
+                      bandwidth_bound_s=total * step_bytes / median(bandwidths) / 1e9)
     for engine in ENGINES:
-        loop_entry[f"{engine}_pct_of_bandwidth_bound"] = 100 * bound_s / loop_entry[engine]
+        loop_entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(total * step_bytes, bandwidths, loop[engine])
 
     side = round(total ** 0.5)
     grid = min(args.vq_grid or side, side)
@@ -230,11 +241,12 @@ def main(argv=None) -> int:
     def log(message):
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    bandwidth = memory_bandwidth_gb_s(gib=0.25 if args.size == "tiny" else 1.0)
+    gib = 0.25 if args.size == "tiny" else 1.0
+    bandwidth = memory_bandwidth_gb_s(gib)
     log(f"memory-read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
     report = {"settings": settings(args), "memory_bandwidth_gb_s": bandwidth, "families": {}}
     for name in names:
-        report["families"][name] = bench_family(name, args, bandwidth, log)
+        report["families"][name] = bench_family(name, args, lambda: memory_bandwidth_gb_s(gib, repeats=5), log)
     print_table(report)
     if args.constrained and "janus" in names:  # the server's grammar-constrained step, vlmkit only
         from .constrained import constrained_decode_row

@@ -52,3 +52,33 @@ def test_a_decode_steps_rotary_runs_on_one_thread_and_a_prefills_on_all(monkeypa
         torch.set_num_threads(previous)
     # the same values whichever way they were computed
     assert torch.equal(step_cos[1], prefill_cos[0, 9:10])
+
+
+@pytest.mark.skipif(not kernels_enabled(), reason="needs vlmkit's CPU kernels (x86 with AVX2 and FMA)")
+def test_a_decode_steps_activations_and_small_products_run_on_one_thread(monkeypatch):
+    """torch's GELU (oneDNN) and small bf16 products start OpenMP teams for any size: Janus' image head and
+    aligner ran them twice a CFG step, and the teams spun on the next step's cores."""
+    from torch.nn import functional as F
+
+    from vlmkit.nn import activations
+    from vlmkit.nn.cpu_kernels import linear
+    threads_seen = []
+
+    def record(*args, original, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+    monkeypatch.setitem(activations._ACTIVATIONS, "gelu", lambda x: record(x, original=F.gelu))
+    monkeypatch.setattr(F, "linear", lambda *args, original=F.linear: record(*args, original=original))
+    gelu = activations.get_activation("gelu")
+    assert activations.get_activation("gelu") is gelu  # one wrapper per function: layers compare them by identity
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = torch.randn(2, 2048).bfloat16()
+        assert torch.equal(gelu(small), F.gelu(small))
+        gelu(torch.randn(activations.FEW_VALUES + 1).bfloat16())
+        linear(torch.randn(2, 8).bfloat16(), torch.randn(2048, 8).bfloat16())  # Janus' image aligner's fc1
+        linear(torch.randn(600, 8).bfloat16(), torch.randn(2048, 8).bfloat16())  # a prefill's many rows
+        assert threads_seen == [1, 2, 1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

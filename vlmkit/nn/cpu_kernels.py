@@ -93,6 +93,17 @@ def torch_ops_on_one_thread(tensor: torch.Tensor):
         torch.set_num_threads(threads)
 
 
+# A product of at most this many multiply-adds runs on one thread (well under a millisecond there).
+FEW_PRODUCT_VALUES = 1 << 20
+
+
+def on_one_thread_if_small(tensor: torch.Tensor, max_values: int):
+    """``torch_ops_on_one_thread`` for work on at most ``max_values`` values, which more threads cannot
+    speed up: some of torch's CPU ops (cos/sin through MKL, GELU through oneDNN) start their OpenMP team
+    however few the values, and the team then spins on the cores the decode kernels need."""
+    return torch_ops_on_one_thread(tensor) if tensor.numel() <= max_values else contextlib.nullcontext()
+
+
 def _build_directory() -> Path:
     root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
     digest = hashlib.sha256()
@@ -188,6 +199,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out[0]
     if _bf16_on_cpu(x, weight) and widen_bf16_cpu() and x.numel() > max_bf16_kernel_rows() * weight.shape[-1]:
         return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
+    # a small bf16 product (Janus' image aligner: 2 rows x 8 inputs) on one thread, as oneDNN starts its OpenMP
+    # team for any size (float32 products stay exactly torch's, threads and all)
+    if _bf16_on_cpu(x, weight):
+        with on_one_thread_if_small(x, FEW_PRODUCT_VALUES // max(weight.shape[0], 1)):
+            return F.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -1,12 +1,11 @@
 """Rotary position embeddings (RoPE), with the scaling types LLaMA-family configs use."""
 
 import math
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from .cpu_kernels import torch_ops_on_one_thread
+from .cpu_kernels import on_one_thread_if_small
 
 
 def rope_settings(config: dict) -> tuple[float, dict]:
@@ -61,10 +60,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq[None, :, None].float()
         positions = position_ids[:, None, :].float()
-        # A decode step's few positions on one thread: torch's cos/sin go through MKL, which starts its OpenMP
-        # team even for 128 values, and that team then spins on the cores the decode kernels need.
-        one_thread = torch_ops_on_one_thread(positions) if positions.numel() <= FEW_POSITIONS else nullcontext()
-        with one_thread, torch.autocast(device_type=position_ids.device.type, enabled=False):
+        # a decode step's few positions on one thread (torch's cos/sin start MKL's OpenMP team for any size)
+        with on_one_thread_if_small(positions, FEW_POSITIONS), \
+                torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = (inv_freq @ positions).transpose(1, 2)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * self.attention_scaling

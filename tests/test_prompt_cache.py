@@ -136,3 +136,24 @@ def test_next_chat_turn_replaces_the_turn_it_extends():
     assert length == 9 and source.tolist() == list(range(9))
     assert torch.equal(fresh.keys[:, :, :, :9], kv.keys[:, :, :, :9])
     assert cache.restore(model, torch.arange(12)[None], b"other media", fresh)[0] == 0
+
+
+def test_a_stored_prompt_is_a_view_of_its_requests_cache_which_decoding_leaves_intact(janus, sample_images):
+    """No copy of the keys/values (a fresh 118 MB for a Janus-Pro-1B image prompt): the entry views the
+    request's cache, whose later decode steps write only past the prompt."""
+    from vlmkit.generation.decode import decode_one_token
+    processor, model = janus
+    inputs = chat_inputs(processor, _question(sample_images["square"], "What is in the middle?"))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cache = model.new_cache(1, ids.shape[1] + 3)
+    with torch.no_grad():
+        logits = model.prefill(ids, mask, torch.arange(ids.shape[1])[None], cache, pixel_values=inputs["pixel_values"])
+        (entry,) = model.prompt_cache._entries.values()
+        assert entry.keys.untyped_storage().data_ptr() == cache.keys.untyped_storage().data_ptr()
+        stored = entry.keys.clone(), entry.values.clone()
+        token = logits.argmax(-1, keepdim=True)
+        for step in range(3):
+            token = decode_one_token(model, token, torch.tensor([[ids.shape[1] + step]]), cache).argmax(-1, keepdim=True)
+    assert cache.length == ids.shape[1] + 3
+    assert torch.equal(entry.keys, stored[0]) and torch.equal(entry.values, stored[1])
+    assert model.prompt_cache._bytes == entry.nbytes == cache.keys.nbytes + cache.values.nbytes

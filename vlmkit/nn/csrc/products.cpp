@@ -330,10 +330,10 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     if (w.kind == PackedWeight::Kind::kInt8 && !int8_x) int8_x.emplace(x, B, K);
   }
   if (G > 0) int4_x.emplace(x, B, K, G);
-  // bf16 weights on AVX-512 BF16: the vdpbf16ps kernel for any number of rows (see avx512_bf16_rows).
-  const bool avx512_bf16 = avx512;
-  std::vector<BFloat16> bf16_x;  // the AVX-512 kernel multiplies bf16 pairs: x holds bf16 values already
-  if (avx512_bf16 && std::any_of(weights.begin(), weights.end(), [](const PackedWeight& w) { return !w.quantized(); })) {
+  // bf16 weights on AVX-512 BF16 run the vdpbf16ps kernel for any number of rows (see avx512_bf16_rows); it
+  // multiplies bf16 pairs, and x holds bf16 values already
+  std::vector<BFloat16> bf16_x;
+  if (avx512 && std::any_of(weights.begin(), weights.end(), [](const PackedWeight& w) { return !w.quantized(); })) {
     bf16_x.assign(x, x + B * K);
   }
   const int64_t N = first_column.back(), blocks = first_block.back();
@@ -347,7 +347,7 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
       float* out = y + first_column[which];  // this weight's outputs start at its first column
       switch (w.kind) {
         case PackedWeight::Kind::kBFloat16:
-          if (avx512_bf16) {
+          if (avx512) {
             avx512_bf16_rows(bf16_x.data(), B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
           } else {
             rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);

@@ -35,7 +35,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     hidden = model.text_model(embeds, position_ids[:, start:], mask, cache, last_position_only=True)
     if embeds.shape[0] * embeds.shape[1] >= LONG_PREFILL_ROWS and embeds.device.type == "cpu":
         # a long prefill's activations are free now; glibc would keep them resident through the whole
-        # decode, beside the prompt cache's copy of the keys/values (Janus-Pro-1B, one image: ~180 MB)
+        # decode (Janus-Pro-1B, one image: ~180 MB)
         return_freed_memory()
     if use_prompt_cache:
         prompt_cache.store(model, input_ids, media, cache)

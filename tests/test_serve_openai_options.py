@@ -158,7 +158,10 @@ def test_logprobs_are_the_log_softmax_of_a_direct_forward_pass(builtin):
                                               logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True}, stream=True)
     pieces = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
               for e in chunk.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in entries]
+    # the same answer; its logprobs up to the rounding of a differently shaped prefill (the second request
+    # reuses the first one's prompt keys/values from the prompt cache)
+    assert [e.token for e in pieces] == [e.token for e in entries]
+    assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in entries], abs=1e-5)
 
 
 def test_penalised_logprobs_are_the_forward_pass_scores_less_openais_penalties(builtin):

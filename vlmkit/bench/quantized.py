@@ -113,7 +113,7 @@ def add_llama_cpp_arguments(parser) -> None:
 def _run_child(folder, name: str, args) -> dict:
     argv = [sys.executable, "-m", "vlmkit.bench.quantized", "--child", name, "--checkpoint", str(folder),
             "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens),
-            "--image-steps", str(getattr(args, "image_steps", 0))]
+            "--image-steps", str(args.image_steps)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=getattr(args, "child_timeout", 3600))
     if result.returncode != 0:
         raise RuntimeError(f"quantized benchmark child {name!r} failed:\n{result.stderr[-3000:]}")

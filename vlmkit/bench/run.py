@@ -260,8 +260,9 @@ def main(argv=None) -> int:
     if args.quantize:  # decode with quantized weights, on the Janus checkpoint, each variant in a child
         from .quantized import quantized_decode_rows, table_lines
         # each variant's image-token step too (its own CFG loop, the first steps of an image), unless skipped
-        args.image_steps = 0 if args.skip_image_generation else min(args.steps, 48)
-        rows = quantized_decode_rows(checkpoint("janus", args.size, Path(args.cache_dir)), args, log)
+        image_steps = 0 if args.skip_image_generation else min(args.steps, 48)
+        rows = quantized_decode_rows(checkpoint("janus", args.size, Path(args.cache_dir)),
+                                     argparse.Namespace(**{**vars(args), "image_steps": image_steps}), log)
         report["quantized_janus"] = rows
         print("\njanus (" + args.size + " size), quantized weights:\n" + "\n".join(table_lines(rows)))
     if args.json:

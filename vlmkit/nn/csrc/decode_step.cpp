@@ -155,9 +155,8 @@ void attend_all(int64_t B, int64_t H, int64_t Hkv, const Attend& attend) {
 
 // Every intermediate of the layer step is rounded to bf16 where torch's bf16 ops round it (after each norm,
 // projection, rotary product and sum, activation, product and residual sum), so it computes what the
-// Python layer computes, up to the order of sums.
-inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
-
+// Python layer computes, up to the order of sums (bf16_round: products.h).
+//
 // v[i] = bf16_round(v[i]) for n values, 8 at a time (round_to_bf16x8 rounds as c10::BFloat16 does).
 inline void round_in_place(float* v, int64_t n) {
   int64_t i = 0;

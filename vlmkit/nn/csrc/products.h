@@ -27,6 +27,9 @@ inline __m256 load_bf16x8(const BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
+// v rounded to bf16 and back: where torch's bf16 ops round an intermediate.
+inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
+
 // 8 fp32 values rounded to bf16 (to nearest, ties to even, as c10::BFloat16 rounds; NaN stays NaN).
 inline __m128i round_to_bf16x8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);

@@ -18,7 +18,6 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 8;
 
-inline float bf16_round(float v) { return static_cast<float>(static_cast<BFloat16>(v)); }
 
 void rms_norm_row(const BFloat16* x, int64_t D, const BFloat16* weight, float eps, BFloat16* out) {
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();

@@ -52,6 +52,17 @@ def test_the_kernels_build_wherever_they_can():
         assert cpu_kernels.active_kernel_isa() == kernel_isa()
 
 
+@needs_kernels
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps to list loaded libraries")
+def test_the_kernels_share_torchs_openmp_runtime():
+    """The prefill kernels run on torch's OpenMP threads: the kernels' libgomp is torch's, not a second
+    runtime with its own threads competing for the cores."""
+    assert cpu_kernels.compiled_kernels() is not None
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
 def unaligned(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` whose data starts one element past an aligned address (a view into a bigger buffer,
     as weights mapped from a file may be)."""
@@ -271,6 +282,12 @@ def test_prefill_attention_matches_sdpa_on_avx512(isa, heads, kv_heads, queries,
     if isa != "avx512":
         assert got is None  # the AVX2 products have no prefill attention: torch's SDPA runs
         return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the blocks of queries may run on any thread, in any order: the same result
+        assert torch.equal(cpu_kernels.prefill_attention(q, k, v, mask, causal), got)
+    finally:
+        torch.set_num_threads(threads)
     options = dict(attn_mask=mask, is_causal=causal and mask is None, enable_gqa=heads != kv_heads)
     exact = torch.nan_to_num(F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options))
     torch_bf16 = F.scaled_dot_product_attention(q, k, v, **options)

@@ -104,12 +104,17 @@ def on_one_thread_if_small(tensor: torch.Tensor, max_values: int):
     return torch_ops_on_one_thread(tensor) if tensor.numel() <= max_values else contextlib.nullcontext()
 
 
+# -fopenmp: the prefill kernels split their work over torch's own OpenMP threads (at::parallel_for); the
+# OpenMP runtime they link is the one torch has already loaded (the same libgomp.so.1)
+_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+
+
 def _build_directory() -> Path:
     root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
     digest = hashlib.sha256()
     for path in sorted(_SOURCES.glob("*.[ch]*")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(torch.__version__.encode())
+    digest.update(torch.__version__.encode() + " ".join(_COMPILE_FLAGS).encode())
     folder = root / f"decode_kernels-{digest.hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"
@@ -155,7 +160,7 @@ def _load():
             print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
         sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
         load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+             extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         return torch.ops.vlmkit
     except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
         warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(err).__name__}: "

@@ -13,7 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <vector>
+#include <memory>
 
 #include "ops.h"
 #include "products.h"
@@ -27,44 +27,53 @@ namespace {
 constexpr int64_t kKeys = 16;  // keys per block: one vector of fp32 scores
 constexpr int64_t kRows = 8;   // query rows that share each loaded key and value
 constexpr int64_t kSpan = 8;   // blocks of keys per softmax step
-
-inline uint32_t bf16_pair(BFloat16 low, BFloat16 high) {
-  return static_cast<uint32_t>(low.x) | static_cast<uint32_t>(high.x) << 16;
-}
+// Packed keys and values up to this size stay allocated on the calling thread for the next call (every
+// layer of a prefill packs the same amount): no allocation and no page faults per call.
+constexpr int64_t kKeptScratchBytes = 64 << 20;
 
 // keys [L, D] (row stride `stride`) -> [blocks][D / 2][16 keys] pairs; keys past L are zero
 void pack_keys(const BFloat16* k, int64_t stride, int64_t L, int64_t D, uint32_t* out) {
-  const int64_t blocks = (L + kKeys - 1) / kKeys;
+  const int64_t blocks = (L + kKeys - 1) / kKeys, half = D / 2;
   for (int64_t block = 0; block < blocks; ++block) {
-    for (int64_t d2 = 0; d2 < D / 2; ++d2) {
-      uint32_t* lanes = out + (block * (D / 2) + d2) * kKeys;
-      for (int64_t j = 0; j < kKeys; ++j) {
-        const int64_t key = block * kKeys + j;
-        lanes[j] = key < L ? bf16_pair(k[key * stride + 2 * d2], k[key * stride + 2 * d2 + 1]) : 0;
+    uint32_t* lanes = out + block * half * kKeys;
+    for (int64_t j = 0; j < kKeys; ++j) {
+      const int64_t key = block * kKeys + j;
+      if (key >= L) {
+        for (int64_t d2 = 0; d2 < half; ++d2) lanes[d2 * kKeys + j] = 0;
+        continue;
+      }
+      const BFloat16* row = k + key * stride;
+      for (int64_t d2 = 0; d2 < half; ++d2) {
+        uint32_t pair;  // (d, d + 1) side by side: the row's own bytes
+        std::memcpy(&pair, row + 2 * d2, sizeof(pair));
+        lanes[d2 * kKeys + j] = pair;
       }
     }
   }
 }
 
 // values [L, D] -> [blocks][8 key pairs][D] pairs; keys past L are zero
-void pack_values(const BFloat16* v, int64_t stride, int64_t L, int64_t D, uint32_t* out) {
-  const int64_t blocks = (L + kKeys - 1) / kKeys;
-  const BFloat16 zero(0.f);
-  for (int64_t block = 0; block < blocks; ++block) {
-    for (int64_t pair = 0; pair < kKeys / 2; ++pair) {
-      const int64_t first = block * kKeys + 2 * pair;
-      uint32_t* features = out + (block * (kKeys / 2) + pair) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        features[d] = bf16_pair(first < L ? v[first * stride + d] : zero, first + 1 < L ? v[(first + 1) * stride + d] : zero);
-      }
+VLMKIT_AVX512 void pack_values(const BFloat16* v, int64_t stride, int64_t L, int64_t D, uint32_t* out) {
+  const int64_t pairs = (L + kKeys - 1) / kKeys * (kKeys / 2);
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t first = 2 * pair;
+    const BFloat16* low = first < L ? v + first * stride : nullptr;
+    const BFloat16* high = first + 1 < L ? v + (first + 1) * stride : nullptr;
+    uint32_t* features = out + pair * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 lanes = D - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
+      const __m512i a = low ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, low + d)) : _mm512_setzero_si512();
+      const __m512i b = high ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, high + d)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(features + d, lanes, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
     }
   }
 }
 
-VLMKIT_AVX512 inline __m512 exp16(__m512 x) {  // e^x, as exp8 in decode_step.cpp
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+// e^x for x <= 0 (a score minus the row's largest): e^r * 2^n with n = round(x / ln 2), e^r by the same
+// polynomial as exp8 in decode_step.cpp; `floor` bounds x from below, where e^x is 0 in bf16 anyway.
+VLMKIT_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -74,8 +83,7 @@ VLMKIT_AVX512 inline __m512 exp16(__m512 x) {  // e^x, as exp8 in decode_step.cp
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+  return _mm512_scalef_ps(y, n);
 }
 
 VLMKIT_AVX512 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
@@ -92,6 +100,18 @@ struct Problem {
   BFloat16* out;  // [B, Lq, H, D]
 };
 
+// Which of the 16 keys from `start` a query row sees: those before `limit` (the causal diagonal or the
+// last key), and of those, the ones its mask row allows.
+VLMKIT_AVX512 inline __mmask16 visible_keys(int64_t start, int64_t limit, const bool* mask_row) {
+  const int64_t count = std::clamp<int64_t>(limit - start, 0, kKeys);
+  __mmask16 visible = static_cast<__mmask16>((1u << count) - 1);
+  if (mask_row != nullptr && count > 0) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(visible, mask_row + start);
+    visible &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
+  }
+  return visible;
+}
+
 // Query rows [r0, r0 + rows) of (row b, head h), over kSpan packed blocks of keys at a time: one max
 // and one rescale per row for 128 keys; the weights' sums stay vectors until the end. Each inner loop
 // keeps 16 independent sums in flight (8 rows times 2 key blocks, or times 2 feature vectors), enough
@@ -101,21 +121,30 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
   alignas(64) uint32_t q_pairs[kRows][128];
   alignas(64) float acc[kRows][256 + 16];  // the last 16 lanes may run past D (D % 16 == 8)
   alignas(64) uint32_t weights[kRows][kSpan * kKeys / 2];
-  float top[kRows];
+  float top[kRows];  // the largest scaled score each row has seen
+  int64_t limit[kRows];  // each row sees keys before this one (and of those, what its mask allows)
+  const bool* mask_rows[kRows];
   __m512 total[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` (the last block) stay zero
+  for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` (the last block) have zero queries and weights
     const BFloat16* row = p.q + b * p.q_batch + h * p.q_head + (r0 + r) * p.q_row;
-    for (int64_t d2 = 0; d2 < half; ++d2) q_pairs[r][d2] = r < rows ? bf16_pair(row[2 * d2], row[2 * d2 + 1]) : 0;
+    if (r < rows) {
+      std::memcpy(q_pairs[r], row, D * sizeof(BFloat16));  // (d, d + 1) side by side: the row's own bytes
+    } else {
+      std::fill_n(q_pairs[r], half, 0u);
+      std::fill_n(weights[r], kSpan * kKeys / 2, 0u);
+    }
     std::fill_n(acc[r], chunks * 16, 0.f);
     top[r] = -std::numeric_limits<float>::infinity();
+    limit[r] = p.causal ? std::min(p.Lk, r0 + r + offset + 1) : p.Lk;
+    mask_rows[r] = p.mask == nullptr ? nullptr : p.mask + (b * p.Lq + r0 + r) * p.Lk;
     total[r] = _mm512_setzero_ps();
   }
   const uint32_t* keys = p.keys + (b * p.Hkv + kv) * p.packed_size;
   const uint32_t* values = p.values + (b * p.Hkv + kv) * p.packed_size;
   const int64_t last_key = p.causal ? std::min(p.Lk, r0 + rows + offset) : p.Lk;  // keys any row may see
   const int64_t blocks = (last_key + kKeys - 1) / kKeys;
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 scale = _mm512_set1_ps(p.scale), minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 lowest = _mm512_set1_ps(-87.3f);  // e^x of anything below is 0 in bf16
   for (int64_t first = 0; first < blocks; first += kSpan) {
     const int64_t span = std::min(kSpan, blocks - first);
     __m512 scores[kRows][kSpan];
@@ -146,44 +175,38 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
         if (s + 1 < span) scores[r][s + 1] = c[r];
       }
     }
-    std::memset(weights, 0, sizeof(weights));
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t query = r0 + r;
-      __mmask16 valid[kSpan] = {};
+      __mmask16 visible[kSpan];
       __mmask16 any = 0;
-      __m512 x[kSpan];
       __m512 best = minus_infinity;
       for (int64_t s = 0; s < span; ++s) {
-        const int64_t block = first + s;
-        const __m512i key_index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(block * kKeys)));
-        valid[s] = _mm512_cmplt_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(p.Lk)));
-        if (p.causal) valid[s] &= _mm512_cmple_epi32_mask(key_index, _mm512_set1_epi32(static_cast<int>(query + offset)));
-        if (p.mask != nullptr) {
-          const bool* allowed = p.mask + (b * p.Lq + query) * p.Lk + block * kKeys;
-          const int64_t count = std::min(kKeys, p.Lk - block * kKeys);
-          const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), allowed);
-          valid[s] &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
-        }
-        x[s] = _mm512_mask_mul_ps(minus_infinity, valid[s], scores[r][s], _mm512_set1_ps(p.scale));
-        best = _mm512_max_ps(best, x[s]);
-        any |= valid[s];
+        visible[s] = visible_keys((first + s) * kKeys, limit[r], mask_rows[r]);
+        best = _mm512_mask_max_ps(best, visible[s], best, scores[r][s]);
+        any |= visible[s];
       }
-      if (any == 0) continue;
-      const float new_top = std::max(top[r], _mm512_reduce_max_ps(best));
-      const float shrink = std::exp(top[r] - new_top);  // 0 while nothing was seen before
-      __m512 sum = _mm512_mul_ps(total[r], _mm512_set1_ps(shrink));
+      if (any == 0) {
+        std::fill_n(weights[r], kSpan * kKeys / 2, 0u);
+        continue;
+      }
+      // the largest scaled score is the largest score scaled (scale > 0, rounding keeps the order)
+      const float new_top = std::max(top[r], _mm512_reduce_max_ps(best) * p.scale);
+      const __m512 shift = _mm512_set1_ps(new_top);
+      __m512 sum = total[r];
+      if (new_top != top[r]) {
+        const float shrink = std::exp(top[r] - new_top);  // 0 while nothing was seen before
+        sum = _mm512_mul_ps(sum, _mm512_set1_ps(shrink));
+        for (int64_t d = 0; d < chunks * 16; d += 16) {
+          _mm512_store_ps(acc[r] + d, _mm512_mul_ps(_mm512_load_ps(acc[r] + d), _mm512_set1_ps(shrink)));
+        }
+      }
       for (int64_t s = 0; s < span; ++s) {
-        const __m512 e = _mm512_maskz_mov_ps(valid[s], exp16(_mm512_sub_ps(x[s], _mm512_set1_ps(new_top))));
+        const __m512 x = _mm512_mask_max_ps(lowest, visible[s], _mm512_fmsub_ps(scores[r][s], scale, shift), lowest);
+        const __m512 e = _mm512_maskz_mov_ps(visible[s], exp16_nonpositive(x));
         sum = _mm512_add_ps(sum, e);
         const __m256bh rounded = _mm512_cvtneps_pbh(e);  // the weights in bf16, pairs of keys side by side
         std::memcpy(weights[r] + s * kKeys / 2, &rounded, sizeof(rounded));
       }
       total[r] = sum;
-      if (shrink != 1.f) {
-        for (int64_t d = 0; d < chunks * 16; d += 16) {
-          _mm512_store_ps(acc[r] + d, _mm512_mul_ps(_mm512_load_ps(acc[r] + d), _mm512_set1_ps(shrink)));
-        }
-      }
       top[r] = new_top;
     }
     // each loaded pair of values serves every row (rows past `rows` have zero weights and are not written
@@ -229,10 +252,29 @@ VLMKIT_AVX512 void attend_rows(const Problem& p, int64_t b, int64_t h, int64_t r
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float sum = _mm512_reduce_add_ps(total[r]);
-    const float norm = sum > 0.f ? 1.f / sum : 0.f;
+    const __m512 norm = _mm512_set1_ps(sum > 0.f ? 1.f / sum : 0.f);
     BFloat16* out = p.out + ((b * p.Lq + r0 + r) * p.H + h) * D;
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<BFloat16>(acc[r][d] * norm);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc[r] + d), norm));
+      const __mmask16 features = D - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0xFF);
+      _mm256_mask_storeu_epi16(out + d, features, reinterpret_cast<const __m256i&>(rounded));
+    }
   }
+}
+
+// The packed keys and values of one call: kept on this thread for the next call up to kKeptScratchBytes.
+uint32_t* packing_scratch(int64_t count, std::unique_ptr<uint32_t[]>& too_large_to_keep) {
+  thread_local std::unique_ptr<uint32_t[]> kept;
+  thread_local int64_t kept_count = 0;
+  if (count * static_cast<int64_t>(sizeof(uint32_t)) > kKeptScratchBytes) {
+    too_large_to_keep.reset(new uint32_t[count]);
+    return too_large_to_keep.get();
+  }
+  if (count > kept_count) {
+    kept.reset(new uint32_t[count]);
+    kept_count = count;
+  }
+  return kept.get();
 }
 
 }  // namespace
@@ -259,20 +301,22 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& keys, c
   at::Tensor out = at::empty({B, Lq, H, D}, q.options());
 #if VLMKIT_HAVE_AVX512
   const int64_t blocks = (Lk + kKeys - 1) / kKeys, packed_size = blocks * kKeys * (D / 2);
-  std::vector<uint32_t> packed_keys(B * Hkv * packed_size), packed_values(B * Hkv * packed_size);
+  std::unique_ptr<uint32_t[]> too_large_to_keep;
+  uint32_t* packed_keys = packing_scratch(2 * B * Hkv * packed_size, too_large_to_keep);
+  uint32_t* packed_values = packed_keys + B * Hkv * packed_size;
   const BFloat16* kp = keys.const_data_ptr<BFloat16>();
   const BFloat16* vp = values.const_data_ptr<BFloat16>();
-  parallel_chunks(B * Hkv, [&](int64_t task) {
+  parallel_chunks_on_torch_threads(B * Hkv, [&](int64_t task) {
     const int64_t b = task / Hkv, kv = task % Hkv;
-    pack_keys(kp + b * keys.stride(0) + kv * keys.stride(1), keys.stride(2), Lk, D, &packed_keys[task * packed_size]);
-    pack_values(vp + b * values.stride(0) + kv * values.stride(1), values.stride(2), Lk, D, &packed_values[task * packed_size]);
+    pack_keys(kp + b * keys.stride(0) + kv * keys.stride(1), keys.stride(2), Lk, D, packed_keys + task * packed_size);
+    pack_values(vp + b * values.stride(0) + kv * values.stride(1), values.stride(2), Lk, D, packed_values + task * packed_size);
   });
-  const Problem problem{q.const_data_ptr<BFloat16>(), q.stride(0), q.stride(1), q.stride(2), packed_keys.data(),
-                        packed_values.data(), packed_size, allowed.defined() ? allowed.const_data_ptr<bool>() : nullptr,
+  const Problem problem{q.const_data_ptr<BFloat16>(), q.stride(0), q.stride(1), q.stride(2), packed_keys,
+                        packed_values, packed_size, allowed.defined() ? allowed.const_data_ptr<bool>() : nullptr,
                         causal, H, Hkv, Lq, Lk, D, static_cast<float>(scale), out.data_ptr<BFloat16>()};
   const int64_t row_blocks = (Lq + kRows - 1) / kRows;
   // the last query blocks of a causal attention see the most keys: hand them out first
-  parallel_chunks(B * H * row_blocks, [&](int64_t task) {
+  parallel_chunks_on_torch_threads(B * H * row_blocks, [&](int64_t task) {
     const int64_t row_block = row_blocks - 1 - task % row_blocks, head = task / row_blocks;
     const int64_t r0 = row_block * kRows;
     attend_rows(problem, head / H, head % H, r0, std::min(kRows, Lq - r0));

@@ -94,7 +94,7 @@ at::Tensor dequantize_int4(const at::Tensor& weight, const at::Tensor& scale, co
   const float *sp = s.const_data_ptr<float>(), *zp = z.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kRowsPerChunk = 16;
-  parallel_chunks((N + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+  parallel_chunks_on_torch_threads((N + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     float table[16];
     for (int64_t r = chunk * kRowsPerChunk; r < std::min(N, (chunk + 1) * kRowsPerChunk); ++r) {
       for (int64_t g = 0; g < groups; ++g) {

@@ -59,7 +59,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   const BFloat16* wp = w.const_data_ptr<BFloat16>();
   BFloat16* result = out.data_ptr<BFloat16>();
   const float epsilon = static_cast<float>(eps);
-  parallel_chunks((rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+  parallel_chunks_on_torch_threads((rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
       rms_norm_row(xp + r * D, D, wp, epsilon, result + r * D);
     }

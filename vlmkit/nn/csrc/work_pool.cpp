@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <memory>
@@ -97,6 +98,17 @@ class WorkPool {
 
 void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
   WorkPool::get().run(chunks, at::get_num_threads(), fn);
+}
+
+void parallel_chunks_on_torch_threads(int64_t chunks, const std::function<void(int64_t)>& fn) {
+  std::atomic<int64_t> next{0};  // chunks claimed one at a time, as in parallel_chunks: uneven ones balance
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t chunk = next.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
+         chunk = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(chunk);
+    }
+  });
 }
 
 }  // namespace vlmkit

@@ -11,4 +11,9 @@ namespace vlmkit {
 // fn(chunk) for every chunk in [0, chunks), on this thread and up to torch's thread count - 1 helpers.
 void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn);
 
+// The same on torch's own threads (its OpenMP team), for work that runs between torch's parallel ops (a
+// prefill's attention and norms between its GEMMs): torch's threads keep spinning for a while after each
+// GEMM, and vlmkit's helpers beside them would leave more busy threads than cores.
+void parallel_chunks_on_torch_threads(int64_t chunks, const std::function<void(int64_t)>& fn);
+
 }  // namespace vlmkit

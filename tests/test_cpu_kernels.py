@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from vlmkit.nn import cpu_kernels
 from vlmkit.nn.cpu_features import ISA_FLAGS, cpu_flags, kernel_isa
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
+from vlmkit.nn.kv_cache import KVCache
 from vlmkit.nn.layers import Conv2d, Linear
 from vlmkit.nn.norms import RMSNorm
 from vlmkit.quant.weight_only import Int4Linear, Int8Linear, pack_nibbles
@@ -293,6 +294,29 @@ def test_prefill_attention_matches_sdpa_on_avx512(isa, heads, kv_heads, queries,
     torch_bf16 = F.scaled_dot_product_attention(q, k, v, **options)
     assert got.shape == exact.shape
     assert (got.float() - exact).abs().max() <= 1.5 * (torch_bf16.float() - exact).abs().max() + 1e-3
+
+
+@needs_kernels
+def test_a_large_kv_cache_reuses_the_memory_of_one_that_is_gone():
+    """A KV cache above MIN_REUSABLE_BYTES takes the memory of an earlier one once nothing views it any
+    more (a prompt cache entry may still view it: then it gets other memory), and never before."""
+    head_dim = 64  # one layer, row and head: keys are 2 * head_dim * max_len bytes
+    max_len = cpu_kernels.MIN_REUSABLE_BYTES // (2 * head_dim) + 7  # a size no other test allocates
+    first = KVCache(1, 1, 1, head_dim, max_len, torch.bfloat16, torch.device("cpu"))
+    assert first.keys.shape == (1, 1, 1, max_len, head_dim) and first.keys.dtype == torch.bfloat16
+    assert first.keys.is_contiguous() and first.keys.data_ptr() != first.values.data_ptr()
+    first.keys.fill_(1.5)
+    viewed, freed = first.keys.data_ptr(), first.values.data_ptr()
+    kept_view = first.keys[0, 0, 0, :10]
+    del first
+    second = KVCache(1, 1, 1, head_dim, max_len, torch.bfloat16, torch.device("cpu"))
+    assert {second.keys.data_ptr(), second.values.data_ptr()} & {viewed, freed} == {freed}
+    assert (kept_view == 1.5).all()
+    del kept_view
+    third = KVCache(1, 1, 1, head_dim, max_len, torch.bfloat16, torch.device("cpu"))
+    assert viewed in {third.keys.data_ptr(), third.values.data_ptr()}
+    small = KVCache(1, 1, 1, head_dim, 16, torch.bfloat16, torch.device("cpu"))
+    assert small.keys.untyped_storage().nbytes() == 2 * head_dim * 16
 
 
 @pytest.mark.parametrize("shape", [(1, 705, 2048), (3, 50, 896), (4097, 24), (70, 1000)])

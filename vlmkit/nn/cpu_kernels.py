@@ -364,3 +364,23 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
         return None
     ops = compiled_kernels()
     return None if ops is None else ops.dequantize_int4(packed, scale, zero)
+
+
+# Below this size glibc's own heap keeps freed memory for reuse; above it (and past 32 MiB always) each
+# allocation is mapped anew and faulted in page by page as it is first written.
+MIN_REUSABLE_BYTES = 16 << 20
+
+
+def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape)``, except that a large CPU buffer (a request's KV cache) takes memory kept from
+    an earlier one that is gone, already faulted in (``csrc/reusable_memory.cpp``): ~30 ms of page faults
+    less per Janus-Pro-1B first token."""
+    nbytes = dtype.itemsize
+    for size in shape:
+        nbytes *= size
+    if torch.device(device).type != "cpu" or nbytes < MIN_REUSABLE_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    ops = compiled_kernels()
+    if ops is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return ops.reusable_empty(nbytes).view(dtype).view(shape)

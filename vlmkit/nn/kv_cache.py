@@ -6,21 +6,24 @@ whole batch; which cached positions hold real tokens is tracked by ``key_mask``.
 
 import torch
 
+from .cpu_kernels import reusable_empty
+
 
 class KVCache:
     """Preallocated keys and values for all decoder layers: [layers, batch, kv_heads, max_len, head_dim].
 
     Positions are read only once written (``write`` returns the filled ones), so the memory starts
     uninitialised: no pass zeroing it (25 ms of a Janus-Pro-1B first token), and the positions the answer
-    has not reached yet are not resident. Whoever leaves a gap before ``length`` (``serve.batching.
+    has not reached yet are not resident; a large cache reuses, already resident, the memory of one that
+    is gone (``cpu_kernels.reusable_empty``). Whoever leaves a gap before ``length`` (``serve.batching.
     merge_caches`` right-aligns shorter rows) zeroes it: a masked key's zero weight times a value that
     happens to be NaN would still be NaN."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.keys = reusable_empty(shape, dtype, device)
+        self.values = reusable_empty(shape, dtype, device)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len

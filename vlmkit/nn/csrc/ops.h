@@ -31,6 +31,9 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
 at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                   const std::optional<at::Tensor>& mask, bool causal, double scale);
 
+// reusable_memory.cpp
+at::Tensor reusable_empty(int64_t bytes);
+
 // rms_norm.cpp
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
 

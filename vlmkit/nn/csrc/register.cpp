@@ -15,6 +15,9 @@
 // around the products.
 //
 // rms_norm_bf16: RMSNorm of many bf16 rows (prefills) in one pass, where torch's ops make seven.
+//
+// reusable_empty: uninitialised bytes for a large buffer (a KV cache) whose memory is kept, already
+// faulted in, for the next one of its size once the last tensor viewing it is gone.
 #include <torch/library.h>
 
 #include <string>
@@ -38,6 +41,7 @@ TORCH_LIBRARY(vlmkit, m) {
         "Tensor[] up, Tensor[] down, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "int position, Tensor? valid, int num_heads) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("reusable_empty(int bytes) -> Tensor", &vlmkit::reusable_empty);
 }
 
 TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {

@@ -104,17 +104,18 @@ def on_one_thread_if_small(tensor: torch.Tensor, max_values: int):
     return torch_ops_on_one_thread(tensor) if tensor.numel() <= max_values else contextlib.nullcontext()
 
 
-# -fopenmp: the prefill kernels split their work over torch's own OpenMP threads (at::parallel_for); the
-# OpenMP runtime they link is the one torch has already loaded (the same libgomp.so.1)
-_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# The prefill kernels split their work over torch's own OpenMP threads (at::parallel_for, -fopenmp: the
+# runtime they link is the libgomp.so.1 torch has already loaded). A compiler without OpenMP builds them
+# without it; they then split it over vlmkit's own helper threads.
+_BUILD_FLAGS = (["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-mavx2", "-mfma"])
 
 
-def _build_directory() -> Path:
+def _build_directory(flags: list[str]) -> Path:
     root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
     digest = hashlib.sha256()
     for path in sorted(_SOURCES.glob("*.[ch]*")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(torch.__version__.encode() + " ".join(_COMPILE_FLAGS).encode())
+    digest.update(torch.__version__.encode() + " ".join(flags).encode())
     folder = root / f"decode_kernels-{digest.hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"
@@ -153,19 +154,22 @@ def active_kernel_isa() -> str | None:
 def _load():
     if hasattr(torch.ops, "vlmkit") and hasattr(torch.ops.vlmkit, "decode_attention_bf16"):
         return torch.ops.vlmkit
-    try:
-        from torch.utils.cpp_extension import load
-        folder = _build_directory()
-        if not any(folder.glob("*.so")):
-            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
-        sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
-        load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
-             extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        return torch.ops.vlmkit
-    except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
-        warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(err).__name__}: "
-                      f"{str(err).strip()[:300]}); using torch's ops", stacklevel=3)
-        return None
+    failure = None
+    for flags in _BUILD_FLAGS:
+        try:
+            from torch.utils.cpp_extension import load
+            folder = _build_directory(flags)
+            if not any(folder.glob("*.so")):
+                print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
+            sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
+            load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
+                 extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
+            return torch.ops.vlmkit
+        except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
+            failure = err
+    warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
+                  f"{str(failure).strip()[:300]}); using torch's ops", stacklevel=3)
+    return None
 
 
 def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -101,6 +101,9 @@ void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
 }
 
 void parallel_chunks_on_torch_threads(int64_t chunks, const std::function<void(int64_t)>& fn) {
+#ifndef _OPENMP
+  parallel_chunks(chunks, fn);  // built without OpenMP: at::parallel_for would run on this thread alone
+#else
   std::atomic<int64_t> next{0};  // chunks claimed one at a time, as in parallel_chunks: uneven ones balance
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -109,6 +112,7 @@ void parallel_chunks_on_torch_threads(int64_t chunks, const std::function<void(i
       fn(chunk);
     }
   });
+#endif
 }
 
 }  // namespace vlmkit

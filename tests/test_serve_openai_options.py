@@ -239,6 +239,8 @@ def test_a_frequency_penalty_lowers_repeats(builtin):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 0.0}}]}, "tools"),  # not a schema
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 1}}}, "response_format"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
 ])
 def test_bad_option_values_are_a_400_naming_the_field(builtin, options, field):

@@ -95,7 +95,7 @@ def _json_schema(value):
     return value
 
 
-JsonSchema = Annotated[dict | bool, AfterValidator(_json_schema)]
+JsonSchema = Annotated[dict | Flag, AfterValidator(_json_schema)]  # a schema is an object or true/false, never a number
 
 
 class JsonSchemaFormat(_Request):

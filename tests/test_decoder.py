@@ -25,8 +25,16 @@ def test_last_position_only_prefill_equals_the_full_forward_at_its_last_position
         full = model(embeds, positions, mask, full_cache)
         last = model(embeds, positions, mask, last_cache, last_position_only=True)
     assert last.shape == (2, 1, 64)
-    # the last layer's MLP runs on one row instead of seven: a differently shaped product, same values
-    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    # the last layer's query, attention and MLP run on one row instead of seven: differently shaped products
+    # (and in bf16, the one-query attention kernel): float32 agrees to its rounding, bf16 errs no more
+    # than the full bf16 forward does against float32 arithmetic
+    if dtype == torch.float32:
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    else:
+        with torch.no_grad():
+            exact = model.float()(embeds.float(), positions, mask, model.new_cache(2, 9))[:, -1:]
+        full_error = (full[:, -1:].float() - exact).abs().max()
+        assert (last.float() - exact).abs().max() <= 1.5 * full_error
     assert last_cache.length == full_cache.length == 7
     written = (slice(None), slice(None), slice(None), slice(0, 7))
     assert torch.equal(last_cache.keys[written], full_cache.keys[written])

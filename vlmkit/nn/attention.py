@@ -40,18 +40,27 @@ class DecoderSelfAttention(nn.Module):
         self.v_proj = Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
 
-    def forward(self, hidden_states, rotary, mask, cache=None, layer_index: int = 0):
+    def forward(self, hidden_states, rotary, mask, cache=None, layer_index: int = 0, last_query_only: bool = False):
+        """The attention output of every position [B, T, H]; with ``last_query_only`` of the last one
+        [B, 1, H], every position's keys and values still computed (and written to ``cache``): a prefill's
+        last layer, whose other outputs nothing reads, skips their queries, attention and output projection."""
         batch, seq_len, _ = hidden_states.shape
-        qkv = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
-        q = qkv[0].view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = qkv[1].view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = qkv[2].view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        queries = 1 if last_query_only else seq_len
+        if last_query_only:
+            q, k, v = self.q_proj(hidden_states[:, -1:]), *project(hidden_states, self.k_proj, self.v_proj)
+        else:
+            q, k, v = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, *rotary)
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
-        is_causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
-        out = decode_attention(q, k, v, mask) if seq_len == 1 else prefill_attention(q, k, v, mask, is_causal)
+        if mask is not None:
+            mask = mask[:, :, -queries:]
+        is_causal = mask is None and queries > 1 and k.shape[2] == queries  # the last query alone sees every key
+        out = decode_attention(q, k, v, mask) if queries == 1 else prefill_attention(q, k, v, mask, is_causal)
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))

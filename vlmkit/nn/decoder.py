@@ -91,16 +91,15 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden_states, rotary, mask, cache=None, layer_index=0, last_position_only: bool = False):
         """The layer's output for every position, or with ``last_position_only`` for the last one [B, 1, H]
         (every position's keys/values still go into ``cache``): a prefill's last layer, whose other outputs
-        nothing reads, skips their MLP."""
+        nothing reads, skips their queries, attention, output projection and MLP."""
         if cache is not None and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.bfloat16:
             # a bf16 decode step: one kernel call where it applies
             out = decoder_layer_step(self, hidden_states, rotary, mask, cache, layer_index)
             if out is not None:
                 return out
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary, mask, cache,
-                                                       layer_index)
-        if last_position_only:
-            hidden_states = hidden_states[:, -1:]
+        attention = self.self_attn(self.input_layernorm(hidden_states), rotary, mask, cache, layer_index,
+                                   last_position_only)
+        hidden_states = (hidden_states[:, -1:] if last_position_only else hidden_states) + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
     def is_plain(self) -> bool:

@@ -81,6 +81,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate queries and keys shaped [batch, heads, seq, head_dim] by cos/sin shaped [batch, seq, head_dim]."""
+    """Rotate queries and keys shaped [batch, heads, seq, head_dim] by cos/sin shaped [batch, seq, head_dim];
+    queries may be the last positions only (fewer than the keys)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+    queries = q.shape[2]
+    return rotate(q, cos[:, :, -queries:], sin[:, :, -queries:]), rotate(k, cos, sin)

@@ -20,6 +20,7 @@ from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.kv_cache import KVCache
 from vlmkit.nn.layers import Conv2d, Linear
 from vlmkit.nn.norms import RMSNorm
+from vlmkit.nn.rotary import RotaryEmbedding, rotate
 from vlmkit.quant.weight_only import Int4Linear, Int8Linear, pack_nibbles
 
 # Skipped only where the kernels cannot run: a CPU without AVX2/FMA, turned off, or no C++ compiler.
@@ -317,6 +318,25 @@ def test_a_large_kv_cache_reuses_the_memory_of_one_that_is_gone():
     assert viewed in {third.keys.data_ptr(), third.values.data_ptr()}
     small = KVCache(1, 1, 1, head_dim, 16, torch.bfloat16, torch.device("cpu"))
     assert small.keys.untyped_storage().nbytes() == 2 * head_dim * 16
+
+
+@pytest.mark.parametrize("batch,heads,positions,head_dim,queries", [
+    (1, 16, 705, 128, 705), (2, 2, 300, 64, 300), (2, 4, 200, 72, 200), (1, 8, 130, 128, 1), (2, 14, 90, 64, 60)])
+def test_prefill_rotary_equals_torchs_ops(batch, heads, positions, head_dim, queries):
+    """The one-pass rotary (csrc/rotary.cpp) gives exactly what nn.rotary.rotate's torch ops give, for the
+    projections' [B, L, H, D] layout seen as [B, H, L, D], a head size whose half is not a multiple of 8, and
+    queries that are the last positions only; too few values keep torch's ops."""
+    if not (cpu_kernels.kernels_enabled() and HAS_COMPILER):
+        pytest.skip("kernels off, no AVX2/FMA CPU or no C++ compiler here")
+    x = bf16(batch, queries, heads, head_dim, seed=9).transpose(1, 2)
+    position_ids = torch.arange(positions).repeat(batch, 1) + torch.arange(batch)[:, None]
+    cos, sin = RotaryEmbedding(head_dim, 10000.0)(position_ids, torch.bfloat16)
+    cos, sin = cos[:, -queries:], sin[:, -queries:]
+    got = cpu_kernels.rotary(x, cos, sin)
+    if x.numel() < cpu_kernels.MIN_KERNEL_NORM_VALUES:
+        assert got is None
+        return
+    assert torch.equal(got, rotate(x, cos.unsqueeze(1), sin.unsqueeze(1)))
 
 
 @pytest.mark.parametrize("shape", [(1, 705, 2048), (3, 50, 896), (4097, 24), (70, 1000)])

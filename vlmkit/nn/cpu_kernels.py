@@ -230,6 +230,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return None if ops is None else ops.rms_norm_bf16(x, weight, eps)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``nn.rotary.rotate`` of a prefill's many bf16 queries or keys x [B, H, L, D] by cos/sin [B, L, D] in
+    one pass, ``csrc/rotary.cpp``; None where torch's ops run instead (few rows, other dtypes or devices,
+    gradients wanted, no kernels)."""
+    if not (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels_enabled()
+            and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
+            and x.shape[-1] % 2 == 0 and x.shape[-1] <= 512 and x.numel() >= MIN_KERNEL_NORM_VALUES
+            and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    ops = compiled_kernels()
+    return None if ops is None else ops.rotary_bf16(x, cos, sin)
+
+
 def conv_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a convolution of bf16 ``x`` with ``weight`` should compute in fp32 (CPU without native bf16)."""
     return _bf16_on_cpu(x, weight) and widen_bf16_cpu()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .cpu_kernels import on_one_thread_if_small
+from .cpu_kernels import rotary as cpu_rotary
 
 
 def rope_settings(config: dict) -> tuple[float, dict]:
@@ -83,6 +84,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate queries and keys shaped [batch, heads, seq, head_dim] by cos/sin shaped [batch, seq, head_dim];
     queries may be the last positions only (fewer than the keys)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     queries = q.shape[2]
-    return rotate(q, cos[:, :, -queries:], sin[:, :, -queries:]), rotate(k, cos, sin)
+    return _rotate_heads(q, cos[:, -queries:], sin[:, -queries:]), _rotate_heads(k, cos, sin)
+
+
+def _rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    fused = cpu_rotary(x, cos, sin)  # a prefill's many bf16 rows on a CPU: one C++ pass
+    return fused if fused is not None else rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))

@@ -12,6 +12,7 @@
 
 #include "ops.h"
 #include "products.h"
+#include "rotary.h"
 #include "work_pool.h"
 
 namespace vlmkit {
@@ -230,26 +231,6 @@ struct Projection {
   std::vector<int64_t> rows;
   int64_t N = 0;
 };
-
-// x * cos + rotate_half(x) * sin for one head, with torch's bf16 rounding of each product and the sum.
-inline void rotate(const float* x, const BFloat16* cos, const BFloat16* sin, int64_t hd, BFloat16* out) {
-  const int64_t half = hd / 2;
-  if (half % 8 == 0) {
-    for (int64_t i = 0; i < hd; i += 8) {
-      const __m256 turned = i < half ? _mm256_xor_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + i + half))
-                                     : _mm256_loadu_ps(x + i - half);
-      const __m256 straight = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x + i), load_bf16x8(cos + i))));
-      const __m256 across = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(turned, load_bf16x8(sin + i))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), round_to_bf16x8(_mm256_add_ps(straight, across)));
-    }
-    return;
-  }
-  for (int64_t i = 0; i < hd; ++i) {
-    const float turned = i < half ? -x[i + half] : x[i - half];
-    out[i] = static_cast<BFloat16>(bf16_round(x[i] * static_cast<float>(cos[i])) +
-                                   bf16_round(turned * static_cast<float>(sin[i])));
-  }
-}
 
 }  // namespace
 

@@ -31,6 +31,9 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
 at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                   const std::optional<at::Tensor>& mask, bool causal, double scale);
 
+// rotary.cpp
+at::Tensor rotary_bf16(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 // reusable_memory.cpp
 at::Tensor reusable_empty(int64_t bytes);
 

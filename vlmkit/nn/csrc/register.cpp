@@ -14,7 +14,8 @@
 // int8 or 4-bit weights, which spares a decode step the ~40 small torch ops and Python calls per layer
 // around the products.
 //
-// rms_norm_bf16: RMSNorm of many bf16 rows (prefills) in one pass, where torch's ops make seven.
+// rms_norm_bf16: RMSNorm of many bf16 rows (prefills) in one pass, where torch's ops make seven;
+// rotary_bf16: a prefill's rotary position embedding of queries or keys in one pass, where they make five.
 //
 // reusable_empty: uninitialised bytes for a large buffer (a KV cache) whose memory is kept, already
 // faulted in, for the next one of its size once the last tensor viewing it is gone.
@@ -41,6 +42,7 @@ TORCH_LIBRARY(vlmkit, m) {
         "Tensor[] up, Tensor[] down, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "int position, Tensor? valid, int num_heads) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_bf16(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("reusable_empty(int bytes) -> Tensor", &vlmkit::reusable_empty);
 }
 
@@ -53,4 +55,5 @@ TORCH_LIBRARY_IMPL(vlmkit, CPU, m) {
   m.impl("prefill_attention_bf16", &vlmkit::prefill_attention_bf16);
   m.impl("decoder_layer_step_bf16", &vlmkit::decoder_layer_step_bf16);
   m.impl("rms_norm_bf16", &vlmkit::rms_norm_bf16);
+  m.impl("rotary_bf16", &vlmkit::rotary_bf16);
 }

@@ -5,8 +5,12 @@ for, the BitsAndBytesConfig path of both engines.
 Every variant runs alone in a child process (``python -m vlmkit.bench.quantized --child ...``), so its
 peak RSS is its own: the child loads the model and processor, answers one image question (9 tokens,
 as run.py's memory probe), then times decode steps at batch 1 after a short text prompt (the median
-time between consecutive new tokens, median over ``repeats`` runs). ``quantized_decode_rows`` is what
-``vlmkit bench --quantize`` calls; ``python -m vlmkit.bench.quantized`` runs it alone and prints a table."""
+time between consecutive new tokens, median over ``repeats`` runs). vlmkit's variants are then timed
+once more all in one child, their decode rounds alternating (bf16, int8, int4, bf16, ...): the share of
+vlmkit's bf16 step each takes comes from those rounds, as a shared machine's memory bandwidth moves within
+minutes (one child after the other, the same int8 step came out at 0.47x and 0.71x of bf16).
+``quantized_decode_rows`` is what ``vlmkit bench --quantize`` calls; ``python -m vlmkit.bench.quantized``
+runs it alone and prints a table."""
 
 from __future__ import annotations
 
@@ -76,6 +80,13 @@ def quantized_decode_rows(folder, args, log, variants=None) -> dict:
                 row[f"decode_vs_{baseline.replace(' ', '_')}"] = \
                     row["decode_ms_per_step"] / rows[baseline]["decode_ms_per_step"]
                 row[f"peak_rss_vs_{baseline.replace(' ', '_')}"] = row["peak_rss_mb"] / rows[baseline]["peak_rss_mb"]
+    together = [name for name in rows if VARIANTS.get(name, ("",))[0] == "vlmkit"]
+    if "vlmkit bf16" in together and len(together) > 1:
+        log(f"[quantized] {', '.join(together)}, alternating in one process")
+        alternating = _run_child(folder, ",".join(together), args, "--alternate")
+        for name in together:
+            rows[name]["decode_alternating_ms"] = alternating[name]
+            rows[name]["decode_vs_vlmkit_bf16"] = alternating[name] / alternating["vlmkit bf16"]
     if "image_step_ms" in rows.get("transformers bf16", {}):
         for row in rows.values():
             if "image_step_ms" in row:
@@ -86,7 +97,8 @@ def quantized_decode_rows(folder, args, log, variants=None) -> dict:
 def table_lines(rows: dict) -> list[str]:
     images = any("image_step_ms" in row for row in rows.values())
     image_head = " image step ms (CFG, 2 rows) | vs transformers bf16 | vs own decode step |" if images else ""
-    lines = ["| variant | decode ms/step (batch 1) | vs transformers bf16 | vs vlmkit bf16 | peak RSS MiB | "
+    lines = ["| variant | decode ms/step (batch 1) | vs transformers bf16 | vs vlmkit bf16 (rounds alternating) | "
+             "peak RSS MiB | "
              "vs vlmkit bf16 | load s |" + image_head, "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * 3 * images]
     for name, row in rows.items():
         shares = [f"{row[key]:.2f}" if key in row else "-" for key in
@@ -110,8 +122,8 @@ def add_llama_cpp_arguments(parser) -> None:
                         "build llama-bench into --cache-dir first (once; tens of minutes on 2 cores)")
 
 
-def _run_child(folder, name: str, args) -> dict:
-    argv = [sys.executable, "-m", "vlmkit.bench.quantized", "--child", name, "--checkpoint", str(folder),
+def _run_child(folder, name: str, args, role: str = "--child") -> dict:
+    argv = [sys.executable, "-m", "vlmkit.bench.quantized", role, name, "--checkpoint", str(folder),
             "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens),
             "--image-steps", str(args.image_steps)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=getattr(args, "child_timeout", 3600))
@@ -154,7 +166,7 @@ def _bnb(quantization: str) -> dict:
 def child(args) -> None:
     """One variant: load, answer one image question, time decode steps; prints its row as JSON."""
     from .families import TEXT_PROMPTS, test_image
-    from .measure import StepTimer, median, peak_rss_mb
+    from .measure import median, peak_rss_mb
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -162,11 +174,7 @@ def child(args) -> None:
     load_s = time.perf_counter() - started
     family.generate(engine, family.chat_inputs(engine, [test_image(1)]), 9)
     inputs = family.chat_inputs(engine, [], TEXT_PROMPTS[:1])
-    steps = []
-    for _ in range(args.repeats):
-        timer = StepTimer(skip_first_put=engine == "transformers")
-        family.generate(engine, inputs, args.decode_tokens + 1, timer)
-        steps.append(median(timer.step_seconds()) * 1e3)
+    steps = [_decode_round_ms(family, engine, inputs, args.decode_tokens) for _ in range(args.repeats)]
     decode_ms = median(steps)
     row = {"variant": args.child, "decode_ms_per_step": decode_ms, "tokens_per_s": 1e3 / decode_ms,
            "decode_samples_ms": steps, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
@@ -176,6 +184,29 @@ def child(args) -> None:
         row.update(image_step_ms=median(image), image_step_samples_ms=image,
                    image_step_vs_decode_step=median(image) / decode_ms)
     print(json.dumps(row))
+
+
+def _decode_round_ms(family, engine: str, inputs, tokens: int) -> float:
+    """One generate call of ``tokens`` decode steps at batch 1: the median time between new tokens, in ms."""
+    from .measure import StepTimer, median
+
+    timer = StepTimer(skip_first_put=engine == "transformers")
+    family.generate(engine, inputs, tokens + 1, timer)
+    return median(timer.step_seconds()) * 1e3
+
+
+def alternating_child(args) -> None:
+    """vlmkit's variants in ``args.alternate`` loaded side by side, their decode rounds alternating (one
+    warm-up round each); prints {variant: median ms per step} as JSON."""
+    from .families import TEXT_PROMPTS
+    from .measure import alternate, median
+
+    torch.set_num_threads(args.threads)
+    loaded = {name: _load(name, Path(args.checkpoint)) for name in args.alternate.split(",")}
+    inputs = {name: family.chat_inputs(engine, [], TEXT_PROMPTS[:1]) for name, (family, engine) in loaded.items()}
+    rounds = alternate({name: lambda name=name: _decode_round_ms(*loaded[name], inputs[name], args.decode_tokens)
+                        for name in loaded}, args.repeats)
+    print(json.dumps({name: median(samples) for name, samples in rounds.items()}))
 
 
 def parse_args(argv=None):
@@ -194,12 +225,16 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the settings (CPU included) and the rows to this JSON file")
     add_llama_cpp_arguments(parser)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", help=argparse.SUPPRESS)  # vlmkit variants, comma-separated
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.alternate:
+        alternating_child(args)
+        return 0
     if args.child:
         child(args)
         return 0

@@ -39,34 +39,47 @@ VLMKIT_AVX512 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512b
 // Weight rows [r0, r0 + WR) against activation rows [0, XR): a WR x XR tile of accumulators, so each
 // activation vector loaded serves WR weight rows and each weight vector XR activation rows (with one
 // weight row at a time, several activation rows would be re-read from cache for every weight row).
+// Small tiles keep S sums per output, over alternate 32-input chunks: vdpbf16ps waits about 6 cycles for
+// the sum it adds to, so a single chain per output capped a one-row product at 64 weight bytes per 6
+// cycles a core (~80 GB/s on 2 cores, below what the memory gave when the machine was quiet).
 template <int WR, int XR>
 VLMKIT_AVX512 void bf16_tile(const BFloat16* x, int64_t K, const BFloat16* w, int64_t r0, float* y, int64_t N) {
-  __m512 acc[WR][XR];
-  for (int i = 0; i < WR; ++i) {
-    for (int b = 0; b < XR; ++b) acc[i][b] = _mm512_setzero_ps();
+  constexpr int S = WR * XR >= 4 ? 1 : 4 / (WR * XR);
+  __m512 acc[S][WR][XR];
+  for (int s = 0; s < S; ++s) {
+    for (int i = 0; i < WR; ++i) {
+      for (int b = 0; b < XR; ++b) acc[s][i][b] = _mm512_setzero_ps();
+    }
   }
   const BFloat16* wr = w + r0 * K;
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh xv[XR];
-    for (int b = 0; b < XR; ++b) xv[b] = as_bh(_mm512_loadu_si512(x + b * K + k));
-    for (int i = 0; i < WR; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + k + 512), _MM_HINT_T0);
-      const __m512bh wv = as_bh(_mm512_loadu_si512(wr + i * K + k));
-      for (int b = 0; b < XR; ++b) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], wv, xv[b]);
+  for (; k + 32 * S <= K; k += 32 * S) {
+    for (int s = 0; s < S; ++s) {
+      const int64_t ks = k + 32 * s;
+      __m512bh xv[XR];
+      for (int b = 0; b < XR; ++b) xv[b] = as_bh(_mm512_loadu_si512(x + b * K + ks));
+      for (int i = 0; i < WR; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + ks + 512), _MM_HINT_T0);
+        const __m512bh wv = as_bh(_mm512_loadu_si512(wr + i * K + ks));
+        for (int b = 0; b < XR; ++b) acc[s][i][b] = _mm512_dpbf16_ps(acc[s][i][b], wv, xv[b]);
+      }
     }
   }
-  if (k < K) {  // the last, partial 32 inputs of each row (masked loads are slower: only here)
+  for (; k < K; k += 32) {  // the last chunks, the final one partial (masked loads are slower: only here)
     const __mmask32 m = mask32(K - k);
     __m512bh xv[XR];
     for (int b = 0; b < XR; ++b) xv[b] = as_bh(_mm512_maskz_loadu_epi16(m, x + b * K + k));
     for (int i = 0; i < WR; ++i) {
       const __m512bh wv = as_bh(_mm512_maskz_loadu_epi16(m, wr + i * K + k));
-      for (int b = 0; b < XR; ++b) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], wv, xv[b]);
+      for (int b = 0; b < XR; ++b) acc[0][i][b] = _mm512_dpbf16_ps(acc[0][i][b], wv, xv[b]);
     }
   }
   for (int i = 0; i < WR; ++i) {
-    for (int b = 0; b < XR; ++b) y[b * N + r0 + i] = _mm512_reduce_add_ps(acc[i][b]);
+    for (int b = 0; b < XR; ++b) {
+      __m512 sum = acc[0][i][b];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][i][b]);
+      y[b * N + r0 + i] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 

@@ -24,10 +24,11 @@ bool avx512_kernels_built() { return VLMKIT_HAVE_AVX512; }
 namespace {
 
 constexpr int64_t kIntBlock = 4096;  // int32 lanes take 128 steps of at most 2 * 127 * 32767
-// How far ahead of its reads a quantized row kernel asks for weight bytes: 4 KiB (four int4 rows of a 2048-wide
-// layer) against 1 KiB made the Janus-Pro-1B layer products 9% (int4) and 14-17% (int8, 1 and 2 rows) faster
-// on 2 Zen 4 cores (2026-12-06); bf16 rows gain nothing from it.
-constexpr int64_t kQuantizedPrefetch = 4096;
+// How far ahead of its reads a row kernel asks for weight bytes: 4 KiB (four int4 rows of a 2048-wide layer)
+// against 1 KiB made the Janus-Pro-1B layer products 9% (int4) and 14-17% (int8, 1 and 2 rows) faster on 2
+// Zen 4 cores (2026-12-06); a one-row bf16 product over 1 GB of weights streamed 0.94 against 0.88 of what a
+// plain sum read in the same minute (0.66 against 0.60 when the memory was at its fastest).
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Lanes [0, count) of a 32-lane (16-bit) or 64-lane (8-bit) load; the rest zero, so tails need no scalar loop.
 VLMKIT_AVX512 inline __mmask32 mask32(int64_t count) {
@@ -59,7 +60,7 @@ VLMKIT_AVX512 void bf16_tile(const BFloat16* x, int64_t K, const BFloat16* w, in
       __m512bh xv[XR];
       for (int b = 0; b < XR; ++b) xv[b] = as_bh(_mm512_loadu_si512(x + b * K + ks));
       for (int i = 0; i < WR; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + ks + 512), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + ks) + kPrefetchBytes, _MM_HINT_T0);
         const __m512bh wv = as_bh(_mm512_loadu_si512(wr + i * K + ks));
         for (int b = 0; b < XR; ++b) acc[s][i][b] = _mm512_dpbf16_ps(acc[s][i][b], wv, xv[b]);
       }
@@ -102,7 +103,7 @@ VLMKIT_AVX512 void int8_block(const int16_t* x, const float* x_scale, int64_t K,
       __m512i acc[ROWS_X];
       for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm512_setzero_si512();
       for (; k + 32 <= end; k += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k + kQuantizedPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr + k + kPrefetchBytes), _MM_HINT_T0);
         const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));
         for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm512_dpwssd_epi32(acc[b], wv, _mm512_loadu_si512(x + b * K + k));
       }
@@ -160,7 +161,7 @@ VLMKIT_AVX512 void int4_block(const GroupActivationsView& x, const PackedWeight&
       __m512i acc[ROWS_X];
       for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm512_setzero_si512();
       for (const uint8_t* group_end = bytes + G / 2; bytes < group_end; bytes += span / 2, xk += span) {
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + kQuantizedPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + kPrefetchBytes), _MM_HINT_T0);
         const __m512i values = span_values<WIDE>(bytes);
         for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm512_dpbusd_epi32(acc[b], values, span_activations<WIDE>(xk + b * K));
       }

@@ -5,8 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .cpu_kernels import on_one_thread_if_small
-from .cpu_kernels import rotary as cpu_rotary
+from .cpu_kernels import on_one_thread_if_small, rotary as cpu_rotary
 
 
 def rope_settings(config: dict) -> tuple[float, dict]:

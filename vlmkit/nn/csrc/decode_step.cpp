@@ -190,9 +190,8 @@ void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight,
     const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
     const __m256 scale = _mm256_set1_ps(inverse);
     for (d = 0; d + 8 <= D; d += 8) {
-      const __m256 normed = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(row + d), scale)));
-      const __m256 weighted = _mm256_mul_ps(load_bf16x8(weight + d), normed);
-      _mm256_storeu_ps(out + b * D + d, widen_bf16x8(round_to_bf16x8(weighted)));
+      const __m128i normed = rms_normed_bf16x8(_mm256_loadu_ps(row + d), load_bf16x8(weight + d), scale);
+      _mm256_storeu_ps(out + b * D + d, widen_bf16x8(normed));
     }
     for (; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
   }

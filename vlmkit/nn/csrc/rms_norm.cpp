@@ -36,8 +36,7 @@ void rms_norm_row(const BFloat16* x, int64_t D, const BFloat16* weight, float ep
   const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
   const __m256 scale = _mm256_set1_ps(inverse);
   for (d = 0; d + 8 <= D; d += 8) {
-    const __m256 normed = widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(load_bf16x8(x + d), scale)));
-    const __m128i result = round_to_bf16x8(_mm256_mul_ps(load_bf16x8(weight + d), normed));
+    const __m128i result = rms_normed_bf16x8(load_bf16x8(x + d), load_bf16x8(weight + d), scale);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), result);
   }
   for (; d < D; ++d) {

@@ -54,6 +54,33 @@ def test_the_kernels_build_wherever_they_can():
         assert cpu_kernels.active_kernel_isa() == kernel_isa()
 
 
+def test_a_flag_set_that_failed_before_a_later_one_built_is_not_retried(tmp_path, monkeypatch):
+    """A compiler without OpenMP fails the -fopenmp build: the next process goes straight to the build that
+    worked, and nothing is marked where no flag set builds (a compiler installed later is then used)."""
+    monkeypatch.setenv("VLMKIT_KERNEL_CACHE", str(tmp_path))
+    attempts = []
+
+    def build(flags, folder):
+        attempts.append(flags)
+        if "-fopenmp" in flags or "-broken" in flags:
+            raise OSError("unsupported option")
+        return "ops"
+
+    flag_sets = (["-O3", "-fopenmp"], ["-O3"])
+    assert cpu_kernels.build_with_first_working_flags(flag_sets, build) == "ops"
+    assert attempts == [["-O3", "-fopenmp"], ["-O3"]]
+    attempts.clear()
+    assert cpu_kernels.build_with_first_working_flags(flag_sets, build) == "ops"
+    assert attempts == [["-O3"]]
+
+    attempts.clear()
+    with pytest.warns(UserWarning, match="could not be built.*unsupported option"):
+        assert cpu_kernels.build_with_first_working_flags((["-broken"],), build) is None
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert cpu_kernels.build_with_first_working_flags((["-broken"],), build) is None
+    assert attempts == [["-broken"], ["-broken"]]
+
+
 @needs_kernels
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="no /proc/self/maps to list loaded libraries")
 def test_the_kernels_share_torchs_openmp_runtime():

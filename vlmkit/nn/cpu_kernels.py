@@ -155,21 +155,44 @@ def active_kernel_isa() -> str | None:
 def _load():
     if hasattr(torch.ops, "vlmkit") and hasattr(torch.ops.vlmkit, "decode_attention_bf16"):
         return torch.ops.vlmkit
-    failure = None
-    for flags in _BUILD_FLAGS:
+    sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
+
+    def build(flags: list[str], folder: Path):
+        from torch.utils.cpp_extension import load
+        if not any(folder.glob("*.so")):
+            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
+        load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
+             extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
+        return torch.ops.vlmkit
+
+    return build_with_first_working_flags(_BUILD_FLAGS, build)
+
+
+# Written into a flag set's build folder when it failed and a later set built: later processes skip it
+# (a compiler without OpenMP would otherwise re-run the failing -fopenmp compile, seconds, at every start).
+# Without a later success nothing is written, so a compiler installed afterwards is picked up.
+_FAILED_MARKER = "failed"
+
+
+def build_with_first_working_flags(flag_sets, build):
+    """``build(flags, folder)`` for the first of ``flag_sets`` that builds, skipping sets marked failed by an
+    earlier process; None, with a warning, where none builds (decoding still works, at torch's speed)."""
+    failed, failure = [], None
+    for flags in flag_sets:
+        folder = _build_directory(flags)
+        if (folder / _FAILED_MARKER).exists():
+            continue
         try:
-            from torch.utils.cpp_extension import load
-            folder = _build_directory(flags)
-            if not any(folder.glob("*.so")):
-                print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
-            sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
-            load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
-                 extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
-            return torch.ops.vlmkit
-        except Exception as err:  # no compiler, no headers...: decoding still works, at torch's speed
+            ops = build(flags, folder)
+        except Exception as err:  # no compiler, no headers, no OpenMP...
+            failed.append(folder)
             failure = err
+            continue
+        for earlier in failed:
+            (earlier / _FAILED_MARKER).write_text(f"{type(failure).__name__}: {str(failure).strip()[:2000]}\n")
+        return ops
     warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
-                  f"{str(failure).strip()[:300]}); using torch's ops", stacklevel=3)
+                  f"{str(failure).strip()[:300]}); using torch's ops", stacklevel=4)
     return None
 
 

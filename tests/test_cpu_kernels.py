@@ -348,7 +348,8 @@ def test_a_large_kv_cache_reuses_the_memory_of_one_that_is_gone():
 
 
 @pytest.mark.parametrize("batch,heads,positions,head_dim,queries", [
-    (1, 16, 705, 128, 705), (2, 2, 300, 64, 300), (2, 4, 200, 72, 200), (1, 8, 130, 128, 1), (2, 14, 90, 64, 60)])
+    (1, 16, 705, 128, 705), (2, 2, 300, 64, 300), (2, 4, 200, 72, 200), (1, 8, 130, 128, 1), (2, 14, 90, 64, 60),
+    (1, 2, 40, 640, 40)])
 def test_prefill_rotary_equals_torchs_ops(batch, heads, positions, head_dim, queries):
     """The one-pass rotary (csrc/rotary.cpp) gives exactly what nn.rotary.rotate's torch ops give, for the
     projections' [B, L, H, D] layout seen as [B, H, L, D], a head size whose half is not a multiple of 8, and

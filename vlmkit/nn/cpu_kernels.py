@@ -260,7 +260,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     gradients wanted, no kernels)."""
     if not (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels_enabled()
             and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
-            and x.shape[-1] % 2 == 0 and x.shape[-1] <= 512 and x.numel() >= MIN_KERNEL_NORM_VALUES
+            and x.shape[-1] % 2 == 0 and x.numel() >= MIN_KERNEL_NORM_VALUES
             and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None

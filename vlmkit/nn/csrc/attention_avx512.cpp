@@ -15,6 +15,7 @@
 #include <limits>
 #include <memory>
 
+#include "exp_polynomial.h"
 #include "ops.h"
 #include "products.h"
 #include "work_pool.h"
@@ -69,19 +70,16 @@ VLMKIT_AVX512 void pack_values(const BFloat16* v, int64_t stride, int64_t L, int
   }
 }
 
-// e^x for x <= 0 (a score minus the row's largest): e^r * 2^n with n = round(x / ln 2), e^r by the same
-// polynomial as exp8 in decode_step.cpp; `floor` bounds x from below, where e^x is 0 in bf16 anyway.
+// e^x for x <= 0 (a score minus the row's largest), exp_polynomial.h's e^r * 2^n with 2^n by vscalefps;
+// `floor` bounds x from below, where e^x is 0 in bf16 anyway.
 VLMKIT_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  using namespace exp_polynomial;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), x);
+  __m512 y = _mm512_set1_ps(kCoefficients[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kCoefficients[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(y, n);
 }

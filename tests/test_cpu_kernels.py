@@ -125,6 +125,27 @@ def test_linear_kernel_matches_torch_for_several_weights_at_once(isa, rows, widt
     assert all(close_to_fp32(o, w, x, b) for o, w, b in zip(outputs, weights, biases))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_products_split_over_any_number_of_threads_give_the_values_of_one(isa, rows):
+    """The products cut the weights' rows into one run per thread, and a thread done with its own run takes
+    chunks from the back of the others': every row is computed once and exactly, for more threads than
+    cores too (where threads join late and their runs are taken by the others)."""
+    x = bf16(rows, 1, 520)
+    weights = [bf16(n, 520, seed=n) for n in (3001, 70, 1030)]
+    ops = cpu_kernels.compiled_kernels()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.linear_bf16(x, weights, [])
+        for count in (2, 3, 5, 8):
+            torch.set_num_threads(count)
+            for _ in range(3):
+                assert all(torch.equal(a, b) for a, b in zip(alone, ops.linear_bf16(x, weights, [])))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(close_to_fp32(o, w, x) for o, w in zip(alone, weights))
+
+
 @needs_kernels
 # grouped query heads are attended together (more than 8 per KV head in passes of 8), and split across
 # threads when there are fewer (row, KV head) pairs than threads

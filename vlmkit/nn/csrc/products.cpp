@@ -337,7 +337,9 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     bf16_x.assign(x, x + B * K);
   }
   const int64_t N = first_column.back(), blocks = first_block.back();
-  parallel_chunks((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
+  // in runs: each thread streams its own stretch of the weights (LLaVA-OneVision-0.5B decode steps 6-13% and
+  // Janus-Pro-1B's 2-6% faster than with chunks dealt out in turn, 2 Zen 4 cores, AVX-512 and AVX2 kernels)
+  parallel_runs((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
     const int64_t end = std::min(blocks, (chunk + 1) * kBlocksPerChunk);
     for (int64_t block = chunk * kBlocksPerChunk; block < end; ++block) {

@@ -24,13 +24,14 @@ class WorkPool {
     return *instance();
   }
 
-  // fn(chunk) for every chunk in [0, chunks), on this thread and up to threads - 1 helpers.
-  void run(int64_t chunks, int threads, const std::function<void(int64_t)>& fn) {
+  // fn(chunk) for every chunk in [0, chunks), on this thread and up to threads - 1 helpers; in_runs: each
+  // thread first takes the chunks of its own run in order (parallel_runs in work_pool.h).
+  void run(int64_t chunks, int threads, const std::function<void(int64_t)>& fn, bool in_runs) {
     if (threads <= 1 || chunks <= 1) {
       for (int64_t c = 0; c < chunks; ++c) fn(c);
       return;
     }
-    auto job = std::make_shared<Job>(chunks, &fn);
+    auto job = std::make_shared<Job>(chunks, &fn, in_runs ? std::min<int64_t>(threads, chunks) : 0);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (static_cast<int>(helpers_.size()) < threads - 1) helpers_.emplace_back([this] { helper_loop(); });
@@ -49,11 +50,38 @@ class WorkPool {
   }
 
  private:
+  // Chunks [front, back) of one run not yet taken, in one word so that its owner (from the front) and
+  // the others (from the back) never take the same chunk.
+  class Run {
+   public:
+    void reset(int64_t begin, int64_t end) { left_.store(pack(begin, end), std::memory_order_relaxed); }
+    // the next chunk from the front (from_front) or the back; -1 once none is left
+    int64_t take(bool from_front) {
+      uint64_t seen = left_.load(std::memory_order_relaxed);
+      for (;;) {
+        const int64_t front = static_cast<int64_t>(seen >> 32), back = static_cast<int64_t>(seen & 0xFFFFFFFFu);
+        if (front >= back) return -1;
+        const uint64_t taken = from_front ? pack(front + 1, back) : pack(front, back - 1);
+        if (left_.compare_exchange_weak(seen, taken, std::memory_order_relaxed)) return from_front ? front : back - 1;
+      }
+    }
+
+   private:
+    static uint64_t pack(int64_t front, int64_t back) {  // chunk numbers below 2^32
+      return static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back);
+    }
+    std::atomic<uint64_t> left_{0};
+  };
+
   struct Job {
-    Job(int64_t chunks, const std::function<void(int64_t)>* fn) : chunks(chunks), fn(fn) {}
-    std::atomic<int64_t> next{0}, done{0};
+    Job(int64_t chunks, const std::function<void(int64_t)>* fn, int64_t runs) : chunks(chunks), fn(fn), runs(runs) {
+      for (int64_t r = 0; r < runs; ++r) run_of[r].reset(r * chunks / runs, (r + 1) * chunks / runs);
+    }
+    std::atomic<int64_t> next{0}, done{0}, joined{0};
     const int64_t chunks;
     const std::function<void(int64_t)>* fn;  // valid until done == chunks
+    const int64_t runs;  // 0: chunks taken in one shared order
+    std::unique_ptr<Run[]> run_of{new Run[std::max<int64_t>(runs, 1)]};
   };
 
   static WorkPool*& instance() {
@@ -62,11 +90,24 @@ class WorkPool {
   }
 
   static void work(Job& job) {
+    if (job.runs > 0) return work_runs(job);
     for (;;) {
       const int64_t chunk = job.next.fetch_add(1, std::memory_order_relaxed);
       if (chunk >= job.chunks) return;
       (*job.fn)(chunk);
       job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // This thread's own run from the front, then what is left of the others' from their backs.
+  static void work_runs(Job& job) {
+    const int64_t own = job.joined.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t r = own; r < own + job.runs; ++r) {
+      Run& run = job.run_of[r % job.runs];
+      for (int64_t chunk = run.take(r == own); chunk >= 0; chunk = run.take(r == own)) {
+        (*job.fn)(chunk);
+        job.done.fetch_add(1, std::memory_order_release);
+      }
     }
   }
 
@@ -97,7 +138,11 @@ class WorkPool {
 }  // namespace
 
 void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
-  WorkPool::get().run(chunks, at::get_num_threads(), fn);
+  WorkPool::get().run(chunks, at::get_num_threads(), fn, false);
+}
+
+void parallel_runs(int64_t chunks, const std::function<void(int64_t)>& fn) {
+  WorkPool::get().run(chunks, at::get_num_threads(), fn, true);
 }
 
 void parallel_chunks_on_torch_threads(int64_t chunks, const std::function<void(int64_t)>& fn) {

@@ -193,14 +193,15 @@ void int4_rows_of(const GroupActivationsView& x, int64_t B, const PackedWeight& 
 
 }  // namespace
 
-// Up to two activation rows (a text step, a CFG image step) stream one weight row at a time: against tiles
-// of four weight rows read side by side, a single sequential stream per thread is faster (Janus-Pro-1B
-// layer weights on 2 Zen 4 cores, in one process, alternating: 1 row 56-58 against 63 ms, 2 rows 57-59
-// against 67-71 ms). From three rows on the compute per weight makes the tiles pay (4 rows: 65 ms either
-// way; 8 rows: 124 against 191 ms).
+// Up to five activation rows (a text step, a CFG image step, small batches) stream one weight row at a time:
+// against tiles of four weight rows read side by side, a single sequential stream per thread is faster.
+// Janus-Pro-1B layer weights on 2 Zen 4 cores, products split in per-thread runs, in one process with the
+// variants' order rotating: 3 rows 40-43 against 32-34 GB/s, 4 rows 34-39 against 28-32, 5 rows 29 against
+// 24; from six rows on, where the weights are read in more than one pass, the tiles' fewer loads per
+// multiply-add pay (7 rows 17-19 against 15 GB/s).
 void avx512_bf16_rows(const BFloat16* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
                       int64_t N) {
-  const int64_t tile_rows = B <= 2 ? 1 : 4;
+  const int64_t tile_rows = B <= 5 ? 1 : 4;
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
     const int64_t xr = std::min<int64_t>(4, B - b0);
     for (int64_t r = row; r < row + rows; r += tile_rows) {

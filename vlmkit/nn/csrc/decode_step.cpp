@@ -13,6 +13,7 @@
 #include "exp_polynomial.h"
 #include "ops.h"
 #include "products.h"
+#include "rms_norm.h"
 #include "rotary.h"
 #include "work_pool.h"
 
@@ -172,28 +173,6 @@ inline void add_rounded(float* x, const float* add, int64_t n) {
   for (; i < n; ++i) x[i] = bf16_round(x[i] + add[i]);
 }
 
-// RMSNorm as the references write it: fp32 statistics, x * rsqrt(mean(x^2) + eps) rounded, times weight.
-void rms_norm_rows(const float* x, int64_t B, int64_t D, const BFloat16* weight, float eps, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = x + b * D;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      const __m256 v = _mm256_loadu_ps(row + d);
-      acc = _mm256_fmadd_ps(v, v, acc);
-    }
-    float squares = horizontal_sum(acc);
-    for (; d < D; ++d) squares += row[d] * row[d];
-    const float inverse = 1.f / std::sqrt(squares / static_cast<float>(D) + eps);
-    const __m256 scale = _mm256_set1_ps(inverse);
-    for (d = 0; d + 8 <= D; d += 8) {
-      const __m128i normed = rms_normed_bf16x8(_mm256_loadu_ps(row + d), load_bf16x8(weight + d), scale);
-      _mm256_storeu_ps(out + b * D + d, widen_bf16x8(normed));
-    }
-    for (; d < D; ++d) out[b * D + d] = bf16_round(static_cast<float>(weight[d]) * bf16_round(row[d] * inverse));
-  }
-}
-
 constexpr const char* kLayerStep = "vlmkit::decoder_layer_step_bf16";
 
 // x [B, K] times each weight (a list of its parts), side by side in y [B, sum N], rounded to bf16 as the
@@ -287,7 +266,7 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   const float epsilon = static_cast<float>(eps);
 
   // attention block
-  rms_norm_rows(x.data(), B, D, input_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(&x[b * D], D, input_norm.const_data_ptr<BFloat16>(), epsilon, &normed[b * D]);
   const Projection qkv(normed.data(), B, D, {q, k, v}, qkv_bias);
   const std::vector<int64_t>& rows = qkv.rows;
   TORCH_CHECK(rows[0] == H * hd && rows[1] == Hkv * hd && rows[2] == Hkv * hd,
@@ -327,7 +306,9 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   add_rounded(x.data(), attention_out.y.data(), B * D);
 
   // MLP block: down(silu(gate(x)) * up(x))
-  rms_norm_rows(x.data(), B, D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, normed.data());
+  for (int64_t b = 0; b < B; ++b) {
+    rms_norm_row(&x[b * D], D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, &normed[b * D]);
+  }
   const Projection gate_up(normed.data(), B, D, {gate, up}, {});
   const int64_t I = gate_up.rows[0];
   TORCH_CHECK(gate_up.rows[1] == I, kLayerStep, ": gate and up projections differ in size");

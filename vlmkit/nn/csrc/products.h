@@ -43,11 +43,12 @@ inline __m128i round_to_bf16x8(__m256 v) {
 // 8 bf16 values (as rounded by round_to_bf16x8) widened to fp32.
 inline __m256 widen_bf16x8(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
 
-// RMSNorm's second pass for 8 values x, as the references round it: weight * bf16(x * scale), rounded to bf16
-// (scale: the row's 1 / sqrt(mean(x^2) + eps)). The prefill norm (rms_norm.cpp) and the decode step's share it.
-inline __m128i rms_normed_bf16x8(__m256 x, __m256 weight, __m256 scale) {
-  return round_to_bf16x8(_mm256_mul_ps(weight, widen_bf16x8(round_to_bf16x8(_mm256_mul_ps(x, scale)))));
-}
+// 8 values of a row that is bf16, or fp32 holding bf16 values (the decode step's activations), as fp32; and 8
+// bf16 results stored as such, or widened back to fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BFloat16* p) { return load_bf16x8(p); }
+inline void store8(BFloat16* p, __m128i bits) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits); }
+inline void store8(float* p, __m128i bits) { _mm256_storeu_ps(p, widen_bf16x8(bits)); }
 
 // fp32 values [0, n) rounded to bf16 into out, on vlmkit's threads for long runs (torch's conversion would
 // wake its OpenMP threads, which then spin on the cores the next kernel call needs).

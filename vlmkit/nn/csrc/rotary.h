@@ -6,9 +6,6 @@
 
 namespace vlmkit {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BFloat16* p) { return load_bf16x8(p); }
-
 // x: one head's hd values, bf16 or fp32 holding bf16 values (the decode step's projections); cos, sin: its
 // position's hd values.
 template <typename T>

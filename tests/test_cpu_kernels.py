@@ -368,6 +368,21 @@ def test_a_large_kv_cache_reuses_the_memory_of_one_that_is_gone():
     assert small.keys.untyped_storage().nbytes() == 2 * head_dim * 16
 
 
+@needs_kernels
+def test_a_short_request_does_not_hold_a_long_ones_kept_memory():
+    """Kept memory goes to a request at most twice smaller than it: a short request holding a long one's
+    block would make the next long request map as much again beside it."""
+    cpu = torch.device("cpu")
+    long_bytes = 13 * cpu_kernels.MIN_REUSABLE_BYTES  # sizes no other test allocates
+    long = cpu_kernels.reusable_empty((long_bytes,), torch.uint8, cpu)
+    long_memory = long.data_ptr()
+    del long
+    short = cpu_kernels.reusable_empty((long_bytes // 2 - 4096,), torch.uint8, cpu)
+    assert short.data_ptr() != long_memory
+    again = cpu_kernels.reusable_empty((11 * cpu_kernels.MIN_REUSABLE_BYTES,), torch.uint8, cpu)
+    assert again.data_ptr() == long_memory and again.numel() == 11 * cpu_kernels.MIN_REUSABLE_BYTES
+
+
 @pytest.mark.parametrize("batch,heads,positions,head_dim,queries", [
     (1, 16, 705, 128, 705), (2, 2, 300, 64, 300), (2, 4, 200, 72, 200), (1, 8, 130, 128, 1), (2, 14, 90, 64, 60),
     (1, 2, 40, 640, 40)])

@@ -2,7 +2,9 @@
 // the last tensor viewing it is gone. Memory allocated afresh at this size (above glibc's 32 MiB mmap
 // threshold it is mapped anew every time) is faulted in and zeroed by the kernel page by page as it is
 // first written: ~30 ms of every first token of a 1B model with a 700-token prompt. Up to kKeptBlocks
-// freed blocks, kKeptBytes in all, are kept; a request takes the smallest that fits.
+// freed blocks, kKeptBytes in all, are kept; a request takes the smallest that fits and is at most
+// kMostWasted times its size (a short request would otherwise hold a long one's block, and the next long
+// request map its memory afresh beside it).
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
@@ -19,6 +21,7 @@ namespace {
 
 constexpr size_t kKeptBlocks = 4;
 constexpr size_t kKeptBytes = size_t{1} << 30;
+constexpr size_t kMostWasted = 2;
 
 struct Block {
   void* address;
@@ -37,7 +40,8 @@ class KeptBlocks {
       std::lock_guard<std::mutex> lock(mutex_);
       auto best = blocks_.end();
       for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
-        if (it->bytes >= bytes && (best == blocks_.end() || it->bytes < best->bytes)) best = it;
+        const bool fits = it->bytes >= bytes && it->bytes / kMostWasted <= bytes;
+        if (fits && (best == blocks_.end() || it->bytes < best->bytes)) best = it;
       }
       if (best != blocks_.end()) {
         const Block block = *best;

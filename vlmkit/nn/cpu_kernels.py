@@ -240,14 +240,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-# Below this many values a norm's torch ops cost less than the call (and tiny test models never build the kernels).
-MIN_KERNEL_NORM_VALUES = 1 << 16
+# Below this many values torch's ops for a norm or a rotary cost less than the call to a prefill kernel (and tiny
+# test models never build the kernels).
+MIN_PREFILL_KERNEL_VALUES = 1 << 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """``nn.norms.RMSNorm`` of many bf16 rows (a prefill) in one pass, ``csrc/rms_norm.cpp``; None where
     torch's ops run instead (few rows, other dtypes or devices, gradients wanted, no kernels)."""
-    if not (_bf16_on_cpu(x, weight) and kernels_enabled() and x.numel() >= MIN_KERNEL_NORM_VALUES
+    if not (_bf16_on_cpu(x, weight) and kernels_enabled() and x.numel() >= MIN_PREFILL_KERNEL_VALUES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
     ops = compiled_kernels()
@@ -260,7 +261,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     gradients wanted, no kernels)."""
     if not (x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels_enabled()
             and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape == (x.shape[0], *x.shape[2:])
-            and x.shape[-1] % 2 == 0 and x.numel() >= MIN_KERNEL_NORM_VALUES
+            and x.shape[-1] % 2 == 0 and x.numel() >= MIN_PREFILL_KERNEL_VALUES
             and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return None

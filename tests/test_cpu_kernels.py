@@ -54,6 +54,21 @@ def test_the_kernels_build_wherever_they_can():
         assert cpu_kernels.active_kernel_isa() == kernel_isa()
 
 
+@needs_kernels
+def test_the_avx512_kernels_are_set_only_where_the_cpu_runs_them():
+    """The compiled side asks the CPU itself before it takes the AVX-512 products (on a CPU without them they
+    would end the process), so only a CPU with every flag they need gets them; AVX2 is always there."""
+    ops = cpu_kernels.compiled_kernels()
+    previous = ops.kernel_isa()
+    try:
+        assert ops.set_kernel_isa("avx512") == (ISA_FLAGS["avx512"] <= cpu_flags())
+        assert ops.kernel_isa() == ("avx512" if ISA_FLAGS["avx512"] <= cpu_flags() else previous)
+        assert ops.set_kernel_isa("avx2") and ops.kernel_isa() == "avx2"
+        assert not ops.set_kernel_isa("sse")
+    finally:
+        ops.set_kernel_isa(previous)
+
+
 def test_a_flag_set_that_failed_before_a_later_one_built_is_not_retried(tmp_path, monkeypatch):
     """A compiler without OpenMP fails the -fopenmp build: the next process goes straight to the build that
     worked, and nothing is marked where no flag set builds (a compiler installed later is then used)."""

@@ -138,9 +138,11 @@ def compiled_kernels():
 
 
 def _select_isa(ops):
-    """``ops`` with its products set to ``kernel_isa()``; the AVX2 ones where this build lacks AVX-512."""
+    """``ops`` with its products set to ``kernel_isa()``; the AVX2 ones where this build lacks AVX-512 or the
+    CPU itself (CPUID) denies what /proc/cpuinfo listed."""
     if ops is not None and not ops.set_kernel_isa(kernel_isa()):
-        warnings.warn(f"vlmkit: the compiler built no {kernel_isa()} kernels; using avx2", stacklevel=4)
+        warnings.warn(f"vlmkit: the compiler built no {kernel_isa()} kernels or this CPU cannot run them; using avx2",
+                      stacklevel=4)
         ops.set_kernel_isa("avx2")
     return ops
 

@@ -303,7 +303,7 @@ std::atomic<bool> use_avx512{false};
 }  // namespace
 
 bool set_kernel_isa(const std::string& isa) {
-  if (isa == "avx2" || (isa == "avx512" && avx512_kernels_built())) {
+  if (isa == "avx2" || (isa == "avx512" && avx512_kernels_run_here())) {
     use_avx512.store(isa == "avx512");
     return true;
   }

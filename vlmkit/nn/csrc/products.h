@@ -117,7 +117,8 @@ struct GroupActivationsView {
   const float* scale;
   const float* group_sums;
 };
-bool avx512_kernels_built();
+// Whether this build has the AVX-512 kernels and this CPU runs them.
+bool avx512_kernels_run_here();
 void avx512_bf16_rows(const BFloat16* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
                       int64_t N);
 void avx512_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,

@@ -18,7 +18,17 @@
 
 namespace vlmkit {
 
-bool avx512_kernels_built() { return VLMKIT_HAVE_AVX512; }
+bool avx512_kernels_run_here() {
+#if VLMKIT_HAVE_AVX512
+  // The CPU's own answer (CPUID, and the OS saving the AVX-512 registers), whatever the caller was told of
+  // it: the instructions on a CPU without them would end the process.
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
 
 #if VLMKIT_HAVE_AVX512
 namespace {

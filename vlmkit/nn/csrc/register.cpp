@@ -31,7 +31,7 @@ TORCH_LIBRARY(vlmkit, m) {
   m.def("linear_int8(Tensor input, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor input, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor");
   m.def("dequantize_int4(Tensor weight, Tensor scale, Tensor zero) -> Tensor");
-  // the instruction set of the product kernels: "avx2" or "avx512"; False where this build lacks it
+  // the instruction set of the product kernels: "avx2" or "avx512"; False where this build or this CPU lacks it
   m.def("set_kernel_isa(str isa) -> bool", [](c10::string_view isa) { return vlmkit::set_kernel_isa(std::string(isa)); });
   m.def("kernel_isa() -> str", [] { return vlmkit::kernel_isa(); });
   m.def("decode_attention_bf16(Tensor q, Tensor keys, Tensor values, Tensor? valid, float scale) -> Tensor");

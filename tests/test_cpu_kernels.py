@@ -7,6 +7,7 @@ The kernels run on x86 CPUs with AVX2 and FMA (and need a C++ compiler); a varia
 skipped with the flags it misses. ``VLMKIT_CPU_KERNELS=off`` (``.ci/run`` runs these tests so too) turns
 them off: the tests of torch's portable path then still run."""
 
+import mmap
 import os
 import shutil
 
@@ -94,6 +95,36 @@ def test_a_flag_set_that_failed_before_a_later_one_built_is_not_retried(tmp_path
     with pytest.warns(UserWarning, match="could not be built"):
         assert cpu_kernels.build_with_first_working_flags((["-broken"],), build) is None
     assert attempts == [["-broken"], ["-broken"]]
+
+
+def test_a_build_never_rewrites_a_library_another_process_runs(tmp_path):
+    """A process runs the library file it loaded as its code: a build compiles in a private folder and renames
+    its library into place, so a process holding the published one (here: a mapping of it) keeps its code;
+    a published library is loaded as it is, and one that does not load is built again."""
+    built, loaded = [], []
+
+    def compile_and_load(content):
+        def run(private):
+            assert private.parent == tmp_path and private.name.startswith("building-")
+            (private / cpu_kernels._LIBRARY).write_bytes(content)
+            built.append(content)
+        return run
+
+    library = tmp_path / cpu_kernels._LIBRARY
+    cpu_kernels.load_or_build(tmp_path, compile_and_load(b"first build"), loaded.append)
+    assert library.read_bytes() == b"first build" and built == [b"first build"] and loaded == []
+    cpu_kernels.load_or_build(tmp_path, compile_and_load(b"never built"), loaded.append)
+    assert loaded == [str(library)] and built == [b"first build"]
+
+    def refuses(path):
+        raise OSError("not a library")
+
+    with open(library, "rb") as running, mmap.mmap(running.fileno(), 0, access=mmap.ACCESS_READ) as code:
+        with pytest.warns(UserWarning, match="did not load.*compiling it again"):
+            cpu_kernels.load_or_build(tmp_path, compile_and_load(b"second build"), refuses)
+        assert code[:] == b"first build"
+    assert library.read_bytes() == b"second build"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [cpu_kernels._LIBRARY]
 
 
 @needs_kernels

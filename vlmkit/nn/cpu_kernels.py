@@ -27,7 +27,9 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -119,10 +121,10 @@ def _build_directory(flags: list[str]) -> Path:
     digest.update(torch.__version__.encode() + " ".join(flags).encode())
     folder = root / f"decode_kernels-{digest.hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"
-    # torch's builder waits forever on a lock left by a build that was killed: clear stale ones
-    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
-        lock.unlink(missing_ok=True)
+    for left in folder.glob("building-*"):  # private build folders of builds that were killed
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > 3600:
+                shutil.rmtree(left, ignore_errors=True)
     return folder
 
 
@@ -159,15 +161,42 @@ def _load():
         return torch.ops.vlmkit
     sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
 
-    def build(flags: list[str], folder: Path):
+    def compile_and_load(flags: list[str], private: Path):
         from torch.utils.cpp_extension import load
-        if not any(folder.glob("*.so")):
-            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
-        load("vlmkit_decode_kernels", sources, build_directory=str(folder), is_python_module=False,
+        print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
+        load(_LIBRARY.removesuffix(".so"), sources, build_directory=str(private), is_python_module=False,
              extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
+
+    def build(flags: list[str], folder: Path):
+        load_or_build(folder, lambda private: compile_and_load(flags, private), torch.ops.load_library)
         return torch.ops.vlmkit
 
     return build_with_first_working_flags(_BUILD_FLAGS, build)
+
+
+_LIBRARY = "vlmkit_decode_kernels.so"
+
+
+def load_or_build(folder: Path, compile_and_load, load_library) -> None:
+    """Loads the kernels' library published in ``folder``, or compiles and loads it (``compile_and_load(
+    private)``) in a private folder inside it and then publishes it there under a new name, renamed into place.
+
+    A process runs the library file it loaded as its code, and the linker rewrites an existing output file in
+    place: had a second process built into the shared folder (the same sources from another checkout or
+    virtual environment, whose build commands differ), the first one's code would have changed under it and
+    crashed it. A published library is never written again; a process that finds none, or one that does not
+    load, builds its own."""
+    library = folder / _LIBRARY
+    if library.exists():
+        try:
+            return load_library(str(library))
+        except OSError as err:  # cut short by a full disk, or foreign: built again below
+            warnings.warn(f"vlmkit: {library} did not load ({err}); compiling it again", stacklevel=5)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="building-") as private:
+        compile_and_load(Path(private))
+        staged = folder / f".{_LIBRARY}.{os.getpid()}"
+        shutil.copy(Path(private) / _LIBRARY, staged)
+        os.replace(staged, library)
 
 
 # Written into a flag set's build folder when it failed and a later set built: later processes skip it

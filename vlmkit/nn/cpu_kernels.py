@@ -178,18 +178,18 @@ _LIBRARY = "vlmkit_decode_kernels.so"
 
 
 def load_or_build(folder: Path, compile_and_load, load_library) -> None:
-    """Loads the kernels' library published in ``folder``, or compiles and loads it (``compile_and_load(
-    private)``) in a private folder inside it and then publishes it there under a new name, renamed into place.
+    """Loads the kernels' library kept in ``folder``; where there is none, or it does not load, compiles and
+    loads one in a private folder (``compile_and_load(private)``) and renames a copy into ``folder``.
 
-    A process runs the library file it loaded as its code, and the linker rewrites an existing output file in
-    place: had a second process built into the shared folder (the same sources from another checkout or
-    virtual environment, whose build commands differ), the first one's code would have changed under it and
-    crashed it. A published library is never written again; a process that finds none, or one that does not
-    load, builds its own."""
+    A process runs the library file it loaded as its code, and the linker truncates and rewrites an existing
+    output file in place, which ends a process running that file (bus error). So no build writes into the
+    shared folder: processes of other checkouts or virtual environments with the same sources, whose build
+    commands differ, would otherwise rebuild the library under one another."""
     library = folder / _LIBRARY
     if library.exists():
         try:
-            return load_library(str(library))
+            load_library(str(library))
+            return
         except OSError as err:  # cut short by a full disk, or foreign: built again below
             warnings.warn(f"vlmkit: {library} did not load ({err}); compiling it again", stacklevel=5)
     with tempfile.TemporaryDirectory(dir=folder, prefix="building-") as private:

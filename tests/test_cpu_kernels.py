@@ -416,8 +416,8 @@ def test_a_large_kv_cache_reuses_the_memory_of_one_that_is_gone():
 
 @needs_kernels
 def test_a_short_request_does_not_hold_a_long_ones_kept_memory():
-    """Kept memory goes to a request at most twice smaller than it: a short request holding a long one's
-    block would make the next long request map as much again beside it."""
+    """Kept memory goes only to a request at least half its size: a short request holding a long one's block
+    would make the next long request map as much again beside it."""
     cpu = torch.device("cpu")
     long_bytes = 13 * cpu_kernels.MIN_REUSABLE_BYTES  # sizes no other test allocates
     long = cpu_kernels.reusable_empty((long_bytes,), torch.uint8, cpu)

@@ -264,9 +264,13 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   std::vector<float> x(hidden_f.const_data_ptr<float>(), hidden_f.const_data_ptr<float>() + B * D);
   std::vector<float> normed(B * D);
   const float epsilon = static_cast<float>(eps);
+  const auto norm_rows = [&](const at::Tensor& weight) {  // every row of x, into normed
+    const BFloat16* w = weight.const_data_ptr<BFloat16>();
+    for (int64_t b = 0; b < B; ++b) rms_norm_row(&x[b * D], D, w, epsilon, &normed[b * D]);
+  };
 
   // attention block
-  for (int64_t b = 0; b < B; ++b) rms_norm_row(&x[b * D], D, input_norm.const_data_ptr<BFloat16>(), epsilon, &normed[b * D]);
+  norm_rows(input_norm);
   const Projection qkv(normed.data(), B, D, {q, k, v}, qkv_bias);
   const std::vector<int64_t>& rows = qkv.rows;
   TORCH_CHECK(rows[0] == H * hd && rows[1] == Hkv * hd && rows[2] == Hkv * hd,
@@ -306,9 +310,7 @@ at::Tensor decoder_layer_step_bf16(const at::Tensor& hidden, const at::Tensor& i
   add_rounded(x.data(), attention_out.y.data(), B * D);
 
   // MLP block: down(silu(gate(x)) * up(x))
-  for (int64_t b = 0; b < B; ++b) {
-    rms_norm_row(&x[b * D], D, post_attention_norm.const_data_ptr<BFloat16>(), epsilon, &normed[b * D]);
-  }
+  norm_rows(post_attention_norm);
   const Projection gate_up(normed.data(), B, D, {gate, up}, {});
   const int64_t I = gate_up.rows[0];
   TORCH_CHECK(gate_up.rows[1] == I, kLayerStep, ": gate and up projections differ in size");

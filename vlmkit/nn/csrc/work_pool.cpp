@@ -81,7 +81,7 @@ class WorkPool {
     const int64_t chunks;
     const std::function<void(int64_t)>* fn;  // valid until done == chunks
     const int64_t runs;  // 0: chunks taken in one shared order
-    std::unique_ptr<Run[]> run_of{new Run[std::max<int64_t>(runs, 1)]};
+    std::unique_ptr<Run[]> run_of{runs > 0 ? new Run[runs] : nullptr};  // none for a shared order
   };
 
   static WorkPool*& instance() {

@@ -17,7 +17,7 @@ constexpr int64_t kRowsPerBlock = 4;
 constexpr int64_t kBlocksPerChunk = 16;
 
 // Rows [row, row + rows) of W against ROWS_X activation rows; writes fp32 sums to y. Each weight row is
-// read front to back (one sequential stream, prefetched 1 KiB ahead) with several accumulators per
+// read front to back (one sequential stream, prefetched kPrefetchBytes ahead) with several accumulators per
 // activation row to hide FMA latency.
 template <int ROWS_X, typename W>
 void block_product(const float* x, int64_t K, const W* w, int64_t row, int64_t rows, float* y, int64_t N) {
@@ -30,7 +30,7 @@ void block_product(const float* x, int64_t K, const W* w, int64_t row, int64_t r
     }
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + k + 512), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + kPrefetchBytes, _MM_HINT_T0);
       for (int u = 0; u < U; ++u) {
         const __m256 wv = load_bf16x8(wr + k + 8 * u);
         for (int b = 0; b < ROWS_X; ++b) {
@@ -151,7 +151,7 @@ void int8_rows(const Int16Activations& x, int64_t b0, const PackedWeight& weight
       __m256i acc[ROWS_X];
       for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
       for (; k < end; k += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k + 1024), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr + k + kPrefetchBytes), _MM_HINT_T0);
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
         for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, load_256(xv + b * K + k)));
       }
@@ -211,7 +211,7 @@ void int4_rows(const Int8GroupActivations& x, int64_t b0, const PackedWeight& we
       __m256i acc[ROWS_X];
       for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
       for (const uint8_t* group_end = bytes + G / 2; bytes < group_end; bytes += span / 2, xk += span) {
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + 1024), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + kPrefetchBytes), _MM_HINT_T0);
         nibble_span<ROWS_X, WIDE>(bytes, xk, K, acc);
       }
       const float s = static_cast<float>(scales[r * groups + g]), z = static_cast<float>(zeros[r * groups + g]);

@@ -34,11 +34,6 @@ bool avx512_kernels_run_here() {
 namespace {
 
 constexpr int64_t kIntBlock = 4096;  // int32 lanes take 128 steps of at most 2 * 127 * 32767
-// How far ahead of its reads a row kernel asks for weight bytes: 4 KiB (four int4 rows of a 2048-wide layer)
-// against 1 KiB made the Janus-Pro-1B layer products 9% (int4) and 14-17% (int8, 1 and 2 rows) faster on 2
-// Zen 4 cores (2026-12-06); a one-row bf16 product over 1 GB of weights streamed 0.94 against 0.88 of what a
-// plain sum read in the same minute (0.66 against 0.60 when the memory was at its fastest).
-constexpr int64_t kPrefetchBytes = 4096;
 
 // Lanes [0, count) of a 32-lane (16-bit) or 64-lane (8-bit) load; the rest zero, so tails need no scalar loop.
 VLMKIT_AVX512 inline __mmask32 mask32(int64_t count) {

@@ -161,9 +161,14 @@ def _load():
         return torch.ops.vlmkit
     sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
 
+    announced = False  # once, though a failed flag set is followed by the next one
+
     def compile_and_load(flags: list[str], private: Path):
         from torch.utils.cpp_extension import load
-        print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
+        nonlocal announced
+        if not announced:
+            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
+            announced = True
         load(_LIBRARY.removesuffix(".so"), sources, build_directory=str(private), is_python_module=False,
              extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
 
@@ -223,7 +228,9 @@ def build_with_first_working_flags(flag_sets, build):
             (earlier / _FAILED_MARKER).write_text(f"{type(failure).__name__}: {str(failure).strip()[:2000]}\n")
         return ops
     warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
-                  f"{str(failure).strip()[:300]}); using torch's ops", stacklevel=4)
+                  f"{str(failure).strip()[:300]}); using torch's slower ops. They need a C++ compiler "
+                  f"(Debian/Ubuntu: apt-get install g++); VLMKIT_CPU_KERNELS=off skips them without this warning",
+                  stacklevel=4)
     return None
 
 

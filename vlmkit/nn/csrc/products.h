@@ -65,7 +65,8 @@ inline float horizontal_sum(__m256 v) {
 // (2026-12-06), 4 KiB against 1 KiB made the AVX-512 kernels' Janus-Pro-1B layer products 9% (int4) and
 // 14-17% (int8, 1 and 2 rows) faster, and took the AVX2 kernels' decode steps from 88% to 95% (Janus-Pro-1B)
 // and 87% to 94% (LLaVA-OneVision-0.5B) of their bandwidth bound at 47 GB/s, batch 4 from 130 to 95 ms;
-// 8 KiB gained a few percent more only while the memory ran at its fastest (80 GB/s) and lost as much at 47.
+// 8 KiB was 6-9% faster than 4 KiB while the memory ran at its fastest (80 GB/s) but 2-3% slower at 47, nearer
+// what CPUs with AVX2 alone read (about 33 GB/s on 2 cores).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // One weight as the products read it. `parts` holds its tensors: {bf16 weight}, {int8 weight, scale}

@@ -327,6 +327,10 @@ def test_int8_kernel_matches_the_dequantized_float_product(isa, rows, outputs, i
     expected = F.linear(x.float(), weight.float() * scale[:, None], None if bias is None else bias.float())
     assert got.shape == (rows, 1, outputs) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+    x[0, 0, inputs // 2] = float("nan")  # a row that overflowed stays visible, as in a float product
+    x[-1, 0, -1] = float("inf") if rows > 1 else float("nan")
+    overflowed = cpu_kernels.linear_int8(x, weight, scale, bias)
+    assert overflowed[[0, -1]].isnan().all() and torch.equal(overflowed[1:-1], got[1:-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,8 +14,9 @@ ARM = frozenset("fp asimd sve".split())
 @pytest.fixture
 def cpu(monkeypatch):
     """Pretend to be a CPU with the given flags and kernel setting; the cached answers are recomputed."""
-    def pretend(flags, setting=None):
+    def pretend(flags, setting=None, cpuid_runs=tuple(cpu_features.ISA_FLAGS)):
         monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(cpu_features, "cpu_runs", lambda isa: isa in cpuid_runs)
         if setting is None:
             monkeypatch.delenv("VLMKIT_CPU_KERNELS", raising=False)
         else:
@@ -42,6 +43,23 @@ def test_a_variant_the_cpu_lacks_falls_back_and_names_the_missing_flags(cpu):
     cpu(ARM, "avx2")
     with pytest.warns(UserWarning, match="lacks avx2 fma; using torch portable path"):
         assert cpu_features.kernel_isa() is None
+
+
+def test_a_variant_the_cpus_own_cpuid_denies_is_not_taken(cpu):
+    """Under an emulator /proc/cpuinfo lists the host's flags: the CPU's CPUID decides (no SIGILL)."""
+    cpu(ZEN4, cpuid_runs=("avx2",))
+    assert cpu_features.kernel_isa() == "avx2"
+    cpu(ZEN4, cpuid_runs=())
+    assert cpu_features.kernel_isa() is None
+    cpu(ZEN4, "avx512", cpuid_runs=("avx2",))
+    with pytest.warns(UserWarning, match="lists its flags, but its CPUID denies them; using avx2"):
+        assert cpu_features.kernel_isa() == "avx2"
+
+
+def test_this_cpus_cpuid_confirms_what_its_flags_list():
+    for isa, flags in cpu_features.ISA_FLAGS.items():
+        if flags <= cpu_features.cpu_flags():
+            assert cpu_features.cpu_runs(isa), isa
 
 
 def test_an_unknown_setting_warns_and_means_auto(cpu):

@@ -1,5 +1,6 @@
-"""What this CPU can run, read once from the operating system: the instruction sets vlmkit's compiled
-kernels are built for, and the CPU class the benchmark names in its header.
+"""What this CPU can run, read once from the operating system (and, for the kernels, confirmed by the CPU's
+own CPUID): the instruction sets vlmkit's compiled kernels are built for, and the CPU class the benchmark
+names in its header.
 
 ``VLMKIT_CPU_KERNELS`` chooses the kernels (see ``kernel_isa``): ``auto`` (the default: the widest this
 CPU runs), ``avx512`` or ``avx2`` to force one (for tests and comparisons; one the CPU lacks falls back
@@ -38,6 +39,22 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+# What the CPU itself (CPUID, as torch's cpuinfo reads it) must confirm for each variant: /proc/cpuinfo shows
+# a program under an emulator (qemu-user) the host's flags, not those of the CPU it runs on.
+CPUID_CHECKS = {"avx2": ("_is_avx2_supported",),
+                "avx512": ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_vnni_supported")}
+
+
+def cpu_runs(isa: str) -> bool:
+    """Whether the CPU's own CPUID confirms ``isa`` (torch.cpu's checks); True where torch cannot tell."""
+    import torch
+
+    try:
+        return all(getattr(torch.cpu, check)() for check in CPUID_CHECKS[isa])
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def kernel_setting() -> str:
     """``VLMKIT_CPU_KERNELS`` as given (lower case), ``auto`` when unset."""
     return os.environ.get("VLMKIT_CPU_KERNELS", "auto").strip().lower() or "auto"
@@ -50,15 +67,16 @@ def kernel_isa() -> str | None:
     setting = kernel_setting()
     if setting in OFF:
         return None
-    supported = [isa for isa, flags in ISA_FLAGS.items() if flags <= cpu_flags()]
+    supported = [isa for isa, flags in ISA_FLAGS.items() if flags <= cpu_flags() and cpu_runs(isa)]
     if setting in ISA_FLAGS:
         if setting in supported:
             return setting
         fallback = next((isa for isa in supported if list(ISA_FLAGS).index(isa) > list(ISA_FLAGS).index(setting)),
                         None)
         missing = " ".join(sorted(ISA_FLAGS[setting] - cpu_flags()))
-        warnings.warn(f"VLMKIT_CPU_KERNELS={setting}: this CPU lacks {missing}; using "
-                      f"{fallback or 'torch portable path'}", stacklevel=2)
+        lack = f"lacks {missing}" if missing else "lists its flags, but its CPUID denies them"
+        warnings.warn(f"VLMKIT_CPU_KERNELS={setting}: this CPU {lack}; using {fallback or 'torch portable path'}",
+                      stacklevel=2)
         return fallback
     if setting not in ("auto", "1", "on", "true", "yes"):
         warnings.warn(f"VLMKIT_CPU_KERNELS={setting!r} is not one of auto, avx512, avx2, off; using auto",

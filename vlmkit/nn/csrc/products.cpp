@@ -110,7 +110,7 @@ inline float integer_scale(const Magnitude& m, float largest) {
 }
 
 // value * inverse to the nearest integer (ties to even, as lrint and vcvtps2dq both round), 8 at a time into
-// int32; 0 for a NaN inverse (the scale of a row that is not finite).
+// int32, or one at a time; for finite rows only (a row that is not finite keeps its zeros).
 inline __m256i rounded8(const float* values, __m256 inverse) {
   return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(values), inverse));
 }
@@ -165,7 +165,9 @@ struct Int8GroupActivations {
         int32_t sum = 0;
         for (int64_t first = 0; first < G; first += span) {  // G is a multiple of span
           alignas(32) int32_t q[64];
-          for (int64_t i = 0; i < span; i += 8) _mm256_store_si256(reinterpret_cast<__m256i*>(q + i), rounded8(group + first + i, inverse));
+          for (int64_t i = 0; i < span; i += 8) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(q + i), rounded8(group + first + i, inverse));
+          }
           for (int64_t i = 0; i < span / 2; ++i) {
             out[first + i] = static_cast<int8_t>(q[2 * i]);
             out[first + span / 2 + i] = static_cast<int8_t>(q[2 * i + 1]);

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import vlmkit
 from vlmkit.cli import main
@@ -103,10 +104,23 @@ def test_a_model_missing_from_the_cache_names_hf_download(tmp_path, monkeypatch,
     assert "`hf download some-org/some-model`" in err and "huggingface-cli" not in err
 
 
-def test_version():
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_version_names_the_cpu_class_and_kernels(setting, monkeypatch):
+    from vlmkit.nn import cpu_features
+    monkeypatch.setenv("VLMKIT_CPU_KERNELS", setting)
     result = subprocess.run([sys.executable, "-m", "vlmkit.cli", "--version"], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0 and result.stdout.strip() == f"vlmkit {vlmkit.__version__}"
+    cpu_features.kernel_isa.cache_clear()  # this process's answer for the same setting
+    try:
+        kernels = cpu_features.kernel_isa() or "portable"
+    finally:
+        monkeypatch.undo()
+        cpu_features.kernel_isa.cache_clear()
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[0] == f"vlmkit {vlmkit.__version__}"
+    assert lines[1] == f"torch {torch.__version__}"
+    assert cpu_features.cpu_class() in lines[2]
+    assert lines[2].endswith(f"kernels: {kernels} (VLMKIT_CPU_KERNELS={setting})")
 
 
 @pytest.mark.parametrize("command,shown", [

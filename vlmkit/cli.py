@@ -228,10 +228,25 @@ def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``: vlmkit's version, then what a bug report about speed needs (worked out only when asked:
+    it imports torch)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        from .nn.cpu_features import cpu_description, kernel_setting
+        cpu = cpu_description()
+        print(f"vlmkit {__version__}\ntorch {torch.__version__}\nCPU: {cpu['model']}, {cpu['cores']} cores, "
+              f"{cpu['class']}; kernels: {cpu['kernels']} (VLMKIT_CPU_KERNELS={kernel_setting()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="Run vision-language models: chat about images, "
                                                                 "draw images, serve them.")
-    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version, torch's, the CPU class and the CPU kernels vlmkit runs, and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     chat = _command(commands, "chat", help="ask about images (streams the answer)")

@@ -97,6 +97,16 @@ def test_a_flag_set_that_failed_before_a_later_one_built_is_not_retried(tmp_path
     assert attempts == [["-broken"], ["-broken"]]
 
 
+def test_a_kernel_cache_that_cannot_be_made_falls_back_to_torchs_ops_and_names_the_fix(tmp_path, monkeypatch):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    monkeypatch.setenv("VLMKIT_KERNEL_CACHE", str(in_the_way / "kernels"))
+    attempts = []
+    with pytest.warns(UserWarning, match="no folder to be built in.*Set VLMKIT_KERNEL_CACHE to a folder you can write"):
+        assert cpu_kernels.build_with_first_working_flags((["-O3"],), lambda flags, folder: attempts.append(flags)) is None
+    assert attempts == []
+
+
 def test_a_build_never_rewrites_a_library_another_process_runs(tmp_path):
     """A process runs the library file it loaded as its code: a build compiles in a private folder and renames
     its library into place, so a process holding the published one (here: a mapping of it) keeps its code;

@@ -215,7 +215,12 @@ def build_with_first_working_flags(flag_sets, build):
     earlier process; None, with a warning, where none builds (decoding still works, at torch's speed)."""
     failed, failure = [], None
     for flags in flag_sets:
-        folder = _build_directory(flags)
+        try:
+            folder = _build_directory(flags)
+        except OSError as err:  # a read-only home, a file in the way: no flag set can build
+            warnings.warn(f"vlmkit: the CPU decode kernels have no folder to be built in ({err}); using torch's "
+                          f"slower ops. Set VLMKIT_KERNEL_CACHE to a folder you can write", stacklevel=4)
+            return None
         if (folder / _FAILED_MARKER).exists():
             continue
         try:
@@ -225,7 +230,8 @@ def build_with_first_working_flags(flag_sets, build):
             failure = err
             continue
         for earlier in failed:
-            (earlier / _FAILED_MARKER).write_text(f"{type(failure).__name__}: {str(failure).strip()[:2000]}\n")
+            with contextlib.suppress(OSError):  # only spares the next process a failing build
+                (earlier / _FAILED_MARKER).write_text(f"{type(failure).__name__}: {str(failure).strip()[:2000]}\n")
         return ops
     warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
                   f"{str(failure).strip()[:300]}); using torch's slower ops. They need a C++ compiler "

@@ -147,14 +147,17 @@ struct Int8GroupActivations {
   Int8GroupActivations(const float* x, int64_t B, int64_t K, int64_t G)
       : G(G), span(G % 64 == 0 ? 64 : 32), values(B * K), scale(B * (K / G)), group_sums(B * (K / G)) {
     const int64_t groups = K / G;
+    std::vector<Magnitude> group_magnitudes(groups);
     for (int64_t b = 0; b < B; ++b) {
       const float* row = x + b * K;
-      const bool finite = magnitude(row, K).finite;
+      bool finite = true;  // one value that is not makes the whole row's products NaN
+      for (int64_t g = 0; g < groups; ++g) {
+        group_magnitudes[g] = magnitude(row + g * G, G);
+        finite = finite && group_magnitudes[g].finite;
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const float* group = row + g * G;
-        Magnitude m = magnitude(group, G);
-        m.finite = finite;
-        const float s = integer_scale(m, 127.f);
+        const float s = integer_scale({group_magnitudes[g].top, finite}, 127.f);
         scale[b * groups + g] = s;
         if (std::isnan(s)) {
           group_sums[b * groups + g] = s;  // values stay 0

@@ -252,6 +252,26 @@ def test_load_images_loads_each_source(tmp_path):
     assert [image.size for image in out] == [(8, 6)] * 3
 
 
+def test_image_processors_flatten_per_sample_image_lists_like_transformers():
+    """A list of per-sample lists ([[a], [b, c]]) is what transformers' make_flat_list_of_images flattens."""
+    transformers = pytest.importorskip("transformers")
+    from vlmkit.models.idefics.image_processing import IdeficsImageProcessor
+    from vlmkit.models.janus.image_processing import JanusImageProcessor
+
+    rng = np.random.default_rng(0)
+    a, b, c = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((23, 37), (30, 20), (9, 9)))
+    nested, flat = [[a], [b, c]], [a, b, c]
+    janus, janus_ref = JanusImageProcessor(size=32), transformers.JanusImageProcessorPil(size={"height": 32, "width": 32})
+    for images in (nested, [[a], [], [b, c]], (a, b, c)):
+        expected = janus_ref(images, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(janus(images)["pixel_values"], expected, rtol=0, atol=1e-6)
+    assert janus(nested)["pixel_values"].shape == janus(flat)["pixel_values"].shape == (3, 3, 32, 32)
+    idefics, idefics_ref = IdeficsImageProcessor(image_size=24), transformers.IdeficsImageProcessorPil(image_size=24)
+    torch.testing.assert_close(idefics(nested), idefics_ref(nested, return_tensors="pt"), rtol=0, atol=1e-6)
+    sizes = idefics(nested, transform=lambda image: torch.tensor(image.size))  # the training path flattens too
+    assert sizes.tolist() == [list(a.size), list(b.size), list(c.size)]
+
+
 # ----------------------------------------------------------------------------------- colour modes
 
 

@@ -81,6 +81,19 @@ def load_images(sources, policy: MediaPolicy | None = None) -> list[Image.Image]
     return [load_image(source, policy) for source in sources]
 
 
+def flat_image_list(images) -> list:
+    """One image, a list of images, or a list of per-sample lists, as one flat list.
+
+    The nesting is what transformers' ``make_flat_list_of_images`` takes (``[[a], [b, c]]`` is a batch of
+    two samples); image processors that see each image alone only need the images in order.
+    """
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    if images and all(isinstance(group, (list, tuple)) for group in images):
+        return [image for group in images for image in group]
+    return list(images)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to RGB, as transformers' ``image_transforms.convert_to_rgb`` does.
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ...io.media import load_image
+from ...io.media import flat_image_list, load_image
 from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, normalized_planes
 
 IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
@@ -58,8 +58,7 @@ class IdeficsImageProcessor:
     def __call__(self, images, transform=None, **_ignored) -> torch.Tensor:
         """Pixel values [N, 3, size, size] for one image or a list. ``transform`` (a callable on each RGB
         PIL image returning a tensor, e.g. torchvision's training augmentations) replaces the preset steps."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         if transform is not None:
             return torch.stack([transform(load_image(image)) for image in images])
         return torch.stack([self.preprocess_one(image) for image in images])

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ...io.media import load_image
+from ...io.media import flat_image_list, load_image
 from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, normalized_planes
 
 
@@ -72,8 +72,7 @@ class JanusImageProcessor:
 
     def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
         """``{"pixel_values": [N, 3, size, size]}`` for one image or a list."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         return {"pixel_values": torch.stack([self.preprocess_one(i) for i in images])}
 
     preprocess = __call__

@@ -214,3 +214,54 @@ def test_understanding_only_checkpoint_loads_and_refuses_image_generation(janus_
         model.generate(**processor(text=prompt, generation_mode="image"), generation_mode="image")
     text = model.generate(**processor(text=prompt), max_new_tokens=3)
     assert text.shape[1] == processor(text=prompt)["input_ids"].shape[1] + 3
+
+
+def _edited_copy(folder, out, edit):
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+_TIE_FLAGS = {
+    "top level": lambda c: c.update(tie_word_embeddings=True),
+    "text config": lambda c: c.get("text_config", c).update(tie_word_embeddings=True),
+    "absent": lambda c: c.pop("tie_word_embeddings", None),
+}
+
+
+@pytest.mark.parametrize("family", ["janus", "llava_onevision", "idefics"])
+@pytest.mark.parametrize("flag", list(_TIE_FLAGS))
+def test_a_saved_lm_head_is_used_whatever_the_tie_flags_say(family, flag, request, tmp_path):
+    """transformers 5 replaces no head the checkpoint holds: a tie flag only fills a missing one."""
+    import transformers
+
+    source = request.getfixturevalue({"janus": "janus_dir", "llava_onevision": "llava_onevision_dir",
+                                      "idefics": "idefics_plain_dir"}[family])
+    folder = _edited_copy(source, tmp_path / "tie", _TIE_FLAGS[flag])
+    classes = {"janus": "JanusForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "idefics": "IdeficsForVisionText2Text"}
+    reference = getattr(transformers, classes[family]).from_pretrained(folder, dtype=torch.float32)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    saved = reference.lm_head.weight
+    assert saved.data_ptr() != reference.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, saved)
+    assert model.lm_head.weight is not model.text_model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("family", ["janus", "llava_onevision"])
+def test_a_missing_lm_head_is_the_input_embedding(family, request, tmp_path):
+    import transformers
+
+    source = request.getfixturevalue({"janus": "janus_dir", "llava_onevision": "llava_onevision_dir"}[family])
+    folder = _edited_copy(source, tmp_path / "no_head", _TIE_FLAGS["top level"])
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if "lm_head" not in k}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    classes = {"janus": "JanusForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+    reference = getattr(transformers, classes[family]).from_pretrained(folder, dtype=torch.float32)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(reference.lm_head.weight, reference.get_input_embeddings().weight)
+    assert model.lm_head.weight is model.text_model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)

@@ -101,11 +101,6 @@ class LlavaOnevisionConfig:
         worth of features are downsampled."""
         return parse_max_num_patches(self.vision_aspect_ratio)
 
-    @property
-    def ties_word_embeddings(self) -> bool:
-        # the reference ties when either the top level or the text config says so
-        return bool(self.tie_word_embeddings or self.text_config.tie_word_embeddings)
-
 
 def parse_max_num_patches(vision_aspect_ratio: str) -> int:
     """``"anyres_max_9"`` -> 9 (the reference strips the characters of ``anyres_max_``)."""

@@ -95,12 +95,6 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
                               optional=(r"^lm_head\.weight$",))
         return LlavaOnevisionConfig.from_dict(raw_config), layout
 
-    def tie_missing_weights(self, missing: set[str]) -> None:
-        if self.config.ties_word_embeddings:
-            self.lm_head.weight = self.text_model.embed_tokens.weight
-        else:
-            super().tie_missing_weights(missing)
-
     @property
     def text_model(self) -> DecoderModel:
         return self.model.language_model

@@ -265,3 +265,62 @@ def test_a_missing_lm_head_is_the_input_embedding(family, request, tmp_path):
     assert torch.equal(reference.lm_head.weight, reference.get_input_embeddings().weight)
     assert model.lm_head.weight is model.text_model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+def _restored(folder, out, dtypes, config_dtype=None, text_dtype=None):
+    """A copy of ``folder`` whose tensors are stored in ``dtypes(name)`` and whose config.json names
+    ``config_dtype`` at the top level (key ``torch_dtype``, as older files do) and ``text_dtype`` in text_config."""
+    def edit(config):
+        config.pop("dtype", None)
+        config.pop("torch_dtype", None)
+        config["text_config"].pop("dtype", None)
+        if config_dtype:
+            config["torch_dtype"] = config_dtype
+        if text_dtype:
+            config["text_config"]["dtype"] = text_dtype
+    folder = _edited_copy(folder, out, edit)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.to(dtypes(k)) if v.is_floating_point() else v for k, v in state.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+_STORAGE = {
+    "bf16 weights": dict(dtypes=lambda name: torch.bfloat16),
+    "fp16 weights": dict(dtypes=lambda name: torch.float16),
+    # transformers reads the first floating tensor in name order and loads everything in its dtype
+    "mixed, fp16 first": dict(dtypes=lambda name: torch.float16 if name.startswith("lm_head") else torch.bfloat16),
+    "mixed, bf16 first": dict(dtypes=lambda name: torch.float16 if name.startswith("model.vision") else torch.bfloat16),
+    "text config's dtype only": dict(dtypes=lambda name: torch.bfloat16, text_dtype="float16"),
+    "torch_dtype key": dict(dtypes=lambda name: torch.float32, config_dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("storage", list(_STORAGE))
+@pytest.mark.parametrize("argument", [{}, {"dtype": "auto"}, {"torch_dtype": "auto"}])
+def test_dtype_auto_and_no_dtype_follow_the_stored_weights_when_the_config_names_none(janus_dir, tmp_path,
+                                                                                       storage, argument):
+    import transformers
+
+    folder = _restored(janus_dir, tmp_path / "stored", **_STORAGE[storage])
+    reference = transformers.JanusForConditionalGeneration.from_pretrained(folder, **argument)
+    model = JanusForConditionalGeneration.from_pretrained(folder, **argument)
+    assert model.dtype == reference.dtype
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {reference.dtype}
+    assert reference.lm_head.weight.dtype == reference.dtype
+
+
+@pytest.mark.parametrize("index_dtype", [None, "float32"])
+def test_dtype_auto_of_a_sharded_checkpoint_reads_its_index_or_first_shard(janus_dir, tmp_path, index_dtype):
+    import transformers
+
+    folder = _restored(janus_dir, tmp_path / "stored", dtypes=lambda name: torch.bfloat16)
+    sharded = _reshard(folder, tmp_path / "sharded", 2)
+    first = load_file(str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({k: v.half() for k, v in first.items()}, str(sharded / "model-00001-of-00002.safetensors"))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["metadata"] = {"total_size": 0, **({"dtype": index_dtype} if index_dtype else {})}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    reference = transformers.JanusForConditionalGeneration.from_pretrained(sharded)
+    assert reference.dtype == (torch.float32 if index_dtype else torch.float16)
+    assert JanusForConditionalGeneration.from_pretrained(sharded).dtype == reference.dtype

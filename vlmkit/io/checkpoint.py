@@ -118,19 +118,59 @@ def _load_bin(file: Path) -> dict:
     return state
 
 
-def resolve_dtype(dtype, config: dict) -> torch.dtype:
-    """A torch dtype from ``dtype``/``torch_dtype`` arguments: a dtype, a name, or "auto" (the config's)."""
+def resolve_dtype(dtype, config: dict, files: list[Path] | None = None) -> torch.dtype:
+    """A torch dtype from ``dtype``/``torch_dtype`` arguments: a dtype, a name, or "auto" (None means "auto",
+    transformers 5's default). "auto" is what transformers' ``_get_dtype`` picks: the config's top-level
+    ``dtype`` (``torch_dtype`` in older files), else the dtype the weights in ``files`` are stored in
+    (``stored_dtype``), else float32."""
     if dtype is None or dtype == "auto":
-        for source in (config, config.get("text_config") or {}, config.get("language_config") or {}):
-            name = source.get("dtype") or source.get("torch_dtype")
-            if isinstance(name, str) and name in DTYPE_NAMES:
-                return DTYPE_NAMES[name]
-        return torch.float32
+        name = config.get("dtype") or config.get("torch_dtype")
+        if isinstance(name, str) and name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+        return stored_dtype(files) if files else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype in DTYPE_NAMES:
         return DTYPE_NAMES[dtype]
     raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
+
+
+# safetensors' dtype names (float8 left out: transformers never picks them as the model's dtype)
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, as transformers reads it for ``dtype="auto"`` when the
+    config names none: a shard index's ``metadata.dtype``, else the first floating tensor of the first file
+    (safetensors names in sorted order, as ``safe_open.keys()`` gives them; a .bin's in saved order). A
+    checkpoint of mixed dtypes loads wholly in that one; one without floating tensors in float32."""
+    folder = files[0].parent
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (folder / index_name).is_file():
+            name = (read_json(folder / index_name).get("metadata") or {}).get("dtype")
+            if isinstance(name, str) and name in DTYPE_NAMES:
+                return DTYPE_NAMES[name]
+    if files[0].suffix == ".safetensors":
+        header = _safetensors_header(files[0])
+        found = (_SAFETENSORS_FLOATS.get(header[name].get("dtype")) for name in sorted(header))
+    else:
+        found = (t.dtype for t in _load_bin(files[0]).values()
+                 if torch.is_tensor(t) and t.is_floating_point() and t.dtype.itemsize > 1)
+    return next((d for d in found if d is not None), torch.float32)
+
+
+def _safetensors_header(file: Path) -> dict:
+    """A .safetensors file's tensor entries (name -> {"dtype", "shape", ...}) from its JSON header alone."""
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(length, 100 * 1024 * 1024)))
+        header.pop("__metadata__", None)
+        if not all(isinstance(info, dict) for info in header.values()):
+            raise ValueError("an entry is not a JSON object")
+        return header
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"cannot read {file}: its header is not a safetensors header ({err})") from None
 
 
 def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, device: torch.device | str,

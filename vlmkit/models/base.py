@@ -104,9 +104,9 @@ class PretrainedVLM(nn.Module):
         raw_config = read_json(folder / "config.json")
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
-        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config)
-        target_device = resolve_device(device_map, device)
         files = weight_files(folder)
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config, files)
+        target_device = resolve_device(device_map, device)
         with torch.device("meta"):
             model = cls(config)
         quantizer = quantizer_for(model, quantization, pre_quantized, files, layout, target_device, target_dtype)

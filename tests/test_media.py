@@ -199,6 +199,49 @@ def test_data_uri_errors_name_the_problem_and_truncate_the_source():
     assert "too large" in error_of(big, MediaPolicy(max_bytes=1000))
 
 
+def test_raw_base64_strings_decode_like_transformers_load_image():
+    image_utils = pytest.importorskip("transformers.image_utils")
+    noisy = Image.fromarray(np.random.default_rng(2).integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    for data in (png_bytes(noisy), png_bytes(noisy, "JPEG")):  # JPEG's base64 starts "/9j/", like a path
+        b64 = base64.b64encode(data).decode()
+        expected = np.asarray(image_utils.load_image(b64))
+        np.testing.assert_array_equal(pixels(load_image(b64)), expected)
+        wrapped = "\n".join(b64[i : i + 60] for i in range(0, len(b64), 60)) + "\n"
+        np.testing.assert_array_equal(pixels(load_image(wrapped)), expected)
+        # no file is read, so the server's policy and a media_root take it too
+        np.testing.assert_array_equal(pixels(load_image(b64, SERVER)), expected)
+        np.testing.assert_array_equal(pixels(load_image(b64, MediaPolicy(media_root="/nonexistent"))), expected)
+
+
+def test_a_string_is_a_path_before_it_is_base64(tmp_path, monkeypatch):
+    (tmp_path / "QUJD").write_bytes(RED_PNG)  # "QUJD" is also valid base64 (b"ABC")
+    monkeypatch.chdir(tmp_path)
+    assert pixels(load_image("QUJD"))[0, 0].tolist() == [255, 0, 0]
+    assert "local files are refused" in error_of("QUJD", SERVER)
+
+
+def test_raw_base64_obeys_the_byte_and_pixel_caps():
+    assert "too large" in error_of(base64.b64encode(RED_PNG).decode(), MediaPolicy(max_bytes=10))
+    message = error_of(base64.b64encode(png_claiming(10_000, 10_000)).decode(), MediaPolicy(max_pixels=1_000_000))
+    assert "too many pixels" in message
+
+
+def test_a_string_neither_file_nor_base64_image_names_the_accepted_sources():
+    for source in ("cat.png", "photos/cat", base64.b64encode(b"not an image" * 200_000).decode(), "A=" * 1_000_000):
+        message = error_of(source)
+        assert "base64" in message and "http(s)://" in message and len(message) < 400, message[:500]
+    assert "file not found" in error_of("photos/cat")
+    assert "not base64 image data (its bytes are not an image)" in error_of(base64.b64encode(b"x" * 9000).decode())
+    server_message = error_of("/etc/passwd", SERVER)
+    assert "local files are refused" in server_message and "not base64 image data" in server_message
+
+
+def test_linear_time_refusal_of_long_whitespace_strings():
+    start = time.perf_counter()
+    assert "too long to be a file path" in error_of(" " * 2_000_000 + "!")
+    assert time.perf_counter() - start < 2
+
+
 def test_numpy_layouts_and_dtypes():
     gray = np.full((6, 8), 100, np.uint8)
     assert pixels(load_image(gray))[0, 0].tolist() == [100] * 3

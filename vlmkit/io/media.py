@@ -29,6 +29,10 @@ from vlmkit.io.net import check_address, describe_source, fetch_url  # noqa: F40
 # Decoders we let Pillow use on untrusted bytes; EPS and friends can shell out to Ghostscript.
 _SAFE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "AVIF", "HEIF")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\x.png" stays a path
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\s-]+={0,2}")  # standard or URL-safe, wrapped or not; linear to match
+_LONGEST_PATH = 4096  # PATH_MAX on Linux: a longer string is never a file name
+_SOURCES_ACCEPTED = ("a path to an existing file, a file://, http(s):// or data:image/...;base64 URI, "
+                     "or base64-encoded image bytes")
 
 
 def source_scheme(source: str) -> str | None:
@@ -42,8 +46,10 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
 
     Accepts a PIL image, a numpy array or torch tensor (HxW, HxWxC or CxHxW, C in 1/3/4; uint8, or float
     in [0, 1]; channels-first wins ties, as in transformers), encoded image bytes, a local path (str or
-    PathLike), a ``file://`` URI, a base64 ``data:image/...`` URI or an ``http(s)://`` URL. EXIF orientation
-    is applied, as ``transformers.image_utils.load_image`` does; colours are converted by `to_rgb`.
+    PathLike), a ``file://`` URI, a base64 ``data:image/...`` URI, an ``http(s)://`` URL, or a string of
+    base64-encoded image bytes (a string is a path first, as in ``transformers.image_utils.load_image``).
+    EXIF orientation is applied, as ``transformers.image_utils.load_image`` does; colours are converted by
+    `to_rgb`.
     Raises `MediaError` for anything missing, malformed, refused by `policy` or over its limits.
     """
     policy = policy or MediaPolicy()
@@ -65,15 +71,13 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
             return _decode(buf.getvalue(), policy, desc)
         if scheme == "data":
             return _decode(_data_uri_bytes(source, policy, desc), policy, desc)
-        if scheme not in (None, "file"):
+        if scheme is None:
+            return _path_or_base64(source, policy, desc)
+        if scheme != "file":
             raise MediaError(f"unsupported URL scheme {scheme!r} (use http, https, file or data): {desc}")
     elif not isinstance(source, os.PathLike):
         raise MediaError(f"unsupported image source type {type(source).__name__}: {desc}")
-    path = resolve_local_path(source, policy)
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size > policy.max_bytes:
-            raise MediaError(f"image file is too large: over max_bytes={policy.max_bytes}: {desc}")
-        return _decode(f.read(policy.max_bytes + 1), policy, desc)
+    return _read_file(resolve_local_path(source, policy), policy, desc)
 
 
 def load_images(sources, policy: MediaPolicy | None = None) -> list[Image.Image]:
@@ -156,6 +160,39 @@ def is_tensor(obj) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def _read_file(path: str, policy: MediaPolicy, desc: str) -> Image.Image:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > policy.max_bytes:
+            raise MediaError(f"image file is too large: over max_bytes={policy.max_bytes}: {desc}")
+        return _decode(f.read(policy.max_bytes + 1), policy, desc)
+
+
+def _path_or_base64(text: str, policy: MediaPolicy, desc: str) -> Image.Image:
+    """A string with no scheme: a local file if it names one (transformers' order), else base64 image bytes.
+
+    Whether it is a file is asked only where `policy` lets it be read, so a refused or confined path never
+    tells the caller whether something exists.
+    """
+    path_error = None
+    if len(text) <= _LONGEST_PATH:  # anything longer is no file name; spare the thousands of lstat calls
+        try:
+            path = resolve_local_path(text, policy)
+        except MediaError as e:
+            path_error = str(e).removesuffix(f": {desc}")
+        else:
+            return _read_file(path, policy, desc)
+    if not _BASE64_TEXT.fullmatch(text.strip()):
+        raise MediaError(f"{path_error or 'too long to be a file path'}; an image is {_SOURCES_ACCEPTED}: {desc}")
+    try:
+        return _decode(_base64_bytes(text, policy, desc, "base64 image"), policy, desc)
+    except MediaError as e:
+        if not isinstance(e.__cause__, (binascii.Error, UnidentifiedImageError)):
+            raise  # base64 of an image, but over a limit or corrupt: that is the problem to report
+        why = "invalid base64" if isinstance(e.__cause__, binascii.Error) else "its bytes are not an image"
+        reason = f"{path_error}, and not base64 image data either" if path_error else "not base64 image data"
+        raise MediaError(f"{reason} ({why}); an image is {_SOURCES_ACCEPTED}: {desc}") from None
+
+
 def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
     if len(data) > policy.max_bytes:
         raise MediaError(f"image is too large: over max_bytes={policy.max_bytes}: {desc}")
@@ -185,14 +222,18 @@ def _data_uri_bytes(uri: str, policy: MediaPolicy, desc: str) -> bytes:
         raise MediaError(f"data URI must be base64 encoded (data:image/...;base64,...): {desc}")
     if params[0] and not params[0].startswith("image/"):
         raise MediaError(f"data URI is not an image (media type {params[0]!r}): {desc}")
+    return _base64_bytes(unquote(payload), policy, desc, "data URI")
+
+
+def _base64_bytes(payload: str, policy: MediaPolicy, desc: str, what: str) -> bytes:
     if len(payload) * 3 // 4 > policy.max_bytes + 3:  # refuse before decoding anything
-        raise MediaError(f"data URI is too large: over max_bytes={policy.max_bytes}: {desc}")
-    # Tolerate what clients really send: line breaks, percent-encoding, URL-safe alphabet, no padding.
-    payload = re.sub(r"\s+", "", unquote(payload)).replace("-", "+").replace("_", "/")
+        raise MediaError(f"{what} is too large: over max_bytes={policy.max_bytes}: {desc}")
+    # Tolerate what clients really send: line breaks, URL-safe alphabet, no padding.
+    payload = re.sub(r"\s+", "", payload).replace("-", "+").replace("_", "/")
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except binascii.Error as e:
-        raise MediaError(f"data URI holds invalid base64 ({e}): {desc}") from e
+        raise MediaError(f"{what} holds invalid base64 ({e}): {desc}") from e
 
 
 def _array_to_image(source, desc: str) -> Image.Image:

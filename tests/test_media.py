@@ -363,12 +363,65 @@ def test_modes_match_transformers_convert_to_rgb():
         np.testing.assert_array_equal(pixels(load_image(image)), expected, err_msg=image.mode)
 
 
-def test_exif_orientation_is_applied_like_transformers_load_image():
+def exif_rotated_jpeg() -> bytes:
+    """A 37x23 JPEG of a gradient, tagged "rotate 90 degrees clockwise to display" (orientation 6)."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    jpeg = png_bytes(Image.new("RGB", (8, 6), (0, 0, 255)), "JPEG", exif=exif)
-    assert load_image(jpeg).size == (6, 8)
-    assert load_image(Image.open(io.BytesIO(jpeg))).size == (6, 8)
+    exif[0x0112] = 6
+    x = np.linspace(0, 255, 37)[None, :].repeat(23, 0)
+    gradient = np.stack([x, x[::-1, ::-1], np.full_like(x, 90)], axis=-1).round().astype(np.uint8)
+    return png_bytes(Image.fromarray(gradient), "JPEG", exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_like_transformers_load_image(tmp_path):
+    """Decoded sources (files, bytes, base64) are turned upright, as transformers' load_image does."""
+    image_utils = pytest.importorskip("transformers.image_utils")
+    jpeg = exif_rotated_jpeg()
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(jpeg)
+    expected = np.asarray(image_utils.load_image(str(path)))
+    assert expected.shape == (37, 23, 3)  # upright: the tag was applied
+    for source in (path, str(path), jpeg, base64.b64encode(jpeg).decode()):
+        np.testing.assert_array_equal(pixels(load_image(source)), expected, err_msg=type(source).__name__)
+    # upright=True does for a PIL image what transformers' load_image does to one handed to it
+    np.testing.assert_array_equal(pixels(load_image(Image.open(path), upright=True)),
+                                  np.asarray(image_utils.load_image(Image.open(path))))
+
+
+def test_a_pil_image_keeps_its_pixels_as_transformers_processors_keep_them():
+    """transformers' processors do not apply a PIL image's EXIF tag (images= and chat blocks alike)."""
+    transformers = pytest.importorskip("transformers")
+    from vlmkit.models.idefics.image_processing import IdeficsImageProcessor
+    from vlmkit.models.janus.image_processing import JanusImageProcessor
+
+    jpeg = exif_rotated_jpeg()
+    assert load_image(Image.open(io.BytesIO(jpeg))).size == (37, 23)  # not rotated
+    janus, janus_ref = JanusImageProcessor(size=32), transformers.JanusImageProcessorPil(size={"height": 32, "width": 32})
+    torch.testing.assert_close(janus(Image.open(io.BytesIO(jpeg)))["pixel_values"],
+                               janus_ref(Image.open(io.BytesIO(jpeg)), return_tensors="pt")["pixel_values"],
+                               rtol=0, atol=1e-6)
+    idefics, idefics_ref = IdeficsImageProcessor(image_size=24), transformers.IdeficsImageProcessorPil(image_size=24)
+    torch.testing.assert_close(idefics(Image.open(io.BytesIO(jpeg))),
+                               idefics_ref(Image.open(io.BytesIO(jpeg)), return_tensors="pt"), rtol=0, atol=1e-6)
+
+
+def test_chat_blocks_orient_images_as_transformers_apply_chat_template_does(janus_dir, tmp_path):
+    """A file in a content block is turned upright, a PIL image in one is not: transformers' chat path hands
+    PIL images to the processor untouched and loads only strings through load_image."""
+    transformers = pytest.importorskip("transformers")
+    from vlmkit.models.janus import JanusProcessor
+
+    jpeg = exif_rotated_jpeg()
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(jpeg)
+    ref = transformers.AutoProcessor.from_pretrained(str(janus_dir), backend="pil")
+    ours = JanusProcessor.from_pretrained(str(janus_dir))
+    for block in ({"type": "image", "path": str(path)}, {"type": "image", "image": Image.open(path)},
+                  {"type": "image", "base64": base64.b64encode(jpeg).decode()}):
+        chat = [{"role": "user", "content": [block, {"type": "text", "text": "What is this?"}]}]
+        kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        expected = ref.apply_chat_template(chat, **kwargs)["pixel_values"]
+        torch.testing.assert_close(ours.apply_chat_template(chat, **kwargs)["pixel_values"], expected,
+                                   rtol=0, atol=1e-6, msg=lambda m: f"{sorted(block)}: {m}")
 
 
 def test_to_rgb_is_exposed_for_callers_holding_pil_images():

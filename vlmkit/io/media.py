@@ -41,22 +41,24 @@ def source_scheme(source: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
+def load_image(source, policy: MediaPolicy | None = None, *, upright: bool = False) -> Image.Image:
     """Load `source` as an RGB ``PIL.Image``.
 
     Accepts a PIL image, a numpy array or torch tensor (HxW, HxWxC or CxHxW, C in 1/3/4; uint8, or float
     in [0, 1]; channels-first wins ties, as in transformers), encoded image bytes, a local path (str or
     PathLike), a ``file://`` URI, a base64 ``data:image/...`` URI, an ``http(s)://`` URL, or a string of
     base64-encoded image bytes (a string is a path first, as in ``transformers.image_utils.load_image``).
-    EXIF orientation is applied, as ``transformers.image_utils.load_image`` does; colours are converted by
-    `to_rgb`.
+    EXIF orientation is applied to everything decoded here (files, URLs, bytes, base64), as transformers'
+    ``load_image`` does; a PIL image given as it is keeps its pixels as they are, as transformers' processors
+    keep an image passed to ``images=``, unless `upright` asks for its orientation tag to be applied too.
+    Colours are converted by `to_rgb`.
     Raises `MediaError` for anything missing, malformed, refused by `policy` or over its limits.
     """
     policy = policy or MediaPolicy()
     desc = describe_source(source)
     if isinstance(source, Image.Image):
         try:
-            return to_rgb(ImageOps.exif_transpose(source))
+            return to_rgb(ImageOps.exif_transpose(source) if upright else source)
         except (OSError, SyntaxError, ValueError) as e:  # a lazily opened image can still fail to decode
             raise MediaError(f"corrupt or truncated image ({e}): {desc}") from e
     if isinstance(source, np.ndarray) or is_tensor(source):

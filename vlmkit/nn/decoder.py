@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..configs import dataclass_from_dict
+from ..errors import CheckpointError
 from .activations import get_activation
 from .attention import DecoderSelfAttention, causal_mask
 from .cpu_kernels import decoder_layer_step
@@ -16,10 +17,25 @@ from .norms import RMSNorm
 from .rotary import RotaryEmbedding, rope_settings
 
 
+# What transformers' config class for a text ``model_type`` (5.23's LlamaConfig, Qwen2Config) gives a key
+# that config.json leaves out. A composite config builds its text side with the class its model_type names,
+# and transformers 4 saved only the keys that differ from that class's defaults (llava-hf's Qwen2 configs
+# omit max_position_embeddings 32768, for one). Keys with no entry default as the dataclass fields below.
+TEXT_CONFIG_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  attention_bias=False, mlp_bias=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False, max_window_layers=28),
+}
+
+
 @dataclass
 class DecoderConfig:
-    """A text config in the checkpoint's own key names; LLaMA's defaults fill what a config omits
-    (DeepSeek's original Janus configs list only a few keys and lean on them)."""
+    """A text config in the checkpoint's own key names. ``from_text_config`` fills what a config omits with
+    the defaults of transformers' class for its model_type; the field defaults are LLaMA's (DeepSeek's
+    original Janus configs list only a few keys and lean on them)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -44,6 +60,17 @@ class DecoderConfig:
     def from_dict(cls, values: dict, **overrides) -> "DecoderConfig":
         """Build from a ``text_config``/``language_config`` dict; unknown keys are kept in ``extra``."""
         return dataclass_from_dict(cls, values, **overrides)
+
+    @classmethod
+    def from_text_config(cls, values: dict | None, default_model_type: str) -> "DecoderConfig":
+        """Build a composite config's ``text_config``: its ``model_type`` (``default_model_type`` when it names
+        none, as transformers' ``SubConfigSpec``) picks the defaults of the keys it leaves out."""
+        values = dict(values or {})
+        model_type = values.get("model_type") or default_model_type
+        if model_type not in TEXT_CONFIG_DEFAULTS:
+            raise CheckpointError(f"text_config model_type {model_type!r} is not supported; vlmkit runs the "
+                                  f"{' and '.join(sorted(TEXT_CONFIG_DEFAULTS))} decoders")
+        return cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type})
 
     @property
     def kv_heads(self) -> int:

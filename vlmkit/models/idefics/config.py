@@ -9,6 +9,10 @@ from ...configs import dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
+# IdeficsConfig's defaults for the text keys at the top level of its config.json (transformers 5.23), where
+# they differ from DecoderConfig's LLaMA-like field defaults: LLaMA's special token ids, with pad 0.
+IDEFICS_TEXT_DEFAULTS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
 # What ``freeze_*_module_exceptions`` may name, as the reference maps them.
 FREEZE_EXCEPTION_NAMES = ("LayerNorm", "Linear", "Embedding")
 
@@ -74,7 +78,7 @@ class IdeficsConfig:
         text_keys = {k: v for k, v in values.items() if k not in ("vision_config", "perceiver_config")}
         config = dataclass_from_dict(
             cls, values,
-            text_config=DecoderConfig.from_dict(text_keys),
+            text_config=DecoderConfig.from_dict({**IDEFICS_TEXT_DEFAULTS, **text_keys}),
             vision_config=dataclass_from_dict(IdeficsVisionConfig, values.get("vision_config")),
             perceiver_config=dataclass_from_dict(IdeficsPerceiverConfig, values.get("perceiver_config")),
         )

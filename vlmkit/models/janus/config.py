@@ -64,7 +64,7 @@ class JanusConfig:
     vision_config: JanusVisionConfig
     vq_config: JanusVQVAEConfig
     image_token_id: int = 100581
-    tie_word_embeddings: bool | None = None
+    tie_word_embeddings: bool = True  # JanusConfig's default (a head missing from the checkpoint is tied anyway)
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -74,7 +74,7 @@ class JanusConfig:
             raise CheckpointError(f"not a Janus config (model_type {values.get('model_type')!r})")
         config = dataclass_from_dict(
             cls, values,
-            text_config=DecoderConfig.from_dict(values.get("text_config") or {}),
+            text_config=DecoderConfig.from_text_config(values.get("text_config"), "llama"),
             vision_config=dataclass_from_dict(JanusVisionConfig, values.get("vision_config")),
             vq_config=dataclass_from_dict(JanusVQVAEConfig, values.get("vq_config")),
         )

@@ -10,7 +10,7 @@ from ...nn.decoder import DecoderConfig
 DEFAULT_GRID_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
 # What the reference builds when a config has no vision_config at all (SigLIP-so400m less its last
-# layer); a vision_config dict that is present but partial falls back on SigLIP's own defaults instead.
+# layer); a vision_config dict that is present, even empty, falls back on SigLIP's own defaults instead.
 ONEVISION_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch_size=14, image_size=384,
                                  num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
 
@@ -64,16 +64,14 @@ class LlavaOnevisionConfig:
         for alias, key in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
             if values.get(key) is None and values.get(alias) is not None:
                 values[key] = values.pop(alias)
-        text = dict(values.get("text_config") or {})
-        text.setdefault("model_type", "qwen2")  # the reference's default text backbone
+        text = values.get("text_config") or {}
         if text.get("use_sliding_window"):
             raise CheckpointError("this checkpoint's Qwen2 uses sliding-window attention, which vlmkit does not "
                                   "implement; LLaVA-OneVision checkpoints have use_sliding_window false")
-        vision = values.get("vision_config")
         config = dataclass_from_dict(
             cls, values,
-            text_config=DecoderConfig.from_dict(text),
-            vision_config=dataclass_from_dict(SiglipVisionConfig, vision if vision else ONEVISION_VISION_DEFAULTS),
+            text_config=DecoderConfig.from_text_config(text, "qwen2"),  # Qwen2: the reference's default backbone
+            vision_config=_vision_config(values.get("vision_config")),
         )
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', "
@@ -100,6 +98,18 @@ class LlavaOnevisionConfig:
         """The N of ``anyres_max_N``: images whose unpadded feature map holds more than about N tiles'
         worth of features are downsampled."""
         return parse_max_num_patches(self.vision_aspect_ratio)
+
+
+def _vision_config(values: dict | None) -> SiglipVisionConfig:
+    """The tower's config as the reference builds it: none at all is ``ONEVISION_VISION_DEFAULTS``; a dict,
+    even an empty one, is completed by SigLIP's own defaults."""
+    if values is None:
+        return dataclass_from_dict(SiglipVisionConfig, ONEVISION_VISION_DEFAULTS)
+    model_type = values.get("model_type") or "siglip_vision_model"
+    if model_type != "siglip_vision_model":
+        raise CheckpointError(f"vision_config model_type {model_type!r} is not supported; vlmkit runs "
+                              "LLaVA-OneVision with its SigLIP tower ('siglip_vision_model')")
+    return dataclass_from_dict(SiglipVisionConfig, values)
 
 
 def parse_max_num_patches(vision_aspect_ratio: str) -> int:

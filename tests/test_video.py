@@ -115,6 +115,43 @@ def test_array_tensor_and_pil_list_sources_are_sampled_the_same_way():
     assert load_video(array[:5]).shape == (5, H, W, 3)
 
 
+def test_channels_first_videos_match_transformers_llava_onevision(llava_onevision_dir):
+    """(T, C, H, W) arrays and tensors (torchcodec's layout) give transformers' pixel_values_videos."""
+    pytest.importorskip("transformers")
+    from builders.llava_onevision import reference_processor
+    from fixtures_llava import moving_pattern
+
+    from vlmkit.models.llava_onevision import LlavaOnevisionProcessor
+
+    ref, ours = reference_processor(llava_onevision_dir), LlavaOnevisionProcessor.from_pretrained(llava_onevision_dir)
+    prompt = "<|im_start|>user <video>\nWhat?<|im_end|>"
+    thwc = torch.from_numpy(np.stack([moving_pattern(i) for i in range(4)]))
+    tchw = thwc.permute(0, 3, 1, 2).contiguous()
+    for video in (tchw, tchw.numpy(), thwc):
+        expected = ref(videos=video, text=prompt, return_tensors="pt")
+        got = ours(videos=video, text=prompt)
+        assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+        torch.testing.assert_close(got["pixel_values_videos"], expected["pixel_values_videos"], rtol=0, atol=1e-6)
+
+
+def test_channel_layout_is_inferred_with_transformers_rule():
+    """Dim 1 wins when both dim 1 and dim 3 could be channels, as infer_channel_dimension_format decides."""
+    image_utils = pytest.importorskip("transformers.image_utils")
+    frames = np.stack([frame(i) for i in range(4)])  # (4, 48, 64, 3)
+    np.testing.assert_array_equal(load_video(frames.transpose(0, 3, 1, 2).copy()), frames)
+    ambiguous = frames[:, :3, :3].transpose(0, 3, 1, 2).copy()  # (4, 3, 3, 3): either layout fits
+    first = image_utils.ChannelDimension.FIRST
+    assert image_utils.infer_channel_dimension_format(ambiguous) == first
+    np.testing.assert_array_equal(load_video(ambiguous), ambiguous.transpose(0, 2, 3, 1))
+    odd = np.zeros((4, 3, 5, 3), np.uint8)  # H = 5, W = 3: channels-first, not (H=3, W=5, C=3)
+    assert image_utils.infer_channel_dimension_format(odd) == first and load_video(odd).shape == (4, 5, 3, 3)
+    grey = frames[..., :1]  # (T, H, W, 1) and (T, 1, H, W): repeated into RGB, as tvF.grayscale_to_rgb does
+    for video in (grey, grey.transpose(0, 3, 1, 2).copy()):
+        np.testing.assert_array_equal(load_video(video), np.repeat(grey, 3, axis=-1))
+    with pytest.raises(MediaError, match="frame too large"):
+        load_video(np.zeros((4, 3, H, W), np.uint8), max_pixels_per_frame=1000)
+
+
 class VideoHandler(http.server.BaseHTTPRequestHandler):
     body = b""
 
@@ -206,8 +243,9 @@ def test_bad_arguments_and_sources():
         load_video(np.zeros((4, H, W, 3), np.uint8), 2, fps=1)
     with pytest.raises(MediaError, match="frame rate"):
         load_video(np.zeros((4, H, W, 3), np.uint8), fps=1)
-    with pytest.raises(MediaError, match=r"\(T, H, W, 3\) uint8"):
-        load_video(np.zeros((4, H, W), np.uint8))
+    for bad in (np.zeros((4, H, W), np.uint8), np.zeros((4, 2, H, W), np.uint8), np.zeros((4, H, W, 3), np.float32)):
+        with pytest.raises(MediaError, match=r"uint8 \(T, H, W, C\) or \(T, C, H, W\)"):
+            load_video(bad)
     with pytest.raises(MediaError, match="unsupported URL scheme 'ftp'"):
         load_video("ftp://example.com/a.mp4")
     with pytest.raises(MediaError, match="differ in size"):

@@ -1,9 +1,9 @@
 """Video frames for the vision models, decoded with PyAV under the same `MediaPolicy` as images.
 
 This module owns turning a video source (local path, ``file://``, ``http(s)://`` URL, encoded bytes, a
-(T, H, W, 3) array or a list of frames) into a (T, H, W, 3) uint8 numpy array of uniformly sampled
-frames. Decoding streams through the file and keeps only the sampled frames, so memory stays at
-``T * H * W * 3`` bytes however long the video is.
+(T, H, W, 3) or (T, 3, H, W) array or tensor, or a list of frames) into a (T, H, W, 3) uint8 numpy array
+of uniformly sampled frames. Decoding streams through the file and keeps only the sampled frames, so
+memory stays at ``T * H * W * 3`` bytes however long the video is.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def load_video(
 
     `source` is a local path or ``file://`` URI (checked with the policy's local-file rules), an
     ``http(s)://`` URL (downloaded to a temporary file under the policy's byte, time, redirect and
-    address limits), encoded video bytes, a (T, H, W, 3) uint8 array or tensor, or a list of frames
-    (anything `load_image` takes). ``max_bytes`` caps downloads and bytes, not local files. `num_frames` and `fps` are exclusive; with neither, every frame is
-    returned. More than `max_frames` frames, or frames over `max_pixels_per_frame`, raise `MediaError`,
-    as do missing, corrupt, truncated and zero-frame videos. Rotation metadata is not applied.
+    address limits), encoded video bytes, a uint8 array or tensor laid out (T, H, W, C) or (T, C, H, W)
+    (torchcodec's layout; C is 3, or 1 for grey; channels-first wins ties, as in transformers), or a list of
+    frames (anything `load_image` takes). ``max_bytes`` caps downloads and bytes, not local files.
+    `num_frames` and `fps` are exclusive; with neither, every frame is returned. More than `max_frames`
+    frames, or frames over `max_pixels_per_frame`, raise `MediaError`, as do missing, corrupt, truncated
+    and zero-frame videos. Rotation metadata is not applied.
     """
     policy = policy or MediaPolicy()
     desc = describe_source(source)
@@ -108,10 +110,20 @@ def _check_size(height, width, max_pixels, desc):
 
 
 def _from_array(array, num_frames, fps, max_frames, max_pixels, desc) -> np.ndarray:
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise MediaError(f"video array must be (T, H, W, 3) uint8, got {array.shape} {array.dtype}: {desc}")
-    _check_size(array.shape[1], array.shape[2], max_pixels, desc)
-    return np.ascontiguousarray(array[_select(len(array), num_frames, fps, max_frames, desc)])
+    if array.ndim != 4 or array.dtype != np.uint8 or not ({array.shape[1], array.shape[3]} & {1, 3}):
+        raise MediaError(f"video array must be uint8 (T, H, W, C) or (T, C, H, W) with C 3 (RGB) or 1 (grey), "
+                         f"got {array.shape} {array.dtype}: {desc}")
+    # transformers' rule (infer_channel_dimension_format with 1 or 3 channels): channels-first when dim 1
+    # could be channels, even if dim 3 could be too; torchcodec and torchvision's TCHW output give that layout
+    channels_first = array.shape[1] in (1, 3)
+    height, width = array.shape[2:] if channels_first else array.shape[1:3]
+    _check_size(height, width, max_pixels, desc)
+    frames = array[_select(len(array), num_frames, fps, max_frames, desc)]  # only kept frames are copied
+    if channels_first:
+        frames = frames.transpose(0, 2, 3, 1)
+    if frames.shape[-1] == 1:  # grey, repeated into RGB as transformers' grayscale_to_rgb does
+        frames = np.repeat(frames, 3, axis=-1)
+    return np.ascontiguousarray(frames)
 
 
 def _from_frames(frames, policy, num_frames, fps, max_frames, max_pixels, desc) -> np.ndarray:

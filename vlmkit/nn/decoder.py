@@ -82,7 +82,7 @@ class DecoderConfig:
 
     @property
     def rope(self) -> tuple[float, dict]:
-        return rope_settings(self.extra)
+        return rope_settings({**self.extra, "max_position_embeddings": self.max_position_embeddings})
 
     @property
     def qkv_bias(self) -> bool:

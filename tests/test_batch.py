@@ -249,3 +249,70 @@ def test_ray_flags_need_ray_mode(tmp_path, capsys):
     assert main(["batch", "--model", "x", "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
                  "--replicas", "2"]) == 2
     assert "--replicas only apply with --ray" in capsys.readouterr().err
+
+
+def _batch(tmp_path, source, output) -> int:
+    return main(["batch", "--model", str(tmp_path / "no-such-model"), "--input", str(source), "--output", str(output),
+                 "--quiet"])
+
+
+def test_an_output_that_is_the_input_by_any_name_is_refused_and_the_input_kept(tmp_path, capsys, monkeypatch):
+    source = write_rows(tmp_path / "in.jsonl", [{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}])
+    before = source.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(source)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    for output in (source, tmp_path / "link.jsonl", "../in.jsonl"):
+        assert _batch(tmp_path, source, output) == 1
+        message = capsys.readouterr().err
+        assert "is the input file" in message and "in.results.jsonl" in message, message
+        assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"my notes\nmore notes\n", b"notes without a newline",
+                                     b"\n", json.dumps({"custom_id": "a", "response": {}}).encode() + b"\nnotes\n"])
+def test_an_output_holding_lines_that_are_not_results_is_refused_not_cut(tmp_path, capsys, content):
+    source = write_rows(tmp_path / "in.jsonl", [{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}])
+    output = tmp_path / "notes.txt"
+    output.write_bytes(content)
+    assert _batch(tmp_path, source, output) == 1
+    message = capsys.readouterr().err
+    assert "is not a batch output line" in message and "Give a new --output path, or delete this file" in message
+    assert output.read_bytes() == content
+
+
+@pytest.mark.parametrize("tail", [b'{"id":"batch_req_0f3a","custom_id":"b","resp', b'{"i', b"\0\0\0\0"])
+def test_only_a_torn_last_result_line_is_cut(tmp_path, tail):
+    whole = json.dumps({"id": "batch_req_1", "custom_id": "a", "response": {}}, separators=(",", ":")).encode() + b"\n"
+    (tmp_path / "out.jsonl").write_bytes(whole + tail)
+    with ResultsFile(tmp_path / "out.jsonl") as results:
+        assert results.open({"a", "b"}) == {"a"}
+    assert (tmp_path / "out.jsonl").read_bytes() == whole
+
+
+def test_output_paths_that_cannot_hold_results_are_refused_naming_output(tmp_path, capsys):
+    source = write_rows(tmp_path / "in.jsonl", [{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}])
+    for output, why in ((tmp_path, "is a directory"), ("/dev/null", "is not a regular file"),
+                        (source / "x.jsonl", "cannot use --output")):
+        assert _batch(tmp_path, source, output) == 1
+        message = capsys.readouterr().err
+        assert message.startswith("vlmkit: error: ") and why in message and "--output" in message, message
+    assert _batch(tmp_path, tmp_path, tmp_path / "out.jsonl") == 1
+    assert "is a directory; give the batch JSONL file (--input)" in capsys.readouterr().err
+
+
+def test_lines_too_deep_with_huge_numbers_or_a_lone_surrogate_custom_id_are_refused(tmp_path, capsys):
+    lines = ['{"custom_id": "deep", "body": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             '{"custom_id": "big", "body": {"seed": ' + "9" * 5000 + "}}",
+             '{"custom_id": "\\ud800x", "url": "/v1/chat/completions", "body": {}}',
+             '{"custom_id": "fine", "url": "/v1/chat/completions", "body": {}}']
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    assert _batch(tmp_path, source, tmp_path / "out.jsonl") == 1
+    message = capsys.readouterr().err
+    assert "3 line(s) cannot be run" in message and "line 1: the JSON is nested too deeply" in message
+    assert "line 2: a number has more than 4300 digits" in message
+    assert "line 3: custom_id '\\ud800x' is not valid Unicode" in message
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(BatchFileError, match="not valid Unicode"):
+        BatchRequest.from_row({"custom_id": "\ud800", "body": {}})

@@ -7,12 +7,15 @@ own non-empty ``custom_id``, since results are matched, and a killed job resumed
 The output holds one OpenAI batch output line per finished row, appended as whole lines and fsync'd,
 so it is always a valid JSONL file except, after a kill mid-write, for a torn last line.
 ``ResultsFile.open`` cuts that line off and returns the ids already answered; the job skips them.
-An exclusive lock keeps two jobs from appending to one output at once."""
+Nothing else is ever cut: an output that is the input, or that holds lines other than batch results,
+is refused before any work. An exclusive lock keeps two jobs from appending to one output at once."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ from pathlib import Path
 from ..errors import VlmkitError
 
 _SHOWN = 5  # problems listed in one error message
+# Every line ``encode_line`` writes for ``output_line`` starts so; a torn last line starts as a prefix of it.
+_RESULT_START = b'{"id":"batch_req_'
 
 
 class BatchFileError(VlmkitError):
@@ -42,6 +47,8 @@ def scan_input(path) -> InputSummary:
     """Check every line of an input file; raise ``BatchFileError`` listing the lines that cannot be run
     (not JSON, not an object, no ``custom_id``) and custom_ids used twice. Blank lines are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise BatchFileError(f"the input {str(path)!r} is a directory; give the batch JSONL file (--input)")
     if not path.is_file():
         raise BatchFileError(f"the input file {str(path)!r} does not exist")
     problems, seen, ids = [], {}, []
@@ -50,10 +57,7 @@ def scan_input(path) -> InputSummary:
             if not raw.strip():
                 continue
             try:
-                custom_id = row_custom_id(json.loads(raw))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                problems.append(f"line {number}: not valid JSON ({err})")
-                continue
+                custom_id = row_custom_id(parse_line(raw))
             except BatchFileError as err:
                 problems.append(f"line {number}: {err}")
                 continue
@@ -70,6 +74,20 @@ def scan_input(path) -> InputSummary:
     return InputSummary(path, ids)
 
 
+def parse_line(raw: str | bytes):
+    """One line's JSON value, or ``BatchFileError`` saying why it cannot be read (Python's own limits
+    included: nesting deeper than the recursion limit, integers of more than 4300 digits)."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BatchFileError(f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise BatchFileError("the JSON is nested too deeply to read") from None
+    except ValueError:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise BatchFileError(f"a number has more than {sys.get_int_max_str_digits()} digits; write it as a "
+                             f"string") from None
+
+
 def row_custom_id(row) -> str:
     """The row's custom_id, or ``BatchFileError`` saying what is wrong with it."""
     if not isinstance(row, dict):
@@ -77,6 +95,11 @@ def row_custom_id(row) -> str:
     custom_id = row.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise BatchFileError("custom_id is missing or not a non-empty string")
+    try:
+        custom_id.encode("utf-8")  # the derived seed hashes it, and the output writes it, as UTF-8
+    except UnicodeEncodeError:
+        raise BatchFileError(f"custom_id {custom_id!r} is not valid Unicode (it holds a lone surrogate "
+                             f"escape such as \\ud800); give every row a custom_id of whole characters") from None
     return custom_id
 
 
@@ -106,13 +129,18 @@ class ResultsFile:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def open(self, expected_ids=None) -> set[str]:
+    def open(self, expected_ids=None, input_path=None) -> set[str]:
         """Lock the file, cut off a torn last line, and return the custom_ids already written. With
         ``expected_ids`` (the input's ids), an output holding other ids is refused: it belongs to
-        another job."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        another job. With ``input_path``, an output that is that file (by any name) is refused."""
+        self._check_path(input_path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise BatchFileError(f"cannot open --output {str(self.path)!r}: {err.strerror or err}; give a path "
+                                 f"where a new file can be written") from None
         try:
             self._lock()
             done, good_end = self._read_done()
@@ -152,6 +180,25 @@ class ResultsFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_path(self, input_path) -> None:
+        """Refuse, before anything is created or read, an output that is the input or not a plain file."""
+        if input_path is not None and _same_file(self.path, Path(input_path)):
+            raise BatchFileError(f"--output {str(self.path)!r} is the input file; results would overwrite the "
+                                 f"requests. Give a new path for the results, e.g. {_results_name(input_path)!r}")
+        try:
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            return
+        except OSError as err:  # a parent that is a file, a path too long, no permission...
+            raise BatchFileError(f"cannot use --output {str(self.path)!r}: {err.strerror or err}; give a path "
+                                 f"where a new file can be written") from None
+        if stat.S_ISDIR(mode):
+            raise BatchFileError(f"--output {str(self.path)!r} is a directory; give a file path for the results, "
+                                 f"e.g. {str(self.path / 'results.jsonl')!r}")
+        if not stat.S_ISREG(mode):
+            raise BatchFileError(f"--output {str(self.path)!r} is not a regular file (a device, pipe or socket); "
+                                 f"results are appended and synced to disk, so give a path for a file")
+
     def _lock(self) -> None:
         try:
             import fcntl
@@ -164,23 +211,23 @@ class ResultsFile:
                                  f"it) before running this one") from None
 
     def _read_done(self) -> tuple[set[str], int]:
-        """The custom_ids of the whole lines, and the byte offset where the last good line ends. Bad
-        lines are allowed only at the end (a torn write, or zeros after a crash); one followed by good
-        lines means someone else wrote to the file."""
-        done, offset, good_end, bad_at = set(), 0, 0, None
+        """The custom_ids of the whole lines, and the byte offset where the last whole line ends. Every
+        whole line must be a batch output line; only a last line without its newline that starts as one
+        (or is zeros, as a crash can leave) is a torn write, cut off by ``open``. Anything else means the
+        file is not (only) this job's output, and it is refused rather than cut."""
+        done, good_end = set(), 0
         with open(self.path, "rb") as lines:
             for number, raw in enumerate(lines, start=1):
-                offset += len(raw)
-                custom_id = _written_id(raw) if raw.endswith(b"\n") else None
+                if not raw.endswith(b"\n") and _torn(raw):
+                    break
+                custom_id = _written_id(raw)
                 if custom_id is None:
-                    bad_at = bad_at or number
-                    continue
-                if bad_at is not None:
-                    raise BatchFileError(f"{self.path}: line {bad_at} is not a batch output line, but more results "
-                                         f"follow it; this file was not written by vlmkit batch alone. Give a new "
-                                         f"--output")
+                    raise BatchFileError(f"--output {str(self.path)!r}: line {number} is not a batch output line "
+                                         f"({_shown(raw)}), so this file is not the output of a vlmkit batch job "
+                                         f"and would be overwritten. Give a new --output path, or delete this file "
+                                         f"if it is not needed")
                 done.add(custom_id)
-                good_end = offset
+                good_end += len(raw)
         return done, good_end
 
 
@@ -192,6 +239,31 @@ def _written_id(raw: bytes) -> str | None:
     if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or "response" not in line:
         return None
     return line["custom_id"]
+
+
+def _torn(tail: bytes) -> bool:
+    """Whether a last line without its newline is what a kill mid-write leaves: the start of a result line."""
+    return tail.startswith(_RESULT_START) or _RESULT_START.startswith(tail) or not tail.strip(b"\0")
+
+
+def _shown(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    return repr(text[:40] + ("..." if len(text) > 40 else "")) if text.strip() else "a blank line"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path (symlinks, ``..``), or the same inode (hard links)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # one does not exist (yet), or a symlink loop
+        return False
+
+
+def _results_name(input_path) -> str:
+    path = Path(input_path)
+    return str(path.with_name(path.stem + ".results.jsonl"))
 
 
 def _fsync_dir(folder: Path) -> None:

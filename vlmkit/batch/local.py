@@ -33,7 +33,7 @@ def run_batch(config: ServeConfig, input_path, output_path, *, concurrency: int 
     already loaded model (tests, notebooks); otherwise ``config.model`` is loaded."""
     summary = scan_input(input_path)  # before loading anything: a bad file fails in a second
     with ResultsFile(output_path) as results:
-        done = results.open(summary.custom_ids)
+        done = results.open(summary.custom_ids, input_path)
         report = BatchReport(summary.total, len(done))
         if report.already_done == report.total:
             return report

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import VlmkitError
 from ..serve.config import ServeConfig
 from ..serve.schemas import error_body
-from .files import BatchFileError, ResultsFile, output_line, scan_input
+from .files import BatchFileError, ResultsFile, output_line, parse_line, scan_input
 from .local import BatchReport, progress_bar
 from .rows import BatchRequest, BatchWorker
 
@@ -88,7 +88,7 @@ def _batch_rows(batch: dict):
             row = {key: _plain(batch[key][i]) for key in ("custom_id", "method", "url", "body") if key in batch}
             row = {key: value for key, value in row.items() if value is not None}
             if isinstance(row.get("body"), str):
-                row["body"] = json.loads(row["body"])
+                row["body"] = parse_line(row["body"])
             yield BatchRequest.from_row(row, len(json.dumps(row.get("body")).encode("utf-8")))
         except (BatchFileError, json.JSONDecodeError) as err:
             custom_id = _plain(batch["custom_id"][i]) if "custom_id" in batch else None
@@ -160,7 +160,7 @@ def run_batch_on_ray(config: ServeConfig, input_path, output_path, *, replicas: 
         raise VlmkitError(f"vlmkit batch --ray needs Ray ({err.name} is missing): pip install 'vlmkit[ray]'") from None
     summary = scan_input(input_path)
     with ResultsFile(output_path) as results:
-        done = results.open(summary.custom_ids)
+        done = results.open(summary.custom_ids, input_path)
         report = BatchReport(summary.total, len(done))
         if report.already_done == report.total:
             return report

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..serve.config import ServeConfig
-from .files import BatchFileError, row_custom_id
+from .files import parse_line, row_custom_id
 
 _SEED_BITS = 63  # torch.Generator.manual_seed takes any int64
 
@@ -50,11 +50,8 @@ class BatchRequest:
 
     @classmethod
     def from_line(cls, line: str | bytes) -> "BatchRequest":
-        """A row from its JSON line; raises ``BatchFileError`` when it has no usable custom_id."""
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BatchFileError(f"not valid JSON ({err})") from None
+        """A row from its JSON line; raises ``BatchFileError`` when it cannot be read or has no usable custom_id."""
+        row = parse_line(line)
         return cls.from_row(row, len(line.encode("utf-8")) if isinstance(line, str) else len(line))
 
 

@@ -73,6 +73,16 @@ BAD_CHAT_VALUES = {
     "surrogate in string content": ({"messages": [{"role": "user", "content": "\udfff"}]},
                                     ["messages.0.content", "surrogate"]),
     "surrogate in a stop string": ({"stop": ["a\ud800"]}, ["stop.0", "surrogate"]),
+    "logit_bias key of 5000 digits": ({"logit_bias": {"9" * 5000: 1}}, ["logit_bias", "at most 10 digits"]),
+    "logit_bias key of 11 digits": ({"logit_bias": {"1" + "0" * 10: 1}}, ["logit_bias", "at most 10 digits"]),
+    "image URL with an unclosed IPv6 bracket": ({"messages": user(image_part("http://[::1/x"), "Hi")},
+                                                ["messages[0].content[0]", "malformed URL", "Invalid IPv6"]),
+    "image URL with a bracketed non-address": ({"messages": user(image_part("http://[zz]/x"), "Hi")},
+                                               ["messages[0].content[0]", "malformed URL"]),
+    "data URI with non-ASCII base64": ({"messages": user(image_part("data:image/png;base64,iVBOR\u00e9w0K"), "Hi")},
+                                       ["messages[0].content[0]", "not ASCII"]),
+    "image URL holding a NUL": ({"messages": user(image_part("http://example.com/a\x00b.png"), "Hi")},
+                                ["messages[0].content[0]", "NUL character"]),
 }
 
 

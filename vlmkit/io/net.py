@@ -106,11 +106,15 @@ def _is_internal(ip) -> bool:
 
 
 def _checked_target(url: str, policy: MediaPolicy):
-    parts = urlsplit(url)
+    try:  # urlsplit checks a bracketed host: "http://[::1/x" or "http://[zz]/x" raise ValueError
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as e:
+        raise MediaError(f"malformed URL {describe_source(url)} ({e}); an IPv6 host is written in brackets, "
+                         f"as http://[2001:db8::1]/image.png") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise MediaError(f"unsupported URL scheme {scheme!r} (only http and https are fetched): {describe_source(url)}")
-    host = parts.hostname
     if not host:
         raise MediaError(f"URL has no host: {describe_source(url)}")
     try:

@@ -244,7 +244,13 @@ class RequestHandler:
 
     def _check_url(self, part, where: str) -> None:
         url = (part.image_url if part.type == "image_url" else part.video_url).url
+        if "\x00" in url:  # no path, URL or base64 text holds one; the OS refuses it with a ValueError
+            raise ApiError(400, f"{where}: the URL holds a NUL character (\\u0000); send the URL or data: URI "
+                                f"without it")
         scheme = _URL_SCHEME.match(url)
+        if scheme is not None and scheme.group(1).lower() == "data" and not url.isascii():
+            raise ApiError(400, f"{where}: the data: URI holds characters that are not ASCII; base64 data is "
+                                f"A-Z, a-z, 0-9, +, / and =")
         if scheme is None or scheme.group(1).lower() == "file":
             if self.config.media_root is None:
                 raise ApiError(400, f"{where}: local paths and file:// URLs are refused (the server was started "
@@ -265,7 +271,7 @@ class RequestHandler:
             video = load_video(url, frames, policy=self.policy, max_frames=self.limits.max_video_frames,
                                max_pixels_per_frame=self.limits.max_image_pixels)
             return {"type": "video", "video": video}
-        except MediaError as err:
+        except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
             raise ApiError(400, f"{where}: {err}") from None
 
     def _image(self, url: str, where: str, pixels: list[int]):
@@ -281,7 +287,7 @@ class RequestHandler:
                 raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "
                                     f"height summed; --max-request-pixels); send fewer or smaller images") from None
             raise ApiError(400, f"{where}: {err}") from None
-        except MediaError as err:
+        except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
             raise ApiError(400, f"{where}: {err}") from None
         pixels[0] += image.width * image.height
         return image

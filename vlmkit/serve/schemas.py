@@ -174,8 +174,10 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
         for key in self.logit_bias or {}:
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got {key!r}")
+            # a token id has at most 10 digits; a longer key would also overflow int()'s 4300-digit limit
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias: keys are token ids written as strings of at most 10 digits "
+                                 f"(e.g. \"50256\"), got {_shown(key)}")
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
             raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")

@@ -90,3 +90,54 @@ def test_deepseek_vlchat_processor_call_style(janus_original_dir, sample_images)
                                           (second, [sample_images["tall"], sample_images["square"]])]):
         alone = model.generate(**processor(conversations=conv, images=images), max_new_tokens=6)
         assert alone[0, -6:].tolist() == out[row, -6:].tolist()
+
+
+TEXT_ONLY = [{"role": "<|User|>", "content": "A red cube."}, {"role": "<|Assistant|>", "content": ""}]
+WITH_IMAGE = [{"role": "<|User|>", "content": "<image_placeholder>\nWhat?"}, {"role": "<|Assistant|>", "content": ""}]
+
+
+def test_vlchat_without_images_keeps_one_masked_off_image_slot(janus_original_dir, sample_images):
+    """DeepSeek's batchify makes max(1, most images) slots: with no image, pixel_values [B, 1, 3, S, S] of
+    zeros and images_emb_mask [B, 1, N] all False, which its model's prepare_inputs_embeds skips."""
+    processor, model = ours(str(janus_original_dir))
+    inputs = processor(conversations=TEXT_ONLY, images=[])
+    assert inputs["pixel_values"].shape == (1, 1, 3, 32, 32) and not inputs["pixel_values"].any()
+    assert inputs["images_emb_mask"].shape == (1, 1, model.num_image_tokens) and not inputs["images_emb_mask"].any()
+    assert not inputs["images_seq_mask"].any()
+    batch = processor(conversations=[WITH_IMAGE, TEXT_ONLY], images=[[sample_images["wide"]], []])
+    assert batch["pixel_values"].shape == (2, 1, 3, 32, 32)
+    assert batch["images_emb_mask"][:, 0, 0].tolist() == [True, False]
+    out = model.generate(**batch, max_new_tokens=4)
+    alone = model.generate(**processor(conversations=WITH_IMAGE, images=[sample_images["wide"]]), max_new_tokens=4)
+    assert out[0, -4:].tolist() == alone[0, -4:].tolist()
+    text_alone = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4)
+    assert out[1, -4:].tolist() == text_alone[0, -4:].tolist()
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="JanusForConditionalGeneration.embed_inputs passes the zero images left after "
+                          "images_emb_mask to the vision feature cache, whose torch.stack fails on an empty list")
+def test_the_model_takes_a_vlchat_batch_without_images(janus_original_dir):
+    """DeepSeek's model runs on such a batch (the masked-off slot is never written); so must ours."""
+    processor, model = ours(str(janus_original_dir))
+    inputs = processor(conversations=TEXT_ONLY, images=[])
+    plain = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**plain).logits)
+    assert model.generate(**inputs, max_new_tokens=4).tolist() == model.generate(**plain, max_new_tokens=4).tolist()
+
+
+def test_vlchat_without_batchify_returns_deepseeks_prepared_sample(janus_original_dir, sample_images):
+    """force_batchify=False gives what DeepSeek's process_one returns: sft_format (str), input_ids [N],
+    pixel_values [n, 3, S, S] (an empty 1-D tensor with no image) and num_image_tokens [n] (int32)."""
+    processor, model = ours(str(janus_original_dir))
+    sample = processor(conversations=WITH_IMAGE, images=[sample_images["tall"]], force_batchify=False)
+    batch = processor(conversations=WITH_IMAGE, images=[sample_images["tall"]])
+    assert set(sample) == {"sft_format", "input_ids", "pixel_values", "num_image_tokens"}
+    assert sample["sft_format"] == batch["sft_format"][0]
+    assert torch.equal(sample["input_ids"], batch["input_ids"][0])
+    assert torch.equal(sample["pixel_values"], batch["pixel_values"][0])
+    assert sample["num_image_tokens"].dtype == torch.int32 and sample["num_image_tokens"].tolist() == [model.num_image_tokens]
+    empty = processor(conversations=TEXT_ONLY, images=[], force_batchify=False)
+    assert empty["pixel_values"].shape == (0,) and empty["num_image_tokens"].shape == (0,)
+    assert empty["input_ids"].ndim == 1

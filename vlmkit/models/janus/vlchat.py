@@ -44,8 +44,12 @@ def vlchat_call(processor, *, system_prompt: str, prompt=None, conversations=Non
         one = processor(text, images=list(group) or None, generation_mode="plain")
         rows.append(one["input_ids"][0])
         sample_pixels.append(one.get("pixel_values"))
+    if not force_batchify and not batched:
+        return _prepared_sample(processor, texts[0], rows[0], sample_pixels[0])
     length = max(len(r) for r in rows)
-    most_images = max((p.shape[0] for p in sample_pixels if p is not None), default=0)
+    # DeepSeek's batchify keeps at least one image slot (zeros, masked off by images_emb_mask), so a batch
+    # without images still has pixel_values [B, 1, 3, S, S]; the model skips the masked-off slots.
+    most_images = max(1, max((p.shape[0] for p in sample_pixels if p is not None), default=0))
     size = processor.image_processor.size
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -57,9 +61,16 @@ def vlchat_call(processor, *, system_prompt: str, prompt=None, conversations=Non
         if pixels is not None:
             pixel_values[index, :pixels.shape[0]] = pixels
             images_emb_mask[index, :pixels.shape[0]] = True
-    features = BatchFeature(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            images_seq_mask=input_ids == processor.image_token_id, images_emb_mask=images_emb_mask,
-                            sft_format=texts)
-    if not force_batchify and not batched:
-        return BatchFeature({k: v[0] for k, v in features.items()})
-    return features
+    return BatchFeature(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        images_seq_mask=input_ids == processor.image_token_id, images_emb_mask=images_emb_mask,
+                        sft_format=texts)
+
+
+def _prepared_sample(processor, text: str, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> BatchFeature:
+    """What the original ``process_one`` returns (``force_batchify=False``): one sample, no batch dimension,
+    no masks, and the image-token count of each image."""
+    count = 0 if pixels is None else pixels.shape[0]
+    return BatchFeature(sft_format=text, input_ids=input_ids,
+                        # the original's image processor turns an empty image list into a 1-D empty tensor
+                        pixel_values=torch.zeros(0) if pixels is None else pixels,
+                        num_image_tokens=torch.full((count,), processor.num_image_tokens, dtype=torch.int32))

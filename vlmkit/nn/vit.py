@@ -11,9 +11,10 @@ from .mlp import TwoLayerMLP
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head attention over patches."""
+    """Bidirectional multi-head attention over patches. ``qk_norm``: queries and keys pass a LayerNorm of the
+    full width (default eps) before attention, as transformers' JanusVisionAttention (``use_qk_norm``)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
@@ -21,6 +22,8 @@ class VisionAttention(nn.Module):
         self.k_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
         self.v_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
         self.out_proj = Linear(hidden_size, hidden_size)
+        self.q_norm = nn.LayerNorm(hidden_size) if qk_norm else None
+        self.k_norm = nn.LayerNorm(hidden_size) if qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden = x.shape
@@ -28,7 +31,10 @@ class VisionAttention(nn.Module):
         def heads(t):
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q), heads(k), heads(self.v_proj(x))
         out = prefill_attention(q, k, v, None, False)  # vlmkit's kernel where it runs (AVX-512 BF16 CPUs)
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -39,10 +45,10 @@ class VisionEncoderLayer(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, activation: str,
-                 eps: float, qkv_bias: bool = True):
+                 eps: float, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attn = VisionAttention(hidden_size, num_heads, qkv_bias)
+        self.self_attn = VisionAttention(hidden_size, num_heads, qkv_bias, qk_norm)
         self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = TwoLayerMLP(hidden_size, intermediate_size, activation)
 
@@ -83,14 +89,14 @@ class SiglipViT(nn.Module):
     ``config`` is a vision config with SigLIP's key names (``hidden_size``, ``patch_size``...); the module
     names are transformers', so checkpoints load by name."""
 
-    def __init__(self, config, qkv_bias: bool = True):
+    def __init__(self, config, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
         self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
                                          config.image_size)
         self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
                                      num_heads=config.num_attention_heads,
                                      intermediate_size=config.intermediate_size, activation=config.hidden_act,
-                                     eps=config.layer_norm_eps, qkv_bias=qkv_bias)
+                                     eps=config.layer_norm_eps, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

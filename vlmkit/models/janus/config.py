@@ -21,6 +21,7 @@ class JanusVisionConfig:
     hidden_act: str = "gelu"
     mlp_ratio: float = 4.0
     attention_bias: bool = True
+    use_qk_norm: bool = False
     projection_dim: int = 2048
     depth: int = 2
     num_image_tokens: int = 576

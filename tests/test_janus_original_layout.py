@@ -141,3 +141,15 @@ def test_vlchat_without_batchify_returns_deepseeks_prepared_sample(janus_origina
     empty = processor(conversations=TEXT_ONLY, images=[], force_batchify=False)
     assert empty["pixel_values"].shape == (0,) and empty["num_image_tokens"].shape == (0,)
     assert empty["input_ids"].ndim == 1
+
+
+def test_vlchat_content_blocks_are_refused_with_the_way_to_pass_them(janus_original_dir):
+    """DeepSeek's process_one calls content.strip() (an AttributeError on a list); we say what to do instead
+    of writing the list's repr into the prompt."""
+    from vlmkit.errors import InputError
+    processor, _ = ours(str(janus_original_dir))
+    blocks = [{"role": "<|User|>", "content": [{"type": "text", "text": "hi"}]}, {"role": "<|Assistant|>", "content": ""}]
+    with pytest.raises(InputError, match=r"content of type list.*apply_chat_template"):
+        processor(conversations=blocks, images=[])
+    with pytest.raises(InputError, match="content of type NoneType"):
+        processor(conversations=[{"role": "<|User|>", "content": None}], images=[])

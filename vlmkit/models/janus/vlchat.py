@@ -17,7 +17,13 @@ def format_conversation(messages: list[dict], system_prompt: str) -> str:
     for index, message in enumerate(messages):
         if "role" not in message or "content" not in message:
             raise InputError("each conversation message needs 'role' and 'content'")
-        content = str(message["content"]).strip()
+        if not isinstance(message["content"], str):  # DeepSeek's code fails on .strip(); say what to do instead
+            raise InputError(
+                f"conversations= takes DeepSeek's format, where a message's content is a string with "
+                f"<image_placeholder> for each image and images= gives the images; got content of type "
+                f"{type(message['content']).__name__}. For transformers-style content blocks "
+                f"([{{'type': 'text', ...}}, {{'type': 'image', ...}}]) use processor.apply_chat_template(messages)")
+        content = message["content"].strip()
         if content:
             parts.append(f"{message['role']}: {content}{SEPARATORS[index % 2]}")
         else:

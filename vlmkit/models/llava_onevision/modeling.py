@@ -76,9 +76,6 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
 
     def __init__(self, config: LlavaOnevisionConfig):
         super().__init__()
-        if config.vision_feature_select_strategy != "full":
-            raise CheckpointError("vision_feature_select_strategy 'default' drops a class token that SigLIP does "
-                                  "not have (the reference cannot run it either); OneVision checkpoints use 'full'")
         self.config = config
         self.model = LlavaOnevisionModel(config)
         text = config.text_config
@@ -122,7 +119,23 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
 
     def _encode_uncached(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.model.vision_tower.hidden_states(pixel_values, self.config.feature_layers)
+        if self.drops_first_feature:
+            features = features[:, 1:]
         return self.model.multi_modal_projector(features)
+
+    @property
+    def drops_first_feature(self) -> bool:
+        """vision_feature_select_strategy "default": the reference drops each tower input's first feature (a
+        class token in CLIP towers; a patch in SigLIP's), leaving grid * grid - 1 features that no longer form
+        a grid: only images of multi-image prompts, which are not tiled, can use them."""
+        return self.config.vision_feature_select_strategy == "default"
+
+    def _refuse_grids_without_first_feature(self, what: str) -> None:
+        if self.drops_first_feature:
+            raise InputError(f"this checkpoint's vision_feature_select_strategy 'default' drops a feature of every "
+                             f"tile, so {what} no longer make a feature grid (transformers fails on them too); it "
+                             f"reads images only in prompts of two or more images (or set the strategy to 'full' "
+                             f"in config.json and processor_config.json, as OneVision checkpoints have it)")
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes,
                            batch_num_images=None) -> list[torch.Tensor]:
@@ -137,6 +150,8 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         sizes = [(int(height), int(width)) for height, width in sizes]
         tiled = _tiled_flags(batch_num_images, len(sizes))
+        if any(tiled):
+            self._refuse_grids_without_first_feature("a single image's anyres tiles")
         config, tile = self.config, self.config.vision_config.image_size
         counts = [anyres.num_anyres_patches(s, config.image_grid_pinpoints, tile) if t else 1
                   for s, t in zip(sizes, tiled)]
@@ -175,6 +190,7 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         if pixel_values_videos.ndim != 5:
             raise InputError(f"pixel_values_videos must be shaped [videos, frames, 3, H, W], "
                              f"got {tuple(pixel_values_videos.shape)}")
+        self._refuse_grids_without_first_feature("video frames")
         videos, frames = pixel_values_videos.shape[:2]
         features = self._encode(pixel_values_videos.flatten(0, 1))
         grid, pooled = self.grid_size, math.ceil(self.grid_size / 2)

@@ -195,6 +195,7 @@ def test_data_uri_errors_name_the_problem_and_truncate_the_source():
     assert "invalid base64" in message and len(message) < 300
     assert "must be base64" in error_of("data:image/png,rawbytes")
     assert "not an image" in error_of("data:text/html;base64,PGh0bWw+")
+    assert "invalid base64" in error_of("data:image/png;base64,iVBOR\u00e9w0K")  # non-ASCII: not a bare ValueError
     big = "data:image/png;base64," + "A" * 4000
     assert "too large" in error_of(big, MediaPolicy(max_bytes=1000))
 
@@ -220,8 +221,10 @@ def test_a_string_is_a_path_before_it_is_base64(tmp_path, monkeypatch):
     assert "local files are refused" in error_of("QUJD", SERVER)
 
 
-def test_raw_base64_obeys_the_byte_and_pixel_caps():
+def test_raw_base64_obeys_the_byte_and_pixel_caps_and_reports_corruption():
     assert "too large" in error_of(base64.b64encode(RED_PNG).decode(), MediaPolicy(max_bytes=10))
+    noisy = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    assert "truncated" in error_of(base64.b64encode(noisy[: len(noisy) // 2]).decode())
     message = error_of(base64.b64encode(png_claiming(10_000, 10_000)).decode(), MediaPolicy(max_pixels=1_000_000))
     assert "too many pixels" in message
 

@@ -10,7 +10,6 @@ videos obey the same policy.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import io
 import os
@@ -185,14 +184,19 @@ def _path_or_base64(text: str, policy: MediaPolicy, desc: str) -> Image.Image:
             return _read_file(path, policy, desc)
     if not _BASE64_TEXT.fullmatch(text.strip()):
         raise MediaError(f"{path_error or 'too long to be a file path'}; an image is {_SOURCES_ACCEPTED}: {desc}")
+    reason = f"{path_error}, and not base64 image data either" if path_error else "not base64 image data"
     try:
-        return _decode(_base64_bytes(text, policy, desc, "base64 image"), policy, desc)
+        data = _base64_bytes(text, policy, desc, "base64 image")
     except MediaError as e:
-        if not isinstance(e.__cause__, (binascii.Error, UnidentifiedImageError)):
+        if e.__cause__ is None:
+            raise  # over max_bytes: that is the problem to report
+        raise MediaError(f"{reason} (invalid base64); an image is {_SOURCES_ACCEPTED}: {desc}") from None
+    try:
+        return _decode(data, policy, desc)
+    except MediaError as e:
+        if not isinstance(e.__cause__, UnidentifiedImageError):
             raise  # base64 of an image, but over a limit or corrupt: that is the problem to report
-        why = "invalid base64" if isinstance(e.__cause__, binascii.Error) else "its bytes are not an image"
-        reason = f"{path_error}, and not base64 image data either" if path_error else "not base64 image data"
-        raise MediaError(f"{reason} ({why}); an image is {_SOURCES_ACCEPTED}: {desc}") from None
+        raise MediaError(f"{reason} (its bytes are not an image); an image is {_SOURCES_ACCEPTED}: {desc}") from None
 
 
 def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
@@ -234,7 +238,7 @@ def _base64_bytes(payload: str, policy: MediaPolicy, desc: str, what: str) -> by
     payload = re.sub(r"\s+", "", payload).replace("-", "+").replace("_", "/")
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a non-ASCII character (a ValueError of its own)
         raise MediaError(f"{what} holds invalid base64 ({e}): {desc}") from e
 
 

@@ -320,3 +320,77 @@ def test_the_grammar_constraint_is_a_logits_processor_generate_takes_too():
 def engine_messages_of(messages):
     return [{"role": m["role"], "content": [{"type": "text", "text": part["text"]} for part in m["content"]]}
             for m in messages]
+
+
+class Point(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # bounded, so that the answer ends within max_tokens
+
+    x: int = Field(ge=0, le=9)
+    y: int = Field(ge=0, le=9)
+
+
+class Segment(BaseModel):
+    """A nested model: pydantic writes Point into $defs and refers to it as "#/$defs/Point"."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: Point
+    end: Point
+
+
+class Circle(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    center: Point  # the same $defs name as Segment's: the tools' $defs must not collide
+    radius: int = Field(ge=1, le=9)
+
+
+def _tool(name: str, model) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": model.model_json_schema()}}
+
+
+def test_required_tool_calls_take_parameters_with_defs_and_refs(builtin):
+    assert "$defs" in Segment.model_json_schema()
+    client = builtin.openai()
+    names = set()
+    for seed in range(3):
+        done = client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=80, temperature=1,
+                                              seed=seed, tools=[_tool("segment", Segment), _tool("circle", Circle)],
+                                              tool_choice="required")
+        call = done.choices[0].message.tool_calls[0]
+        model = {"segment": Segment, "circle": Circle}[call.function.name]
+        model.model_validate_json(call.function.arguments)
+        names.add(call.function.name)
+    assert names  # every answer was a whole, valid call
+
+
+RECURSIVE_SCHEMAS = {
+    "itself": {"$ref": "#"},
+    "a $defs cycle": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    "a property holding itself": {"properties": {"a": {"$ref": "#/properties/a"}}},
+    "a required child": {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]},
+}
+
+
+@pytest.mark.parametrize("schema", RECURSIVE_SCHEMAS.values(), ids=RECURSIVE_SCHEMAS.keys())
+def test_a_recursive_schema_with_no_way_out_is_a_400_before_decoding(builtin, schema):
+    client = builtin.openai()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert caught.value.message.count("response_format: the JSON Schema's $ref") == 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=_model(builtin), messages=ASK, max_tokens=8, tool_choice="required",
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    assert "tools: function 'f': the JSON Schema's $ref" in caught.value.message
+
+
+def test_a_recursive_schema_with_a_way_out_decodes_to_valid_json(builtin):
+    tree = {"type": "object", "properties": {"label": {"enum": ["a", "b"]},
+                                             "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+            "required": ["label"], "additionalProperties": False}
+    done = builtin.openai().chat.completions.create(
+        model=_model(builtin), messages=ASK, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "tree", "schema": tree}})
+    answer = done.choices[0]
+    if answer.finish_reason == "stop":
+        assert json.loads(answer.message.content)["label"] in ("a", "b")
+

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .schema_refs import unending_ref
 
 _lock = threading.Lock()
 
@@ -57,6 +58,7 @@ class GrammarTokenizer:
 
     def _compile(self, schema_text: str):
         llguidance = _llguidance()
+        check_refs_end(json.loads(schema_text))
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema_text, defaults={"whitespace_flexible": False})
@@ -74,6 +76,19 @@ class GrammarTokenizer:
         """The bytes a token stands for (special tokens as their text)."""
         data = self.tokenizer.decode_bytes([int(token_id)])
         return data[1:] if data[:1] == b"\xff" else data  # llguidance marks special tokens with 0xFF
+
+
+def check_refs_end(schema) -> None:
+    """Refuse a schema whose recursion has no way out (see ``schema_refs``): llguidance would decode it
+    into half a value."""
+    try:
+        ref = unending_ref(schema)
+    except RecursionError:
+        raise InputError("the JSON Schema is nested too deeply to check; flatten it (use $defs and $ref)") from None
+    if ref is not None:
+        raise InputError(f"the JSON Schema's $ref {ref!r} can never be completed: every value of it must contain "
+                         f"itself again, so no answer could end. Give the recursion a way out (make the "
+                         f"recursive property optional, or allow null or an empty array there)")
 
 
 @functools.lru_cache(maxsize=8)

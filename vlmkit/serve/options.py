@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
-from ..generation.grammar import GrammarConstraint
+from ..generation.grammar import GrammarConstraint, check_refs_end
 from ..generation.logits import LogitBias, OpenAIPenalties
+from ..generation.schema_refs import rebase_refs
 from .schemas import new_id
 
 NOT_ALLOWED_LOGPROB = -9999.0  # OpenAI's stand-in for -inf in JSON
@@ -82,8 +83,13 @@ def chat_options(request, engine) -> ChatOptions:
     format_ = request.response_format
     if forced:
         options.tool_names = tuple(tool.function.name for tool in forced)
+        for tool in forced:  # each on its own, so the message names the function and its own refs
+            try:
+                check_refs_end(tool.function.parameters)
+            except InputError as err:
+                raise InputError(f"tools: function {tool.function.name!r}: {err}") from None
         if isinstance(request.tool_choice, str):  # "required": which tool, and its arguments
-            options.schema = {"anyOf": [_call_schema(tool) for tool in forced]}
+            options.schema = _required_call_schema(forced)
         else:
             options.named_tool, options.schema = forced[0].function.name, forced[0].function.parameters
         options.constrained, where = True, "tools"
@@ -101,10 +107,18 @@ def chat_options(request, engine) -> ChatOptions:
     return options
 
 
-def _call_schema(tool) -> dict:
-    return {"type": "object", "properties": {"name": {"const": tool.function.name},
-                                             "arguments": tool.function.parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
+def _required_call_schema(tools) -> dict:
+    """``{"name": ..., "arguments": {...}}`` for any one of ``tools``. Each tool's parameters move to
+    ``$defs/tool_<i>`` of the root with their local refs rebased there, so "#/$defs/P" (as pydantic
+    writes nested models) or "#" still mean that tool's own schema, and two tools' $defs never collide."""
+    defs, calls = {}, []
+    for i, tool in enumerate(tools):
+        key = f"tool_{i}"
+        defs[key] = rebase_refs(tool.function.parameters, f"/$defs/{key}")
+        calls.append({"type": "object", "properties": {"name": {"const": tool.function.name},
+                                                       "arguments": {"$ref": f"#/$defs/{key}"}},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    return {"$defs": defs, "anyOf": calls}
 
 
 def tool_calls(options: ChatOptions, text: str) -> list[dict] | None:

@@ -394,3 +394,47 @@ def test_a_recursive_schema_with_a_way_out_decodes_to_valid_json(builtin):
     if answer.finish_reason == "stop":
         assert json.loads(answer.message.content)["label"] in ("a", "b")
 
+
+class _Job:
+    generator = None
+
+
+def _grammar_rows(engine, schema, answers: list[str], field="response_format"):
+    """RowSampling for one greedy row per answer so far, each under its own matcher of ``schema``."""
+    from vlmkit.generation.config import GenerationConfig
+    from vlmkit.generation.grammar import GrammarConstraint
+    from vlmkit.serve.batching import RowSampling
+
+    backend = engine.tokenizer.backend
+    tokens = grammar_tokenizer(backend, backend.get_vocab_size(with_added_tokens=True),
+                               tuple(engine.model.generation_config.eos_token_ids))
+    prompt = [1, 2, 3]
+    requests, row = {}, 0
+    for text in answers:
+        seen = torch.tensor([prompt + tokens.tokenizer.tokenize_str(text)])
+        constraint = GrammarConstraint([tokens.json_matcher(schema)], len(prompt), tokens.vocab_size, field)
+        requests[_Job()] = RowSampling([row], GenerationConfig(), None, seen, [constraint])
+        row += 1
+    return requests, tokens
+
+
+def test_a_request_whose_grammar_fails_in_a_batched_step_fails_again_alone_and_alone():
+    """The grammar of the first request refuses its answer so far; the batched step raises, and the
+    isolation's rerun must fail that request again (its matcher is not taken as finished, which allowed
+    only EOS and ended the answer as '{' with finish_reason "stop"), while the other request gets the
+    token it gets alone."""
+    from vlmkit.serve.isolation import sample_isolated
+
+    engine = engine_for(builtin_model_path())
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    requests, tokens = _grammar_rows(engine, schema, ['{"m', '{"n'])
+    logits = torch.randn(2, tokens.vocab_size, generator=torch.Generator().manual_seed(0))
+    bad, good = list(requests)
+    alone_requests, _ = _grammar_rows(engine, schema, ['{"n'])
+    alone, _ = sample_isolated(logits[1:], {_Job(): next(iter(alone_requests.values()))})
+    drawn, failed = sample_isolated(logits, requests)
+    assert set(failed) == {bad} and drawn[1] == alone[0]
+    message = str(failed[bad])
+    assert message.startswith("response_format: ") and len(message) < 300 and "<state>" not in message
+    with pytest.raises(Exception, match="response_format: "):  # and once more: a failed grammar stays failed
+        requests[bad].processors[0](requests[bad].seen_ids, logits[:1])

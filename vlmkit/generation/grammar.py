@@ -10,6 +10,7 @@ with torch ops, so it works on CPU and CUDA alike."""
 
 import functools
 import json
+import logging
 import threading
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..errors import InputError
 from .schema_refs import unending_ref
 
 _lock = threading.Lock()
+log = logging.getLogger("vlmkit.grammar")
 
 
 def _llguidance():
@@ -107,8 +109,8 @@ class GrammarConstraint:
     and one ``torch.where`` applies them (the decode loops run it on one thread: see
     ``cpu_kernels.torch_ops_on_one_thread``)."""
 
-    def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0):
-        self.rows = [_GrammarRow(matcher) if matcher is not None else None for matcher in matchers]
+    def __init__(self, matchers: list, prompt_length: int, vocab_size: int = 0, field: str = "the grammar"):
+        self.rows = [_GrammarRow(matcher, field) if matcher is not None else None for matcher in matchers]
         self.prompt_length, self.vocab_size = prompt_length, vocab_size
 
     def select(self, rows: list[int]) -> "GrammarConstraint":
@@ -128,21 +130,51 @@ class GrammarConstraint:
             row.advance(ids[b, self.prompt_length + row.consumed:].tolist())
             bitmask[b, filled:] = 0
             row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + b * words * 4, filled * 4)
+            row.check()  # a matcher that failed while masking allows only EOS: that would end half a value
         # bit i of word w is token 32 * w + i: little-endian int32 words read as bytes, bits unpacked LSB first
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :scores.shape[-1]].view(np.bool_)
         return torch.where(torch.from_numpy(allowed).to(scores.device), scores, -torch.inf)
 
 
 class _GrammarRow:
-    """One row's matcher and how many generated tokens it has taken."""
+    """One row's matcher and how many generated tokens it has taken.
 
-    def __init__(self, matcher):
-        self.matcher, self.consumed = matcher, 0
+    A matcher that failed stays failed: every later call raises the same error. (An llguidance matcher
+    in error reports ``is_stopped()``, so without this a step run again, as the server's isolation does
+    to find which request broke a batched step, would read it as finished, mask all but EOS and end the
+    answer in the middle of a value.) ``consumed`` counts only tokens the matcher took, so a step run
+    again feeds it exactly the tokens it has not seen."""
+
+    def __init__(self, matcher, field: str):
+        self.matcher, self.consumed, self.field = matcher, 0, field
+        self.error: InputError | None = None
 
     def advance(self, tokens: list[int]) -> None:
+        self.check()
         for token in tokens:
             if self.matcher.is_stopped():  # a finished row is padded on by generate: nothing more to match
-                break
+                self.consumed += 1
+                continue
             if not self.matcher.consume_token(int(token)):
-                raise InputError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-        self.consumed += len(tokens)
+                self.check(refused=token)
+            self.consumed += 1
+
+    def check(self, refused: int | None = None) -> None:
+        """Raise this row's error if its matcher has failed (now or before, or just ``refused`` a token)."""
+        if self.error is None and (refused is not None or self.matcher.is_error()):
+            detail = self.matcher.get_error() or f"token {refused} refused"
+            self.error = _decoding_error(self.field, detail, self.consumed)
+        if self.error is not None:
+            raise self.error
+
+
+def _decoding_error(field: str, detail: str, tokens: int) -> InputError:
+    """A short message for a grammar that failed mid-answer; llguidance's own text (its parser state,
+    about a kilobyte) goes to the log only."""
+    log.warning("%s: the grammar failed after %d tokens: %s", field, tokens, detail)
+    if "too many items" in detail.lower() or "toocomplex" in detail.replace(" ", "").lower():
+        why = "the schema is too complex for the grammar engine to follow"
+    else:
+        why = "the grammar engine could not continue the answer under the schema"
+    return InputError(f"{field}: {why} (it stopped after {tokens} tokens); simplify the schema (fewer nested, "
+                      f"optional or repeated parts) and try again")

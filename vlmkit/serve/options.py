@@ -42,6 +42,7 @@ class ChatOptions:
     tool_names: tuple[str, ...] = ()  # the functions a forced tool call may name
     named_tool: str | None = None  # tool_choice named this function: the answer is its arguments
     tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
+    grammar_field: str = ""  # the request field the grammar comes from (response_format or tools)
 
     @property
     def tool_call(self) -> bool:
@@ -61,7 +62,7 @@ class ChatOptions:
         if not self.constrained:
             return None
         return GrammarConstraint([self.tokens.json_matcher(self.schema) for _ in range(rows)], prompt_length,
-                                 self.tokens.vocab_size)
+                                 self.tokens.vocab_size, self.grammar_field)
 
 
 def chat_options(request, engine) -> ChatOptions:
@@ -100,6 +101,7 @@ def chat_options(request, engine) -> ChatOptions:
         eos = tuple(engine.model.generation_config.eos_token_ids)
         options.tokens = grammar_tokenizer(backend, vocab_size, eos)
     if options.constrained:
+        options.grammar_field = where
         try:
             options.tokens.json_matcher(options.schema)
         except InputError as err:

@@ -5,8 +5,8 @@ blocks, and expanding image placeholders."""
 from collections.abc import Callable
 from pathlib import Path
 
-
 from .errors import InputError
+from .io.chat_template import template_variables
 from .io.checkpoint import read_json
 from .io.features import BatchFeature
 
@@ -24,32 +24,37 @@ class ProcessorBase:
 
     tokenizer = None
     chat_template: str | None = None
-    # keyword arguments of apply_chat_template that go to the processor call, not to the template
-    chat_call_options: tuple[str, ...] = ("padding", "padding_side", "return_tensors")
     # turn plain-string message contents into one text block (templates that iterate content blocks
     # render a plain string as nothing)
     chat_content_as_blocks: bool = True
-    # transformers' ``processor_kwargs=`` joins the call options (else it is accepted and dropped)
-    chat_takes_processor_kwargs: bool = False
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+                            return_dict: bool = False, chat_template: str | None = None,
+                            continue_final_message: bool = False, processor_kwargs: dict | None = None, **kwargs):
         """Render conversation(s) with the checkpoint's chat template (or ``chat_template``); with
-        ``tokenize=True`` return model inputs, the media named in the messages' content blocks loaded."""
+        ``tokenize=True`` return model inputs, the media named in the messages' content blocks loaded.
+
+        As in transformers, keyword arguments the template reads are template variables; the others,
+        and ``processor_kwargs``, are options of the processor call (``padding``, ``num_frames``...)."""
         template = chat_template or self.chat_template
         if template is None:
             raise InputError("this checkpoint has no chat template")
         conversations, batched = normalize_conversations(conversation)
         if self.chat_content_as_blocks:
             conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
-        call_options = {k: kwargs.pop(k) for k in self.chat_call_options if k in kwargs}
-        processor_kwargs = kwargs.pop("processor_kwargs", None)
-        if self.chat_takes_processor_kwargs:
-            call_options.update(processor_kwargs or {})
+        variables = template_variables(template)
+        call_options = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
+        template_options = {k: v for k, v in kwargs.items() if k in variables}
         prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                     chat_template=template, **kwargs)
+                                                     continue_final_message=continue_final_message,
+                                                     chat_template=template, **template_options)
         if not tokenize:
             return prompts if batched else prompts[0]
+        if "do_sample_frames" not in call_options and (call_options.get("num_frames") is not None
+                                                       or call_options.get("fps") is not None):
+            call_options["do_sample_frames"] = True  # asking for frames in a chat means sampling them
+        if self.prompts_start_with_bos(prompts):
+            call_options["add_special_tokens"] = False  # the template wrote BOS already
         features = self.encode_chat(prompts, conversations, call_options)
         return features if return_dict else features["input_ids"]
 
@@ -132,6 +137,17 @@ def expand_placeholders(texts: list[str], placeholder: str, image_counts: list[i
             index += 1
         expanded.append("".join(out))
     return expanded
+
+
+def check_media_tokens_kept(texts: list[str], rows: list[list[int]], tokens: dict[str, int | None]) -> None:
+    """Refuse token rows that lost media tokens to truncation (the model could not place the features
+    of a cut image); ``tokens`` maps each media token's text to its id."""
+    for text, row in zip(texts, rows):
+        for token, token_id in tokens.items():
+            if token_id is not None and row.count(token_id) != text.count(token):
+                raise InputError(f"truncation cut {token} tokens out of the prompt ({row.count(token_id)} of "
+                                 f"{text.count(token)} left), so the model could not place the image features: "
+                                 f"turn truncation off or raise max_length")
 
 
 def flatten_images(images) -> tuple[list, list[int] | None]:

@@ -61,6 +61,51 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
         raise TemplateError(f"the chat template failed: {err}") from None
 
 
+@lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset:
+    """The variables a template reads (``messages``, ``add_generation_prompt``, ``tools``...): a call's
+    keyword arguments among them are the template's, the others the processor's."""
+    import jinja2.meta
+
+    return frozenset(jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template)))
+
+
+# what marks the end of the final message while the template renders, so the text after it can be cut
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_conversation(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                        continue_final_message: bool = False, **variables) -> str:
+    """Render one conversation; with ``continue_final_message`` the prompt ends inside the last
+    message (no end-of-turn after it), so the model continues that text, as in transformers."""
+    if not continue_final_message:
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
+    if add_generation_prompt:
+        raise TemplateError("continue_final_message and add_generation_prompt cannot both be set: continue the "
+                            "final message, or prompt a new assistant turn")
+    messages = [dict(m) for m in messages]
+    final = messages[-1] if messages else {}
+    content = final.get("content")
+    if isinstance(content, str):
+        final_text, final["content"] = content, content + _CONTINUE_TAG
+    else:
+        blocks = [dict(b) if isinstance(b, dict) else b for b in content or []]
+        texts = [i for i, b in enumerate(blocks) if isinstance(b, dict) and "text" in b]
+        if not texts:
+            raise TemplateError("continue_final_message is set but the final message has no text to continue")
+        final_text = blocks[texts[-1]]["text"]
+        blocks[texts[-1]]["text"] = final_text + _CONTINUE_TAG
+        final["content"] = blocks
+    rendered = render_chat_template(template, messages, add_generation_prompt=False, **variables)
+    tag = _CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
+        raise TemplateError("continue_final_message is set but the chat template does not write the final message "
+                            "as given, so it cannot be continued")
+    end = rendered.rindex(tag)
+    # a template that keeps the message's spacing is cut exactly; one that trimmed it, before the spaces
+    return rendered[:end] if rendered[end:end + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:end].rstrip()
+
+
 def find_chat_template(folder: Path, *configs: dict) -> str | None:
     """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json`` or a
     ``chat_template`` key in one of the given configs (a string, or a list of named templates)."""

@@ -60,6 +60,23 @@ def pad_to_square(pixels: np.ndarray, colour) -> np.ndarray:
     return canvas
 
 
+def square_side(size) -> int:
+    """The side of a square image size as a preprocessor config or call writes it: a number,
+    ``{"height": N, "width": N}`` or ``{"shortest_edge": N}``."""
+    from ..errors import InputError
+
+    if isinstance(size, dict):
+        if size.get("height") and size.get("width"):
+            if size["height"] != size["width"]:
+                raise InputError(f"this model needs a square image size, got {size}")
+            return int(size["height"])
+        if size.get("shortest_edge"):
+            return int(size["shortest_edge"])
+    elif isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
+        return int(size)
+    raise InputError(f"unsupported image size {size!r}; give a number or {{'height': N, 'width': N}}")
+
+
 def known_settings(config: dict, keys: tuple[str, ...]) -> dict:
     """The ``keys`` a preprocessor config sets (not null), with a scalar mean or std spread to three channels."""
     known = {k: config[k] for k in keys if config.get(k) is not None}

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InputError
-from .chat_template import find_chat_template, render_chat_template
+from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
 from .features import BatchFeature
 
@@ -26,7 +26,7 @@ class Tokenizer:
         self.config = config
         self.chat_template = chat_template
         self.padding_side = config.get("padding_side", "right")
-        self.model_max_length = int(config.get("model_max_length") or 10**9)
+        self.model_max_length = int(config.get("model_max_length") or 10**30)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         # named special tokens: bos/eos/pad/unk, and extras such as image_token, written either at the
         # top level (transformers 5) or under extra_special_tokens (transformers 4)
@@ -106,33 +106,82 @@ class Tokenizer:
         """Token ids of one text."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def __call__(self, text, *, padding=False, padding_side=None, add_special_tokens=True, truncation=False,
-                 max_length=None, return_tensors=None, return_attention_mask=True, **_ignored):
-        """Encode one text or a batch; ``padding`` True/"longest" pads to the longest row (left or right).
-        The result reads as a dict or by attribute (``tokenizer(words).input_ids``), as transformers' does."""
+    def __call__(self, text, *, padding=False, padding_side=None, add_special_tokens=True, truncation=None,
+                 max_length=None, pad_to_multiple_of=None, return_tensors=None, return_attention_mask=None,
+                 return_token_type_ids=None, verbose=True, **unsupported):
+        """Encode one text or a batch with transformers' padding and truncation rules: ``padding``
+        True/"longest" pads to the longest row, "max_length" to ``max_length`` (else the tokenizer's
+        ``model_max_length``), rounded up to ``pad_to_multiple_of``, on ``padding_side``; ``truncation``
+        (True/"longest_first"/"only_first"; implied by a ``max_length`` without padding) cuts rows to
+        ``max_length`` (else ``model_max_length``) on the tokenizer's ``truncation_side``, special tokens
+        counted. ``return_tensors``: None (lists), "pt" or "np". The result reads as a dict or by
+        attribute (``tokenizer(words).input_ids``), as transformers' does."""
+        from ..processor_options import TEXT_OPTIONS_NOT_IMPLEMENTED, as_return_type
+
+        refused = sorted(k for k, v in unsupported.items() if k in TEXT_OPTIONS_NOT_IMPLEMENTED and v)
+        if refused:
+            raise InputError(f"vlmkit's tokenizer does not implement {', '.join(refused)}")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if any(not isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings")
-        rows = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        if truncation and max_length:
-            rows = [r[:max_length] for r in rows]
+        pad_to, cut_to = self._padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of)
+        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        rows = [e.ids if cut_to is None or len(e.ids) <= cut_to else self._truncated(t, cut_to, add_special_tokens)
+                for t, e in zip(texts, encodings)]
         masks = [[1] * len(r) for r in rows]
-        if padding in (True, "longest", "max_length") and len(rows) > 0:
-            target = max_length if padding == "max_length" and max_length else max(len(r) for r in rows)
+        if pad_to is not None and rows:
+            target = pad_to if pad_to != "longest" else max(len(r) for r in rows)
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
             rows, masks = self.pad(rows, target, padding_side or self.padding_side)
-        elif return_tensors == "pt" and len({len(r) for r in rows}) > 1:
-            raise InputError("texts of different lengths need padding=True to be returned as one tensor")
-        if return_tensors == "pt":
-            out = BatchFeature(input_ids=torch.tensor(rows, dtype=torch.long),
-                               attention_mask=torch.tensor(masks, dtype=torch.long))
-        elif single:
-            out = BatchFeature(input_ids=rows[0], attention_mask=masks[0])
+        features = {"input_ids": rows}
+        input_names = self.config.get("model_input_names") or ("input_ids", "attention_mask")
+        if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in input_names):
+            features["token_type_ids"] = [[0] * len(r) for r in rows]
+        if return_attention_mask or (return_attention_mask is None and "attention_mask" in input_names):
+            features["attention_mask"] = masks
+        if single and return_tensors is None:
+            features = {k: v[0] for k, v in features.items()}
+        return as_return_type(BatchFeature(features), return_tensors)
+
+    def _padding_and_truncation(self, padding, truncation, max_length, pad_to_multiple_of):
+        """(length to pad to: None, "longest" or a number; length to cut to: None or a number), as
+        transformers' ``_get_padding_truncation_strategies`` works them out."""
+        if max_length is not None and padding is False and truncation is None:
+            truncation = True  # a max_length alone truncates, as in transformers
+        if padding in (False, None, "do_not_pad"):
+            pad_to = None
+        elif padding in (True, "longest"):
+            pad_to = "longest"
+        elif padding == "max_length":
+            pad_to = max_length if max_length is not None else self.known_max_length
         else:
-            out = BatchFeature(input_ids=rows, attention_mask=masks)
-        if not return_attention_mask:
-            out.pop("attention_mask")
-        return out
+            raise InputError(f"padding={padding!r}: use True/'longest', 'max_length' or False")
+        if truncation in (False, None, "do_not_truncate"):
+            cut_to = None
+        elif truncation in (True, "longest_first", "only_first"):
+            cut_to = max_length if max_length is not None else self.known_max_length
+        else:
+            raise InputError(f"truncation={truncation!r}: use True/'longest_first', 'only_first' or False")
+        if cut_to is not None and pad_to is not None and pad_to_multiple_of and cut_to % pad_to_multiple_of:
+            raise InputError(f"truncation to {cut_to} tokens and padding to a multiple of {pad_to_multiple_of} "
+                             f"cannot both hold; make max_length a multiple of pad_to_multiple_of")
+        return pad_to, cut_to
+
+    @property
+    def known_max_length(self) -> int | None:
+        """``model_max_length`` when the tokenizer config sets a real one (transformers' placeholder for
+        "unlimited", 1e30, reads as None)."""
+        return self.model_max_length if self.model_max_length < 10**20 else None
+
+    def _truncated(self, text: str, length: int, add_special_tokens: bool) -> list[int]:
+        """``text``'s ids cut to ``length`` with the special tokens kept, as the tokenizers library
+        truncates: the text's own tokens are cut on ``truncation_side``, then the special tokens added."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        room = length - (self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0)
+        encoding.truncate(max(room, 0), direction=self.config.get("truncation_side", "right"))
+        return self.backend.post_process(encoding, None, add_special_tokens).ids
 
     def pad(self, rows: list[list[int]], length: int, side: str) -> tuple[list[list[int]], list[list[int]]]:
         """Pad rows to ``length`` with the pad token on ``side``; returns (ids, attention masks)."""
@@ -168,15 +217,16 @@ class Tokenizer:
 
     # --- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            chat_template: str | None = None, **kwargs):
+                            chat_template: str | None = None, continue_final_message: bool = False, **kwargs):
         """Render one conversation (a list of messages) or a batch of them with the chat template."""
         template = chat_template or self.chat_template
         if template is None:
             raise InputError("this checkpoint has no chat template; pass chat_template=... or build the prompt yourself")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
-        rendered = [render_chat_template(template, list(c), add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens_map, **kwargs) for c in conversations]
+        rendered = [render_conversation(template, list(c), add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message,
+                                        **{**self.special_tokens_map, **kwargs}) for c in conversations]
         if tokenize:
             ids = [self.encode(r, add_special_tokens=False) for r in rendered]
             return ids if batched else ids[0]

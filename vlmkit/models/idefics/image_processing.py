@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...errors import InputError
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, normalized_planes
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, normalized_planes
+from ...processor_options import call_with_options, with_image_options
 
 IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
 
@@ -31,15 +31,13 @@ class IdeficsImageProcessor:
     @classmethod
     def from_config(cls, config: dict) -> "IdeficsImageProcessor":
         """From a ``preprocessor_config.json`` dict or the ``image_processor`` entry of ``processor_config.json``."""
-        size = config.get("size")
-        if isinstance(size, dict):
-            if size.get("height") != size.get("width"):
-                raise InputError(f"IDEFICS needs a square image size, got {size}")
-            size = size["height"]
-        size = size or config.get("image_size") or 224
         known = known_settings(config, ("image_mean", "image_std", "rescale_factor", "resample",
                                         "image_num_channels", "do_resize", "do_rescale", "do_normalize"))
-        return cls(image_size=int(size), **known)
+        return cls(image_size=square_side(config.get("size") or config.get("image_size") or 224), **known)
+
+    def with_options(self, options: dict) -> "IdeficsImageProcessor":
+        """A copy with one call's options (transformers' names: ``image_size``, ``do_rescale``...) applied."""
+        return with_image_options(self, options, "image_size", square_side)
 
     @property
     def image_dims(self) -> tuple[int, int, int]:
@@ -55,9 +53,12 @@ class IdeficsImageProcessor:
         return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
-    def __call__(self, images, transform=None, **_ignored) -> torch.Tensor:
+    def __call__(self, images, transform=None, **options) -> torch.Tensor:
         """Pixel values [N, 3, size, size] for one image or a list. ``transform`` (a callable on each RGB
-        PIL image returning a tensor, e.g. torchvision's training augmentations) replaces the preset steps."""
+        PIL image returning a tensor, e.g. torchvision's training augmentations) replaces the preset steps;
+        ``options``: transformers' per-call image options (``image_size``, ``do_rescale``...)."""
+        if options:
+            return call_with_options(self, images, options, transform=transform)
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         if transform is not None:
             return torch.stack([transform(load_image(image)) for image in images])

@@ -14,6 +14,7 @@ from ...io.chat_template import find_chat_template
 from ...io.checkpoint import resolve_model_path
 from ...io.tokenizer import Tokenizer
 from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
+from ...processor_options import sort_call_options
 from .image_processing import IdeficsImageProcessor
 
 IMAGE_TOKEN = "<image>"
@@ -36,8 +37,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif %}"
 )
-_CALL_OPTIONS = ("add_end_of_utterance_token", "add_eos_token", "padding", "padding_side", "truncation", "max_length",
-                 "add_special_tokens", "return_tensors", "transform")
+_TEXT_OPTIONS = ("add_end_of_utterance_token", "add_eos_token")  # IDEFICS' own, beside the tokenizer's
+_IMAGE_OPTIONS = ("transform", "image_size", "image_num_channels")
 
 
 def is_url(text: str) -> bool:
@@ -72,8 +73,7 @@ class IdeficsProcessor(ProcessorBase):
                    chat_template=find_chat_template(folder, processor_config, tokenizer.config))
 
     # --- prompts -------------------------------------------------------------------------------
-    def __call__(self, images=None, text=None, *, text_kwargs: dict | None = None, images_kwargs: dict | None = None,
-                 **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Model inputs for one prompt or a batch.
 
         A prompt is a list whose items are text, images (PIL, numpy, torch) or image URLs; a batch is a
@@ -81,13 +81,18 @@ class IdeficsProcessor(ProcessorBase):
         model card's form). With both ``images`` and ``text``, prompt i is ``text[i]`` with ``images[i]``
         (a list: text first, then those images; a single image: the image first), as the reference.
         Options: ``add_end_of_utterance_token`` (None: on when the tokenizer has the token),
-        ``add_eos_token``, ``padding`` ("longest"), ``padding_side``, ``truncation``, ``max_length``,
-        ``transform`` (a callable replacing the image preprocessing). Returns ``input_ids``,
-        ``attention_mask``, ``pixel_values`` [batch, max images, 3, H, W] and ``image_attention_mask``."""
-        options = {**kwargs, **(images_kwargs or {}), **(text_kwargs or {})}
+        ``add_eos_token``, ``transform`` (a callable replacing the image preprocessing), and
+        transformers' tokenizer and image options (``padding``, default "longest"; ``truncation``,
+        ``max_length``, ``image_size``, ``do_rescale``..., flat or as ``text_kwargs``/``images_kwargs``).
+        Returns torch tensors: ``input_ids``, ``attention_mask``, ``pixel_values`` [batch, max images,
+        3, H, W] and ``image_attention_mask``."""
+        options = sort_call_options(kwargs, family_text=_TEXT_OPTIONS, family_images=_IMAGE_OPTIONS)
+        if options.return_tensors not in ("pt", None):
+            raise InputError(f"IdeficsProcessor returns torch tensors only (return_tensors='pt'), "
+                             f"not {options.return_tensors!r}")
         prompts = _prompts_from_arguments(images, text)
         samples = [[_classify(item, row, col) for col, item in enumerate(prompt)] for row, prompt in enumerate(prompts)]
-        return self._encode(samples, **{k: v for k, v in options.items() if k in _CALL_OPTIONS})
+        return self._encode(samples, options.text, options.images)
 
     def _prompt_text(self, items: list[tuple[str, object]], add_end_of_utterance_token: bool,
                      add_eos_token: bool) -> str:
@@ -109,29 +114,29 @@ class IdeficsProcessor(ProcessorBase):
             text += self.tokenizer.eos_token
         return text
 
-    def _encode(self, samples: list[list[tuple[str, object]]], *, add_end_of_utterance_token: bool | None = None,
-                add_eos_token: bool = False, padding="longest", padding_side: str | None = None,
-                truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = False,
-                return_tensors="pt", transform=None) -> BatchFeature:
-        if return_tensors not in ("pt", None):
-            raise InputError(f"IdeficsProcessor returns torch tensors only (return_tensors='pt'), "
-                             f"not {return_tensors!r}")
+    def _encode(self, samples: list[list[tuple[str, object]]], text_options: dict, image_options: dict) -> BatchFeature:
+        text_options = {"padding": "longest", "add_special_tokens": False, **text_options}
+        add_end_of_utterance_token = text_options.pop("add_end_of_utterance_token", None)
         if add_end_of_utterance_token is None:
             add_end_of_utterance_token = self.tokenizer_was_trained_with_end_of_utterance_token
+        add_eos_token = text_options.pop("add_eos_token", False)
+        transform = image_options.pop("transform", None)
+        image_processor = self.image_processor.with_options(image_options)
         texts = [self._prompt_text(items, add_end_of_utterance_token, add_eos_token) for items in samples]
         sample_images = [[value for kind, value in items if kind == "image"] for items in samples]
-        pixels = [self.image_processor(images, transform=transform) if images else None for images in sample_images]
-        encoded = self.tokenizer(texts, padding=padding, padding_side=padding_side, truncation=truncation,
-                                 max_length=max_length, add_special_tokens=add_special_tokens)
+        pixels = [image_processor(images, transform=transform) if images else None for images in sample_images]
+        encoded = self.tokenizer(texts, **text_options)
         rows, masks = encoded["input_ids"], encoded["attention_mask"]
         if len({len(r) for r in rows}) > 1:
-            raise InputError("prompts of different lengths need padding (padding='longest', the default)")
+            raise InputError("the prompts have different lengths: pass padding='longest' (the default) or "
+                             "padding='max_length' with a max_length at least as long as the longest prompt (or "
+                             "truncation=True)")
         max_images = max(1, *(len(images) for images in sample_images))
         padded = []
         for row, row_pixels in zip(rows, pixels):
             # images beyond the row's image tokens (cut by truncation) are dropped, as the reference does
             keep = min(row.count(self.image_token_id), max_images)
-            dims = row_pixels.shape[1:] if row_pixels is not None and keep else self.image_processor.image_dims
+            dims = row_pixels.shape[1:] if row_pixels is not None and keep else image_processor.image_dims
             tensor = torch.zeros(max_images, *dims)
             if keep:
                 tensor[:keep] = row_pixels[:keep]
@@ -145,7 +150,6 @@ class IdeficsProcessor(ProcessorBase):
                             pixel_values=torch.stack(padded), image_attention_mask=mask)
 
     # --- chat ----------------------------------------------------------------------------------
-    chat_call_options = _CALL_OPTIONS
     chat_content_as_blocks = False  # IDEFICS's template reads plain-string contents as they are
 
     def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
@@ -153,7 +157,8 @@ class IdeficsProcessor(ProcessorBase):
         exactly where the template writes the image token ``<image>``."""
         samples = [self._chat_items(text, media_from_messages(messages, "image"), row)
                    for row, (text, messages) in enumerate(zip(prompts, conversations))]
-        return self._encode(samples, **call_options)
+        options = sort_call_options(call_options, family_text=_TEXT_OPTIONS, family_images=_IMAGE_OPTIONS)
+        return self._encode(samples, options.text, options.images)
 
     def _chat_items(self, rendered: str, images: list, row: int) -> list[tuple[str, object]]:
         bos = self.tokenizer.bos_token

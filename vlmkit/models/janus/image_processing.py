@@ -9,7 +9,8 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, normalized_planes
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, mean_colour, pad_to_square, normalized_planes
+from ...processor_options import call_with_options, with_image_options
 
 
 @dataclass
@@ -29,22 +30,24 @@ class JanusImageProcessor:
     resample: int = Image.Resampling.BICUBIC
     # transformers rounds the resized side; DeepSeek's original processor truncates it
     resize_rounding: str = "round"
+    background_color: tuple[int, int, int] | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> "JanusImageProcessor":
         """From a ``preprocessor_config.json`` dict (transformers' or the original layout's keys)."""
-        size = config.get("size") or config.get("image_size") or 384
-        if isinstance(size, dict):
-            if size.get("height") != size.get("width"):
-                raise InputError(f"Janus needs a square image size, got {size}")
-            size = size["height"]
         known = known_settings(config, ("min_size", "image_mean", "image_std", "rescale_factor", "do_resize",
                                         "do_pad", "do_rescale", "do_normalize", "resample"))
-        return cls(size=int(size), **known)
+        return cls(size=square_side(config.get("size") or config.get("image_size") or 384), **known)
 
-    @property
-    def background_color(self) -> tuple[int, int, int]:
-        return mean_colour(self.image_mean)
+    def with_options(self, options: dict) -> "JanusImageProcessor":
+        """A copy with one call's options (transformers' names: ``do_rescale``, ``size``...) applied."""
+        return with_image_options(self, options, "size", square_side)
+
+    def __post_init__(self):
+        # the padding colour is the configured mean's; a call's own image_mean does not change it (as in
+        # transformers, where it is fixed when the processor is made)
+        if self.background_color is None:
+            self.background_color = mean_colour(self.image_mean)
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Longest side to ``size``, the other scaled alike but never below ``min_size`` (bicubic)."""
@@ -70,8 +73,11 @@ class JanusImageProcessor:
         return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
-    def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
-        """``{"pixel_values": [N, 3, size, size]}`` for one image or a list."""
+    def __call__(self, images, **options) -> dict:
+        """``{"pixel_values": [N, 3, size, size]}`` for one image or a list. ``options``: transformers'
+        per-call image options and ``return_tensors`` (default "pt")."""
+        if options:
+            return call_with_options(self, images, options)
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         return {"pixel_values": torch.stack([self.preprocess_one(i) for i in images])}
 

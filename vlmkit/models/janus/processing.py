@@ -7,8 +7,9 @@ from ...errors import InputError
 from ...io.checkpoint import resolve_model_path
 from ...io.media import load_image
 from ...io.tokenizer import Tokenizer
-from ...processing import (BatchFeature, ProcessorBase, config_file, expand_placeholders, flatten_images,
-                           media_from_messages)
+from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
+                           flatten_images, media_from_messages)
+from ...processor_options import as_return_type, sort_call_options
 from .image_processing import JanusImageProcessor
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -60,18 +61,20 @@ class JanusProcessor(ProcessorBase):
         """What one image placeholder becomes in the token stream."""
         return self.image_start_token + self.image_token * self.num_image_tokens + self.image_end_token
 
-    def __call__(self, text=None, images=None, *, generation_mode: str = "text", padding=False,
-                 padding_side: str | None = None, return_tensors="pt", add_special_tokens: bool = True,
-                 conversations=None, prompt=None, force_batchify: bool = True, **kwargs) -> BatchFeature:
+    def __call__(self, text=None, images=None, *, conversations=None, prompt=None, force_batchify: bool = True,
+                 **kwargs) -> BatchFeature:
         """Tokenise prompt(s), expanding each ``<image_placeholder>`` to the image block, and
         preprocess the images (one per placeholder, in order). ``generation_mode="image"`` prepares a
-        text-to-image prompt. DeepSeek's ``conversations=``/``prompt=`` call style is accepted too."""
-        for key in ("text_kwargs", "images_kwargs"):
-            kwargs.pop(key, None)
+        text-to-image prompt. Takes transformers' tokenizer and image options (``padding``,
+        ``max_length``, ``do_rescale``, ``size``..., flat or as ``text_kwargs``/``images_kwargs``) and
+        ``return_tensors`` "pt" (the default), "np" or None. DeepSeek's ``conversations=``/``prompt=``
+        call style is accepted too."""
         if conversations is not None or prompt is not None:
             from .vlchat import vlchat_call
             return vlchat_call(self, system_prompt=DEFAULT_SYSTEM_PROMPT, prompt=prompt, conversations=conversations,
                                images=images, force_batchify=force_batchify)
+        options = sort_call_options(kwargs, family_images=("min_size",), family=("generation_mode",))
+        generation_mode = options.family.get("generation_mode", "text")
         if text is None:
             raise InputError("JanusProcessor needs text (a prompt, or a list of prompts)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -86,25 +89,17 @@ class JanusProcessor(ProcessorBase):
             raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
         flat_images, counts = flatten_images(images)
         texts = expand_placeholders(texts, self.image_token, counts, self.image_block, len(flat_images))
-        if len(texts) > 1 and not padding:
-            lengths = {len(self.tokenizer.encode(t, add_special_tokens)) for t in texts}
-            if len(lengths) > 1:
-                raise InputError("prompts of different lengths need padding=True to be batched")
-        encoded = self.tokenizer(texts, padding=padding or len(texts) > 1, padding_side=padding_side or "left",
-                                 add_special_tokens=add_special_tokens, return_tensors="pt")
-        features = BatchFeature(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        features = BatchFeature(self.tokenizer(texts, **{"padding_side": "left", **options.text}))
+        check_media_tokens_kept(texts, features["input_ids"], {self.image_token: self.image_token_id})
         if flat_images:
-            features["pixel_values"] = self.image_processor([load_image(i, self.media_policy) for i in flat_images])["pixel_values"]
-        return features
-
-    chat_call_options = ("generation_mode", "padding", "padding_side", "return_tensors")
+            image_processor = self.image_processor.with_options(options.images)
+            features["pixel_values"] = image_processor([load_image(i, self.media_policy) for i in flat_images])["pixel_values"]
+        return as_return_type(features, options.return_tensors)
 
     def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
         """The rendered prompts with the images their messages name (``url``/``path``/``image``/``base64``)."""
         images = [media_from_messages(messages, "image") for messages in conversations]
-        return self(prompts, images=images if any(images) else None,
-                    add_special_tokens=not self.prompts_start_with_bos(prompts), **call_options)
-
+        return self(prompts, images=images if any(images) else None, **call_options)
 
     def postprocess(self, images, **kwargs):
         """Generated pixels back to images (see ``JanusImageProcessor.postprocess``)."""

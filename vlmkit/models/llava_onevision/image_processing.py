@@ -15,22 +15,10 @@ from torch.nn import functional as F
 
 from ...errors import InputError
 from ...io.media import load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, mean_colour, pad_to_square, normalized_planes
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, mean_colour, pad_to_square, normalized_planes
+from ...processor_options import call_with_options, with_image_options
 from . import anyres
 from .config import DEFAULT_GRID_PINPOINTS
-
-
-def _square_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        if size.get("height") and size.get("width"):
-            if size["height"] != size["width"]:
-                raise InputError(f"LLaVA-OneVision needs a square tile size, got {size}")
-            return int(size["height"])
-        if size.get("shortest_edge"):
-            return int(size["shortest_edge"])
-    raise InputError(f"unsupported image size setting {size!r}; expected {{'height': N, 'width': N}}")
 
 
 @dataclass
@@ -57,7 +45,11 @@ class LlavaOnevisionImageProcessor:
                                         "resample", "do_resize", "do_rescale", "do_normalize", "do_pad"))
         if config.get("do_center_crop"):
             raise InputError("center-cropping image processors are not LLaVA-OneVision's; check the checkpoint")
-        return cls(size=_square_size(config.get("size") or 384), **known)
+        return cls(size=square_side(config.get("size") or 384), **known)
+
+    def with_options(self, options: dict) -> "LlavaOnevisionImageProcessor":
+        """A copy with one call's options (transformers' names: ``do_rescale``, ``size``...) applied."""
+        return with_image_options(self, options, "size", square_side)
 
     # --- images -------------------------------------------------------------------------------
     def _resize(self, image: Image.Image, size: anyres.Size) -> Image.Image:
@@ -99,12 +91,15 @@ class LlavaOnevisionImageProcessor:
             out.append(self._normalize(patch))
         return np.stack(out)
 
-    def __call__(self, images, return_tensors: str | None = "pt", **_ignored) -> dict:
+    def __call__(self, images, **options) -> dict:
         """``pixel_values`` [num_images, max_patches, 3, size, size] (zero patches pad the shorter
         ones), ``image_sizes`` [num_images, 2] as (height, width), ``batch_num_images``.
 
         ``images``: one image, a flat list (each one anyres, as the reference treats a flat list),
-        or a list of lists per prompt (a prompt with several images gets no anyres tiling)."""
+        or a list of lists per prompt (a prompt with several images gets no anyres tiling).
+        ``options``: transformers' per-call image options and ``return_tensors`` (default "pt")."""
+        if options:
+            return call_with_options(self, images, options)
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)):
             groups = [list(g) for g in images if g]
         elif isinstance(images, (list, tuple)):

@@ -12,8 +12,9 @@ from ...io.checkpoint import resolve_model_path
 from ...io.chat_template import find_chat_template
 from ...io.tokenizer import Tokenizer
 from ...io.video import load_video
-from ...processing import (BatchFeature, ProcessorBase, config_file, expand_placeholders, flatten_images,
-                           media_from_messages)
+from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
+                           flatten_images, media_from_messages)
+from ...processor_options import as_return_type, sort_call_options
 from . import anyres
 from .config import parse_max_num_patches
 from .image_processing import LlavaOnevisionImageProcessor
@@ -28,7 +29,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
                  video_processor: LlavaOnevisionImageProcessor | None = None, num_image_tokens: int | None = None,
                  vision_feature_select_strategy: str | None = "full", chat_template: str | None = None,
                  image_token: str = IMAGE_TOKEN, video_token: str = VIDEO_TOKEN,
-                 vision_aspect_ratio: str = "anyres_max_9"):
+                 vision_aspect_ratio: str = "anyres_max_9", do_sample_frames: bool = False):
         self.image_processor = image_processor
         self.video_processor = video_processor or image_processor
         self.tokenizer = tokenizer
@@ -39,6 +40,9 @@ class LlavaOnevisionProcessor(ProcessorBase):
         self.image_token_id = tokenizer.token_id(self.image_token)
         self.video_token_id = tokenizer.token_id(self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
+        # whether a call's num_frames/fps sample the video (the checkpoint's video processor setting; off in
+        # transformers' LLaVA-OneVision video processor, so a plain call keeps every frame)
+        self.do_sample_frames = do_sample_frames
         self.max_num_patches = parse_max_num_patches(vision_aspect_ratio)
         # the tower's patches per side; the reference derives it from num_image_tokens the same way
         self.num_image_tokens = num_image_tokens or 729
@@ -61,7 +65,8 @@ class LlavaOnevisionProcessor(ProcessorBase):
                    chat_template=find_chat_template(folder, processor_config, tokenizer.config),
                    image_token=processor_config.get("image_token", IMAGE_TOKEN),
                    video_token=processor_config.get("video_token", VIDEO_TOKEN),
-                   vision_aspect_ratio=processor_config.get("vision_aspect_ratio", "anyres_max_9"))
+                   vision_aspect_ratio=processor_config.get("vision_aspect_ratio", "anyres_max_9"),
+                   do_sample_frames=bool(video_config.get("do_sample_frames", False)))
 
     # --- placeholder counts ---------------------------------------------------------------------
     def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True) -> int:
@@ -77,53 +82,57 @@ class LlavaOnevisionProcessor(ProcessorBase):
         return anyres.video_token_count(num_frames, self.grid_size)
 
     # --- the call ---------------------------------------------------------------------------------
-    def __call__(self, images=None, text=None, videos=None, *, padding=False, padding_side: str | None = None,
-                 return_tensors="pt", add_special_tokens: bool = True, num_frames: int | None = None,
-                 fps: float | None = None, **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
         """Tokenise prompt(s), expanding each ``<image>``/``<video>`` to its feature count, and
         preprocess the images (one per ``<image>``, in order) and videos (one per ``<video>``).
 
         ``images``: one image, a flat list (every image anyres-tiled), or one list per prompt (a prompt
         with several images gets them untiled, as the reference). ``videos``: one video or a list;
-        each is a path/URL/bytes/array/frame list, sampled to ``num_frames`` (or at ``fps``)."""
-        for key in ("text_kwargs", "images_kwargs", "videos_kwargs", "processor_kwargs", "do_sample_frames"):
-            kwargs.pop(key, None)
+        each is a path/URL/bytes/array/frame list, all its frames kept unless ``do_sample_frames``
+        (the checkpoint's setting by default) samples ``num_frames`` of them (or ``fps``). Takes
+        transformers' tokenizer, image and video options (``padding``, ``max_length``, ``do_rescale``,
+        ``size``..., flat or as ``text_kwargs``/``images_kwargs``/``videos_kwargs``) and
+        ``return_tensors`` "pt" (the default), "np" or None."""
+        options = sort_call_options(kwargs, family_images=("image_grid_pinpoints",), videos=True)
         if text is None:
             raise InputError("LlavaOnevisionProcessor needs text (a prompt, or a list of prompts)")
         texts = [text] if isinstance(text, str) else list(text)
-        texts, features = self._expand_images(texts, images)
-        texts, video_features = self._expand_videos(texts, videos, num_frames, fps)
+        texts, features = self._expand_images(texts, images, options.images)
+        texts, video_features = self._expand_videos(texts, videos, options.videos)
         features.update(video_features)
-        encoded = self.tokenizer(texts, padding=padding, padding_side=padding_side,
-                                 add_special_tokens=add_special_tokens, return_tensors="pt")
-        return BatchFeature(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], **features)
+        encoded = self.tokenizer(texts, **options.text)
+        check_media_tokens_kept(texts, encoded["input_ids"], {self.image_token: self.image_token_id,
+                                                               self.video_token: self.video_token_id})
+        return as_return_type(BatchFeature(**encoded, **features), options.return_tensors)
 
-    def _expand_images(self, texts: list[str], images) -> tuple[list[str], dict]:
+    def _expand_images(self, texts: list[str], images, image_options: dict) -> tuple[list[str], dict]:
         """Texts with each ``<image>`` expanded, and pixel_values / image_sizes / batch_num_images."""
         flat_images, counts = flatten_images(images)
         if not flat_images:
             return expand_placeholders(texts, self.image_token, None, str, 0), {}  # raises if any <image>
         groups = _image_groups(images)
-        pixels = self.image_processor(groups)
+        pixels = self.image_processor.with_options(image_options)(groups)
         tiled = [len(group) == 1 for group in groups if group for _ in group]
         sizes = [tuple(size) for size in pixels["image_sizes"].tolist()]
         tokens = [self.image_token * self.image_token_count(size, t) for size, t in zip(sizes, tiled)]
         return expand_placeholders(texts, self.image_token, counts, tokens.__getitem__, len(flat_images)), pixels
 
-    def _expand_videos(self, texts: list[str], videos, num_frames, fps) -> tuple[list[str], dict]:
+    def _expand_videos(self, texts: list[str], videos, video_options: dict) -> tuple[list[str], dict]:
         """Texts with each ``<video>`` expanded, and pixel_values_videos [videos, frames, 3, S, S]."""
         sources = _as_video_list(videos)
         if not sources:
             return expand_placeholders(texts, self.video_token, None, str, 0, kind="video"), {}
-        frames = [self.video_processor.preprocess_frames(load_video(v, num_frames, fps=fps)) for v in sources]
+        video_options = dict(video_options)
+        num_frames, fps = video_options.pop("num_frames", None), video_options.pop("fps", None)
+        if not video_options.pop("do_sample_frames", self.do_sample_frames):
+            num_frames = fps = None  # transformers keeps every frame unless asked to sample
+        processor = self.video_processor.with_options(video_options)
+        frames = [processor.preprocess_frames(load_video(v, num_frames, fps=fps)) for v in sources]
         if len({tuple(f.shape) for f in frames}) > 1:
             raise InputError("videos of different frame counts cannot be batched; pass the same num_frames")
         tokens = [self.video_token * self.video_token_count(len(f)) for f in frames]
         texts = expand_placeholders(texts, self.video_token, None, tokens.__getitem__, len(frames), kind="video")
         return texts, {"pixel_values_videos": torch.stack(frames)}
-
-    chat_call_options = ("padding", "padding_side", "return_tensors", "num_frames", "fps")
-    chat_takes_processor_kwargs = True
 
     def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
         """The rendered prompts with the images and videos their messages name (``url``/``path``/
@@ -131,8 +140,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
         are a multi-image prompt (no anyres tiling), as in the reference."""
         images = [media_from_messages(messages, "image") for messages in conversations]
         videos = [v for messages in conversations for v in media_from_messages(messages, "video")]
-        return self(images=images if any(images) else None, text=prompts, videos=videos or None,
-                    add_special_tokens=not self.prompts_start_with_bos(prompts), **call_options)
+        return self(images=images if any(images) else None, text=prompts, videos=videos or None, **call_options)
 
 
 

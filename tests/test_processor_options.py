@@ -1,0 +1,255 @@
+"""The options people pass to transformers' processors do what they do there: tokenizer options
+(padding, truncation, max_length, pad_to_multiple_of, return_attention_mask...), per-call image options
+(do_rescale, size, image_mean...), grouped ``text_kwargs``/``images_kwargs``, ``return_tensors``
+"np"/None, ``continue_final_message`` and video frame sampling. Each case compares vlmkit's output with
+transformers' (PIL backend) on the same tiny checkpoint, for all three families."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.errors import InputError
+
+transformers = pytest.importorskip("transformers")
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+OV_PROMPT = "<|im_start|>user <image>\nWhat is shown here?<|im_end|>"
+JANUS_PROMPT = "<image_placeholder>\nWhat is shown here?"
+
+
+def as_plain(value):
+    """Token rows, pixel arrays and sizes as nested lists, whatever container holds them."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.dtype != object else [as_plain(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return [as_plain(v) for v in value]
+    return value
+
+
+def assert_same(ours, reference, keys=None):
+    keys = keys or sorted(reference.keys())
+    assert sorted(ours.keys()) == sorted(reference.keys())
+    for key in keys:
+        got, want = as_plain(ours[key]), as_plain(reference[key])
+        if key.startswith("pixel_values"):
+            np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32),
+                                          err_msg=key)
+        else:
+            assert got == want, key
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def onevision(llava_onevision_dir):
+    from builders.llava_onevision import reference_processor
+
+    from vlmkit.models.llava_onevision import LlavaOnevisionProcessor
+
+    return reference_processor(llava_onevision_dir), LlavaOnevisionProcessor.from_pretrained(llava_onevision_dir)
+
+
+@pytest.fixture(scope="module")
+def janus(janus_dir):
+    from vlmkit.models.janus import JanusProcessor
+
+    return transformers.AutoProcessor.from_pretrained(str(janus_dir), backend="pil"), JanusProcessor.from_pretrained(janus_dir)
+
+
+@pytest.fixture(scope="module")
+def idefics(idefics_resampler_dir):
+    from vlmkit.models.idefics import IdeficsProcessor
+
+    return (transformers.AutoProcessor.from_pretrained(str(idefics_resampler_dir), backend="pil"),
+            IdeficsProcessor.from_pretrained(idefics_resampler_dir))
+
+
+TEXTS = ["hello world foo bar baz", "hi", "one two three four five six seven eight nine ten"]
+TOKENIZER_OPTIONS = [dict(zip(("padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side"), values))
+                     for values in itertools.product([False, True, "max_length"], [None, False, True], [None, 3, 12],
+                                                     [None, 4], ["left", "right"])]
+
+
+@pytest.mark.parametrize("family", ["onevision", "janus", "idefics"])
+def test_tokenizer_pads_and_truncates_as_transformers(family, request):
+    reference, ours = (p.tokenizer for p in request.getfixturevalue(family))
+    for options, return_tensors, special in itertools.product(TOKENIZER_OPTIONS, [None, "np", "pt"], [True, False]):
+        for text in (TEXTS, TEXTS[2]):
+            call = dict(options, return_tensors=return_tensors, add_special_tokens=special)
+            try:
+                want = reference(text, **call)
+            except ValueError:  # e.g. rows of different lengths as one tensor: ours must refuse too
+                with pytest.raises(InputError):
+                    ours(text, **call)
+                continue
+            assert_same(ours(text, **call), want)
+
+
+def test_tokenizer_truncates_on_its_configured_side(onevision):
+    reference, ours = (p.tokenizer for p in onevision)
+    reference.truncation_side = ours.config["truncation_side"] = "left"
+    try:
+        assert ours(TEXTS, max_length=4)["input_ids"] == reference(TEXTS, max_length=4)["input_ids"]
+    finally:
+        reference.truncation_side = "right"
+        del ours.config["truncation_side"]
+
+
+@pytest.mark.parametrize("options", [
+    dict(padding="max_length", max_length=80), dict(truncation=True, max_length=80), dict(padding=True, pad_to_multiple_of=8),
+    dict(text_kwargs={"padding": "max_length", "max_length": 80}), dict(return_attention_mask=False),
+    dict(do_rescale=False), dict(do_normalize=False), dict(image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.3, 0.3]),
+    dict(images_kwargs={"do_rescale": False}), dict(common_kwargs={"return_tensors": "np"}),
+    dict(return_tensors="np"), dict(return_tensors=None),
+])
+def test_onevision_processor_options_match_transformers(onevision, image, options):
+    reference, ours = onevision
+    call = {"return_tensors": "pt", **options}
+    texts = [OV_PROMPT, OV_PROMPT.replace("What", "Which colours")]  # 1 token apart: pt needs padding
+    if "padding" not in str(options):
+        call["padding"] = True
+    assert_same(ours(images=[image, image], text=texts, **call), reference(images=[image, image], text=texts, **call))
+
+
+@pytest.mark.parametrize("options", [
+    dict(truncation=True, max_length=150), dict(padding="max_length", max_length=160), dict(do_rescale=False),
+    dict(do_pad=False), dict(image_mean=[0.1, 0.2, 0.3]), dict(size={"height": 48, "width": 48}),
+    dict(min_size=20), dict(return_tensors="np"), dict(return_tensors=None),
+])
+def test_janus_processor_options_match_transformers(janus, image, options):
+    reference, ours = janus
+    call = {"return_tensors": "pt", **options}
+    assert_same(ours(text=JANUS_PROMPT, images=image, **call), reference(text=JANUS_PROMPT, images=image, **call))
+
+
+@pytest.mark.parametrize("options", [
+    dict(truncation=True), dict(truncation=True, max_length=12), dict(padding="max_length", max_length=40),
+    dict(do_rescale=False), dict(do_normalize=False), dict(text_kwargs={"max_length": 12}),
+    dict(images_kwargs={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+])
+def test_idefics_processor_options_match_transformers(idefics, image, options):
+    reference, ours = idefics
+    prompts = [["User: what is this?", image, "And this?", image], ["User:", image, "Say it."]]
+    if options.get("truncation") is True and "max_length" not in options:
+        # past the checkpoint's model_max_length (2048): truncation cuts the second image, which is dropped
+        prompts[1].append("a picture of " * 1100)
+    assert_same(ours(text=prompts, return_tensors="pt", **options), reference(text=prompts, return_tensors="pt", **options))
+
+
+@pytest.mark.parametrize("family,call", [
+    ("onevision", lambda p, image: p.image_processor(image, image_grid_pinpoints=[[42, 84], [84, 84]],
+                                                     return_tensors="pt")),
+    ("onevision", lambda p, image: p.image_processor([image], do_rescale=False, return_tensors="pt")),
+    ("janus", lambda p, image: p.image_processor(image, size=48, return_tensors="pt")),
+    ("janus", lambda p, image: p.image_processor(image, do_pad=False, return_tensors="np")),
+])
+def test_image_processor_takes_call_options(family, call, image, request):
+    reference, ours = request.getfixturevalue(family)
+    assert_same(call(ours, image), call(reference, image))
+
+
+def test_idefics_image_size_option_resizes_as_size_does(idefics, image):
+    # transformers documents a per-call image_size as an alias of size but drops it in preprocess (5.23); vlmkit
+    # honours it, so it is compared with the size option that transformers does honour
+    reference, ours = idefics
+    want = reference.image_processor([image], size={"height": 20, "width": 20}, do_rescale=False, return_tensors="pt")
+    np.testing.assert_array_equal(ours.image_processor([image], image_size=20, do_rescale=False).numpy(), want.numpy())
+    assert_same(ours(text=[["User:", image]], size={"height": 20, "width": 20}),
+                reference(text=[["User:", image]], size={"height": 20, "width": 20}))
+
+
+@pytest.mark.parametrize("family", ["onevision", "janus"])
+def test_continue_final_message_ends_the_prompt_inside_the_last_message(family, image, request):
+    reference, ours = request.getfixturevalue(family)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}]
+    rendered = ours.apply_chat_template(messages, continue_final_message=True)
+    assert rendered == reference.apply_chat_template(messages, continue_final_message=True)
+    assert rendered.endswith("The answer is")
+    with pytest.raises(Exception, match="continue_final_message"):
+        ours.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
+
+
+def test_chat_template_passes_processor_options_to_the_call(onevision, image):
+    reference, ours = onevision
+    messages = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": t}]}]
+                for t in ("hi", "what is shown in this picture?")]
+    call = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    for options in (dict(padding="max_length", max_length=90), dict(processor_kwargs={"padding": True, "do_rescale": False})):
+        assert_same(ours.apply_chat_template(messages, **call, **options),
+                    reference.apply_chat_template(messages, **call, **options))
+
+
+def test_video_frames_are_sampled_only_when_asked(onevision):
+    from fixtures_llava import moving_pattern
+
+    reference, ours = onevision
+    video = np.stack([moving_pattern(i) for i in range(9)])
+    prompt = "<|im_start|>user <video>\nWhat happens?<|im_end|>"
+    for options in (dict(num_frames=3), dict(num_frames=3, do_sample_frames=True), dict(do_sample_frames=False)):
+        got = ours(videos=video, text=prompt, return_tensors="pt", **options)
+        want = reference(videos=video, text=prompt, return_tensors="pt", **options)
+        assert got["input_ids"].tolist() == want["input_ids"].tolist()
+        assert got["pixel_values_videos"].shape == want["pixel_values_videos"].shape
+    assert ours(videos=video, text=prompt, num_frames=3)["pixel_values_videos"].shape[1] == 9  # kept, as transformers
+    assert ours(videos=video, text=prompt, num_frames=3, do_sample_frames=True)["pixel_values_videos"].shape[1] == 3
+
+
+def test_options_vlmkit_does_not_implement_are_errors_naming_them(onevision, janus, image):
+    _, ours = onevision
+    with pytest.raises(InputError, match="return_offsets_mapping"):
+        ours(images=image, text=OV_PROMPT, return_offsets_mapping=True)
+    with pytest.raises(InputError, match="do_center_crop"):
+        janus[1](text=JANUS_PROMPT, images=image, do_center_crop=True)
+    with pytest.raises(InputError, match="return_tensors='tf'"):
+        ours(images=image, text=OV_PROMPT, return_tensors="tf")
+    with pytest.warns(UserWarning, match="not_an_option"):
+        ours(images=image, text=OV_PROMPT, not_an_option=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(images=image, text=OV_PROMPT, do_convert_rgb=True, device="cpu")  # neutral: accepted silently
+
+
+@pytest.mark.parametrize("family,prompt", [("onevision", OV_PROMPT), ("janus", JANUS_PROMPT)])
+def test_truncation_that_cuts_image_tokens_is_refused(family, prompt, image, request):
+    reference, ours = request.getfixturevalue(family)
+    if family == "onevision":  # transformers' Janus returns the cut prompt; the model then cannot place the image
+        with pytest.raises(ValueError, match="truncation"):
+            reference(text=prompt, images=image, truncation=True, max_length=9, return_tensors="pt")
+    with pytest.raises(InputError, match="truncation cut"):
+        ours(text=prompt, images=image, truncation=True, max_length=9)
+
+
+def test_rows_of_different_lengths_as_a_tensor_name_the_fix(janus):
+    _, ours = janus
+    with pytest.raises(InputError, match="padding=True"):
+        ours(text=["hi", "a much longer prompt than the first"], padding=False, return_tensors="pt")
+    with pytest.raises(InputError, match="max_length"):
+        ours.tokenizer(TEXTS, padding="max_length", max_length=3, truncation=False, return_tensors="pt")
+
+
+def test_pil_images_keep_their_pixels_whatever_their_exif_orientation(onevision):
+    # transformers turns decoded files upright (load_image), but a PIL image object, passed to images= or in a
+    # chat message, keeps its pixels as they are: its EXIF orientation tag is not applied
+    reference, ours = onevision
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (23, 37, 3), dtype=np.uint8))
+    picture.getexif()[0x0112] = 6  # rotate 90 degrees clockwise to display
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "hi"}]}]
+    call = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert_same(ours.apply_chat_template(messages, **call), reference.apply_chat_template(messages, **call))
+    assert ours.apply_chat_template(messages, **call)["image_sizes"].tolist() == [[23, 37]]
+    assert_same(ours(images=picture, text=OV_PROMPT), reference(images=picture, text=OV_PROMPT, return_tensors="pt"))

@@ -155,6 +155,8 @@ class JanusForConditionalGeneration(PretrainedVLM):
         with ``images_emb_mask`` marking which of those images are real."""
         if pixel_values is not None and pixel_values.ndim == 5 and images_emb_mask is not None:
             pixel_values = pixel_values[images_emb_mask.any(-1).to(pixel_values.device)]
+            if pixel_values.shape[0] == 0:  # only the masked-off slot a batch without images carries
+                pixel_values = None
         embeds = self.text_model.embed_tokens(input_ids)
         image_positions = input_ids == self.config.image_token_id
         num_slots = int(image_positions.sum())

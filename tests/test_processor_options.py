@@ -253,3 +253,19 @@ def test_pil_images_keep_their_pixels_whatever_their_exif_orientation(onevision)
     assert_same(ours.apply_chat_template(messages, **call), reference.apply_chat_template(messages, **call))
     assert ours.apply_chat_template(messages, **call)["image_sizes"].tolist() == [[23, 37]]
     assert_same(ours(images=picture, text=OV_PROMPT), reference(images=picture, text=OV_PROMPT, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("family", ["onevision", "janus", "idefics"])
+def test_float_images_with_do_rescale_false_match_transformers(family, request):
+    # float pictures in [0, 1] (e.g. torchvision's ToTensor) are passed with do_rescale=False; a square one,
+    # since transformers' Janus pads a float image with the 0..255 mean colour (127), far outside [0, 1]
+    reference, ours = request.getfixturevalue(family)
+    picture = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+    for image in (picture, torch.from_numpy(picture).permute(2, 0, 1).contiguous()):
+        if family == "idefics":
+            got, want = ours(text=[["hi", image]], do_rescale=False), reference(text=[["hi", image]], do_rescale=False)
+        else:
+            prompt = OV_PROMPT if family == "onevision" else JANUS_PROMPT
+            got = ours(text=prompt, images=image, do_rescale=False)
+            want = reference(text=prompt, images=image, do_rescale=False, return_tensors="pt")
+        assert_same(got, want)

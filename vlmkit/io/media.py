@@ -27,6 +27,8 @@ from vlmkit.io.net import check_address, describe_source, fetch_url  # noqa: F40
 
 # Decoders we let Pillow use on untrusted bytes; EPS and friends can shell out to Ghostscript.
 _SAFE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "AVIF", "HEIF")
+# marks an image made from float values in [0, 1]: they were scaled to 0..255 to become a picture
+FROM_FLOAT = "vlmkit.from_float"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # 2+ chars, so "C:\x.png" stays a path
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\s-]+={0,2}")  # standard or URL-safe, wrapped or not; linear to match
 _LONGEST_PATH = 4096  # PATH_MAX on Linux: a longer string is never a file name
@@ -247,6 +249,7 @@ def _array_to_image(source, desc: str) -> Image.Image:
         source = source.detach().cpu()
         source = (source.float() if source.is_floating_point() else source).numpy()  # numpy has no bfloat16
     array = np.asarray(source)
+    scaled_from_float = False
     if array.ndim == 2:
         array = array[..., None]
     elif array.ndim == 3 and array.shape[0] in (1, 3, 4):
@@ -258,7 +261,9 @@ def _array_to_image(source, desc: str) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.all((array >= 0) & (array <= 1)):  # also rejects NaN
             raise MediaError(f"float image values must lie in [0, 1], got [{array.min()}, {array.max()}]: {desc}")
-        array = np.rint(array * 255).astype(np.uint8)
+        # scaled and truncated to uint8 as transformers' to_pil_image does (float64 product, float32, truncate)
+        array = (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+        scaled_from_float = True
     elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
             raise MediaError(f"integer image values must lie in [0, 255]; scale to uint8 first: {desc}")
@@ -270,6 +275,9 @@ def _array_to_image(source, desc: str) -> Image.Image:
     elif array.shape[-1] == 4:  # blend onto white with transformers' numpy formula
         alpha = array[..., 3:4] / 255.0
         array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(array))
+    image = Image.fromarray(np.ascontiguousarray(array))
+    if scaled_from_float:
+        image.info[FROM_FLOAT] = True  # image processors read these values as already rescaled (see io/pixels.py)
+    return image
 
 

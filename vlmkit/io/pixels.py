@@ -37,6 +37,20 @@ def normalized_planes(pixels: np.ndarray, rescale_factor: float | None, mean, st
     return planes
 
 
+def rescale_for(image, do_rescale: bool, rescale_factor: float) -> float | None:
+    """The factor that takes ``image``'s 0..255 values to the model's scale, or None to leave them.
+
+    An image made from float values in [0, 1] was scaled by 255 to become a picture (``io.media``), so
+    ``do_rescale=False`` (transformers' way to say "already in [0, 1]") still divides by 255 here, as
+    transformers' resize scales floats back after its uint8 round trip. With ``do_rescale=True`` such
+    an image is read as the picture it is; transformers would divide by 255 twice."""
+    from .media import FROM_FLOAT
+
+    if do_rescale:
+        return rescale_factor
+    return 1 / 255 if image.info.get(FROM_FLOAT) else None
+
+
 def mean_colour(mean) -> tuple[int, ...]:
     """The padding colour of a normalisation mean: ``int(m * 255)`` per channel (the reference
     truncates, so 0.5 gives 127)."""

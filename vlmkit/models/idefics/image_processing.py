@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, normalized_planes
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_for, square_side, normalized_planes
 from ...processor_options import call_with_options, with_image_options
 
 IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
@@ -47,10 +47,11 @@ class IdeficsImageProcessor:
     def preprocess_one(self, image) -> torch.Tensor:
         """One image (anything ``load_image`` takes) to float32 [3, image_size, image_size]."""
         image = load_image(image)
+        rescale = rescale_for(image, self.do_rescale, self.rescale_factor)  # before resizing drops image.info
         if self.do_resize:
             image = image.resize((self.image_size, self.image_size), Image.Resampling(self.resample))
         pixels = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
+        return torch.from_numpy(normalized_planes(pixels, rescale,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
     def __call__(self, images, transform=None, **options) -> torch.Tensor:

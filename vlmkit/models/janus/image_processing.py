@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, mean_colour, pad_to_square, normalized_planes
+from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_for, square_side, mean_colour, pad_to_square, normalized_planes
 from ...processor_options import call_with_options, with_image_options
 
 
@@ -65,12 +65,13 @@ class JanusImageProcessor:
     def preprocess_one(self, image) -> torch.Tensor:
         """One image (any source ``load_image`` takes) to a float32 tensor [3, size, size]."""
         image = load_image(image)
+        rescale = rescale_for(image, self.do_rescale, self.rescale_factor)  # before resizing drops image.info
         if self.do_resize:
             image = self.resize(image)
         pixels = np.asarray(image, dtype=np.uint8)
         if self.do_pad:
             pixels = self.pad_to_square(pixels)
-        return torch.from_numpy(normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
+        return torch.from_numpy(normalized_planes(pixels, rescale,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
     def __call__(self, images, **options) -> dict:

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from ...errors import InputError
 from ...io.media import load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, square_side, mean_colour, pad_to_square, normalized_planes
+from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, mean_colour, normalized_planes, pad_to_square,
+                          rescale_for, square_side)
 from ...processor_options import call_with_options, with_image_options
 from . import anyres
 from .config import DEFAULT_GRID_PINPOINTS
@@ -56,11 +57,10 @@ class LlavaOnevisionImageProcessor:
         # same size is a copy in PIL too, so tiles that already fit are untouched
         return image.resize((size[1], size[0]), Image.Resampling(self.resample))
 
-    def _normalize(self, pixels: np.ndarray) -> np.ndarray:
+    def _normalize(self, pixels: np.ndarray, rescale: float | None) -> np.ndarray:
         """uint8 [H, W, 3] -> float32 [3, H, W] with the reference's arithmetic: rescale in float64
         then cast, normalise in float32."""
-        return normalized_planes(pixels, self.rescale_factor if self.do_rescale else None,
-                                 self.image_mean if self.do_normalize else None, self.image_std)
+        return normalized_planes(pixels, rescale, self.image_mean if self.do_normalize else None, self.image_std)
 
     def anyres_patches(self, image: Image.Image) -> list[np.ndarray]:
         """The base image resized to the tile size, then the tiles (row-major) of the image fitted
@@ -84,11 +84,12 @@ class LlavaOnevisionImageProcessor:
 
     def _pixel_values(self, image: Image.Image, anyres_tiling: bool) -> np.ndarray:
         patches = self.anyres_patches(image) if anyres_tiling else [self.square_patch(image)]
+        rescale = rescale_for(image, self.do_rescale, self.rescale_factor)
         out = []
         for patch in patches:
             if self.do_resize and patch.shape[:2] != (self.size, self.size):
                 patch = np.asarray(self._resize(Image.fromarray(patch), (self.size, self.size)))
-            out.append(self._normalize(patch))
+            out.append(self._normalize(patch, rescale))
         return np.stack(out)
 
     def __call__(self, images, **options) -> dict:

@@ -54,6 +54,8 @@ def usage_error(capsys, *argv) -> str:
     (["imagine", "a red circle", "-n", "-3"], "argument -n: must be 1 or more, got -3"),
     (["imagine", "a red circle", "--seed", "-" + "9" * 30], "argument --seed: must be a whole number from"),
     (["imagine", "   "], "argument prompt: the prompt is empty"),
+    (["imagine", "a red circle", "--cfg", "1e308"], "argument --cfg: must be from 0 to 100, got 1e308"),
+    (["imagine", "a red circle", "--cfg", "-1"], "argument --cfg: must be from 0 to 100"),
     (["serve", "--port", "70000"], "argument --port: must be a port from 1 to 65535"),
     (["serve", "--dtype", "int3"], "argument --dtype: invalid choice"),
     (["train", "--out", "x", "--device", "foo"], "argument --device: unknown device 'foo'"),

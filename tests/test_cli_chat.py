@@ -105,3 +105,10 @@ def test_pictures_and_videos_given_without_a_question_go_with_the_first_question
     assert [block["type"] for block in first[0]["content"]] == ["image", "video", "text"]
     assert first[0]["content"][1]["path"] == "clip.mp4"
     assert [block["type"] for block in second[-1]["content"]] == ["text"]
+
+
+def test_a_temperature_too_small_to_divide_by_answers_greedily():
+    greedy = run_chat("What is in this image?", "--image", PICTURE, "--max-new-tokens", "6")
+    tiny = run_chat("What is in this image?", "--image", PICTURE, "--max-new-tokens", "6", "--temperature", "1e-320")
+    assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr
+    assert tiny.stdout == greedy.stdout

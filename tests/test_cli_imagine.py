@@ -68,3 +68,14 @@ def test_the_progress_bar_shows_how_many_rows_of_the_picture_are_drawn(tmp_path,
     assert main(["imagine", "a red circle", "-o", str(tmp_path), "--seed", "1"]) == 0
     rows = re.findall(r"row (\d+)/(\d+)", capsys.readouterr().err)
     assert rows and rows[-1][0] == rows[-1][1]  # the last update: every row drawn
+
+
+def test_a_temperature_too_small_to_divide_by_draws_greedily_instead_of_failing(tmp_path, capsys):
+    """--temperature 1e-38 (or a subnormal 1e-320) overflowed the logits to inf and sampling failed; below the
+    server's GREEDY_BELOW the image tokens are the argmax, so every such run draws the same picture."""
+    pictures = []
+    for temperature in ("1e-38", "1e-320"):
+        out = tmp_path / temperature
+        assert main(["imagine", "a red circle", "-o", str(out), "--temperature", temperature, "--seed", "1"]) == 0
+        pictures.append(Image.open(out / "image-00.png").tobytes())
+    assert pictures[0] == pictures[1]

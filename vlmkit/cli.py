@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli_args import (DTYPES, HelpFormatter, device, existing_file, non_negative_float, non_negative_int, port,
-                       positive_int, probability, prompt_text, seed)
+from .cli_args import (DTYPES, HelpFormatter, device, existing_file, guidance_scale, non_negative_float,
+                       non_negative_int, port, positive_int, probability, prompt_text, seed)
 from .errors import InputError, VlmkitError
 
 
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--overwrite", action="store_true",
                          help="number from NAME-00.png, replacing PNGs already there (default: number past them)")
     imagine.add_argument("--seed", type=seed, help="makes the images repeatable (with the same -n and --batch-size)")
-    imagine.add_argument("--cfg", type=non_negative_float, help="classifier-free guidance weight (default: the "
-                         "model's generation_config.json, else 5)")
+    imagine.add_argument("--cfg", type=guidance_scale, help="classifier-free guidance weight, 0 to 100 (default: "
+                         "the model's generation_config.json, else 5)")
     imagine.add_argument("--temperature", type=non_negative_float,
                          help="default: the model's generation_config.json, else 1")
     imagine.add_argument("--top-k", type=non_negative_int, default=0, help="0 = sample from the full softmax")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from .generation.config import SEED_RANGE
+from .generation.image_step import MAX_GUIDANCE_SCALE
 from .io.checkpoint import DTYPE_NAMES
 
 DTYPES = ("auto", *DTYPE_NAMES)  # every name the loader takes (bf16, fp16, half...)
@@ -71,6 +72,15 @@ def non_negative_float(text: str) -> float:
     value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """A classifier-free guidance weight from 0 to ``MAX_GUIDANCE_SCALE`` (the server's bound)."""
+    value = _number(text)
+    if not 0 <= value <= MAX_GUIDANCE_SCALE:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_GUIDANCE_SCALE:g}, got {text} (the model's "
+                                         f"default is 5)")
     return value
 
 

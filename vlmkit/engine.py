@@ -7,6 +7,8 @@ import torch
 
 from .auto import family_of
 from .errors import InputError
+from .generation.image_step import MAX_GUIDANCE_SCALE
+from .generation.sampling import GREEDY_BELOW
 from .generation.streaming import TextStreamer
 
 
@@ -58,6 +60,7 @@ class Engine:
         """Answer the last user turn. ``temperature`` 0 is greedy; ``on_text(chunk)`` streams the answer."""
         inputs = self.prepare_chat(messages, **processor_options)
         prompt_length = inputs["input_ids"].shape[1]
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature  # as the server: no overflow
         streamer = TextStreamer(self.tokenizer, on_text) if on_text is not None else None
         options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=repetition_penalty,
                        seed=seed, stop_strings=stop or None)
@@ -86,11 +89,16 @@ class Engine:
             raise InputError("the image prompt is empty")
         if n < 1:
             raise InputError("n must be at least 1")
+        if guidance_scale is not None and not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise InputError(f"guidance_scale must be from 0 to {MAX_GUIDANCE_SCALE:g}, got {guidance_scale}")
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt.strip()}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=text, generation_mode="image", return_tensors="pt")
-        tokens = self.model.generate(**inputs, generation_mode="image", do_sample=True, num_return_sequences=n,
-                                     seed=seed, guidance_scale=guidance_scale, temperature=temperature,
+        # below GREEDY_BELOW the draw is the argmax (dividing by the temperature would overflow)
+        greedy = temperature is not None and temperature < GREEDY_BELOW
+        tokens = self.model.generate(**inputs, generation_mode="image", do_sample=not greedy, num_return_sequences=n,
+                                     seed=seed, guidance_scale=guidance_scale,
+                                     temperature=None if greedy else temperature,
                                      top_k=top_k, top_p=top_p, max_batch_images=max_batch_images, on_step=on_step)
         images = []
         for start in range(0, tokens.shape[0], max_batch_images or tokens.shape[0]):

@@ -11,6 +11,10 @@ import torch
 from ..nn.cpu_kernels import torch_ops_on_one_thread
 from .sampling import next_token
 
+# The largest classifier-free guidance weight taken (the server's bound, the CLI's): far beyond any useful
+# weight (DeepSeek uses 5), and below where uncond + scale * (cond - uncond) overflows float32.
+MAX_GUIDANCE_SCALE = 100.0
+
 
 def guided_logits(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance on stacked [cond; uncond] logits: uncond + scale * (cond - uncond)."""

@@ -8,6 +8,10 @@ import torch
 from .config import GenerationConfig
 from .logits import apply_processors, sampling_warpers
 
+# A temperature below this samples greedily (the server's rule, the CLI's and Engine's): dividing float32
+# logits by less overflows them to inf and the softmax to nan, and the draw would be the argmax anyway.
+GREEDY_BELOW = 1e-5
+
 
 def warp_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), min-p and typical filtering for sampling."""

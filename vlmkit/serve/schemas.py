@@ -15,6 +15,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from ..errors import InputError
 from ..generation.config import SEED_RANGE
+from ..generation.image_step import MAX_GUIDANCE_SCALE
+from ..generation.sampling import GREEDY_BELOW
 
 
 class _Request(BaseModel):
@@ -167,7 +169,7 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
-    GREEDY_BELOW: ClassVar[float] = 1e-5
+    GREEDY_BELOW: ClassVar[float] = GREEDY_BELOW
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -214,7 +216,7 @@ class ImageGenerationRequest(_Request):
     size: Text | None = None
     response_format: Text | None = None
     seed: Seed | None = None
-    guidance_scale: _number(ge=0, le=100) | None = None  # None: the model's generation_config (else 5)
+    guidance_scale: _number(ge=0, le=MAX_GUIDANCE_SCALE) | None = None  # None: the model's generation_config (else 5)
     temperature: _number(ge=0.01, le=10) | None = None
     top_k: _int(ge=0, le=2 ** 31 - 1) = 0
     top_p: _number(gt=0, le=1) = 1.0

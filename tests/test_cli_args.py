@@ -56,6 +56,8 @@ def usage_error(capsys, *argv) -> str:
     (["imagine", "   "], "argument prompt: the prompt is empty"),
     (["imagine", "a red circle", "--cfg", "1e308"], "argument --cfg: must be from 0 to 100, got 1e308"),
     (["imagine", "a red circle", "--cfg", "-1"], "argument --cfg: must be from 0 to 100"),
+    (["imagine", "a \udcff circle"], "argument prompt: the text is not valid UTF-8 (byte or code 0xff at character 2)"),
+    (["chat", "hi \udcff"], "argument prompt: the text is not valid UTF-8 (byte or code 0xff at character 3)"),
     (["serve", "--port", "70000"], "argument --port: must be a port from 1 to 65535"),
     (["serve", "--dtype", "int3"], "argument --dtype: invalid choice"),
     (["train", "--out", "x", "--device", "foo"], "argument --device: unknown device 'foo'"),

@@ -107,6 +107,17 @@ def test_pictures_and_videos_given_without_a_question_go_with_the_first_question
     assert [block["type"] for block in second[-1]["content"]] == ["text"]
 
 
+def test_text_that_is_not_utf8_is_an_error_and_the_session_goes_on():
+    env = {key: value for key, value in os.environ.items() if key != "VLMKIT_MODEL"}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "vlmkit.cli", "chat", "-i", "--max-new-tokens", "2"],
+                            capture_output=True, input=b"hi \xff\nWhat is it?\n/exit\n", timeout=300, env=env)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "Traceback" not in stderr and "error: the text is not valid UTF-8" in stderr
+    assert len(answers(result.stdout.decode())) == 1  # the next question was answered
+
+
 def test_a_temperature_too_small_to_divide_by_answers_greedily():
     greedy = run_chat("What is in this image?", "--image", PICTURE, "--max-new-tokens", "6")
     tiny = run_chat("What is in this image?", "--image", PICTURE, "--max-new-tokens", "6", "--temperature", "1e-320")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_args import (DTYPES, HelpFormatter, device, existing_file, guidance_scale, non_negative_float,
-                       non_negative_int, port, positive_int, probability, prompt_text, seed)
+                       non_negative_int, port, positive_int, probability, prompt_text, question_text, seed)
 from .errors import InputError, VlmkitError
 
 
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = _command(commands, "chat", help="ask about images (streams the answer)")
     _add_model_options(chat)
-    chat.add_argument("prompt", nargs="?", help="the question")
+    chat.add_argument("prompt", nargs="?", type=question_text, help="the question")
     chat.add_argument("--image", action="append", default=[], type=existing_file,
                       help="image path or URL (repeatable)")
     chat.add_argument("--video", action="append", default=[], type=existing_file,

@@ -152,8 +152,30 @@ def existing_file(text: str) -> str:
     return str(path)
 
 
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` unusable as a prompt, or None. Python reads bytes that are not UTF-8 in a
+    command line (or a terminal in a C locale) as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        shown = text[err.start].encode("utf-8", "surrogateescape").hex() if 0xDC80 <= ord(text[err.start]) <= 0xDCFF \
+            else f"{ord(text[err.start]):04x}"
+        return (f"the text is not valid UTF-8 (byte or code 0x{shown} at character {err.start}); check the "
+                f"terminal's encoding (e.g. LANG=C.UTF-8) and type it again")
+    return None
+
+
+def question_text(text: str) -> str:
+    """A question whose text the tokenizer can take (valid UTF-8)."""
+    problem = text_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def prompt_text(text: str) -> str:
-    """A prompt with something in it."""
+    """A prompt with something in it, in valid UTF-8."""
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty; give the text to draw, e.g. \"a red circle\"")
-    return text
+    return question_text(text)
+

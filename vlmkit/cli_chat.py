@@ -4,7 +4,7 @@ that drops its oldest turns when it would overflow the model's context."""
 import argparse
 import sys
 
-from .cli_args import existing_file
+from .cli_args import existing_file, text_problem
 from .errors import VlmkitError
 
 BANNER = ("vlmkit chat: type a question and press Enter. /image PATH attaches an image to the next question, "
@@ -89,7 +89,15 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
         except EOFError:
             print()
             return 0
+        except UnicodeDecodeError as err:  # a terminal whose encoding is stricter than what was typed
+            print(f"error: the line is not valid {err.encoding} ({err.reason}); check the terminal's encoding "
+                  f"(e.g. LANG=C.UTF-8) and type it again", file=sys.stderr)
+            continue
         if not line:
+            continue
+        problem = text_problem(line)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             continue
         if line.startswith("/"):
             command, _, argument = line.partition(" ")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli_args import (DTYPES, HelpFormatter, device, existing_file, guidance_scale, non_negative_float,
+from .cli_args import (DTYPES, HelpFormatter, device, existing_file, file_stem, guidance_scale, non_negative_float,
                        non_negative_int, port, positive_int, probability, prompt_text, question_text, seed)
 from .errors import InputError, VlmkitError
 
@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("prompt", type=prompt_text, help="what to draw")
     imagine.add_argument("-n", type=positive_int, default=1, help="how many images")
     imagine.add_argument("-o", "--output", default=".", help="folder for the PNGs (created if missing)")
-    imagine.add_argument("--name", default="image", help="file name stem: NAME-00.png, NAME-01.png, ...")
+    imagine.add_argument("--name", type=file_stem, default="image",
+                         help="file name stem: NAME-00.png, NAME-01.png, ... (in -o)")
     imagine.add_argument("--overwrite", action="store_true",
                          help="number from NAME-00.png, replacing PNGs already there (default: number past them)")
     imagine.add_argument("--seed", type=seed, help="makes the images repeatable (with the same -n and --batch-size)")

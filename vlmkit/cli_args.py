@@ -179,3 +179,15 @@ def prompt_text(text: str) -> str:
         raise argparse.ArgumentTypeError("the prompt is empty; give the text to draw, e.g. \"a red circle\"")
     return question_text(text)
 
+
+def file_stem(text: str) -> str:
+    """A plain file name stem (``vlmkit imagine --name``): no folders, so the PNGs land in -o and nowhere else."""
+    problem = text_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name; give a name without / or \\ "
+                                         f"(e.g. cat; the folder is -o)")
+    if len(text.encode("utf-8")) > 200:
+        raise argparse.ArgumentTypeError("is too long for a file name; give at most 200 bytes")
+    return text

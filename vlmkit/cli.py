@@ -180,10 +180,13 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
         return 1
     from .serve.config import config_from_args
+    from .serve.http import listening_socket
     args.model = args.model or _default_model()
+    config = config_from_args(args)
+    sock = listening_socket(config.host, config.port)  # a bad --host or --port fails before the model loads
     print(f"vlmkit serve: loading model {args.model} ...", file=sys.stderr, flush=True)
     threading.Thread(target=_announce_ready, args=(args.host, args.port), name="vlmkit-ready", daemon=True).start()
-    return run_server(config_from_args(args))
+    return run_server(config, sock)
 
 
 def cmd_batch(args) -> int:

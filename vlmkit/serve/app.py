@@ -22,7 +22,7 @@ from .. import __version__
 from . import openapi
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
-from .http import uvicorn_config
+from .http import listening_socket, uvicorn_config
 from .image_stream import image_sse
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import RequestCounter, ServerMetrics
@@ -46,6 +46,12 @@ class ServerState:
         self.created = int(time.time())
         self.on_load_failed = None  # run_server stops uvicorn with it
         self.metrics = ServerMetrics()
+        self.loader: threading.Thread | None = None
+
+    def wait_for_load(self) -> None:
+        """Wait until the model's loading thread (if any) has finished."""
+        if self.loader is not None and self.loader.is_alive():
+            self.loader.join()
 
     def load(self) -> None:
         """Load the model named by the config (run in a thread, so /health answers meanwhile)."""
@@ -90,7 +96,8 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         if state.engine is not None:
             state.attach()
         else:
-            threading.Thread(target=state.load, name="vlmkit-load", daemon=True).start()
+            state.loader = threading.Thread(target=state.load, name="vlmkit-load", daemon=True)
+            state.loader.start()
         yield
         state.close()
 
@@ -346,11 +353,14 @@ def _chunk_choice(index: int, delta: dict, finish_reason: str | None, logprobs: 
 
 
 # --- the process ---------------------------------------------------------------------------------
-def run_server(config: ServeConfig) -> int:
-    """Serve until SIGTERM or Ctrl-C. On SIGTERM: stop accepting, let in-flight requests finish (up to
-    ``config.shutdown_timeout_s``, then cancel them), exit 0. Returns 1 if the model failed to load."""
+def run_server(config: ServeConfig, sock=None) -> int:
+    """Serve until SIGTERM or Ctrl-C on ``sock`` (from ``listening_socket``; bound here when not given,
+    so a bad --host or --port fails before the model loads). On SIGTERM: stop accepting, let in-flight
+    requests finish (up to ``config.shutdown_timeout_s``, then cancel them), exit 0. Returns 1 if the
+    model failed to load or the server could not start."""
     import uvicorn
 
+    sock = sock or listening_socket(config.host, config.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     server = uvicorn.Server(uvicorn_config(app, config))
@@ -364,7 +374,9 @@ def run_server(config: ServeConfig) -> int:
     # re-raise ends nothing, and the process exits 0 as a service manager expects.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 1 if state.load_error else 0
+        sock.close()
+        state.wait_for_load()  # exiting while torch loads in another thread aborts the process
+    return 1 if state.load_error or not server.started else 0

@@ -6,8 +6,16 @@ a time. ``SlowClientProtocol`` closes a connection whose request headers have no
 ``header_timeout_s``; the body has its own deadline in the app (``app._read_json``, a 408)."""
 
 import asyncio
+import errno
+import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..errors import VlmkitError
+
+
+class ServeStartError(VlmkitError):
+    """``vlmkit serve`` cannot start as configured (the message names the flag to change)."""
 
 
 class SlowClientProtocol(H11Protocol):
@@ -65,3 +73,31 @@ def uvicorn_config(app, config, **options):
                           timeout_keep_alive=config.keep_alive_s,
                           h11_max_incomplete_event_size=config.max_header_bytes,
                           timeout_graceful_shutdown=config.shutdown_timeout_s)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to ``--host``/``--port`` before the model loads, and handed to uvicorn:
+    a host this machine does not have or a port in use is one clear error at once, not uvicorn's
+    message after loading has started (and a process that then exits while torch loads in another
+    thread aborts). The family follows uvicorn's own rule (IPv6 when the host has a colon)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        sock.bind((host, port))
+    except (OSError, UnicodeError, OverflowError) as err:
+        sock.close()
+        raise ServeStartError(_bind_problem(host, port, err)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_problem(host: str, port: int, err: Exception) -> str:
+    code = getattr(err, "errno", None)
+    if code == errno.EADDRINUSE:
+        return f"--port {port} is already in use on {host} (another server?); stop it or give another --port"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"--port {port} needs privileges on this machine (ports below 1024 usually do); give a --port of " \
+               f"1024 or more"
+    reason = getattr(err, "strerror", None) or str(err)
+    return f"cannot listen on --host {host!r}: {reason}. Give an address of this machine: 127.0.0.1 (this " \
+           f"machine only), 0.0.0.0 (every interface) or one of its IP addresses or host names"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_args import (DTYPES, HelpFormatter, device, existing_file, file_stem, guidance_scale, non_negative_float,
-                       non_negative_int, port, positive_int, probability, prompt_text, question_text, seed)
+                       non_negative_int, port, positive_int, probability, prompt_text, question_text, secret, seed)
 from .errors import InputError, VlmkitError
 
 
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=port, default=8000, help="port to listen on")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLMKIT_API_KEY)")
+    serve.add_argument("--api-key", type=secret, help="require 'Authorization: Bearer KEY' (default: "
+                                                       "$VLMKIT_API_KEY)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     serve.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests before cancelling them")

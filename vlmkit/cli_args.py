@@ -191,3 +191,44 @@ def file_stem(text: str) -> str:
     if len(text.encode("utf-8")) > 200:
         raise argparse.ArgumentTypeError("is too long for a file name; give at most 200 bytes")
     return text
+
+
+def existing_folder(text: str) -> str:
+    """A folder that exists (``--media-root``)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give the folder local images are read from")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return str(path)
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def host_list(text: str) -> str:
+    """Comma-separated host names, IP addresses or CIDR networks (``--allowed-hosts``), each checked: an entry
+    that is neither a valid network nor a host name (``10.0.0.0/33``) would otherwise match nothing."""
+    import ipaddress
+
+    for entry in (item.strip() for item in text.split(",")):
+        if not entry:
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+            continue
+        except ValueError as err:
+            if "/" in entry or entry.replace(".", "").isdigit() or ":" in entry:
+                raise argparse.ArgumentTypeError(f"{entry!r} is not a valid IP address or CIDR network ({err})") \
+                    from None
+        if not _HOST_NAME.match(entry):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not a host name, IP address or CIDR network")
+    return text
+
+
+def secret(text: str) -> str:
+    """A non-empty key (``--api-key``): an empty one would turn authentication off without saying so."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give the key clients must send, or leave --api-key out to "
+                                         "serve without one")
+    return text

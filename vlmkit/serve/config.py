@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli_args import positive_float, positive_int
+from ..cli_args import existing_folder, host_list, positive_float, positive_int
 from ..io.media import MediaPolicy
 
 _MiB = 1024 * 1024
@@ -101,9 +101,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     media = parser.add_argument_group("media fetching (private addresses and local files are refused by default)")
     media.add_argument("--allow-private-hosts", action="store_true",
                        help="let image URLs reach private, loopback and link-local addresses")
-    media.add_argument("--allowed-hosts", default="",
+    media.add_argument("--allowed-hosts", type=host_list, default="",
                        help="comma-separated host names, IPs or CIDRs that image URLs may reach even if private")
-    media.add_argument("--media-root", help="serve local paths and file:// URLs, confined to this folder")
+    media.add_argument("--media-root", type=existing_folder,
+                       help="serve local paths and file:// URLs, confined to this folder")
     media.add_argument("--fetch-timeout", type=positive_float, default=d.fetch_timeout_s, help="seconds per image fetch")
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch-rows", type=positive_int, default=d.max_batch_rows,

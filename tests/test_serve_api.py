@@ -32,6 +32,17 @@ def test_the_openapi_schema_describes_what_the_server_accepts(server):
     assert httpx.get(server.url + "/docs").status_code == 404  # only with --docs
 
 
+def test_health_answers_head_and_a_model_is_retrieved_by_id_as_openai_does(server):
+    head = httpx.head(server.url + "/health")
+    assert head.status_code == 200 and head.content == b""
+    model = server.openai().models.retrieve(server.config.model_name)
+    assert model.id == server.config.model_name and model.object == "model"
+    unknown = httpx.get(server.url + "/v1/models/org/no-such-model")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found" and "no-such-model" in unknown.json()["error"]["message"]
+    assert "/v1/models/{model_id}" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
 def test_docs_page_is_served_with_the_flag(janus_dir):
     with serve(janus_dir, docs=True) as documented:
         assert "swagger" in httpx.get(documented.url + "/docs").text.lower()

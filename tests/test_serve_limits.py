@@ -41,7 +41,7 @@ def assert_still_serving(server):
 
 # --- the API key ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", [None, "wrong"])
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("GET", "/v1/models/m"), ("POST", "/v1/chat/completions"),
                                          ("POST", "/v1/images/generations"), ("GET", "/stats")])
 def test_every_endpoint_but_health_needs_the_api_key(server, key, method, path):
     headers = {"Authorization": f"Bearer {key}"} if key else {}

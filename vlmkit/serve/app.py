@@ -117,7 +117,8 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         return JSONResponse(error_body(_route_error(request, err), code=str(err.status_code)),
                             status_code=err.status_code, headers=err.headers)
 
-    @app.get("/health", responses=openapi.HEALTH_RESPONSES)
+    # HEAD too: load balancers and `curl -I` probe with it
+    @app.api_route("/health", methods=["GET", "HEAD"], responses=openapi.HEALTH_RESPONSES)
     async def health():
         if state.scheduler is not None:
             return {"status": "ok", "model": config.model_name}
@@ -129,6 +130,13 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
     @router.get("/v1/models", responses=openapi.MODELS_RESPONSES)
     async def models():
         return ModelList(data=[ModelCard(id=config.model_name, created=state.created)]).model_dump()
+
+    @router.get("/v1/models/{model_id:path}", responses=openapi.MODEL_RESPONSES)
+    async def model(model_id: str):  # ids may hold "/" (org/name), as OpenAI's route takes them
+        if model_id != config.model_name:
+            raise ApiError(404, f"the model {model_id[:100]!r} does not exist on this server; it serves "
+                                f"{config.model_name!r}", code="model_not_found")
+        return ModelCard(id=config.model_name, created=state.created).model_dump()
 
     @router.get("/metrics", include_in_schema=False)  # Prometheus' text format, not JSON: see docs/serving.md
     async def metrics():
@@ -187,7 +195,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
-ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /health, /stats, /metrics and /openapi.json"
+ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /health, /stats, /metrics and /openapi.json"
 
 
 def _route_error(request: Request, err: StarletteHTTPException) -> str:

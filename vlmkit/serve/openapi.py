@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from .schemas import ChatCompletion, ChatCompletionRequest, ImageGenerationRequest, ImagesResponse, ModelList
+from .schemas import ChatCompletion, ChatCompletionRequest, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
 
 REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest}
 
@@ -46,6 +46,7 @@ IMAGE_RESPONSES = {
           "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
     **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
 MODELS_RESPONSES = {200: {"model": ModelList}, **_errors(401)}
+MODEL_RESPONSES = {200: {"model": ModelCard}, **_errors(401, 404)}
 STATS_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(401, 503)}
 HEALTH_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}},
                     503: {"content": {"application/json": {"schema": {"type": "object"}}},

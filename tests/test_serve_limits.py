@@ -75,6 +75,8 @@ BAD_CHATS = {
     "prompt plus max_tokens over the context": ({"messages": user("Hi"), "max_tokens": 1000}, 400,
                                                 ["max_tokens (1000)", "context of 512 tokens", "at most"]),
     "prompt alone fills the context": ({"messages": user("word " * 600)}, 400, ["fills the model's context"]),
+    "prompt alone fills the context, max_tokens given": ({"messages": user("word " * 600), "max_tokens": 5}, 400,
+                                                         ["fills the model's context", "shorten the conversation"]),
     "n over the limit": ({"messages": user("Hi"), "n": 3}, 400, ["n=3", "--max-n"]),
     "max_tokens zero": ({"messages": user("Hi"), "max_tokens": 0}, 400, ["max_tokens"]),
     "no messages": ({"model": "x"}, 400, ["messages", "required"]),

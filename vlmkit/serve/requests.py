@@ -129,11 +129,11 @@ class RequestHandler:
         prompt = int(inputs["input_ids"].shape[1])
         context = self.engine.model.max_context
         budget = request.answer_budget
+        if prompt >= context:  # no max_tokens can help: say so, rather than "lower max_tokens to at most 0"
+            raise ApiError(400, f"the prompt is {prompt} tokens long and fills the model's context of {context} "
+                                f"tokens; shorten the conversation or send fewer images")
         if budget is None:
             budget = min(limits.default_max_tokens, context - prompt)
-            if budget < 1:
-                raise ApiError(400, f"the prompt is {prompt} tokens long and fills the model's context of {context} "
-                                    f"tokens; shorten the conversation or send fewer images")
         elif prompt + budget > context:
             raise ApiError(400, f"the prompt ({prompt} tokens) plus max_tokens ({budget}) is more than the model's "
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"

@@ -19,13 +19,41 @@ from ..nn.layers import prepare_for_decoding
 
 
 class ModelOutput(dict):
-    """Forward results (``logits``, ``loss``...) readable as attributes or keys."""
+    """Forward results as transformers' causal-LM outputs: fields readable as attributes, keys, or by position
+    among the fields that are set (``out[0]`` is the loss when labels were given, else the logits); a field
+    that is not set reads None and is not a key. ``last_hidden_state`` (the decoder's normed output) is
+    vlmkit's own, an attribute only, so the keys and positions stay transformers'."""
+
+    FIELDS = ("loss", "logits", "past_key_values", "hidden_states", "attentions", "image_hidden_states")
+
+    def __init__(self, last_hidden_state: torch.Tensor | None = None, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"ModelOutput has no field(s) {sorted(unknown)}")
+        super().__init__((name, values[name]) for name in self.FIELDS if values.get(name) is not None)
+        self.__dict__["last_hidden_state"] = last_hidden_state
 
     def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        if name in self.FIELDS:
+            return self.get(name)
+        raise AttributeError(name)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        """The set fields in transformers' order (what ``return_dict=False`` returns)."""
+        return tuple(self.values())
+
+
+def kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions whose logits ``forward`` computes, as transformers reads ``logits_to_keep``: an int n
+    keeps the last n (0: all), a tensor of indices keeps those positions."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden[:, logits_to_keep.to(hidden.device)]
+    return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
 
 
 def resolve_device(device_map=None, device=None) -> torch.device:
@@ -158,6 +186,67 @@ class PretrainedVLM(nn.Module):
     @property
     def max_context(self) -> int:
         return self.text_model.config.max_position_embeddings
+
+    # --- forward's transformers options ---------------------------------------------------------
+    def run_text_model(self, inputs_embeds, attention_mask=None, position_ids=None, *, past_key_values=None,
+                       use_cache=None, cache_position=None, output_hidden_states=None, output_attentions=None,
+                       **text_inputs):
+        """The decoder over ``inputs_embeds`` [B, T, H] as transformers' ``forward`` runs it: (hidden states
+        [B, T, H], the KV cache or None, each layer's hidden states or None).
+
+        ``past_key_values`` continues the cache a previous call returned (``attention_mask`` may cover the
+        cached positions and the new ones, as transformers takes it, or the new ones only); with
+        ``use_cache`` (by default in eval mode, as transformers' ``config.use_cache``) a new one is started.
+        The cache grows as it is fed back, so a hand-written decoding loop needs nothing sized up front."""
+        if output_attentions:
+            raise InputError("output_attentions=True is not supported: vlmkit's attention runs fused kernels that "
+                             "never form the attention maps; load the model with transformers to inspect them")
+        if output_hidden_states not in (None, False, True):
+            raise InputError(f"output_hidden_states takes True or False in vlmkit (got {output_hidden_states!r}); "
+                             f"pass True and index the returned tuple")
+        new_positions = inputs_embeds.shape[1]
+        cache = self._forward_cache(past_key_values, use_cache, inputs_embeds)
+        if cache is not None:
+            start = cache.length
+            if cache_position is not None and cache_position.reshape(-1).tolist() != list(
+                    range(start, start + new_positions)):
+                raise InputError(f"cache_position must continue the cache ({start}..{start + new_positions - 1}); "
+                                 f"vlmkit's cache only appends: rewinding it is not supported")
+            if attention_mask is not None and attention_mask.shape[1] == start + new_positions and start:
+                attention_mask = attention_mask[:, start:]  # the cache keeps the mask of its positions
+            elif attention_mask is not None and attention_mask.shape[1] != new_positions:
+                raise InputError(f"attention_mask is {attention_mask.shape[1]} positions wide; with "
+                                 f"{start} cached and {new_positions} new positions it must be "
+                                 f"{start + new_positions} (or {new_positions}) wide")
+            cache.reserve(start + new_positions)
+        collected = [] if output_hidden_states else None
+        hidden = self.text_model(inputs_embeds, position_ids, attention_mask, cache, all_hidden_states=collected,
+                                 **text_inputs)
+        return hidden, cache, None if collected is None else tuple(collected)
+
+    def _forward_cache(self, past_key_values, use_cache, inputs_embeds):
+        batch = inputs_embeds.shape[0]
+        if past_key_values is not None and not hasattr(past_key_values, "reserve"):
+            if getattr(past_key_values, "get_seq_length", lambda: None)() != 0:
+                raise InputError("past_key_values must be the cache a previous call of this model returned "
+                                 "(out.past_key_values); vlmkit does not read transformers' caches or tuples of "
+                                 "tensors")
+            past_key_values = None  # an empty transformers cache (DynamicCache()): start vlmkit's own
+            use_cache = True
+        if past_key_values is not None:
+            if past_key_values.batch_size != batch:
+                raise InputError(f"past_key_values holds {past_key_values.batch_size} row(s) but the inputs have "
+                                 f"{batch}")
+            return past_key_values
+        if not (use_cache if use_cache is not None else not self.training):
+            return None
+        return self.new_cache(batch, inputs_embeds.shape[1])
+
+    @staticmethod
+    def forward_output(return_dict=None, **fields):
+        """The forward's ``ModelOutput``, or its tuple with ``return_dict=False``."""
+        output = ModelOutput(**fields)
+        return output.to_tuple() if return_dict is False else output
 
     # --- what generation/ (decode.py, loop.py) uses --------------------------------------------
     def new_cache(self, batch_size: int, max_len: int):

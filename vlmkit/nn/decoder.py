@@ -181,14 +181,21 @@ class DecoderModel(nn.Module):
         return rotary, causal_mask(key_mask, start, seq_len)
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None,
-                last_position_only: bool = False):
+                last_position_only: bool = False, all_hidden_states: list | None = None):
         """Hidden states [B, T, H] of ``inputs_embeds`` [B, T, H]; with ``last_position_only`` (a prefill, whose
-        logits come from its last position) [B, 1, H], the last layer's MLP run for that position alone."""
+        logits come from its last position) [B, 1, H], the last layer's MLP run for that position alone.
+        ``all_hidden_states`` (a list) receives what transformers' ``output_hidden_states`` returns: each
+        layer's input, then the normed output of the last."""
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
             hidden_states = layer(hidden_states, rotary, mask, cache, index, last_position_only and index == last)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
-        return self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        return hidden_states

@@ -35,6 +35,26 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The positions filled so far (transformers' ``Cache.get_seq_length``)."""
+        return self.length
+
+    def reserve(self, max_len: int) -> None:
+        """Room for at least ``max_len`` positions, the filled ones kept. A cache that the model's ``forward``
+        returns grows this way as the caller's own decoding loop feeds it back one token at a time; the
+        capacity at least doubles, so a loop of n steps copies O(n) positions in all."""
+        if max_len <= self.max_len:
+            return
+        capacity = max(max_len, 2 * self.max_len)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = torch.empty(*old.shape[:3], capacity, old.shape[4], dtype=old.dtype, device=old.device)
+            grown[:, :, :, :self.length] = old[:, :, :, :self.length]
+            setattr(self, name, grown)
+        key_mask = torch.zeros(self.key_mask.shape[0], capacity, dtype=torch.bool, device=self.key_mask.device)
+        key_mask[:, :self.length] = self.key_mask[:, :self.length]
+        self.key_mask, self.max_len = key_mask, capacity
+
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for ``layer`` at the current fill position; return all filled so far."""
         end = self.length + keys.shape[2]

@@ -17,7 +17,7 @@ from ...errors import CheckpointError, InputError
 from ...generation.loop import prompt_positions
 from ...io.checkpoint import WeightLayout
 from ...nn.decoder import DecoderModel
-from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
+from ..base import ModelOutput, PretrainedVLM, causal_lm_loss, kept_positions
 from .config import IdeficsConfig
 from .cross_attention import GatedCrossAttentionLayer, IdeficsCache, ImageContext
 from .perceiver import PerceiverResampler
@@ -106,10 +106,13 @@ class IdeficsModel(DecoderModel):
         return ImageContext.build(keys_values, image_attention_mask, image_seq_len)
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: IdeficsCache | None = None,
-                images: ImageContext | None = None, last_position_only: bool = False):
+                images: ImageContext | None = None, last_position_only: bool = False,
+                all_hidden_states: list | None = None):
         """Hidden states (of the last position alone with ``last_position_only``, as DecoderModel); the images
         are ``images``, else those the prompt left in ``cache`` (see ``IdeficsForVisionText2Text.embed_prompt``),
-        so a decode step is the plain decoder's call."""
+        so a decode step is the plain decoder's call. ``all_hidden_states`` receives what transformers' recorder
+        reads: the first decoder layer's input (after its gated cross-attention), each decoder layer's output
+        (before the next gated cross-attention), the last one normed."""
         if images is None and cache is not None:
             images = cache.images
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
@@ -118,13 +121,20 @@ class IdeficsModel(DecoderModel):
             if index % self.cross_layer_interval == 0:
                 cross_index = index // self.cross_layer_interval
                 hidden_states = self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
+            if all_hidden_states is not None and index == 0:
+                all_hidden_states.append(hidden_states)
             hidden_states = layer(hidden_states, rotary, mask, cache, index,
                                   last_position_only and index == len(self.layers) - 1)
+            if all_hidden_states is not None and index < len(self.layers) - 1:
+                all_hidden_states.append(hidden_states)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
             if images is not None and inputs_embeds.shape[1] > 1:
                 cache.images = images.last_position()  # new tokens see what the prompt's last position saw
-        return self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        return hidden_states
 
 
 def _rename_transformers_layout(name: str, tensor: torch.Tensor):
@@ -237,33 +247,45 @@ class IdeficsForVisionText2Text(PretrainedVLM):
                              f"calls for {expected} (batch, text length, images)")
         return self.model.image_context(image_states, image_attention_mask.to(image_states.device)), image_states
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
-                image_encoder_embeddings=None, perceiver_embeddings=None, image_attention_mask=None, labels=None,
-                interpolate_pos_encoding: bool = False, logits_to_keep: int = 0, **unused) -> ModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                pixel_values=None, image_encoder_embeddings=None, perceiver_embeddings=None, image_attention_mask=None,
+                labels=None, use_cache=None, interpolate_pos_encoding: bool = False, return_dict=None,
+                cache_position=None, logits_to_keep: int = 0, output_hidden_states=None, output_attentions=None,
+                **unused) -> ModelOutput:
         """Logits over the whole vocabulary (regular + additional); ``labels`` give the causal-LM loss.
 
         Without any image input every position is text-only (the same result as the reference with a
-        blank image that no position may see)."""
+        blank image that no position may see). The cache options, ``output_hidden_states`` and
+        ``return_dict`` are transformers' (see ``PretrainedVLM.run_text_model``): a call that continues
+        ``past_key_values`` passes the images again (``image_hidden_states`` of the first call as
+        ``perceiver_embeddings``/``image_encoder_embeddings``, as transformers' generate does) with the new
+        positions' ``image_attention_mask``, or none: the new positions then see what the cached prompt's
+        last position saw."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
         if position_ids is None and attention_mask is not None:
-            position_ids = prompt_positions(attention_mask)  # the reference counts positions from the mask
+            # the reference counts positions from the mask (cached positions included)
+            position_ids = prompt_positions(attention_mask)[:, -inputs_embeds.shape[1]:]
         images = image_states = None
         image_inputs = dict(zip(_IMAGE_INPUTS, (pixel_values, image_encoder_embeddings, perceiver_embeddings)))
         if any(v is not None for v in image_inputs.values()):
             images, image_states = self.image_context(inputs_embeds.shape, image_attention_mask,
                                                       interpolate_pos_encoding=interpolate_pos_encoding,
                                                       **image_inputs)
-        hidden = self.model(inputs_embeds, position_ids, attention_mask, None, images)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden, cache, all_hidden = self.run_text_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            cache_position=cache_position, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, images=images)
+        hidden = kept_positions(hidden, logits_to_keep)
         logits = self.lm_logits(hidden)
         # over all columns, additional vocabulary included (the reference's loss reshapes the logits to
         # the regular vocabulary only and fails when additional_vocab_size > 0)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden, image_hidden_states=image_states)
+        return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
+                                   hidden_states=all_hidden, image_hidden_states=image_states,
+                                   last_hidden_state=hidden)
 
 
 def _checked(tensor: torch.Tensor, ndim: int, name: str) -> torch.Tensor:

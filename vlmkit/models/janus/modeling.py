@@ -14,7 +14,7 @@ from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
 from ...nn.feature_cache import FeatureCache
-from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
+from ..base import ModelOutput, PretrainedVLM, causal_lm_loss, kept_positions
 from .config import JanusConfig
 from .vision import JanusVisionModel
 from .vq import JanusVQVAE
@@ -153,6 +153,10 @@ class JanusForConditionalGeneration(PretrainedVLM):
         """Token embeddings with each image's features written over its image-token positions.
         ``pixel_values`` [num_images, 3, H, W], or the original processor's [batch, max_images, 3, H, W]
         with ``images_emb_mask`` marking which of those images are real."""
+        return self._embed_with_features(input_ids, pixel_values, images_emb_mask)[0]
+
+    def _embed_with_features(self, input_ids, pixel_values, images_emb_mask):
+        """(``embed_inputs``' embeddings, the image features written in [images * tokens, hidden] or None)."""
         if pixel_values is not None and pixel_values.ndim == 5 and images_emb_mask is not None:
             pixel_values = pixel_values[images_emb_mask.any(-1).to(pixel_values.device)]
             if pixel_values.shape[0] == 0:  # only the masked-off slot a batch without images carries
@@ -163,30 +167,39 @@ class JanusForConditionalGeneration(PretrainedVLM):
         if pixel_values is None:
             if num_slots:
                 raise InputError(f"the prompt holds {num_slots} image tokens but no pixel_values were given")
-            return embeds
+            return embeds, None
         features = self.get_image_features(pixel_values)
         if features.shape[0] * features.shape[1] != num_slots:
             raise InputError(f"the prompt holds {num_slots} image tokens but {features.shape[0]} image(s) of "
                              f"{features.shape[1]} tokens each were given; each image needs one placeholder")
+        features = features.reshape(-1, features.shape[-1])
         embeds = embeds.clone()
-        embeds[image_positions] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-        return embeds
+        embeds[image_positions] = features.to(embeds.dtype)
+        return embeds, features
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
-                inputs_embeds=None, logits_to_keep: int = 0, generation_mode: str = "text",
-                images_emb_mask=None, **unused) -> ModelOutput:
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                past_key_values=None, cache_position=None, inputs_embeds=None, use_cache=None, labels=None,
+                logits_to_keep: int = 0, generation_mode: str = "text", images_emb_mask=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **unused) -> ModelOutput:
         """Logits over the text vocabulary (or, with ``generation_mode="image"``, over image codes for
-        ``input_ids`` that are image tokens after the prompt); ``labels`` give the loss."""
+        ``input_ids`` that are image tokens after the prompt); ``labels`` give the loss. The cache options,
+        ``output_hidden_states`` and ``return_dict`` are transformers' (see ``PretrainedVLM.run_text_model``);
+        ``image_hidden_states`` are the aligned image features [images * tokens, hidden]."""
+        image_features = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, images_emb_mask)
-        hidden = self.text_model(inputs_embeds, position_ids, attention_mask)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+            inputs_embeds, image_features = self._embed_with_features(input_ids, pixel_values, images_emb_mask)
+        hidden, cache, all_hidden = self.run_text_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            cache_position=cache_position, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+        hidden = kept_positions(hidden, logits_to_keep)
         logits = self.lm_logits(hidden) if generation_mode == "text" else self.model.generation_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+        return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
+                                   hidden_states=all_hidden, image_hidden_states=image_features,
+                                   last_hidden_state=hidden)
 
     def generate(self, input_ids=None, attention_mask=None, generation_mode: str = "text", **kwargs):
         """Text generation (``generation_mode="text"``) or image tokens (``"image"``, see ``generate_image``)."""

@@ -19,7 +19,7 @@ from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
 from ...nn.feature_cache import FeatureCache
-from ..base import ModelOutput, PretrainedVLM, causal_lm_loss
+from ..base import ModelOutput, PretrainedVLM, causal_lm_loss, kept_positions
 from . import anyres
 from .config import LlavaOnevisionConfig
 from .vision import SiglipVisionTransformer
@@ -204,6 +204,13 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, batch_num_images=None,
                      pixel_values_videos=None, image_sizes_videos=None) -> torch.Tensor:
         """Token embeddings with image and video features written over their placeholder tokens."""
+        return self._embed_with_features(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos,
+                                         image_sizes_videos)[0]
+
+    def _embed_with_features(self, input_ids, pixel_values=None, image_sizes=None, batch_num_images=None,
+                             pixel_values_videos=None, image_sizes_videos=None):
+        """(``embed_inputs``' embeddings, the image features written [image tokens, hidden] or None)."""
+        image_features = None
         embeds = self.text_model.embed_tokens(input_ids)
         for kind, token_id, pixels in (("image", self.config.image_token_id, pixel_values),
                                        ("video", self.config.video_token_id, pixel_values_videos)):
@@ -215,7 +222,7 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
                                      f"build the inputs with the processor")
                 continue
             if kind == "image":
-                features = torch.cat(self.get_image_features(pixels, image_sizes, batch_num_images))
+                features = image_features = torch.cat(self.get_image_features(pixels, image_sizes, batch_num_images))
             else:
                 features = self.get_video_features(pixels).flatten(0, 1)
             if features.shape[0] != num_slots:
@@ -224,25 +231,51 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
                                  f"that preprocessed the {kind}s, with one <{kind}> per {kind}")
             embeds = embeds.clone()
             embeds[positions] = features.to(embeds.dtype)
-        return embeds
+        return embeds, image_features
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, pixel_values_videos=None,
-                image_sizes_videos=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                batch_num_images=None, logits_to_keep: int = 0, **unused) -> ModelOutput:
+                image_sizes_videos=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                vision_aspect_ratio=None, batch_num_images=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep: int = 0,
+                **unused) -> ModelOutput:
         """Logits over the vocabulary for every position (or the last ``logits_to_keep``); ``labels``
-        give the mean next-token loss (-100 ignored)."""
+        give the mean next-token loss (-100 ignored). The cache options, ``output_hidden_states`` and
+        ``return_dict`` are transformers' (see ``PretrainedVLM.run_text_model``); ``image_hidden_states`` are
+        the packed image features [image tokens, hidden]."""
+        self._refuse_other_vision_settings(vision_feature_layer=vision_feature_layer,
+                                           vision_feature_select_strategy=vision_feature_select_strategy,
+                                           vision_aspect_ratio=vision_aspect_ratio)
+        image_features = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward needs input_ids or inputs_embeds")
-            check_context(input_ids.shape[1], 0, self.max_context)
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, batch_num_images,
-                                              pixel_values_videos, image_sizes_videos)
-        hidden = self.text_model(inputs_embeds, position_ids, attention_mask)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+            cached = past_key_values.get_seq_length() if hasattr(past_key_values, "reserve") else 0
+            check_context(cached + input_ids.shape[1], 0, self.max_context)
+            inputs_embeds, image_features = self._embed_with_features(
+                input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos, image_sizes_videos)
+        hidden, cache, all_hidden = self.run_text_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values=past_key_values, use_cache=use_cache,
+            cache_position=cache_position, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+        hidden = kept_positions(hidden, logits_to_keep)
         logits = self.lm_logits(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+        return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
+                                   hidden_states=all_hidden, image_hidden_states=image_features,
+                                   last_hidden_state=hidden)
+
+    def _refuse_other_vision_settings(self, **settings) -> None:
+        """transformers' forward takes the checkpoint's vision settings per call; vlmkit reads them from the
+        config only, so a different value is an error rather than silently ignored."""
+        config = self.config
+        current = dict(vision_feature_layer=config.vision_feature_layer,
+                       vision_feature_select_strategy=config.vision_feature_select_strategy,
+                       vision_aspect_ratio=config.vision_aspect_ratio)
+        for name, value in settings.items():
+            if value is not None and value != current[name]:
+                raise InputError(f"{name}={value!r} differs from this checkpoint's {current[name]!r}, and vlmkit "
+                                 f"does not change it per call: set it in config.json before loading")
 
 
 def _used_patches(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:

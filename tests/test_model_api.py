@@ -1,0 +1,157 @@
+"""The model API beside generate, against transformers on the three families' tiny checkpoints (fp32):
+forward's transformers options (a hand-written decoding loop on ``past_key_values``, hidden states,
+``return_dict=False``, ``logits_to_keep``, the loss), the output's fields by name and position, and the
+methods transformers code calls on a model."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlmkit.errors import InputError
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.set_verbosity_error()
+
+FAMILIES = ["janus", "llava_onevision", "idefics", "idefics_plain"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only fights other processes for the cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def _janus(request, images):
+    from janus_reference import chat_inputs, ours, reference
+
+    path = str(request.getfixturevalue("janus_dir"))
+    (ref_processor, ref_model), (_, model) = reference(path), ours(path)
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": question}]}]
+                     for image, question in [(images["square"], "What do you see in this image?"),
+                                             (images["wide"], "Describe it.")]]
+    return ref_model, model, chat_inputs(ref_processor, conversations, padding=True)
+
+
+def _llava_onevision(request, images):
+    ref_processor, ref_model = request.getfixturevalue("onevision_reference")
+    _, model = request.getfixturevalue("onevision_vlmkit")
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": question}]}]
+                     for image, question in [(images["tall"], "What is shown in this image?"),
+                                             (images["square"], "And here?")]]
+    return ref_model, model, ref_processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        padding=True, padding_side="left")
+
+
+def _idefics(request, images, fixture="idefics_resampler_dir"):
+    from vlmkit import IdeficsForVisionText2Text
+
+    path = str(request.getfixturevalue(fixture))
+    ref_processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
+    ref_model = transformers.IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [["User:", images["square"], "What is in the image?\nAssistant:"],
+               ["User:", images["wide"], "Describe it.\nAssistant:"]]
+    return ref_model, IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32), ref_processor(text=prompts)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, sample_images):
+    """(reference model, vlmkit model, a left-padded batch of two image prompts) of one family."""
+    make = {"janus": _janus, "llava_onevision": _llava_onevision, "idefics": _idefics,
+            "idefics_plain": lambda r, i: _idefics(r, i, "idefics_plain_dir")}[request.param]
+    ref_model, model, inputs = make(request, sample_images)
+    assert not bool(inputs["attention_mask"][:, 0].all())  # left padding in the batch
+    return SimpleNamespace(name=request.param, ref_model=ref_model, model=model, inputs=dict(inputs))
+
+
+def assert_close(got, want):
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), float((got - want).abs().max())
+
+
+def greedy_loop(model, inputs, steps: int = 4):
+    """The decoding loop of transformers tutorials: forward once, then feed each greedy token back with
+    the returned ``past_key_values`` and the grown attention mask; (tokens, each step's last logits)."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask, tokens, logits = inputs["attention_mask"], [], [out.logits[:, -1]]
+        extra = {}
+        if "image_attention_mask" in inputs:  # IDEFICS: the images again, as transformers' generate passes them
+            name = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
+            extra = {name: out.image_hidden_states, "image_attention_mask": inputs["image_attention_mask"][:, -1:]}
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, **extra)
+            logits.append(out.logits[:, -1])
+    return torch.cat(tokens, dim=1), logits
+
+
+def test_a_hand_written_decoding_loop_on_past_key_values_matches_the_reference(family):
+    want_tokens, want_logits = greedy_loop(family.ref_model, family.inputs)
+    tokens, logits = greedy_loop(family.model, family.inputs)
+    assert tokens.tolist() == want_tokens.tolist()
+    for got, want in zip(logits, want_logits):
+        assert_close(got, want)
+
+
+def test_the_cache_grows_past_what_its_first_call_held(family):
+    with torch.no_grad():
+        out = family.model(**family.inputs)
+        cache = out.past_key_values
+        length = family.inputs["input_ids"].shape[1]
+        assert cache.get_seq_length() == length and cache.max_len == length  # sized for the prompt alone
+        greedy_loop(family.model, family.inputs, steps=3)  # each step grows it (doubling)
+
+
+def test_hidden_states_are_the_references(family):
+    with torch.no_grad():
+        want = family.ref_model(**family.inputs, output_hidden_states=True)
+        got = family.model(**family.inputs, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for have, expected in zip(got.hidden_states, want.hidden_states):
+        assert_close(have, expected)
+    assert_close(got.image_hidden_states, want.image_hidden_states)
+
+
+def test_output_fields_by_name_and_position_and_return_dict_false(family):
+    labels = family.inputs["input_ids"].masked_fill(family.inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        want = family.ref_model(**family.inputs, return_dict=False)
+        got = family.model(**family.inputs, return_dict=False)
+        plain = family.model(**family.inputs, use_cache=False)
+        with_labels = family.model(**family.inputs, labels=labels)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    assert_close(got[0], want[0])
+    assert list(plain) == ["logits", "image_hidden_states"]  # unset fields are neither keys nor positions
+    assert plain.past_key_values is None and plain.loss is None and plain.hidden_states is None
+    assert plain[0] is plain.logits and with_labels[0] is with_labels.loss
+    if family.name != "idefics":  # transformers' IDEFICS loss fails with an additional vocabulary
+        want_loss = family.ref_model(**family.inputs, labels=labels).loss
+        assert torch.allclose(with_labels.loss, want_loss, atol=1e-5)
+
+
+def test_logits_to_keep_and_cache_position_as_the_reference(family):
+    positions = torch.tensor([0, 3, 7])
+    length = family.inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for keep in (1, positions):
+            assert_close(family.model(**family.inputs, logits_to_keep=keep).logits,
+                         family.ref_model(**family.inputs, logits_to_keep=keep).logits)
+        out = family.model(**family.inputs, cache_position=torch.arange(length))
+        with pytest.raises(InputError, match="cache_position"):
+            token = out.logits[:, -1:].argmax(-1)
+            family.model(input_ids=token, past_key_values=out.past_key_values, cache_position=torch.tensor([3]))
+
+
+def test_unsupported_forward_options_are_errors_naming_them(family):
+    with pytest.raises(InputError, match="output_attentions"):
+        family.model(**family.inputs, output_attentions=True)
+    with pytest.raises(InputError, match="past_key_values"):
+        family.model(**family.inputs, past_key_values=((torch.zeros(1),),))

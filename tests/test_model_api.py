@@ -155,3 +155,38 @@ def test_unsupported_forward_options_are_errors_naming_them(family):
         family.model(**family.inputs, output_attentions=True)
     with pytest.raises(InputError, match="past_key_values"):
         family.model(**family.inputs, past_key_values=((torch.zeros(1),),))
+
+
+def test_embedding_accessors_and_inputs_embeds_give_the_references_logits(family):
+    model, ref_model = family.model, family.ref_model
+    assert model.get_input_embeddings() is model.get_decoder().embed_tokens
+    assert model.get_output_embeddings() is model.lm_head
+    assert model.can_generate() and model.main_input_name == ref_model.main_input_name
+    ids = family.inputs["input_ids"][:1, -5:]  # text positions only
+    extra = {}
+    if "image_attention_mask" in family.inputs:  # transformers' IDEFICS needs an image input
+        extra = dict(pixel_values=family.inputs["pixel_values"][:1],
+                     image_attention_mask=torch.zeros(1, 5, family.inputs["pixel_values"].shape[1], dtype=torch.long))
+    with torch.no_grad():
+        want = ref_model(inputs_embeds=ref_model.get_input_embeddings()(ids), **extra).logits
+        got = model(inputs_embeds=model.get_input_embeddings()(ids), **extra).logits
+    assert_close(got, want)
+
+
+def test_num_parameters_counts_as_the_reference(family):
+    # transformers' IDEFICS also holds the vision tower's post-LayerNorm, which only its pooled output reads
+    unused = 2 * family.model.config.vision_config.embed_dim if family.name.startswith("idefics") else 0
+    for options in (dict(), dict(exclude_embeddings=True)):
+        assert family.model.num_parameters(**options) + unused == family.ref_model.num_parameters(**options)
+
+
+def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, onevision_vlmkit):
+    from vlmkit import LlavaOnevisionForConditionalGeneration
+
+    untied = onevision_vlmkit[1]
+    untied.tie_weights()
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+    tied = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_tied_dir, dtype=torch.float32)
+    tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight

@@ -174,6 +174,49 @@ class PretrainedVLM(nn.Module):
         if "lm_head.weight" in missing:
             self.lm_head.weight = self.text_model.embed_tokens.weight
 
+    # --- transformers' PreTrainedModel methods that model code calls -----------------------------
+    main_input_name = "input_ids"
+
+    def can_generate(self) -> bool:
+        return True
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (``inputs_embeds = model.get_input_embeddings()(input_ids)``)."""
+        return self.text_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The LM head."""
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        """The text decoder (``model.model.language_model``; IDEFICS' is ``model.model``)."""
+        return self.text_model
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Share the input embedding as the LM head when the config asks for tied embeddings (as
+        transformers' ``tie_weights``); otherwise nothing changes."""
+        config = self.config
+        if getattr(config, "tie_word_embeddings", False) or getattr(config.text_config, "tie_word_embeddings", False):
+            embedding = self.text_model.embed_tokens
+            self.lm_head.weight = embedding.weight
+            if getattr(self.lm_head, "additional_fc", None) is not None:  # IDEFICS' decoupled vocabulary
+                self.lm_head.additional_fc.weight = embedding.additional_embedding.weight
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """How many parameters the model holds (tied ones once), as transformers' ``num_parameters``;
+        ``exclude_embeddings`` leaves out the weights of embedding layers."""
+        excluded = set()
+        if exclude_embeddings:
+            excluded = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in excluded and (p.requires_grad or not only_trainable))
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

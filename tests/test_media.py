@@ -468,7 +468,7 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_too_many_pixels_is_refused_from_the_header_before_decoding():
     message = error_of(png_claiming(10_000, 10_000), MediaPolicy(max_pixels=1_000_000))
     assert "too many pixels" in message and "10000x10000" in message
-    assert "too many pixels" in error_of(png_claiming(100_000, 100_000))  # past Pillow's own bomb limit too
+    assert "max_pixels=" in error_of(png_claiming(100_000, 100_000))  # past Pillow's own bomb limit too
 
 
 def test_too_many_bytes_for_local_files_and_bytes(tmp_path):

@@ -69,7 +69,7 @@ BAD_CHATS = {
     "too many images": ({"messages": user(*[image_part(data_uri(8, 8, i)) for i in range(3)], "Hi")},
                         400, ["3 images", "at most 2", "--max-images"]),
     "too many pixels": ({"messages": user(image_part(data_uri(60, 60)), "Hi")}, 400,
-                        ["messages[0].content[0]", "too many pixels", "60x60"]),
+                        ["messages[0].content[0]", "too many pixels", "60x60", "--max-image-pixels"]),
     "too many video frames": ({"messages": user(_video(10), "Hi")}, 400, ["10 frames", "--max-video-frames"]),
     "video for a model without video": ({"messages": user(_video(), "Hi")}, 400, ["does not take video"]),
     "prompt plus max_tokens over the context": ({"messages": user("Hi"), "max_tokens": 1000}, 400,

@@ -216,7 +216,8 @@ def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
         image.load()  # decode everything now so truncation surfaces here
         return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as e:
-        raise TooManyPixels(f"image has too many pixels ({e}): {desc}") from e
+        # Pillow refuses pictures of over twice its own cap before reading their size out to us
+        raise TooManyPixels(f"image has too many pixels: over max_pixels={policy.max_pixels} ({e}): {desc}") from e
     except UnidentifiedImageError as e:
         raise MediaError(f"not an image (or an unsupported format): {desc}") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -286,7 +286,7 @@ class RequestHandler:
             if policy is not self.policy:
                 raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "
                                     f"height summed; --max-request-pixels); send fewer or smaller images") from None
-            raise ApiError(400, f"{where}: {err}") from None
+            raise ApiError(400, f"{where}: {err} (this server's limit per image: --max-image-pixels)") from None
         except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
             raise ApiError(400, f"{where}: {err}") from None
         pixels[0] += image.width * image.height

@@ -190,3 +190,16 @@ def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, o
     tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
     tied.tie_weights()
     assert tied.lm_head.weight is tied.get_input_embeddings().weight
+
+
+def test_janus_image_generation_reads_a_transformers_generation_config(janus_dir):
+    from janus_reference import ours, reference
+
+    ref_processor, ref_model = reference(str(janus_dir))
+    _, model = ours(str(janus_dir))
+    inputs = ref_processor(text="A red cat", generation_mode="image", return_tensors="pt")
+    config = transformers.GenerationConfig(do_sample=False, guidance_scale=3.0)
+    expected = ref_model.generate(**inputs, generation_mode="image", generation_config=config)
+    got = model.generate(**inputs, generation_mode="image", generation_config=config)
+    assert got.tolist() == expected.tolist()
+    assert got.tolist() != model.generate(**inputs, generation_mode="image", do_sample=False).tolist()  # CFG 5

@@ -213,6 +213,11 @@ class JanusForConditionalGeneration(PretrainedVLM):
             from .image_generation import generate_image_tokens
             refuse_text_only(kwargs, "image generation (generation_mode='image')")
             self.require_generation_weights()
+            if kwargs.get("generation_config") is not None:
+                from ...generation.options import split_generate_kwargs
+                # a transformers GenerationConfig becomes vlmkit's, over the model's, as text generation reads it
+                kwargs["generation_config"] = split_generate_kwargs(self.generation_config,
+                                                                    kwargs["generation_config"], {})[0]
             return generate_image_tokens(self, input_ids, attention_mask, **kwargs)
         raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
 

@@ -203,3 +203,9 @@ def test_janus_image_generation_reads_a_transformers_generation_config(janus_dir
     got = model.generate(**inputs, generation_mode="image", generation_config=config)
     assert got.tolist() == expected.tolist()
     assert got.tolist() != model.generate(**inputs, generation_mode="image", do_sample=False).tolist()  # CFG 5
+
+
+def test_generate_from_inputs_embeds_is_an_error_naming_it(family):
+    embeds = family.model.get_input_embeddings()(family.inputs["input_ids"])
+    with pytest.raises(InputError, match="inputs_embeds"):
+        family.model.generate(inputs_embeds=embeds, attention_mask=family.inputs["attention_mask"], max_new_tokens=2)

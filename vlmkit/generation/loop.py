@@ -63,6 +63,9 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
     The story: ``prefill`` the prompt (in ``_start``), then each step picks every row's token and feeds it
     back with ``decode_one_token`` (decode.py), which runs the decoder (nn/decoder.py): its layers call
     the attention."""
+    if input_ids is None and kwargs.get("inputs_embeds") is not None:
+        raise InputError("generate(inputs_embeds=...) is not supported: vlmkit's generate starts from token ids; "
+                         "pass the processor's input_ids (with pixel_values for the images) instead")
     request = text_request(model, input_ids, attention_mask, generation_config, streamer, tokenizer, kwargs)
     config, input_ids, attention_mask = request.config, request.input_ids, request.attention_mask
     with _ending(streamer):

@@ -158,6 +158,9 @@ def test_clear_errors_for_bad_image_generation_requests(janus_dir, prompts, samp
     engine = Engine(model, processor, "janus")
     with pytest.raises(InputError, match="empty"):
         engine.imagine("   ")
+    with pytest.raises(InputError, match="context of"):  # the prompt plus the image's tokens must fit
+        long_prompt = processor(text="a red circle " * model.max_context, generation_mode="image")
+        model.generate(**long_prompt, generation_mode="image")
 
 
 def test_imagine_takes_guidance_and_temperature_from_the_checkpoint_unless_given(janus_dir):

@@ -51,6 +51,10 @@ def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.
     if not bool((input_ids[:, -1] == begin_image_id).all()):
         raise InputError("image generation prompts must end with the <begin_of_image> token: prepare them with "
                          "processor(text=prompt, generation_mode='image')")
+    context = getattr(model, "max_context", None)
+    if context is not None and input_ids.shape[1] + model.num_image_tokens > context:
+        raise InputError(f"the prompt ({input_ids.shape[1]} tokens) and the image's {model.num_image_tokens} tokens are "
+                         f"more than the model's context of {context} tokens; shorten the prompt")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     copies = config.num_return_sequences

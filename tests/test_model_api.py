@@ -209,3 +209,15 @@ def test_generate_from_inputs_embeds_is_an_error_naming_it(family):
     embeds = family.model.get_input_embeddings()(family.inputs["input_ids"])
     with pytest.raises(InputError, match="inputs_embeds"):
         family.model.generate(inputs_embeds=embeds, attention_mask=family.inputs["attention_mask"], max_new_tokens=2)
+
+
+def test_a_forward_with_gradients_keeps_its_cache_and_still_backpropagates(family):
+    # eval mode with gradients on: transformers keeps a cache by default and the loss still backpropagates
+    labels = family.inputs["input_ids"].masked_fill(family.inputs["attention_mask"] == 0, -100)
+    out = family.model(**family.inputs, labels=labels)
+    assert out.past_key_values is not None
+    out.loss.backward()
+    assert any(p.grad is not None for p in family.model.parameters())
+    family.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        assert_close(family.model(**family.inputs, labels=labels).loss, out.loss.detach())

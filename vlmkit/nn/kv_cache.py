@@ -58,6 +58,14 @@ class KVCache:
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for ``layer`` at the current fill position; return all filled so far."""
         end = self.length + keys.shape[2]
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            # a forward with gradients that keeps a cache (transformers' default use_cache): the buffers take
+            # detached copies, and attention reads the new keys/values themselves beside the cached ones, so the
+            # next layer's in-place write cannot change what backward needs (no gradient flows into earlier calls)
+            self.keys[layer, :, :, self.length:end] = keys.detach()
+            self.values[layer, :, :, self.length:end] = values.detach()
+            return (torch.cat([self.keys[layer, :, :, :self.length], keys], dim=2),
+                    torch.cat([self.values[layer, :, :, :self.length], values], dim=2))
         self.keys[layer, :, :, self.length:end] = keys
         self.values[layer, :, :, self.length:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

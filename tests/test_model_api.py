@@ -221,3 +221,16 @@ def test_a_forward_with_gradients_keeps_its_cache_and_still_backpropagates(famil
     family.model.zero_grad(set_to_none=True)
     with torch.no_grad():
         assert_close(family.model(**family.inputs, labels=labels).loss, out.loss.detach())
+
+
+def test_config_names_its_family_and_text_settings_as_the_reference(family):
+    config, want = family.model.config, family.ref_model.config
+    assert config.model_type == want.model_type
+    text, want_text = config.get_text_config(), want.get_text_config()
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pad_token_id"):
+        assert getattr(text, key) == getattr(want_text, key), key
+    if family.name.startswith("idefics"):  # transformers' IdeficsConfig is flat: the text keys are its own
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "pad_token_id", "eos_token_id"):
+            assert getattr(config, key) == getattr(want, key), key
+        with pytest.raises(AttributeError):
+            config.no_such_setting

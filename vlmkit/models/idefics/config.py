@@ -4,6 +4,7 @@ The text side's keys sit at the top level of the file (LLaMA's names); the CLIP 
 perceiver resampler have their own sub-dicts."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...configs import dataclass_from_dict
 from ...errors import CheckpointError
@@ -53,6 +54,8 @@ class IdeficsPerceiverConfig:
 class IdeficsConfig:
     """The whole model: LLaMA decoder plus gated cross-attention layers, vision tower, optional resampler."""
 
+    model_type: ClassVar[str] = "idefics"  # transformers' name for the family (config.model_type)
+
     text_config: DecoderConfig
     vision_config: IdeficsVisionConfig
     perceiver_config: IdeficsPerceiverConfig
@@ -69,6 +72,17 @@ class IdeficsConfig:
     freeze_vision_module_exceptions: list = field(default_factory=list)
     tie_word_embeddings: bool = False
     extra: dict = field(default_factory=dict, repr=False)
+
+    def get_text_config(self, decoder: bool = True) -> DecoderConfig:
+        """The language model's config, as transformers' ``get_text_config`` returns it."""
+        return self.text_config
+
+    def __getattr__(self, name: str):
+        # transformers' IdeficsConfig is flat: the LLaMA keys (vocab_size, hidden_size, pad_token_id...) are
+        # its own attributes, so they are read from the text config
+        if name.startswith("__") or name == "text_config":
+            raise AttributeError(name)
+        return getattr(self.text_config, name)
 
     @classmethod
     def from_dict(cls, values: dict) -> "IdeficsConfig":

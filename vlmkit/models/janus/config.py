@@ -1,6 +1,7 @@
 """Janus / Janus-Pro configs from a transformers-layout ``config.json`` (``model_type: janus``)."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...configs import dataclass_from_dict
 from ...errors import CheckpointError
@@ -61,12 +62,18 @@ class JanusVQVAEConfig:
 class JanusConfig:
     """The whole model: LLaMA text side, vision tower, VQ-VAE and the image token id."""
 
+    model_type: ClassVar[str] = "janus"  # transformers' name for the family (config.model_type)
+
     text_config: DecoderConfig
     vision_config: JanusVisionConfig
     vq_config: JanusVQVAEConfig
     image_token_id: int = 100581
     tie_word_embeddings: bool = True  # JanusConfig's default (a head missing from the checkpoint is tied anyway)
     extra: dict = field(default_factory=dict, repr=False)
+
+    def get_text_config(self, decoder: bool = True) -> DecoderConfig:
+        """The language model's config, as transformers' ``get_text_config`` returns it."""
+        return self.text_config
 
     @classmethod
     def from_dict(cls, values: dict) -> "JanusConfig":

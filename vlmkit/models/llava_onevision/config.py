@@ -1,6 +1,7 @@
 """LLaVA-OneVision configs from a llava-hf ``config.json`` (``model_type: llava_onevision``)."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...configs import dataclass_from_dict
 from ...errors import CheckpointError
@@ -41,6 +42,8 @@ class SiglipVisionConfig:
 class LlavaOnevisionConfig:
     """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings."""
 
+    model_type: ClassVar[str] = "llava_onevision"  # transformers' name for the family (config.model_type)
+
     text_config: DecoderConfig
     vision_config: SiglipVisionConfig
     image_token_index: int = 151646
@@ -53,6 +56,10 @@ class LlavaOnevisionConfig:
     tie_word_embeddings: bool = False
     multimodal_projector_bias: bool = True
     extra: dict = field(default_factory=dict, repr=False)
+
+    def get_text_config(self, decoder: bool = True) -> DecoderConfig:
+        """The language model's config, as transformers' ``get_text_config`` returns it."""
+        return self.text_config
 
     @classmethod
     def from_dict(cls, values: dict) -> "LlavaOnevisionConfig":

@@ -349,6 +349,8 @@ def test_unsupported_combinations_are_errors(family):
         generate(num_beams=2, streamer=SimpleNamespace(put=lambda tokens: None, end=lambda: None))
     with pytest.raises(InputError, match="logits_processor"):
         generate(logits_processor=[42])
+    with pytest.raises(InputError, match="max_new_tokens"):  # transformers: "must be greater than 0"
+        family.model.generate(**family.inputs, **family.mode, max_new_tokens=0)
     if family.name == "janus":  # transformers' Janus ignores guidance in text mode
         assert generate(guidance_scale=3.0).tolist() == generate().tolist()
     else:

@@ -124,8 +124,8 @@ class GenerationConfig:
             raise InputError("top_p must be in (0, 1]")
         if self.num_return_sequences < 1:
             raise InputError("num_return_sequences must be >= 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise InputError("max_new_tokens must be >= 0")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (as in transformers), got {self.max_new_tokens}")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -368,7 +368,7 @@ def test_the_binding_loss_needs_the_shapes_world_and_a_real_layer_and_head(tmp_p
         train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_layer": 2}), tmp_path / "b",
               progress=False)
     with pytest.raises(InputError, match="binding_attention_head one of its 2 heads"):
-        train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_head": -1}), tmp_path / "c",
+        train(tiny_recipe(lm={"binding_attention_weight": 1.0, "binding_attention_head": 2}), tmp_path / "c",
               progress=False)
 
 
@@ -408,3 +408,128 @@ def test_a_checkpoint_whose_label_head_has_other_classes_is_refused_clearly(tmp_
     save_training_state(path, saved)
     with pytest.raises(InputError, match="checkpoint's vision_head does not fit this vlmkit's labels"):
         train(None, out, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lm": {"lr": -1}}, "recipe.lm.lr must be above 0, got -1"),
+    ({"vq": {"lr": float("nan")}}, "recipe.vq.lr must be a finite number, got nan"),
+    ({"vq": {"batch_size": 0}}, "recipe.vq.batch_size must be 1 or more, got 0"),
+    ({"lm": {"steps": -3}}, "recipe.lm.steps must be 0 or more, got -3"),
+    ({"lm": {"caption_dropout": 1.5}}, "recipe.lm.caption_dropout must be from 0 to 1"),
+    ({"checkpoint_every": 0}, "recipe.checkpoint_every must be 1 or more"),
+    ({"threads": -2}, "recipe.threads must be 0 or more"),
+    ({"export_dtype": "int3"}, "recipe.export_dtype must be one of float32"),
+    ({"guidance_scale": 500}, "recipe.guidance_scale must be from 0 to 100"),
+    ({"model": {"num_heads": 3}}, r"recipe.model.hidden_size \(64\) must be a multiple of model.num_heads \(3\)"),
+    ({"model": {"vq_channel_multiplier": [1, 2]}}, "the VQ grid .* must match the vision patch grid"),
+    ({"vq": {"crop_size": 12}}, "recipe.vq.crop_size must be a multiple of 8"),
+    ({"lm": {"understanding_batch": 0, "generation_batch": 0}}, "an LM step needs examples"),
+    ({"data": {"source": "jsonl"}}, "'jsonl' needs data.understanding and/or data.generation"),
+    ({"data": {"source": "csv"}}, "recipe.data.source must be 'shapes' or 'jsonl', got 'csv'"),
+])
+def test_recipe_values_no_run_can_use_are_refused_by_name(changes, message):
+    with pytest.raises(InputError, match=message):
+        tiny_recipe(**changes)
+
+
+def test_a_recipe_file_that_cannot_be_read_is_refused_by_name(tmp_path):
+    (tmp_path / "nan.json").write_text('{"lm": {"lr": NaN}}')  # Python's JSON reader takes NaN
+    with pytest.raises(InputError, match="recipe.lm.lr must be a finite number"):
+        Recipe.from_file(tmp_path / "nan.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"init_from": "caf\xe9"}')
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        Recipe.from_file(tmp_path / "latin1.json")
+    with pytest.raises(InputError, match="is a folder"):
+        Recipe.from_file(tmp_path)
+
+
+def test_a_bad_recipe_stops_the_train_command_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "recipe.json").write_text(json.dumps(dict(TINY, vq=dict(TINY["vq"], batch_size=0))))
+    assert main(["train", "--config", str(tmp_path / "recipe.json"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "recipe.vq.batch_size must be 1 or more" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_run_never_writes_into_a_folder_of_the_users_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own config")
+    with pytest.raises(InputError, match="is not empty .*config.json.*choose a new or empty folder"):
+        train(tiny_recipe(), out, progress=False)
+    assert (out / "config.json").read_text() == "my own config" and not (out / "training").exists()
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(InputError, match="is a file"):
+        train(tiny_recipe(), tmp_path / "a_file", progress=False)
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_may_start_again(tmp_path):
+    from vlmkit.train.preflight import check_new_run_folder
+    out = tmp_path / "run"
+    (out / "training").mkdir(parents=True)
+    (out / "training" / "recipe.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    check_new_run_folder(out)  # nothing of the user's, nothing to resume: no error
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(InputError, match="not empty"):
+        check_new_run_folder(out)
+
+
+def test_init_from_must_name_a_janus_checkpoint_before_anything_is_written(tmp_path):
+    with pytest.raises(InputError, match="recipe.init_from: checkpoint folder .*does not exist"):
+        train(tiny_recipe(init_from=str(tmp_path / "missing")), tmp_path / "run", progress=False)
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(InputError, match="is a llava checkpoint; fine-tuning needs a Janus checkpoint"):
+        train(tiny_recipe(init_from=str(llava)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"{not json", r"u.jsonl:2 is not valid JSON"),
+    (b"[1, 2]", r"u.jsonl:2 must be a JSON object with image, conversation, got list"),
+    (b'{"image": "0.png"}', r"u.jsonl:2 lacks conversation"),
+    (b'{"image": 3, "conversation": []}', r"u.jsonl:2: image must be a path"),
+    (b'{"image": "0.png", "conversation": "hi"}', r"u.jsonl:2: conversation must be a non-empty list"),
+    (b'{"image": "0.png", "conversation": [{"role": "assistant", "content": "red"}]}',
+     r"u.jsonl:2: a conversation must start with the user's turn"),
+    (b'{"image": "0.png", "conversation": [{"role": "user", "content": 5}]}',
+     r"u.jsonl:2: conversation messages need a role"),
+    (b'{"image": "nowhere.png", "conversation": [{"role": "user", "content": "q"}, '
+     b'{"role": "assistant", "content": "a"}]}', r"u.jsonl:2: image .*nowhere.png does not exist"),
+    (b'{"image": "u.jsonl", "conversation": [{"role": "user", "content": "q"}, '
+     b'{"role": "assistant", "content": "a"}]}', r"u.jsonl:2: image .*u.jsonl cannot be read"),
+    (b'{"image": "0.png", "caption": "caf\xe9"}', r"u.jsonl:2 is not UTF-8 text"),
+])
+def test_a_bad_jsonl_line_stops_the_run_before_anything_is_written(tmp_path, line, message):
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "0.png")
+    good = {"image": "0.png", "conversation": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "u.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + line + b"\n")
+    recipe = tiny_recipe(data={"source": "jsonl", "understanding": str(tmp_path / "u.jsonl")}, vision={"steps": 0},
+                         lm={"patch_label_weight": 0, "binding_attention_weight": 0, "question_label_weight": 0})
+    with pytest.raises(InputError, match=message):
+        train(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_jsonl_data_path_that_is_empty_or_a_folder_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for path, message in ((tmp_path / "empty.jsonl", "holds no examples"), (tmp_path, "is a folder")):
+        recipe = tiny_recipe(data={"source": "jsonl", "generation": str(path)}, vision={"steps": 0},
+                             lm={"patch_label_weight": 0, "binding_attention_weight": 0, "question_label_weight": 0})
+        with pytest.raises(InputError, match=message):
+            train(recipe, tmp_path / "run", progress=False)
+
+
+def test_resume_refuses_another_recipe_and_a_damaged_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    (out / "training").mkdir(parents=True)
+    (out / "training" / "recipe.json").write_text(json.dumps(tiny_recipe().to_dict()))
+    (out / "training" / "checkpoint.pt").write_bytes(b"half a checkpoint")  # as a full disk leaves it
+    with pytest.raises(InputError, match="--resume continues the run's own recipe"):
+        train(tiny_recipe(lm={"steps": 40}), out, resume=True, progress=False)
+    with pytest.raises(InputError, match="cannot read the training checkpoint .* it is damaged"):
+        train(tiny_recipe(), out, resume=True, progress=False)

@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = _command(commands, "train", help="train or fine-tune a Janus model from a recipe (resumable)")
     train.add_argument("--config", type=existing_file,
                        help="recipe JSON (not needed with --resume: the run's own recipe is used)")
-    train.add_argument("--out", required=True, help="output folder: the checkpoint, plus training/ state and logs")
+    train.add_argument("--out", required=True, help="output folder, new or empty (never overwritten): the checkpoint, "
+                                                    "plus training/ state and logs")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", type=device, default=None, help="auto, cpu, cuda, cuda:N (default: cuda if "

@@ -70,34 +70,81 @@ class JsonlSource:
         return self._image(rng.choice(self.understanding_records + self.generation_records)["image"])
 
 
-def _plain_message(message: dict) -> dict:
-    content = message.get("content")
+def _plain_message(message) -> dict:
+    content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, list):  # content blocks: keep the text, the image is the record's
         content = " ".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    if message.get("role") not in ("user", "assistant") or not isinstance(content, str):
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
+            or not isinstance(content, str):
         raise InputError(f"conversation messages need a role 'user' or 'assistant' and text content, got {message!r}")
     return {"role": message["role"], "content": content}
+
+
+def _check_record(record, keys: tuple[str, ...], where: str) -> None:
+    """One JSONL line's fields, checked as it is read: a bad line found at step 5,000 costs the run."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where} must be a JSON object with {', '.join(keys)}, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise InputError(f"{where} lacks {', '.join(missing)}")
+    if not isinstance(record["image"], str) or not record["image"]:
+        raise InputError(f"{where}: image must be a path (relative to the JSONL file), got {record['image']!r}")
+    if "caption" in keys and not (isinstance(record["caption"], str) and record["caption"].strip()):
+        raise InputError(f"{where}: caption must be non-empty text, got {record['caption']!r}")
+    if "conversation" in keys:
+        conversation = record["conversation"]
+        if not isinstance(conversation, list) or not conversation:
+            raise InputError(f"{where}: conversation must be a non-empty list of messages")
+        try:
+            roles = [_plain_message(m)["role"] for m in conversation]
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+        if roles[0] != "user" or "assistant" not in roles:
+            raise InputError(f"{where}: a conversation must start with the user's turn and hold at least one "
+                             f"assistant answer to learn")
+
+
+def _check_image(path: Path, where: str) -> None:
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} does not exist (paths are relative to the JSONL file)")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # PIL raises a zoo of types (OSError, SyntaxError, struct.error...) for bad files
+        raise InputError(f"{where}: image {path} cannot be read ({err}); fix or remove the line") from None
 
 
 def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
     if not path:
         return []
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"data file {path} is a folder; give the JSONL file")
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number} is not valid JSON: {err}") from None
-        missing = [k for k in keys if k not in record]
-        if missing:
-            raise InputError(f"{path}:{number} lacks {', '.join(missing)}")
-        record["image"] = (path.parent / record["image"]).resolve()
-        records.append(record)
+    records, checked = [], set()
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{where} is not UTF-8 text; save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where} is not valid JSON: {err}") from None
+            _check_record(record, keys, where)
+            record["image"] = (path.parent / record["image"]).resolve()
+            if record["image"] not in checked:
+                _check_image(record["image"], where)
+                checked.add(record["image"])
+            records.append(record)
+    if not records:
+        raise InputError(f"data file {path} holds no examples; add lines like {{{', '.join(f'{k!r}: ...' for k in keys)}}}"
+                         f" or leave it out of the recipe")
     return records
 
 

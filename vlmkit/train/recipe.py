@@ -5,12 +5,16 @@ in a recipe should not silently train something else."""
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError
+from ..generation.config import SEED_RANGE
+from ..generation.image_step import MAX_GUIDANCE_SCALE
+from ..io.checkpoint import DTYPE_NAMES
 
 
 @dataclass
@@ -167,20 +171,114 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Recipe":
+        """The recipe a JSON object describes, its types and values checked (``check``)."""
         nested = {"model": ModelSizes, "data": DataSpec, "vq": VQStage, "vision": VisionStage, "lm": LMStage}
-        return _build(cls, values, nested, "recipe")
+        recipe = _build(cls, values, nested, "recipe")
+        recipe.check()
+        return recipe
 
     @classmethod
     def from_file(cls, path) -> "Recipe":
+        """The recipe in a JSON file (``from_dict``), with an error naming the file when it cannot be read."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputError(f"recipe {path} does not exist") from None
+        except IsADirectoryError:
+            raise InputError(f"recipe {path} is a folder; give the recipe's JSON file") from None
+        except UnicodeDecodeError as err:
+            raise InputError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON") from None
+        except OSError as err:
+            raise InputError(f"cannot read recipe {path}: {err.strerror or err}") from None
+        try:
+            values = json.loads(text)
         except json.JSONDecodeError as err:
             raise InputError(f"recipe {path} is not valid JSON: {err}") from None
+        return cls.from_dict(values)
+
+    def check(self) -> None:
+        """Refuse values no run can use (a zero batch, a negative learning rate, NaN, a VQ grid that does
+        not match the patch grid...) with an error naming the key, before anything is written or trained:
+        otherwise they surface as a traceback minutes in, or train a model of NaNs without a word."""
+        for section, values in (("recipe", self), ("recipe.model", self.model), ("recipe.data", self.data),
+                                ("recipe.vq", self.vq), ("recipe.vision", self.vision), ("recipe.lm", self.lm)):
+            for item in fields(values):
+                _check_value(f"{section}.{item.name}", getattr(values, item.name))
+        if self.export_dtype not in DTYPE_NAMES:
+            raise InputError(f"recipe.export_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.export_dtype!r}")
+        if self.data.source not in ("shapes", "jsonl"):
+            raise InputError(f"recipe.data.source must be 'shapes' or 'jsonl', got {self.data.source!r}")
+        if self.data.source == "jsonl" and not (self.data.understanding or self.data.generation):
+            raise InputError("recipe.data.source 'jsonl' needs data.understanding and/or data.generation: the JSONL "
+                             "files to train on")
+        if self.lm.steps and not (self.lm.understanding_batch or self.lm.generation_batch):
+            raise InputError("recipe.lm.understanding_batch and lm.generation_batch are both 0: an LM step needs "
+                             "examples (or set lm.steps to 0)")
+        if not self.init_from:  # a fine-tuned model keeps its checkpoint's sizes
+            _check_sizes(self.model)
+            factor = 2 ** (len(self.model.vq_channel_multiplier) - 1)
+            if self.vq.crop_size and (self.vq.crop_size % factor or self.vq.crop_size > self.model.image_size):
+                raise InputError(f"recipe.vq.crop_size must be a multiple of {factor} (the VQ's downsampling) and at "
+                                 f"most model.image_size ({self.model.image_size}), got {self.vq.crop_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What each numeric recipe key may hold, by name (a name means the same in every section): at least 0,
+# at least 1, above 0, or a share from 0 to 1. Every number must also be finite (JSON readers take NaN).
+_AT_LEAST_ONE = {"checkpoint_every", "batch_size", "questions_per_image"}
+_ABOVE_ZERO = {"lr"}
+_SHARES = {"two_object_share", "min_lr_ratio", "caption_dropout"}
+
+
+def _check_value(name: str, value) -> None:
+    key = name.rsplit(".", 1)[1]
+    if isinstance(value, list):
+        for item in value:
+            _check_value(name, item)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if key == "seed":
+        low, high = SEED_RANGE
+        if not low <= value <= high:
+            raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    elif key == "guidance_scale":
+        if not 0 <= value <= MAX_GUIDANCE_SCALE:
+            raise InputError(f"{name} must be from 0 to {MAX_GUIDANCE_SCALE:g} (null: the default), got {value}")
+    elif key in _SHARES:
+        if not 0 <= value <= 1:
+            raise InputError(f"{name} must be from 0 to 1, got {value}")
+    elif key in _ABOVE_ZERO:
+        if value <= 0:
+            raise InputError(f"{name} must be above 0, got {value}")
+    elif key in _AT_LEAST_ONE or name.startswith("recipe.model."):
+        if value < 1:
+            raise InputError(f"{name} must be 1 or more, got {value}")
+    elif value < 0:
+        raise InputError(f"{name} must be 0 or more, got {value}")
+
+
+def _check_sizes(sizes: ModelSizes) -> None:
+    """The shapes a fresh model's modules need, checked before a tokenizer is trained or a file written."""
+    divisible = (("hidden_size", "num_heads"), ("num_heads", "num_kv_heads"), ("vision_hidden_size", "vision_heads"),
+                 ("image_size", "patch_size"))
+    for whole, part in divisible:
+        if getattr(sizes, whole) % getattr(sizes, part):
+            raise InputError(f"recipe.model.{whole} ({getattr(sizes, whole)}) must be a multiple of "
+                             f"model.{part} ({getattr(sizes, part)})")
+    if not sizes.vq_channel_multiplier:
+        raise InputError("recipe.model.vq_channel_multiplier is empty; give one multiplier per VQ level, e.g. "
+                         "[1, 1, 2, 2]")
+    side = sizes.image_size // sizes.patch_size
+    latent_side = sizes.image_size / 2 ** (len(sizes.vq_channel_multiplier) - 1)
+    if latent_side != side:
+        raise InputError(f"recipe.model: the VQ grid ({sizes.image_size} / 2^{len(sizes.vq_channel_multiplier) - 1} "
+                         f"= {latent_side:g} a side, from {len(sizes.vq_channel_multiplier)} vq_channel_multiplier "
+                         f"levels) must match the vision patch grid ({side} a side): Janus uses one grid for both")
 
 
 def _build(cls, values: dict, nested: dict, where: str):

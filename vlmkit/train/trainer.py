@@ -20,17 +20,16 @@ import torch
 from ..errors import InputError
 from ..io.checkpoint import read_json
 from ..models.base import resolve_device
-from .checkpoint import export_weights, load_training_state, save_training_state
+from .checkpoint import export_weights, save_training_state
 from .data import jsonl_source
 from .init import janus_config_dict, new_model
+from .preflight import (CHECKPOINT_FILES, check_init_from, check_new_run_folder, load_state,
+                        resumed_recipe)
 from .recipe import Recipe
 from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, random_crops,
                      restart_dead_codes, vq_losses)
 from .tokenizer import token_ids, train_tokenizer, write_processor_files
 
-_CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                     "processor_config.json", "chat_template.jinja", "preprocessor_config.json",
-                     "special_tokens_map.json")
 
 
 class _StopRequest:
@@ -72,7 +71,7 @@ def _write_checkpoint_files(recipe: Recipe, out: Path) -> None:
     if recipe.init_from:
         from ..io.checkpoint import resolve_model_path
         source = resolve_model_path(recipe.init_from)
-        for name in _CHECKPOINT_FILES:
+        for name in CHECKPOINT_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
         return
@@ -105,14 +104,12 @@ def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def _data(recipe: Recipe, model, device):
-    """(the example source, the shapes world's part of the run or None) for the recipe's data section.
-    The vision stage and the LM's label and binding losses need the shapes world's scenes."""
+def _jsonl_data(recipe: Recipe):
+    """The JSONL source of a recipe whose data names files (every line and image checked), or None for the
+    shapes world; read before anything is written or loaded, so a bad line stops the run at once. The
+    vision stage and the LM's label and binding losses need the shapes world's scenes."""
     if recipe.data.source == "shapes":
-        from ..builtin.training import ShapesTraining
-        shapes = ShapesTraining(recipe, model, device)
-        return shapes.source, shapes
-    source = jsonl_source(recipe.data)
+        return None
     shapes_only = (
         (recipe.vision.steps or recipe.lm.patch_label_weight, "the vision stage and lm.patch_label_weight",
          "label every patch from the scene", "vision.steps and lm.patch_label_weight"),
@@ -123,7 +120,17 @@ def _data(recipe: Recipe, model, device):
     for asked, what, why, settings in shapes_only:
         if asked:
             raise InputError(f"{what} need data.source 'shapes' (they {why}); set {settings} to 0 for other data")
-    return source, None
+    return jsonl_source(recipe.data)
+
+
+def _data(recipe: Recipe, model, device, jsonl):
+    """(the example source, the shapes world's part of the run or None): ``jsonl`` (``_jsonl_data``) where
+    the recipe names files, else the shapes world, which draws its scenes with the model's sizes."""
+    if jsonl is not None:
+        return jsonl, None
+    from ..builtin.training import ShapesTraining
+    shapes = ShapesTraining(recipe, model, device)
+    return shapes.source, shapes
 
 
 class Trainer:
@@ -147,16 +154,17 @@ class Trainer:
         self.state = {"stage": "vq", "step": 0, "elapsed": {}}
         saved = None
         if resume:
-            if not self.checkpoint_path.is_file():
-                raise InputError(f"nothing to resume in {self.out}: {self.checkpoint_path} is missing")
-            recipe = Recipe.from_file(self.work / "recipe.json")  # the run's own recipe, not a new one
-            saved = load_training_state(self.checkpoint_path)
+            recipe = resumed_recipe(self.out, self.work / "recipe.json", self.checkpoint_path, recipe)
+            jsonl = _jsonl_data(recipe)
+            saved = load_state(self.checkpoint_path)
         else:
             if recipe is None:
                 raise InputError("a new training run needs a recipe (--config recipe.json)")
-            if self.checkpoint_path.exists() or (self.out / "model.safetensors").exists():
-                raise InputError(f"{self.out} already holds a training run or a model: pass --resume to continue "
-                                 f"it, or choose another --out folder")
+            recipe.check()  # a Recipe built in Python has not been through from_dict's checks
+            if recipe.init_from:
+                check_init_from(recipe.init_from)
+            jsonl = _jsonl_data(recipe)
+            check_new_run_folder(self.out)  # last: it creates the folder
             self.work.mkdir(parents=True, exist_ok=True)
             (self.work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
             _prepare_folder(recipe, self.out)
@@ -169,7 +177,7 @@ class Trainer:
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None
         # the shapes world's stages and losses (builtin.training) plug in when it is the data
-        self.source, self.shapes = _data(recipe, self.model, self.device)
+        self.source, self.shapes = _data(recipe, self.model, self.device, jsonl)
         self.heads = self.shapes.heads if self.shapes is not None else {}
         if saved is not None:
             self.model.load_state_dict(saved["model"])

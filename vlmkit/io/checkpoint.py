@@ -108,14 +108,26 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[
 def _load_bin(file: Path) -> dict:
     # weights_only=True uses torch's restricted unpickler: tensors and plain containers only, no code.
     try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)  # old non-zip format
-    except Exception as err:
-        raise CheckpointError(f"cannot load {file} with torch's safe weights-only loader: {err}") from None
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)  # old non-zip format
+    except Exception as err:  # refused pickles, corrupt or truncated files: torch raises many types
+        raise CheckpointError(f"cannot load {file} with torch's safe weights-only loader ({_load_failure(err)}); "
+                              f"vlmkit never unpickles code or objects other than tensors: use a checkpoint "
+                              f"that holds only tensors, or its safetensors files") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} does not hold a dict of tensors")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """The line of torch's long weights-only message that says what was refused (a global it blocks)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith(("Unsupported", "WeightsUnpickler error: Unsupported")):
+            return line
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def resolve_dtype(dtype, config: dict, files: list[Path] | None = None) -> torch.dtype:

@@ -9,6 +9,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "vlmkit"
 
 
@@ -120,3 +122,50 @@ def test_the_share_of_the_bound_takes_each_rounds_own_bandwidth():
     from vlmkit.bench.measure import pct_of_bound
     # 1 GB a step: at 10 GB/s a 0.1 s step is at the bound (100%), at 20 GB/s it is at half (50%)
     assert pct_of_bound(10**9, [10.0, 20.0], [0.1, 0.1]) == 75.0
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "argument --repeats: must be 1 or more, got 0"),
+    (["--threads", "-1"], "argument --threads: must be 1 or more"),
+    (["--decode-tokens", "ten"], "argument --decode-tokens: 'ten' is not a whole number"),
+    (["--steps", "0"], "argument --steps: must be 1 or more"),
+    (["--vq-grid", "-2"], "argument --vq-grid: must be 0 or more"),
+    (["--first-token-repeats", "-1"], "argument --first-token-repeats: must be 1 or more"),
+    (["--quantize", "int3"], "argument --quantize: 'int3': use int8, int4, bnb, bnb8 or all"),
+    (["--images-at-once", "4,0"], "argument --images-at-once: must be 1 or more, got 0"),
+])
+def test_bench_refuses_bad_values_before_it_measures(argv, message, capsys):
+    from vlmkit.bench.run import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", "tiny", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_refuses_outputs_it_could_not_write_before_it_measures(tmp_path, capsys):
+    from vlmkit.bench.run import main
+    (tmp_path / "a_file").write_text("keep")
+    for argv, message in ((["--cache-dir", str(tmp_path / "a_file")], "is a file; give a folder"),
+                          (["--cache-dir", str(tmp_path / "a_file" / "sub")], "cannot be created or written"),
+                          (["--json", str(tmp_path / "missing" / "r.json")], "does not exist; create it"),
+                          (["--json", str(tmp_path)], "is a folder; give a file name")):
+        with pytest.raises(SystemExit):
+            main(["--size", "tiny", *argv])
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_bench_names_the_extra_a_figure_needs_when_it_is_missing(monkeypatch):
+    import argparse
+    import importlib.util
+
+    from vlmkit.bench import options, run
+    installed = importlib.util.find_spec
+    monkeypatch.setattr(options.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "llguidance") else installed(name, *a))
+    asked = argparse.Namespace(quantize="int8,bnb", constrained=False)
+    assert run._missing_extra(asked) == \
+        "vlmkit bench: --quantize bnb, bnb8 or all needs bitsandbytes: pip install 'vlmkit[bnb]'"
+    assert run._missing_extra(argparse.Namespace(quantize="int8", constrained=True)) == \
+        "vlmkit bench: --constrained needs llguidance: pip install 'vlmkit[serve]'"
+    assert run._missing_extra(argparse.Namespace(quantize="int4", constrained=False)) is None

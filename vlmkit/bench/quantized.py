@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import non_negative_int, positive_int
 from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .llama_cpp import VARIANTS as LLAMA_CPP_VARIANTS
 from .llama_cpp import llama_cpp_rows
+from .options import cache_folder, json_output, quantize_variants
 from .report import cpu_line
 
 # variant name -> (engine, quantization): None, "int8"/"int4" (vlmkit's own) or "bnb4"/"bnb8" (bitsandbytes)
@@ -212,17 +214,18 @@ def alternating_child(args) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vlmkit.bench.quantized", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "real"], default="real")
-    parser.add_argument("--quantize", help="variants beside the bf16 baselines: int8, int4, bnb, bnb8, all "
-                                           "(comma-separated; default int8,int4)")
+    parser.add_argument("--quantize", type=quantize_variants,
+                        help="variants beside the bf16 baselines: int8, int4, bnb, bnb8, all (comma-separated; "
+                             "default int8,int4)")
     parser.add_argument("--variants", help="exactly these variants, comma-separated ("
                                            + ", ".join(ALL_VARIANTS) + ")")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--image-steps", type=int, default=24, help="image-token steps timed per variant (Janus "
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--decode-tokens", type=positive_int, default=16)
+    parser.add_argument("--image-steps", type=non_negative_int, default=24, help="image-token steps timed per variant (Janus "
                         "text-to-image, CFG; 0: none)")
-    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"))
-    parser.add_argument("--json", help="also write the settings (CPU included) and the rows to this JSON file")
+    parser.add_argument("--cache-dir", type=cache_folder, default=os.path.expanduser("~/.cache/vlmkit-bench"))
+    parser.add_argument("--json", type=json_output, help="also write the settings (CPU included) and the rows to this JSON file")
     add_llama_cpp_arguments(parser)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--alternate", help=argparse.SUPPRESS)  # vlmkit variants, comma-separated

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import positive_int
+from ..cli_args import non_negative_int, positive_int
 from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .checkpoints import checkpoint
 from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
 from .measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, pct_of_bound, peak_rss_in_child,
                       peak_rss_mb, timed)
+from .options import cache_folder, json_output, missing_extra, quantize_variants
 from .quantized import add_llama_cpp_arguments
 from .report import metric, print_table
 
@@ -189,23 +190,23 @@ def parse_args(argv=None):
     parser.add_argument("--family", action="append", choices=list(FAMILIES),
                         help="family to run (repeatable; default: every one vlmkit has)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per engine and figure (medians)")
-    parser.add_argument("--first-token-repeats", type=int, help="rounds of the first-token figures (default: "
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per engine and figure (medians)")
+    parser.add_argument("--first-token-repeats", type=positive_int, help="rounds of the first-token figures (default: "
                         "--repeats; transformers' bf16 prefill of an image prompt takes minutes on some CPUs)")
-    parser.add_argument("--quantize", help="also time decode with quantized weights on the Janus checkpoint: "
+    parser.add_argument("--quantize", type=quantize_variants, help="also time decode with quantized weights on the Janus checkpoint: "
                         "int8, int4, bnb, bnb8 or all (comma-separated), beside transformers and vlmkit in bf16")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per generate call")
-    parser.add_argument("--steps", type=int, default=576, help="image-token steps run per text-to-image: the "
+    parser.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed per generate call")
+    parser.add_argument("--steps", type=positive_int, default=576, help="image-token steps run per text-to-image: the "
                         "prompt's prefill once, then the rest of the image's tokens at the mean step time of these "
                         "(576 = all, measured whole)")
-    parser.add_argument("--vq-grid", type=int, default=4,
+    parser.add_argument("--vq-grid", type=non_negative_int, default=4,
                         help="VQ-decode an NxN square of image tokens and scale by pixel count (0 = the whole "
                              "image; transformers' bf16 convolutions need about 10 minutes for a whole image on "
                              "AVX2); vlmkit's whole-image decode is measured as well")
-    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vlmkit-bench"),
+    parser.add_argument("--cache-dir", type=cache_folder, default=os.path.expanduser("~/.cache/vlmkit-bench"),
                         help="where the random-weight checkpoints are built and kept")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--json", type=json_output, help="also write every figure to this JSON file")
     add_llama_cpp_arguments(parser)  # llama.cpp's rows in the --quantize table
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--skip-image-generation", action="store_true", help="skip Janus text-to-image")
@@ -234,6 +235,10 @@ def main(argv=None) -> int:
     missing = [n for n in names if n not in available_families()]
     if missing:
         print(f"vlmkit bench: vlmkit has no {', '.join(missing)} yet", file=sys.stderr)
+        return 2
+    extra = _missing_extra(args)
+    if extra:
+        print(extra, file=sys.stderr)
         return 2
 
     started = time.perf_counter()
@@ -268,6 +273,15 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _missing_extra(args) -> str | None:
+    """What an asked-for figure needs that is not installed (checked before the first measurement)."""
+    from .quantized import VARIANTS, variants_for
+    bnb = args.quantize and any(VARIANTS.get(name, ("", None))[1] in ("bnb4", "bnb8")
+                                for name in variants_for(args.quantize))
+    return (bnb and missing_extra(["bitsandbytes", "accelerate"], "--quantize bnb, bnb8 or all")) \
+        or (args.constrained and missing_extra(["llguidance"], "--constrained")) or None
 
 
 def settings(args) -> dict:

@@ -3,9 +3,10 @@
 import torch
 
 
-class _GenerateOutput(dict):
+class FieldsOutput(dict):
     """Fields readable as attributes, keys, or by position among the fields that are set (as
-    transformers' ``ModelOutput``); a field that was not asked for is None and not a key."""
+    transformers' ``ModelOutput``); a field that was not asked for is None and not a key. Subclasses
+    name their fields, in transformers' order, in ``FIELDS``."""
 
     FIELDS: tuple[str, ...] = ()
 
@@ -26,10 +27,11 @@ class _GenerateOutput(dict):
         return super().__getitem__(key)
 
     def to_tuple(self) -> tuple:
+        """The set fields in transformers' order (what ``return_dict=False`` returns)."""
         return tuple(self.values())
 
 
-class GenerateDecoderOnlyOutput(_GenerateOutput):
+class GenerateDecoderOnlyOutput(FieldsOutput):
     """``sequences`` [batch, T]; ``scores``: one [batch, vocab] tensor of processed scores per step
     (``output_scores``); ``logits``: the raw logits per step (``output_logits``)."""
 
@@ -37,7 +39,7 @@ class GenerateDecoderOnlyOutput(_GenerateOutput):
     sequences: torch.Tensor
 
 
-class GenerateBeamDecoderOnlyOutput(_GenerateOutput):
+class GenerateBeamDecoderOnlyOutput(FieldsOutput):
     """Beam search's: ``sequences`` [batch * num_return_sequences, T]; ``sequences_scores`` (with
     ``output_scores``): each returned beam's length-penalised log-probability; ``scores``: the processed
     log-probabilities per step [batch * num_beams, vocab]; ``logits``: the raw logits per step;

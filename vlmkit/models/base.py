@@ -11,41 +11,23 @@ from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.decode import decode_one_token, prefill
 from ..generation.loop import generate
-from ..generation.outputs import transition_scores
+from ..generation.outputs import FieldsOutput, transition_scores
 from ..generation.prompt_cache import PromptCache
 from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
 
 
-class ModelOutput(dict):
-    """Forward results as transformers' causal-LM outputs: fields readable as attributes, keys, or by position
-    among the fields that are set (``out[0]`` is the loss when labels were given, else the logits); a field
-    that is not set reads None and is not a key. ``last_hidden_state`` (the decoder's normed output) is
-    vlmkit's own, an attribute only, so the keys and positions stay transformers'."""
+class ModelOutput(FieldsOutput):
+    """Forward results as transformers' causal-LM outputs (``out[0]`` is the loss when labels were given,
+    else the logits). ``last_hidden_state`` (the decoder's normed output) is vlmkit's own, an attribute
+    only, so the keys and positions stay transformers'."""
 
     FIELDS = ("loss", "logits", "past_key_values", "hidden_states", "attentions", "image_hidden_states")
 
     def __init__(self, last_hidden_state: torch.Tensor | None = None, **values):
-        unknown = set(values) - set(self.FIELDS)
-        if unknown:
-            raise TypeError(f"ModelOutput has no field(s) {sorted(unknown)}")
-        super().__init__((name, values[name]) for name in self.FIELDS if values.get(name) is not None)
+        super().__init__(**values)
         self.__dict__["last_hidden_state"] = last_hidden_state
-
-    def __getattr__(self, name):
-        if name in self.FIELDS:
-            return self.get(name)
-        raise AttributeError(name)
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, slice)):
-            return self.to_tuple()[key]
-        return super().__getitem__(key)
-
-    def to_tuple(self) -> tuple:
-        """The set fields in transformers' order (what ``return_dict=False`` returns)."""
-        return tuple(self.values())
 
 
 def kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:

@@ -27,9 +27,11 @@ TEXT_OPTIONS_NOT_IMPLEMENTED = frozenset({"text_pair", "text_target", "text_pair
 # options every family's image processor implements (fields of its settings dataclass, ``size`` parsed)
 IMAGE_OPTIONS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
                            "image_mean", "image_std", "do_pad"})
-# accepted with the values that change nothing here (pixels are made on the CPU, in RGB, channels first)
-IMAGE_OPTIONS_NEUTRAL = {"do_convert_rgb": (True, None), "device": None, "data_format": ("channels_first", None),
-                         "disable_grouping": None, "input_data_format": (None,), "do_center_crop": (False, None),
+# accepted with the values that change nothing here: pixels are made on the CPU, in RGB (vlmkit converts every
+# picture, as do_convert_rgb does), channels first, from arrays whose channel axis vlmkit reads as transformers
+# infers it; None: any value
+IMAGE_OPTIONS_NEUTRAL = {"do_convert_rgb": None, "device": None, "data_format": ("channels_first", None),
+                         "disable_grouping": None, "input_data_format": None, "do_center_crop": (False, None),
                          "crop_size": (None,), "pad_size": (None,), "default_to_square": None}
 VIDEO_SAMPLING_OPTIONS = frozenset({"do_sample_frames", "num_frames", "fps"})
 RETURN_TYPES = ("pt", "np", None)

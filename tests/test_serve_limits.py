@@ -114,6 +114,15 @@ def test_body_over_the_size_limit_is_413_and_the_server_goes_on(server):
     assert_still_serving(server)
 
 
+def test_headers_over_the_size_limit_are_400_whether_they_arrive_whole_or_in_pieces(server):
+    # 70 KiB of headers in one piece passed h11's limit, which only counts headers still arriving
+    headers = {"Authorization": f"Bearer {API_KEY}", "x-big": "a" * 70_000}
+    assert_refused(httpx.get(server.url + "/health", headers=headers), 400, "limit of 65536 bytes",
+                   "--max-header-bytes")
+    assert httpx.get(server.url + "/health", headers={"x-small": "a" * 60_000}).status_code == 200
+    assert_still_serving(server)
+
+
 def test_invalid_json_is_400_and_the_server_goes_on(server):
     response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
                           headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})

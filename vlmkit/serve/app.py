@@ -22,7 +22,7 @@ from .. import __version__
 from . import openapi
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
-from .http import listening_socket, uvicorn_config
+from .http import HeaderLimit, listening_socket, uvicorn_config
 from .image_stream import image_sse
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import RequestCounter, ServerMetrics
@@ -106,7 +106,8 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
     app.state.vlmkit = state
     openapi.install(app)
 
-    app.add_middleware(RequestCounter, metrics=state.metrics)
+    app.add_middleware(HeaderLimit, limit=config.max_header_bytes)
+    app.add_middleware(RequestCounter, metrics=state.metrics)  # outermost: it counts HeaderLimit's 400s too
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):

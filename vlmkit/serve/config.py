@@ -93,7 +93,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-video-frames", type=positive_int, default=limits.max_video_frames,
                        help="frames sampled from one video")
     group.add_argument("--video-frames", type=positive_int, default=limits.video_frames,
-                       help="frames sampled from a video by default")
+                       help="frames sampled from a video whose request names no number")
     group.add_argument("--max-body-bytes", type=positive_int, default=limits.max_body_bytes, help="request body size")
     group.add_argument("--max-n", type=positive_int, default=limits.max_n, help="choices (or images) per request")
     group.add_argument("--default-max-tokens", type=positive_int, default=limits.default_max_tokens,

@@ -62,6 +62,30 @@ class SlowClientProtocol(H11Protocol):
             self.transport.close()
 
 
+class HeaderLimit:
+    """ASGI middleware that answers 400 to a request whose headers hold more than ``limit`` bytes. h11's
+    own cap (``max_incomplete_event_size``) only applies while headers are still arriving, so headers that
+    come in one piece, or in pieces under the cap each, reach the app whatever their size."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            # each header line as sent: name, ": ", value, CRLF
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.limit:
+                from fastapi.responses import JSONResponse
+
+                from .requests import ApiError
+
+                error = ApiError(400, f"the request's headers are {size} bytes, more than this server's limit of "
+                                      f"{self.limit} bytes (--max-header-bytes)")
+                await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def uvicorn_config(app, config, **options):
     """The ``uvicorn.Config`` for ``app`` under a ``ServeConfig``: its address, slow-client limits and
     graceful shutdown (``options`` go to uvicorn as they are)."""

@@ -123,3 +123,16 @@ def test_a_temperature_too_small_to_divide_by_answers_greedily():
     tiny = run_chat("What is in this image?", "--image", PICTURE, "--max-new-tokens", "6", "--temperature", "1e-320")
     assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr
     assert tiny.stdout == greedy.stdout
+
+
+def test_a_question_too_long_for_the_context_is_refused_and_the_conversation_is_kept():
+    # the refused question must not push the earlier turns (and their picture) out of the conversation:
+    # the next question is answered as if the long one had never been typed
+    session = f"/image {PICTURE}\nWhat is in this image?\nWhat colour is the shape?\n"
+    long_line = "word " * 2000 + "\n"  # ~8000 tokens, far past the built-in model's 1024
+    with_long = run_chat("-i", "--max-new-tokens", "12", stdin=session.replace("\nWhat colour", f"\n{long_line}What colour"))
+    plain = run_chat("-i", "--max-new-tokens", "12", stdin=session)
+    assert with_long.returncode == 0, with_long.stderr
+    assert "error: the prompt is 8007 tokens long, longer than the model's context of 1024 tokens" in with_long.stderr
+    assert "dropped" not in with_long.stderr and "without --image" not in with_long.stderr
+    assert answers(with_long.stdout) == answers(plain.stdout) == ["a blue triangle on the right", "blue"]

@@ -124,23 +124,26 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
             else:
                 print(f"error: unknown command {command}; /help lists the commands", file=sys.stderr)
             continue
-        messages.append(user_message(line, pending_images, pending_videos))
+        # the question goes to a copy of the conversation: one that is refused (too long, a bad picture)
+        # leaves the conversation as it was, its oldest turns included
+        conversation = messages + [user_message(line, pending_images, pending_videos)]
         # attached to this question only, answered or not (a bad picture is not re-sent)
         pending_images, pending_videos = [], []
-        if session.warn_without_image and not warned and not has_image(messages):
+        if session.warn_without_image and not warned and not has_image(conversation):
             warn_no_image(model_name)
             warned = True
         try:
-            dropped = fit_history(messages, session.prompt_tokens, session.room())
-            if dropped:
+            room = session.room()
+            dropped = fit_history(conversation, session.prompt_tokens, room)
+            # a question too long on its own is refused below; the turns it pushed out are kept
+            if dropped and (len(conversation) > 1 or session.prompt_tokens(conversation) <= room):
                 print(f"(dropped the oldest {dropped} turn(s) to fit the model's context of "
                       f"{session.engine.model.max_context} tokens)", file=sys.stderr)
-            result = session.answer(messages)
+            result = session.answer(conversation)
         except VlmkitError as err:
             print(f"error: {err}", file=sys.stderr)
-            messages.pop()
             continue
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
+        messages[:] = conversation + [{"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
 
 
 def run_chat(engine, args, model_name: str, needs_image: bool) -> int:

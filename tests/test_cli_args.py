@@ -49,6 +49,7 @@ def usage_error(capsys, *argv) -> str:
     (["chat", "--image", "/no/such/picture.png", "hi"], "argument --image: no such file: /no/such/picture.png"),
     (["chat", "--video", "/no/such/clip.mp4", "hi"], "argument --video: no such file: /no/such/clip.mp4"),
     (["chat"], "give a question, or -i for an interactive session"),
+    (["chat", "   "], "give a question, or -i for an interactive session"),
     (["imagine", "a red circle", "--batch-size", "-2"], "argument --batch-size: must be 1 or more, got -2"),
     (["imagine", "a red circle", "-n", "0"], "argument -n: must be 1 or more, got 0"),
     (["imagine", "a red circle", "-n", "-3"], "argument -n: must be 1 or more, got -3"),

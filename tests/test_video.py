@@ -64,6 +64,8 @@ def test_sample_indices_formula():
     assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
     assert sample_indices(30, fps=2, video_fps=10).tolist() == [0, 5, 10, 15, 20, 25]
     assert sample_indices(3, fps=0.1, video_fps=30).tolist() == [0]  # at least one frame
+    with pytest.raises(MediaError, match="has only 5; ask for 5 or fewer"):
+        sample_indices(5, 8)
 
 
 def test_sample_indices_match_transformers():

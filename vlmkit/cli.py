@@ -58,6 +58,8 @@ def _takes_video(model: str) -> tuple[str, bool]:
 
 def cmd_chat(args) -> int:
     from .cli_chat import run_chat, warn_no_image
+    if args.prompt is not None and not args.prompt.strip():
+        args.prompt = None  # only spaces: no question (as a blank line in -i)
     if not args.prompt and not args.interactive:
         args.parser.error("give a question, or -i for an interactive session")
     model = args.model or _default_model()

@@ -35,7 +35,8 @@ def sample_indices(
     if num_frames is None:
         return np.arange(total_frames, dtype=int)
     if num_frames > total_frames:
-        raise MediaError(f"{num_frames} frames requested but the video has only {total_frames}")
+        raise MediaError(f"{num_frames} frames requested but the video has only {total_frames}; ask for "
+                         f"{total_frames} or fewer (--frames, num_frames)")
     return np.arange(num_frames, dtype=int) * total_frames // num_frames
 
 

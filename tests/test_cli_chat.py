@@ -136,3 +136,29 @@ def test_a_question_too_long_for_the_context_is_refused_and_the_conversation_is_
     assert "error: the prompt is 8007 tokens long, longer than the model's context of 1024 tokens" in with_long.stderr
     assert "dropped" not in with_long.stderr and "without --image" not in with_long.stderr
     assert answers(with_long.stdout) == answers(plain.stdout) == ["a blue triangle on the right", "blue"]
+
+
+def test_ctrl_c_during_an_answer_stops_that_answer_and_the_session_goes_on(monkeypatch, capsys):
+    from vlmkit.cli_chat import run_interactive
+
+    class Session:  # the first answer is interrupted (Ctrl-C), the second completes
+        warn_without_image = False
+        asked = []
+
+        def answer(self, messages):
+            self.asked.append([dict(m) for m in messages])
+            if len(self.asked) == 1:
+                raise KeyboardInterrupt
+            return type("Result", (), {"text": "ok"})()
+
+        def prompt_tokens(self, messages):
+            return 1
+
+        def room(self):
+            return 100
+
+    lines = iter(["A long question", "Another one", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert run_interactive(Session(), [], [], [], "m") == 0
+    assert "answer stopped" in capsys.readouterr().err
+    assert len(Session.asked[1]) == 1  # the stopped question was not kept in the conversation

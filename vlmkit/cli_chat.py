@@ -143,6 +143,9 @@ def run_interactive(session: ChatSession, messages: list[dict], pending_images: 
         except VlmkitError as err:
             print(f"error: {err}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt ends it)
+            print("\n(answer stopped; the question is not kept)", file=sys.stderr)
+            continue
         messages[:] = conversation + [{"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
 
 

@@ -157,8 +157,10 @@ def as_return_type(features: dict, return_tensors: str | None) -> dict:
 
 def _rows_as_array(key: str, rows: list, return_tensors: str):
     lengths = {len(row) for row in rows if isinstance(row, (list, tuple))}
-    if len(lengths) > 1 and return_tensors == "np":  # numpy holds ragged rows as one array per row
-        return [np.asarray(row, dtype=np.int64) for row in rows]
+    if len(lengths) > 1 and return_tensors == "np":  # ragged rows: an object array of rows, as transformers'
+        ragged = np.empty(len(rows), dtype=object)
+        ragged[:] = [np.asarray(row, dtype=np.int64) for row in rows]
+        return ragged
     if len(lengths) > 1:
         raise InputError(f"the prompts' {key} have different lengths ({min(lengths)}-{max(lengths)} tokens), so "
                          f"they cannot form one tensor: pass padding=True (or padding='max_length' with a "

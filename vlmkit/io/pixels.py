@@ -51,6 +51,18 @@ def rescale_for(image, do_rescale: bool, rescale_factor: float) -> float | None:
     return 1 / 255 if image.info.get(FROM_FLOAT) else None
 
 
+def stack_same_shapes(pictures: list) -> np.ndarray:
+    """One array of equally shaped pictures (numpy arrays or tensors); pictures of different sizes, which
+    only ``do_resize=False`` leaves, are an error that says so."""
+    from ..errors import InputError
+
+    shapes = {tuple(p.shape) for p in pictures}
+    if len(shapes) > 1:
+        raise InputError(f"the images came out in different sizes ({', '.join(str(s) for s in sorted(shapes))}), so "
+                         f"they cannot form one batch: leave do_resize on (and do_pad), or pass one image per call")
+    return np.stack([np.asarray(p) for p in pictures])
+
+
 def mean_colour(mean) -> tuple[int, ...]:
     """The padding colour of a normalisation mean: ``int(m * 255)`` per channel (the reference
     truncates, so 0.5 gives 127)."""

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_for, square_side, normalized_planes
+from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, normalized_planes, rescale_for, square_side,
+                          stack_same_shapes)
 from ...processor_options import call_with_options, with_image_options
 
 IDEFICS_STANDARD_MEAN, IDEFICS_STANDARD_STD = CLIP_MEAN, CLIP_STD  # transformers' names for them
@@ -63,7 +64,7 @@ class IdeficsImageProcessor:
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         if transform is not None:
             return torch.stack([transform(load_image(image)) for image in images])
-        return torch.stack([self.preprocess_one(image) for image in images])
+        return torch.from_numpy(stack_same_shapes([self.preprocess_one(image) for image in images]))
 
     preprocess = __call__
 

@@ -12,9 +12,10 @@ from PIL import Image
 from ...errors import InputError
 from ...io.chat_template import find_chat_template
 from ...io.checkpoint import resolve_model_path
+from ...io.pixels import stack_same_shapes
 from ...io.tokenizer import Tokenizer
 from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
-from ...processor_options import sort_call_options
+from ...processor_options import as_return_type, sort_call_options
 from .image_processing import IdeficsImageProcessor
 
 IMAGE_TOKEN = "<image>"
@@ -84,15 +85,12 @@ class IdeficsProcessor(ProcessorBase):
         ``add_eos_token``, ``transform`` (a callable replacing the image preprocessing), and
         transformers' tokenizer and image options (``padding``, default "longest"; ``truncation``,
         ``max_length``, ``image_size``, ``do_rescale``..., flat or as ``text_kwargs``/``images_kwargs``).
-        Returns torch tensors: ``input_ids``, ``attention_mask``, ``pixel_values`` [batch, max images,
-        3, H, W] and ``image_attention_mask``."""
+        Returns ``input_ids``, ``attention_mask``, ``pixel_values`` [batch, max images, 3, H, W] and
+        ``image_attention_mask``, as torch tensors unless ``return_tensors`` asks for "np" or None (lists)."""
         options = sort_call_options(kwargs, family_text=_TEXT_OPTIONS, family_images=_IMAGE_OPTIONS)
-        if options.return_tensors not in ("pt", None):
-            raise InputError(f"IdeficsProcessor returns torch tensors only (return_tensors='pt'), "
-                             f"not {options.return_tensors!r}")
         prompts = _prompts_from_arguments(images, text)
         samples = [[_classify(item, row, col) for col, item in enumerate(prompt)] for row, prompt in enumerate(prompts)]
-        return self._encode(samples, options.text, options.images)
+        return as_return_type(self._encode(samples, options.text, options.images), options.return_tensors)
 
     def _prompt_text(self, items: list[tuple[str, object]], add_end_of_utterance_token: bool,
                      add_eos_token: bool) -> str:
@@ -126,7 +124,7 @@ class IdeficsProcessor(ProcessorBase):
         sample_images = [[value for kind, value in items if kind == "image"] for items in samples]
         pixels = [image_processor(images, transform=transform) if images else None for images in sample_images]
         encoded = self.tokenizer(texts, **text_options)
-        rows, masks = encoded["input_ids"], encoded["attention_mask"]
+        rows, masks = encoded["input_ids"], encoded.get("attention_mask")  # None: return_attention_mask=False
         if len({len(r) for r in rows}) > 1:
             raise InputError("the prompts have different lengths: pass padding='longest' (the default) or "
                              "padding='max_length' with a max_length at least as long as the longest prompt (or "
@@ -146,8 +144,11 @@ class IdeficsProcessor(ProcessorBase):
             mask = image_attention_mask(input_ids, self.image_token_id, self.tokenizer.eos_token_id, max_images)
         else:  # text only: no position sees an image
             mask = torch.zeros(*input_ids.shape, 1, dtype=torch.bool)
-        return BatchFeature(input_ids=input_ids, attention_mask=torch.tensor(masks, dtype=torch.long),
-                            pixel_values=torch.stack(padded), image_attention_mask=mask)
+        features = BatchFeature(input_ids=input_ids)
+        if masks is not None:
+            features["attention_mask"] = torch.tensor(masks, dtype=torch.long)
+        features.update(pixel_values=torch.from_numpy(stack_same_shapes(padded)), image_attention_mask=mask)
+        return features
 
     # --- chat ----------------------------------------------------------------------------------
     chat_content_as_blocks = False  # IDEFICS's template reads plain-string contents as they are

@@ -9,7 +9,8 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.media import flat_image_list, load_image
-from ...io.pixels import CLIP_MEAN, CLIP_STD, known_settings, rescale_for, square_side, mean_colour, pad_to_square, normalized_planes
+from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, mean_colour, normalized_planes, pad_to_square,
+                          rescale_for, square_side, stack_same_shapes)
 from ...processor_options import call_with_options, with_image_options
 
 
@@ -80,7 +81,7 @@ class JanusImageProcessor:
         if options:
             return call_with_options(self, images, options)
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
-        return {"pixel_values": torch.stack([self.preprocess_one(i) for i in images])}
+        return {"pixel_values": torch.from_numpy(stack_same_shapes([self.preprocess_one(i) for i in images]))}
 
     preprocess = __call__
 

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ...errors import InputError
 from ...io.media import load_image
 from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, mean_colour, normalized_planes, pad_to_square,
-                          rescale_for, square_side)
+                          rescale_for, square_side, stack_same_shapes)
 from ...processor_options import call_with_options, with_image_options
 from . import anyres
 from .config import DEFAULT_GRID_PINPOINTS
@@ -37,6 +37,12 @@ class LlavaOnevisionImageProcessor:
     do_rescale: bool = True
     do_normalize: bool = True
     do_pad: bool = True
+    background_color: tuple[int, ...] | None = None  # multi-image padding: the configured mean's colour
+
+    def __post_init__(self):
+        # fixed when the processor is made, as in transformers: a call's own image_mean does not change it
+        if self.background_color is None:
+            self.background_color = mean_colour(self.image_mean)
 
     @classmethod
     def from_config(cls, config: dict) -> "LlavaOnevisionImageProcessor":
@@ -76,7 +82,7 @@ class LlavaOnevisionImageProcessor:
 
     def square_patch(self, image: Image.Image) -> np.ndarray:
         """The whole image centred on a square of the mean colour (multi-image prompts)."""
-        return pad_to_square(np.asarray(image), mean_colour(self.image_mean))
+        return pad_to_square(np.asarray(image), self.background_color)
 
     def preprocess_one(self, image, anyres_tiling: bool = True) -> np.ndarray:
         """One image (any source ``load_image`` takes) -> float32 [num_patches, 3, size, size]."""
@@ -121,7 +127,7 @@ class LlavaOnevisionImageProcessor:
             pixel_values = [np.pad(p, ((0, most - len(p)), (0, 0), (0, 0), (0, 0))) for p in pixel_values]
         elif len({len(p) for p in pixel_values}) > 1:
             raise InputError("images with different numbers of anyres patches need do_pad=True to be batched")
-        return {"pixel_values": torch.from_numpy(np.stack(pixel_values)),
+        return {"pixel_values": torch.from_numpy(stack_same_shapes(pixel_values)),
                 "image_sizes": torch.tensor(image_sizes, dtype=torch.long),
                 "batch_num_images": torch.tensor(batch_num_images, dtype=torch.long)}
 

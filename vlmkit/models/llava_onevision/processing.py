@@ -69,11 +69,12 @@ class LlavaOnevisionProcessor(ProcessorBase):
                    do_sample_frames=bool(video_config.get("do_sample_frames", False)))
 
     # --- placeholder counts ---------------------------------------------------------------------
-    def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True) -> int:
-        """Prompt tokens for one image of ``image_size`` (height, width); see ``anyres.image_token_count``."""
-        count = anyres.image_token_count(image_size, self.image_processor.image_grid_pinpoints,
-                                         self.image_processor.size, self.grid_size, self.max_num_patches,
-                                         anyres=anyres_tiling)
+    def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True, image_processor=None) -> int:
+        """Prompt tokens for one image of ``image_size`` (height, width); see ``anyres.image_token_count``.
+        ``image_processor``: the one that made the pixels, when a call changed its settings (size, pinpoints)."""
+        image_processor = image_processor or self.image_processor
+        count = anyres.image_token_count(image_size, image_processor.image_grid_pinpoints, image_processor.size,
+                                         self.grid_size, self.max_num_patches, anyres=anyres_tiling)
         # a "default" strategy drops a class token SigLIP does not have; kept for parity with the reference
         return count - 1 if self.vision_feature_select_strategy == "default" else count
 
@@ -111,10 +112,11 @@ class LlavaOnevisionProcessor(ProcessorBase):
         if not flat_images:
             return expand_placeholders(texts, self.image_token, None, str, 0), {}  # raises if any <image>
         groups = _image_groups(images)
-        pixels = self.image_processor.with_options(image_options)(groups)
+        image_processor = self.image_processor.with_options(image_options)
+        pixels = image_processor(groups)
         tiled = [len(group) == 1 for group in groups if group for _ in group]
         sizes = [tuple(size) for size in pixels["image_sizes"].tolist()]
-        tokens = [self.image_token * self.image_token_count(size, t) for size, t in zip(sizes, tiled)]
+        tokens = [self.image_token * self.image_token_count(size, t, image_processor) for size, t in zip(sizes, tiled)]
         return expand_placeholders(texts, self.image_token, counts, tokens.__getitem__, len(flat_images)), pixels
 
     def _expand_videos(self, texts: list[str], videos, video_options: dict) -> tuple[list[str], dict]:

@@ -41,16 +41,6 @@ def json_output(text: str) -> str:
     return str(path)
 
 
-def quantize_variants(text: str) -> str:
-    """``--quantize``: int8, int4, bnb, bnb8 or all, comma-separated (checked by ``quantized.variants_for``)."""
-    from .quantized import variants_for
-    try:
-        variants_for(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix("--quantize ")) from None
-    return text
-
-
 # optional dependency -> the extra that installs it
 _EXTRAS = {"bitsandbytes": "bnb", "accelerate": "bnb", "llguidance": "serve"}
 

@@ -29,7 +29,7 @@ from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .llama_cpp import VARIANTS as LLAMA_CPP_VARIANTS
 from .llama_cpp import llama_cpp_rows
-from .options import cache_folder, json_output, quantize_variants
+from .options import cache_folder, json_output
 from .report import cpu_line
 
 # variant name -> (engine, quantization): None, "int8"/"int4" (vlmkit's own) or "bnb4"/"bnb8" (bitsandbytes)
@@ -61,6 +61,15 @@ def variants_for(quantize: str | None) -> list[str]:
             raise ValueError(f"--quantize {part!r}: use int8, int4, bnb, bnb8 or all (comma-separated)")
         names += [n for n in chosen if n not in names]
     return names + list(LLAMA_CPP_VARIANTS)
+
+
+def quantize_variants(text: str) -> str:
+    """``--quantize`` as argparse reads it: int8, int4, bnb, bnb8 or all, comma-separated (``variants_for``)."""
+    try:
+        variants_for(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--quantize ")) from None
+    return text
 
 
 def quantized_decode_rows(folder, args, log, variants=None) -> dict:

@@ -30,8 +30,8 @@ from .checkpoints import checkpoint
 from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
 from .measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, pct_of_bound, peak_rss_in_child,
                       peak_rss_mb, timed)
-from .options import cache_folder, json_output, missing_extra, quantize_variants
-from .quantized import add_llama_cpp_arguments
+from .options import cache_folder, json_output, missing_extra
+from .quantized import add_llama_cpp_arguments, quantize_variants
 from .report import metric, print_table
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}

@@ -324,3 +324,46 @@ def test_dtype_auto_of_a_sharded_checkpoint_reads_its_index_or_first_shard(janus
     reference = transformers.JanusForConditionalGeneration.from_pretrained(sharded)
     assert reference.dtype == (torch.float32 if index_dtype else torch.float16)
     assert JanusForConditionalGeneration.from_pretrained(sharded).dtype == reference.dtype
+
+
+def test_from_pretrained_takes_transformers_location_and_hub_options(janus_dir, tmp_path, monkeypatch):
+    # cache_dir names the hub cache (as in transformers), subfolder a folder inside the snapshot; options about
+    # downloading change nothing where nothing is downloaded; neutral values of loading options are accepted
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    repo = tmp_path / "my_cache" / "models--org--tiny-janus"
+    shutil.copytree(janus_dir, repo / "snapshots" / "abc123" / "weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    where = dict(cache_dir=str(tmp_path / "my_cache"), subfolder="weights", token=None, local_files_only=True,
+                 force_download=False)
+    model, info = AutoModel.from_pretrained("org/tiny-janus", dtype="float32", use_safetensors=True, variant=None,
+                                            low_cpu_mem_usage=True, output_loading_info=True, **where)
+    assert isinstance(model, JanusForConditionalGeneration) and info["missing_keys"] == info["unexpected_keys"] == []
+    processor = AutoProcessor.from_pretrained("org/tiny-janus", **where)
+    assert processor.num_image_tokens == model.num_image_tokens
+    with pytest.raises(CheckpointError, match="never downloads"):
+        AutoModel.from_pretrained("org/tiny-janus", **{**where, "force_download": True})
+    with pytest.raises(Exception, match="ignore_mismatched_sizes=True"):
+        AutoModel.from_pretrained(janus_dir, ignore_mismatched_sizes=True)
+    with pytest.raises(CheckpointError, match="no subfolder"):
+        AutoModel.from_pretrained(janus_dir, subfolder="nowhere")
+
+
+def test_processor_from_pretrained_sets_the_tokenizers_padding_side_as_transformers(llava_onevision_dir, sample_images):
+    from builders.llava_onevision import reference_processor
+
+    from vlmkit import LlavaOnevisionProcessor
+
+    ours = LlavaOnevisionProcessor.from_pretrained(llava_onevision_dir, padding_side="left")
+    reference = reference_processor(llava_onevision_dir)
+    reference.tokenizer.padding_side = "left"  # what transformers' from_pretrained(padding_side="left") sets
+    texts = ["<|im_start|>user hi<|im_end|>", "<|im_start|>user what is in the picture?<|im_end|>"]
+    got, want = ours(text=texts, padding=True), reference(text=texts, padding=True, return_tensors="pt")
+    assert got["input_ids"].tolist() == want["input_ids"].tolist() and got["attention_mask"][0, 0] == 0
+    assert transformers_padding_side(llava_onevision_dir) == ours.tokenizer.padding_side == "left"
+
+
+def transformers_padding_side(folder) -> str:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder), padding_side="left").padding_side

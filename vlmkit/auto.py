@@ -3,7 +3,7 @@
 from importlib import import_module
 
 from .errors import CheckpointError
-from .io.checkpoint import read_json, resolve_model_path
+from .io.checkpoint import checkpoint_location, read_json
 
 # model_type -> (module, model class, processor class)
 FAMILIES = {
@@ -15,9 +15,10 @@ FAMILIES = {
 }
 
 
-def family_of(name_or_path, revision: str = "main") -> tuple[str, object, object]:
-    """(model_type, model class, processor class) of a checkpoint."""
-    folder = resolve_model_path(name_or_path, revision)
+def family_of(name_or_path, **options) -> tuple[str, object, object]:
+    """(model_type, model class, processor class) of a checkpoint; ``options``: from_pretrained's
+    (``revision``, ``cache_dir``, ``subfolder``... locate it)."""
+    folder = checkpoint_location(name_or_path, dict(options))
     config = read_json(folder / "config.json")
     model_type = config.get("model_type")
     if model_type == "multi_modality" and "gen_vision_config" not in config:
@@ -36,7 +37,7 @@ class AutoProcessor:
 
     @staticmethod
     def from_pretrained(name_or_path, **kwargs):
-        return family_of(name_or_path, kwargs.get("revision", "main"))[2].from_pretrained(name_or_path, **kwargs)
+        return family_of(name_or_path, **kwargs)[2].from_pretrained(name_or_path, **kwargs)
 
 
 class AutoModel:
@@ -44,7 +45,7 @@ class AutoModel:
 
     @staticmethod
     def from_pretrained(name_or_path, **kwargs):
-        return family_of(name_or_path, kwargs.get("revision", "main"))[1].from_pretrained(name_or_path, **kwargs)
+        return family_of(name_or_path, **kwargs)[1].from_pretrained(name_or_path, **kwargs)
 
 
 AutoModelForImageTextToText = AutoModel

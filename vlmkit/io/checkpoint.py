@@ -33,10 +33,42 @@ def hf_cache_dir() -> Path:
     return Path(home) / "hub"
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main") -> Path:
-    """A local checkpoint folder, or the snapshot of a hub model id already in the local HF cache.
+# from_pretrained options about fetching from the hub: vlmkit only reads folders and the local cache, so
+# they change nothing (force_download=True is refused by resolve_model_path's callers)
+HUB_OPTIONS = ("token", "use_auth_token", "proxies", "resume_download", "local_files_only", "trust_remote_code",
+               "force_download", "mirror", "_from_auto", "user_agent")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main", cache_dir=None,
+                       subfolder: str = "") -> Path:
+    """A local checkpoint folder, or the snapshot of a hub model id already in the local HF cache
+    (``cache_dir`` when given, as transformers' option names the hub cache folder); ``subfolder``: the
+    checkpoint's folder inside it.
 
     Nothing is downloaded: a model id that is not cached is an error naming where it should be."""
+    folder = _model_folder(name_or_path, revision, cache_dir)
+    if subfolder:
+        folder = folder / subfolder
+        if not folder.is_dir():
+            raise CheckpointError(f"{name_or_path} has no subfolder {subfolder!r}")
+    return folder
+
+
+def checkpoint_location(name_or_path, options: dict, revision: str | None = None) -> Path:
+    """The folder ``from_pretrained(name_or_path, **options)`` reads: takes ``revision``, ``cache_dir`` and
+    ``subfolder`` out of ``options``, and the hub options (``token``, ``proxies``...), which change nothing
+    where nothing is downloaded; ``force_download=True`` is an error saying so."""
+    revision = options.pop("revision", None) or revision or "main"
+    cache_dir, subfolder = options.pop("cache_dir", None), options.pop("subfolder", None) or ""
+    if options.get("force_download"):
+        raise CheckpointError("force_download=True: vlmkit never downloads; fetch the checkpoint first "
+                              "(e.g. `hf download <id>`) and load it from the cache or its folder")
+    for key in HUB_OPTIONS:
+        options.pop(key, None)
+    return resolve_model_path(name_or_path, revision, cache_dir, subfolder)
+
+
+def _model_folder(name_or_path, revision: str, cache_dir) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -44,7 +76,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main") 
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the checkpoint folder that holds config.json")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+        repo = (Path(cache_dir).expanduser() if cache_dir else hf_cache_dir()) / ("models--" + name.replace("/", "--"))
         ref = repo / "refs" / revision
         snapshot = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
         if snapshot.is_dir():

@@ -13,6 +13,15 @@ from .features import BatchFeature
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+# keyword arguments of a processor's from_pretrained that set the tokenizer's behaviour
+TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length")
+
+
+def tokenizer_settings(options: dict) -> dict:
+    """Take the tokenizer settings (``padding_side``...) out of a from_pretrained call's ``options``."""
+    return {key: options.pop(key) for key in TOKENIZER_SETTINGS if key in options}
+
+
 def token_text(value):
     """A special token's text, whether the config writes it as a string or as ``{"content": ...}``."""
     return value.get("content") if isinstance(value, dict) else value
@@ -38,8 +47,10 @@ class Tokenizer:
         self.additional_special_tokens = [token_text(t) for t in config.get("additional_special_tokens") or []]
 
     @classmethod
-    def from_pretrained(cls, folder) -> "Tokenizer":
-        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (and the chat template) from a folder."""
+    def from_pretrained(cls, folder, **settings) -> "Tokenizer":
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (and the chat template) from a folder;
+        ``settings`` (``padding_side``, ``truncation_side``, ``model_max_length``) override the config's, as
+        the keyword arguments of transformers' ``from_pretrained`` do."""
         from tokenizers import Tokenizer as Backend
 
         folder = Path(folder)
@@ -49,7 +60,7 @@ class Tokenizer:
         backend = Backend.from_file(str(folder / "tokenizer.json"))
         backend.no_padding()
         backend.no_truncation()
-        return cls(backend, config, find_chat_template(folder, config))
+        return cls(backend, {**config, **settings}, find_chat_template(folder, config))
 
     # --- special tokens ----------------------------------------------------------------------
     def token_id(self, token: str | None) -> int | None:

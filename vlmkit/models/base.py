@@ -7,13 +7,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..generation.config import GenerationConfig
 from ..generation.decode import decode_one_token, prefill
 from ..generation.loop import generate
 from ..generation.outputs import FieldsOutput, transition_scores
 from ..generation.prompt_cache import PromptCache
-from ..io.checkpoint import materialize, read_json, resolve_dtype, resolve_model_path
+from ..io.checkpoint import checkpoint_location, materialize, read_json, resolve_dtype
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
 
@@ -108,13 +108,17 @@ class PretrainedVLM(nn.Module):
         from ..quant import BitsAndBytesConfig, quantizer_for, resolve_quantization
         from ..nn.attention_choice import apply_attn_implementation, resolve_attn_implementation
 
+        folder = checkpoint_location(name_or_path, unused, revision)
+        loading_info = unused.pop("output_loading_info", False)
         _reject_unsupported(unused)
         attention = resolve_attn_implementation(attn_implementation, use_flash_attention_2)
-        folder = resolve_model_path(name_or_path, revision)
         raw_config = read_json(folder / "config.json")
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
         files = weight_files(folder)
+        if unused.get("use_safetensors") and any(f.suffix != ".safetensors" for f in files):
+            raise CheckpointError(f"use_safetensors=True, but {folder} holds its weights in .bin files only; "
+                                  f"convert them (vlmkit convert) or leave the option out")
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, raw_config, files)
         target_device = resolve_device(device_map, device)
         with torch.device("meta"):
@@ -142,6 +146,8 @@ class PretrainedVLM(nn.Module):
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)
+        if loading_info:  # every weight was loaded as named (anything else is an error), so nothing to list
+            return model.eval(), {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model.eval()
 
     def save_pretrained(self, save_directory, **unused) -> Path:
@@ -333,8 +339,18 @@ class PretrainedVLM(nn.Module):
                                                 eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
 
 
+# from_pretrained options of transformers that change nothing here at these values (None: at any value):
+# vlmkit loads every weight onto one device, exactly (a missing or unexpected weight is an error), from
+# safetensors when the checkpoint has them
+NEUTRAL_LOADING_OPTIONS = {"low_cpu_mem_usage": None, "offload_folder": None, "offload_state_dict": None,
+                           "offload_buffers": None, "use_safetensors": (None, True), "variant": (None,),
+                           "config": (None,), "ignore_mismatched_sizes": (False,), "max_memory": (None,),
+                           "tp_plan": (None,), "tp_size": (None,), "key_mapping": (None,), "weights_only": (True,)}
+
+
 def _reject_unsupported(options: dict) -> None:
-    unsupported = {k: v for k, v in options.items()
-                   if k not in ("trust_remote_code", "low_cpu_mem_usage", "local_files_only")}
+    unsupported = sorted(k for k, v in options.items() if k not in NEUTRAL_LOADING_OPTIONS
+                         or (NEUTRAL_LOADING_OPTIONS[k] is not None and v not in NEUTRAL_LOADING_OPTIONS[k]))
     if unsupported:
-        raise InputError(f"from_pretrained got unsupported option(s): {', '.join(sorted(unsupported))}")
+        raise InputError(f"from_pretrained got option(s) vlmkit does not support: "
+                         f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}")

@@ -11,9 +11,9 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.chat_template import find_chat_template
-from ...io.checkpoint import resolve_model_path
+from ...io.checkpoint import checkpoint_location
 from ...io.pixels import stack_same_shapes
-from ...io.tokenizer import Tokenizer
+from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
 from ...processor_options import as_return_type, sort_call_options
 from .image_processing import IdeficsImageProcessor
@@ -66,10 +66,11 @@ class IdeficsProcessor(ProcessorBase):
     @classmethod
     def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "IdeficsProcessor":
         """Load from a checkpoint folder or the local HF cache (``backend=`` and such are accepted and ignored)."""
-        folder = resolve_model_path(name_or_path, revision)
+        folder = checkpoint_location(name_or_path, unused, revision)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
-        tokenizer = Tokenizer.from_pretrained(folder)
+        settings = tokenizer_settings(unused)
+        tokenizer = Tokenizer.from_pretrained(folder, **settings)
         return cls(IdeficsImageProcessor.from_config(image_config), tokenizer,
                    chat_template=find_chat_template(folder, processor_config, tokenizer.config))
 

@@ -4,9 +4,9 @@ pixel values, chat templates, decoding. Mirrors transformers' JanusProcessor."""
 
 
 from ...errors import InputError
-from ...io.checkpoint import resolve_model_path
+from ...io.checkpoint import checkpoint_location
 from ...io.media import load_image
-from ...io.tokenizer import Tokenizer
+from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
                            flatten_images, media_from_messages)
 from ...processor_options import as_return_type, sort_call_options
@@ -39,13 +39,14 @@ class JanusProcessor(ProcessorBase):
     def from_pretrained(cls, name_or_path, revision: str = "main", media_policy=None, **unused) -> "JanusProcessor":
         """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache.
         ``media_policy`` (a ``vlmkit.io.media.MediaPolicy``) bounds image fetches."""
-        folder = resolve_model_path(name_or_path, revision)
+        folder = checkpoint_location(name_or_path, unused, revision)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
         model_config = config_file(folder, "config.json")
-        tokenizer = Tokenizer.from_pretrained(folder)
-        if tokenizer.padding_side == "right":
-            tokenizer.padding_side = "left"  # Janus pads prompts on the left
+        settings = tokenizer_settings(unused)
+        tokenizer = Tokenizer.from_pretrained(folder, **settings)
+        if tokenizer.padding_side == "right" and "padding_side" not in settings:
+            tokenizer.padding_side = "left"  # Janus pads prompts on the left (unless the caller says otherwise)
         if model_config.get("model_type") == "multi_modality":
             from .original_layout import original_processor_settings
             return cls(**original_processor_settings(folder, model_config, processor_config, image_config,

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ...io.checkpoint import resolve_model_path
+from ...io.checkpoint import checkpoint_location
 from ...io.chat_template import find_chat_template
-from ...io.tokenizer import Tokenizer
+from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...io.video import load_video
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
                            flatten_images, media_from_messages)
@@ -52,12 +52,13 @@ class LlavaOnevisionProcessor(ProcessorBase):
     def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "LlavaOnevisionProcessor":
         """Load from a checkpoint folder or the HF cache. Reads transformers 5's single
         ``processor_config.json`` and the older separate preprocessor/video-preprocessor files alike."""
-        folder = resolve_model_path(name_or_path, revision)
+        folder = checkpoint_location(name_or_path, unused, revision)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
         video_config = (processor_config.get("video_processor")
                         or config_file(folder, "video_preprocessor_config.json") or image_config)
-        tokenizer = Tokenizer.from_pretrained(folder)
+        settings = tokenizer_settings(unused)
+        tokenizer = Tokenizer.from_pretrained(folder, **settings)
         return cls(LlavaOnevisionImageProcessor.from_config(image_config), tokenizer,
                    video_processor=LlavaOnevisionImageProcessor.from_config(video_config),
                    num_image_tokens=processor_config.get("num_image_tokens"),

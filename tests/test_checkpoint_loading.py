@@ -367,3 +367,32 @@ def transformers_padding_side(folder) -> str:
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(folder), padding_side="left").padding_side
+
+
+def test_save_pretrained_shards_replaces_a_previous_save_and_keeps_generation_edits(janus_dir, tmp_path):
+    import transformers
+
+    model = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    out = tmp_path / "saved"
+    model.save_pretrained(out, max_shard_size="200KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    reference = transformers.JanusForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers reads the shards as vlmkit wrote them
+        assert torch.allclose(reference(input_ids=ids).logits, logits, atol=1e-5)
+    # saved again into the same folder, unsharded and with other weights: the old shards and index are gone
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.generation_config.max_new_tokens = 17
+    model.save_pretrained(out)
+    assert not list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
+    again = JanusForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, 2 * logits, atol=1e-4)
+    assert again.generation_config.max_new_tokens == 17
+    for option in (dict(push_to_hub=True), dict(safe_serialization=False), dict(max_shard_size="lots")):
+        with pytest.raises(Exception, match=next(iter(option))):
+            model.save_pretrained(tmp_path / "refused", **option)

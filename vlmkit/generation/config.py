@@ -1,5 +1,6 @@
 """Generation settings with transformers' names and defaults, read from ``generation_config.json``."""
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -71,6 +72,18 @@ class GenerationConfig:
     def from_dict(cls, values: dict) -> "GenerationConfig":
         return dataclass_from_dict(cls, values)
 
+    def to_json_dict(self) -> dict:
+        """What ``generation_config.json`` holds for this config: the settings that differ from the defaults
+        and can be written as JSON (callables such as ``prefix_allowed_tokens_fn`` cannot), the unknown
+        keys it was read with kept."""
+        defaults = type(self)()
+        values = dict(self.extra)
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name != "extra" and value != getattr(defaults, item.name) and _is_json(value):
+                values[item.name] = value
+        return values
+
     @classmethod
     def from_pretrained(cls, folder: Path, **defaults) -> "GenerationConfig":
         """``generation_config.json`` when present, over ``defaults`` (e.g. ids from the model config)."""
@@ -140,3 +153,11 @@ class GenerationConfig:
         if self.max_length is not None:
             return max(self.max_length - prompt_length, 0)
         return max(min(DEFAULT_NEW_TOKENS, (max_context or 1 << 62) - prompt_length), 0)
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -32,9 +32,14 @@ def transformers_name(model: nn.Module, name: str) -> str:
     return name
 
 
-def save_checkpoint(model: nn.Module, directory) -> Path:
-    """Write ``model`` (loaded by ``from_pretrained``) into ``directory``; returns the folder."""
+def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options) -> Path:
+    """Write ``model`` (loaded by ``from_pretrained``) into ``directory``; returns the folder. Weights over
+    ``max_shard_size`` (bytes, or "500MB", "5GB" as transformers writes it) go into shards with an index;
+    weight files a previous save left in the folder are removed first, so the index cannot name stale ones."""
     from safetensors.torch import save_file
+
+    _refuse_save_options(options)
+    shard_bytes = parse_size(max_shard_size)
 
     source = Path(getattr(model, "folder", "") or ".")
     raw_config = getattr(model, "checkpoint_config", None) or read_json(source / "config.json")
@@ -47,6 +52,9 @@ def save_checkpoint(model: nn.Module, directory) -> Path:
         raise InputError(f"save_pretrained would overwrite the checkpoint the model was loaded from ({source}); "
                          f"pass another folder")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file() and _STALE_WEIGHTS.fullmatch(stale.name):
+            stale.unlink()
 
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
@@ -55,7 +63,18 @@ def save_checkpoint(model: nn.Module, directory) -> Path:
             continue
         seen.add(key)
         tensors[transformers_name(model, name)] = tensor.detach().to("cpu").contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shards = _shards(tensors, shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, start=1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     config = dict(raw_config)
     # what dtype="auto" reads back: the dtype the weights were saved in
@@ -72,4 +91,50 @@ def save_checkpoint(model: nn.Module, directory) -> Path:
         for item in source.iterdir():
             if item.is_file() and item.name not in _WEIGHT_FILES and not item.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(item, out / item.name)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:  # as the model holds it now, edits included
+        (out / "generation_config.json").write_text(json.dumps(generation_config.to_json_dict(), indent=2,
+                                                               sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+# weight files save_pretrained replaces: a folder saved into again must not keep another save's shards
+_STALE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                            r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json")
+# save_pretrained options of transformers that vlmkit has at these values only (None: any value)
+_SAVE_OPTIONS = {"safe_serialization": (True,), "push_to_hub": (False,), "state_dict": (None,), "variant": (None,),
+                 "is_main_process": (True,), "save_function": None, "token": None, "save_peft_format": None}
+
+
+def _refuse_save_options(options: dict) -> None:
+    refused = sorted(k for k, v in options.items()
+                     if k not in _SAVE_OPTIONS or (_SAVE_OPTIONS[k] is not None and v not in _SAVE_OPTIONS[k]))
+    if refused:
+        raise InputError(f"save_pretrained got option(s) vlmkit does not support: "
+                         f"{', '.join(f'{k}={options[k]!r}' for k in refused)} (vlmkit writes safetensors into a "
+                         f"local folder, never to the hub)")
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "500MB", "5GB", "2GiB" (transformers' max_shard_size)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise InputError(f"max_shard_size={size!r}: give bytes or a size such as '500MB' or '5GB'")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    scale = (1024 if binary else 1000) ** "_KMGT".index(unit or "_")
+    return max(int(number * scale), 1)
+
+
+def _shards(tensors: dict, limit: int) -> list[dict]:
+    """The tensors in name order, cut into shards of at most ``limit`` bytes (a larger tensor alone)."""
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    return shards + [current] if current or not shards else shards

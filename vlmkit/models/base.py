@@ -150,12 +150,13 @@ class PretrainedVLM(nn.Module):
             return model.eval(), {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model.eval()
 
-    def save_pretrained(self, save_directory, **unused) -> Path:
-        """Write a checkpoint folder (config.json, model.safetensors, the tokenizer/processor files) that
-        ``from_pretrained`` loads back as it is; a quantized model stays quantized, with no need for the
-        original weights. Tensor names follow the transformers layout."""
+    def save_pretrained(self, save_directory, **options) -> Path:
+        """Write a checkpoint folder (config.json, model.safetensors, generation_config.json, the tokenizer/
+        processor files) that ``from_pretrained`` loads back as it is; a quantized model stays quantized, with
+        no need for the original weights. Tensor names follow the transformers layout; ``max_shard_size``
+        ("5GB" by default) splits the weights into shards."""
         from ..io.saving import save_checkpoint
-        return save_checkpoint(self, save_directory)
+        return save_checkpoint(self, save_directory, **options)
 
     def tie_missing_weights(self, missing: set[str]) -> None:
         """Share the input embedding as the LM head when the checkpoint has no separate head."""

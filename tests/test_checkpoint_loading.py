@@ -396,3 +396,22 @@ def test_save_pretrained_shards_replaces_a_previous_save_and_keeps_generation_ed
     for option in (dict(push_to_hub=True), dict(safe_serialization=False), dict(max_shard_size="lots")):
         with pytest.raises(Exception, match=next(iter(option))):
             model.save_pretrained(tmp_path / "refused", **option)
+
+
+@pytest.mark.parametrize("fixture", ["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"])
+def test_processor_save_pretrained_writes_files_that_load_back_as_the_same_processor(fixture, request, tmp_path,
+                                                                                   sample_images):
+    import transformers
+
+    folder = request.getfixturevalue(fixture)
+    processor = AutoProcessor.from_pretrained(folder, padding_side="left")
+    processor.save_pretrained(tmp_path / "processor")
+    again = AutoProcessor.from_pretrained(tmp_path / "processor")
+    assert again.tokenizer.padding_side == "left"  # the setting it was saved with
+    conversation = [{"role": "user", "content": [{"type": "image", "image": sample_images["square"]},
+                                                 {"type": "text", "text": "What is it?"}]}]
+    call = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    first, second = processor.apply_chat_template(conversation, **call), again.apply_chat_template(conversation, **call)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # transformers reads the saved folder too
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "processor")).padding_side == "left"

@@ -15,10 +15,29 @@ FAMILIES = {
 }
 
 
+# a processor's saved class name -> its family, for folders that hold a processor without a model
+PROCESSOR_FAMILIES = {"JanusProcessor": "janus", "VLChatProcessor": "multi_modality",
+                      "LlavaOnevisionProcessor": "llava_onevision", "IdeficsProcessor": "idefics"}
+
+
+def _processor_class(folder) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            processor_class = read_json(folder / name).get("processor_class")
+            if processor_class:
+                return processor_class
+    return None
+
+
 def family_of(name_or_path, **options) -> tuple[str, object, object]:
     """(model_type, model class, processor class) of a checkpoint; ``options``: from_pretrained's
     (``revision``, ``cache_dir``, ``subfolder``... locate it)."""
     folder = checkpoint_location(name_or_path, dict(options))
+    if not (folder / "config.json").is_file() and _processor_class(folder) in PROCESSOR_FAMILIES:
+        model_type = PROCESSOR_FAMILIES[_processor_class(folder)]  # a folder of processor files only
+        module_name, model_name, processor_name = FAMILIES[model_type]
+        module = import_module(module_name)
+        return model_type, getattr(module, model_name), getattr(module, processor_name)
     config = read_json(folder / "config.json")
     model_type = config.get("model_type")
     if model_type == "multi_modality" and "gen_vision_config" not in config:

@@ -66,6 +66,12 @@ class ProcessorBase:
         """Whether the template already wrote BOS (then tokenising must not add another)."""
         return self.tokenizer.bos_token is not None and prompts[0].startswith(self.tokenizer.bos_token)
 
+    def save_pretrained(self, save_directory, **options):
+        """Write the processor's files (tokenizer, chat template, image/video processor configs) into
+        ``save_directory``, as transformers' ``save_pretrained`` does; ``from_pretrained`` loads them back."""
+        from .io.saving import save_processor_files
+        return save_processor_files(self, save_directory, **options)
+
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
         """Token ids back to text (the tokenizer's ``decode``)."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)

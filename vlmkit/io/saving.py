@@ -98,6 +98,31 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
     return out
 
 
+def save_processor_files(processor, directory, **options) -> Path:
+    """Write a processor's files into ``directory``: those of the folder it was loaded from (tokenizer,
+    chat template, image and video processor configs), with tokenizer_config.json carrying the tokenizer's
+    current padding side, truncation side and length limit."""
+    _refuse_save_options(options)
+    tokenizer = processor.tokenizer
+    if tokenizer.folder is None:
+        raise InputError("this processor's tokenizer was not loaded from a folder, so there are no files to save")
+    source, out = Path(tokenizer.folder), Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != out.resolve():
+        for item in source.iterdir():
+            if item.is_file() and item.name not in _WEIGHT_FILES | {"generation_config.json"} \
+                    and not item.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(item, out / item.name)
+    config_path = out / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    config.update(padding_side=tokenizer.padding_side,
+                  truncation_side=tokenizer.config.get("truncation_side", config.get("truncation_side", "right")))
+    if tokenizer.known_max_length is not None:
+        config["model_max_length"] = tokenizer.model_max_length
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
+
+
 # weight files save_pretrained replaces: a folder saved into again must not keep another save's shards
 _STALE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
                             r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json")

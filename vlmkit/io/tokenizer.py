@@ -35,6 +35,7 @@ class Tokenizer:
         self.config = config
         self.chat_template = chat_template
         self.padding_side = config.get("padding_side", "right")
+        self.folder = None  # the folder from_pretrained read, whose files save_pretrained copies
         self.model_max_length = int(config.get("model_max_length") or 10**30)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         # named special tokens: bos/eos/pad/unk, and extras such as image_token, written either at the
@@ -60,7 +61,9 @@ class Tokenizer:
         backend = Backend.from_file(str(folder / "tokenizer.json"))
         backend.no_padding()
         backend.no_truncation()
-        return cls(backend, {**config, **settings}, find_chat_template(folder, config))
+        tokenizer = cls(backend, {**config, **settings}, find_chat_template(folder, config))
+        tokenizer.folder = folder
+        return tokenizer
 
     # --- special tokens ----------------------------------------------------------------------
     def token_id(self, token: str | None) -> int | None:

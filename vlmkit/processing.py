@@ -46,7 +46,7 @@ class ProcessorBase:
         call_options = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
         template_options = {k: v for k, v in kwargs.items() if k in variables}
         prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                     continue_final_message=continue_final_message,
+                                                     tokenize=False, continue_final_message=continue_final_message,
                                                      chat_template=template, **template_options)
         if not tokenize:
             return prompts if batched else prompts[0]

@@ -10,7 +10,6 @@ from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
 from .features import BatchFeature
 
-_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 # keyword arguments of a processor's from_pretrained that set the tokenizer's behaviour
@@ -45,7 +44,10 @@ class Tokenizer:
         extra = config.get("extra_special_tokens") or {}
         if isinstance(extra, dict):
             self.special_tokens.update({k: token_text(v) for k, v in extra.items()})
-        self.additional_special_tokens = [token_text(t) for t in config.get("additional_special_tokens") or []]
+        # unnamed special tokens: transformers 4's additional_special_tokens, or transformers 5's extra_special_tokens
+        # written as a list
+        unnamed = [*(config.get("additional_special_tokens") or []), *(extra if isinstance(extra, list) else [])]
+        self.additional_special_tokens = [token_text(t) for t in unnamed]
 
     @classmethod
     def from_pretrained(cls, folder, **settings) -> "Tokenizer":
@@ -99,11 +101,55 @@ class Tokenizer:
         return self.special_token_id("pad_token")
 
     @property
+    def unk_token_id(self):
+        return self.special_token_id("unk_token")
+
+    @property
     def special_tokens_map(self) -> dict:
-        return {k: v for k, v in self.special_tokens.items() if k in _SPECIAL_KEYS}
+        """Every named special token (bos/eos/pad/unk and the model's own, e.g. ``image_token``), as
+        transformers 5 lists them; chat templates see them as variables."""
+        return dict(self.special_tokens)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        tokens = list(dict.fromkeys([*self.special_tokens.values(), *self.additional_special_tokens]))
+        return [t for t in tokens if self.token_id(t) is not None]
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.token_id(t) for t in self.all_special_tokens]
+
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary's size, added tokens not counted (``len(tokenizer)`` counts them)."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def added_tokens_decoder(self) -> dict:
+        """id -> added token (the tokenizers library's ``AddedToken``)."""
+        return dict(sorted(self.backend.get_added_tokens_decoder().items()))
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.config.get("model_input_names") or ("input_ids", "attention_mask"))
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.folder or "")
 
     def __len__(self):
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The token strings of ``text`` (special tokens only when asked, as transformers' ``tokenize``)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self.backend.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
 
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):
@@ -116,9 +162,12 @@ class Tokenizer:
         return [self.backend.id_to_token(i) for i in ids]
 
     # --- encoding ----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of one text."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None, **options):
+        """Token ids of one text: a list, or with ``return_tensors="pt"`` a [1, T] tensor (and the other
+        options of the tokenizer call, e.g. ``truncation``/``max_length``, as transformers' ``encode``)."""
+        if not options and return_tensors is None:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self(text, add_special_tokens=add_special_tokens, return_tensors=return_tensors, **options)["input_ids"]
 
     def __call__(self, text, *, padding=False, padding_side=None, add_special_tokens=True, truncation=None,
                  max_length=None, pad_to_multiple_of=None, return_tensors=None, return_attention_mask=None,
@@ -230,9 +279,12 @@ class Tokenizer:
         return [self.decode(s, skip_special_tokens=skip_special_tokens, **kwargs) for s in sequences]
 
     # --- chat --------------------------------------------------------------------------------
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            chat_template: str | None = None, continue_final_message: bool = False, **kwargs):
-        """Render one conversation (a list of messages) or a batch of them with the chat template."""
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = True,
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            return_dict: bool = True, return_tensors: str | None = None, **kwargs):
+        """Render one conversation (a list of messages) or a batch of them with the chat template; with
+        ``tokenize`` (the default, as in transformers 5) their token ids: ``input_ids`` and ``attention_mask``
+        (``return_dict``, the default) or the ids alone."""
         template = chat_template or self.chat_template
         if template is None:
             raise InputError("this checkpoint has no chat template; pass chat_template=... or build the prompt yourself")
@@ -242,8 +294,9 @@ class Tokenizer:
                                         continue_final_message=continue_final_message,
                                         **{**self.special_tokens_map, **kwargs}) for c in conversations]
         if tokenize:
-            ids = [self.encode(r, add_special_tokens=False) for r in rendered]
-            return ids if batched else ids[0]
+            encoded = self(rendered if batched else rendered[0], add_special_tokens=False, return_tensors=return_tensors,
+                           padding=batched and return_tensors is not None)
+            return encoded if return_dict else encoded["input_ids"]
         return rendered if batched else rendered[0]
 
 

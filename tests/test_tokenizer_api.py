@@ -1,0 +1,57 @@
+"""The tokenizer surface transformers code calls (processor.tokenizer.tokenize, vocab_size, all_special_ids,
+encode(..., return_tensors="pt"), apply_chat_template's transformers-5 defaults...) answers as transformers'
+tokenizer does on the same checkpoint, for all three families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmkit.io.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+CALLS = {
+    "vocab_size": lambda t: t.vocab_size,
+    "len": lambda t: len(t),
+    "get_vocab": lambda t: t.get_vocab(),
+    "all_special_tokens": lambda t: sorted(t.all_special_tokens),
+    "all_special_ids": lambda t: sorted(t.all_special_ids),
+    "special_tokens_map": lambda t: t.special_tokens_map,
+    "unk_token_id": lambda t: t.unk_token_id,
+    "model_input_names": lambda t: list(t.model_input_names),
+    "tokenize": lambda t: t.tokenize("Hello world, what is this?"),
+    "convert_tokens_to_string": lambda t: t.convert_tokens_to_string(t.tokenize("Hello world, what is this?")),
+    "encode": lambda t: t.encode("Hello world"),
+    "encode_pt": lambda t: t.encode("Hello world", return_tensors="pt").tolist(),
+    "encode_truncated": lambda t: t.encode("Hello world, what is this?", max_length=4, truncation=True),
+    "decode_numpy": lambda t: t.decode(np.array([5, 6, 7])),
+    "batch_decode_tensor": lambda t: t.batch_decode(torch.tensor([[5, 6], [7, 8]])),
+    "added_token_ids": lambda t: sorted(t.added_tokens_decoder),
+}
+
+
+@pytest.fixture(params=["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"])
+def tokenizers(request):
+    folder = request.getfixturevalue(request.param)
+    return transformers.AutoTokenizer.from_pretrained(str(folder)), Tokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_tokenizer_answers_as_transformers(tokenizers, call):
+    reference, ours = tokenizers
+    assert CALLS[call](ours) == CALLS[call](reference)
+
+
+def test_apply_chat_template_tokenizes_by_default_as_transformers_5(tokenizers):
+    reference, ours = tokenizers
+    if reference.chat_template is None:
+        pytest.skip("this checkpoint's tokenizer has no chat template")
+    messages = [{"role": "user", "content": "What is in the picture?"}]
+    want = reference.apply_chat_template(messages, add_generation_prompt=True)
+    got = ours.apply_chat_template(messages, add_generation_prompt=True)
+    assert dict(got) == dict(want)
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
+        reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert ours.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(messages, tokenize=False)

@@ -29,6 +29,8 @@ CALLS = {
     "decode_numpy": lambda t: t.decode(np.array([5, 6, 7])),
     "batch_decode_tensor": lambda t: t.batch_decode(torch.tensor([[5, 6], [7, 8]])),
     "added_token_ids": lambda t: sorted(t.added_tokens_decoder),
+    "decode_batch": lambda t: t.decode(torch.tensor([[5, 6, 7], [8, 9, 10]])),
+    "decode_cleaned": lambda t: t.decode(t.encode("Hello , world ."), clean_up_tokenization_spaces=True),
 }
 
 
@@ -55,3 +57,19 @@ def test_apply_chat_template_tokenizes_by_default_as_transformers_5(tokenizers):
     assert ours.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
         reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert ours.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("fixture", ["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"])
+def test_post_process_image_text_to_text_decodes_as_transformers(fixture, request):
+    from vlmkit import AutoProcessor
+
+    folder = request.getfixturevalue(fixture)
+    if fixture == "llava_onevision_dir":  # transformers' PIL backend has no LLaVA-OneVision video processor
+        from builders.llava_onevision import reference_processor
+        reference = reference_processor(folder)
+    else:
+        reference = transformers.AutoProcessor.from_pretrained(str(folder), backend="pil")
+    ours = AutoProcessor.from_pretrained(folder)
+    generated = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 11]])
+    assert ours.post_process_image_text_to_text(generated) == reference.post_process_image_text_to_text(generated)
+    assert ours.post_process_image_text_to_text(generated[0]) == reference.post_process_image_text_to_text(generated[0])

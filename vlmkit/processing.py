@@ -76,6 +76,10 @@ class ProcessorBase:
         """Token ids back to text (the tokenizer's ``decode``)."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """The texts of ``generate``'s output (one text for one row), as transformers 5's processors give them."""
+        return self.tokenizer.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         """Rows of token ids back to texts (the tokenizer's ``batch_decode``)."""
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)

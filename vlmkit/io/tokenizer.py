@@ -3,7 +3,6 @@
 
 from pathlib import Path
 
-import torch
 
 from ..errors import CheckpointError, InputError
 from .chat_template import find_chat_template, render_conversation
@@ -265,14 +264,29 @@ class Tokenizer:
         return ids, masks
 
     # --- decoding ----------------------------------------------------------------------------
-    def decode(self, ids, skip_special_tokens: bool = False, **_ignored) -> str:
-        """Text of one sequence of ids (a list or a 1-D tensor)."""
-        if isinstance(ids, torch.Tensor):
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
+               **_ignored):
+        """Text of one sequence of ids (a list, 1-D tensor or array); a batch of them (2-D) gives one text per
+        row, as transformers 5's ``decode`` does."""
+        if isinstance(ids, dict):  # a tokenizer's output
+            ids = ids["input_ids"]
+        if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
+        if ids and isinstance(ids[0], list):
+            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        return _clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return _clean_up_spaces(text) if clean_up_tokenization_spaces and self._cleanup_applies else text
+
+    @property
+    def _cleanup_applies(self) -> bool:
+        # transformers 5 skips the space clean-up for BPE vocabularies (it was made for WordPiece and strips real
+        # spaces before punctuation) unless the config insists
+        return (type(self.backend.model).__name__ != "BPE"
+                or bool(self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         """Text of each row."""

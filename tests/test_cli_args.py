@@ -47,6 +47,7 @@ def usage_error(capsys, *argv) -> str:
     (["chat", "--top-k", "-1", "hi"], "argument --top-k: must be 0 or more"),
     (["chat", "--frames", "0", "hi"], "argument --frames: must be 1 or more"),
     (["chat", "--image", "/no/such/picture.png", "hi"], "argument --image: no such file: /no/such/picture.png"),
+    (["chat", "--image", "/dev/zero", "hi"], "argument --image: /dev/zero is not a regular file"),
     (["chat", "--video", "/no/such/clip.mp4", "hi"], "argument --video: no such file: /no/such/clip.mp4"),
     (["chat"], "give a question, or -i for an interactive session"),
     (["chat", "   "], "give a question, or -i for an interactive session"),

@@ -148,6 +148,8 @@ def existing_file(text: str) -> str:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
     if not path.is_file():
+        if path.exists():  # a device, a pipe, a socket: nothing to read an image or video from
+            raise argparse.ArgumentTypeError(f"{text} is not a regular file; give an image or video file")
         raise argparse.ArgumentTypeError(f"no such file: {text}")
     return str(path)
 

@@ -1,5 +1,6 @@
-"""The keyword arguments of a processor call, sorted by modality as transformers' processors sort them,
-and the call's result turned into what ``return_tensors`` asks for.
+"""The keyword arguments of a processor call, sorted by modality as transformers' processors sort them, and
+an image processor's settings with a call's options applied (``io.features.as_return_type`` gives the call's
+result the form ``return_tensors`` asks for).
 
 transformers takes every option flat (``processor(..., max_length=8, do_rescale=False)``), grouped
 (``text_kwargs={...}``, ``images_kwargs={...}``, ``videos_kwargs={...}``) or as ``common_kwargs``; a
@@ -12,18 +13,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
-import numpy as np
-import torch
-
 from .errors import InputError
+from .io.features import as_return_type
+from .io.tokenizer import TEXT_OPTIONS, TEXT_OPTIONS_NOT_IMPLEMENTED
 
-# options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
-TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
-                          "pad_to_multiple_of", "return_attention_mask", "return_token_type_ids", "verbose"})
-TEXT_OPTIONS_NOT_IMPLEMENTED = frozenset({"text_pair", "text_target", "text_pair_target", "stride",
-                                          "is_split_into_words", "return_overflowing_tokens",
-                                          "return_special_tokens_mask", "return_offsets_mapping", "return_length",
-                                          "return_mm_token_type_ids", "return_text_replacement_offsets"})
 # options every family's image processor implements (fields of its settings dataclass, ``size`` parsed)
 IMAGE_OPTIONS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
                            "image_mean", "image_std", "do_pad"})
@@ -72,14 +65,14 @@ def sort_call_options(kwargs: dict, *, family_text: tuple = (), family_images: t
         section.update({k: v for k, v in common.items() if k in names})
         section.update(grouped[name])
     for key, value in kwargs.items():
+        sections = [name for name, names in targets if key in names]
         if key == "return_tensors":
             options.return_tensors = value
         elif key in family:
             options.family[key] = value
-        elif any(key in names for _, names in targets):
-            for name, names in targets:
-                if key in names:
-                    getattr(options, name)[key] = value
+        elif sections:
+            for name in sections:  # a flat image option reaches the video processor too
+                getattr(options, name)[key] = value
         else:
             warnings.warn(f"{key!r} is not an option of this processor and is ignored", stacklevel=3)
     for name in ("text", "images", "videos"):
@@ -136,44 +129,3 @@ def call_with_options(image_processor, images, options: dict, **call):
                       f"processor; ignored", stacklevel=3)
     result = image_processor.with_options(sorted_options.images)(images, **call)
     return as_return_type(result, sorted_options.return_tensors) if isinstance(result, dict) else result
-
-
-def as_return_type(features: dict, return_tensors: str | None) -> dict:
-    """``features`` (token rows as lists, pixels as tensors) in the form ``return_tensors`` asks for:
-    ``"pt"`` torch tensors, ``"np"`` numpy arrays, None lists (pixels one numpy array per image or
-    prompt, as transformers returns them)."""
-    out = type(features)()
-    for key, value in features.items():
-        if return_tensors is None:
-            out[key] = _as_lists(key, value)
-        elif isinstance(value, list):
-            out[key] = _rows_as_array(key, value, return_tensors)
-        elif isinstance(value, torch.Tensor) and return_tensors == "np":
-            out[key] = value.numpy()
-        else:
-            out[key] = value
-    return out
-
-
-def _rows_as_array(key: str, rows: list, return_tensors: str):
-    lengths = {len(row) for row in rows if isinstance(row, (list, tuple))}
-    if len(lengths) > 1 and return_tensors == "np":  # ragged rows: an object array of rows, as transformers'
-        ragged = np.empty(len(rows), dtype=object)
-        ragged[:] = [np.asarray(row, dtype=np.int64) for row in rows]
-        return ragged
-    if len(lengths) > 1:
-        raise InputError(f"the prompts' {key} have different lengths ({min(lengths)}-{max(lengths)} tokens), so "
-                         f"they cannot form one tensor: pass padding=True (or padding='max_length' with a "
-                         f"max_length at least as long as the longest prompt, or truncation=True)")
-    array = np.asarray(rows, dtype=np.int64)
-    return torch.from_numpy(array) if return_tensors == "pt" else array
-
-
-def _as_lists(key: str, value):
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.is_floating_point():
-        return list(value.numpy())
-    if key == "image_sizes":
-        return [tuple(size) for size in value.tolist()]
-    return value.tolist()

@@ -1,16 +1,21 @@
 """The text tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, special tokens from
-``tokenizer_config.json``, padding, decoding and the checkpoint's chat template."""
+``tokenizer_config.json``, padding, truncation, decoding and the checkpoint's chat template."""
 
 from pathlib import Path
-
 
 from ..errors import CheckpointError, InputError
 from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
-from .features import BatchFeature
+from .features import BatchFeature, as_return_type
 
-
-
+# options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
+TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
+                          "pad_to_multiple_of", "return_attention_mask", "return_token_type_ids", "verbose"})
+# transformers' tokenizer options vlmkit does not implement: an error naming them, never silently dropped
+TEXT_OPTIONS_NOT_IMPLEMENTED = frozenset({"text_pair", "text_target", "text_pair_target", "stride",
+                                          "is_split_into_words", "return_overflowing_tokens",
+                                          "return_special_tokens_mask", "return_offsets_mapping", "return_length",
+                                          "return_mm_token_type_ids", "return_text_replacement_offsets"})
 # keyword arguments of a processor's from_pretrained that set the tokenizer's behaviour
 TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length")
 
@@ -178,8 +183,6 @@ class Tokenizer:
         ``max_length`` (else ``model_max_length``) on the tokenizer's ``truncation_side``, special tokens
         counted. ``return_tensors``: None (lists), "pt" or "np". The result reads as a dict or by
         attribute (``tokenizer(words).input_ids``), as transformers' does."""
-        from ..processor_options import TEXT_OPTIONS_NOT_IMPLEMENTED, as_return_type
-
         refused = sorted(k for k, v in unsupported.items() if k in TEXT_OPTIONS_NOT_IMPLEMENTED and v)
         if refused:
             raise InputError(f"vlmkit's tokenizer does not implement {', '.join(refused)}")
@@ -198,7 +201,7 @@ class Tokenizer:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
             rows, masks = self.pad(rows, target, padding_side or self.padding_side)
         features = {"input_ids": rows}
-        input_names = self.config.get("model_input_names") or ("input_ids", "attention_mask")
+        input_names = self.model_input_names
         if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in input_names):
             features["token_type_ids"] = [[0] * len(r) for r in rows]
         if return_attention_mask or (return_attention_mask is None and "attention_mask" in input_names):

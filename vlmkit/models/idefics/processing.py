@@ -13,9 +13,10 @@ from ...errors import InputError
 from ...io.chat_template import find_chat_template
 from ...io.checkpoint import checkpoint_location
 from ...io.pixels import stack_same_shapes
+from ...io.features import as_return_type
 from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
-from ...processor_options import as_return_type, sort_call_options
+from ...processor_options import sort_call_options
 from .image_processing import IdeficsImageProcessor
 
 IMAGE_TOKEN = "<image>"

@@ -6,10 +6,11 @@ pixel values, chat templates, decoding. Mirrors transformers' JanusProcessor."""
 from ...errors import InputError
 from ...io.checkpoint import checkpoint_location
 from ...io.media import load_image
+from ...io.features import as_return_type
 from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
                            flatten_images, media_from_messages)
-from ...processor_options import as_return_type, sort_call_options
+from ...processor_options import sort_call_options
 from .image_processing import JanusImageProcessor
 
 DEFAULT_SYSTEM_PROMPT = (

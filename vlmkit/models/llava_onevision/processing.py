@@ -10,11 +10,12 @@ from PIL import Image
 from ...errors import InputError
 from ...io.checkpoint import checkpoint_location
 from ...io.chat_template import find_chat_template
+from ...io.features import as_return_type
 from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...io.video import load_video
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
                            flatten_images, media_from_messages)
-from ...processor_options import as_return_type, sort_call_options
+from ...processor_options import sort_call_options
 from . import anyres
 from .config import parse_max_num_patches
 from .image_processing import LlavaOnevisionImageProcessor

@@ -9,6 +9,7 @@ from .errors import InputError
 from .io.chat_template import template_variables
 from .io.checkpoint import read_json
 from .io.features import BatchFeature
+from .io.media import flat_image_list
 
 
 def config_file(folder: Path, name: str) -> dict:
@@ -164,8 +165,5 @@ def flatten_images(images) -> tuple[list, list[int] | None]:
     """(flat list of images, per-prompt counts or None) for one image, a list, or a list of lists."""
     if images is None:
         return [], None
-    if not isinstance(images, (list, tuple)):
-        return [images], None
-    if images and all(isinstance(i, (list, tuple)) for i in images):
-        return [img for group in images for img in group], [len(group) for group in images]
-    return list(images), None
+    nested = isinstance(images, (list, tuple)) and images and all(isinstance(i, (list, tuple)) for i in images)
+    return flat_image_list(images), [len(group) for group in images] if nested else None

@@ -125,16 +125,20 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[
     where possible (mapped_safetensors.py: nothing is copied until a dtype or device change needs it)."""
     for file in files:
         if file.suffix == ".safetensors":
-            try:
-                handle = MappedSafetensors(file)
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"cannot read {file}: {err}") from None
+            handle = _open_safetensors(file)
             for name in handle.keys():
                 yield name, (lambda h=handle, n=name: h.get_tensor(n))
         else:
             state = _load_bin(file)
             for name, tensor in state.items():
                 yield name, (lambda t=tensor: t)
+
+
+def _open_safetensors(file: Path) -> MappedSafetensors:
+    try:
+        return MappedSafetensors(file)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from None
 
 
 def _load_bin(file: Path) -> dict:
@@ -179,15 +183,12 @@ def resolve_dtype(dtype, config: dict, files: list[Path] | None = None) -> torch
     raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
 
 
-# safetensors' dtype names (float8 left out: transformers never picks them as the model's dtype)
-_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
 def stored_dtype(files: list[Path]) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in, as transformers reads it for ``dtype="auto"`` when the
     config names none: a shard index's ``metadata.dtype``, else the first floating tensor of the first file
-    (safetensors names in sorted order, as ``safe_open.keys()`` gives them; a .bin's in saved order). A
-    checkpoint of mixed dtypes loads wholly in that one; one without floating tensors in float32."""
+    (safetensors names in sorted order, as ``safe_open.keys()`` gives them; a .bin's in saved order; float8
+    never, transformers does not pick it as a model's dtype). A checkpoint of mixed dtypes loads wholly in
+    that one; one without floating tensors in float32."""
     folder = files[0].parent
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index_name).is_file():
@@ -195,26 +196,11 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
             if isinstance(name, str) and name in DTYPE_NAMES:
                 return DTYPE_NAMES[name]
     if files[0].suffix == ".safetensors":
-        header = _safetensors_header(files[0])
-        found = (_SAFETENSORS_FLOATS.get(header[name].get("dtype")) for name in sorted(header))
+        handle = _open_safetensors(files[0])
+        found = (handle.dtype(name) for name in sorted(handle.keys()))
     else:
-        found = (t.dtype for t in _load_bin(files[0]).values()
-                 if torch.is_tensor(t) and t.is_floating_point() and t.dtype.itemsize > 1)
-    return next((d for d in found if d is not None), torch.float32)
-
-
-def _safetensors_header(file: Path) -> dict:
-    """A .safetensors file's tensor entries (name -> {"dtype", "shape", ...}) from its JSON header alone."""
-    try:
-        with open(file, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(min(length, 100 * 1024 * 1024)))
-        header.pop("__metadata__", None)
-        if not all(isinstance(info, dict) for info in header.values()):
-            raise ValueError("an entry is not a JSON object")
-        return header
-    except (OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"cannot read {file}: its header is not a safetensors header ({err})") from None
+        found = (t.dtype for t in _load_bin(files[0]).values() if torch.is_tensor(t))
+    return next((d for d in found if d.is_floating_point and d.itemsize > 1), torch.float32)
 
 
 def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, device: torch.device | str,

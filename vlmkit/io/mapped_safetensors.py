@@ -79,6 +79,10 @@ class MappedSafetensors:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, read from the header (nothing is loaded)."""
+        return self._entries[name][0]
+
     def get_tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[name]
         offset = self._start + begin

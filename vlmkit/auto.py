@@ -35,9 +35,14 @@ def family_of(name_or_path, **options) -> tuple[str, object, object]:
     folder = checkpoint_location(name_or_path, dict(options))
     if not (folder / "config.json").is_file() and _processor_class(folder) in PROCESSOR_FAMILIES:
         model_type = PROCESSOR_FAMILIES[_processor_class(folder)]  # a folder of processor files only
-        module_name, model_name, processor_name = FAMILIES[model_type]
-        module = import_module(module_name)
-        return model_type, getattr(module, model_name), getattr(module, processor_name)
+    else:
+        model_type = _model_type(folder)
+    module_name, model_name, processor_name = FAMILIES[model_type]
+    module = import_module(module_name)
+    return model_type, getattr(module, model_name), getattr(module, processor_name)
+
+
+def _model_type(folder) -> str:
     config = read_json(folder / "config.json")
     model_type = config.get("model_type")
     if model_type == "multi_modality" and "gen_vision_config" not in config:
@@ -46,9 +51,7 @@ def family_of(name_or_path, **options) -> tuple[str, object, object]:
     if model_type not in FAMILIES:
         raise CheckpointError(f"{folder}: unknown model type {model_type!r}; vlmkit supports "
                               f"{', '.join(sorted(FAMILIES))}")
-    module_name, model_name, processor_name = FAMILIES[model_type]
-    module = import_module(module_name)
-    return model_type, getattr(module, model_name), getattr(module, processor_name)
+    return model_type
 
 
 class AutoProcessor:

@@ -34,7 +34,7 @@ def hf_cache_dir() -> Path:
 
 
 # from_pretrained options about fetching from the hub: vlmkit only reads folders and the local cache, so
-# they change nothing (force_download=True is refused by resolve_model_path's callers)
+# they change nothing (checkpoint_location refuses force_download=True)
 HUB_OPTIONS = ("token", "use_auth_token", "proxies", "resume_download", "local_files_only", "trust_remote_code",
                "force_download", "mirror", "_from_auto", "user_agent")
 

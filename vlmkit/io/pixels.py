@@ -1,10 +1,14 @@
 """Pixel arithmetic every family's image processor shares, written once with the reference's exact
-numerics: rescale and normalise a uint8 picture, centre it on a square of the mean colour, and read
-the per-channel settings of a preprocessor config."""
+numerics: rescale and normalise a uint8 picture (``rescale_for`` pictures made from floats), centre it on a
+square of the mean colour, stack a batch, and read a preprocessor config's square size and per-channel
+settings."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import InputError
+from .media import FROM_FLOAT
 
 # OpenAI CLIP's mean/std: transformers' defaults for these processors (the real checkpoints often
 # override them, so a config is always read)
@@ -44,8 +48,6 @@ def rescale_for(image, do_rescale: bool, rescale_factor: float) -> float | None:
     ``do_rescale=False`` (transformers' way to say "already in [0, 1]") still divides by 255 here, as
     transformers' resize scales floats back after its uint8 round trip. With ``do_rescale=True`` such
     an image is read as the picture it is; transformers would divide by 255 twice."""
-    from .media import FROM_FLOAT
-
     if do_rescale:
         return rescale_factor
     return 1 / 255 if image.info.get(FROM_FLOAT) else None
@@ -54,8 +56,6 @@ def rescale_for(image, do_rescale: bool, rescale_factor: float) -> float | None:
 def stack_same_shapes(pictures: list) -> np.ndarray:
     """One array of equally shaped pictures (numpy arrays or tensors); pictures of different sizes, which
     only ``do_resize=False`` leaves, are an error that says so."""
-    from ..errors import InputError
-
     shapes = {tuple(p.shape) for p in pictures}
     if len(shapes) > 1:
         raise InputError(f"the images came out in different sizes ({', '.join(str(s) for s in sorted(shapes))}), so "
@@ -89,8 +89,6 @@ def pad_to_square(pixels: np.ndarray, colour) -> np.ndarray:
 def square_side(size) -> int:
     """The side of a square image size as a preprocessor config or call writes it: a number,
     ``{"height": N, "width": N}`` or ``{"shortest_edge": N}``."""
-    from ..errors import InputError
-
     if isinstance(size, dict):
         if size.get("height") and size.get("width"):
             if size["height"] != size["width"]:

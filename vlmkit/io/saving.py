@@ -87,10 +87,8 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
     else:
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if source.is_dir() and source.resolve() != out.resolve():
-        for item in source.iterdir():
-            if item.is_file() and item.name not in _WEIGHT_FILES and not item.name.endswith((".safetensors", ".bin")):
-                shutil.copy2(item, out / item.name)
+    if source.is_dir():
+        _copy_side_files(source, out)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:  # as the model holds it now, edits included
         (out / "generation_config.json").write_text(json.dumps(generation_config.to_json_dict(), indent=2,
@@ -108,11 +106,7 @@ def save_processor_files(processor, directory, **options) -> Path:
         raise InputError("this processor's tokenizer was not loaded from a folder, so there are no files to save")
     source, out = Path(tokenizer.folder), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != out.resolve():
-        for item in source.iterdir():
-            if item.is_file() and item.name not in _WEIGHT_FILES | {"generation_config.json"} \
-                    and not item.name.endswith((".safetensors", ".bin")):
-                shutil.copy2(item, out / item.name)
+    _copy_side_files(source, out, also_skip=("generation_config.json",))
     config_path = out / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     config.update(padding_side=tokenizer.padding_side,
@@ -121,6 +115,17 @@ def save_processor_files(processor, directory, **options) -> Path:
         config["model_max_length"] = tokenizer.model_max_length
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
+
+
+def _copy_side_files(source: Path, out: Path, also_skip: tuple[str, ...] = ()) -> None:
+    """Copy the files beside a checkpoint's weights and config (tokenizer, processor configs, chat template...)
+    from ``source`` into ``out``; nothing when they are the same folder."""
+    if source.resolve() == out.resolve():
+        return
+    for item in source.iterdir():
+        if item.is_file() and item.name not in _WEIGHT_FILES and item.name not in also_skip \
+                and not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy2(item, out / item.name)
 
 
 # weight files save_pretrained replaces: a folder saved into again must not keep another save's shards

@@ -60,3 +60,16 @@ def sample_images() -> dict[str, Image.Image]:
 
 # session fixtures of the LLaVA-OneVision and IDEFICS tests (tests/fixtures_llava.py, tests/fixtures_idefics.py)
 pytest_plugins = ["fixtures_llava", "fixtures_idefics"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a busy
+    2-core machine OpenMP threads spinning against other processes make each small op ~40x slower. A
+    module asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

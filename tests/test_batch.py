@@ -16,7 +16,6 @@ from collections import Counter
 
 import httpx
 import pytest
-import torch
 from batch_support import (STATUSES, batch_rows, cli_flags, comparable, kind, read_output, run_in_process,
                            serve_config, write_rows)
 from PIL import Image
@@ -33,12 +32,7 @@ from vlmkit.cli import main
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ VARIANTS = ["resampler", "plain"]
 PROMPTS = ["text only", "one image", "three interleaved images", "padded batch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models run as fast on one thread, and a second OpenMP thread spinning on a busy 2-core
-    # machine slows generation down tens of times
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(params=VARIANTS)

@@ -37,14 +37,7 @@ NEW_TOKENS = 32
 CHAT = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spinning
-    against other processes make each small op ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (conftest.py)
 
 
 def pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:

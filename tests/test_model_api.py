@@ -16,12 +16,7 @@ transformers.utils.logging.set_verbosity_error()
 FAMILIES = ["janus", "llava_onevision", "idefics", "idefics_plain"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only fights other processes for the cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (conftest.py)
 
 
 def _janus(request, images):

@@ -20,6 +20,28 @@ def run_chat(*args, stdin=None):
                           input=stdin, timeout=300, env=env)
 
 
+class RecordingSession:
+    """What run_interactive uses of ChatSession, recording each conversation it is asked to answer (the first
+    answer interrupted by Ctrl-C with ``interrupt_first``)."""
+
+    warn_without_image = False
+
+    def __init__(self, interrupt_first: bool = False):
+        self.asked, self.interrupt_first = [], interrupt_first
+
+    def answer(self, messages):
+        self.asked.append([dict(m) for m in messages])
+        if self.interrupt_first and len(self.asked) == 1:
+            raise KeyboardInterrupt
+        return type("Result", (), {"text": "ok"})()
+
+    def prompt_tokens(self, messages):
+        return 1
+
+    def room(self):
+        return 100
+
+
 def answers(stdout: str) -> list[str]:
     """The answers of an interactive session (what follows each ">>> " prompt, when anything does)."""
     return [line for line in stdout.replace(">>> ", "\n").splitlines() if line.strip()]
@@ -84,24 +106,11 @@ def test_pictures_and_videos_given_without_a_question_go_with_the_first_question
     both, the next one neither (a model that cannot take video is refused before the session starts)."""
     from vlmkit.cli_chat import run_interactive
 
-    class Session:  # what run_interactive uses of ChatSession, recording each conversation it answers
-        warn_without_image = False
-        asked = []
-
-        def answer(self, messages):
-            self.asked.append([dict(m) for m in messages])
-            return type("Result", (), {"text": "ok"})()
-
-        def prompt_tokens(self, messages):
-            return 1
-
-        def room(self):
-            return 100
-
     lines = iter(["What happens here?", "And then?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert run_interactive(Session(), [], [PICTURE], ["clip.mp4"], "m") == 0
-    first, second = Session.asked
+    session = RecordingSession()
+    assert run_interactive(session, [], [PICTURE], ["clip.mp4"], "m") == 0
+    first, second = session.asked
     assert [block["type"] for block in first[0]["content"]] == ["image", "video", "text"]
     assert first[0]["content"][1]["path"] == "clip.mp4"
     assert [block["type"] for block in second[-1]["content"]] == ["text"]
@@ -141,24 +150,9 @@ def test_a_question_too_long_for_the_context_is_refused_and_the_conversation_is_
 def test_ctrl_c_during_an_answer_stops_that_answer_and_the_session_goes_on(monkeypatch, capsys):
     from vlmkit.cli_chat import run_interactive
 
-    class Session:  # the first answer is interrupted (Ctrl-C), the second completes
-        warn_without_image = False
-        asked = []
-
-        def answer(self, messages):
-            self.asked.append([dict(m) for m in messages])
-            if len(self.asked) == 1:
-                raise KeyboardInterrupt
-            return type("Result", (), {"text": "ok"})()
-
-        def prompt_tokens(self, messages):
-            return 1
-
-        def room(self):
-            return 100
-
     lines = iter(["A long question", "Another one", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert run_interactive(Session(), [], [], [], "m") == 0
+    session = RecordingSession(interrupt_first=True)  # the first answer is interrupted (Ctrl-C)
+    assert run_interactive(session, [], [], [], "m") == 0
     assert "answer stopped" in capsys.readouterr().err
-    assert len(Session.asked[1]) == 1  # the stopped question was not kept in the conversation
+    assert len(session.asked[1]) == 1  # the stopped question was not kept in the conversation

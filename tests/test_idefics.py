@@ -235,9 +235,7 @@ def test_loss_matches_reference(checkpoint, sample_images, variant):
 
 
 def _requires_grad(model) -> dict[str, bool]:
-    # vlmkit names CLIP's `pre_layrnorm` properly and skips the unused pooled-output norm
-    return {name.replace("pre_layernorm", "pre_layrnorm"): p.requires_grad for name, p in model.named_parameters()
-            if "post_layernorm" not in name}
+    return {name: p.requires_grad for name, p in model.named_parameters()}
 
 
 def test_freeze_flags_set_requires_grad_as_the_reference(checkpoint):

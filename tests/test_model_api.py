@@ -3,6 +3,7 @@ forward's transformers options (a hand-written decoding loop on ``past_key_value
 ``return_dict=False``, ``logits_to_keep``, the loss), the output's fields by name and position, and the
 methods transformers code calls on a model."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -169,10 +170,30 @@ def test_embedding_accessors_and_inputs_embeds_give_the_references_logits(family
 
 
 def test_num_parameters_counts_as_the_reference(family):
-    # transformers' IDEFICS also holds the vision tower's post-LayerNorm, which only its pooled output reads
-    unused = 2 * family.model.config.vision_config.embed_dim if family.name.startswith("idefics") else 0
     for options in (dict(), dict(exclude_embeddings=True)):
-        assert family.model.num_parameters(**options) + unused == family.ref_model.num_parameters(**options)
+        assert family.model.num_parameters(**options) == family.ref_model.num_parameters(**options)
+
+
+def test_state_dict_names_shapes_and_values_are_the_references(family):
+    ours, want = family.model.state_dict(), family.ref_model.state_dict()
+    assert sorted(ours) == sorted(want)
+    for name, tensor in want.items():
+        assert ours[name].shape == tensor.shape and torch.equal(ours[name], tensor), name
+
+
+def test_load_state_dict_takes_the_references_weights(family):
+    """Both models load the same changed weights (strictly, by transformers' names) and agree on logits."""
+    torch.manual_seed(0)
+    changed = {name: tensor + 0.02 * torch.randn_like(tensor) if tensor.is_floating_point() else tensor
+               for name, tensor in family.ref_model.state_dict().items()}
+    ref_model, model = copy.deepcopy(family.ref_model), copy.deepcopy(family.model)
+    ref_model.load_state_dict(changed)
+    model.load_state_dict(changed)
+    with torch.no_grad():
+        want, got = ref_model(**family.inputs).logits, model(**family.inputs).logits
+        before = family.model(**family.inputs).logits
+    assert not torch.allclose(got, before, atol=1e-3)  # the change reached the logits
+    assert_close(got, want)
 
 
 def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, onevision_vlmkit):

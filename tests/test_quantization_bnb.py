@@ -51,12 +51,10 @@ def vlmkit_model(family: str, folder: str, config: str, skip: tuple | None = Non
                                                 device_map="cpu", dtype=torch.float32)
 
 
-def quantized_names(model, transformers_names: bool = False) -> set[str]:
+def quantized_names(model) -> set[str]:
     import bitsandbytes as bnb
 
-    from vlmkit.io.saving import transformers_name
-    names = {n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
-    return {transformers_name(model, n) for n in names} if transformers_names else names
+    return {n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
 @pytest.mark.parametrize("family,fixture,skip,config", [
@@ -74,7 +72,7 @@ def test_the_same_layers_are_quantized_as_in_transformers(request, family, fixtu
     ours = vlmkit_model(family, folder, config, skip)
     expected = quantized_names(reference_model(family, folder, config, skip))
     assert expected  # the comparison means something
-    assert quantized_names(ours, transformers_names=True) == expected
+    assert quantized_names(ours) == expected
 
 
 @pytest.mark.parametrize("config", ["nf4", "fp4-double-quant"])
@@ -103,7 +101,7 @@ def test_a_checkpoint_transformers_saved_quantized_loads_as_stored(janus_dir, tm
     # the processor files are not part of a model's save: vlmkit reads them from the source checkpoint
     inputs = image_prompt("janus", str(janus_dir))
     ours = vlmkit_class("janus").from_pretrained(tmp_path, dtype=torch.float32)
-    assert quantized_names(ours, transformers_names=True) == quantized_names(reference)
+    assert quantized_names(ours) == quantized_names(reference)
     expected, got = forward_logits(reference, inputs), forward_logits(ours, inputs)
     assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
     with pytest.raises(InputError, match="already quantized as bitsandbytes"):

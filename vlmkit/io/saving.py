@@ -16,20 +16,7 @@ from torch import nn
 from ..errors import InputError
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
 
-# vlmkit tensor names that differ from the transformers layout, mapped back on saving (the loaders map
-# them the other way, and also read these names as they are)
-_TRANSFORMERS_NAMES = {
-    "JanusForConditionalGeneration": ((re.compile(r"\.self_attn\.out_proj(?=\.|$)"), ".self_attn.projection_layer"),),
-    "IdeficsForVisionText2Text": ((re.compile(r"\.vision_model\.pre_layernorm(?=\.|$)"), ".vision_model.pre_layrnorm"),),
-}
 _WEIGHT_FILES = {"model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX, "config.json"}
-
-
-def transformers_name(model: nn.Module, name: str) -> str:
-    """A vlmkit parameter or module name as the transformers layout spells it."""
-    for pattern, replacement in _TRANSFORMERS_NAMES.get(type(model).__name__, ()):
-        name = pattern.sub(replacement, name)
-    return name
 
 
 def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options) -> Path:
@@ -62,7 +49,7 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
         if tensor.numel() and key in seen:  # a tied weight (LM head = embedding): the loader ties it again
             continue
         seen.add(key)
-        tensors[transformers_name(model, name)] = tensor.detach().to("cpu").contiguous()
+        tensors[name] = tensor.detach().to("cpu").contiguous()
     shards = _shards(tensors, shard_bytes)
     if len(shards) == 1:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -12,16 +12,20 @@ from .mlp import TwoLayerMLP
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention over patches. ``qk_norm``: queries and keys pass a LayerNorm of the
-    full width (default eps) before attention, as transformers' JanusVisionAttention (``use_qk_norm``)."""
+    full width (default eps) before attention, as transformers' JanusVisionAttention (``use_qk_norm``).
+    ``output_name`` names the output projection as the family's transformers model does (Janus:
+    ``projection_layer``), so ``state_dict`` and module paths are transformers' own."""
 
-    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 output_name: str = "out_proj"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
         self.k_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
         self.v_proj = Linear(hidden_size, hidden_size, bias=qkv_bias)
-        self.out_proj = Linear(hidden_size, hidden_size)
+        self.output_name = output_name
+        setattr(self, output_name, Linear(hidden_size, hidden_size))
         self.q_norm = nn.LayerNorm(hidden_size) if qk_norm else None
         self.k_norm = nn.LayerNorm(hidden_size) if qk_norm else None
 
@@ -38,17 +42,17 @@ class VisionAttention(nn.Module):
         out = prefill_attention(q, k, v, None, False)  # vlmkit's kernel where it runs (AVX-512 BF16 CPUs)
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, hidden))
+        return getattr(self, self.output_name)(out.transpose(1, 2).reshape(batch, seq_len, hidden))
 
 
 class VisionEncoderLayer(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, activation: str,
-                 eps: float, qkv_bias: bool = True, qk_norm: bool = False):
+                 eps: float, qkv_bias: bool = True, qk_norm: bool = False, attention_output_name: str = "out_proj"):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attn = VisionAttention(hidden_size, num_heads, qkv_bias, qk_norm)
+        self.self_attn = VisionAttention(hidden_size, num_heads, qkv_bias, qk_norm, attention_output_name)
         self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = TwoLayerMLP(hidden_size, intermediate_size, activation)
 
@@ -89,14 +93,15 @@ class SiglipViT(nn.Module):
     ``config`` is a vision config with SigLIP's key names (``hidden_size``, ``patch_size``...); the module
     names are transformers', so checkpoints load by name."""
 
-    def __init__(self, config, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, config, qkv_bias: bool = True, qk_norm: bool = False, attention_output_name: str = "out_proj"):
         super().__init__()
         self.embeddings = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
                                          config.image_size)
         self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.hidden_size,
                                      num_heads=config.num_attention_heads,
                                      intermediate_size=config.intermediate_size, activation=config.hidden_act,
-                                     eps=config.layer_norm_eps, qkv_bias=qkv_bias, qk_norm=qk_norm)
+                                     eps=config.layer_norm_eps, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                                     attention_output_name=attention_output_name)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..io.saving import transformers_name
 from .config import BitsAndBytesConfig
 from .loading import plain_linear_names
 
@@ -65,7 +64,7 @@ def bnb_module_names(model: nn.Module, config: BitsAndBytesConfig) -> list[str]:
     """The linear layers bitsandbytes replaces, by vlmkit name."""
     skips = default_skips(model) if config.llm_int8_skip_modules is None else list(config.llm_int8_skip_modules)
     return [name for name in plain_linear_names(model)
-            if not (_matches(name, skips) or _matches(transformers_name(model, name), skips))]
+            if not _matches(name, skips)]
 
 
 def stored_bnb_module_names(tensor_names: list[str], config: BitsAndBytesConfig) -> list[str]:

@@ -4,7 +4,6 @@ and renamed into place, so a run killed mid-write leaves the previous file intac
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -30,17 +29,11 @@ def load_training_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# vlmkit's shared ViT names the vision attention output ``out_proj``; transformers' Janus calls it
-# ``projection_layer`` (the loader maps it the other way).
-_VISION_OUT_PROJ = re.compile(r"^(model\.vision_model\.encoder\.layers\.\d+\.self_attn)\.out_proj\.")
-
-
 def transformers_state_dict(model, dtype="float32") -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' Janus names, in ``dtype``."""
+    """The model's weights (its names are transformers' Janus names), in ``dtype``."""
     target = resolve_dtype(dtype, {})
     state = {}
     for name, tensor in model.state_dict().items():
-        name = _VISION_OUT_PROJ.sub(r"\1.projection_layer.", name)
         tensor = tensor.detach().cpu()
         state[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous().clone()
     return state

@@ -74,7 +74,7 @@ def init_weights(model: JanusForConditionalGeneration, seed: int) -> None:
         for name, module in model.named_modules():
             in_vq = name.startswith("model.vqmodel")
             if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")) else 0.02
+                std = residual_std if name.endswith(("o_proj", "down_proj", "projection_layer", "fc2")) else 0.02
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:
                     module.bias.zero_()

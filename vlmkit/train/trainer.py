@@ -10,6 +10,7 @@ reproduces the uninterrupted run exactly."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -97,6 +98,13 @@ def _build_model(recipe: Recipe, out: Path):
     return new_model(read_json(out / "config.json"), recipe.seed).train()
 
 
+def _with_current_names(state: dict) -> dict:
+    """A saved model state with vlmkit's current module names: training states written before the vision
+    tower's attention output took transformers' name (``projection_layer``) call it ``out_proj``."""
+    older = re.compile(r"^(model\.vision_model\.encoder\.layers\.\d+\.self_attn)\.out_proj\.")
+    return {older.sub(r"\1.projection_layer.", name): tensor for name, tensor in state.items()}
+
+
 def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = list(params)
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
@@ -180,7 +188,7 @@ class Trainer:
         self.source, self.shapes = _data(recipe, self.model, self.device, jsonl)
         self.heads = self.shapes.heads if self.shapes is not None else {}
         if saved is not None:
-            self.model.load_state_dict(saved["model"])
+            self.model.load_state_dict(_with_current_names(saved["model"]))
             self.state = saved["state"]
             self.optimizer_state = saved["optimizer"]
             self.vq_usage = saved["vq_usage"]

@@ -5,9 +5,8 @@ cross-attention layer over them; the processor's ``image_attention_mask`` says w
 position may see. The additional vocabulary (the image tokens) has its own embedding rows and LM-head
 rows ("decoupled"), so it can be trained while the rest is frozen.
 
-Module names follow the transformers layout; the one rename is the vision tower's ``pre_layrnorm``."""
+Module names are transformers', so its checkpoints load by name and ``state_dict`` is its own."""
 
-import re
 
 import torch
 from torch import nn
@@ -137,10 +136,6 @@ class IdeficsModel(DecoderModel):
         return hidden_states
 
 
-def _rename_transformers_layout(name: str, tensor: torch.Tensor):
-    return [(re.sub(r"\.vision_model\.pre_layrnorm\.", ".vision_model.pre_layernorm.", name), tensor)]
-
-
 class IdeficsForVisionText2Text(PretrainedVLM):
     """IDEFICS for text generation from interleaved images and text."""
 
@@ -161,16 +156,23 @@ class IdeficsForVisionText2Text(PretrainedVLM):
         """(config, weight layout) for a transformers-layout IDEFICS folder."""
         if raw_config.get("model_type") != "idefics":
             raise CheckpointError(f"{folder} holds a {raw_config.get('model_type')!r} checkpoint, not IDEFICS")
-        layout = WeightLayout(_rename_transformers_layout,
-                              ignore=(r"\.vision_model\.post_layernorm\.",),  # pooled output only; unused
-                              optional=(r"^lm_head\.weight$", r"^lm_head\.additional_fc\.weight$"))
+        layout = WeightLayout(optional=(r"^lm_head\.weight$", r"^lm_head\.additional_fc\.weight$",
+                                        r"\.vision_model\.post_layernorm\."))  # never applied (see vision.py)
         return IdeficsConfig.from_dict(raw_config), layout
 
     def tie_missing_weights(self, missing: set[str]) -> None:
-        """A checkpoint saved with tied embeddings has no LM head: share the (decoupled) input embedding."""
+        """A checkpoint saved with tied embeddings has no LM head: share the (decoupled) input embedding.
+        A checkpoint without the vision tower's unused pooled-output norm gets a fresh one."""
         super().tie_missing_weights(missing)
         if "lm_head.additional_fc.weight" in missing:
             self.lm_head.additional_fc.weight = self.model.embed_tokens.additional_embedding.weight
+        vision = self.model.vision_model
+        if vision.post_layernorm.weight.is_meta:
+            like = vision.pre_layrnorm.weight  # device and dtype
+            for name, fill in (("weight", torch.ones), ("bias", torch.zeros)):
+                old = getattr(vision.post_layernorm, name)
+                setattr(vision.post_layernorm, name, nn.Parameter(fill(old.shape, device=like.device, dtype=like.dtype),
+                                                                  old.requires_grad))
 
     # --- freezing, as the reference sets it at construction ------------------------------------
     def freeze_relevant_params(self, config: IdeficsConfig | None = None) -> None:

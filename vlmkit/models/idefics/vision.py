@@ -64,10 +64,13 @@ class IdeficsVisionTransformer(nn.Module):
     def __init__(self, config: IdeficsVisionConfig):
         super().__init__()
         self.embeddings = IdeficsVisionEmbeddings(config)
-        self.pre_layernorm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.pre_layrnorm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)  # CLIP's spelling, kept
         self.encoder = VisionEncoder(config.num_hidden_layers, hidden_size=config.embed_dim,
                                      num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
                                      activation=config.hidden_act, eps=config.layer_norm_eps)
+        # CLIP's norm of the pooled output: IDEFICS reads the last hidden state and never applies it, but the
+        # weights are part of the checkpoint and of transformers' state_dict
+        self.post_layernorm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        return self.encoder(self.pre_layernorm(self.embeddings(pixel_values, interpolate_pos_encoding)))
+        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding)))

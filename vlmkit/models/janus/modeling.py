@@ -1,8 +1,8 @@
 """Janus / Janus-Pro: a SigLIP tower whose patch features are aligned into a LLaMA decoder for
 understanding, and a VQ-VAE codebook with its own embedding, aligner and head for writing images.
 
-Module names follow the transformers layout, so its checkpoints load by name (``projection_layer``
-is the one rename); DeepSeek's original layout is mapped in ``original_layout.py``."""
+Module names are transformers', so its checkpoints load by name and ``state_dict`` is its own; DeepSeek's
+original layout is mapped in ``original_layout.py``."""
 
 import re
 
@@ -67,10 +67,6 @@ class JanusModel(nn.Module):
 GENERATION_WEIGHTS = (r"^model\.vqmodel\.", r"^model\.generation_")
 
 
-def _rename_transformers_layout(name: str, tensor: torch.Tensor):
-    return [(re.sub(r"\.self_attn\.projection_layer\.", ".self_attn.out_proj.", name), tensor)]
-
-
 class JanusForConditionalGeneration(PretrainedVLM):
     """Janus for image understanding (text out) and text-to-image generation (image tokens out)."""
 
@@ -91,7 +87,7 @@ class JanusForConditionalGeneration(PretrainedVLM):
         """(config, weight layout) for a transformers-layout or DeepSeek original-layout folder."""
         model_type = raw_config.get("model_type")
         if model_type == "janus":
-            layout = WeightLayout(_rename_transformers_layout, optional=(r"^lm_head\.weight$",) + GENERATION_WEIGHTS)
+            layout = WeightLayout(optional=(r"^lm_head\.weight$",) + GENERATION_WEIGHTS)
             return JanusConfig.from_dict(raw_config), layout
         if model_type == "multi_modality":
             from .original_layout import original_config_and_layout

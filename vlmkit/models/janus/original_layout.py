@@ -78,7 +78,7 @@ def _special_token_ids(folder) -> dict:
 _VISION = "vision_model.vision_tower."
 _SIMPLE_RENAMES = [
     (r"^vision_model\.vision_tower\.patch_embed\.proj\.", "model.vision_model.embeddings.patch_embedding."),
-    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.attn\.proj\.", r"model.vision_model.encoder.layers.\1.self_attn.out_proj."),
+    (r"^vision_model\.vision_tower\.blocks\.(\d+)\.attn\.proj\.", r"model.vision_model.encoder.layers.\1.self_attn.projection_layer."),
     (r"^vision_model\.vision_tower\.blocks\.(\d+)\.norm([12])\.", r"model.vision_model.encoder.layers.\1.layer_norm\2."),
     (r"^vision_model\.vision_tower\.blocks\.(\d+)\.mlp\.", r"model.vision_model.encoder.layers.\1.mlp."),
     (r"^vision_model\.vision_tower\.norm\.", "model.vision_model.post_layernorm."),

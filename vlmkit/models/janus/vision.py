@@ -12,7 +12,8 @@ class JanusVisionModel(SiglipViT):
     """SigLIP ViT whose output (after the final LayerNorm, no attention pooling) is the image features."""
 
     def __init__(self, config: JanusVisionConfig):
-        super().__init__(config, qkv_bias=config.attention_bias, qk_norm=config.use_qk_norm)
+        super().__init__(config, qkv_bias=config.attention_bias, qk_norm=config.use_qk_norm,
+                         attention_output_name="projection_layer")
         self.config = config
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -396,6 +396,23 @@ def test_the_question_label_loss_reads_what_each_question_names_at_its_answer_po
         assert torch.allclose(losses[name], F.cross_entropy(block[None], torch.tensor([expected[name]])))
 
 
+def test_a_training_state_with_the_older_vision_projection_name_resumes(trained, tmp_path):
+    """States saved while the vision attention output was named ``out_proj`` resume to the same weights."""
+    from vlmkit.train.checkpoint import save_training_state
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(tiny_recipe(), out, progress=False, halt_after=3)
+    path = out / "training" / "checkpoint.pt"
+    saved = load_training_state(path)
+    older = {name.replace(".self_attn.projection_layer.", ".self_attn.out_proj."): t for name, t in saved["model"].items()}
+    assert older.keys() != saved["model"].keys()
+    save_training_state(path, {**saved, "model": older})
+    train(None, out, resume=True, progress=False)
+    resumed, expected = load_file(str(out / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
 def test_a_checkpoint_whose_label_head_has_other_classes_is_refused_clearly(tmp_path):
     from vlmkit.train.checkpoint import save_training_state
 

@@ -196,6 +196,68 @@ def test_load_state_dict_takes_the_references_weights(family):
     assert_close(got, want)
 
 
+RESIZES = {"grow": dict(new_num_tokens=7), "shrink": dict(new_num_tokens=-5), "pad only": dict(pad_to_multiple_of=48),
+           "grow and pad": dict(new_num_tokens=3, pad_to_multiple_of=16)}
+
+
+@pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean", "normal"])
+@pytest.mark.parametrize("resize", RESIZES, ids=list(RESIZES))
+def test_resize_token_embeddings_gives_the_references_weights(family, resize, mean_resizing, tmp_path):
+    """After the same seed both libraries hold the same weights (kept rows and drawn ones), vocab sizes and
+    logits; the resized model saves and loads back (in vlmkit and in transformers)."""
+    options = dict(RESIZES[resize], mean_resizing=mean_resizing)
+    ref_model, model = copy.deepcopy(family.ref_model), copy.deepcopy(family.model)
+    if "new_num_tokens" in options:
+        options["new_num_tokens"] += model.get_input_embeddings().weight.shape[0]
+    if family.name == "idefics":  # image tokens right after the regular vocabulary
+        with pytest.raises(InputError, match="additional tokens .* a resize would move"):
+            model.resize_token_embeddings(**options)
+        return
+    torch.manual_seed(0)
+    want = ref_model.resize_token_embeddings(**options)
+    torch.manual_seed(0)
+    got = model.resize_token_embeddings(**options)
+    assert got is model.get_input_embeddings() and got.weight.shape == want.weight.shape
+    assert model.config.get_text_config().vocab_size == ref_model.config.get_text_config().vocab_size
+    ours, theirs = model.state_dict(), ref_model.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), \
+        [name for name in theirs if not torch.equal(ours[name], theirs[name])]
+    newest = dict(family.inputs, input_ids=family.inputs["input_ids"].clone())
+    newest["input_ids"][:, -1] = got.weight.shape[0] - 1  # the last row, an added token where the vocabulary grew
+    with torch.no_grad():
+        assert_close(model(**family.inputs).logits, ref_model(**family.inputs).logits)
+        assert_close(model(**newest).logits, ref_model(**newest).logits)
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path, dtype=torch.float32)
+    reference_again = type(ref_model).from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        assert_close(again(**family.inputs).logits, ref_model(**family.inputs).logits)
+        assert_close(reference_again(**family.inputs).logits, ref_model(**family.inputs).logits)
+
+
+def test_resize_token_embeddings_refuses_bad_sizes_and_changes_nothing_without_one(family):
+    model = copy.deepcopy(family.model)
+    embedding = model.get_input_embeddings()
+    rows = embedding.weight.shape[0]
+    assert model.resize_token_embeddings() is embedding and embedding.weight.shape[0] == rows
+    for bad in (dict(new_num_tokens=0), dict(new_num_tokens=2.5), dict(pad_to_multiple_of=-8),
+                dict(new_num_tokens=True)):
+        with pytest.raises(InputError, match="must be a positive integer"):
+            model.resize_token_embeddings(**bad)
+    assert embedding.weight.shape[0] == rows
+
+
+def test_resize_token_embeddings_of_a_quantized_head_says_to_resize_first(janus_dir):
+    from vlmkit import JanusForConditionalGeneration
+
+    model = JanusForConditionalGeneration.from_pretrained(janus_dir, quantization_config="int8")
+    rows = model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(InputError, match="unquantized: load the model without quantization_config, resize it"):
+        model.resize_token_embeddings(rows + 8)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+
+
 def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, onevision_vlmkit):
     from vlmkit import LlavaOnevisionForConditionalGeneration
 

@@ -183,6 +183,16 @@ class PretrainedVLM(nn.Module):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' ``resize_token_embeddings`` (see ``token_embeddings.py``): rows kept, added rows drawn
+        near the old rows' mean, an untied LM head resized with them, ``vocab_size`` updated."""
+        from .token_embeddings import resize_token_embeddings
+        return resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def refuse_resize(self) -> None:
+        """Raises where this checkpoint's vocabulary cannot be resized (IDEFICS with image tokens)."""
+
     def get_decoder(self) -> nn.Module:
         """The text decoder (``model.model.language_model``; IDEFICS' is ``model.model``)."""
         return self.text_model

@@ -174,6 +174,15 @@ class IdeficsForVisionText2Text(PretrainedVLM):
                 setattr(vision.post_layernorm, name, nn.Parameter(fill(old.shape, device=like.device, dtype=like.dtype),
                                                                   old.requires_grad))
 
+    def refuse_resize(self) -> None:
+        """``resize_token_embeddings`` on a checkpoint with an additional vocabulary: its image tokens sit right
+        after the regular vocabulary, whose growth would move their ids (transformers' resize drops their
+        LM-head rows)."""
+        if self.config.additional_vocab_size:
+            raise InputError(f"resize_token_embeddings: this IDEFICS checkpoint keeps {self.config.additional_vocab_size} "
+                             "additional tokens (its image tokens) right after the regular vocabulary, whose ids "
+                             "a resize would move; add new tokens by training the additional vocabulary instead")
+
     # --- freezing, as the reference sets it at construction ------------------------------------
     def freeze_relevant_params(self, config: IdeficsConfig | None = None) -> None:
         """Set ``requires_grad`` from the config's ``freeze_*`` flags: frozen text layers and regular

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from vlmkit import AutoModel, CheckpointError
+from vlmkit import AutoModel, CheckpointError, InputError
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 
 LIMIT = 16  # max_position_embeddings of the tiny decoders
@@ -125,6 +125,41 @@ def test_a_checkpoint_with_scaled_rope_loads_and_matches_transformers(llava_onev
         torch.testing.assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits,
                                    rtol=1e-4, atol=1e-4)
     assert torch.equal(model.generate(input_ids, max_new_tokens=6, do_sample=False), expected.sequences)
+
+
+@pytest.mark.parametrize("name, context", [("default", LIMIT), ("linear", 2 * LIMIT), ("dynamic", 2 * LIMIT),
+                                           ("dynamic, odd factor", int(1.7 * LIMIT)), ("yarn", 4 * 8),
+                                           ("yarn, no original length", 2 * LIMIT), ("llama3", LIMIT)])
+def test_the_context_is_what_the_rope_scaling_stretches_max_position_embeddings_to(name, context):
+    assert DecoderConfig.from_text_config(_text_config(ROPES[name]), "qwen2").context_length == context
+
+
+@pytest.mark.parametrize("name", ["yarn", "dynamic"])
+def test_generate_runs_past_max_position_embeddings_where_the_rope_is_scaled_for_it(llava_onevision_dir, tmp_path,
+                                                                                   name):
+    """max_position_embeddings 32 with YaRN (original length 8, factor 8: 64 positions) or dynamic NTK (factor
+    2: 64): a 40-token prompt and 16 new tokens run, token for token as transformers; without scaling the same
+    request is refused before any work, naming the context."""
+    from transformers import LlavaOnevisionForConditionalGeneration as Reference
+
+    rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8} if name == "yarn" \
+        else {"rope_type": "dynamic", "factor": 2.0}
+    folders = {}
+    for variant, variant_rope in (("scaled", rope), ("plain", {"rope_type": "default"})):
+        folders[variant] = _with_rope(llava_onevision_dir, tmp_path / variant, variant_rope)
+        config = json.loads((folders[variant] / "config.json").read_text())
+        config["text_config"]["max_position_embeddings"] = 32
+        (folders[variant] / "config.json").write_text(json.dumps(config))
+    reference = Reference.from_pretrained(folders["scaled"], dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(folders["scaled"], dtype=torch.float32)
+    assert model.max_context == 64
+    input_ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.generate(input_ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=16, do_sample=False), expected)
+    plain = AutoModel.from_pretrained(folders["plain"], dtype=torch.float32)
+    with pytest.raises(InputError, match="context of 32 tokens"):
+        plain.generate(input_ids, max_new_tokens=16, do_sample=False)
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},

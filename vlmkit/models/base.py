@@ -227,7 +227,8 @@ class PretrainedVLM(nn.Module):
 
     @property
     def max_context(self) -> int:
-        return self.text_model.config.max_position_embeddings
+        """The longest sequence (prompt and new tokens) the model takes (see ``DecoderConfig.context_length``)."""
+        return self.text_model.config.context_length
 
     # --- forward's transformers options ---------------------------------------------------------
     def run_text_model(self, inputs_embeds, attention_mask=None, position_ids=None, *, past_key_values=None,

@@ -14,7 +14,7 @@ from .layers import Linear
 from .kv_cache import KVCache
 from .mlp import GatedMLP
 from .norms import RMSNorm
-from .rotary import RotaryEmbedding, rope_settings
+from .rotary import RotaryEmbedding, context_length, rope_settings
 
 
 # What transformers' config class for a text ``model_type`` (5.23's LlamaConfig, Qwen2Config) gives a key
@@ -83,6 +83,12 @@ class DecoderConfig:
     @property
     def rope(self) -> tuple[float, dict]:
         return rope_settings({**self.extra, "max_position_embeddings": self.max_position_embeddings})
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the decoder takes: max_position_embeddings, or what its rope scaling stretches
+        it to."""
+        return context_length(self.max_position_embeddings, self.rope[1])
 
     @property
     def qkv_bias(self) -> bool:

@@ -39,6 +39,19 @@ def rope_settings(config: dict) -> tuple[float, dict]:
     return float(theta), scaling
 
 
+def context_length(max_position_embeddings: int, scaling: dict) -> int:
+    """The positions a rope scaling is made for, as vLLM reads a config: linear and dynamic NTK stretch
+    ``max_position_embeddings`` by their factor, YaRN its original length by its factor (Qwen2.5's recipe adds
+    YaRN and keeps max_position_embeddings); llama3 configs already give the stretched length."""
+    rope_type, factor = scaling["rope_type"], scaling.get("factor")
+    if rope_type in ("linear", "dynamic"):
+        return int(max_position_embeddings * factor)
+    if rope_type == "yarn":
+        original = scaling["original_max_position_embeddings"]
+        return max(max_position_embeddings, int(original * (factor or max_position_embeddings / original)))
+    return max_position_embeddings
+
+
 _REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor", "max_position_embeddings"),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                   "yarn": ("original_max_position_embeddings",)}

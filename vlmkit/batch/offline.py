@@ -34,12 +34,16 @@ class SamplingParams:
     stop: str | list[str] | None = None
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_p: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
 
     def request_fields(self) -> dict:
         """These settings as chat-completion request fields."""
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
                       seed=self.seed, stop=self.stop, repetition_penalty=self.repetition_penalty,
-                      ignore_eos=self.ignore_eos)
+                      ignore_eos=self.ignore_eos, min_p=self.min_p, min_tokens=self.min_tokens,
+                      stop_token_ids=self.stop_token_ids)
         if self.max_tokens is not None:
             fields["max_tokens"] = self.max_tokens
         return fields

@@ -76,6 +76,8 @@ class TextRow:
                 self.logprobs.append(logprob)
             if token not in eos and self.answer.add(token):
                 reason = "stop"
+            elif token in task.options.stop_token_ids:
+                reason = "stop"
             elif len(self.tokens) >= task.max_tokens:
                 reason = "length"
         if task.options.tool_call:  # a tool call is sent whole, at its end

@@ -43,6 +43,7 @@ class ChatOptions:
     named_tool: str | None = None  # tool_choice named this function: the answer is its arguments
     tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
     grammar_field: str = ""  # the request field the grammar comes from (response_format or tools)
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: drawing one ends the choice (it stays in the answer)
 
     @property
     def tool_call(self) -> bool:
@@ -73,11 +74,11 @@ def chat_options(request, engine) -> ChatOptions:
                           frequency_penalty=request.frequency_penalty or 0.0)
     if request.logit_bias:
         bias = {int(key): float(value) for key, value in request.logit_bias.items()}
-        outside = [t for t in bias if t >= vocab_size]
-        if outside:
-            raise InputError(f"logit_bias: token ids {outside[:5]} are outside the model's vocabulary of "
-                             f"{vocab_size} tokens (ids 0 to {vocab_size - 1})")
+        _check_token_ids("logit_bias", bias, vocab_size)
         options.logit_bias = bias
+    if request.stop_token_ids:
+        _check_token_ids("stop_token_ids", request.stop_token_ids, vocab_size)
+        options.stop_token_ids = frozenset(request.stop_token_ids)
     if request.logprobs:
         options.top_logprobs = request.top_logprobs or 0
     forced = request.forced_tools
@@ -107,6 +108,13 @@ def chat_options(request, engine) -> ChatOptions:
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
     return options
+
+
+def _check_token_ids(field: str, ids, vocab_size: int) -> None:
+    outside = [t for t in ids if t >= vocab_size]
+    if outside:
+        raise InputError(f"{field}: token ids {outside[:5]} are outside the model's vocabulary of "
+                         f"{vocab_size} tokens (ids 0 to {vocab_size - 1})")
 
 
 def _required_call_schema(tools) -> dict:

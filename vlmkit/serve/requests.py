@@ -132,8 +132,11 @@ class RequestHandler:
         if prompt >= context:  # no max_tokens can help: say so, rather than "lower max_tokens to at most 0"
             raise ApiError(400, f"the prompt is {prompt} tokens long and fills the model's context of {context} "
                                 f"tokens; shorten the conversation or send fewer images")
-        if budget is None:
-            budget = min(limits.default_max_tokens, context - prompt)
+        if budget is None:  # the server's default, or more where min_tokens asks for more
+            budget = min(max(limits.default_max_tokens, request.min_tokens or 0), context - prompt)
+            if request.min_tokens and request.min_tokens > budget:
+                raise ApiError(400, f"min_tokens: {request.min_tokens} tokens do not fit after the prompt "
+                                    f"({prompt} tokens) in the model's context of {context} tokens; lower it")
         elif prompt + budget > context:
             raise ApiError(400, f"the prompt ({prompt} tokens) plus max_tokens ({budget}) is more than the model's "
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
@@ -207,11 +210,16 @@ class RequestHandler:
         temperature = 1.0 if request.temperature is None else request.temperature
         if temperature < request.GREEDY_BELOW:
             temperature = 0.0
+        base = self.engine.model.generation_config
         options = dict(do_sample=temperature > 0, max_new_tokens=budget, seed=request.seed,
                        repetition_penalty=request.repetition_penalty or 1.0)
         if temperature > 0:  # as Engine.chat: top_k off unless asked for
-            options.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=request.top_k or 0)
-        return self.engine.model.generation_config.updated(**options)
+            options.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=request.top_k or 0,
+                           min_p=request.min_p or None)
+        if request.min_tokens:  # vLLM's min_tokens holds back the stop tokens too
+            options.update(min_new_tokens=request.min_tokens,
+                           eos_token_id=[*base.eos_token_ids, *(request.stop_token_ids or ())])
+        return base.updated(**options)
 
     def engine_messages(self, request: ChatCompletionRequest) -> list[dict]:
         """OpenAI messages as the Engine's content-block messages, media loaded under the server's policy."""

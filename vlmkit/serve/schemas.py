@@ -143,7 +143,8 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``; ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are vLLM-style extras.
+    """``POST /v1/chat/completions``; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+    ``stop_token_ids`` and ``ignore_eos`` are vLLM's extras, with vLLM's meaning.
     A temperature under ``GREEDY_BELOW`` samples as 0 (greedy): dividing logits by less would overflow."""
 
     model: Text | None = None
@@ -160,6 +161,9 @@ class ChatCompletionRequest(_Request):
     top_k: _int(ge=0, le=2 ** 31 - 1) | None = None
     repetition_penalty: _number(ge=0.01, le=10) | None = None
     ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
+    min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
+    min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
+    stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
     logprobs: Flag = False
     top_logprobs: _int(ge=0, le=20) | None = None
     logit_bias: dict[Text, _number(ge=-100, le=100)] | None = None  # token id (a string) -> bias
@@ -183,6 +187,9 @@ class ChatCompletionRequest(_Request):
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
             raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")
+        budget = self.answer_budget
+        if self.min_tokens and budget is not None and self.min_tokens > budget:
+            raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({budget}); lower it")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice: 'required' needs tools")
         if self.forced_tools and self.response_format is not None and self.response_format.type != "text":

@@ -1,0 +1,112 @@
+"""vLLM's sampling extras on ``vlmkit serve`` (sent as the openai client's ``extra_body``) and on the offline
+``SamplingParams``: ``min_tokens`` holds back the end, ``stop_token_ids`` end the answer on a token (kept in
+the answer, as vLLM keeps a non-special stop token), ``min_p`` draws as ``generate(min_p=...)`` with the same
+seed; bad values are 400s naming the field."""
+
+import openai
+import pytest
+from serve_support import engine_for, serve, served_text, user
+
+from vlmkit.batch.offline import LLM, SamplingParams
+from vlmkit.builtin import builtin_model_path
+
+ASK = user("Where is the triangle?")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(builtin_model_path()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return engine_for(builtin_model_path())
+
+
+def _generated(engine, max_new_tokens: int, **options) -> list[int]:
+    """The answer's token ids from ``generate`` itself (the parity tests hold it to transformers)."""
+    inputs = engine.prepare_chat(ASK)
+    output = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, generation_mode="text", **options)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _answer(server, **options):
+    """The first choice; vLLM's extras go in the body as the openai client sends them (``extra_body``)."""
+    extra = {k: options.pop(k) for k in ("min_tokens", "min_p", "stop_token_ids") if k in options}
+    return server.chat(ASK, extra_body=extra, **options).choices[0]
+
+
+def _first_new_token(tokens: list[int]) -> int:
+    """The position of a token (past the first two) that the answer has not drawn before."""
+    return next(i for i, token in enumerate(tokens) if i >= 2 and token not in tokens[:i])
+
+
+def _text(engine, tokens: list[int]) -> str:
+    return served_text(engine, engine.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def test_min_tokens_holds_back_the_end_as_generate_min_new_tokens(server, engine):
+    plain = _generated(engine, 40)
+    assert plain[-1] in engine.model.generation_config.eos_token_ids and len(plain) < 30  # ends by itself
+    wanted = len(plain) + 6
+    expected = _generated(engine, 40, min_new_tokens=wanted)
+    assert len(expected) > wanted and not set(expected[:wanted]) & set(engine.model.generation_config.eos_token_ids)
+    choice = _answer(server, max_tokens=40, min_tokens=wanted)
+    assert choice.message.content == _text(engine, expected)
+    assert choice.finish_reason == ("stop" if len(expected) < 40 else "length")
+
+
+def test_a_stop_token_id_ends_the_answer_and_stays_in_it(server, engine):
+    plain = _generated(engine, 40)
+    position = _first_new_token(plain)
+    choice = _answer(server, max_tokens=40, stop_token_ids=[plain[position], len(engine.tokenizer) - 1])
+    assert choice.finish_reason == "stop"
+    assert choice.message.content == _text(engine, plain[:position + 1])
+    answer = server.chat(ASK, max_tokens=40, extra_body={"stop_token_ids": [plain[position]]})
+    assert answer.usage.completion_tokens == position + 1
+
+
+def test_min_tokens_holds_back_the_stop_token_ids_too(server, engine):
+    plain = _generated(engine, 40)
+    choice = _answer(server, max_tokens=40, min_tokens=3, stop_token_ids=[plain[0]])
+    assert len(engine.tokenizer.encode(choice.message.content, add_special_tokens=False)) >= 3
+
+
+def test_min_p_draws_as_generate_with_the_same_seed(server, engine):
+    answers = []
+    for seed in range(4):
+        options = dict(do_sample=True, temperature=1.8, top_p=1.0, top_k=0, seed=seed)
+        expected = _generated(engine, 12, min_p=0.3, **options)
+        choice = _answer(server, max_tokens=12, temperature=1.8, seed=seed, min_p=0.3)
+        assert choice.message.content == _text(engine, expected)
+        answers.append((choice.message.content, _text(engine, _generated(engine, 12, **options))))
+    assert any(with_min_p != without for with_min_p, without in answers)  # min_p changed some draw
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"min_p": 1.5}, "min_p"), ({"min_p": "0.1"}, "min_p"), ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 9}, "min_tokens"),  # more than max_tokens
+    ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"), ({"stop_token_ids": ["5"]}, "stop_token_ids"),
+    ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop_token_ids": [0] * 1025}, "stop_token_ids"),
+])
+def test_bad_extras_are_a_400_naming_the_field(server, extra, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.chat(ASK, max_tokens=4, extra_body=extra)
+    assert field in caught.value.message
+
+
+def test_min_tokens_past_the_context_is_a_400(server, engine):
+    with pytest.raises(openai.BadRequestError, match="min_tokens: .* do not fit"):
+        server.chat(ASK, extra_body={"min_tokens": engine.model.max_context})
+
+
+def test_offline_sampling_params_take_the_extras(engine):
+    plain = _generated(engine, 40)
+    wanted, position = len(plain) + 6, _first_new_token(plain)
+    llm = LLM(str(builtin_model_path()))
+    outputs = llm.chat([ASK, ASK], [SamplingParams(temperature=0, max_tokens=40, min_tokens=wanted),
+                                    SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[plain[position]])],
+                       use_tqdm=False)
+    assert outputs[0].outputs[0].text == _text(engine, _generated(engine, 40, min_new_tokens=wanted))
+    assert outputs[1].outputs[0].text == _text(engine, plain[:position + 1])

@@ -1,7 +1,8 @@
 """vLLM's sampling extras on ``vlmkit serve`` (sent as the openai client's ``extra_body``) and on the offline
 ``SamplingParams``: ``min_tokens`` holds back the end, ``stop_token_ids`` end the answer on a token (kept in
 the answer, as vLLM keeps a non-special stop token), ``min_p`` draws as ``generate(min_p=...)`` with the same
-seed; bad values are 400s naming the field."""
+seed; ``structured_outputs`` (and the older ``guided_*`` names) hold every answer, greedy or sampled, to a
+choice, a regular expression, a JSON Schema or a Lark/GBNF grammar; bad values are 400s naming the field."""
 
 import openai
 import pytest
@@ -110,3 +111,69 @@ def test_offline_sampling_params_take_the_extras(engine):
                        use_tqdm=False)
     assert outputs[0].outputs[0].text == _text(engine, _generated(engine, 40, min_new_tokens=wanted))
     assert outputs[1].outputs[0].text == _text(engine, plain[:position + 1])
+    chosen = llm.chat(ASK, SamplingParams(temperature=1.5, seed=2, n=4, structured_outputs={"choice": CHOICES}),
+                      use_tqdm=False)
+    assert {output.text for output in chosen[0].outputs} <= set(CHOICES)
+
+
+CHOICES = ["left", "right", 'naïve "quoted" \\ one']
+GBNF = 'root ::= "yes" | "no" | "maybe " side\nside ::= "left" | "right"'
+LARK = 'start: "yes" | "no" | "maybe " SIDE\nSIDE: "left" | "right"'
+GRAMMAR_ANSWERS = {"yes", "no", "maybe left", "maybe right"}
+PET = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 20}},
+       "required": ["kind", "age"], "additionalProperties": False}
+
+
+def _answers(server, extra: dict) -> list[str]:
+    """A greedy answer and three sampled ones under ``extra``, each finished by its grammar."""
+    choices = server.chat(ASK, max_tokens=40, extra_body=extra).choices
+    choices += server.chat(ASK, max_tokens=40, temperature=1.5, seed=3, n=3, extra_body=extra).choices
+    assert all(choice.finish_reason == "stop" for choice in choices)
+    return [choice.message.content for choice in choices]
+
+
+@pytest.mark.parametrize("form", ["structured_outputs", "guided"])
+def test_structured_outputs_choice_regex_json_and_grammar_hold_every_answer(server, form):
+    import json
+    import re
+
+    def extra(kind, value):
+        return {"structured_outputs": {kind: value}} if form == "structured_outputs" else {f"guided_{kind}": value}
+
+    assert set(_answers(server, extra("choice", CHOICES))) <= set(CHOICES)
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", a) for a in _answers(server, extra("regex", r"[0-9]{3}-[a-z]{2}")))
+    for schema in (PET, json.dumps(PET)):  # vLLM takes the schema as an object or as its text
+        for answer in _answers(server, extra("json", schema)):
+            pet = json.loads(answer)
+            assert set(pet) == {"kind", "age"} and pet["kind"] in ("cat", "dog") and 0 <= pet["age"] <= 20
+    for grammar in (GBNF, LARK):
+        assert set(_answers(server, extra("grammar", grammar))) <= GRAMMAR_ANSWERS
+    if form == "structured_outputs":  # any JSON object: what response_format json_object answers
+        options = dict(max_tokens=24, temperature=1.2, seed=5)
+        answer = server.chat(ASK, extra_body={"structured_outputs": {"json_object": True}}, **options)
+        expected = server.chat(ASK, response_format={"type": "json_object"}, **options)
+        assert answer.choices[0].message.content == expected.choices[0].message.content
+        assert answer.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    ({"structured_outputs": {"regex": "["}}, "structured_outputs: the regular expression cannot be used"),
+    ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs: the grammar cannot be used"),
+    ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs: not a valid grammar"),
+    ({"structured_outputs": {"choice": []}}, "choice"),
+    ({"structured_outputs": {"json": "{not json"}}, "JSON text"),
+    ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
+    ({"structured_outputs": {}}, "give exactly one of json, json_object, regex, choice and grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "give exactly one of"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "whitespace_pattern is not supported"),
+    ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "give one of structured_outputs, guided_json"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+     "cannot be combined with response_format"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern is not supported"),
+    ({"structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs: the constraint is too complex"),
+])
+def test_bad_structured_outputs_are_a_400_naming_the_problem(server, extra, phrase):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.chat(ASK, max_tokens=4, extra_body=extra)
+    assert phrase in caught.value.message, caught.value.message

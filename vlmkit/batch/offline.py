@@ -37,13 +37,14 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    structured_outputs: dict | None = None  # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
 
     def request_fields(self) -> dict:
         """These settings as chat-completion request fields."""
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
                       seed=self.seed, stop=self.stop, repetition_penalty=self.repetition_penalty,
                       ignore_eos=self.ignore_eos, min_p=self.min_p, min_tokens=self.min_tokens,
-                      stop_token_ids=self.stop_token_ids)
+                      stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs)
         if self.max_tokens is not None:
             fields["max_tokens"] = self.max_tokens
         return fields

@@ -1,5 +1,6 @@
-"""Grammars for constrained decoding: a JSON Schema compiled once into a matcher that, step by step,
-says which tokens may come next (the server's ``response_format`` and forced tool calls).
+"""Grammars for constrained decoding: a JSON Schema, a regular expression, a list of choices or a Lark/GBNF
+grammar compiled once into a matcher that, step by step, says which tokens may come next (the server's
+``response_format``, forced tool calls and vLLM's ``structured_outputs``).
 
 The engine is llguidance rather than xgrammar: it builds its token table straight from a ``tokenizers``
 JSON (the tokenizer vlmkit already holds, no transformers import), computes each step's mask lazily
@@ -45,39 +46,71 @@ class GrammarTokenizer:
         self._matchers: dict[str, object] = {}
 
     def json_matcher(self, schema: dict | bool | None):
-        """A fresh matcher for JSON text valid under ``schema`` (None: any JSON object). The schema is
-        compiled once and kept (by its canonical JSON text); each call returns a copy of the compiled
-        matcher at its start. A schema llguidance cannot compile is an ``InputError`` naming why."""
-        key = json.dumps({"type": "object"} if schema is None else schema, sort_keys=True)
+        """A fresh matcher for JSON text valid under ``schema`` (None: any JSON object). A schema llguidance
+        cannot compile is an ``InputError`` naming why."""
+        return self.matcher(*json_constraint(schema))
+
+    def matcher(self, kind: str, source: str):
+        """A fresh matcher for text that ``source`` describes: ``kind`` "json" (a JSON Schema's text), "regex"
+        (the whole answer matches it), "choice" (a JSON list of the strings the answer may be) or "grammar"
+        (a context-free grammar in Lark or GBNF syntax, as vLLM's guidance backend takes it). Each grammar is
+        compiled once and kept; each call returns a copy at its start. One that cannot be compiled is an
+        ``InputError`` naming why."""
+        key = (kind, source)
         with _lock:
             compiled = self._matchers.get(key)
             if compiled is None:
-                compiled = self._compile(key)
-                if len(self._matchers) >= 256:  # a bounded cache: the oldest schema goes first
+                compiled = self._compile(kind, source)
+                if len(self._matchers) >= 256:  # a bounded cache: the oldest grammar goes first
                     self._matchers.pop(next(iter(self._matchers)))
                 self._matchers[key] = compiled
             return compiled.deep_copy()
 
-    def _compile(self, schema_text: str):
+    def _compile(self, kind: str, source: str):
         llguidance = _llguidance()
-        check_refs_end(json.loads(schema_text))
+        what = _GRAMMAR_NAMES[kind]
+        if kind == "json":
+            check_refs_end(json.loads(source))
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema_text, defaults={"whitespace_flexible": False})
+            grammar = _grammar_text(llguidance, kind, source)
         except (ValueError, TypeError) as err:
-            raise InputError(f"not a valid JSON Schema: {err}") from None
+            raise InputError(f"not a valid {what}: {err}") from None
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
         if failed:
-            raise InputError(f"the JSON Schema cannot be used for constrained decoding: {'; '.join(messages)}")
+            raise InputError(f"the {what} cannot be used for constrained decoding: {'; '.join(messages)}")
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise InputError(f"the JSON Schema cannot be used for constrained decoding: {matcher.get_error()}")
+            raise InputError(f"the {what} cannot be used for constrained decoding: {matcher.get_error()}")
         return matcher
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (special tokens as their text)."""
         data = self.tokenizer.decode_bytes([int(token_id)])
         return data[1:] if data[:1] == b"\xff" else data  # llguidance marks special tokens with 0xFF
+
+
+def json_constraint(schema: dict | bool | None) -> tuple[str, str]:
+    """(kind, source) for ``GrammarTokenizer.matcher`` of JSON under ``schema`` (None: any JSON object)."""
+    return "json", json.dumps({"type": "object"} if schema is None else schema, sort_keys=True)
+
+
+_GRAMMAR_NAMES = {"json": "JSON Schema", "regex": "regular expression", "choice": "list of choices",
+                  "grammar": "grammar"}
+
+
+def _grammar_text(llguidance, kind: str, source: str) -> str:
+    """llguidance's grammar for ``source`` of ``kind`` (see ``GrammarTokenizer.matcher``)."""
+    if kind == "json":
+        return llguidance.LLMatcher.grammar_from_json_schema(source, defaults={"whitespace_flexible": False})
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(source)
+    if kind == "choice":  # Lark string literals take JSON's escapes
+        return "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in json.loads(source))
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+    try:
+        return any_to_lark(source)
+    except GbnfToLarkError as err:
+        raise ValueError(err) from None
 
 
 def check_refs_end(schema) -> None:
@@ -173,8 +206,8 @@ def _decoding_error(field: str, detail: str, tokens: int) -> InputError:
     about a kilobyte) goes to the log only."""
     log.warning("%s: the grammar failed after %d tokens: %s", field, tokens, detail)
     if "too many items" in detail.lower() or "toocomplex" in detail.replace(" ", "").lower():
-        why = "the schema is too complex for the grammar engine to follow"
+        why = "the constraint is too complex for the grammar engine to follow"
     else:
-        why = "the grammar engine could not continue the answer under the schema"
-    return InputError(f"{field}: {why} (it stopped after {tokens} tokens); simplify the schema (fewer nested, "
-                      f"optional or repeated parts) and try again")
+        why = "the grammar engine could not continue the answer under the constraint"
+    return InputError(f"{field}: {why} (it stopped after {tokens} tokens); simplify it (fewer nested, optional "
+                      f"or repeated parts) and try again")

@@ -1,5 +1,6 @@
 """OpenAI's per-request decoding options on the server's path: logprobs, presence and frequency
-penalties, ``logit_bias``, ``response_format`` (JSON, JSON Schema) and tool calls.
+penalties, ``logit_bias``, ``response_format`` (JSON, JSON Schema), tool calls, and vLLM's
+``structured_outputs`` (JSON, regular expression, choice, grammar) and ``stop_token_ids``.
 
 ``chat_options`` checks a request's options against the model (a bad value is a 400 naming its field)
 and compiles its grammar once; the decoders then add the options' processors to the request's logits
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
-from ..generation.grammar import GrammarConstraint, check_refs_end
+from ..generation.grammar import GrammarConstraint, check_refs_end, json_constraint
 from ..generation.logits import LogitBias, OpenAIPenalties
 from ..generation.schema_refs import rebase_refs
 from .schemas import new_id
@@ -37,8 +38,7 @@ class ChatOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's only
-    schema: dict | bool | None = None  # the JSON Schema the answer follows (when ``constrained``)
-    constrained: bool = False
+    constraint: tuple[str, str] | None = None  # (kind, source) of the grammar the answer follows, if any
     tool_names: tuple[str, ...] = ()  # the functions a forced tool call may name
     named_tool: str | None = None  # tool_choice named this function: the answer is its arguments
     tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
@@ -48,6 +48,10 @@ class ChatOptions:
     @property
     def tool_call(self) -> bool:
         return bool(self.tool_names)
+
+    @property
+    def constrained(self) -> bool:
+        return self.constraint is not None
 
     def processors(self, prompt_length: int) -> list:
         """The options' processors, added after the checkpoint's in the request's logits pipeline."""
@@ -62,7 +66,7 @@ class ChatOptions:
         """One matcher per choice, from the grammar compiled when the request was checked."""
         if not self.constrained:
             return None
-        return GrammarConstraint([self.tokens.json_matcher(self.schema) for _ in range(rows)], prompt_length,
+        return GrammarConstraint([self.tokens.matcher(*self.constraint) for _ in range(rows)], prompt_length,
                                  self.tokens.vocab_size, self.grammar_field)
 
 
@@ -83,6 +87,7 @@ def chat_options(request, engine) -> ChatOptions:
         options.top_logprobs = request.top_logprobs or 0
     forced = request.forced_tools
     format_ = request.response_format
+    structured = request.structured
     if forced:
         options.tool_names = tuple(tool.function.name for tool in forced)
         for tool in forced:  # each on its own, so the message names the function and its own refs
@@ -91,20 +96,22 @@ def chat_options(request, engine) -> ChatOptions:
             except InputError as err:
                 raise InputError(f"tools: function {tool.function.name!r}: {err}") from None
         if isinstance(request.tool_choice, str):  # "required": which tool, and its arguments
-            options.schema = _required_call_schema(forced)
+            schema = _required_call_schema(forced)
         else:
-            options.named_tool, options.schema = forced[0].function.name, forced[0].function.parameters
-        options.constrained, where = True, "tools"
+            options.named_tool, schema = forced[0].function.name, forced[0].function.parameters
+        options.constraint, where = json_constraint(schema), "tools"
     elif format_ is not None and format_.type != "text":
-        options.constrained, where = True, "response_format"
-        options.schema = format_.json_schema.schema_ if format_.type == "json_schema" else None
+        schema = format_.json_schema.schema_ if format_.type == "json_schema" else None
+        options.constraint, where = json_constraint(schema), "response_format"
+    elif structured is not None:
+        options.constraint, where = structured.constraint, "structured_outputs"
     if options.constrained or options.top_logprobs is not None:
         eos = tuple(engine.model.generation_config.eos_token_ids)
         options.tokens = grammar_tokenizer(backend, vocab_size, eos)
     if options.constrained:
         options.grammar_field = where
         try:
-            options.tokens.json_matcher(options.schema)
+            options.tokens.matcher(*options.constraint)
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
     return options

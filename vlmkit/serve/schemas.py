@@ -6,6 +6,7 @@ Values are checked as OpenAI's API documents their types, strictly: an integer f
 integer (not "5", 5.0 or true), a number field a finite number within its bounds, a string valid
 Unicode; so nothing a client sends reaches sampling as inf or nan, or fails later as a 500."""
 
+import json
 import time
 import uuid
 from typing import Annotated, ClassVar, Literal
@@ -15,6 +16,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from ..errors import InputError
 from ..generation.config import SEED_RANGE
+from ..generation.grammar import json_constraint
 from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..generation.sampling import GREEDY_BELOW
 
@@ -121,6 +123,52 @@ class ResponseFormat(_Request):
         return self
 
 
+def _schema_or_its_text(value):
+    """vLLM takes a JSON Schema as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("a JSON Schema given as a string must be its JSON text") from None
+    return _json_schema(value)
+
+
+SchemaOrText = Annotated[dict | Flag | Text, AfterValidator(_schema_or_its_text)]
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: the answer follows exactly one of a JSON Schema (``json``), any JSON
+    object (``json_object``), a regular expression, one of the ``choice`` strings, or a Lark/GBNF grammar."""
+
+    json_: SchemaOrText | None = Field(None, alias="json")
+    json_object: Flag | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = Field(None, min_length=1, max_length=1024)
+    grammar: Text | None = None
+    whitespace_pattern: Text | None = None
+    structural_tag: Text | dict | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        for unsupported in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, unsupported) is not None:
+                raise ValueError(f"{unsupported} is not supported; leave it out (JSON answers are compact)")
+        given = [name for name in ("json_", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, json_object, regex, choice and grammar")
+        return self
+
+    @property
+    def constraint(self) -> tuple[str, str]:
+        """(kind, source) as ``GrammarTokenizer.matcher`` takes them."""
+        if self.json_ is not None or self.json_object:
+            return json_constraint(self.json_)
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
+
+
 class FunctionDefinition(_Request):
     name: Annotated[str, Field(strict=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: Text | None = None
@@ -161,6 +209,12 @@ class ChatCompletionRequest(_Request):
     top_k: _int(ge=0, le=2 ** 31 - 1) | None = None
     repetition_penalty: _number(ge=0.01, le=10) | None = None
     ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
+    structured_outputs: StructuredOutputs | None = None  # vLLM's; its older guided_* names below
+    guided_json: SchemaOrText | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1, max_length=1024)
+    guided_grammar: Text | None = None
+    guided_whitespace_pattern: Text | None = None
     min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
     min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
     stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
@@ -194,7 +248,28 @@ class ChatCompletionRequest(_Request):
             raise ValueError("tool_choice: 'required' needs tools")
         if self.forced_tools and self.response_format is not None and self.response_format.type != "text":
             raise ValueError("response_format: cannot be combined with a tool_choice that forces a tool call")
+        self._structured()  # one structured_outputs form at most, and not beside the others
         return self
+
+    def _structured(self) -> StructuredOutputs | None:
+        if self.guided_whitespace_pattern is not None:
+            raise ValueError("guided_whitespace_pattern is not supported; leave it out (JSON answers are compact)")
+        older = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                 "grammar": self.guided_grammar}
+        older = {name: value for name, value in older.items() if value is not None}
+        if len(older) + (self.structured_outputs is not None) > 1:
+            raise ValueError("structured_outputs: give one of structured_outputs, guided_json, guided_regex, "
+                             "guided_choice and guided_grammar")
+        structured = self.structured_outputs or (StructuredOutputs.model_validate(older) if older else None)
+        if structured is not None and (self.forced_tools or (self.response_format is not None
+                                                               and self.response_format.type != "text")):
+            raise ValueError("structured_outputs: cannot be combined with response_format or a forced tool call")
+        return structured
+
+    @property
+    def structured(self) -> StructuredOutputs | None:
+        """vLLM's structured output the answer must follow (``structured_outputs`` or a ``guided_*`` field)."""
+        return self._structured()
 
     @property
     def forced_tools(self) -> list["Tool"]:

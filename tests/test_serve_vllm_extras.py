@@ -90,6 +90,9 @@ def test_min_p_draws_as_generate_with_the_same_seed(server, engine):
     ({"min_tokens": 9}, "min_tokens"),  # more than max_tokens
     ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"), ({"stop_token_ids": ["5"]}, "stop_token_ids"),
     ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop_token_ids": [0] * 1025}, "stop_token_ids"),
+    ({"allowed_token_ids": [10 ** 6]}, "allowed_token_ids"), ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": [5]}, "bad_words"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
 ])
 def test_bad_extras_are_a_400_naming_the_field(server, extra, field):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -177,3 +180,58 @@ def test_bad_structured_outputs_are_a_400_naming_the_problem(server, extra, phra
     with pytest.raises(openai.BadRequestError) as caught:
         server.chat(ASK, max_tokens=4, extra_body=extra)
     assert phrase in caught.value.message, caught.value.message
+
+
+def test_allowed_token_ids_leave_only_those_tokens_as_generate_suppressing_the_rest(server, engine):
+    plain = _generated(engine, 40)
+    allowed = sorted({*plain[1:3], 7, 11, *engine.model.generation_config.eos_token_ids})
+    rest = [t for t in range(engine.model.get_output_embeddings().weight.shape[0]) if t not in allowed]
+    expected = _generated(engine, 12, suppress_tokens=rest)
+    assert set(expected) <= set(allowed) and expected != plain[:len(expected)]
+    choice = server.chat(ASK, max_tokens=12, extra_body={"allowed_token_ids": allowed}).choices[0]
+    assert choice.message.content == _text(engine, expected)
+
+
+def test_bad_words_are_banned_with_and_without_a_leading_space(server, engine):
+    from vlmkit.serve.options import bad_words_ids
+
+    word = _text(engine, _generated(engine, 40)).split()[-1]  # a word the plain answer ends with
+    banned = bad_words_ids(engine.tokenizer, [word])
+    assert banned == [engine.tokenizer.encode(word, add_special_tokens=False),
+                      engine.tokenizer.encode(" " + word, add_special_tokens=False)]
+    expected = _text(engine, _generated(engine, 40, bad_words_ids=banned))
+    choice = server.chat(ASK, max_tokens=40, extra_body={"bad_words": [word]}).choices[0]
+    assert choice.message.content == expected and expected != _text(engine, _generated(engine, 40))
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(server, engine):
+    full = _text(engine, _generated(engine, 40))
+    stop = full[2:5]
+    for include, expected in ((True, full[:full.find(stop) + len(stop)]), (False, full[:full.find(stop)])):
+        body = {"include_stop_str_in_output": include}
+        assert server.chat(ASK, max_tokens=40, stop=[stop], extra_body=body).choices[0].message.content == expected
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in server.chat(
+            ASK, max_tokens=40, stop=[stop], stream=True, extra_body=body) if chunk.choices)
+        assert streamed == expected
+
+
+def test_skip_special_tokens_false_shows_them(server, engine):
+    special = engine.tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    body = {"allowed_token_ids": [special], "ignore_eos": True}
+    shown = server.chat(ASK, max_tokens=3, extra_body={**body, "skip_special_tokens": False}).choices[0]
+    hidden = server.chat(ASK, max_tokens=3, extra_body=body).choices[0]
+    assert shown.message.content == "<image_placeholder>" * 3 and hidden.message.content == ""
+
+
+@pytest.mark.parametrize("name, value", [("use_beam_search", True), ("best_of", 2), ("echo", True),
+                                         ("add_generation_prompt", False), ("continue_final_message", True),
+                                         ("chat_template", "{{ messages }}"), ("truncate_prompt_tokens", 5),
+                                         ("prompt_logprobs", 1), ("length_penalty", 0.5),
+                                         ("spaces_between_special_tokens", False)])
+def test_vllm_options_vlmkit_lacks_are_a_400_unless_they_change_nothing(server, name, value):
+    with pytest.raises(openai.BadRequestError, match=f"{name}: this vLLM option is not supported"):
+        server.chat(ASK, max_tokens=2, extra_body={name: value})
+    neutral = {"use_beam_search": False, "best_of": 1, "echo": False, "add_generation_prompt": True,
+               "continue_final_message": False, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+    if name in neutral:
+        assert server.chat(ASK, max_tokens=2, extra_body={name: neutral[name]}).choices

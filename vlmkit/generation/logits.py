@@ -76,6 +76,13 @@ class SuppressTokens(_VocabMask):
         return scores
 
 
+class AllowedTokens(_VocabMask):
+    """Only these tokens may be drawn (vLLM's ``allowed_token_ids``)."""
+
+    def __call__(self, input_ids, scores):
+        return torch.where(self.mask(scores), scores, -torch.inf)
+
+
 class RepetitionPenalty:
     """Scores of tokens already in the sequence divided by ``penalty`` (multiplied when negative), left
     padding not counted (transformers' RepetitionPenaltyLogitsProcessor with ``prompt_ignore_length``)."""

@@ -14,29 +14,37 @@ class AnswerText:
     a stop string, so a streamed answer never shows a stop string or half a character. ``prefix`` is
     what the chat template leaves between its generation prompt and an answer (Janus ends the prompt
     with ``<|Assistant|>:`` and the model writes the space itself, as the first token "ĠAnswer"): it is
-    not part of the answer, so it is dropped here, once, for plain and streamed answers alike."""
+    not part of the answer, so it is dropped here, once, for plain and streamed answers alike.
+    ``include_stop`` keeps the stop string that ended the answer (vLLM's ``include_stop_str_in_output``);
+    ``skip_special_tokens=False`` shows special tokens in the text."""
 
-    def __init__(self, tokenizer, stops: list[str], prefix: str = ""):
+    def __init__(self, tokenizer, stops: list[str], prefix: str = "", include_stop: bool = False,
+                 skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.stops = stops
         self.prefix = prefix
+        self.include_stop, self.skip_special_tokens = include_stop, skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped_at: int | None = None
+        self.stop_end: int | None = None  # where the stop string that ended the answer ends
 
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string has now appeared."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).removeprefix(self.prefix)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        self.text = self.text.removeprefix(self.prefix)
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            self.stopped_at = min(hits)
+            self.stopped_at, self.stop_end = min(hits)
         return self.stopped_at is not None
 
     @property
     def final(self) -> str:
-        return self.text if self.stopped_at is None else self.text[:self.stopped_at]
+        if self.stopped_at is None:
+            return self.text
+        return self.text[:self.stop_end if self.include_stop else self.stopped_at]
 
     def take_ready(self, finished: bool = False) -> str:
         """The text not sent yet that is safe to send (all of it once ``finished``)."""

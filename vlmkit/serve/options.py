@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
 from ..generation.grammar import GrammarConstraint, check_refs_end, json_constraint
-from ..generation.logits import LogitBias, OpenAIPenalties
+from ..generation.logits import AllowedTokens, LogitBias, NoBadWords, OpenAIPenalties
 from ..generation.schema_refs import rebase_refs
 from .schemas import new_id
 
@@ -44,6 +44,8 @@ class ChatOptions:
     tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
     grammar_field: str = ""  # the request field the grammar comes from (response_format or tools)
     stop_token_ids: frozenset[int] = frozenset()  # vLLM's: drawing one ends the choice (it stays in the answer)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be drawn
+    bad_words_ids: list[list[int]] | None = None  # vLLM's bad_words, as token ids (with and without a space)
 
     @property
     def tool_call(self) -> bool:
@@ -56,6 +58,10 @@ class ChatOptions:
     def processors(self, prompt_length: int) -> list:
         """The options' processors, added after the checkpoint's in the request's logits pipeline."""
         processors = []
+        if self.allowed_token_ids:
+            processors.append(AllowedTokens(self.allowed_token_ids))
+        if self.bad_words_ids:
+            processors.append(NoBadWords(self.bad_words_ids))
         if self.logit_bias:
             processors.append(LogitBias(self.logit_bias))
         if self.presence_penalty or self.frequency_penalty:
@@ -83,6 +89,11 @@ def chat_options(request, engine) -> ChatOptions:
     if request.stop_token_ids:
         _check_token_ids("stop_token_ids", request.stop_token_ids, vocab_size)
         options.stop_token_ids = frozenset(request.stop_token_ids)
+    if request.allowed_token_ids:
+        _check_token_ids("allowed_token_ids", request.allowed_token_ids, vocab_size)
+        options.allowed_token_ids = list(request.allowed_token_ids)
+    if request.bad_words:
+        options.bad_words_ids = bad_words_ids(engine.tokenizer, request.bad_words)
     if request.logprobs:
         options.top_logprobs = request.top_logprobs or 0
     forced = request.forced_tools
@@ -115,6 +126,18 @@ def chat_options(request, engine) -> ChatOptions:
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
     return options
+
+
+def bad_words_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's ``bad_words`` as token-id sequences: each word as it starts a text and after a space, so it is
+    banned at the start of the answer and inside it."""
+    sequences = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
 
 
 def _check_token_ids(field: str, ids, vocab_size: int) -> None:

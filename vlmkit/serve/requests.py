@@ -142,7 +142,8 @@ class RequestHandler:
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
                                 f" or shorten the prompt")
         return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
-                                 request.stop_strings, request.ignore_eos, self.answer_prefix, options)
+                                 request.stop_strings, request.ignore_eos, request.include_stop_str_in_output,
+                                 request.skip_special_tokens, self.answer_prefix, options)
 
     @functools.cached_property
     def answer_prefix(self) -> str:

@@ -48,6 +48,8 @@ class ChatTask:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens whatever the model says
+    include_stop: bool = False  # the stop string that ends an answer stays in it
+    skip_special_tokens: bool = True  # special tokens are left out of the text
     answer_prefix: str = ""  # what the template leaves the model to write before its answer (Janus: " ")
     options: ChatOptions = field(default_factory=ChatOptions)  # logprobs, penalties, logit_bias, grammar, tools
 

@@ -34,6 +34,12 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("a bad word must hold a character other than spaces")
+    return text
+
+
 def _int(**bounds):
     """A JSON integer (strict: not a string, float or boolean) within ``bounds``."""
     return Annotated[int, Field(strict=True, **bounds)]
@@ -190,9 +196,21 @@ class NamedToolChoice(_Request):
     function: FunctionName
 
 
+# vLLM's chat-completion options that vlmkit's server does not implement, with the values that change nothing
+UNSUPPORTED_VLLM_OPTIONS = {
+    "use_beam_search": (False,), "best_of": (1,), "length_penalty": (1, 1.0), "echo": (False,),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (),
+    "chat_template_kwargs": ({},), "truncate_prompt_tokens": (), "prompt_logprobs": (0,),
+    "return_tokens_as_token_ids": (False,), "spaces_between_special_tokens": (True,), "mm_processor_kwargs": ({},),
+    "logits_processors": ([],), "documents": ([],), "repetition_detection": (), "vllm_xargs": ({},),
+}
+
+
 class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-    ``stop_token_ids`` and ``ignore_eos`` are vLLM's extras, with vLLM's meaning.
+    """``POST /v1/chat/completions``. vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``,
+    ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``allowed_token_ids``, ``bad_words``,
+    ``include_stop_str_in_output``, ``skip_special_tokens``, ``structured_outputs``) have vLLM's meaning; the
+    ones in ``UNSUPPORTED_VLLM_OPTIONS`` are refused.
     A temperature under ``GREEDY_BELOW`` samples as 0 (greedy): dividing logits by less would overflow."""
 
     model: Text | None = None
@@ -215,6 +233,11 @@ class ChatCompletionRequest(_Request):
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=1024)
     guided_grammar: Text | None = None
     guided_whitespace_pattern: Text | None = None
+    allowed_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, min_length=1, max_length=1 << 20)
+    bad_words: list[Annotated[str, Field(strict=True, min_length=1), AfterValidator(_valid_unicode),
+                              AfterValidator(_not_blank)]] | None = Field(None, max_length=1024)
+    include_stop_str_in_output: Flag = False
+    skip_special_tokens: Flag = True
     min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
     min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
     stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
@@ -228,6 +251,18 @@ class ChatCompletionRequest(_Request):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     GREEDY_BELOW: ClassVar[float] = GREEDY_BELOW
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_vllm_options(cls, values):
+        """vLLM's options this server does not implement are refused unless they ask for what it does anyway
+        (silently ignoring one would answer something other than what was asked)."""
+        if isinstance(values, dict):
+            for name, neutral in UNSUPPORTED_VLLM_OPTIONS.items():
+                value = values.get(name)
+                if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
+                    raise ValueError(f"{name}: this vLLM option is not supported by vlmkit's server; leave it out")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self):

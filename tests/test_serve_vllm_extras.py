@@ -117,6 +117,11 @@ def test_offline_sampling_params_take_the_extras(engine):
     chosen = llm.chat(ASK, SamplingParams(temperature=1.5, seed=2, n=4, structured_outputs={"choice": CHOICES}),
                       use_tqdm=False)
     assert {output.text for output in chosen[0].outputs} <= set(CHOICES)
+    full = _text(engine, plain)
+    stop = full[2:5]
+    kept = llm.chat(ASK, SamplingParams(temperature=0, max_tokens=40, stop=stop, include_stop_str_in_output=True),
+                    use_tqdm=False)
+    assert kept[0].outputs[0].text == full[:full.find(stop) + len(stop)]
 
 
 CHOICES = ["left", "right", 'naïve "quoted" \\ one']

@@ -38,13 +38,20 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     structured_outputs: dict | None = None  # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...}
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def request_fields(self) -> dict:
         """These settings as chat-completion request fields."""
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
                       seed=self.seed, stop=self.stop, repetition_penalty=self.repetition_penalty,
                       ignore_eos=self.ignore_eos, min_p=self.min_p, min_tokens=self.min_tokens,
-                      stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs)
+                      stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs,
+                      allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+                      include_stop_str_in_output=self.include_stop_str_in_output,
+                      skip_special_tokens=self.skip_special_tokens)
         if self.max_tokens is not None:
             fields["max_tokens"] = self.max_tokens
         return fields

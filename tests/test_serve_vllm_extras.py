@@ -229,14 +229,57 @@ def test_skip_special_tokens_false_shows_them(server, engine):
 
 
 @pytest.mark.parametrize("name, value", [("use_beam_search", True), ("best_of", 2), ("echo", True),
-                                         ("add_generation_prompt", False), ("continue_final_message", True),
                                          ("chat_template", "{{ messages }}"), ("truncate_prompt_tokens", 5),
                                          ("prompt_logprobs", 1), ("length_penalty", 0.5),
                                          ("spaces_between_special_tokens", False)])
 def test_vllm_options_vlmkit_lacks_are_a_400_unless_they_change_nothing(server, name, value):
     with pytest.raises(openai.BadRequestError, match=f"{name}: this vLLM option is not supported"):
         server.chat(ASK, max_tokens=2, extra_body={name: value})
-    neutral = {"use_beam_search": False, "best_of": 1, "echo": False, "add_generation_prompt": True,
-               "continue_final_message": False, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+    neutral = {"use_beam_search": False, "best_of": 1, "echo": False, "length_penalty": 1.0,
+               "spaces_between_special_tokens": True}
     if name in neutral:
         assert server.chat(ASK, max_tokens=2, extra_body={name: neutral[name]}).choices
+
+
+def _generated_from(engine, messages, max_new_tokens: int, **template_options) -> list[int]:
+    inputs = engine.prepare_chat(messages, **template_options)
+    output = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, generation_mode="text")
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_continue_final_message_continues_the_assistants_text(server, engine):
+    started = ASK + [{"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+    expected = _generated_from(engine, started, 12, add_generation_prompt=False, continue_final_message=True)
+    answer = server.chat(started, max_tokens=12, extra_body={"add_generation_prompt": False,
+                                                             "continue_final_message": True})
+    # the continuation as it comes, its leading space included (nothing to strip after a started text)
+    assert answer.choices[0].message.content == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    plain = server.chat(started, max_tokens=12)
+    assert plain.usage.prompt_tokens > answer.usage.prompt_tokens  # a new turn: end of turn and a new header
+    with pytest.raises(openai.BadRequestError, match="send add_generation_prompt: false too"):
+        server.chat(started, max_tokens=2, extra_body={"continue_final_message": True})
+    with pytest.raises(openai.BadRequestError, match="the final message must be the assistant's"):
+        server.chat(ASK, max_tokens=2, extra_body={"add_generation_prompt": False, "continue_final_message": True})
+
+
+def test_add_generation_prompt_false_leaves_the_assistant_header_out(server, engine):
+    expected = _generated_from(engine, ASK, 12, add_generation_prompt=False)
+    answer = server.chat(ASK, max_tokens=12, extra_body={"add_generation_prompt": False})
+    assert answer.choices[0].message.content == _text(engine, expected)
+    assert answer.usage.prompt_tokens < server.chat(ASK, max_tokens=1).usage.prompt_tokens
+
+
+def test_chat_template_kwargs_reach_the_variables_the_template_reads(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(builtin_model_path(), tmp_path / "hinted")
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").write_text("{% if hint %}<|User|>: " + "{{ hint }}\n\n{% endif %}" + template)
+    engine = engine_for(folder)
+    expected = _generated_from(engine, ASK, 12, hint="Answer in colours.")
+    with serve(folder) as hinted:
+        answer = hinted.chat(ASK, max_tokens=12, extra_body={"chat_template_kwargs": {
+            "hint": "Answer in colours.", "messages": [], "unread": 1}})  # the server's own and unread: left out
+        plain = hinted.chat(ASK, max_tokens=12)
+    assert answer.choices[0].message.content == _text(engine, expected)
+    assert answer.usage.prompt_tokens > plain.usage.prompt_tokens

@@ -48,10 +48,12 @@ class Engine:
     def can_generate_images(self) -> bool:
         return self.model_type in ("janus", "multi_modality") and getattr(self.model, "has_generation_weights", False)
 
-    def prepare_chat(self, messages: list[dict], **processor_options):
-        """Model inputs for a conversation in content-block form (images as PIL/paths/URLs)."""
-        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="pt", **processor_options)
+    def prepare_chat(self, messages: list[dict], add_generation_prompt: bool = True, **processor_options):
+        """Model inputs for a conversation in content-block form (images as PIL/paths/URLs); options as
+        ``apply_chat_template`` takes them (``continue_final_message``, template variables, processor options)."""
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=True, return_dict=True, return_tensors="pt",
+                                                    **processor_options)
         return inputs.to(self.model.device, dtype=self.model.dtype)
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,

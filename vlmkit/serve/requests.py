@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 
 from ..errors import InputError, MediaError, TemplateError, TooManyPixels, VlmkitError
+from ..io.chat_template import template_variables
 from ..io.media import load_image
 from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
@@ -24,6 +25,9 @@ from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 log = logging.getLogger("vlmkit.serve")
 
 VIDEO_FAMILIES = ("llava_onevision",)  # model types whose processors take video content blocks
+# template variables the server sets itself: chat_template_kwargs cannot replace them
+_SERVER_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                                        "documents", "chat_template"})
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -125,7 +129,9 @@ class RequestHandler:
         self.check_prompt_size(text for message in request.messages for text in _texts(message.content))
         options = chat_options(request, self.engine)
         messages = self.engine_messages(request)
-        inputs = self.engine.prepare_chat(messages)
+        inputs = self.engine.prepare_chat(messages, add_generation_prompt=request.add_generation_prompt,
+                                          continue_final_message=request.continue_final_message,
+                                          **self.template_variables(request.chat_template_kwargs))
         prompt = int(inputs["input_ids"].shape[1])
         context = self.engine.model.max_context
         budget = request.answer_budget
@@ -143,7 +149,17 @@ class RequestHandler:
                                 f" or shorten the prompt")
         return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
                                  request.stop_strings, request.ignore_eos, request.include_stop_str_in_output,
-                                 request.skip_special_tokens, self.answer_prefix, options)
+                                 request.skip_special_tokens,
+                                 "" if request.continue_final_message else self.answer_prefix, options)
+
+    def template_variables(self, values: dict | None) -> dict:
+        """``chat_template_kwargs`` that the checkpoint's chat template reads (others are ignored, as a
+        template ignores them); never the ones the server sets itself."""
+        if not values:
+            return {}
+        read = template_variables(getattr(self.engine.processor, "chat_template", None) or "") - \
+            _SERVER_TEMPLATE_VARIABLES
+        return {name: value for name, value in values.items() if name in read}
 
     @functools.cached_property
     def answer_prefix(self) -> str:

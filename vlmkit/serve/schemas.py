@@ -9,7 +9,7 @@ Unicode; so nothing a client sends reaches sampling as inf or nan, or fails late
 import json
 import time
 import uuid
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -199,8 +199,8 @@ class NamedToolChoice(_Request):
 # vLLM's chat-completion options that vlmkit's server does not implement, with the values that change nothing
 UNSUPPORTED_VLLM_OPTIONS = {
     "use_beam_search": (False,), "best_of": (1,), "length_penalty": (1, 1.0), "echo": (False,),
-    "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (),
-    "chat_template_kwargs": ({},), "truncate_prompt_tokens": (), "prompt_logprobs": (0,),
+    "chat_template": (),  # a template from the client: vLLM too refuses it unless told to trust requests
+    "truncate_prompt_tokens": (), "prompt_logprobs": (0,),
     "return_tokens_as_token_ids": (False,), "spaces_between_special_tokens": (True,), "mm_processor_kwargs": ({},),
     "logits_processors": ([],), "documents": ([],), "repetition_detection": (), "vllm_xargs": ({},),
 }
@@ -238,6 +238,9 @@ class ChatCompletionRequest(_Request):
                               AfterValidator(_not_blank)]] | None = Field(None, max_length=1024)
     include_stop_str_in_output: Flag = False
     skip_special_tokens: Flag = True
+    add_generation_prompt: Flag = True
+    continue_final_message: Flag = False  # the answer continues the final (assistant) message's text
+    chat_template_kwargs: dict[Text, Any] | None = None  # variables the chat template reads
     min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
     min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
     stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
@@ -276,6 +279,13 @@ class ChatCompletionRequest(_Request):
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
             raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message: cannot be combined with add_generation_prompt, whose "
+                                 "default is true; send add_generation_prompt: false too")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message: the final message must be the assistant's text to "
+                                 "continue")
         budget = self.answer_budget
         if self.min_tokens and budget is not None and self.min_tokens > budget:
             raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({budget}); lower it")

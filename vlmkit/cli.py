@@ -17,6 +17,7 @@ from . import __version__
 from .cli_args import (DTYPES, HelpFormatter, device, existing_file, file_stem, guidance_scale, non_negative_float,
                        non_negative_int, port, positive_int, probability, prompt_text, question_text, secret, seed)
 from .errors import InputError, VlmkitError
+from .io.folders import writable_folder
 
 
 def _default_model() -> str:
@@ -77,16 +78,10 @@ def cmd_chat(args) -> int:
 
 def _output_folder(args) -> Path:
     """``-o``, created now (before the model loads), or a usage error saying why it cannot be."""
-    out = Path(args.output).expanduser()
-    if out.exists() and not out.is_dir():
-        args.parser.error(f"argument -o/--output: {args.output} is a file; give a folder for the PNGs")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        args.parser.error(f"argument -o/--output: cannot create {args.output}: {err.strerror or err}")
-    if not os.access(out, os.W_OK):
-        args.parser.error(f"argument -o/--output: {args.output} is not writable; give another folder")
-    return out
+        return writable_folder(Path(args.output).expanduser(), "-o/--output", "the PNGs")
+    except InputError as err:
+        args.parser.error(f"argument {err}")
 
 
 def _first_free_index(out: Path, stem: str) -> int:

@@ -4,11 +4,11 @@ checkpoint can be read. A mistake found here costs a second, not a half-trained 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import read_json
+from ..io.folders import writable_folder
 from .checkpoint import load_training_state
 from .recipe import Recipe
 
@@ -22,8 +22,6 @@ def check_new_run_folder(out: Path) -> None:
     """Create a new run's ``--out``, which must be a folder that is missing, empty, or left by a run of this trainer that stopped
     before its first checkpoint (nothing to resume, nothing lost). Anything else may be the user's files
     (the run writes config.json, tokenizer.json... into it) and is refused rather than overwritten."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder for the run (it is created if missing)")
     if (out / "training" / "checkpoint.pt").exists() or (out / "model.safetensors").exists():
         raise InputError(f"{out} already holds a training run or a model: pass --resume to continue it, or choose "
                          f"another --out folder")
@@ -34,12 +32,7 @@ def check_new_run_folder(out: Path) -> None:
             shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
             raise InputError(f"--out {out} is not empty (it holds {shown}) and training writes its checkpoint files "
                              f"there; choose a new or empty folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create --out {out}: {err.strerror or err}; choose another folder") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out} is not writable; choose another folder")
+    writable_folder(out, "--out", "the run")
 
 
 def check_init_from(name: str) -> None:

@@ -91,7 +91,7 @@ def test_min_p_draws_as_generate_with_the_same_seed(server, engine):
     ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"), ({"stop_token_ids": ["5"]}, "stop_token_ids"),
     ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop_token_ids": [0] * 1025}, "stop_token_ids"),
     ({"allowed_token_ids": [10 ** 6]}, "allowed_token_ids"), ({"allowed_token_ids": []}, "allowed_token_ids"),
-    ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": [5]}, "bad_words"),
+    ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": [5]}, "bad_words"), ({"bad_words": ["x" * 1001]}, "bad_words"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
 ])
 def test_bad_extras_are_a_400_naming_the_field(server, extra, field):
@@ -281,5 +281,7 @@ def test_chat_template_kwargs_reach_the_variables_the_template_reads(tmp_path):
         answer = hinted.chat(ASK, max_tokens=12, extra_body={"chat_template_kwargs": {
             "hint": "Answer in colours.", "messages": [], "unread": 1}})  # the server's own and unread: left out
         plain = hinted.chat(ASK, max_tokens=12)
+        with pytest.raises(openai.BadRequestError, match="the prompt is .* characters long"):
+            hinted.chat(ASK, max_tokens=2, extra_body={"chat_template_kwargs": {"hint": {"deep": ["x" * 10 ** 6]}}})
     assert answer.choices[0].message.content == _text(engine, expected)
     assert answer.usage.prompt_tokens > plain.usage.prompt_tokens

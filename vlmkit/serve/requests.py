@@ -57,6 +57,15 @@ def _texts(content) -> list[str]:
     return [part.text for part in content or () if part.type == "text"]
 
 
+def _strings(value) -> list[str]:
+    """Every string in a JSON value (template variables: the template may write any of them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    return [text for item in value for text in _strings(item)] if isinstance(value, list) else []
+
+
 _ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.split() takes for space
 
 
@@ -126,12 +135,13 @@ class RequestHandler:
                                 f"request (--max-n)")
         if len(request.stop_strings) > limits.max_stop:
             raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
-        self.check_prompt_size(text for message in request.messages for text in _texts(message.content))
+        variables = self.template_variables(request.chat_template_kwargs)
+        self.check_prompt_size([*(text for message in request.messages for text in _texts(message.content)),
+                                *_strings(variables)])
         options = chat_options(request, self.engine)
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages, add_generation_prompt=request.add_generation_prompt,
-                                          continue_final_message=request.continue_final_message,
-                                          **self.template_variables(request.chat_template_kwargs))
+                                          continue_final_message=request.continue_final_message, **variables)
         prompt = int(inputs["input_ids"].shape[1])
         context = self.engine.model.max_context
         budget = request.answer_budget

@@ -234,7 +234,7 @@ class ChatCompletionRequest(_Request):
     guided_grammar: Text | None = None
     guided_whitespace_pattern: Text | None = None
     allowed_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, min_length=1, max_length=1 << 20)
-    bad_words: list[Annotated[str, Field(strict=True, min_length=1), AfterValidator(_valid_unicode),
+    bad_words: list[Annotated[str, Field(strict=True, min_length=1, max_length=1000), AfterValidator(_valid_unicode),
                               AfterValidator(_not_blank)]] | None = Field(None, max_length=1024)
     include_stop_str_in_output: Flag = False
     skip_special_tokens: Flag = True

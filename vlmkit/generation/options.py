@@ -18,21 +18,28 @@ OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 # transformers options that change what is generated and that vlmkit does not implement, with the
 # values that leave generation unchanged (passing those is fine)
 UNSUPPORTED = {
-    "assistant_model": (None,), "assistant_tokenizer": (None,), "custom_generate": (None,),
+    "custom_generate": (None,),
     "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
     "top_h": (None,), "diversity_penalty": (None, 0.0),
     "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
     "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0), "force_words_ids": (None,),
     "constraints": (None,), "watermarking_config": (None,),
-    "token_healing": (None, False), "low_memory": (None, False), "prompt_lookup_num_tokens": (None,),
+    "token_healing": (None, False), "low_memory": (None, False),
     "use_mtp": (None, False), "past_key_values": (None,), "decoder_start_token_id": (None,),
     "use_model_defaults": (None, True),
 }
 
-# transformers options that only choose how the work is done (caches, compilation): the tokens are the
-# same without them
+# transformers options that only choose how the work is done (caches, compilation, the settings of assisted
+# decoding): the tokens are the same without them
 NO_EFFECT = frozenset({"use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile",
-                       "max_cache_len", "prefill_chunk_size"})
+                       "max_cache_len", "prefill_chunk_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                       "assistant_confidence_threshold", "max_matching_ngram_size", "assistant_early_exit",
+                       "assistant_lookbehind", "target_lookbehind"})
+
+# transformers' assisted decoding (a draft model, or n-grams looked up in the prompt): greedy, it gives the
+# tokens of plain greedy decoding, which vlmkit runs; sampling through a draft draws differently, so there
+# it is refused rather than answered with other tokens
+ASSISTED_DECODING = ("assistant_model", "assistant_tokenizer", "prompt_lookup_num_tokens")
 
 
 def split_generate_kwargs(base: GenerationConfig, generation_config, kwargs: dict):
@@ -49,17 +56,25 @@ def split_generate_kwargs(base: GenerationConfig, generation_config, kwargs: dic
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
     for name in NO_EFFECT:
         kwargs.pop(name, None)
+    assisted = sorted(name for name in ASSISTED_DECODING if kwargs.pop(name, None) is not None)
     refuse_unsupported({k: kwargs.pop(k) for k in list(kwargs) if k in UNSUPPORTED}, "generate")
     if generation_config is None:
         config = base
     elif isinstance(generation_config, GenerationConfig):
         config = generation_config
     elif callable(getattr(generation_config, "to_dict", None)):  # transformers' GenerationConfig
-        config = base.updated(**_transformers_options(generation_config.to_dict()))
+        values = generation_config.to_dict()
+        assisted += [name for name in ASSISTED_DECODING if values.get(name) is not None and name not in assisted]
+        config = base.updated(**_transformers_options(values))
     else:
         raise InputError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
     warn_checkpoint_extras(config)
-    return config.updated(**options), logits_processor, stopping_criteria, kwargs
+    config = config.updated(**options)
+    if assisted and (config.do_sample or config.num_beams > 1):
+        raise InputError(f"generate: {', '.join(assisted)} (assisted decoding) works here with greedy decoding only, "
+                         "which gives the tokens plain greedy decoding gives; with sampling or beams transformers "
+                         "draws through the assistant, which vlmkit does not run: leave it out")
+    return config, logits_processor, stopping_criteria, kwargs
 
 
 def refuse_unsupported(options: dict, where: str) -> None:

@@ -131,8 +131,9 @@ def test_logits_option_matches_reference(family, option):
 
 @pytest.mark.parametrize("warpers", [dict(temperature=0.7, top_k=8, top_p=0.9), dict(min_p=0.05, top_k=0),
                                      dict(typical_p=0.8, temperature=1.3), dict(epsilon_cutoff=0.002, top_k=0),
-                                     dict(eta_cutoff=0.002, top_k=0)],
-                         ids=["top-k top-p", "min-p", "typical", "epsilon", "eta"])
+                                     dict(eta_cutoff=0.002, top_k=0), dict(top_h=0.4, top_k=0),
+                                     dict(top_h=0.9, temperature=1.5, top_k=5)],
+                         ids=["top-k top-p", "min-p", "typical", "epsilon", "eta", "top-h", "top-h top-k"])
 def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family, warpers):
     # same global seed, same draws: the warpers run after the bans, as in the reference
     options = dict(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]],
@@ -155,6 +156,20 @@ def test_idefics_model_card_bans_image_tokens_and_stops_at_end_of_utterance(fami
     expected, got = generate_both(family, eos_token_id=exit_condition, bad_words_ids=bad_words_ids)
     assert got.tolist() == expected.tolist()
     assert got[0].tolist() != family.plain[0].tolist()
+
+
+@pytest.mark.parametrize("vocab", [50, 1000], ids=["fewer than its 100 candidates", "more"])
+def test_top_h_keeps_the_tokens_transformers_keeps(vocab):
+    from transformers.generation.logits_process import TopHLogitsWarper
+
+    from vlmkit.generation.warpers import TopH
+
+    scores = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    for top_h in (0.05, 0.4, 0.9, 1.0):
+        want = TopHLogitsWarper(top_h)(None, scores)
+        got = TopH(top_h)(None, scores)
+        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[~got.isinf()], want[~want.isinf()])
+        assert 1 <= int((~got.isinf()).sum(dim=-1).min()) and (top_h == 1.0 or bool(got.isinf().any()))
 
 
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
@@ -323,7 +338,7 @@ def test_transformers_generation_config_is_read(family):
 
 
 UNSUPPORTED = {
-    "top_h": 0.5, "penalty_alpha": 0.6, "num_beam_groups": 2, "force_words_ids": [[3]], "diversity_penalty": 0.5,
+    "penalty_alpha": 0.6, "num_beam_groups": 2, "force_words_ids": [[3]], "diversity_penalty": 0.5,
     "dola_layers": "low",
 }
 

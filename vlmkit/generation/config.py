@@ -53,6 +53,7 @@ class GenerationConfig:
     forced_eos_token_id: int | list[int] | None = None
     remove_invalid_values: bool = False
     min_p: float | None = None
+    top_h: float | None = None
     typical_p: float = 1.0
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
@@ -121,6 +122,8 @@ class GenerationConfig:
             raise InputError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise InputError("min_p must be in [0, 1]")
+        if self.top_h is not None and not 0 < self.top_h <= 1:
+            raise InputError("top_h must be in (0, 1]")
         if self.typical_p is not None and not 0 < self.typical_p <= 1:
             raise InputError("typical_p must be in (0, 1]")
         for name in ("epsilon_cutoff", "eta_cutoff"):

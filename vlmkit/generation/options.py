@@ -20,7 +20,7 @@ OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 UNSUPPORTED = {
     "custom_generate": (None,),
     "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
-    "top_h": (None,), "diversity_penalty": (None, 0.0),
+    "diversity_penalty": (None, 0.0),
     "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
     "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0), "force_words_ids": (None,),
     "constraints": (None,), "watermarking_config": (None,),

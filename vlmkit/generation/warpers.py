@@ -1,5 +1,5 @@
-"""Sampling warpers: what reshapes the distribution a token is drawn from (temperature, top-k, top-p,
-min-p, typical, epsilon and eta cutoffs), each matching the transformers warper it names. They run
+"""Sampling warpers: what reshapes the distribution a token is drawn from (temperature, top-H, top-k,
+top-p, min-p, typical, epsilon and eta cutoffs), each matching the transformers warper it names. They run
 last in the logits pipeline (logits.py), and only when sampling."""
 
 from collections.abc import Callable
@@ -19,6 +19,29 @@ class Temperature:
 
     def __call__(self, input_ids, scores):
         return scores / self.temperature
+
+
+class TopH:
+    """Top-H: of the 100 likeliest tokens, the likeliest ones whose entropy terms (-p log p, p renormalised
+    over those 100) add up to at most ``top_h`` times the entropy of the 100, and the likeliest one always
+    (transformers' TopHLogitsWarper)."""
+
+    CANDIDATES = 100
+
+    def __init__(self, top_h: float):
+        self.top_h = top_h
+
+    def __call__(self, input_ids, scores):
+        best, order = torch.topk(scores, min(self.CANDIDATES, scores.shape[-1]), dim=-1)
+        log_probs = best - best.logsumexp(dim=-1, keepdim=True)
+        probs = log_probs.softmax(dim=-1)
+        # the entropy as torch's Categorical computes it (from the normalised logits), the running sum from
+        # log(p): the same arithmetic as the reference, so a token on the boundary falls the same way
+        entropy = -(log_probs.clamp(min=torch.finfo(log_probs.dtype).min) * probs).sum(dim=-1, keepdim=True)
+        keep = (-probs * probs.log()).cumsum(dim=-1) <= entropy * self.top_h
+        keep[:, 0] = True
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, keep)
+        return scores.masked_fill(~kept, -torch.inf)
 
 
 class TopK:
@@ -110,11 +133,13 @@ class EtaCutoff:
 
 
 def sampling_warpers(config: GenerationConfig, min_tokens_to_keep: int = 1) -> list[Warper]:
-    """Temperature, top-k, top-p, min-p, typical, epsilon and eta, as ``config`` sets them, in the
+    """Temperature, top-H, top-k, top-p, min-p, typical, epsilon and eta, as ``config`` sets them, in the
     reference's order (used when sampling)."""
     warpers: list[Warper] = []
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(Temperature(config.temperature))
+    if config.top_h is not None:
+        warpers.append(TopH(config.top_h))
     if config.top_k:
         warpers.append(TopK(config.top_k, min_tokens_to_keep))
     if config.top_p is not None and config.top_p < 1.0:

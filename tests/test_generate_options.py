@@ -392,7 +392,8 @@ def test_unsupported_combinations_are_errors(family):
     assert family.model.generate(**inputs, **family.mode, max_new_tokens=2).tolist() == generate().tolist()
 
 
-@pytest.mark.parametrize("warpers", [dict(min_p=0.1), dict(typical_p=0.7, top_k=0)], ids=["min-p", "typical"])
+@pytest.mark.parametrize("warpers", [dict(min_p=0.1), dict(typical_p=0.7, top_k=0), dict(top_h=0.5, top_k=0)],
+                         ids=["min-p", "typical", "top-h"])
 def test_janus_image_generation_samples_with_the_sampling_options_as_the_reference(janus_dir, warpers):
     from janus_reference import ours, reference
 
@@ -407,7 +408,7 @@ def test_janus_image_generation_samples_with_the_sampling_options_as_the_referen
 
 
 @pytest.mark.parametrize("option", [dict(num_beams=2), dict(bad_words_ids=[[5]]), dict(logits_processor=[BanToken(5)]),
-                                    dict(return_dict_in_generate=True), dict(max_time=1.0), dict(top_h=0.5)])
+                                    dict(return_dict_in_generate=True), dict(max_time=1.0)])
 def test_janus_image_generation_refuses_text_options(janus_dir, option):
     from janus_reference import ours
 

@@ -41,6 +41,8 @@ POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.Generati
 # (method, path, what the fuzzer makes: bodies the schema allows or ones it does not, examples)
 CASES = [("POST", "/v1/chat/completions", POSITIVE, 300), ("POST", "/v1/chat/completions", NEGATIVE, 300),
          ("POST", "/v1/images/generations", POSITIVE, 100), ("POST", "/v1/images/generations", NEGATIVE, 100),
+         ("POST", "/tokenize", POSITIVE, 100), ("POST", "/tokenize", NEGATIVE, 100),
+         ("POST", "/detokenize", POSITIVE, 50), ("POST", "/detokenize", NEGATIVE, 50),
          ("GET", "/v1/models", POSITIVE, 3), ("GET", "/health", POSITIVE, 3), ("GET", "/stats", POSITIVE, 3)]
 
 

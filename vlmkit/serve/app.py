@@ -167,6 +167,23 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         except Exception as err:
             return _error_response(err)
 
+    @router.post("/tokenize", responses=openapi.TOKENIZE_RESPONSES)
+    async def tokenize(request: Request):
+        return await _answer_in_threadpool(request, lambda handler, body: handler.tokenize(body))
+
+    @router.post("/detokenize", responses=openapi.DETOKENIZE_RESPONSES)
+    async def detokenize(request: Request):
+        return await _answer_in_threadpool(request, lambda handler, body: handler.detokenize(body))
+
+    async def _answer_in_threadpool(request: Request, answer):
+        """A quick request answered off the event loop (tokenizing, fetching a conversation's images)."""
+        try:
+            body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
+            handler, _ = state.ready()
+            return await run_in_threadpool(answer, handler, body)
+        except Exception as err:
+            return _error_response(err)
+
     @router.post("/v1/images/generations", responses=openapi.IMAGE_RESPONSES)
     async def image_generations(request: Request):
         try:
@@ -196,7 +213,8 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
-ROUTES = "/v1/chat/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /health, /stats, /metrics and /openapi.json"
+ROUTES = ("/v1/chat/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /tokenize, /detokenize, "
+          "/health, /stats, /metrics and /openapi.json")
 
 
 def _route_error(request: Request, err: StarletteHTTPException) -> str:

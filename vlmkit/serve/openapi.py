@@ -6,9 +6,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from .schemas import ChatCompletion, ChatCompletionRequest, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from .schemas import (ChatCompletion, ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                      ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 
-REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest}
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 class ErrorDetail(BaseModel):
@@ -45,6 +47,8 @@ IMAGE_RESPONSES = {
                                                  "image_generation.partial_image and .completed events",
           "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
     **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
+TOKENIZE_RESPONSES = {200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 408, 413, 500, 503)}
+DETOKENIZE_RESPONSES = {200: {"model": DetokenizeResponse}, **_errors(400, 401, 404, 408, 413, 500, 503)}
 MODELS_RESPONSES = {200: {"model": ModelList}, **_errors(401)}
 MODEL_RESPONSES = {200: {"model": ModelCard}, **_errors(401, 404)}
 STATS_RESPONSES = {200: {"content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(401, 503)}

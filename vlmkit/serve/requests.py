@@ -15,8 +15,9 @@ from ..io.chat_template import template_variables
 from ..io.media import load_image
 from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
-from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ImageData,
-                      ImageGenerationRequest, ImagesResponse, Usage, error_body, parse_request)
+from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, DetokenizeRequest,
+                      DetokenizeResponse, ImageData, ImageGenerationRequest, ImagesResponse, TokenizeRequest,
+                      TokenizeResponse, Usage, error_body, parse_request)
 from .events import ChatOutcome, ImageOutcome
 from .image_stream import png_base64
 from .options import chat_options
@@ -337,6 +338,37 @@ class RequestHandler:
         usage = Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                       total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
         return ChatCompletion(model=self.model_name, choices=choices, usage=usage).model_dump()
+
+    # --- tokenize / detokenize -----------------------------------------------------------------------
+    def tokenize(self, body) -> dict:
+        """vLLM's ``/tokenize``: the token ids of a prompt, or of a conversation's chat prompt as
+        ``prepare_chat`` builds it (images fetched and expanded into their tokens)."""
+        self.check_chat_shape(body)
+        request = parse_request(TokenizeRequest, body)
+        self.check_model(request.model)
+        if request.prompt is not None:
+            self.check_prompt_size([request.prompt])
+            ids = self.engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        else:
+            variables = self.template_variables(request.chat_template_kwargs)
+            self.check_prompt_size([*(text for message in request.messages for text in _texts(message.content)),
+                                    *_strings(variables)])
+            inputs = self.engine.prepare_chat(self.engine_messages(request),
+                                              add_generation_prompt=request.add_generation_prompt,
+                                              continue_final_message=request.continue_final_message, **variables)
+            ids = inputs["input_ids"][0].tolist()
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.model.max_context, tokens=ids).model_dump()
+
+    def detokenize(self, body) -> dict:
+        """vLLM's ``/detokenize``: the text of token ids."""
+        request = parse_request(DetokenizeRequest, body)
+        self.check_model(request.model)
+        vocab_size = self.engine.tokenizer.backend.get_vocab_size(with_added_tokens=True)
+        outside = [t for t in request.tokens if t >= vocab_size]
+        if outside:
+            raise ApiError(400, f"tokens: ids {outside[:5]} are outside the model's vocabulary of {vocab_size} tokens "
+                                f"(ids 0 to {vocab_size - 1})")
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(request.tokens)).model_dump()
 
     # --- images -------------------------------------------------------------------------------------
     @property

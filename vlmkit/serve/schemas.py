@@ -196,6 +196,16 @@ class NamedToolChoice(_Request):
     function: FunctionName
 
 
+def _check_continuation(request) -> None:
+    """``continue_final_message`` continues the final assistant message, so no new turn may be prompted."""
+    if request.continue_final_message:
+        if request.add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be combined with add_generation_prompt, whose "
+                             "default is true; send add_generation_prompt: false too")
+        if not request.messages or request.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message: the final message must be the assistant's text to continue")
+
+
 # vLLM's chat-completion options that vlmkit's server does not implement, with the values that change nothing
 UNSUPPORTED_VLLM_OPTIONS = {
     "use_beam_search": (False,), "best_of": (1,), "length_penalty": (1, 1.0), "echo": (False,),
@@ -279,13 +289,7 @@ class ChatCompletionRequest(_Request):
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
             raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")
-        if self.continue_final_message:
-            if self.add_generation_prompt:
-                raise ValueError("continue_final_message: cannot be combined with add_generation_prompt, whose "
-                                 "default is true; send add_generation_prompt: false too")
-            if self.messages[-1].role != "assistant":
-                raise ValueError("continue_final_message: the final message must be the assistant's text to "
-                                 "continue")
+        _check_continuation(self)
         budget = self.answer_budget
         if self.min_tokens and budget is not None and self.min_tokens > budget:
             raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({budget}); lower it")
@@ -331,6 +335,45 @@ class ChatCompletionRequest(_Request):
     @property
     def answer_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- tokenize / detokenize (vLLM's) -----------------------------------------------------------------
+class TokenizeRequest(_Request):
+    """``POST /tokenize``: a ``prompt`` as it is (with BOS unless ``add_special_tokens`` is false), or chat
+    ``messages`` as ``/v1/chat/completions`` builds their prompt (chat template, image tokens)."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: Flag = True  # for a prompt; a chat template writes its own
+    add_generation_prompt: Flag = True
+    continue_final_message: Flag = False
+    chat_template_kwargs: dict[Text, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (text) or messages (a conversation), not both")
+        _check_continuation(self)
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # the model's context: the longest prompt and answer together
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``: token ids back to text (special tokens included, as vLLM decodes them)."""
+
+    model: Text | None = None
+    tokens: list[_int(ge=0, le=2 ** 31 - 1)] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # --- image generations: request ------------------------------------------------------------------

@@ -4,9 +4,11 @@ the answer, as vLLM keeps a non-special stop token), ``min_p`` draws as ``genera
 seed; ``structured_outputs`` (and the older ``guided_*`` names) hold every answer, greedy or sampled, to a
 choice, a regular expression, a JSON Schema or a Lark/GBNF grammar; bad values are 400s naming the field."""
 
+import json
+
 import openai
 import pytest
-from serve_support import engine_for, serve, served_text, user
+from serve_support import data_uri, engine_for, image_part, serve, served_text, user
 
 from vlmkit.batch.offline import LLM, SamplingParams
 from vlmkit.builtin import builtin_model_path
@@ -100,6 +102,15 @@ def test_bad_extras_are_a_400_naming_the_field(server, extra, field):
     assert field in caught.value.message
 
 
+def test_a_lone_surrogate_in_chat_template_kwargs_is_a_400(server):
+    import httpx
+
+    body = {"messages": ASK, "max_tokens": 2, "chat_template_kwargs": {"hint": ["\ud800"]}}
+    response = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and "chat_template_kwargs" in response.json()["error"]["message"]
+
+
 def test_min_tokens_past_the_context_is_a_400(server, engine):
     with pytest.raises(openai.BadRequestError, match="min_tokens: .* do not fit"):
         server.chat(ASK, extra_body={"min_tokens": engine.model.max_context})
@@ -143,7 +154,6 @@ def _answers(server, extra: dict) -> list[str]:
 
 @pytest.mark.parametrize("form", ["structured_outputs", "guided"])
 def test_structured_outputs_choice_regex_json_and_grammar_hold_every_answer(server, form):
-    import json
     import re
 
     def extra(kind, value):
@@ -180,6 +190,9 @@ def test_structured_outputs_choice_regex_json_and_grammar_hold_every_answer(serv
      "cannot be combined with response_format"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern is not supported"),
     ({"structured_outputs": {"regex": "(a{1000}){1000}"}}, "structured_outputs: the constraint is too complex"),
+    ({"structured_outputs": {"grammar": " \n"}}, "structured_outputs: not a valid grammar: the grammar is empty"),
+    ({"guided_grammar": "x ::= "}, "structured_outputs: not a valid grammar"),
+    ({"guided_json": False}, "the JSON Schema false allows no value"),
 ])
 def test_bad_structured_outputs_are_a_400_naming_the_problem(server, extra, phrase):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -274,14 +287,84 @@ def test_chat_template_kwargs_reach_the_variables_the_template_reads(tmp_path):
 
     folder = shutil.copytree(builtin_model_path(), tmp_path / "hinted")
     template = (folder / "chat_template.jinja").read_text()
-    (folder / "chat_template.jinja").write_text("{% if hint %}<|User|>: " + "{{ hint }}\n\n{% endif %}" + template)
+    (folder / "chat_template.jinja").write_text("{% if tokenize %}T{% endif %}{% if size %}{{ hint|length }}{% endif %}"
+                                                "{% if hint %}<|User|>: {{ hint }}\n\n{% endif %}" + template)
     engine = engine_for(folder)
     expected = _generated_from(engine, ASK, 12, hint="Answer in colours.")
     with serve(folder) as hinted:
         answer = hinted.chat(ASK, max_tokens=12, extra_body={"chat_template_kwargs": {
-            "hint": "Answer in colours.", "messages": [], "unread": 1}})  # the server's own and unread: left out
-        plain = hinted.chat(ASK, max_tokens=12)
+            "hint": "Answer in colours.", "messages": [], "tokenize": True, "unread": 1}})  # the server's own,
+        plain = hinted.chat(ASK, max_tokens=12)  # the ones the prompt is built with, and unread ones: left out
+        with pytest.raises(openai.BadRequestError, match="the chat template failed on the values it was given"):
+            hinted.chat(ASK, max_tokens=2, extra_body={"chat_template_kwargs": {"hint": 5, "size": 3}})
         with pytest.raises(openai.BadRequestError, match="the prompt is .* characters long"):
             hinted.chat(ASK, max_tokens=2, extra_body={"chat_template_kwargs": {"hint": {"deep": ["x" * 10 ** 6]}}})
     assert answer.choices[0].message.content == _text(engine, expected)
     assert answer.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("extra", [
+    {"structured_outputs": {"choice": ["left", "right"]}, "min_tokens": 10},  # the choice must end; min_tokens bans it
+    {"guided_regex": "[0-9]", "min_tokens": 4},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "boolean"}}},
+     "min_tokens": 6},
+    {"structured_outputs": {"choice": ["left", "right"]}, "allowed_token_ids": [5, 6, 7]},
+    {"allowed_token_ids": [385], "min_tokens": 3},  # only the end allowed, and the end held back
+], ids=["choice", "regex", "schema", "allowed outside the grammar", "allowed only the end"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_options_that_leave_no_token_to_draw_are_a_400_not_a_broken_answer(server, extra, sampled):
+    extra = dict(extra)
+    options = dict(max_tokens=20, temperature=1.0, seed=1) if sampled else dict(max_tokens=20)
+    if "response_format" in extra:
+        options["response_format"] = extra.pop("response_format")
+    with pytest.raises(openai.BadRequestError, match="leave no token that may come next"):
+        server.chat(ASK, extra_body=extra, **options)
+    assert server.chat(ASK, max_tokens=2).choices  # still serving
+
+
+def test_min_tokens_holds_back_stop_strings_too(server, engine):
+    """As vLLM: no stop string ends the answer before min_tokens tokens; then the text is searched from a
+    stop's length before the text of the token that reached min_tokens."""
+    wanted = 8
+    tokens = _generated(engine, 20, min_new_tokens=wanted)
+    full = _text(engine, tokens)
+    stop = full[2]  # a character the answer has early on
+    assert stop.strip() and full.index(stop) < len(_text(engine, tokens[:wanted - 1]))
+    boundary = len(_text(engine, tokens[:wanted - 1]))
+    position = full.find(stop, max(0, boundary - len(stop)))
+    expected = full if position < 0 else full[:position]
+    choice = server.chat(ASK, max_tokens=20, stop=[stop], extra_body={"min_tokens": wanted}).choices[0]
+    assert choice.message.content == expected
+    assert server.chat(ASK, max_tokens=20, stop=[stop]).choices[0].message.content == full[:full.index(stop)]
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(server):
+    options = dict(max_tokens=10, temperature=1.3, seed=4)
+    assert server.chat(ASK, extra_body={"top_k": -1}, **options).choices[0].message.content == \
+        server.chat(ASK, extra_body={"top_k": 0}, **options).choices[0].message.content
+
+
+def test_a_json_schema_of_true_takes_any_json_value(server):
+
+    for extra in ({"guided_json": True}, {"structured_outputs": {"json": True}}):
+        choice = server.chat(ASK, max_tokens=40, extra_body=extra).choices[0]
+        if choice.finish_reason == "stop":
+            json.loads(choice.message.content)
+        assert choice.message.content
+
+
+def test_continue_final_message_with_a_part_after_the_text_is_a_400_saying_so(server):
+    ends_with_image = ASK + [{"role": "assistant", "content": [{"type": "text", "text": "It is"},
+                                                               image_part(data_uri())]}]
+    with pytest.raises(openai.BadRequestError, match="the text to continue must come last"):
+        server.chat(ends_with_image, max_tokens=2, extra_body={"add_generation_prompt": False,
+                                                              "continue_final_message": True})
+
+
+def test_offline_chat_takes_vllms_chat_template_options(engine):
+    started = ASK + [{"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+    expected = _generated_from(engine, started, 12, add_generation_prompt=False, continue_final_message=True)
+    llm = LLM(str(builtin_model_path()))
+    output = llm.chat(started, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False,
+                      add_generation_prompt=False, continue_final_message=True)
+    assert output[0].outputs[0].text == engine.tokenizer.decode(expected, skip_special_tokens=True)

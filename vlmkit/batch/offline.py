@@ -102,16 +102,20 @@ class LLM:
         return llm
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             use_tqdm: bool = True) -> list[ChatOutput]:
-        """Answer one conversation (a list of messages) or many (a list of such lists), in order. Raises
-        ``InputError`` with the server's message for the first conversation that cannot be answered."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[ChatOutput]:
+        """Answer one conversation (a list of messages) or many (a list of such lists), in order; the chat
+        template options mean what they mean in vLLM's ``LLM.chat``. Raises ``InputError`` with the server's
+        message for the first conversation that cannot be answered."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(conversations)
         if len(params) != len(conversations):
             raise InputError(f"{len(params)} sampling_params for {len(conversations)} conversations; give one, or one "
                              f"per conversation")
-        bodies = [{"messages": [_openai_message(m) for m in conversation], **(p or SamplingParams()).request_fields()}
-                  for conversation, p in zip(conversations, params)]
+        template = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                        chat_template_kwargs=chat_template_kwargs)
+        bodies = [{"messages": [_openai_message(m) for m in conversation], **(p or SamplingParams()).request_fields(),
+                   **template} for conversation, p in zip(conversations, params)]
         outputs = []
         for index, body in enumerate(self._run("/v1/chat/completions", bodies, "conversation", use_tqdm)):
             choices = [CompletionOutput(c["index"], c["message"]["content"], c["finish_reason"])

@@ -70,6 +70,8 @@ class GrammarTokenizer:
         llguidance = _llguidance()
         what = _GRAMMAR_NAMES[kind]
         if kind == "json":
+            if source == "false":
+                raise InputError("the JSON Schema false allows no value at all; give a schema an answer can follow")
             check_refs_end(json.loads(source))
         try:
             grammar = _grammar_text(llguidance, kind, source)
@@ -90,8 +92,10 @@ class GrammarTokenizer:
 
 
 def json_constraint(schema: dict | bool | None) -> tuple[str, str]:
-    """(kind, source) for ``GrammarTokenizer.matcher`` of JSON under ``schema`` (None: any JSON object)."""
-    return "json", json.dumps({"type": "object"} if schema is None else schema, sort_keys=True)
+    """(kind, source) for ``GrammarTokenizer.matcher`` of JSON under ``schema`` (None: any JSON object; the
+    schema ``true``, any JSON value, as the empty schema llguidance takes)."""
+    schema = {"type": "object"} if schema is None else {} if schema is True else schema
+    return "json", json.dumps(schema, sort_keys=True)
 
 
 _GRAMMAR_NAMES = {"json": "JSON Schema", "regex": "regular expression", "choice": "list of choices",
@@ -106,10 +110,12 @@ def _grammar_text(llguidance, kind: str, source: str) -> str:
         return llguidance.LLMatcher.grammar_from_regex(source)
     if kind == "choice":  # Lark string literals take JSON's escapes
         return "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in json.loads(source))
-    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+    from llguidance.gbnf_to_lark import any_to_lark
+    if not source.strip():
+        raise ValueError("the grammar is empty")
     try:
         return any_to_lark(source)
-    except GbnfToLarkError as err:
+    except Exception as err:  # the converter raises bare Exceptions too ("No 'root' rule found")
         raise ValueError(err) from None
 
 

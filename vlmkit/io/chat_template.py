@@ -50,7 +50,8 @@ def _compile(template: str):
 
 
 def render_chat_template(template: str, messages: list[dict], **variables) -> str:
-    """Render one conversation. Sandbox violations and template errors become ``TemplateError``."""
+    """Render one conversation. Sandbox violations, template errors and Python errors raised while rendering
+    (a variable of a type the template cannot use: ``{{ x|length }}`` of a number) become ``TemplateError``."""
     import jinja2
 
     try:
@@ -59,6 +60,9 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
         raise TemplateError(f"the chat template tried an unsafe operation: {err}") from None
     except jinja2.TemplateError as err:
         raise TemplateError(f"the chat template failed: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as err:
+        raise TemplateError(f"the chat template failed on the values it was given: {type(err).__name__}: "
+                            f"{err}") from None
 
 
 @lru_cache(maxsize=16)
@@ -93,6 +97,9 @@ def render_conversation(template: str, messages: list[dict], add_generation_prom
         texts = [i for i, b in enumerate(blocks) if isinstance(b, dict) and "text" in b]
         if not texts:
             raise TemplateError("continue_final_message is set but the final message has no text to continue")
+        if texts[-1] != len(blocks) - 1:
+            raise TemplateError("continue_final_message is set but the final message ends with an image or other "
+                                "part after its text; the text to continue must come last")
         final_text = blocks[texts[-1]]["text"]
         blocks[texts[-1]]["text"] = final_text + _CONTINUE_TAG
         final["content"] = blocks

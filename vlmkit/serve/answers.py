@@ -16,16 +16,20 @@ class AnswerText:
     with ``<|Assistant|>:`` and the model writes the space itself, as the first token "ĠAnswer"): it is
     not part of the answer, so it is dropped here, once, for plain and streamed answers alike.
     ``include_stop`` keeps the stop string that ended the answer (vLLM's ``include_stop_str_in_output``);
-    ``skip_special_tokens=False`` shows special tokens in the text."""
+    ``skip_special_tokens=False`` shows special tokens in the text. Before ``min_tokens`` tokens no stop string
+    ends the answer; from then on the text is searched from just before the last unchecked token's text (as
+    vLLM's stop check looks at new text and a stop's length before it)."""
 
     def __init__(self, tokenizer, stops: list[str], prefix: str = "", include_stop: bool = False,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stops = stops
         self.prefix = prefix
         self.include_stop, self.skip_special_tokens = include_stop, skip_special_tokens
+        self.min_tokens = min_tokens
         self.ids: list[int] = []
         self.text = ""
+        self.unchecked_end = 0  # the text before here came while stop strings were held back (min_tokens)
         self.sent = 0
         self.stopped_at: int | None = None
         self.stop_end: int | None = None  # where the stop string that ended the answer ends
@@ -33,9 +37,15 @@ class AnswerText:
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string has now appeared."""
         self.ids.append(token)
+        before = len(self.text)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         self.text = self.text.removeprefix(self.prefix)
-        hits = [(i, i + len(s)) for i, s in ((self.text.find(s), s) for s in self.stops) if i >= 0]
+        if len(self.ids) < self.min_tokens:
+            return False
+        if len(self.ids) == self.min_tokens:
+            self.unchecked_end = before
+        starts = [(s, max(0, self.unchecked_end - len(s))) for s in self.stops]
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s, start in starts) if i >= 0]
         if hits:
             self.stopped_at, self.stop_end = min(hits)
         return self.stopped_at is not None

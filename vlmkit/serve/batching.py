@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
 from ..generation.config import GenerationConfig
 from ..generation.logits import apply_processors
 from ..generation.sampling import next_token
@@ -105,6 +106,8 @@ def sample_rows(logits: torch.Tensor, requests: list[RowSampling]) -> torch.Tens
             index = torch.tensor(request.rows, device=logits.device)
             seen = request.seen_ids.to(logits.device) if request.seen_ids is not None else None
             scores = apply_processors(request.processors, seen, logits[index].float())
+            if bool(scores.isneginf().all(dim=-1).any()):
+                raise InputError(NOTHING_ALLOWED)
             drawn = next_token(scores, request.config, request.generator)  # the warpers, then a draw or argmax
             tokens[index] = drawn
             if request.top_logprobs is not None:
@@ -114,6 +117,13 @@ def sample_rows(logits: torch.Tensor, requests: list[RowSampling]) -> torch.Tens
                                     top.values.tolist() if top is not None else [[]] * len(request.rows),
                                     top.indices.tolist() if top is not None else [[]] * len(request.rows))
         return tokens
+
+
+# what a request hears when its options together leave no token to draw (a grammar that must end while
+# min_tokens bans the end, allowed_token_ids outside the grammar...): greedy would take token 0, sampling fail
+NOTHING_ALLOWED = ("the request's options together leave no token that may come next (min_tokens, stop_token_ids, "
+                   "allowed_token_ids, bad_words, logit_bias and the grammar of structured_outputs, response_format or "
+                   "tools all narrow it): loosen one of them")
 
 
 def _plain_greedy(request: RowSampling) -> bool:

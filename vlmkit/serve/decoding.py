@@ -86,7 +86,7 @@ class TextDecoder:
         job.grammar = task.options.grammar(task.n, prompt_length)
         job.prompt_ids = input_ids[0].tolist() if job.processors or job.grammar else None
         rows = [TextRow(job, i, AnswerText(self.tokenizer, task.stop, task.answer_prefix, task.include_stop,
-                                                task.skip_special_tokens),
+                                                task.skip_special_tokens, task.config.min_new_tokens or 0),
                         logprobs=[] if task.options.top_logprobs is not None else None) for i in range(task.n)]
         requests = {job: _sampling(job, rows, list(range(task.n)))}
         tokens = sample_rows(logits, list(requests.values()))

@@ -6,12 +6,13 @@ response body. Bad input is an ``ApiError`` with a status code and a message, ne
 Everything here blocks (fetching, decoding media, tokenising): the app runs it in a worker thread."""
 
 import functools
+import inspect
 import logging
 import re
 from dataclasses import replace
 
 from ..errors import InputError, MediaError, TemplateError, TooManyPixels, VlmkitError
-from ..io.chat_template import template_variables
+from ..io.chat_template import render_conversation, template_variables
 from ..io.media import load_image
 from ..models.janus.image_generation import image_generation_config
 from .config import ServeConfig
@@ -169,8 +170,18 @@ class RequestHandler:
         if not values:
             return {}
         read = template_variables(getattr(self.engine.processor, "chat_template", None) or "") - \
-            _SERVER_TEMPLATE_VARIABLES
+            self._reserved_template_names
         return {name: value for name, value in values.items() if name in read}
+
+    @functools.cached_property
+    def _reserved_template_names(self) -> frozenset:
+        """What a template variable may not be called: the server's own variables and the parameters of the
+        functions the variables are passed through (they would collide with them)."""
+        functions = (self.engine.prepare_chat, getattr(self.engine.processor, "apply_chat_template", None),
+                     self.engine.tokenizer.apply_chat_template, render_conversation)
+        return _SERVER_TEMPLATE_VARIABLES | frozenset(
+            name for function in functions if function is not None
+            for name in inspect.signature(function).parameters)
 
     @functools.cached_property
     def answer_prefix(self) -> str:
@@ -242,7 +253,7 @@ class RequestHandler:
         options = dict(do_sample=temperature > 0, max_new_tokens=budget, seed=request.seed,
                        repetition_penalty=request.repetition_penalty or 1.0)
         if temperature > 0:  # as Engine.chat: top_k off unless asked for
-            options.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=request.top_k or 0,
+            options.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=max(request.top_k or 0, 0),
                            min_p=request.min_p or None)
         if request.min_tokens:  # vLLM's min_tokens holds back the stop tokens too
             options.update(min_new_tokens=request.min_tokens,

@@ -159,8 +159,8 @@ class StructuredOutputs(_Request):
         for unsupported in ("whitespace_pattern", "structural_tag"):
             if getattr(self, unsupported) is not None:
                 raise ValueError(f"{unsupported} is not supported; leave it out (JSON answers are compact)")
-        given = [name for name in ("json_", "json_object", "regex", "choice", "grammar")
-                 if getattr(self, name) not in (None, False)]
+        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError("give exactly one of json, json_object, regex, choice and grammar")
         return self
@@ -194,6 +194,23 @@ class FunctionName(_Request):
 class NamedToolChoice(_Request):
     type: Literal["function"] = "function"
     function: FunctionName
+
+
+def _valid_unicode_within(value):
+    """A JSON value whose strings (keys too) are all valid Unicode."""
+    if isinstance(value, str):
+        _valid_unicode(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key)
+            _valid_unicode_within(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode_within(item)
+    return value
+
+
+TemplateVariables = Annotated[dict[Text, Any], AfterValidator(_valid_unicode_within)]
 
 
 def _check_continuation(request) -> None:
@@ -234,7 +251,7 @@ class ChatCompletionRequest(_Request):
     seed: Seed | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    top_k: _int(ge=0, le=2 ** 31 - 1) | None = None
+    top_k: _int(ge=-1, le=2 ** 31 - 1) | None = None  # 0 or vLLM's -1: off
     repetition_penalty: _number(ge=0.01, le=10) | None = None
     ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
     structured_outputs: StructuredOutputs | None = None  # vLLM's; its older guided_* names below
@@ -250,7 +267,7 @@ class ChatCompletionRequest(_Request):
     skip_special_tokens: Flag = True
     add_generation_prompt: Flag = True
     continue_final_message: Flag = False  # the answer continues the final (assistant) message's text
-    chat_template_kwargs: dict[Text, Any] | None = None  # variables the chat template reads
+    chat_template_kwargs: TemplateVariables | None = None  # variables the chat template reads
     min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
     min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
     stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
@@ -348,7 +365,7 @@ class TokenizeRequest(_Request):
     add_special_tokens: Flag = True  # for a prompt; a chat template writes its own
     add_generation_prompt: Flag = True
     continue_final_message: Flag = False
-    chat_template_kwargs: dict[Text, Any] | None = None
+    chat_template_kwargs: TemplateVariables | None = None
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -112,3 +112,41 @@ def test_a_sub_config_of_a_model_type_vlmkit_does_not_run_is_refused_by_name(fam
                         lambda c: c[key].update(model_type=model_type))
     with pytest.raises(CheckpointError, match=f"{key} model_type '{model_type}' is not supported"):
         AutoModel.from_pretrained(folder)
+
+
+def _same_logits_as_transformers(folder):
+    from transformers import LlavaOnevisionForConditionalGeneration as Reference
+
+    reference = Reference.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    input_ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_qwen2_sliding_window_shorter_than_the_context_is_refused_and_a_longer_one_runs(llava_onevision_dir,
+                                                                                          tmp_path):
+    from vlmkit.nn.decoder import DecoderConfig
+
+    sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    folder, _ = _edited(llava_onevision_dir, tmp_path, lambda c: c["text_config"].update(
+        sliding, layer_types=["full_attention", "sliding_attention"]))
+    with pytest.raises(CheckpointError, match=r"sliding-window attention \(a window of 16 tokens\)"):
+        AutoModel.from_pretrained(folder)
+    all_full, _ = _edited(llava_onevision_dir, tmp_path / "full", lambda c: c["text_config"].update(
+        sliding, layer_types=["full_attention", "full_attention"]))
+    _same_logits_as_transformers(all_full)  # layer_types say no layer slides
+    # the same for any family whose text model is Qwen2 (Janus' may be): the check is the decoder config's
+    with pytest.raises(CheckpointError, match="sliding-window attention"):
+        DecoderConfig.from_text_config(dict(num_hidden_layers=2, **sliding), "qwen2")
+    # every layer below max_window_layers, or a window as long as the context: full attention, as transformers
+    DecoderConfig.from_text_config(dict(num_hidden_layers=2, **{**sliding, "max_window_layers": 2}), "qwen2")
+    long_window, _ = _edited(llava_onevision_dir, tmp_path / "long", lambda c: c["text_config"].update(
+        sliding, sliding_window=10 ** 6, layer_types=["sliding_attention", "sliding_attention"]))
+    _same_logits_as_transformers(long_window)
+
+
+def test_qwen2s_mlp_bias_key_is_ignored_as_transformers_ignores_it(llava_onevision_dir, tmp_path):
+    folder, _ = _edited(llava_onevision_dir, tmp_path, lambda c: c["text_config"].update(mlp_bias=True))
+    _same_logits_as_transformers(folder)

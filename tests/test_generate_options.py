@@ -362,6 +362,14 @@ def test_assisted_decoding_greedy_gives_the_references_tokens_and_sampling_throu
             family.model.generate(input_ids, **family.mode, **options | sampled)
 
 
+def test_right_padding_is_warned_about_as_transformers_does(onevision_vlmkit):
+    """The shared generate loop's check, shown on one family."""
+    _, model = onevision_vlmkit
+    input_ids = torch.tensor([[11, 12, 13], [14, 15, 0]])
+    with pytest.warns(UserWarning, match="right-padding was detected"):
+        model.generate(input_ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=1)
+
+
 @pytest.mark.parametrize("option", list(UNSUPPORTED))
 def test_options_vlmkit_cannot_honour_are_errors_naming_them(family, option):
     with pytest.raises(InputError, match=option):

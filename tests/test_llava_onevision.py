@@ -344,6 +344,30 @@ def test_image_tokens_overflowing_the_context_are_an_input_error(onevision_vlmki
         model(**inputs)
 
 
+def test_an_image_too_elongated_for_anyres_max_1_is_an_input_error(llava_onevision_dir, tmp_path):
+    """Its features would shrink to zero rows (transformers' interpolation fails on it with a torch error)."""
+    import json
+    import shutil
+
+    from vlmkit import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+    folder = shutil.copytree(llava_onevision_dir, tmp_path / "max1")
+    for path in folder.glob("*.json"):  # the model's config and the image processor's: a wide 1 x 10 tile grid
+        values = json.loads(path.read_text())
+        for holder in [values, *(v for v in values.values() if isinstance(v, dict))]:
+            if "image_grid_pinpoints" in holder:
+                holder["image_grid_pinpoints"] = [[42, 42], [42, 420]]
+        if "vision_aspect_ratio" in values:
+            values["vision_aspect_ratio"] = "anyres_max_1"
+        path.write_text(json.dumps(values))
+    processor = LlavaOnevisionProcessor.from_pretrained(folder)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    inputs = processor(text="<image>\nWhat?", images=pattern_image(2000, 40), return_tensors="pt")
+    with pytest.raises(InputError, match="too elongated for this checkpoint's anyres_max_1"):
+        model(**inputs)
+    model(**processor(text="<image>\nWhat?", images=pattern_image(60, 40), return_tensors="pt"))
+
+
 def test_auto_classes_pick_the_family(llava_onevision_dir):
     import vlmkit
 

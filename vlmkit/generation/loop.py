@@ -9,6 +9,7 @@ beam search (beam.py).
 """
 
 import contextlib
+import warnings
 
 import torch
 
@@ -71,6 +72,10 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
     with _ending(streamer):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif not bool(attention_mask[:, -1].all()):
+            warnings.warn("right-padding was detected in a batch to generate from: a padded row's new tokens "
+                          "follow its padding; pad on the left for correct results (padding_side='left', as "
+                          "transformers advises)", stacklevel=3)
         prompt_length = input_ids.shape[1]
         max_context = getattr(model, "max_context", None)
         budget = config.new_token_budget(prompt_length, max_context)

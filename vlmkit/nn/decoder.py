@@ -70,7 +70,24 @@ class DecoderConfig:
         if model_type not in TEXT_CONFIG_DEFAULTS:
             raise CheckpointError(f"text_config model_type {model_type!r} is not supported; vlmkit runs the "
                                   f"{' and '.join(sorted(TEXT_CONFIG_DEFAULTS))} decoders")
-        return cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type})
+        config = cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type})
+        config.refuse_sliding_window()
+        return config
+
+    def refuse_sliding_window(self) -> None:
+        """Qwen2's sliding-window attention (``use_sliding_window``, on the layers from ``max_window_layers``
+        on, or those ``layer_types`` names) is not implemented: a checkpoint whose window is shorter than its
+        context is refused rather than run with full attention (a window that long changes nothing)."""
+        extra = self.extra
+        window = extra.get("sliding_window", 4096)
+        if self.model_type != "qwen2" or not extra.get("use_sliding_window") or window is None:
+            return
+        layer_types = extra.get("layer_types") or [
+            "sliding_attention" if i >= extra.get("max_window_layers", 28) else "full_attention"
+            for i in range(self.num_hidden_layers)]
+        if "sliding_attention" in layer_types and window < self.context_length:
+            raise CheckpointError(f"this checkpoint's Qwen2 text model uses sliding-window attention (a window of "
+                                  f"{window} tokens), which vlmkit does not implement")
 
     @property
     def kv_heads(self) -> int:
@@ -95,6 +112,11 @@ class DecoderConfig:
         return True if self.model_type == "qwen2" else self.attention_bias
 
     @property
+    def feed_forward_bias(self) -> bool:
+        """Qwen2's MLP has no biases whatever the config says (transformers ignores its ``mlp_bias``)."""
+        return False if self.model_type == "qwen2" else self.mlp_bias
+
+    @property
     def output_bias(self) -> bool:
         return False if self.model_type == "qwen2" else self.attention_bias
 
@@ -117,7 +139,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderSelfAttention(config.hidden_size, config.num_attention_heads, config.kv_heads,
                                               config.attention_head_dim, config.qkv_bias, config.output_bias)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.feed_forward_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -72,9 +72,6 @@ class LlavaOnevisionConfig:
             if values.get(key) is None and values.get(alias) is not None:
                 values[key] = values.pop(alias)
         text = values.get("text_config") or {}
-        if text.get("use_sliding_window"):
-            raise CheckpointError("this checkpoint's Qwen2 uses sliding-window attention, which vlmkit does not "
-                                  "implement; LLaVA-OneVision checkpoints have use_sliding_window false")
         config = dataclass_from_dict(
             cls, values,
             text_config=DecoderConfig.from_text_config(text, "qwen2"),  # Qwen2: the reference's default backbone

@@ -178,6 +178,11 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         row_slice, col_slice = anyres.unpadded_region(image_size, stitched.shape[1:])
         stitched = stitched[:, row_slice, col_slice]
         smaller = anyres.downsampled_size(tuple(stitched.shape[1:]), grid, config.max_num_patches)
+        if smaller is not None and min(smaller) == 0:  # transformers' interpolation fails on it too
+            height, width_px = image_size
+            raise InputError(f"an image of {width_px}x{height} pixels is too elongated for this checkpoint's "
+                             f"{config.vision_aspect_ratio}: its features would shrink to {smaller[0]}x{smaller[1]}; "
+                             f"crop or pad it nearer to square")
         if smaller is not None:
             stitched = F.interpolate(stitched[None], list(smaller), mode="bilinear")[0]
         newlines = self._newline(stitched)[:, None, None].expand(width, stitched.shape[1], 1)

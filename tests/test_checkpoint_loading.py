@@ -393,9 +393,11 @@ def test_save_pretrained_shards_replaces_a_previous_save_and_keeps_generation_ed
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, 2 * logits, atol=1e-4)
     assert again.generation_config.max_new_tokens == 17
-    for option in (dict(push_to_hub=True), dict(safe_serialization=False), dict(max_shard_size="lots")):
+    for option in (dict(push_to_hub=True), dict(max_shard_size="lots")):
         with pytest.raises(Exception, match=next(iter(option))):
             model.save_pretrained(tmp_path / "refused", **option)
+    model.save_pretrained(tmp_path / "unsafe", safe_serialization=False)  # transformers 5 writes safetensors too
+    assert (tmp_path / "unsafe" / "model.safetensors").is_file() and not list((tmp_path / "unsafe").glob("*.bin"))
 
 
 @pytest.mark.parametrize("fixture", ["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"])
@@ -415,3 +417,21 @@ def test_processor_save_pretrained_writes_files_that_load_back_as_the_same_proce
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # transformers reads the saved folder too
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "processor")).padding_side == "left"
+
+
+def test_a_processor_saved_before_its_model_keeps_its_edits(janus_dir, tmp_path):
+    """transformers code saves both into one folder, processor first: the model's save must not put the
+    source checkpoint's tokenizer files back over the processor's (an edited padding side, chat template)."""
+    import transformers
+    from vlmkit import JanusForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(janus_dir)
+    model = JanusForConditionalGeneration.from_pretrained(janus_dir)
+    processor.tokenizer.padding_side = "right"
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    processor.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert again.tokenizer.padding_side == "right" and again.chat_template == processor.chat_template
+    reference = transformers.AutoProcessor.from_pretrained(str(tmp_path))
+    assert reference.tokenizer.padding_side == "right" and reference.chat_template == processor.chat_template

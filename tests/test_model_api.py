@@ -258,6 +258,46 @@ def test_resize_token_embeddings_of_a_quantized_head_says_to_resize_first(janus_
     assert model.get_input_embeddings().weight.shape[0] == rows
 
 
+def test_memory_footprint_and_can_generate_as_the_reference(family):
+    assert family.model.get_memory_footprint() == family.ref_model.get_memory_footprint(return_buffers=False) + \
+        sum(b.nelement() * b.element_size() for b in family.model.buffers())
+    assert family.model.get_memory_footprint(return_buffers=False) == \
+        family.ref_model.get_memory_footprint(return_buffers=False)
+    assert type(family.model).can_generate() and family.model.can_generate()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(family, monkeypatch):
+    """Training as fine-tuning code sets it up: checkpointed layers and input grads for frozen embeddings."""
+    import vlmkit.nn.decoder as decoder
+
+    checkpointed_calls = []
+    real_checkpoint = decoder.checkpoint
+    monkeypatch.setattr(decoder, "checkpoint", lambda *a, **k: checkpointed_calls.append(1) or real_checkpoint(*a, **k))
+    model = copy.deepcopy(family.model).train()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    labels = family.inputs["input_ids"].masked_fill(family.inputs["attention_mask"] == 0, -100)
+
+    def gradients():
+        model.zero_grad()
+        model(**family.inputs, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    assert model.is_gradient_checkpointing
+    assert not checkpointed_calls
+    checkpointed = gradients()
+    assert len(checkpointed_calls) == len(model.text_model.layers)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+    model.gradient_checkpointing_disable()
+    model.disable_input_require_grads()
+    with pytest.raises(InputError, match="use_reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
 def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, onevision_vlmkit):
     from vlmkit import LlavaOnevisionForConditionalGeneration
 

@@ -73,3 +73,26 @@ def test_post_process_image_text_to_text_decodes_as_transformers(fixture, reques
     generated = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 11]])
     assert ours.post_process_image_text_to_text(generated) == reference.post_process_image_text_to_text(generated)
     assert ours.post_process_image_text_to_text(generated[0]) == reference.post_process_image_text_to_text(generated[0])
+
+
+def test_special_tokens_are_set_as_in_transformers(tokenizers):
+    """``tokenizer.pad_token = tokenizer.eos_token`` (and the id form) as fine-tuning code writes it: the pad
+    token and padding follow; a token outside the vocabulary is an error."""
+    from vlmkit.errors import InputError
+
+    theirs, ours = tokenizers
+    for tokenizer in (ours, theirs):
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id)
+    batch = ["a b c d", "e"]
+    assert ours(batch, padding=True)["input_ids"] == theirs(batch, padding=True)["input_ids"]
+    ours.pad_token_id = theirs.bos_token_id
+    assert ours.pad_token == theirs.bos_token and ours.is_fast
+    ours.unk_token = ours.eos_token
+    assert ours.unk_token_id == ours.eos_token_id
+    with pytest.raises(InputError, match="not a token of this tokenizer's vocabulary"):
+        ours.pad_token = "<surely-not-a-token>"
+    ours.truncation_side = theirs.truncation_side = "left"
+    assert ours("a b c d e f", truncation=True, max_length=3)["input_ids"] == \
+        theirs("a b c d e f", truncation=True, max_length=3)["input_ids"]

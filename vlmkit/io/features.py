@@ -17,16 +17,20 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    @property
+    def data(self) -> dict:
+        """The features themselves (transformers' ``BatchFeature.data``): this dict."""
+        return self
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BatchFeature":
-        """Move tensors to ``device``; cast only floating tensors (pixels) to ``dtype``, never token ids."""
+        """Move tensors to ``device`` and cast only floating tensors (pixels) to ``dtype``, never token ids; in
+        place, returning this same object, as transformers' ``BatchFeature.to`` does."""
         if isinstance(device, torch.dtype) and dtype is None:
             device, dtype = None, device
-        moved = BatchFeature()
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-            moved[key] = value
-        return moved
+                self[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+        return self
 
 
 def as_return_type(features: dict, return_tensors: str | None) -> dict:

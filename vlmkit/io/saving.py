@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError
+from .chat_template import find_chat_template
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
 
 _WEIGHT_FILES = {"model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX, "config.json"}
@@ -74,8 +75,8 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
     else:
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if source.is_dir():
-        _copy_side_files(source, out)
+    if source.is_dir():  # a processor saved into the folder first keeps its files (and the user's edits in them)
+        _copy_side_files(source, out, overwrite=False)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:  # as the model holds it now, edits included
         (out / "generation_config.json").write_text(json.dumps(generation_config.to_json_dict(), indent=2,
@@ -101,17 +102,21 @@ def save_processor_files(processor, directory, **options) -> Path:
     if tokenizer.known_max_length is not None:
         config["model_max_length"] = tokenizer.model_max_length
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    template = getattr(processor, "chat_template", None)
+    if template and template != find_chat_template(out, config):  # set or edited since loading
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     return out
 
 
-def _copy_side_files(source: Path, out: Path, also_skip: tuple[str, ...] = ()) -> None:
+def _copy_side_files(source: Path, out: Path, also_skip: tuple[str, ...] = (), overwrite: bool = True) -> None:
     """Copy the files beside a checkpoint's weights and config (tokenizer, processor configs, chat template...)
-    from ``source`` into ``out``; nothing when they are the same folder."""
+    from ``source`` into ``out`` (with ``overwrite`` false, only those ``out`` lacks); nothing when they are
+    the same folder."""
     if source.resolve() == out.resolve():
         return
     for item in source.iterdir():
         if item.is_file() and item.name not in _WEIGHT_FILES and item.name not in also_skip \
-                and not item.name.endswith((".safetensors", ".bin")):
+                and not item.name.endswith((".safetensors", ".bin")) and (overwrite or not (out / item.name).exists()):
             shutil.copy2(item, out / item.name)
 
 
@@ -119,7 +124,7 @@ def _copy_side_files(source: Path, out: Path, also_skip: tuple[str, ...] = ()) -
 _STALE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
                             r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json")
 # save_pretrained options of transformers that vlmkit has at these values only (None: any value)
-_SAVE_OPTIONS = {"safe_serialization": (True,), "push_to_hub": (False,), "state_dict": (None,), "variant": (None,),
+_SAVE_OPTIONS = {"safe_serialization": (True, False), "push_to_hub": (False,), "state_dict": (None,), "variant": (None,),
                  "is_main_process": (True,), "save_function": None, "token": None, "save_peft_format": None}
 
 

@@ -30,6 +30,18 @@ def token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _special_token(key: str) -> property:
+    """A named special token as a settable attribute (``tokenizer.pad_token = tokenizer.eos_token``)."""
+    return property(lambda self: self.special_tokens.get(key), lambda self, token: self.set_special_token(key, token))
+
+
+def _special_token_id(key: str) -> property:
+    """A named special token's id as a settable attribute (``tokenizer.pad_token_id = 2``)."""
+    def set_id(self, token_id):
+        self.set_special_token(key, None if token_id is None else self.backend.id_to_token(int(token_id)))
+    return property(lambda self: self.special_token_id(key), set_id)
+
+
 class Tokenizer:
     """A fast tokenizer with the call/decode surface of transformers' tokenizers."""
 
@@ -80,33 +92,33 @@ class Tokenizer:
         """The id of a named special token such as ``"image_token"`` or ``"pad_token"``."""
         return self.token_id(self.special_tokens.get(key))
 
-    @property
-    def bos_token(self):
-        return self.special_tokens.get("bos_token")
+    def set_special_token(self, key: str, token: str | None) -> None:
+        """Name ``token`` (a token of the vocabulary, or None to unset) the ``key`` special token, as
+        ``tokenizer.pad_token = tokenizer.eos_token`` does in transformers."""
+        if token is None:
+            self.special_tokens.pop(key, None)
+            return
+        if not isinstance(token, str) or self.token_id(token) is None:
+            raise InputError(f"{key}: {token!r} is not a token of this tokenizer's vocabulary; use one of its "
+                             f"tokens (e.g. tokenizer.eos_token)")
+        self.special_tokens[key] = token
+
+    bos_token, eos_token = _special_token("bos_token"), _special_token("eos_token")
+    pad_token, unk_token = _special_token("pad_token"), _special_token("unk_token")
+    bos_token_id, eos_token_id = _special_token_id("bos_token"), _special_token_id("eos_token")
+    pad_token_id, unk_token_id = _special_token_id("pad_token"), _special_token_id("unk_token")
+
+    is_fast = True  # a tokenizers (Rust) tokenizer, as transformers' fast tokenizers
 
     @property
-    def eos_token(self):
-        return self.special_tokens.get("eos_token")
+    def truncation_side(self) -> str:
+        return self.config.get("truncation_side", "right")
 
-    @property
-    def pad_token(self):
-        return self.special_tokens.get("pad_token")
-
-    @property
-    def bos_token_id(self):
-        return self.special_token_id("bos_token")
-
-    @property
-    def eos_token_id(self):
-        return self.special_token_id("eos_token")
-
-    @property
-    def pad_token_id(self):
-        return self.special_token_id("pad_token")
-
-    @property
-    def unk_token_id(self):
-        return self.special_token_id("unk_token")
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        if side not in ("left", "right"):
+            raise InputError(f"truncation_side must be 'left' or 'right', got {side!r}")
+        self.config["truncation_side"] = side
 
     @property
     def special_tokens_map(self) -> dict:

@@ -166,8 +166,45 @@ class PretrainedVLM(nn.Module):
     # --- transformers' PreTrainedModel methods that model code calls -----------------------------
     main_input_name = "input_ids"
 
-    def can_generate(self) -> bool:
+    @classmethod
+    def can_generate(cls) -> bool:
         return True
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes the parameters (and buffers) take, as transformers' ``get_memory_footprint``."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of keeping them (training
+        with less memory; the gradients are the same). Only in train mode, with gradients on."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise InputError("gradient_checkpointing_kwargs: vlmkit checkpoints without reentrant autograd "
+                             "(use_reentrant=False); leave use_reentrant out")
+        if kwargs:
+            raise InputError(f"gradient_checkpointing_kwargs: {sorted(kwargs)} are not supported")
+        self.text_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.text_model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.text_model, "gradient_checkpointing", False))
+
+    def enable_input_require_grads(self) -> None:
+        """Make the token embeddings' output require gradients, so gradient checkpointing and adapters train
+        with the embeddings frozen (transformers' ``enable_input_require_grads``)."""
+        def require_grads(module, inputs, output):
+            output.requires_grad_(True)
+        self._input_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_input_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grads_hook = None
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding (``inputs_embeds = model.get_input_embeddings()(input_ids)``)."""

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..configs import dataclass_from_dict
 from ..errors import CheckpointError
@@ -175,7 +176,10 @@ _SILU = get_activation("silu")
 
 
 class DecoderModel(nn.Module):
-    """Token embeddings, decoder layers and the final norm; returns hidden states (no LM head)."""
+    """Token embeddings, decoder layers and the final norm; returns hidden states (no LM head).
+    ``gradient_checkpointing``: in training, each layer's activations are recomputed in the backward pass."""
+
+    gradient_checkpointing = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -208,6 +212,13 @@ class DecoderModel(nn.Module):
         rotary = self.rotary_emb(position_ids, inputs_embeds.dtype)
         return rotary, causal_mask(key_mask, start, seq_len)
 
+    def run_layer(self, layer: nn.Module, hidden_states, rotary, mask, cache, *rest):
+        """``layer(hidden_states, ...)``, through activation checkpointing when it is on, training, with
+        gradients and no KV cache (a recomputed layer would write its keys twice)."""
+        if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(layer, hidden_states, rotary, mask, cache, *rest, use_reentrant=False)
+        return layer(hidden_states, rotary, mask, cache, *rest)
+
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None,
                 last_position_only: bool = False, all_hidden_states: list | None = None):
         """Hidden states [B, T, H] of ``inputs_embeds`` [B, T, H]; with ``last_position_only`` (a prefill, whose
@@ -220,7 +231,8 @@ class DecoderModel(nn.Module):
         for index, layer in enumerate(self.layers):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, mask, cache, index, last_position_only and index == last)
+            hidden_states = self.run_layer(layer, hidden_states, rotary, mask, cache, index,
+                                           last_position_only and index == last)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
         hidden_states = self.norm(hidden_states)

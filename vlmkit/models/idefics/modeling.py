@@ -122,8 +122,8 @@ class IdeficsModel(DecoderModel):
                 hidden_states = self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
             if all_hidden_states is not None and index == 0:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary, mask, cache, index,
-                                  last_position_only and index == len(self.layers) - 1)
+            hidden_states = self.run_layer(layer, hidden_states, rotary, mask, cache, index,
+                                           last_position_only and index == len(self.layers) - 1)
             if all_hidden_states is not None and index < len(self.layers) - 1:
                 all_hidden_states.append(hidden_states)
         if cache is not None:

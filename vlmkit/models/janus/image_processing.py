@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
+from ...io.features import BatchFeature
 from ...io.media import flat_image_list, load_image
 from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, mean_colour, normalized_planes, pad_to_square,
                           rescale_for, square_side, stack_same_shapes)
@@ -75,13 +76,13 @@ class JanusImageProcessor:
         return torch.from_numpy(normalized_planes(pixels, rescale,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
-    def __call__(self, images, **options) -> dict:
-        """``{"pixel_values": [N, 3, size, size]}`` for one image or a list. ``options``: transformers'
-        per-call image options and ``return_tensors`` (default "pt")."""
+    def __call__(self, images, **options) -> BatchFeature:
+        """``{"pixel_values": [N, 3, size, size]}`` for one image or a list, as a ``BatchFeature``.
+        ``options``: transformers' per-call image options and ``return_tensors`` (default "pt")."""
         if options:
             return call_with_options(self, images, options)
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
-        return {"pixel_values": torch.from_numpy(stack_same_shapes([self.preprocess_one(i) for i in images]))}
+        return BatchFeature(pixel_values=torch.from_numpy(stack_same_shapes([self.preprocess_one(i) for i in images])))
 
     preprocess = __call__
 

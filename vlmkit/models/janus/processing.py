@@ -46,8 +46,8 @@ class JanusProcessor(ProcessorBase):
         model_config = config_file(folder, "config.json")
         settings = tokenizer_settings(unused)
         tokenizer = Tokenizer.from_pretrained(folder, **settings)
-        if tokenizer.padding_side == "right" and "padding_side" not in settings:
-            tokenizer.padding_side = "left"  # Janus pads prompts on the left (unless the caller says otherwise)
+        if "padding_side" not in tokenizer.config:  # the caller's or the saved setting wins, as in transformers
+            tokenizer.padding_side = "left"  # Janus pads prompts on the left
         if model_config.get("model_type") == "multi_modality":
             from .original_layout import original_processor_settings
             return cls(**original_processor_settings(folder, model_config, processor_config, image_config,

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ...errors import InputError
+from ...io.features import BatchFeature
 from ...io.media import load_image
 from ...io.pixels import (CLIP_MEAN, CLIP_STD, known_settings, mean_colour, normalized_planes, pad_to_square,
                           rescale_for, square_side, stack_same_shapes)
@@ -98,8 +99,8 @@ class LlavaOnevisionImageProcessor:
             out.append(self._normalize(patch, rescale))
         return np.stack(out)
 
-    def __call__(self, images, **options) -> dict:
-        """``pixel_values`` [num_images, max_patches, 3, size, size] (zero patches pad the shorter
+    def __call__(self, images, **options) -> BatchFeature:
+        """A ``BatchFeature``: ``pixel_values`` [num_images, max_patches, 3, size, size] (zero patches pad the shorter
         ones), ``image_sizes`` [num_images, 2] as (height, width), ``batch_num_images``.
 
         ``images``: one image, a flat list (each one anyres, as the reference treats a flat list),
@@ -127,9 +128,9 @@ class LlavaOnevisionImageProcessor:
             pixel_values = [np.pad(p, ((0, most - len(p)), (0, 0), (0, 0), (0, 0))) for p in pixel_values]
         elif len({len(p) for p in pixel_values}) > 1:
             raise InputError("images with different numbers of anyres patches need do_pad=True to be batched")
-        return {"pixel_values": torch.from_numpy(stack_same_shapes(pixel_values)),
-                "image_sizes": torch.tensor(image_sizes, dtype=torch.long),
-                "batch_num_images": torch.tensor(batch_num_images, dtype=torch.long)}
+        return BatchFeature(pixel_values=torch.from_numpy(stack_same_shapes(pixel_values)),
+                            image_sizes=torch.tensor(image_sizes, dtype=torch.long),
+                            batch_num_images=torch.tensor(batch_num_images, dtype=torch.long))
 
     preprocess = __call__
 

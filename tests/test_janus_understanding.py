@@ -128,7 +128,37 @@ def test_streamer_receives_the_same_text_as_the_final_decode(janus_dir, sample_i
     processor, model = ours(str(janus_dir))
     inputs = chat_inputs(processor, one_image(sample_images["wide"]))
     chunks = []
-    output = model.generate(**inputs, max_new_tokens=20, streamer=TextStreamer(processor.tokenizer, chunks.append))
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, on_text=chunks.append, skip_special_tokens=True)
+    output = model.generate(**inputs, max_new_tokens=20, streamer=streamer)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     assert "".join(chunks) == processor.decode(new_tokens, skip_special_tokens=True)
     assert len(chunks) > 1
+
+
+@pytest.mark.parametrize("skip_prompt", [False, True])
+def test_vlmkits_streamers_take_transformers_arguments_and_stream_what_transformers_streamers_do(
+        janus_dir, sample_images, capsys, skip_prompt):
+    """The same call with transformers' TextStreamer and TextIteratorStreamer, then vlmkit's: the same text
+    printed (the prompt too by default, special tokens kept unless skipped) and iterated."""
+    import threading
+
+    import transformers
+
+    import vlmkit
+
+    processor, model = ours(str(janus_dir))
+    inputs = chat_inputs(processor, one_image(sample_images["wide"]))
+    printed = {}
+    for library in (transformers, vlmkit):
+        model.generate(**inputs, max_new_tokens=12, streamer=library.TextStreamer(processor.tokenizer, skip_prompt))
+        printed[library.__name__] = capsys.readouterr().out
+    assert printed["vlmkit"] == printed["transformers"] and printed["vlmkit"].endswith("\n")
+    iterated = {}
+    for library in (transformers, vlmkit):
+        streamer = library.TextIteratorStreamer(processor.tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True,
+                                                timeout=60)
+        thread = threading.Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=12, streamer=streamer))
+        thread.start()
+        iterated[library.__name__] = "".join(streamer)
+        thread.join()
+    assert iterated["vlmkit"] == iterated["transformers"] and iterated["vlmkit"]

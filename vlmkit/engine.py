@@ -63,7 +63,8 @@ class Engine:
         inputs = self.prepare_chat(messages, **processor_options)
         prompt_length = inputs["input_ids"].shape[1]
         temperature = 0.0 if temperature < GREEDY_BELOW else temperature  # as the server: no overflow
-        streamer = TextStreamer(self.tokenizer, on_text) if on_text is not None else None
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, on_text=on_text, skip_special_tokens=True) \
+            if on_text is not None else None
         options = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, repetition_penalty=repetition_penalty,
                        seed=seed, stop_strings=stop or None)
         if temperature > 0:

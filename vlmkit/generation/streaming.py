@@ -1,56 +1,73 @@
-"""Streaming decoded text while tokens are generated.
-
-vlmkit's streamers get one ``put(tokens)`` per step. A transformers streamer (``transformers.TextStreamer``,
-``TextIteratorStreamer`` or any ``BaseStreamer`` subclass) gets the prompt first, as transformers'
-``generate`` sends it (``skip_prompt=True`` relies on that)."""
+"""Streaming decoded text while tokens are generated, with transformers' streamer protocol: ``generate``
+calls ``put(prompt_ids)`` once, then ``put(tokens)`` each step, then ``end()``; so transformers' own
+streamers (``TextStreamer``, ``TextIteratorStreamer``, any ``BaseStreamer``) work here, and vlmkit's take
+transformers' arguments (``skip_prompt``, decode options such as ``skip_special_tokens``)."""
 
 import queue
-import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
 
 class TextStreamer:
-    """Receives each step's tokens (``put``) for one sequence and emits new text as it becomes
-    stable: a trailing incomplete UTF-8 character is held back until the next token completes it."""
+    """Prints the text as it is generated (or hands it to ``on_text``), the prompt too unless
+    ``skip_prompt``; ``decode_kwargs`` go to ``tokenizer.decode`` (``skip_special_tokens=True`` to leave
+    special tokens out). A trailing incomplete UTF-8 character is held back until the next token completes it."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_prompt: bool = False, *, on_text: Callable[[str], None] | None = None,
+                 **decode_kwargs):
         self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
         self.on_text = on_text
-        self.skip_special_tokens = skip_special_tokens
+        self.decode_kwargs = decode_kwargs
         self.tokens: list[int] = []
         self.emitted = 0
+        self.next_is_prompt = True
 
     def put(self, tokens: torch.Tensor) -> None:
-        self.tokens.append(int(tokens.reshape(-1)[0]))
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
+        tokens = tokens.reshape(-1) if tokens.dim() < 2 else tokens[0]  # one sequence, as transformers streams
+        is_prompt, self.next_is_prompt = self.next_is_prompt, False
+        if is_prompt and self.skip_prompt:
             return
-        if len(text) > self.emitted:
-            self.on_text(text[self.emitted:])
-            self.emitted = len(text)
+        self.tokens.extend(int(t) for t in tokens)
+        text = self.tokenizer.decode(self.tokens, **self.decode_kwargs)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
-        if len(text) > self.emitted:
-            self.on_text(text[self.emitted:])
+        self._emit(self.tokenizer.decode(self.tokens, **self.decode_kwargs), final=True)
+        self.tokens, self.emitted, self.next_is_prompt = [], 0, True  # ready for another generate call
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        if len(text) > self.emitted or final:
+            self.on_finalized_text(text[self.emitted:], stream_end=final)
             self.emitted = len(text)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        """New text (transformers' hook of the same name): to ``on_text``, else printed."""
+        if self.on_text is not None:
+            if text:
+                self.on_text(text)
+        else:
+            print(text, flush=True, end="" if not stream_end else None)
 
 
 class TextIteratorStreamer(TextStreamer):
-    """A streamer you iterate over from another thread: ``for chunk in streamer: ...``."""
+    """A streamer you iterate over from another thread: ``for chunk in streamer: ...`` (transformers'
+    arguments: ``skip_prompt``, ``timeout`` for each chunk, decode options)."""
 
     _DONE = object()
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True, timeout: float | None = None):
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.chunks: queue.Queue = queue.Queue()
         self.timeout = timeout
-        super().__init__(tokenizer, self.chunks.put, skip_special_tokens)
 
-    def end(self) -> None:
-        super().end()
-        self.chunks.put(self._DONE)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.chunks.put(text)
+        if stream_end:
+            self.chunks.put(self._DONE)
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -60,38 +77,10 @@ class TextIteratorStreamer(TextStreamer):
             yield chunk
 
 
-def stream_in_thread(run: Callable[[TextIteratorStreamer], object], tokenizer) -> Iterator[str]:
-    """Run ``run(streamer)`` in a thread and yield its text chunks; re-raise its error at the end."""
-    streamer = TextIteratorStreamer(tokenizer)
-    failure: list[BaseException] = []
-
-    def target():
-        try:
-            run(streamer)
-        except BaseException as err:  # surfaced to the consumer below
-            failure.append(err)
-            streamer.end()
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if failure:
-        raise failure[0]
-
-
-def expects_prompt(streamer) -> bool:
-    """Whether ``streamer`` follows transformers' protocol (a transformers class or a subclass of one),
-    whose first ``put`` is the prompt."""
-    return any(cls.__module__.split(".")[0] == "transformers" for cls in type(streamer).__mro__)
-
-
 def step_callback(streamer, prompt_ids: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
-    """What ``generate``'s loop calls with each step's tokens: ``streamer.put``; a transformers streamer
-    gets the prompt first and CPU tensors, as transformers sends them."""
+    """What ``generate``'s loop calls with each step's tokens: ``streamer.put``, after the prompt, with CPU
+    tensors, as transformers sends them."""
     if streamer is None:
         return None
-    if not expects_prompt(streamer):
-        return streamer.put
     streamer.put(prompt_ids.cpu())
     return lambda tokens: streamer.put(tokens.cpu())

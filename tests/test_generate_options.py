@@ -110,6 +110,8 @@ OPTION_CASES = {
     "exponential_decay_length_penalty": (lambda t, n: dict(eos_token_id=t[4], exponential_decay_length_penalty=(1, 3.0)),
                                          False),
     "remove_invalid_values": (lambda t, n: dict(remove_invalid_values=True, suppress_tokens=[t[0]]), True),
+    "bad_words_ids only the end token": (lambda t, n: dict(eos_token_id=t[1], bad_words_ids=[[t[1]]]), False),
+    "pad_token_id None": (lambda t, n: dict(eos_token_id=t[1], pad_token_id=None), False),
     "everything at once": (lambda t, n: dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[t[1]]],
                                              suppress_tokens=[t[2]], begin_suppress_tokens=[t[3]],
                                              sequence_bias={(t[0],): -1.0}, eos_token_id=t[4], min_new_tokens=3,
@@ -130,10 +132,11 @@ def test_logits_option_matches_reference(family, option):
 
 
 @pytest.mark.parametrize("warpers", [dict(temperature=0.7, top_k=8, top_p=0.9), dict(min_p=0.05, top_k=0),
+                                     dict(top_k=None, temperature=None, top_p=None),
                                      dict(typical_p=0.8, temperature=1.3), dict(epsilon_cutoff=0.002, top_k=0),
                                      dict(eta_cutoff=0.002, top_k=0), dict(top_h=0.4, top_k=0),
                                      dict(top_h=0.9, temperature=1.5, top_k=5)],
-                         ids=["top-k top-p", "min-p", "typical", "epsilon", "eta", "top-h", "top-h top-k"])
+                         ids=["top-k top-p", "min-p", "None", "typical", "epsilon", "eta", "top-h", "top-h top-k"])
 def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family, warpers):
     # same global seed, same draws: the warpers run after the bans, as in the reference
     options = dict(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]],
@@ -307,6 +310,32 @@ def test_a_transformers_processor_replaces_the_built_in_one_it_matches(family):
     custom = [NoRepeatNGramLogitsProcessor(3), SuppressTokensLogitsProcessor([family.first[1]])]
     expected, got = generate_both(family, logits_processor=custom, **options)
     assert got.tolist() == expected.tolist()
+
+
+def test_stop_strings_stop_where_the_reference_stops(family):
+    """A stop string inside the answer, one that begins in the prompt and ends in the first new token, one
+    wholly inside the prompt (no stop), and a CJK one spelled by byte tokens (more tokens than characters)."""
+    from vlmkit.io.tokenizer import Tokenizer
+
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(family.ref_model.name_or_path)
+    tokenizer = Tokenizer.from_pretrained(family.ref_model.name_or_path)
+    prompt = family.inputs["input_ids"][0]
+    prompt_text = tokenizer.decode(prompt[-3:])
+    answer = tokenizer.decode(family.plain[0, family.prompt_length:])
+    forced = tokenizer.encode("日本語のテキスト", add_special_tokens=False)
+
+    def force(batch_id, ids):  # the CJK text, token by token
+        return [forced[min(ids.shape[0] - family.prompt_length, len(forced) - 1)]]
+
+    cases = [dict(stop_strings=[answer.strip()[1:3]]), dict(stop_strings=[prompt_text[-1] + answer[:1]]),
+             dict(stop_strings=[prompt_text[-3:-1]]),
+             dict(stop_strings=["日本語"], prefix_allowed_tokens_fn=force, max_new_tokens=12)]
+    for options in cases:
+        expected = family.ref_model.generate(**family.ref_inputs, **family.mode, **{"max_new_tokens": NEW_TOKENS,
+                                             **options}, do_sample=False, tokenizer=reference_tokenizer)
+        got = family.model.generate(**family.inputs, **family.mode, **{"max_new_tokens": NEW_TOKENS, **options},
+                                    do_sample=False, tokenizer=tokenizer)
+        assert got.tolist() == expected.tolist(), options
 
 
 def test_stopping_criteria_stop_rows_as_the_reference(family):

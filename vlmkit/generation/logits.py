@@ -182,12 +182,19 @@ class NoBadWords(SequenceBias):
     reference_name = "NoBadWordsLogitsProcessor"
 
     def __init__(self, bad_words_ids: list[list[int]], eos_token_ids=()):
+        super().__init__({tuple(ids): float("-inf") for ids in self.kept(bad_words_ids, eos_token_ids)})
+
+    @staticmethod
+    def kept(bad_words_ids, eos_token_ids=()) -> list[list[int]]:
+        """The checked sequences to ban, without lone end-of-sequence tokens (transformers drops those; none
+        may be left, and then nothing is banned)."""
         if not isinstance(bad_words_ids, (list, tuple)) or not bad_words_ids or \
                 any(not isinstance(ids, (list, tuple)) or not ids for ids in bad_words_ids):
             raise InputError(f"bad_words_ids must be a non-empty list of token-id lists, got {bad_words_ids!r}")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for ids in bad_words_ids for t in ids):
+            raise InputError(f"bad_words_ids must hold token ids (integers >= 0), got {bad_words_ids!r}")
         eos = [int(t) for t in eos_token_ids]
-        kept = [list(ids) for ids in bad_words_ids if all(list(ids) != [e] for e in eos)]
-        super().__init__({tuple(ids): float("-inf") for ids in kept})
+        return [list(ids) for ids in bad_words_ids if all(list(ids) != [e] for e in eos)]
 
 
 class PrefixConstrained:
@@ -284,7 +291,7 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(RepetitionPenalty(float(config.repetition_penalty), padding_lengths))
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
-    if config.bad_words_ids is not None:
+    if config.bad_words_ids is not None and NoBadWords.kept(config.bad_words_ids, eos):
         processors.append(NoBadWords(config.bad_words_ids, eos))
     if eos and config.min_length and config.min_new_tokens is None:  # min_new_tokens takes precedence
         processors.append(MinLength(config.min_length, eos))

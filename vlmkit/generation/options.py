@@ -36,6 +36,11 @@ NO_EFFECT = frozenset({"use_cache", "cache_implementation", "cache_config", "com
                        "assistant_confidence_threshold", "max_matching_ngram_size", "assistant_early_exit",
                        "assistant_lookbehind", "target_lookbehind"})
 
+# what an option passed as None means in transformers 5's generate: unset over the checkpoint's value, so off
+# (a filter skipped, no end token); the pad token then falls back to the end token, as there
+SET_TO_NONE = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+               "eos_token_id": []}
+
 # transformers' assisted decoding (a draft model, or n-grams looked up in the prompt): greedy, it gives the
 # tokens of plain greedy decoding, which vlmkit runs; sampling through a draft draws differently, so there
 # it is refused rather than answered with other tokens
@@ -54,6 +59,8 @@ def split_generate_kwargs(base: GenerationConfig, generation_config, kwargs: dic
         if not all(callable(item) for item in value):
             raise InputError(f"{name} must be a list of callables (input_ids, scores) -> ...")
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTIONS}
+    unset_pad = "pad_token_id" in options and options["pad_token_id"] is None
+    options.update({k: SET_TO_NONE[k] for k, v in options.items() if v is None and k in SET_TO_NONE})
     for name in NO_EFFECT:
         kwargs.pop(name, None)
     assisted = sorted(name for name in ASSISTED_DECODING if kwargs.pop(name, None) is not None)
@@ -70,6 +77,8 @@ def split_generate_kwargs(base: GenerationConfig, generation_config, kwargs: dic
         raise InputError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
     warn_checkpoint_extras(config)
     config = config.updated(**options)
+    if unset_pad and config.eos_token_ids:
+        config = config.updated(pad_token_id=config.eos_token_ids[0])
     if assisted and (config.do_sample or config.num_beams > 1):
         raise InputError(f"generate: {', '.join(assisted)} (assisted decoding) works here with greedy decoding only, "
                          "which gives the tokens plain greedy decoding gives; with sampling or beams transformers "

@@ -41,7 +41,7 @@ class Stopping:
                 self.eos = self.eos.to(sequences.device)
             done = torch.isin(last_tokens, self.eos)
         if self.should_stop is not None:
-            hits = self.should_stop(sequences[:, self.prompt_length:])
+            hits = self.should_stop(sequences, self.prompt_length)
             done = hits if done is None else done | hits
         for criterion in self.criteria:
             hits = torch.as_tensor(criterion(sequences, scores), device=sequences.device).bool()
@@ -49,15 +49,23 @@ class Stopping:
         return done
 
 
-def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``should_stop`` for the text loop (loop.py): rows whose generated text contains a stop string."""
-    longest = max(len(s) for s in stop_strings)
+def stop_string_checker(tokenizer, stop_strings: list[str]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``should_stop(sequences, prompt_length)`` for the text loop (loop.py): rows whose text holds a stop
+    string that ends in the generated tokens; as transformers' StopStringCriteria, it may begin in the prompt
+    (one wholly inside the prompt does not count)."""
+    # a tail long enough for the longest stop string: a byte-level token may hold a single byte of a character
+    window = max(max(len(s.encode("utf-8")) for s in stop_strings) + 1, 8)
 
-    def should_stop(new_tokens: torch.Tensor) -> torch.Tensor:
-        # decode only a tail long enough to hold the longest stop string
-        tail = new_tokens[:, -max(longest, 8):].tolist()
-        hits = [any(s in tokenizer.decode(row) for s in stop_strings) for row in tail]
-        return torch.tensor(hits, dtype=torch.bool, device=new_tokens.device)
+    def should_stop(sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        # checked after every step, so only the last tokens can hold a stop string not found before
+        new = sequences.shape[1] - prompt_length
+        tails = sequences[:, -window:].tolist()
+        hits = []
+        for tail in tails:
+            text = tokenizer.decode(tail)
+            before = len(tokenizer.decode(tail[:max(len(tail) - new, 0)]))  # the prompt's part of the tail
+            hits.append(any(text.find(s, max(before - len(s) + 1, 0)) >= 0 for s in stop_strings))
+        return torch.tensor(hits, dtype=torch.bool, device=sequences.device)
 
     return should_stop
 

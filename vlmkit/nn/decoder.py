@@ -212,12 +212,10 @@ class DecoderModel(nn.Module):
         rotary = self.rotary_emb(position_ids, inputs_embeds.dtype)
         return rotary, causal_mask(key_mask, start, seq_len)
 
-    def run_layer(self, layer: nn.Module, hidden_states, rotary, mask, cache, *rest):
-        """``layer(hidden_states, ...)``, through activation checkpointing when it is on, training, with
-        gradients and no KV cache (a recomputed layer would write its keys twice)."""
-        if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-            return checkpoint(layer, hidden_states, rotary, mask, cache, *rest, use_reentrant=False)
-        return layer(hidden_states, rotary, mask, cache, *rest)
+    def checkpoints_layers(self, cache) -> bool:
+        """Whether this forward runs its layers through activation checkpointing: when it is on, training,
+        with gradients and no KV cache (a recomputed layer would write its keys twice)."""
+        return self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None,
                 last_position_only: bool = False, all_hidden_states: list | None = None):
@@ -228,11 +226,12 @@ class DecoderModel(nn.Module):
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
         last = len(self.layers) - 1
+        checkpointed = self.checkpoints_layers(cache)
         for index, layer in enumerate(self.layers):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = self.run_layer(layer, hidden_states, rotary, mask, cache, index,
-                                           last_position_only and index == last)
+            args = (hidden_states, rotary, mask, cache, index, last_position_only and index == last)
+            hidden_states = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
         hidden_states = self.norm(hidden_states)

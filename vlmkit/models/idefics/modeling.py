@@ -11,6 +11,7 @@ Module names are transformers', so its checkpoints load by name and ``state_dict
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ...errors import CheckpointError, InputError
 from ...generation.loop import prompt_positions
@@ -116,14 +117,15 @@ class IdeficsModel(DecoderModel):
             images = cache.images
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
+        checkpointed = self.checkpoints_layers(cache)
         for index, layer in enumerate(self.layers):
             if index % self.cross_layer_interval == 0:
                 cross_index = index // self.cross_layer_interval
                 hidden_states = self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
             if all_hidden_states is not None and index == 0:
                 all_hidden_states.append(hidden_states)
-            hidden_states = self.run_layer(layer, hidden_states, rotary, mask, cache, index,
-                                           last_position_only and index == len(self.layers) - 1)
+            args = (hidden_states, rotary, mask, cache, index, last_position_only and index == len(self.layers) - 1)
+            hidden_states = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
             if all_hidden_states is not None and index < len(self.layers) - 1:
                 all_hidden_states.append(hidden_states)
         if cache is not None:

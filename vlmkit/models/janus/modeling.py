@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError, InputError
+from ...generation.options import SET_TO_NONE
 from ...io.checkpoint import WeightLayout
 from ...nn.activations import get_activation
 from ...nn.decoder import DecoderModel
@@ -203,6 +204,9 @@ class JanusForConditionalGeneration(PretrainedVLM):
             input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
         if generation_mode == "text":
             kwargs.pop("guidance_scale", None)  # as transformers' Janus: guidance is for images only
+            # transformers' Janus keeps the checkpoint's value for an option passed as None (the other
+            # families' generate unsets it)
+            kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in {*SET_TO_NONE, "pad_token_id"}}
             return super().generate(input_ids, attention_mask, **kwargs)
         if generation_mode == "image":
             from ...generation.options import refuse_text_only

@@ -355,3 +355,18 @@ def test_config_names_its_family_and_text_settings_as_the_reference(family):
             assert getattr(config, key) == getattr(want, key), key
         with pytest.raises(AttributeError):
             config.no_such_setting
+
+
+def test_generation_config_update_to_dict_and_save_as_transformers(tmp_path):
+    from vlmkit import GenerationConfig
+
+    ours, theirs = GenerationConfig(max_new_tokens=5), transformers.GenerationConfig(max_new_tokens=5)
+    assert ours.update(top_k=3, num_beams=2, not_an_option=1) == theirs.update(top_k=3, num_beams=2, not_an_option=1)
+    assert (ours.top_k, ours.num_beams) == (theirs.top_k, theirs.num_beams) == (3, 2)
+    assert {k: ours.to_dict()[k] for k in ("max_new_tokens", "top_k", "num_beams")} == \
+        {k: theirs.to_dict()[k] for k in ("max_new_tokens", "top_k", "num_beams")}
+    ours.save_pretrained(tmp_path)
+    again = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (again.max_new_tokens, again.top_k, again.num_beams) == (5, 3, 2)
+    with pytest.raises(InputError, match="top_p"):
+        ours.update(top_p=5.0)

@@ -85,6 +85,27 @@ class GenerationConfig:
                 values[item.name] = value
         return values
 
+    def to_dict(self) -> dict:
+        """Every setting by name (transformers' ``GenerationConfig.to_dict``)."""
+        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "extra"}
+        return {**self.extra, **values}
+
+    def update(self, **kwargs) -> dict:
+        """Set the known options in place; returns the others (transformers' ``GenerationConfig.update``)."""
+        known = {f.name for f in fields(self)} - {"extra"}
+        checked = self.updated(**{k: v for k, v in kwargs.items() if k in known})
+        for name in known & kwargs.keys():
+            setattr(self, name, getattr(checked, name))
+        return {k: v for k, v in kwargs.items() if k not in known}
+
+    def save_pretrained(self, save_directory) -> Path:
+        """Write ``generation_config.json`` into ``save_directory`` (what ``from_pretrained`` reads back)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "generation_config.json"
+        path.write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
     @classmethod
     def from_pretrained(cls, folder: Path, **defaults) -> "GenerationConfig":
         """``generation_config.json`` when present, over ``defaults`` (e.g. ids from the model config)."""

@@ -79,8 +79,7 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
         _copy_side_files(source, out, overwrite=False)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:  # as the model holds it now, edits included
-        (out / "generation_config.json").write_text(json.dumps(generation_config.to_json_dict(), indent=2,
-                                                               sort_keys=True) + "\n", encoding="utf-8")
+        generation_config.save_pretrained(out)
     return out
 
 

@@ -96,3 +96,19 @@ def test_special_tokens_are_set_as_in_transformers(tokenizers):
     ours.truncation_side = theirs.truncation_side = "left"
     assert ours("a b c d e f", truncation=True, max_length=3)["input_ids"] == \
         theirs("a b c d e f", truncation=True, max_length=3)["input_ids"]
+
+
+@pytest.mark.parametrize("fixture", ["janus_dir", "llava_onevision_dir", "idefics_resampler_dir"])
+def test_auto_tokenizer_and_image_processor_load_what_transformers_autos_load(fixture, request, sample_images):
+    import vlmkit
+
+    folder = request.getfixturevalue(fixture)
+    text = "What is in the picture?"
+    assert vlmkit.AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == \
+        transformers.AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"]
+    ours = vlmkit.AutoImageProcessor.from_pretrained(folder)(sample_images["wide"], return_tensors="pt")
+    theirs = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")(sample_images["wide"],
+                                                                                         return_tensors="pt")
+    ours = ours if isinstance(ours, torch.Tensor) else ours["pixel_values"]  # IDEFICS' is the tensor itself
+    theirs = theirs if isinstance(theirs, torch.Tensor) else theirs["pixel_values"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Picking the family from a checkpoint's ``config.json``: ``AutoProcessor``, ``AutoModel`` and ``load``."""
+"""Picking the family from a checkpoint's ``config.json``: ``AutoProcessor`` (and its ``AutoTokenizer`` and
+``AutoImageProcessor`` parts), ``AutoModel`` and ``load``."""
 
 from importlib import import_module
 
@@ -72,6 +73,22 @@ class AutoModel:
 
 AutoModelForImageTextToText = AutoModel
 AutoModelForVision2Seq = AutoModel
+
+
+class AutoTokenizer:
+    """``AutoTokenizer.from_pretrained(path)``: the checkpoint's tokenizer (the one its processor holds)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        return AutoProcessor.from_pretrained(name_or_path, **kwargs).tokenizer
+
+
+class AutoImageProcessor:
+    """``AutoImageProcessor.from_pretrained(path)``: the checkpoint's image processor (its processor's)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        return AutoProcessor.from_pretrained(name_or_path, **kwargs).image_processor
 
 
 def load(name_or_path, **kwargs):

@@ -79,7 +79,7 @@ def family(request, sample_images):
 
 def generate_both(case, **options):
     """(reference output, vlmkit output) for the same options."""
-    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, **case.mode, **options)
+    options = {"max_new_tokens": NEW_TOKENS, "do_sample": False, **case.mode, **options}
     return case.ref_model.generate(**case.ref_inputs, **options), case.model.generate(**case.inputs, **options)
 
 
@@ -357,6 +357,13 @@ def test_stopping_criteria_stop_rows_as_the_reference(family):
     assert got.tolist() == expected.tolist()
     expected, got = generate_both(family, max_time=0.0)  # time is up after the first token
     assert got.tolist() == expected.tolist() and got.shape[1] == family.prompt_length + 1
+    # transformers' own length and end criteria take the place of the built-in ones
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+    for options in (dict(max_new_tokens=1, stopping_criteria=[MaxLengthCriteria(family.prompt_length + 4)]),
+                    dict(eos_token_id=family.first[1], stopping_criteria=[EosTokenCriteria(family.first[4])])):
+        expected, got = generate_both(family, **options)
+        assert got.tolist() == expected.tolist()
+    assert got.shape[1] > family.prompt_length + 2  # ran past the config's end token
 
 
 def test_transformers_generation_config_is_read(family):

@@ -84,7 +84,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
             sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
         # max_time's clock counts the prefill
-        stops = Stopping(config, prompt_length, request.should_stop, request.stopping_criteria)
+        stops = Stopping(config, prompt_length, request.should_stop, request.stopping_criteria, request.end_token_ids)
         logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
                                                                          budget, request.model_inputs)
         padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None

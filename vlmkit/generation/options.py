@@ -4,7 +4,7 @@ does not implement is an error naming it, never silently dropped."""
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -145,6 +145,23 @@ class TextRequest:
     should_stop: Callable[[torch.Tensor], torch.Tensor] | None  # stop strings
     logits_processor: list
     stopping_criteria: list
+    end_token_ids: list[int] | None = None  # a user's EosTokenCriteria: these end rows, not the config's
+
+
+def own_length_and_end_criteria(config: GenerationConfig, criteria: list):
+    """(config, the other criteria, end token ids or None): a user's transformers ``MaxLengthCriteria`` or
+    ``EosTokenCriteria`` takes the place of the built-in length limit or end check, as in transformers
+    (its ``_merge_criteria_processor_list``), instead of adding to them."""
+    others, end_ids = [], None
+    for criterion in criteria:
+        name = type(criterion).__name__ if type(criterion).__module__.startswith("transformers") else None
+        if name == "MaxLengthCriteria":
+            config = replace(config, max_length=int(criterion.max_length), max_new_tokens=None)
+        elif name == "EosTokenCriteria":
+            end_ids = [int(t) for t in torch.as_tensor(criterion.eos_token_id).reshape(-1)]
+        else:
+            others.append(criterion)
+    return config, others, end_ids
 
 
 def text_request(model, input_ids, attention_mask, generation_config, streamer, tokenizer, kwargs: dict) -> TextRequest:
@@ -159,6 +176,7 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
                          "generation; leave it unset (Janus takes it with generation_mode='image')")
     config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
         model.generation_config, generation_config, kwargs)
+    config, stopping_criteria, end_token_ids = own_length_and_end_criteria(config, stopping_criteria)
     if streamer is not None and config.num_beams > 1:
         raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "
                          "known at the end")
@@ -167,4 +185,4 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
     on_tokens = step_callback(streamer, input_ids)
     return TextRequest(config, input_ids.to(model.device),
                        attention_mask.to(model.device) if attention_mask is not None else None,
-                       model_inputs, on_tokens, should_stop, logits_processor, stopping_criteria)
+                       model_inputs, on_tokens, should_stop, logits_processor, stopping_criteria, end_token_ids)

@@ -26,8 +26,9 @@ class Stopping:
     """Which rows a step finished: an end-of-sequence token, a stop string, or a user's criterion
     (transformers' ``StoppingCriteriaList`` without the length limit, which the loops count)."""
 
-    def __init__(self, config: GenerationConfig, prompt_length: int, should_stop=None, criteria=()):
-        self.eos = torch.tensor(config.eos_token_ids, dtype=torch.long)
+    def __init__(self, config: GenerationConfig, prompt_length: int, should_stop=None, criteria=(),
+                 end_token_ids: list[int] | None = None):
+        self.eos = torch.tensor(config.eos_token_ids if end_token_ids is None else end_token_ids, dtype=torch.long)
         self.prompt_length, self.should_stop, self.criteria = prompt_length, should_stop, list(criteria)
         if config.max_time is not None:
             self.criteria.insert(0, MaxTime(config.max_time))

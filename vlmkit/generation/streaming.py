@@ -25,10 +25,11 @@ class TextStreamer:
         self.next_is_prompt = True
 
     def put(self, tokens: torch.Tensor) -> None:
-        tokens = tokens.reshape(-1) if tokens.dim() < 2 else tokens[0]  # one sequence, as transformers streams
         is_prompt, self.next_is_prompt = self.next_is_prompt, False
         if is_prompt and self.skip_prompt:
             return
+        # the first sequence of a batch: its prompt row, then each step's first token
+        tokens = tokens[0] if tokens.dim() > 1 else tokens.reshape(-1) if is_prompt else tokens.reshape(-1)[:1]
         self.tokens.extend(int(t) for t in tokens)
         text = self.tokenizer.decode(self.tokens, **self.decode_kwargs)
         if not text.endswith("\ufffd"):

@@ -112,3 +112,20 @@ def test_auto_tokenizer_and_image_processor_load_what_transformers_autos_load(fi
     ours = ours if isinstance(ours, torch.Tensor) else ours["pixel_values"]  # IDEFICS' is the tensor itself
     theirs = theirs if isinstance(theirs, torch.Tensor) else theirs["pixel_values"]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_added_tokens_encode_save_and_load_as_in_transformers(tokenizers, tmp_path):
+    """The fine-tuning recipe's first half (add tokens, then resize the model to len(tokenizer)): the same
+    new ids, the same encoding, and a saved folder both libraries read back the same."""
+    theirs, ours = tokenizers
+    text = "a <obj> reallynewword b <spec>"
+    for tokenizer in (theirs, ours):
+        assert tokenizer.add_tokens(["<obj>", "reallynewword", "<obj>"]) == 2
+        assert tokenizer.add_special_tokens({"additional_special_tokens": ["<spec>"]}) == 1
+    assert len(ours) == len(theirs)
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == \
+        theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True)
+    ours.save_pretrained(tmp_path)
+    for again in (transformers.AutoTokenizer.from_pretrained(str(tmp_path)), Tokenizer.from_pretrained(tmp_path)):
+        assert again(text)["input_ids"] == theirs(text)["input_ids"] and len(again) == len(theirs)

@@ -94,17 +94,35 @@ def save_processor_files(processor, directory, **options) -> Path:
     source, out = Path(tokenizer.folder), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(source, out, also_skip=("generation_config.json",))
-    config_path = out / "tokenizer_config.json"
-    config = read_json(config_path) if config_path.is_file() else {}
-    config.update(padding_side=tokenizer.padding_side,
-                  truncation_side=tokenizer.config.get("truncation_side", config.get("truncation_side", "right")))
-    if tokenizer.known_max_length is not None:
-        config["model_max_length"] = tokenizer.model_max_length
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = save_tokenizer_files(tokenizer, out)
     template = getattr(processor, "chat_template", None)
     if template and template != find_chat_template(out, config):  # set or edited since loading
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     return out
+
+
+def save_tokenizer_files(tokenizer, out: Path) -> dict:
+    """Write the tokenizer as it is now: tokenizer.json (added tokens included) and tokenizer_config.json
+    carrying its special tokens, added tokens, padding side, truncation side and length limit; returns the
+    config written."""
+    tokenizer.backend.save(str(out / "tokenizer.json"), pretty=True)
+    config = dict(tokenizer.config)
+    extra = config.get("extra_special_tokens")
+    for key, token in tokenizer.special_tokens.items():
+        if isinstance(extra, dict) and key in extra:
+            extra[key] = token
+        else:
+            config[key] = token
+    config["added_tokens_decoder"] = {
+        str(index): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+        for index, t in tokenizer.added_tokens_decoder.items()}
+    config.update(padding_side=tokenizer.padding_side, truncation_side=tokenizer.truncation_side)
+    if tokenizer.known_max_length is not None:
+        config["model_max_length"] = tokenizer.model_max_length
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    return config
 
 
 def _copy_side_files(source: Path, out: Path, also_skip: tuple[str, ...] = (), overwrite: bool = True) -> None:

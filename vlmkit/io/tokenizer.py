@@ -159,6 +159,49 @@ class Tokenizer:
     def __len__(self):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """Add tokens (strings or ``tokenizers.AddedToken``) after the vocabulary; returns how many were new,
+        as transformers' ``add_tokens`` (then ``model.resize_token_embeddings(len(tokenizer))``)."""
+        from tokenizers import AddedToken
+
+        items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        if any(not isinstance(t, (str, AddedToken)) or not str(t) for t in items):
+            raise InputError(f"add_tokens takes non-empty strings (or tokenizers.AddedToken), got {new_tokens!r}")
+        tokens = [t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens,
+                                                                   normalized=not special_tokens) for t in items]
+        before = len(self)
+        (self.backend.add_special_tokens if special_tokens else self.backend.add_tokens)(tokens)
+        if special_tokens:
+            self.additional_special_tokens += [t.content for t in tokens if t.content not in self.all_special_tokens]
+        return len(self) - before
+
+    def add_special_tokens(self, special_tokens_dict: dict, replace_additional_special_tokens: bool = True) -> int:
+        """Add and name special tokens (``{"pad_token": "<pad>", "additional_special_tokens": [...]}``); returns
+        how many were new, as transformers' ``add_special_tokens``."""
+        added = 0
+        for key, value in special_tokens_dict.items():
+            if key in ("additional_special_tokens", "extra_special_tokens"):
+                if replace_additional_special_tokens:
+                    self.additional_special_tokens = []
+                added += self.add_tokens(value, special_tokens=True)
+                self.additional_special_tokens += [str(t) for t in value if str(t) not in self.additional_special_tokens]
+            else:
+                added += self.add_tokens([value], special_tokens=True)
+                self.special_tokens[key] = str(value)
+        return added
+
+    def save_pretrained(self, save_directory, **options) -> tuple[str, ...]:
+        """Write tokenizer.json and tokenizer_config.json (and the chat template) that transformers and
+        vlmkit load back as this tokenizer."""
+        from .saving import save_tokenizer_files
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer_files(self, out)
+        if self.chat_template:
+            (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        return tuple(str(out / name) for name in ("tokenizer_config.json", "tokenizer.json"))
+
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         """The token strings of ``text`` (special tokens only when asked, as transformers' ``tokenize``)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).tokens

@@ -347,6 +347,8 @@ def test_a_forward_with_gradients_keeps_its_cache_and_still_backpropagates(famil
 def test_config_names_its_family_and_text_settings_as_the_reference(family):
     config, want = family.model.config, family.ref_model.config
     assert config.model_type == want.model_type
+    assert (config.architectures, config._name_or_path, config.dtype) == \
+        (want.architectures, want._name_or_path, want.dtype)
     text, want_text = config.get_text_config(), want.get_text_config()
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pad_token_id"):
         assert getattr(text, key) == getattr(want_text, key), key

@@ -143,6 +143,9 @@ class PretrainedVLM(nn.Module):
         apply_attn_implementation(model, attention, target_device, target_dtype)
         model.quantization_config = quantization
         model.checkpoint_config = raw_config
+        # what transformers' configs also say about the loaded model
+        config.architectures, config._name_or_path = raw_config.get("architectures"), str(name_or_path)
+        config.dtype = model.dtype
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)

@@ -132,11 +132,12 @@ def test_logits_option_matches_reference(family, option):
 
 
 @pytest.mark.parametrize("warpers", [dict(temperature=0.7, top_k=8, top_p=0.9), dict(min_p=0.05, top_k=0),
-                                     dict(top_k=None, temperature=None, top_p=None),
+                                     dict(top_k=None, temperature=None, top_p=None), dict(top_p=0.0, top_k=0),
                                      dict(typical_p=0.8, temperature=1.3), dict(epsilon_cutoff=0.002, top_k=0),
                                      dict(eta_cutoff=0.002, top_k=0), dict(top_h=0.4, top_k=0),
                                      dict(top_h=0.9, temperature=1.5, top_k=5)],
-                         ids=["top-k top-p", "min-p", "None", "typical", "epsilon", "eta", "top-h", "top-h top-k"])
+                         ids=["top-k top-p", "min-p", "None", "top-p 0", "typical", "epsilon", "eta", "top-h",
+                              "top-h top-k"])
 def test_sampling_through_the_pipeline_draws_what_the_reference_draws(family, warpers):
     # same global seed, same draws: the warpers run after the bans, as in the reference
     options = dict(do_sample=True, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[family.first[0]]],

@@ -157,8 +157,8 @@ class GenerationConfig:
                              "output_attentions/output_hidden_states (call the model itself for them)")
         if self.do_sample and self.temperature is not None and self.temperature <= 0:
             raise InputError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
-        if not 0 < (self.top_p if self.top_p is not None else 1.0) <= 1:
-            raise InputError("top_p must be in (0, 1]")
+        if not 0 <= (self.top_p if self.top_p is not None else 1.0) <= 1:  # 0 keeps the likeliest token only
+            raise InputError("top_p must be in [0, 1]")
         if self.num_return_sequences < 1:
             raise InputError("num_return_sequences must be >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

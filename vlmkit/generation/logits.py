@@ -291,8 +291,9 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         processors.append(RepetitionPenalty(float(config.repetition_penalty), padding_lengths))
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
-    if config.bad_words_ids is not None and NoBadWords.kept(config.bad_words_ids, eos):
-        processors.append(NoBadWords(config.bad_words_ids, eos))
+    banned = NoBadWords.kept(config.bad_words_ids, eos) if config.bad_words_ids is not None else []
+    if banned:
+        processors.append(NoBadWords(banned))
     if eos and config.min_length and config.min_new_tokens is None:  # min_new_tokens takes precedence
         processors.append(MinLength(config.min_length, eos))
     if eos and config.min_new_tokens:

@@ -93,8 +93,8 @@ def save_processor_files(processor, directory, **options) -> Path:
         raise InputError("this processor's tokenizer was not loaded from a folder, so there are no files to save")
     source, out = Path(tokenizer.folder), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _copy_side_files(source, out, also_skip=("generation_config.json",))
-    config = save_tokenizer_files(tokenizer, out)
+    _copy_side_files(source, out, also_skip=("generation_config.json", "tokenizer.json", "tokenizer_config.json"))
+    config = save_tokenizer_files(tokenizer, out)  # the tokenizer as it is now
     template = getattr(processor, "chat_template", None)
     if template and template != find_chat_template(out, config):  # set or edited since loading
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")

@@ -194,7 +194,7 @@ class PretrainedVLM(nn.Module):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.text_model, "gradient_checkpointing", False))
+        return self.text_model.gradient_checkpointing
 
     def enable_input_require_grads(self) -> None:
         """Make the token embeddings' output require gradients, so gradient checkpointing and adapters train

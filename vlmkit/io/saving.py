@@ -108,6 +108,8 @@ def save_tokenizer_files(tokenizer, out: Path) -> dict:
     tokenizer.backend.save(str(out / "tokenizer.json"), pretty=True)
     config = dict(tokenizer.config)
     extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict):  # a copy: writing the file leaves the tokenizer's own config as it is
+        extra = config["extra_special_tokens"] = dict(extra)
     for key, token in tokenizer.special_tokens.items():
         if isinstance(extra, dict) and key in extra:
             extra[key] = token

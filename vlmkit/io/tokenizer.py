@@ -42,6 +42,17 @@ def _special_token_id(key: str) -> property:
     return property(lambda self: self.special_token_id(key), set_id)
 
 
+def _added_tokens(new_tokens, special: bool) -> list:
+    """``tokenizers.AddedToken`` objects for one token or a list (strings or AddedTokens), as transformers
+    adds them: special ones matched as written, others after normalisation."""
+    from tokenizers import AddedToken
+
+    items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+    if any(not isinstance(t, (str, AddedToken)) or not str(t) for t in items):
+        raise InputError(f"tokens to add must be non-empty strings (or tokenizers.AddedToken), got {new_tokens!r}")
+    return [t if isinstance(t, AddedToken) else AddedToken(t, special=special, normalized=not special) for t in items]
+
+
 class Tokenizer:
     """A fast tokenizer with the call/decode surface of transformers' tokenizers."""
 
@@ -162,17 +173,15 @@ class Tokenizer:
     def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
         """Add tokens (strings or ``tokenizers.AddedToken``) after the vocabulary; returns how many were new,
         as transformers' ``add_tokens`` (then ``model.resize_token_embeddings(len(tokenizer))``)."""
-        from tokenizers import AddedToken
-
-        items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
-        if any(not isinstance(t, (str, AddedToken)) or not str(t) for t in items):
-            raise InputError(f"add_tokens takes non-empty strings (or tokenizers.AddedToken), got {new_tokens!r}")
-        tokens = [t if isinstance(t, AddedToken) else AddedToken(t, special=special_tokens,
-                                                                   normalized=not special_tokens) for t in items]
-        before = len(self)
-        (self.backend.add_special_tokens if special_tokens else self.backend.add_tokens)(tokens)
+        tokens = _added_tokens(new_tokens, special_tokens)
+        added = self._add_to_vocabulary(tokens, special_tokens)
         if special_tokens:
             self.additional_special_tokens += [t.content for t in tokens if t.content not in self.all_special_tokens]
+        return added
+
+    def _add_to_vocabulary(self, tokens: list, special: bool) -> int:
+        before = len(self)
+        (self.backend.add_special_tokens if special else self.backend.add_tokens)(tokens)
         return len(self) - before
 
     def add_special_tokens(self, special_tokens_dict: dict, replace_additional_special_tokens: bool = True) -> int:
@@ -180,14 +189,13 @@ class Tokenizer:
         how many were new, as transformers' ``add_special_tokens``."""
         added = 0
         for key, value in special_tokens_dict.items():
-            if key in ("additional_special_tokens", "extra_special_tokens"):
-                if replace_additional_special_tokens:
-                    self.additional_special_tokens = []
-                added += self.add_tokens(value, special_tokens=True)
-                self.additional_special_tokens += [str(t) for t in value if str(t) not in self.additional_special_tokens]
+            tokens = _added_tokens(value, special=True)
+            added += self._add_to_vocabulary(tokens, special=True)
+            if key in ("additional_special_tokens", "extra_special_tokens"):  # unnamed special tokens
+                kept = [] if replace_additional_special_tokens else self.additional_special_tokens
+                self.additional_special_tokens = list(dict.fromkeys([*kept, *(t.content for t in tokens)]))
             else:
-                added += self.add_tokens([value], special_tokens=True)
-                self.special_tokens[key] = str(value)
+                self.special_tokens[key] = tokens[0].content
         return added
 
     def save_pretrained(self, save_directory, **options) -> tuple[str, ...]:

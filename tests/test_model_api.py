@@ -268,14 +268,11 @@ def test_memory_footprint_and_can_generate_as_the_reference(family):
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(family, monkeypatch):
     """Training as fine-tuning code sets it up: checkpointed layers and input grads for frozen embeddings."""
-    import vlmkit.models.idefics.modeling as idefics
     import vlmkit.nn.decoder as decoder
 
     checkpointed_calls = []
     real_checkpoint = decoder.checkpoint
-    for module in (decoder, idefics):  # the two decoder loops
-        monkeypatch.setattr(module, "checkpoint",
-                            lambda *a, **k: checkpointed_calls.append(1) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(decoder, "checkpoint", lambda *a, **k: checkpointed_calls.append(1) or real_checkpoint(*a, **k))
     model = copy.deepcopy(family.model).train()
     model.get_input_embeddings().weight.requires_grad_(False)
     labels = family.inputs["input_ids"].masked_fill(family.inputs["attention_mask"] == 0, -100)

@@ -218,20 +218,25 @@ class DecoderModel(nn.Module):
         return self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache: KVCache | None = None,
-                last_position_only: bool = False, all_hidden_states: list | None = None):
+                last_position_only: bool = False, all_hidden_states: list | None = None, before_layer=None):
         """Hidden states [B, T, H] of ``inputs_embeds`` [B, T, H]; with ``last_position_only`` (a prefill, whose
         logits come from its last position) [B, 1, H], the last layer's MLP run for that position alone.
-        ``all_hidden_states`` (a list) receives what transformers' ``output_hidden_states`` returns: each
-        layer's input, then the normed output of the last."""
+        ``before_layer(index, hidden_states)`` (IDEFICS' gated cross-attention) changes each layer's input.
+        ``all_hidden_states`` (a list) receives what transformers' ``output_hidden_states`` returns: the first
+        layer's input, each layer's output but the last, then the normed output of the last."""
         rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
         hidden_states = inputs_embeds
         last = len(self.layers) - 1
         checkpointed = self.checkpoints_layers(cache)
         for index, layer in enumerate(self.layers):
-            if all_hidden_states is not None:
+            if before_layer is not None:
+                hidden_states = before_layer(index, hidden_states)
+            if all_hidden_states is not None and index == 0:
                 all_hidden_states.append(hidden_states)
             args = (hidden_states, rotary, mask, cache, index, last_position_only and index == last)
             hidden_states = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
+            if all_hidden_states is not None and index < last:
+                all_hidden_states.append(hidden_states)
         if cache is not None:
             cache.advance(inputs_embeds.shape[1])
         hidden_states = self.norm(hidden_states)

@@ -11,7 +11,6 @@ Module names are transformers', so its checkpoints load by name and ``state_dict
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ...errors import CheckpointError, InputError
 from ...generation.loop import prompt_positions
@@ -115,26 +114,17 @@ class IdeficsModel(DecoderModel):
         (before the next gated cross-attention), the last one normed."""
         if images is None and cache is not None:
             images = cache.images
-        rotary, mask = self.prepare(inputs_embeds, position_ids, attention_mask, cache)
-        hidden_states = inputs_embeds
-        checkpointed = self.checkpoints_layers(cache)
-        for index, layer in enumerate(self.layers):
-            if index % self.cross_layer_interval == 0:
-                cross_index = index // self.cross_layer_interval
-                hidden_states = self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
-            if all_hidden_states is not None and index == 0:
-                all_hidden_states.append(hidden_states)
-            args = (hidden_states, rotary, mask, cache, index, last_position_only and index == len(self.layers) - 1)
-            hidden_states = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
-            if all_hidden_states is not None and index < len(self.layers) - 1:
-                all_hidden_states.append(hidden_states)
-        if cache is not None:
-            cache.advance(inputs_embeds.shape[1])
-            if images is not None and inputs_embeds.shape[1] > 1:
-                cache.images = images.last_position()  # new tokens see what the prompt's last position saw
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
+
+        def cross_attend(index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+            if index % self.cross_layer_interval:
+                return hidden_states
+            cross_index = index // self.cross_layer_interval
+            return self.gated_cross_attn_layers[cross_index](hidden_states, images, cross_index)
+
+        hidden_states = super().forward(inputs_embeds, position_ids, attention_mask, cache, last_position_only,
+                                        all_hidden_states, before_layer=cross_attend)
+        if cache is not None and images is not None and inputs_embeds.shape[1] > 1:
+            cache.images = images.last_position()  # new tokens see what the prompt's last position saw
         return hidden_states
 
 

@@ -4,6 +4,8 @@ forward's transformers options (a hand-written decoding loop on ``past_key_value
 methods transformers code calls on a model."""
 
 import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -354,6 +356,51 @@ def test_config_names_its_family_and_text_settings_as_the_reference(family):
             assert getattr(config, key) == getattr(want, key), key
         with pytest.raises(AttributeError):
             config.no_such_setting
+
+
+def _same_where_both_have(got: dict, want: dict, path: str = "") -> int:
+    """Asserts every key of ``got`` that ``want`` also has holds the same value; returns how many there were."""
+    compared = 0
+    for key, value in got.items():
+        if key in want and isinstance(value, dict) and isinstance(want[key], dict):
+            compared += _same_where_both_have(value, want[key], f"{path}{key}.")
+        elif key in want:
+            assert value == want[key], path + key
+            compared += 1
+    return compared
+
+
+def test_config_to_dict_and_auto_config_say_what_the_references_say(family):
+    from vlmkit import AutoConfig
+
+    path = family.ref_model.config._name_or_path
+    want = transformers.AutoConfig.from_pretrained(path).to_dict()
+    for config in (family.model.config, AutoConfig.from_pretrained(path)):
+        assert _same_where_both_have(config.to_dict(), want) > 20
+        assert config.to_dict()["model_type"] == want["model_type"]
+    assert AutoConfig.from_pretrained(path, tie_word_embeddings=True).tie_word_embeddings is True
+    with pytest.raises(InputError, match="no_such_setting"):
+        AutoConfig.from_pretrained(path, no_such_setting=1)
+
+
+def test_config_edits_are_saved_with_the_model(family, tmp_path):
+    """Fine-tuning code sets config values (special tokens, use_cache) and saves: transformers reads them back."""
+    model = copy.deepcopy(family.model)
+    model.config.get_text_config().eos_token_id = 5
+    model.config.get_text_config().pad_token_id = 3
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (saved.get_text_config().eos_token_id, saved.get_text_config().pad_token_id) == (5, 3)
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is False
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert reloaded.config.get_text_config().eos_token_id == 5
+    # what was not edited is written as the checkpoint had it
+    source = json.loads((Path(family.ref_model.config._name_or_path) / "config.json").read_text())
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert set(source) - {"quantization_config"} <= set(written)
+    edited = ("use_cache", "eos_token_id", "pad_token_id", "text_config", "dtype", "torch_dtype")
+    assert {k: v for k, v in written.items() if k not in edited} == {k: v for k, v in source.items() if k not in edited}
 
 
 def test_generation_config_update_to_dict_and_save_as_transformers(tmp_path):

@@ -5,7 +5,7 @@ families load lazily, on first use."""
 
 from importlib import import_module
 
-from .auto import (AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor,
+from .auto import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor,
                    AutoTokenizer, load)
 from .errors import CheckpointError, InputError, MediaError, TemplateError, VlmkitError
 from .generation.config import GenerationConfig
@@ -36,7 +36,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
 
 
-__all__ = ["AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoProcessor", "AutoTokenizer",
+__all__ = ["AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoProcessor", "AutoTokenizer",
            "AutoImageProcessor", "load",
            "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "VlmkitError", "CheckpointError",
            "InputError", "MediaError", "TemplateError", *_LAZY]

@@ -1,9 +1,9 @@
 """Picking the family from a checkpoint's ``config.json``: ``AutoProcessor`` (and its ``AutoTokenizer`` and
-``AutoImageProcessor`` parts), ``AutoModel`` and ``load``."""
+``AutoImageProcessor`` parts), ``AutoConfig``, ``AutoModel`` and ``load``."""
 
 from importlib import import_module
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .io.checkpoint import checkpoint_location, read_json
 
 # model_type -> (module, model class, processor class)
@@ -61,6 +61,26 @@ class AutoProcessor:
     @staticmethod
     def from_pretrained(name_or_path, **kwargs):
         return family_of(name_or_path, **kwargs)[2].from_pretrained(name_or_path, **kwargs)
+
+
+class AutoConfig:
+    """``AutoConfig.from_pretrained(path)``: the checkpoint's config, as its model reads it; keyword
+    arguments naming config attributes override them (as transformers')."""
+
+    @staticmethod
+    def from_pretrained(name_or_path, **kwargs):
+        options = dict(kwargs)
+        folder = checkpoint_location(name_or_path, options)
+        raw = read_json(folder / "config.json")
+        config, _ = family_of(folder)[1].config_from_folder(folder, raw)
+        unknown = sorted(k for k in options if not hasattr(config, k))
+        if unknown:
+            raise InputError(f"AutoConfig.from_pretrained got {', '.join(unknown)}, which the "
+                             f"{type(config).__name__} has no attribute of")
+        for key, value in options.items():
+            setattr(config, key, value)
+        config.architectures, config._name_or_path = raw.get("architectures"), str(name_or_path)
+        return config
 
 
 class AutoModel:

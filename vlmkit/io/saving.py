@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..configs import with_edits
 from ..errors import InputError
 from .chat_template import find_chat_template
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
@@ -65,6 +66,8 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     config = dict(raw_config)
+    if getattr(model, "config_at_load", None) is not None:  # edits made to model.config since loading
+        config = with_edits(raw_config, model.config_at_load, model.config.to_dict())
     # what dtype="auto" reads back: the dtype the weights were saved in
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     if "torch_dtype" in config:

@@ -146,6 +146,7 @@ class PretrainedVLM(nn.Module):
         # what transformers' configs also say about the loaded model
         config.architectures, config._name_or_path = raw_config.get("architectures"), str(name_or_path)
         config.dtype = model.dtype
+        model.config_at_load = config.to_dict()  # save_pretrained writes what changed since
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)

@@ -108,11 +108,7 @@ def _initializer_range(raw_config: dict) -> float:
 
 
 def _set_vocab_size(model, size: int) -> None:
-    """The new vocabulary size in the text config, the checkpoint config ``save_pretrained`` writes, and
-    ``model.vocab_size`` (as transformers sets it)."""
+    """The new vocabulary size in the text config (which ``save_pretrained`` writes) and ``model.vocab_size``
+    (as transformers sets it)."""
     model.config.get_text_config().vocab_size = size
-    raw = getattr(model, "checkpoint_config", None)
-    if raw is not None:
-        target = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
-        target["vocab_size"] = size
     model.vocab_size = size

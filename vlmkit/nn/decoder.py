@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..configs import dataclass_from_dict
+from ..configs import ConfigFile, dataclass_from_dict
 from ..errors import CheckpointError
 from .activations import get_activation
 from .attention import DecoderSelfAttention, causal_mask
@@ -33,7 +33,7 @@ TEXT_CONFIG_DEFAULTS = {
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(ConfigFile):
     """A text config in the checkpoint's own key names. ``from_text_config`` fills what a config omits with
     the defaults of transformers' class for its model_type; the field defaults are LLaMA's (DeepSeek's
     original Janus configs list only a few keys and lean on them)."""

@@ -6,7 +6,7 @@ perceiver resampler have their own sub-dicts."""
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import dataclass_from_dict
+from ...configs import ConfigFile, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -19,7 +19,7 @@ FREEZE_EXCEPTION_NAMES = ("LayerNorm", "Linear", "Embedding")
 
 
 @dataclass
-class IdeficsVisionConfig:
+class IdeficsVisionConfig(ConfigFile):
     """The CLIP ViT tower (class token, pre-LayerNorm); ``embed_dim`` is its width."""
 
     embed_dim: int = 768
@@ -39,7 +39,7 @@ class IdeficsVisionConfig:
 
 
 @dataclass
-class IdeficsPerceiverConfig:
+class IdeficsPerceiverConfig(ConfigFile):
     """The perceiver resampler that compresses each image's patches to ``resampler_n_latents`` vectors."""
 
     resampler_n_latents: int = 64
@@ -51,7 +51,7 @@ class IdeficsPerceiverConfig:
 
 
 @dataclass
-class IdeficsConfig:
+class IdeficsConfig(ConfigFile):
     """The whole model: LLaMA decoder plus gated cross-attention layers, vision tower, optional resampler."""
 
     model_type: ClassVar[str] = "idefics"  # transformers' name for the family (config.model_type)
@@ -83,6 +83,21 @@ class IdeficsConfig:
         if name.startswith("__") or name == "text_config":
             raise AttributeError(name)
         return getattr(self.text_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ...and set there: ``config.pad_token_id = 0`` is what the decoder reads
+        if name not in self.__dataclass_fields__ and name in DecoderConfig.__dataclass_fields__ \
+                and "text_config" in self.__dict__:
+            setattr(self.text_config, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def to_dict(self) -> dict:
+        """Flat, as IDEFICS' config.json: the text keys at the top level."""
+        values = super().to_dict()
+        text = values.pop("text_config")
+        own = {k: values[k] for k in vars(self) if k in values}  # over the copies of its keys the text side keeps
+        return {**values, **text, **own}
 
     @classmethod
     def from_dict(cls, values: dict) -> "IdeficsConfig":

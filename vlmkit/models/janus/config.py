@@ -3,13 +3,13 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import dataclass_from_dict
+from ...configs import ConfigFile, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
 
 @dataclass
-class JanusVisionConfig:
+class JanusVisionConfig(ConfigFile):
     """The SigLIP understanding tower and its aligner MLP."""
 
     hidden_size: int = 1024
@@ -34,7 +34,7 @@ class JanusVisionConfig:
 
 
 @dataclass
-class JanusVQVAEConfig:
+class JanusVQVAEConfig(ConfigFile):
     """The VQ-VAE that turns image tokens into pixels, with the generation embedding/aligner/head sizes."""
 
     embed_dim: int = 8
@@ -59,7 +59,7 @@ class JanusVQVAEConfig:
 
 
 @dataclass
-class JanusConfig:
+class JanusConfig(ConfigFile):
     """The whole model: LLaMA text side, vision tower, VQ-VAE and the image token id."""
 
     model_type: ClassVar[str] = "janus"  # transformers' name for the family (config.model_type)

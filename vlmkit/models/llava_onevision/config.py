@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import dataclass_from_dict
+from ...configs import ConfigFile, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -17,7 +17,7 @@ ONEVISION_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch
 
 
 @dataclass
-class SiglipVisionConfig:
+class SiglipVisionConfig(ConfigFile):
     """The SigLIP tower; defaults are ``SiglipVisionConfig``'s."""
 
     hidden_size: int = 768
@@ -39,7 +39,7 @@ class SiglipVisionConfig:
 
 
 @dataclass
-class LlavaOnevisionConfig:
+class LlavaOnevisionConfig(ConfigFile):
     """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings."""
 
     model_type: ClassVar[str] = "llava_onevision"  # transformers' name for the family (config.model_type)

@@ -129,3 +129,47 @@ def test_added_tokens_encode_save_and_load_as_in_transformers(tokenizers, tmp_pa
     ours.save_pretrained(tmp_path)
     for again in (transformers.AutoTokenizer.from_pretrained(str(tmp_path)), Tokenizer.from_pretrained(tmp_path)):
         assert again(text)["input_ids"] == theirs(text)["input_ids"] and len(again) == len(theirs)
+
+
+PAD_CALLS = {  # what data collators hand tokenizer.pad: examples encoded one by one, and their options
+    "examples": (lambda t: [t("Hi"), t("Hello world, what is this?")], {}),
+    "examples_pt": (lambda t: [t("Hi"), t("Hello world, what is this?")], dict(return_tensors="pt")),
+    "max_length": (lambda t: [t("Hi"), t("Hello world")], dict(padding="max_length", max_length=12)),
+    "max_length_shorter_than_a_row": (lambda t: [t("Hi"), t("Hello world, what is this?")],
+                                      dict(padding="max_length", max_length=3)),
+    "multiple_of_left": (lambda t: [t("Hi"), t("Hello world")], dict(pad_to_multiple_of=8, padding_side="left")),
+    "batch_dict": (lambda t: t(["Hi", "Hello world, what is this?"]), dict(return_tensors="np")),
+    "one_example": (lambda t: t("Hi"), dict(padding="max_length", max_length=6)),
+    "labels_pass_through": (lambda t: [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+                            {}),
+    "no_mask": (lambda t: [{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], dict(return_attention_mask=False)),
+    "other_masks": (lambda t: {"input_ids": [[5, 6, 7], [8]], "token_type_ids": [[0, 0, 0], [0]],
+                               "special_tokens_mask": [[0, 0, 0], [1]]}, dict(return_tensors="pt")),
+    "tensors_in": (lambda t: {"input_ids": torch.tensor([[5, 6, 7]])}, dict(padding="max_length", max_length=5)),
+    "arrays_in": (lambda t: {"input_ids": np.array([[5, 6, 7], [8, 9, 10]])}, {}),
+    "tensor_examples": (lambda t: [{"input_ids": torch.tensor([5, 6, 7])}, {"input_ids": torch.tensor([8])}], {}),
+    "not_padded": (lambda t: [t("Hi"), t("Hello world")], dict(padding=False)),
+}
+
+
+@pytest.mark.parametrize("case", PAD_CALLS)
+def test_pad_pads_encoded_examples_as_transformers(tokenizers, case):
+    reference, ours = tokenizers
+    make, options = PAD_CALLS[case]
+    if reference.pad_token is None:  # as fine-tuning code sets it
+        reference.pad_token = ours.pad_token = reference.eos_token
+
+    def padded(tokenizer):
+        out = tokenizer.pad(make(tokenizer), **options)
+        return {k: (type(v).__name__, v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
+
+    assert padded(ours) == padded(reference)
+
+
+def test_pad_without_a_pad_token_says_how_to_set_one(tokenizers):
+    _, ours = tokenizers
+    ours.pad_token = None
+    from vlmkit.errors import InputError
+    with pytest.raises(InputError, match="tokenizer.pad_token = tokenizer.eos_token"):
+        ours.pad([{"input_ids": [5, 6]}, {"input_ids": [7]}])
+    assert ours.pad([{"input_ids": [5, 6]}, {"input_ids": [7, 8]}])["input_ids"] == [[5, 6], [7, 8]]

@@ -7,6 +7,7 @@ from ..errors import CheckpointError, InputError
 from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
 from .features import BatchFeature, as_return_type
+from .padding import pad_encoded, pad_length, pad_rows
 
 # options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
 TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
@@ -253,16 +254,14 @@ class Tokenizer:
         texts = [text] if single else list(text)
         if any(not isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings")
-        pad_to, cut_to = self._padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of)
+        pad_to, cut_to = self.padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of)
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         rows = [e.ids if cut_to is None or len(e.ids) <= cut_to else self._truncated(t, cut_to, add_special_tokens)
                 for t, e in zip(texts, encodings)]
         masks = [[1] * len(r) for r in rows]
         if pad_to is not None and rows:
-            target = pad_to if pad_to != "longest" else max(len(r) for r in rows)
-            if pad_to_multiple_of:
-                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            rows, masks = self.pad(rows, target, padding_side or self.padding_side)
+            rows, masks = pad_rows(rows, pad_length(pad_to, rows, pad_to_multiple_of), padding_side or self.padding_side,
+                                   self.pad_token_id)
         features = {"input_ids": rows}
         input_names = self.model_input_names
         if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in input_names):
@@ -273,7 +272,7 @@ class Tokenizer:
             features = {k: v[0] for k, v in features.items()}
         return as_return_type(BatchFeature(features), return_tensors)
 
-    def _padding_and_truncation(self, padding, truncation, max_length, pad_to_multiple_of):
+    def padding_and_truncation(self, padding, truncation, max_length, pad_to_multiple_of):
         """(length to pad to: None, "longest" or a number; length to cut to: None or a number), as
         transformers' ``_get_padding_truncation_strategies`` works them out."""
         if max_length is not None and padding is False and truncation is None:
@@ -311,23 +310,12 @@ class Tokenizer:
         encoding.truncate(max(room, 0), direction=self.config.get("truncation_side", "right"))
         return self.backend.post_process(encoding, None, add_special_tokens).ids
 
-    def pad(self, rows: list[list[int]], length: int, side: str) -> tuple[list[list[int]], list[list[int]]]:
-        """Pad rows to ``length`` with the pad token on ``side``; returns (ids, attention masks)."""
-        pad_id = self.pad_token_id
-        if pad_id is None:
-            if any(len(r) != length for r in rows):
-                raise InputError("this tokenizer has no pad token, so texts of different lengths cannot be batched")
-            pad_id = 0
-        ids, masks = [], []
-        for row in rows:
-            fill = length - len(row)
-            if side == "left":
-                ids.append([pad_id] * fill + row)
-                masks.append([0] * fill + [1] * len(row))
-            else:
-                ids.append(row + [pad_id] * fill)
-                masks.append([1] * len(row) + [0] * fill)
-        return ids, masks
+    def pad(self, encoded_inputs, padding=True, max_length=None, pad_to_multiple_of=None, padding_side=None,
+            return_attention_mask=None, return_tensors=None, verbose=True):
+        """Pad features encoded earlier (one example, a dict of rows, or a list of examples, as a data
+        collator hands them over) as transformers' ``tokenizer.pad``; see ``padding.pad_encoded``."""
+        return pad_encoded(self, encoded_inputs, padding, max_length, pad_to_multiple_of, padding_side,
+                           return_attention_mask, return_tensors)
 
     # --- decoding ----------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,

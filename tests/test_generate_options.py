@@ -359,8 +359,9 @@ def test_stopping_criteria_stop_rows_as_the_reference(family):
     expected, got = generate_both(family, max_time=0.0)  # time is up after the first token
     assert got.tolist() == expected.tolist() and got.shape[1] == family.prompt_length + 1
     # transformers' own length and end criteria take the place of the built-in ones
-    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria
     for options in (dict(max_new_tokens=1, stopping_criteria=[MaxLengthCriteria(family.prompt_length + 4)]),
+                    dict(max_time=0.0, stopping_criteria=[MaxTimeCriteria(600.0)]),
                     dict(eos_token_id=family.first[1], stopping_criteria=[EosTokenCriteria(family.first[4])])):
         expected, got = generate_both(family, **options)
         assert got.tolist() == expected.tolist()

@@ -149,9 +149,9 @@ class TextRequest:
 
 
 def own_length_and_end_criteria(config: GenerationConfig, criteria: list):
-    """(config, the other criteria, end token ids or None): a user's transformers ``MaxLengthCriteria`` or
-    ``EosTokenCriteria`` takes the place of the built-in length limit or end check, as in transformers
-    (its ``_merge_criteria_processor_list``), instead of adding to them."""
+    """(config, the other criteria, end token ids or None): a user's transformers ``MaxLengthCriteria``,
+    ``EosTokenCriteria`` or ``MaxTimeCriteria`` takes the place of the built-in length limit, end check or
+    time limit, as in transformers (its ``_merge_criteria_processor_list``), instead of adding to them."""
     others, end_ids = [], None
     for criterion in criteria:
         name = type(criterion).__name__ if type(criterion).__module__.startswith("transformers") else None
@@ -159,6 +159,9 @@ def own_length_and_end_criteria(config: GenerationConfig, criteria: list):
             config = replace(config, max_length=int(criterion.max_length), max_new_tokens=None)
         elif name == "EosTokenCriteria":
             end_ids = [int(t) for t in torch.as_tensor(criterion.eos_token_id).reshape(-1)]
+        elif name == "MaxTimeCriteria":
+            config = replace(config, max_time=None)
+            others.append(criterion)
         else:
             others.append(criterion)
     return config, others, end_ids

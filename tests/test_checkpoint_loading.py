@@ -363,6 +363,24 @@ def test_processor_from_pretrained_sets_the_tokenizers_padding_side_as_transform
     assert transformers_padding_side(llava_onevision_dir) == ours.tokenizer.padding_side == "left"
 
 
+@pytest.mark.parametrize("how", ["attribute", "from_pretrained"])
+def test_janus_pads_on_the_side_the_tokenizer_is_set_to_as_transformers(janus_dir, how):
+    """Fine-tuning code sets the tokenizer's padding side after loading, or passes it to from_pretrained."""
+    import transformers
+
+    from vlmkit import JanusProcessor
+
+    options = {"padding_side": "right"} if how == "from_pretrained" else {}
+    ours = JanusProcessor.from_pretrained(janus_dir, **options)
+    reference = transformers.AutoProcessor.from_pretrained(str(janus_dir), backend="pil", **options)
+    if how == "attribute":
+        ours.tokenizer.padding_side = reference.tokenizer.padding_side = "right"
+    texts = ["a", "b c d e f g"]
+    got, want = ours(text=texts, padding=True), reference(text=texts, padding=True, return_tensors="pt")
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    assert got["attention_mask"].tolist() == want["attention_mask"].tolist()
+
+
 def transformers_padding_side(folder) -> str:
     import transformers
 

@@ -278,7 +278,8 @@ def test_torch_tensors_chw_float_and_hwc_uint8():
 
 
 def test_bad_arrays_are_refused_with_the_reason():
-    assert "[0, 1]" in error_of(np.full((6, 8, 3), 2.0, np.float32))
+    assert "[0, 1]" in error_of(np.full((6, 8, 3), 2.5, np.float32))
+    assert "[0, 1]" in error_of(np.full((6, 8, 3), 256.0, np.float32))
     assert "[0, 1]" in error_of(np.full((6, 8, 3), np.nan, np.float32))
     assert "[0, 255]" in error_of(np.full((6, 8), 1000, np.uint16))
     assert "not an image" in error_of(np.zeros((2, 6, 8, 3), np.uint8))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.errors import InputError
+from vlmkit.errors import InputError, MediaError
 
 transformers = pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -269,6 +269,30 @@ def test_float_images_with_do_rescale_false_match_transformers(family, request):
             got = ours(text=prompt, images=image, do_rescale=False)
             want = reference(text=prompt, images=image, do_rescale=False, return_tensors="pt")
         assert_same(got, want)
+
+
+@pytest.mark.parametrize("family", ["onevision", "janus", "idefics"])
+def test_float_images_of_whole_numbers_up_to_255_match_transformers(family, request):
+    # np.asarray(picture, dtype=np.float32): 0..255 in floats, rescaled as uint8 pixels would be
+    reference, ours = request.getfixturevalue(family)
+    picture = np.random.default_rng(0).integers(0, 256, (23, 37, 3)).astype(np.float32)
+    for image in (picture, torch.from_numpy(picture).permute(2, 0, 1).contiguous()):
+        if family == "idefics":
+            got, want = ours(text=[["hi", image]]), reference(text=[["hi", image]])
+        else:
+            prompt = OV_PROMPT if family == "onevision" else JANUS_PROMPT
+            got, want = ours(text=prompt, images=image), reference(text=prompt, images=image, return_tensors="pt")
+        assert_same(got, want)
+    with pytest.raises(MediaError, match=r"whole numbers in \[0, 255\]"):  # transformers cannot take these either
+        ours(text=[["hi", picture + 0.5]]) if family == "idefics" else ours(text=JANUS_PROMPT, images=picture + 0.5)
+
+
+def test_a_batch_array_of_images_is_its_images_as_in_transformers(janus):
+    reference, ours = janus
+    batch = np.random.default_rng(1).integers(0, 256, (2, 23, 37, 3), dtype=np.uint8)
+    prompt = JANUS_PROMPT.replace("<image_placeholder>", "<image_placeholder><image_placeholder>")
+    for images in (batch, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()):
+        assert_same(ours(text=prompt, images=images), reference(text=prompt, images=images, return_tensors="pt"))
 
 
 def test_onevision_call_size_and_mean_count_tokens_and_pad_as_transformers(onevision):

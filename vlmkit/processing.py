@@ -166,4 +166,4 @@ def flatten_images(images) -> tuple[list, list[int] | None]:
     if images is None:
         return [], None
     nested = isinstance(images, (list, tuple)) and images and all(isinstance(i, (list, tuple)) for i in images)
-    return flat_image_list(images), [len(group) for group in images] if nested else None
+    return flat_image_list(images), [len(flat_image_list(group)) for group in images] if nested else None

@@ -92,13 +92,21 @@ def flat_image_list(images) -> list:
     """One image, a list of images, or a list of per-sample lists, as one flat list.
 
     The nesting is what transformers' ``make_flat_list_of_images`` takes (``[[a], [b, c]]`` is a batch of
-    two samples); image processors that see each image alone only need the images in order.
+    two samples; a 4-D array or tensor is a batch of images); image processors that see each image alone
+    only need the images in order.
     """
     if not isinstance(images, (list, tuple)):
-        return [images]
+        return _batch_split(images)
     if images and all(isinstance(group, (list, tuple)) for group in images):
-        return [image for group in images for image in group]
-    return list(images)
+        return [image for group in images for item in group for image in _batch_split(item)]
+    return [image for item in images for image in _batch_split(item)]
+
+
+def _batch_split(item) -> list:
+    """A 4-D array or tensor [N, H, W, C] / [N, C, H, W] as its N images; anything else as itself."""
+    if (isinstance(item, np.ndarray) or is_tensor(item)) and item.ndim == 4:
+        return list(item)
+    return [item]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -260,11 +268,15 @@ def _array_to_image(source, desc: str) -> Image.Image:
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
-        if not np.all((array >= 0) & (array <= 1)):  # also rejects NaN
-            raise MediaError(f"float image values must lie in [0, 1], got [{array.min()}, {array.max()}]: {desc}")
-        # scaled and truncated to uint8 as transformers' to_pil_image does (float64 product, float32, truncate)
-        array = (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
-        scaled_from_float = True
+        if np.all((array >= 0) & (array <= 1)):  # (False for NaN)
+            # scaled and truncated to uint8 as transformers' to_pil_image does (float64 product, float32, truncate)
+            array = (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+            scaled_from_float = True
+        elif np.all((array >= 0) & (array <= 255) & (array == np.round(array))):
+            array = array.astype(np.uint8)  # whole numbers in [0, 255] (np.asarray(image, np.float32)): as uint8
+        else:
+            raise MediaError(f"float image values must lie in [0, 1], or be whole numbers in [0, 255]; got "
+                             f"[{array.min()}, {array.max()}]: {desc}")
     elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
             raise MediaError(f"integer image values must lie in [0, 255]; scale to uint8 first: {desc}")

@@ -91,7 +91,10 @@ class JanusProcessor(ProcessorBase):
             raise InputError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
         flat_images, counts = flatten_images(images)
         texts = expand_placeholders(texts, self.image_token, counts, self.image_block, len(flat_images))
-        features = BatchFeature(self.tokenizer(texts, **{"padding_side": "left", **options.text}))
+        # the tokenizer's side when its config names one (set since loading too), else Janus' left, as
+        # transformers' JanusProcessor merges its defaults with the tokenizer's settings
+        side = self.tokenizer.padding_side if "padding_side" in self.tokenizer.config else "left"
+        features = BatchFeature(self.tokenizer(texts, **{"padding_side": side, **options.text}))
         check_media_tokens_kept(texts, features["input_ids"], {self.image_token: self.image_token_id})
         if flat_images:
             image_processor = self.image_processor.with_options(options.images)

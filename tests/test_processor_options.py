@@ -162,12 +162,27 @@ def test_image_processor_takes_call_options(family, call, image, request):
     assert_same(call(ours, image), call(reference, image))
 
 
+@pytest.mark.parametrize("return_tensors", ["pt", "np", None, "unset"])
+def test_idefics_image_processor_returns_what_transformers_returns(idefics, image, return_tensors):
+    # transformers' IdeficsImageProcessor returns the pixels themselves (no BatchFeature), in the asked type
+    reference, ours = idefics
+    options = {} if return_tensors == "unset" else {"return_tensors": return_tensors}
+    for extra in ({}, {"do_normalize": False}, {"do_pad": False}):
+        got, want = ours.image_processor([image, image], **options, **extra), \
+            reference.image_processor([image, image], **options, **extra)
+        assert type(got) is type(want)
+        if isinstance(want, list):
+            assert [type(w) for w in want] == [type(g) for g in got]
+        np.testing.assert_array_equal(np.asarray(as_plain(got)), np.asarray(as_plain(want)))
+
+
 def test_idefics_image_size_option_resizes_as_size_does(idefics, image):
     # transformers documents a per-call image_size as an alias of size but drops it in preprocess (5.23); vlmkit
     # honours it, so it is compared with the size option that transformers does honour
     reference, ours = idefics
     want = reference.image_processor([image], size={"height": 20, "width": 20}, do_rescale=False, return_tensors="pt")
-    np.testing.assert_array_equal(ours.image_processor([image], image_size=20, do_rescale=False).numpy(), want.numpy())
+    got = ours.image_processor([image], image_size=20, do_rescale=False, return_tensors="pt")
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
     assert_same(ours(text=[["User:", image]], size={"height": 20, "width": 20}),
                 reference(text=[["User:", image]], size={"height": 20, "width": 20}))
 

@@ -37,7 +37,10 @@ class IdeficsImageProcessor:
         return cls(image_size=square_side(config.get("size") or config.get("image_size") or 224), **known)
 
     def with_options(self, options: dict) -> "IdeficsImageProcessor":
-        """A copy with one call's options (transformers' names: ``image_size``, ``do_rescale``...) applied."""
+        """A copy with one call's options (transformers' names: ``image_size``, ``do_rescale``...) applied.
+        ``do_pad`` changes nothing: images are resized to the square, with nothing to pad (transformers'
+        IDEFICS image processor ignores it too)."""
+        options = {k: v for k, v in options.items() if k != "do_pad"}
         return with_image_options(self, options, "image_size", square_side)
 
     @property
@@ -55,16 +58,22 @@ class IdeficsImageProcessor:
         return torch.from_numpy(normalized_planes(pixels, rescale,
                                                   self.image_mean if self.do_normalize else None, self.image_std))
 
-    def __call__(self, images, transform=None, **options) -> torch.Tensor:
-        """Pixel values [N, 3, size, size] for one image or a list. ``transform`` (a callable on each RGB
-        PIL image returning a tensor, e.g. torchvision's training augmentations) replaces the preset steps;
-        ``options``: transformers' per-call image options (``image_size``, ``do_rescale``...)."""
+    def __call__(self, images, transform=None, return_tensors=None, **options):
+        """Pixel values of one image or a list, as transformers' IdeficsImageProcessor returns them: a tensor
+        [N, 3, size, size] with ``return_tensors="pt"``, a numpy array with "np", a list of [3, size, size]
+        arrays without. ``transform`` (a callable on each RGB PIL image returning a tensor, e.g. torchvision's
+        training augmentations) replaces the preset steps; ``options``: transformers' per-call image options
+        (``image_size``, ``do_rescale``...)."""
         if options:
-            return call_with_options(self, images, options, transform=transform)
+            return call_with_options(self, images, options, transform=transform, return_tensors=return_tensors)
         images = flat_image_list(images)  # a list of per-sample lists too, as transformers takes
         if transform is not None:
-            return torch.stack([transform(load_image(image)) for image in images])
-        return torch.from_numpy(stack_same_shapes([self.preprocess_one(image) for image in images]))
+            pixels = torch.stack([transform(load_image(image)) for image in images])
+        else:
+            pixels = torch.from_numpy(stack_same_shapes([self.preprocess_one(image) for image in images]))
+        if return_tensors == "pt":
+            return pixels
+        return pixels.numpy() if return_tensors == "np" else list(pixels.numpy())
 
     preprocess = __call__
 

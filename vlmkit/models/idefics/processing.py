@@ -124,7 +124,8 @@ class IdeficsProcessor(ProcessorBase):
         image_processor = self.image_processor.with_options(image_options)
         texts = [self._prompt_text(items, add_end_of_utterance_token, add_eos_token) for items in samples]
         sample_images = [[value for kind, value in items if kind == "image"] for items in samples]
-        pixels = [image_processor(images, transform=transform) if images else None for images in sample_images]
+        pixels = [image_processor(images, transform=transform, return_tensors="pt") if images else None
+                  for images in sample_images]
         encoded = self.tokenizer(texts, **text_options)
         rows, masks = encoded["input_ids"], encoded.get("attention_mask")  # None: return_attention_mask=False
         if len({len(r) for r in rows}) > 1:

@@ -314,8 +314,9 @@ def test_image_processors_flatten_per_sample_image_lists_like_transformers():
         torch.testing.assert_close(janus(images)["pixel_values"], expected, rtol=0, atol=1e-6)
     assert janus(nested)["pixel_values"].shape == janus(flat)["pixel_values"].shape == (3, 3, 32, 32)
     idefics, idefics_ref = IdeficsImageProcessor(image_size=24), transformers.IdeficsImageProcessorPil(image_size=24)
-    torch.testing.assert_close(idefics(nested), idefics_ref(nested, return_tensors="pt"), rtol=0, atol=1e-6)
-    sizes = idefics(nested, transform=lambda image: torch.tensor(image.size))  # the training path flattens too
+    torch.testing.assert_close(idefics(nested, return_tensors="pt"), idefics_ref(nested, return_tensors="pt"),
+                               rtol=0, atol=1e-6)
+    sizes = idefics(nested, transform=lambda image: torch.tensor(image.size), return_tensors="pt")  # the training path flattens too
     assert sizes.tolist() == [list(a.size), list(b.size), list(c.size)]
 
 
@@ -404,7 +405,7 @@ def test_a_pil_image_keeps_its_pixels_as_transformers_processors_keep_them():
                                janus_ref(Image.open(io.BytesIO(jpeg)), return_tensors="pt")["pixel_values"],
                                rtol=0, atol=1e-6)
     idefics, idefics_ref = IdeficsImageProcessor(image_size=24), transformers.IdeficsImageProcessorPil(image_size=24)
-    torch.testing.assert_close(idefics(Image.open(io.BytesIO(jpeg))),
+    torch.testing.assert_close(idefics(Image.open(io.BytesIO(jpeg)), return_tensors="pt"),
                                idefics_ref(Image.open(io.BytesIO(jpeg)), return_tensors="pt"), rtol=0, atol=1e-6)
 
 

@@ -348,3 +348,25 @@ def test_ragged_rows_as_numpy_are_an_object_array_as_transformers(janus):
     call = dict(text=["hi", "hello there friend"], return_tensors="np")
     got, want = ours(**call)["input_ids"], reference(**call)["input_ids"]
     assert got.dtype == want.dtype == object and [r.tolist() for r in got] == [r.tolist() for r in want]
+
+
+@pytest.mark.parametrize("text", [123, [None], [["nested"]], b"bytes", {"x": 1}])
+def test_text_that_is_not_strings_is_refused_by_name(janus, text):
+    with pytest.raises(InputError, match="text must be a string or a list of strings"):
+        janus[1](text=text)
+
+
+def test_an_image_passed_where_text_goes_says_how_to_call(janus, image):
+    with pytest.raises(InputError, match=r"processor\(text=prompt, images=image\)"):
+        janus[1](image, JANUS_PROMPT)
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (5, 0, 3), (0, 7, 3)])
+def test_images_without_pixels_are_refused_by_size(janus, idefics, shape):
+    empty = np.zeros(shape, np.uint8)
+    with pytest.raises(MediaError, match="at least 1x1"):
+        janus[1](text=JANUS_PROMPT, images=empty)
+    with pytest.raises(MediaError, match="at least 1x1"):
+        idefics[1](text=[["User:", empty]])
+    with pytest.raises(MediaError, match="at least 1x1"):
+        janus[1](text=JANUS_PROMPT, images=Image.new("RGB", shape[1::-1]))

@@ -161,6 +161,18 @@ def check_media_tokens_kept(texts: list[str], rows: list[list[int]], tokens: dic
                                  f"turn truncation off or raise max_length")
 
 
+def prompt_texts(text) -> list[str]:
+    """A call's ``text`` as a list of prompts: one string, or a list or tuple of them; anything else is an
+    error naming what was given (an image passed first, positionally, is the usual mistake)."""
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        got = type(text).__name__ if texts is None else \
+            f"a list holding {type(next(t for t in texts if not isinstance(t, str))).__name__}"
+        raise InputError(f"text must be a string or a list of strings, got {got} (pass images as images=..., "
+                         f"e.g. processor(text=prompt, images=image))")
+    return texts
+
+
 def flatten_images(images) -> tuple[list, list[int] | None]:
     """(flat list of images, per-prompt counts or None) for one image, a list, or a list of lists."""
     if images is None:

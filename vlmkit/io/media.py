@@ -46,17 +46,24 @@ def load_image(source, policy: MediaPolicy | None = None, *, upright: bool = Fal
     """Load `source` as an RGB ``PIL.Image``.
 
     Accepts a PIL image, a numpy array or torch tensor (HxW, HxWxC or CxHxW, C in 1/3/4; uint8, or float
-    in [0, 1]; channels-first wins ties, as in transformers), encoded image bytes, a local path (str or
+    in [0, 1] or of whole numbers in [0, 255]; channels-first wins ties, as in transformers), encoded image bytes, a local path (str or
     PathLike), a ``file://`` URI, a base64 ``data:image/...`` URI, an ``http(s)://`` URL, or a string of
     base64-encoded image bytes (a string is a path first, as in ``transformers.image_utils.load_image``).
     EXIF orientation is applied to everything decoded here (files, URLs, bytes, base64), as transformers'
     ``load_image`` does; a PIL image given as it is keeps its pixels as they are, as transformers' processors
     keep an image passed to ``images=``, unless `upright` asks for its orientation tag to be applied too.
     Colours are converted by `to_rgb`.
-    Raises `MediaError` for anything missing, malformed, refused by `policy` or over its limits.
+    Raises `MediaError` for anything missing, malformed, empty, refused by `policy` or over its limits.
     """
-    policy = policy or MediaPolicy()
     desc = describe_source(source)
+    image = _load_image(source, policy or MediaPolicy(), desc, upright)
+    if 0 in image.size:  # every processor divides by a side
+        raise MediaError(f"the image is {image.width}x{image.height} pixels, so there is nothing to see; give an "
+                         f"image at least 1x1: {desc}")
+    return image
+
+
+def _load_image(source, policy: MediaPolicy, desc: str, upright: bool) -> Image.Image:
     if isinstance(source, Image.Image):
         try:
             return to_rgb(ImageOps.exif_transpose(source) if upright else source)

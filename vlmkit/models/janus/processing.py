@@ -9,7 +9,7 @@ from ...io.media import load_image
 from ...io.features import as_return_type
 from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
-                           flatten_images, media_from_messages)
+                           flatten_images, media_from_messages, prompt_texts)
 from ...processor_options import sort_call_options
 from .image_processing import JanusImageProcessor
 
@@ -79,7 +79,7 @@ class JanusProcessor(ProcessorBase):
         generation_mode = options.family.get("generation_mode", "text")
         if text is None:
             raise InputError("JanusProcessor needs text (a prompt, or a list of prompts)")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = prompt_texts(text)
         if generation_mode == "image":
             if images is not None:
                 raise InputError("Janus generates images from text only; pass no images with generation_mode='image'")

@@ -641,3 +641,18 @@ def test_content_hash_is_stable_and_sensitive_to_pixels_and_size():
     b.putpixel((3, 5), (1, 2, 4))
     assert image_content_hash(a) != image_content_hash(b)
     assert image_content_hash(a) != image_content_hash(Image.new("RGB", (6, 4), (1, 2, 3)))  # same bytes
+
+
+def test_a_transparent_file_is_read_as_transformers_load_image_reads_it(tmp_path):
+    """transformers' load_image drops the alpha band of a decoded file (its processors composite only PIL images
+    handed to them); the server composites onto white, as vLLM does."""
+    transformers = pytest.importorskip("transformers")
+    rgba = np.random.default_rng(2).integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    path = tmp_path / "half_transparent.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    want = np.asarray(transformers.image_utils.load_image(str(path)))
+    assert np.array_equal(np.asarray(load_image(str(path))), want)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), want)
+    on_white = np.asarray(load_image(str(path), on_white=True))
+    assert np.array_equal(on_white, np.asarray(load_image(Image.open(path))))  # as a PIL image handed over
+    assert not np.array_equal(on_white, want)

@@ -42,7 +42,8 @@ def source_scheme(source: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def load_image(source, policy: MediaPolicy | None = None, *, upright: bool = False) -> Image.Image:
+def load_image(source, policy: MediaPolicy | None = None, *, upright: bool = False,
+               on_white: bool = False) -> Image.Image:
     """Load `source` as an RGB ``PIL.Image``.
 
     Accepts a PIL image, a numpy array or torch tensor (HxW, HxWxC or CxHxW, C in 1/3/4; uint8, or float
@@ -52,11 +53,15 @@ def load_image(source, policy: MediaPolicy | None = None, *, upright: bool = Fal
     EXIF orientation is applied to everything decoded here (files, URLs, bytes, base64), as transformers'
     ``load_image`` does; a PIL image given as it is keeps its pixels as they are, as transformers' processors
     keep an image passed to ``images=``, unless `upright` asks for its orientation tag to be applied too.
-    Colours are converted by `to_rgb`.
+    Colours of images and arrays given as they are are converted by `to_rgb` (transparency composited onto
+    white, as transformers' processors do); decoded ones as transformers' ``load_image`` converts them, an
+    alpha band dropped, unless `on_white` asks for `to_rgb` (as vLLM's server loads images).
     Raises `MediaError` for anything missing, malformed, empty, refused by `policy` or over its limits.
     """
     desc = describe_source(source)
     image = _load_image(source, policy or MediaPolicy(), desc, upright)
+    if image.mode != "RGB":  # decoded, in its own mode
+        image = to_rgb(image) if on_white or image.mode.startswith("I;16") else image.convert("RGB")
     if 0 in image.size:  # every processor divides by a side
         raise MediaError(f"the image is {image.width}x{image.height} pixels, so there is nothing to see; give an "
                          f"image at least 1x1: {desc}")
@@ -229,7 +234,7 @@ def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
         if width * height > policy.max_pixels:
             raise TooManyPixels(f"image has too many pixels: {width}x{height} > max_pixels={policy.max_pixels}: {desc}")
         image.load()  # decode everything now so truncation surfaces here
-        return to_rgb(ImageOps.exif_transpose(image))
+        return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as e:
         # Pillow refuses pictures of over twice its own cap before reading their size out to us
         raise TooManyPixels(f"image has too many pixels: over max_pixels={policy.max_pixels} ({e}): {desc}") from e

@@ -328,7 +328,7 @@ class RequestHandler:
         remaining = max(limit - pixels[0], 0)
         policy = self.policy if remaining >= self.policy.max_pixels else replace(self.policy, max_pixels=remaining)
         try:
-            image = load_image(url, policy)
+            image = load_image(url, policy, on_white=True)  # transparency as vLLM shows it
         except TooManyPixels as err:
             if policy is not self.policy:
                 raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "

@@ -351,9 +351,10 @@ def test_ragged_rows_as_numpy_are_an_object_array_as_transformers(janus):
 
 
 @pytest.mark.parametrize("text", [123, [None], [["nested"]], b"bytes", {"x": 1}])
-def test_text_that_is_not_strings_is_refused_by_name(janus, text):
-    with pytest.raises(InputError, match="text must be a string or a list of strings"):
-        janus[1](text=text)
+def test_text_that_is_not_strings_is_refused_by_name(janus, onevision, text):
+    for processor in (janus[1], onevision[1]):
+        with pytest.raises(InputError, match="text must be a string or a list of strings"):
+            processor(text=text)
 
 
 def test_an_image_passed_where_text_goes_says_how_to_call(janus, image):

@@ -136,6 +136,26 @@ def test_channels_first_videos_match_transformers_llava_onevision(llava_onevisio
         torch.testing.assert_close(got["pixel_values_videos"], expected["pixel_values_videos"], rtol=0, atol=1e-6)
 
 
+def test_a_list_of_frame_tensors_is_one_video_as_in_transformers(llava_onevision_dir):
+    """Frames given as 3-D tensors, (H, W, C) or (C, H, W), make one video, as PIL or numpy frames do."""
+    pytest.importorskip("transformers")
+    from builders.llava_onevision import reference_processor
+    from fixtures_llava import moving_pattern
+
+    from vlmkit.models.llava_onevision import LlavaOnevisionProcessor
+
+    ref, ours = reference_processor(llava_onevision_dir), LlavaOnevisionProcessor.from_pretrained(llava_onevision_dir)
+    prompt = "<|im_start|>user <video>\nWhat?<|im_end|>"
+    hwc = [torch.from_numpy(moving_pattern(i)) for i in range(4)]
+    chw = [f.permute(2, 0, 1).contiguous() for f in hwc]
+    for video in (hwc, chw, [f.numpy() for f in chw]):
+        expected = ref(videos=video, text=prompt, return_tensors="pt")
+        got = ours(videos=video, text=prompt)
+        assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+        assert torch.equal(got["pixel_values_videos"], expected["pixel_values_videos"])
+        np.testing.assert_array_equal(load_video(video), np.stack([moving_pattern(i) for i in range(4)]))
+
+
 def test_channel_layout_is_inferred_with_transformers_rule():
     """Dim 1 wins when both dim 1 and dim 3 could be channels, as infer_channel_dimension_format decides."""
     image_utils = pytest.importorskip("transformers.image_utils")

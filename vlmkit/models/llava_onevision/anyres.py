@@ -11,6 +11,8 @@ both sides call the functions here, so the two counts cannot drift apart. All si
 
 import math
 
+from ...errors import InputError
+
 Size = tuple[int, int]
 
 
@@ -18,6 +20,8 @@ def select_best_resolution(image_size: Size, pinpoints) -> Size:
     """The pinpoint that keeps the most of the image's pixels once it is fitted inside, and among
     those the one that wastes the least area (the reference's rule, ties to the first)."""
     height, width = image_size
+    if height <= 0 or width <= 0:  # the reference divides by zero here
+        raise InputError(f"an image of {width}x{height} pixels has no pixels to tile; give a non-empty image")
     best, best_effective, best_wasted = None, 0, float("inf")
     for target_height, target_width in pinpoints:
         scale = min(target_width / width, target_height / height)
@@ -48,10 +52,13 @@ def centered_padding(size: Size, target: Size) -> tuple[Size, Size]:
     return (top, top + extra_rows), (left, left + extra_cols)
 
 
-def tile_grid(image_size: Size, pinpoints, tile_size: int) -> Size:
-    """(rows, cols) of tiles an anyres image is cut into."""
+def tile_grid(image_size: Size, pinpoints, tile_size: int | Size) -> Size:
+    """(rows, cols) of tiles an anyres image is cut into. ``tile_size``: the tower's square input side, or
+    (height, width) when a call resized the tower inputs to a non-square size: the reference's processor
+    then counts tokens with best pinpoint // (height, width), although it cut square tiles."""
+    tile_height, tile_width = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
     height, width = select_best_resolution(image_size, pinpoints)
-    return height // tile_size, width // tile_size
+    return height // tile_height, width // tile_width
 
 
 def num_anyres_patches(image_size: Size, pinpoints, tile_size: int) -> int:
@@ -85,17 +92,22 @@ def downsampled_size(feature_size: Size, grid_size: int, max_num_patches: int) -
     return None
 
 
-def packed_feature_size(image_size: Size, pinpoints, tile_size: int, grid_size: int,
+def packed_feature_size(image_size: Size, pinpoints, tile_size: int | Size, grid_size: int,
                         max_num_patches: int) -> Size:
     """(rows, cols) of an anyres image's final tile feature map, before the newline column."""
     tile_rows, tile_cols = tile_grid(image_size, pinpoints, tile_size)
+    if tile_rows == 0:  # the reference divides by zero here
+        tile_height = tile_size if isinstance(tile_size, int) else tile_size[0]
+        raise InputError(f"tower inputs {tile_height} pixels high are taller than the grid pinpoint picked for the "
+                         f"{image_size[1]}x{image_size[0]} image, so it makes no tile rows; pass a smaller size "
+                         f"(at most the checkpoint's own)")
     stitched = (tile_rows * grid_size, tile_cols * grid_size)
     row_slice, col_slice = unpadded_region(image_size, stitched)
     size = (row_slice.stop - row_slice.start, col_slice.stop - col_slice.start)
     return downsampled_size(size, grid_size, max_num_patches) or size
 
 
-def image_token_count(image_size: Size, pinpoints, tile_size: int, grid_size: int, max_num_patches: int,
+def image_token_count(image_size: Size, pinpoints, tile_size: int | Size, grid_size: int, max_num_patches: int,
                       anyres: bool = True) -> int:
     """Features (= prompt tokens) of one image with the "full" feature strategy.
 

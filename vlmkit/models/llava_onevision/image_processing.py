@@ -4,9 +4,13 @@ value for value) and the per-frame resize of videos (the reference's torchvision
 Images of a single-image prompt go through anyres: the base image plus tiles of the best pinpoint.
 Images of a multi-image prompt are padded to a square with the mean colour and resized, one input
 each. Video frames are resized straight to the tower's size, never tiled.
+
+A non-square ``size={"height": H, "width": W}`` is taken as the reference takes it: tiles are cut
+H x H and every tower input (base image, tiles, frames) is resized to H x W. No checkpoint's tower
+reads such inputs (the model refuses them); the processor only matches the reference's outputs.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -28,7 +32,8 @@ class LlavaOnevisionImageProcessor:
     """Settings come from the checkpoint's image (and video) processor config; the real checkpoints
     use mean = std = 0.5, not the class defaults (CLIP's), so the config must always be read."""
 
-    size: int = 384
+    size: int = 384  # the tile side (the reference's patch_size: size["height"] or size["shortest_edge"])
+    output_width: int | None = None  # a non-square size's width; None: tower inputs are size x size
     image_grid_pinpoints: list = field(default_factory=lambda: [list(p) for p in DEFAULT_GRID_PINPOINTS])
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
@@ -53,11 +58,19 @@ class LlavaOnevisionImageProcessor:
                                         "resample", "do_resize", "do_rescale", "do_normalize", "do_pad"))
         if config.get("do_center_crop"):
             raise InputError("center-cropping image processors are not LLaVA-OneVision's; check the checkpoint")
-        return cls(size=square_side(config.get("size") or 384), **known)
+        return cls(**_size_settings(config.get("size") or 384), **known)
 
     def with_options(self, options: dict) -> "LlavaOnevisionImageProcessor":
         """A copy with one call's options (transformers' names: ``do_rescale``, ``size``...) applied."""
-        return with_image_options(self, options, "size", square_side)
+        options = dict(options)
+        size = options.pop("size", None)
+        updated = with_image_options(self, options, "size", square_side)
+        return updated if size is None else replace(updated, **_size_settings(size))
+
+    @property
+    def output_size(self) -> anyres.Size:
+        """(height, width) every tower input is resized to."""
+        return self.size, self.output_width or self.size
 
     # --- images -------------------------------------------------------------------------------
     def _resize(self, image: Image.Image, size: anyres.Size) -> Image.Image:
@@ -70,7 +83,7 @@ class LlavaOnevisionImageProcessor:
         return normalized_planes(pixels, rescale, self.image_mean if self.do_normalize else None, self.image_std)
 
     def anyres_patches(self, image: Image.Image) -> list[np.ndarray]:
-        """The base image resized to the tile size, then the tiles (row-major) of the image fitted
+        """The base image resized to ``output_size``, then the tiles (row-major) of the image fitted
         into its best pinpoint and zero-padded to it; uint8 [H, W, 3] each."""
         height, width = image.height, image.width
         target = anyres.select_best_resolution((height, width), self.image_grid_pinpoints)
@@ -79,14 +92,14 @@ class LlavaOnevisionImageProcessor:
         padded = np.pad(fitted, ((top, bottom), (left, right), (0, 0)), mode="constant", constant_values=0)
         tiles = [padded[i:i + self.size, j:j + self.size]
                  for i in range(0, target[0], self.size) for j in range(0, target[1], self.size)]
-        return [np.asarray(self._resize(image, (self.size, self.size)))] + tiles
+        return [np.asarray(self._resize(image, self.output_size))] + tiles
 
     def square_patch(self, image: Image.Image) -> np.ndarray:
         """The whole image centred on a square of the mean colour (multi-image prompts)."""
         return pad_to_square(np.asarray(image), self.background_color)
 
     def preprocess_one(self, image, anyres_tiling: bool = True) -> np.ndarray:
-        """One image (any source ``load_image`` takes) -> float32 [num_patches, 3, size, size]."""
+        """One image (any source ``load_image`` takes) -> float32 [num_patches, 3, *output_size]."""
         return self._pixel_values(load_image(image), anyres_tiling)
 
     def _pixel_values(self, image: Image.Image, anyres_tiling: bool) -> np.ndarray:
@@ -94,14 +107,14 @@ class LlavaOnevisionImageProcessor:
         rescale = rescale_for(image, self.do_rescale, self.rescale_factor)
         out = []
         for patch in patches:
-            if self.do_resize and patch.shape[:2] != (self.size, self.size):
-                patch = np.asarray(self._resize(Image.fromarray(patch), (self.size, self.size)))
+            if self.do_resize and patch.shape[:2] != self.output_size:
+                patch = np.asarray(self._resize(Image.fromarray(patch), self.output_size))
             out.append(self._normalize(patch, rescale))
         return np.stack(out)
 
     def __call__(self, images, **options) -> BatchFeature:
-        """A ``BatchFeature``: ``pixel_values`` [num_images, max_patches, 3, size, size] (zero patches pad the shorter
-        ones), ``image_sizes`` [num_images, 2] as (height, width), ``batch_num_images``.
+        """A ``BatchFeature``: ``pixel_values`` [num_images, max_patches, 3, *output_size] (zero patches pad the
+        shorter ones), ``image_sizes`` [num_images, 2] as (height, width), ``batch_num_images``.
 
         ``images``: one image, a flat list (each one anyres, as the reference treats a flat list),
         or a list of lists per prompt (a prompt with several images gets no anyres tiling).
@@ -136,16 +149,16 @@ class LlavaOnevisionImageProcessor:
 
     # --- video frames --------------------------------------------------------------------------
     def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """Frames uint8 [T, H, W, 3] -> float32 [T, 3, size, size], as the reference's torchvision
+        """Frames uint8 [T, H, W, 3] -> float32 [T, 3, *output_size], as the reference's torchvision
         video processor computes them on the CPU: uint8 bicubic resize with antialiasing (torchvision
         hands uint8 bicubic to torch's native uint8 kernel there; it differs from PIL's bicubic by a
         level or two on under 1% of values), then one fused rescale-and-normalise in float32."""
         video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-        if self.do_resize and tuple(video.shape[-2:]) != (self.size, self.size):
+        if self.do_resize and tuple(video.shape[-2:]) != self.output_size:
             if int(self.resample) != int(Image.Resampling.BICUBIC):
                 raise InputError("LLaVA-OneVision video frames are resized bicubic; this config asks for "
                                  f"resample={self.resample}")
-            video = F.interpolate(video, size=(self.size, self.size), mode="bicubic", antialias=True,
+            video = F.interpolate(video, size=self.output_size, mode="bicubic", antialias=True,
                                   align_corners=False)
         values = video.to(torch.float32)
         if self.do_rescale and self.do_normalize:
@@ -155,3 +168,12 @@ class LlavaOnevisionImageProcessor:
         if self.do_normalize:
             return (values - torch.tensor(self.image_mean).view(-1, 1, 1)) / torch.tensor(self.image_std).view(-1, 1, 1)
         return values * self.rescale_factor if self.do_rescale else values
+
+
+def _size_settings(size) -> dict:
+    """``size`` and ``output_width`` for a config's or call's size: a number, ``{"shortest_edge": N}`` or
+    ``{"height": H, "width": W}``. Unlike the other families, OneVision's reference takes H != W."""
+    if isinstance(size, dict) and size.get("height") and size.get("width") and size["height"] != size["width"]:
+        return {"size": int(size["height"]), "output_width": int(size["width"])}
+    return {"size": square_side(size), "output_width": None}
+

@@ -147,6 +147,7 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         ``batch_num_images`` images per prompt (a prompt with several gets no tiling; None: all tiled)."""
         if image_sizes is None:
             raise InputError("pixel_values need image_sizes (the processor returns both)")
+        self._refuse_other_input_size(pixel_values)
         sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         sizes = [(int(height), int(width)) for height, width in sizes]
         tiled = _tiled_flags(batch_num_images, len(sizes))
@@ -158,6 +159,15 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         pixel_values = _used_patches(pixel_values, counts)
         features = torch.split(self._encode(pixel_values), counts)
         return [self._pack_anyres(f, s) if t else self._pack_single(f[0]) for f, s, t in zip(features, sizes, tiled)]
+
+    def _refuse_other_input_size(self, pixel_values: torch.Tensor) -> None:
+        """Tower inputs must be the checkpoint's image_size square; a processor call's ``size=`` can make
+        others (the reference's processor takes any size, its model then fails on them too)."""
+        side = self.config.vision_config.image_size
+        if pixel_values.ndim in (4, 5) and tuple(pixel_values.shape[-2:]) != (side, side):
+            height, width = pixel_values.shape[-2:]
+            raise InputError(f"pixel_values are {height}x{width} (height x width) but this checkpoint's vision tower "
+                             f"takes {side}x{side}; preprocess without a size= option (or with size={side})")
 
     def _newline(self, like: torch.Tensor) -> torch.Tensor:
         return self.model.image_newline.to(like.device, like.dtype)
@@ -290,6 +300,15 @@ def _used_patches(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor
         if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
             raise InputError(f"pixel_values {tuple(pixel_values.shape)} do not fit {len(counts)} image(s) needing "
                              f"{counts} patches; pass the processor's pixel_values, image_sizes and batch_num_images")
+        for index, (patches, n) in enumerate(zip(pixel_values, counts)):
+            # the processor pads with all-zero patches; anything else past an image's count was cut with other
+            # grid pinpoints (a call's image_grid_pinpoints=), which transformers' model silently drops,
+            # reading the first tiles as if they covered the whole image
+            if patches[n:].any():
+                raise InputError(f"image {index}'s pixel_values hold more than the {n} patches this checkpoint's "
+                                 f"image_grid_pinpoints make for it: they were cut with other pinpoints (a call's "
+                                 f"image_grid_pinpoints= option?), which the model cannot read; preprocess with "
+                                 f"the checkpoint's pinpoints")
         return torch.cat([patches[:n] for patches, n in zip(pixel_values, counts)])
     if pixel_values.ndim != 4 or pixel_values.shape[0] != sum(counts):
         raise InputError(f"pixel_values {tuple(pixel_values.shape)} do not hold the {sum(counts)} patches "

@@ -11,10 +11,11 @@ from ...errors import InputError
 from ...io.checkpoint import checkpoint_location
 from ...io.chat_template import find_chat_template
 from ...io.features import as_return_type
+from ...io.media import is_tensor
 from ...io.tokenizer import Tokenizer, tokenizer_settings
 from ...io.video import load_video
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
-                           flatten_images, media_from_messages)
+                           flatten_images, media_from_messages, prompt_texts)
 from ...processor_options import sort_call_options
 from . import anyres
 from .config import parse_max_num_patches
@@ -73,10 +74,15 @@ class LlavaOnevisionProcessor(ProcessorBase):
     # --- placeholder counts ---------------------------------------------------------------------
     def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True, image_processor=None) -> int:
         """Prompt tokens for one image of ``image_size`` (height, width); see ``anyres.image_token_count``.
-        ``image_processor``: the one that made the pixels, when a call changed its settings (size, pinpoints)."""
+        ``image_processor``: the one that made the pixels, when a call changed its settings.
+
+        As the reference, the count takes the tower inputs' size from the call but the grid pinpoints from
+        the checkpoint, whatever ``image_grid_pinpoints`` the call cut the pixels with: the model tiles
+        with the checkpoint's pinpoints too (and refuses pixels cut with others)."""
         image_processor = image_processor or self.image_processor
-        count = anyres.image_token_count(image_size, image_processor.image_grid_pinpoints, image_processor.size,
-                                         self.grid_size, self.max_num_patches, anyres=anyres_tiling)
+        count = anyres.image_token_count(image_size, self.image_processor.image_grid_pinpoints,
+                                         image_processor.output_size, self.grid_size, self.max_num_patches,
+                                         anyres=anyres_tiling)
         # a "default" strategy drops a class token SigLIP does not have; kept for parity with the reference
         return count - 1 if self.vision_feature_select_strategy == "default" else count
 
@@ -88,6 +94,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
         """Tokenise prompt(s), expanding each ``<image>``/``<video>`` to its feature count, and
         preprocess the images (one per ``<image>``, in order) and videos (one per ``<video>``).
+        Without ``text``, only the pixel features (as the reference returns them).
 
         ``images``: one image, a flat list (every image anyres-tiled), or one list per prompt (a prompt
         with several images gets them untiled, as the reference). ``videos``: one video or a list;
@@ -97,35 +104,41 @@ class LlavaOnevisionProcessor(ProcessorBase):
         ``size``..., flat or as ``text_kwargs``/``images_kwargs``/``videos_kwargs``) and
         ``return_tensors`` "pt" (the default), "np" or None."""
         options = sort_call_options(kwargs, family_images=("image_grid_pinpoints",), videos=True)
-        if text is None:
-            raise InputError("LlavaOnevisionProcessor needs text (a prompt, or a list of prompts)")
-        texts = [text] if isinstance(text, str) else list(text)
+        if text is None and not (flatten_images(images)[0] or _as_video_list(videos)):
+            raise InputError("LlavaOnevisionProcessor needs text (a prompt, or a list of prompts), images or videos")
+        texts = None if text is None else prompt_texts(text)
         texts, features = self._expand_images(texts, images, options.images)
         texts, video_features = self._expand_videos(texts, videos, options.videos)
         features.update(video_features)
+        if texts is None:  # pixels alone, as the reference returns them for a call without text
+            return _as_return_type(BatchFeature(**features), options.return_tensors)
         encoded = self.tokenizer(texts, **options.text)
         check_media_tokens_kept(texts, encoded["input_ids"], {self.image_token: self.image_token_id,
                                                                self.video_token: self.video_token_id})
-        return as_return_type(BatchFeature(**encoded, **features), options.return_tensors)
+        return _as_return_type(BatchFeature(**encoded, **features), options.return_tensors)
 
-    def _expand_images(self, texts: list[str], images, image_options: dict) -> tuple[list[str], dict]:
-        """Texts with each ``<image>`` expanded, and pixel_values / image_sizes / batch_num_images."""
+    def _expand_images(self, texts: list[str] | None, images, image_options: dict) -> tuple[list[str] | None, dict]:
+        """Texts with each ``<image>`` expanded (None stays None), and pixel_values / image_sizes /
+        batch_num_images."""
         flat_images, counts = flatten_images(images)
         if not flat_images:
-            return expand_placeholders(texts, self.image_token, None, str, 0), {}  # raises if any <image>
+            return _expanded(texts, self.image_token, None, str, 0), {}  # raises if any <image>
         groups = _image_groups(images)
         image_processor = self.image_processor.with_options(image_options)
         pixels = image_processor(groups)
+        if texts is None:
+            return None, pixels
         tiled = [len(group) == 1 for group in groups if group for _ in group]
         sizes = [tuple(size) for size in pixels["image_sizes"].tolist()]
         tokens = [self.image_token * self.image_token_count(size, t, image_processor) for size, t in zip(sizes, tiled)]
         return expand_placeholders(texts, self.image_token, counts, tokens.__getitem__, len(flat_images)), pixels
 
-    def _expand_videos(self, texts: list[str], videos, video_options: dict) -> tuple[list[str], dict]:
-        """Texts with each ``<video>`` expanded, and pixel_values_videos [videos, frames, 3, S, S]."""
+    def _expand_videos(self, texts: list[str] | None, videos, video_options: dict) -> tuple[list[str] | None, dict]:
+        """Texts with each ``<video>`` expanded (None stays None), and pixel_values_videos
+        [videos, frames, 3, S, S]."""
         sources = _as_video_list(videos)
         if not sources:
-            return expand_placeholders(texts, self.video_token, None, str, 0, kind="video"), {}
+            return _expanded(texts, self.video_token, None, str, 0, kind="video"), {}
         video_options = dict(video_options)
         num_frames, fps = video_options.pop("num_frames", None), video_options.pop("fps", None)
         if not video_options.pop("do_sample_frames", self.do_sample_frames):
@@ -135,7 +148,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
         if len({tuple(f.shape) for f in frames}) > 1:
             raise InputError("videos of different frame counts cannot be batched; pass the same num_frames")
         tokens = [self.video_token * self.video_token_count(len(f)) for f in frames]
-        texts = expand_placeholders(texts, self.video_token, None, tokens.__getitem__, len(frames), kind="video")
+        texts = _expanded(texts, self.video_token, None, tokens.__getitem__, len(frames), kind="video")
         return texts, {"pixel_values_videos": torch.stack(frames)}
 
     def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
@@ -146,6 +159,19 @@ class LlavaOnevisionProcessor(ProcessorBase):
         videos = [v for messages in conversations for v in media_from_messages(messages, "video")]
         return self(images=images if any(images) else None, text=prompts, videos=videos or None, **call_options)
 
+
+def _as_return_type(features: BatchFeature, return_tensors: str | None) -> BatchFeature:
+    """``as_return_type``, except that with return_tensors=None the videos stay one torch tensor each: the
+    reference's video processor is torch-based and returns them so, while its image processor gives numpy."""
+    out = as_return_type(features, return_tensors)
+    if return_tensors is None and "pixel_values_videos" in features:
+        out["pixel_values_videos"] = list(features["pixel_values_videos"])
+    return out
+
+
+def _expanded(texts: list[str] | None, *placeholder_args, **placeholder_kwargs) -> list[str] | None:
+    """``expand_placeholders`` for prompts, nothing for a call without text (no placeholders to match)."""
+    return None if texts is None else expand_placeholders(texts, *placeholder_args, **placeholder_kwargs)
 
 
 def _image_groups(images) -> list[list]:
@@ -170,4 +196,5 @@ def _as_video_list(videos) -> list:
 
 
 def _is_frame(item) -> bool:
-    return isinstance(item, Image.Image) or (isinstance(item, np.ndarray) and item.ndim == 3)
+    # the reference's is_valid_video_frame: a PIL image, or a 3-D array or tensor ((H, W, C) or (C, H, W))
+    return isinstance(item, Image.Image) or ((isinstance(item, np.ndarray) or is_tensor(item)) and item.ndim == 3)

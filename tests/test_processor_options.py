@@ -371,3 +371,47 @@ def test_images_without_pixels_are_refused_by_size(janus, idefics, shape):
         idefics[1](text=[["User:", empty]])
     with pytest.raises(MediaError, match="at least 1x1"):
         janus[1](text=JANUS_PROMPT, images=Image.new("RGB", shape[1::-1]))
+
+
+def _chat_with_answers(image, placeholder: str):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                "{% generation %}{{ m['content'][0]['text'] }}<|im_end|>{% endgeneration %}{% else %}"
+                "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + placeholder + "{% else %}{{ c['text'] }}"
+                "{% endif %}{% endfor %}<|im_end|>{% endif %}\n{% endfor %}")
+    turns = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+             {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "And?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A dog here."}]}]
+    return template, turns
+
+
+@pytest.mark.parametrize("extra", [{}, {"padding": True}, {"return_tensors": "np"}])
+def test_assistant_tokens_mask_of_a_chat_with_images_is_transformers(onevision, image, extra):
+    """The mask behind the image tokens a prompt was expanded with still lands on the assistant's tokens."""
+    reference, ours = onevision
+    template, turns = _chat_with_answers(image, "<image>")
+    conversation = [turns, turns[:2]] if extra.get("padding") else turns
+    call = {**dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+                   chat_template=template), **extra}
+    want, got = reference.apply_chat_template(conversation, **call), ours.apply_chat_template(conversation, **call)
+    assert type(got["assistant_masks"]) is type(want["assistant_masks"])
+    assert got["assistant_masks"].tolist() == want["assistant_masks"].tolist()
+    assert got["input_ids"].tolist() == want["input_ids"].tolist() and want["assistant_masks"].sum() > 0
+
+
+def test_assistant_tokens_mask_of_janus_holds_the_answers(janus, image):
+    # transformers' Janus processor refuses the option (its tokenizer does not count as fast there)
+    _, ours = janus
+    template, turns = _chat_with_answers(image, "<image_placeholder>")
+    out = ours.apply_chat_template(turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                   chat_template=template)
+    assert out["input_ids"].shape == out["assistant_masks"].shape
+    marked = out["input_ids"][out["assistant_masks"].bool()]
+    assert ours.decode(marked) == "A cat.<|im_end|>A dog here.<|im_end|>"
+
+
+def test_assistant_tokens_mask_where_vlmkit_does_not_give_it_says_so(idefics, image):
+    _, ours = idefics
+    with pytest.raises(InputError, match="return_assistant_tokens_mask"):
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=True,
+                                 return_dict=True, return_assistant_tokens_mask=True)

@@ -173,3 +173,29 @@ def test_pad_without_a_pad_token_says_how_to_set_one(tokenizers):
     with pytest.raises(InputError, match="tokenizer.pad_token = tokenizer.eos_token"):
         ours.pad([{"input_ids": [5, 6]}, {"input_ids": [7]}])
     assert ours.pad([{"input_ids": [5, 6]}, {"input_ids": [7, 8]}])["input_ids"] == [[5, 6], [7, 8]]
+
+
+GENERATION_TEMPLATE = (  # a chat template marking the assistant's turns, as training templates do
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}")
+CONVERSATION = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "A cat sat."},
+                {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No"}]
+
+
+@pytest.mark.parametrize("options", [{}, {"return_tensors": "pt"}, {"return_tensors": "np", "padding": True},
+                                     {"padding": True, "truncation": True, "max_length": 12}])
+def test_assistant_tokens_mask_marks_what_transformers_marks(tokenizers, options):
+    reference, ours = tokenizers
+    if reference.pad_token is None:
+        reference.pad_token = ours.pad_token = reference.eos_token
+    for conversation in (CONVERSATION, [CONVERSATION, CONVERSATION[:2]]):
+        call = dict(chat_template=GENERATION_TEMPLATE, return_assistant_tokens_mask=True, return_dict=True, **options)
+        if conversation is not CONVERSATION:
+            call.setdefault("padding", True)  # (transformers cannot make a tensor of rows of two lengths)
+        want, got = reference.apply_chat_template(conversation, **call), ours.apply_chat_template(conversation, **call)
+        assert type(got["assistant_masks"]) is type(want["assistant_masks"])
+        as_list = (lambda x: x.tolist() if hasattr(x, "tolist") else x)
+        assert as_list(got["assistant_masks"]) == as_list(want["assistant_masks"])
+        assert as_list(got["input_ids"]) == as_list(want["input_ids"])
+    if "max_length" not in options:  # (cut before the first answer)
+        assert 0 < sum(sum(row) for row in as_list(got["assistant_masks"]))  # the last, a batch

@@ -5,10 +5,14 @@ blocks, and expanding image placeholders."""
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from .errors import InputError
+from .io.assistant_masks import processor_masks
 from .io.chat_template import template_variables
 from .io.checkpoint import read_json
-from .io.features import BatchFeature
+from .io.features import BatchFeature, as_return_type
 from .io.media import flat_image_list
 
 
@@ -28,27 +32,35 @@ class ProcessorBase:
     # turn plain-string message contents into one text block (templates that iterate content blocks
     # render a plain string as nothing)
     chat_content_as_blocks: bool = True
+    # the tokens a family expands its image placeholders into (for assistant masks); None: masks not given
+    media_tokens: tuple[str, ...] | None = None
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, chat_template: str | None = None,
-                            continue_final_message: bool = False, processor_kwargs: dict | None = None, **kwargs):
+                            continue_final_message: bool = False, processor_kwargs: dict | None = None,
+                            return_assistant_tokens_mask: bool = False, **kwargs):
         """Render conversation(s) with the checkpoint's chat template (or ``chat_template``); with
         ``tokenize=True`` return model inputs, the media named in the messages' content blocks loaded.
 
         As in transformers, keyword arguments the template reads are template variables; the others,
-        and ``processor_kwargs``, are options of the processor call (``padding``, ``num_frames``...)."""
+        and ``processor_kwargs``, are options of the processor call (``padding``, ``num_frames``...).
+        ``return_assistant_tokens_mask`` (with ``return_dict``) adds ``assistant_masks``: 1 on the tokens
+        the template's ``{% generation %}`` blocks hold."""
         template = chat_template or self.chat_template
         if template is None:
             raise InputError("this checkpoint has no chat template")
+        if return_assistant_tokens_mask and self.media_tokens is None:
+            raise InputError(f"{type(self).__name__} does not give return_assistant_tokens_mask; build the mask from "
+                             f"the tokenizer's apply_chat_template(..., return_assistant_tokens_mask=True)")
         conversations, batched = normalize_conversations(conversation)
         if self.chat_content_as_blocks:
             conversations = [[content_as_blocks(m) for m in messages] for messages in conversations]
         variables = template_variables(template)
         call_options = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
         template_options = {k: v for k, v in kwargs.items() if k in variables}
-        prompts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=False, continue_final_message=continue_final_message,
-                                                     chat_template=template, **template_options)
+        spans = [[] for _ in conversations] if return_assistant_tokens_mask else None
+        prompts = self.tokenizer.render_chats(conversations, template, add_generation_prompt, continue_final_message,
+                                              spans, **template_options)
         if not tokenize:
             return prompts if batched else prompts[0]
         if "do_sample_frames" not in call_options and (call_options.get("num_frames") is not None
@@ -57,7 +69,19 @@ class ProcessorBase:
         if self.prompts_start_with_bos(prompts):
             call_options["add_special_tokens"] = False  # the template wrote BOS already
         features = self.encode_chat(prompts, conversations, call_options)
+        if return_dict and return_assistant_tokens_mask:
+            features["assistant_masks"] = self._assistant_masks(prompts, spans, features, call_options)
         return features if return_dict else features["input_ids"]
+
+    def _assistant_masks(self, prompts: list[str], spans: list, features: dict, call_options: dict):
+        """``assistant_masks`` for the rows ``encode_chat`` made of ``prompts``, in their type."""
+        ids = features["input_ids"]
+        rows = ids.tolist() if hasattr(ids, "tolist") else [ids] if ids and isinstance(ids[0], int) else ids
+        media_ids = {self.tokenizer.token_id(token) for token in self.media_tokens} - {None}
+        masks = processor_masks(self.tokenizer.backend, prompts, spans, rows, features.get("attention_mask"),
+                                media_ids, call_options.get("add_special_tokens", True))
+        return_tensors = "pt" if isinstance(ids, torch.Tensor) else "np" if isinstance(ids, np.ndarray) else None
+        return as_return_type(BatchFeature(assistant_masks=masks), return_tensors)["assistant_masks"]
 
     def encode_chat(self, prompts: list[str], conversations: list[list[dict]], call_options: dict) -> BatchFeature:
         """Model inputs for rendered ``prompts`` of ``conversations`` (the family's own)."""

@@ -1,6 +1,7 @@
 """Chat templates rendered in jinja2's immutable sandbox, the way checkpoints' templates expect
 (trim_blocks, lstrip_blocks, loop controls, ``raise_exception``, a non-escaping ``tojson``)."""
 
+import contextvars
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -17,18 +18,34 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# (output so far, spans) of the render that asked for its generation spans (see render_chat_template)
+_GENERATION_SPANS = contextvars.ContextVar("vlmkit_generation_spans", default=None)
+
+
 def _generation_block_extension():
+    from jinja2 import nodes
     from jinja2.ext import Extension
 
     class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}``: transformers' marker around assistant text (it
-        locates assistant tokens for training masks); rendering emits the body unchanged."""
+        """``{% generation %}...{% endgeneration %}``: transformers' marker around assistant text. Rendering
+        emits the body unchanged and, for a render that asks, notes where it lies in the output (the
+        characters of assistant tokens masks), as transformers' AssistantTracker does."""
 
         tags = {"generation"}
 
         def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_note_span"), [], [], body).set_lineno(lineno)
+
+        def _note_span(self, caller):
+            text = caller()
+            tracker = _GENERATION_SPANS.get()
+            if tracker is not None:
+                output, spans = tracker
+                start = sum(len(chunk) for chunk in output)
+                spans.append((start, start + len(text)))
+            return text
 
     return GenerationBlock
 
@@ -49,13 +66,25 @@ def _compile(template: str):
         raise TemplateError(f"the chat template does not parse: {err}") from None
 
 
-def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+def render_chat_template(template: str, messages: list[dict], generation_spans: list | None = None,
+                         **variables) -> str:
     """Render one conversation. Sandbox violations, template errors and Python errors raised while rendering
-    (a variable of a type the template cannot use: ``{{ x|length }}`` of a number) become ``TemplateError``."""
+    (a variable of a type the template cannot use: ``{{ x|length }}`` of a number) become ``TemplateError``.
+    ``generation_spans`` (a list) receives the (start, end) characters of each ``{% generation %}`` block."""
     import jinja2
 
     try:
-        return _compile(template).render(messages=messages, **variables)
+        compiled = _compile(template)
+        if generation_spans is None:
+            return compiled.render(messages=messages, **variables)
+        output: list[str] = []
+        tracking = _GENERATION_SPANS.set((output, generation_spans))
+        try:
+            for chunk in compiled.generate(messages=messages, **variables):  # a block's start: what came before
+                output.append(chunk)
+        finally:
+            _GENERATION_SPANS.reset(tracking)
+        return "".join(output)
     except jinja2.exceptions.SecurityError as err:
         raise TemplateError(f"the chat template tried an unsafe operation: {err}") from None
     except jinja2.TemplateError as err:
@@ -79,11 +108,17 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def render_conversation(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                        continue_final_message: bool = False, **variables) -> str:
+                        continue_final_message: bool = False, generation_spans: list | None = None,
+                        **variables) -> str:
     """Render one conversation; with ``continue_final_message`` the prompt ends inside the last
-    message (no end-of-turn after it), so the model continues that text, as in transformers."""
+    message (no end-of-turn after it), so the model continues that text, as in transformers.
+    ``generation_spans``: see ``render_chat_template``."""
     if not continue_final_message:
-        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
+        return render_chat_template(template, messages, generation_spans, add_generation_prompt=add_generation_prompt,
+                                    **variables)
+    if generation_spans is not None:
+        raise TemplateError("continue_final_message and return_assistant_tokens_mask cannot be combined (as in "
+                            "transformers): the continued message has no end to mask up to")
     if add_generation_prompt:
         raise TemplateError("continue_final_message and add_generation_prompt cannot both be set: continue the "
                             "final message, or prompt a new assistant turn")

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..errors import CheckpointError, InputError
 from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
+from .assistant_masks import tokenizer_masks
 from .features import BatchFeature, as_return_type
 from .padding import pad_encoded, pad_length, pad_rows
 
@@ -349,23 +350,47 @@ class Tokenizer:
     # --- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = True,
                             chat_template: str | None = None, continue_final_message: bool = False,
-                            return_dict: bool = True, return_tensors: str | None = None, **kwargs):
+                            return_dict: bool = True, return_tensors: str | None = None,
+                            return_assistant_tokens_mask: bool = False, padding=None, truncation: bool = False,
+                            max_length: int | None = None, tokenizer_kwargs: dict | None = None, **kwargs):
         """Render one conversation (a list of messages) or a batch of them with the chat template; with
         ``tokenize`` (the default, as in transformers 5) their token ids: ``input_ids`` and ``attention_mask``
-        (``return_dict``, the default) or the ids alone."""
+        (``return_dict``, the default) or the ids alone, tokenized with ``padding``, ``truncation``,
+        ``max_length`` and ``tokenizer_kwargs`` (a batch of tensors is padded unless ``padding=False``);
+        ``return_assistant_tokens_mask`` adds ``assistant_masks`` (1 on the tokens the template's
+        ``{% generation %}`` blocks hold)."""
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        spans = [[] for _ in conversations] if return_assistant_tokens_mask else None
+        rendered = self.render_chats(conversations, chat_template, add_generation_prompt, continue_final_message,
+                                     spans, **kwargs)
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        if padding is None:
+            padding = batched and return_tensors is not None
+        encoded = self(rendered if batched else rendered[0], add_special_tokens=False, return_tensors=return_tensors,
+                       padding=padding, truncation=truncation, max_length=max_length, **(tokenizer_kwargs or {}))
+        if return_dict and return_assistant_tokens_mask:
+            rows = encoded["input_ids"].tolist() if return_tensors else encoded["input_ids"]
+            masks = tokenizer_masks(self.backend, rendered, spans, rows if batched or return_tensors else [rows],
+                                    self.padding_side)
+            encoded["assistant_masks"] = as_return_type(BatchFeature(assistant_masks=masks), return_tensors)[
+                "assistant_masks"] if return_tensors else masks if batched else masks[0]
+        return encoded if return_dict else encoded["input_ids"]
+
+    def render_chats(self, conversations: list, chat_template: str | None = None, add_generation_prompt: bool = False,
+                     continue_final_message: bool = False, generation_spans: list | None = None,
+                     **variables) -> list[str]:
+        """Each conversation rendered with ``chat_template`` (else the checkpoint's); the special tokens and
+        ``variables`` are the template's variables; ``generation_spans`` (one list per conversation)
+        receives where the ``{% generation %}`` blocks lie."""
         template = chat_template or self.chat_template
         if template is None:
             raise InputError("this checkpoint has no chat template; pass chat_template=... or build the prompt yourself")
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
-        rendered = [render_conversation(template, list(c), add_generation_prompt=add_generation_prompt,
-                                        continue_final_message=continue_final_message,
-                                        **{**self.special_tokens_map, **kwargs}) for c in conversations]
-        if tokenize:
-            encoded = self(rendered if batched else rendered[0], add_special_tokens=False, return_tensors=return_tensors,
-                           padding=batched and return_tensors is not None)
-            return encoded if return_dict else encoded["input_ids"]
-        return rendered if batched else rendered[0]
+        return [render_conversation(template, list(c), add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message,
+                                    generation_spans=generation_spans[i] if generation_spans is not None else None,
+                                    **{**self.special_tokens_map, **variables}) for i, c in enumerate(conversations)]
 
 
 def _clean_up_spaces(text: str) -> str:

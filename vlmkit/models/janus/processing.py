@@ -35,6 +35,7 @@ class JanusProcessor(ProcessorBase):
         self.image_start_token = tokenizer.special_tokens.get("boi_token", BEGIN_IMAGE_TOKEN)
         self.image_end_token = tokenizer.special_tokens.get("eoi_token", END_IMAGE_TOKEN)
         self.image_token_id = tokenizer.token_id(self.image_token)
+        self.media_tokens = (self.image_token, self.image_start_token, self.image_end_token)
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision: str = "main", media_policy=None, **unused) -> "JanusProcessor":

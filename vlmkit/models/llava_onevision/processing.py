@@ -41,6 +41,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
         self.video_token = tokenizer.special_tokens.get("video_token", video_token)
         self.image_token_id = tokenizer.token_id(self.image_token)
         self.video_token_id = tokenizer.token_id(self.video_token)
+        self.media_tokens = (self.image_token, self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
         # whether a call's num_frames/fps sample the video (the checkpoint's video processor setting; off in
         # transformers' LLaVA-OneVision video processor, so a plain call keeps every frame)

@@ -79,3 +79,21 @@ def test_a_temperature_too_small_to_divide_by_draws_greedily_instead_of_failing(
         assert main(["imagine", "a red circle", "-o", str(out), "--temperature", temperature, "--seed", "1"]) == 0
         pictures.append(Image.open(out / "image-00.png").tobytes())
     assert pictures[0] == pictures[1]
+
+
+def test_a_model_that_cannot_draw_is_one_line_naming_it(tmp_path, capsys, llava_onevision_dir, idefics_plain_dir):
+    for model in (llava_onevision_dir, idefics_plain_dir):
+        assert main(["imagine", "a red circle", "-o", str(tmp_path), "--model", str(model)]) == 1
+        error = capsys.readouterr().err
+        assert "cannot generate images" in error and "Traceback" not in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_png_that_cannot_be_written_is_an_error_leaving_no_partial_file(tmp_path, capsys, monkeypatch):
+    def disk_full(image, path, *args, **kwargs):
+        open(path, "wb").close()  # what a full disk leaves: the file begun, nothing in it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "--seed", "1"]) == 1
+    assert "No space left on device" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -106,6 +106,9 @@ def cmd_imagine(args) -> int:
     stem = args.name or "image"
     first = 0 if args.overwrite else _first_free_index(out, stem)
     engine = _load_engine(args, args.model or _default_model())
+    if not engine.can_generate_images:
+        raise InputError(f"{engine.model_type} checkpoints cannot generate images; vlmkit imagine needs a Janus "
+                         f"checkpoint (with its generation weights)")
     batch = args.batch_size or default_max_batch_images(engine.model)
     batches = -(-args.n // batch)
     bar = tqdm(total=1, unit="tok", desc="image tokens", dynamic_ncols=True)
@@ -126,11 +129,21 @@ def cmd_imagine(args) -> int:
                                 max_batch_images=count, on_step=on_step)
         for image in images:
             path = out / f"{stem}-{first + written:02d}.png"
-            image.save(path)
+            _save_png(image, path)
             tqdm.write(str(path), file=sys.stdout)
             written += 1
     bar.close()
     return 0
+
+
+def _save_png(image, path: Path) -> None:
+    """Write one PNG; a write that fails (disk full, a folder that refuses files) leaves no partial file and
+    is an error naming the file."""
+    try:
+        image.save(path)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise InputError(f"could not write {path}: {err.strerror or err}") from None
 
 
 class _QuietProbes(logging.Filter):

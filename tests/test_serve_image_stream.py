@@ -117,3 +117,40 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows_at_once(server, monke
             break
         time.sleep(0.02)
     assert stats["cancelled"] == before + 1 and stats["running_images"] == 0
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_pictures_come_in_the_asked_output_format(server, output_format):
+    plain = _generate(server, extra_body={"seed": 6})
+    png = np.asarray(_picture(plain.data[0].b64_json), dtype=np.int16)
+    for stream in (False, True):
+        result = _generate(server, output_format=output_format, output_compression=90, stream=stream,
+                           extra_body={"seed": 6})
+        final = list(result)[-1] if stream else result
+        picture = _picture(final.b64_json if stream else final.data[0].b64_json)
+        assert picture.format == output_format.upper() and final.output_format == output_format
+        assert np.abs(np.asarray(picture, dtype=np.int16) - png).mean() < 8  # the same picture, lossily
+    assert (plain.output_format, plain.background, plain.size) == ("png", "opaque", f"{png.shape[1]}x{png.shape[0]}")
+    assert plain.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("body,named", [
+    ({"background": "transparent"}, "background"), ({"output_format": "gif"}, "output_format"),
+    ({"output_compression": 50}, "output_compression"), ({"quality": 5}, "quality"), ({"style": [1]}, "style"),
+    ({"moderation": {"level": 1}}, "moderation"), ({"output_format": "jpeg", "output_compression": 101},
+                                                    "output_compression")])
+def test_openai_image_options_vlmkit_cannot_honour_are_a_400_naming_them(server, body, named):
+    response = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a square", **body},
+                          headers=server.headers)
+    assert response.status_code == 400 and named in response.json()["error"]["message"]
+
+
+def test_options_sent_as_null_take_their_defaults(server):
+    body = {"prompt": "a square", "seed": 2, "n": None, "stream": None, "top_p": None, "top_k": None,
+            "output_format": None, "quality": "high", "style": "vivid", "moderation": "low", "user": "someone"}
+    response = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers)
+    assert response.status_code == 200 and len(response.json()["data"]) == 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "stream": None,
+            "top_k": None, "top_p": None, "logprobs": None}
+    response = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=server.headers)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 1

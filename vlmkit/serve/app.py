@@ -199,10 +199,10 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
                 width, height = handler.image_size
                 stream = image_sse(_events(job, events, request), f"{width}x{height}", task.prompt_tokens,
                                    handler.engine.model.num_image_tokens, lambda err: api_error(err).body(),
-                                   run_in_threadpool)
+                                   run_in_threadpool, (parsed.output_format, parsed.output_compression))
                 return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             outcome = await _outcome(job, events, request)
-            return await run_in_threadpool(handler.images_body, outcome)
+            return await run_in_threadpool(handler.images_body, parsed, task, outcome)
         except Exception as err:
             return _error_response(err)
 

@@ -81,18 +81,22 @@ class PartialImages:
         return out
 
 
-def png_base64(image) -> str:
+def encoded_base64(image, output_format: str = "png", compression: int | None = None) -> str:
+    """A picture as OpenAI's ``b64_json``: the file of ``output_format`` ("png", "jpeg", "webp"), base64;
+    ``compression`` (0-100, OpenAI's ``output_compression``; 100 keeps the most detail) for jpeg and webp."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    options = {} if output_format == "png" else {"quality": 100 if compression is None else max(compression, 1)}
+    image.save(buffer, format=output_format.upper(), **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def image_event(kind: str, image, index: int, size: str, **fields) -> str:
+def image_event(kind: str, image, index: int, size: str, picture_format: tuple = ("png", None), **fields) -> str:
     """One server-sent event as OpenAI's image stream writes it (``event:`` names the type, ``data:``
-    holds it); ``index`` is the picture's place in the request (an extra field, for ``n`` > 1)."""
-    body = {"type": f"image_generation.{kind}", "b64_json": png_base64(image), "created_at": int(time.time()),
-            "size": size, "quality": "auto", "background": "opaque", "output_format": "png", "index": index,
-            **fields}
+    holds it); ``index`` is the picture's place in the request (an extra field, for ``n`` > 1);
+    ``picture_format``: (output_format, output_compression)."""
+    body = {"type": f"image_generation.{kind}", "b64_json": encoded_base64(image, *picture_format),
+            "created_at": int(time.time()), "size": size, "quality": "auto", "background": "opaque",
+            "output_format": picture_format[0], "index": index, **fields}
     return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n"
 
 
@@ -102,19 +106,20 @@ def completed_usage(prompt_tokens: int, image_tokens: int) -> dict:
             "output_tokens": image_tokens, "total_tokens": prompt_tokens + image_tokens}
 
 
-async def image_sse(stream, size: str, prompt_tokens: int, image_tokens: int, error_body, to_thread):
+async def image_sse(stream, size: str, prompt_tokens: int, image_tokens: int, error_body, to_thread,
+                    picture_format: tuple = ("png", None)):
     """The server-sent events of a streamed image job. ``stream`` is the job's events as they come (it ends
     early when the client goes away, which cancels the job); ``error_body(err)`` is the error as the
-    API answers it; ``to_thread(fn, *args)`` runs PNG encoding off the event loop."""
+    API answers it; ``to_thread(fn, *args)`` runs picture encoding off the event loop."""
     try:
         async for item in stream:
             if isinstance(item, PartialImage):
-                yield await to_thread(image_event, "partial_image", item.image, item.index, size,
+                yield await to_thread(image_event, "partial_image", item.image, item.index, size, picture_format,
                                       partial_image_index=item.partial_index)
             elif isinstance(item, JobEnd):
                 usage = completed_usage(prompt_tokens, image_tokens)
                 for index, image in enumerate(item.outcome.images):
-                    yield await to_thread(image_event, "completed", image, index, size, usage=usage)
+                    yield await to_thread(image_event, "completed", image, index, size, picture_format, usage=usage)
                 return
             elif isinstance(item, JobFailed):
                 yield f"event: error\ndata: {json.dumps(error_body(item.error))}\n\n"

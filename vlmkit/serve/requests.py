@@ -20,7 +20,7 @@ from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, C
                       DetokenizeResponse, ImageData, ImageGenerationRequest, ImagesResponse, TokenizeRequest,
                       TokenizeResponse, Usage, error_body, parse_request)
 from .events import ChatOutcome, ImageOutcome
-from .image_stream import png_base64
+from .image_stream import completed_usage, encoded_base64
 from .options import chat_options
 from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 
@@ -425,10 +425,14 @@ class RequestHandler:
             temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
         return request, ImageTask(input_ids, config, request.n)
 
-    def images_body(self, outcome: ImageOutcome) -> dict:
-        """The images response body, each picture a base64 PNG."""
-        data = [ImageData(b64_json=png_base64(image)) for image in outcome.images]
-        return ImagesResponse(data=data).model_dump(exclude_none=True)
+    def images_body(self, request: ImageGenerationRequest, task: ImageTask, outcome: ImageOutcome) -> dict:
+        """The images response body, each picture a base64 file of the request's ``output_format``."""
+        data = [ImageData(b64_json=encoded_base64(image, request.output_format, request.output_compression))
+                for image in outcome.images]
+        width, height = self.image_size
+        usage = completed_usage(task.prompt_tokens, self.engine.model.num_image_tokens * len(outcome.images))
+        return ImagesResponse(data=data, output_format=request.output_format, size=f"{width}x{height}",
+                              usage=usage).model_dump(exclude_none=True)
 
     # --- for callers that simply wait (batch jobs) --------------------------------------------------
     def run(self, scheduler, url: str, body) -> tuple[int, dict]:
@@ -446,8 +450,9 @@ class RequestHandler:
                     pending.append((lambda outcome, request=request: self.chat_body(request, outcome),
                                     scheduler.submit(task)))
                 elif url == "/v1/images/generations":
-                    _, task = self.prepare_images(body)
-                    pending.append((self.images_body, scheduler.submit(task)))
+                    request, task = self.prepare_images(body)
+                    pending.append((lambda outcome, request=request, task=task: self.images_body(request, task, outcome),
+                                    scheduler.submit(task)))
                 else:
                     raise ApiError(404, f"unknown endpoint {url!r}: use /v1/chat/completions or "
                                         f"/v1/images/generations", code="unknown_url")

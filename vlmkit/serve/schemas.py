@@ -21,8 +21,30 @@ from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..generation.sampling import GREEDY_BELOW
 
 
+def _nullable_defaults(schema: dict, model) -> None:
+    """The published schema allows what ``_null_is_the_default`` takes: null for every option with a default."""
+    properties = schema.get("properties", {})
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if key in properties and not field.is_required() and field.default is not None:
+            shown = {k: properties[key].pop(k) for k in ("title", "default", "description") if k in properties[key]}
+            properties[key] = {"anyOf": [properties[key], {"type": "null"}], **shown}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_nullable_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, values):
+        """An explicit null for an option with a default (``"n": null``, ``"stream": null``, as clients send
+        options they leave unset) takes that default, as OpenAI's API does."""
+        if isinstance(values, dict):
+            fields = cls.model_fields
+            return {key: value for key, value in values.items()
+                    if not (value is None and key in fields and not fields[key].is_required()
+                            and fields[key].default is not None)}
+        return values
 
 
 def _valid_unicode(text: str) -> str:
@@ -409,6 +431,23 @@ class ImageGenerationRequest(_Request):
     top_p: _number(gt=0, le=1) = 1.0
     stream: Flag = False  # server-sent events: partial pictures, then each finished one
     partial_images: _int(ge=0, le=3) | None = None  # pictures so far sent while streaming
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: _int(ge=0, le=100) | None = None  # jpeg and webp: 100 keeps the most detail
+    background: Literal["auto", "opaque", "transparent"] | None = None  # Janus draws opaque pictures only
+    # OpenAI's hints with one meaning here (Janus draws every picture the one way; no moderation pass)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    user: Text | None = None
+
+    @model_validator(mode="after")
+    def _drawable(self):
+        if self.background == "transparent":
+            raise ValueError("background: 'transparent' is not available: Janus draws opaque pictures; send "
+                             "'opaque' or 'auto', or leave it out")
+        if self.output_compression is not None and self.output_format == "png":
+            raise ValueError("output_compression: applies to output_format 'jpeg' or 'webp' (PNG is lossless)")
+        return self
 
 
 def parse_request(model: type[BaseModel], body) -> BaseModel:
@@ -548,6 +587,11 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     data: list[ImageData]
+    background: Literal["opaque"] = "opaque"
+    output_format: str = "png"
+    quality: Literal["auto"] = "auto"
+    size: str | None = None
+    usage: dict | None = None
 
 
 class ModelCard(BaseModel):

@@ -250,3 +250,44 @@ def test_a_screenshot_of_an_answered_picture_is_kept_for_the_docs(watched, artif
     page.screenshot(path=str(artifacts / "playground.png"))
     if os.environ.get("VLMKIT_UPDATE_DOCS_SCREENSHOT"):
         shutil.copy(artifacts / "playground.png", EXAMPLE.parent.parent / "docs" / "playground.png")
+
+
+def test_any_temperature_and_guidance_typed_are_sent(watched, server):
+    page = watched.page
+    page.click("#tab-images")
+    page.fill("#image-prompt", "a red circle on the left")
+    page.fill("#image-temperature", "0.7")  # neither is a multiple of a step from the field's minimum
+    page.fill("#guidance", "1.25")
+    page.fill("#seed", "3")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#draw")
+    body = sent.value.post_data_json
+    assert (body["temperature"], body["guidance_scale"]) == (0.7, 1.25)
+    page.wait_for_selector("#gallery img[data-final]")
+
+
+def test_pictures_stopped_or_refused_do_not_stay_drawing(watched, server, monkeypatch):
+    from vlmkit.generation import image_step
+    draw = image_step.guided_image_token
+
+    def slowly(*args, **kwargs):  # still drawing when Stop is pressed
+        time.sleep(0.03)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(image_step, "guided_image_token", slowly)
+    page = watched.page
+    page.click("#tab-images")
+    page.fill("#image-prompt", "a big blue square")
+    page.fill("#image-n", "2")
+    page.click("#draw")
+    page.wait_for_selector("#gallery img[data-previews]")
+    page.click("#stop-drawing")
+    page.wait_for_selector("#draw:enabled")
+    captions = page.locator("#gallery figcaption span").all_text_contents()
+    assert captions and "drawing…" not in captions and "stopped" in captions
+    page.fill("#image-prompt", "word " * 5000)  # longer than the model's context: a 400
+    page.click("#draw")
+    page.wait_for_selector("#error:visible")
+    assert page.locator("#gallery figure").count() == len(captions)  # the refused request left no figure
+    # the refused request is the page's own 400, which the browser reports on the console
+    watched.problems[:] = [p for p in watched.problems if "status of 400" not in p]

@@ -198,6 +198,11 @@ async function draw(event) {
   } finally {
     $("draw").disabled = false;
     $("stop-drawing").disabled = true;
+    // pictures the request did not finish (stopped, or an error): say so; drop those with nothing drawn
+    for (const f of figures.filter((f) => !f.img.dataset.final)) {
+      if (!f.img.getAttribute("src")) f.figure.remove();
+      else f.status.textContent = drawAbort.signal.aborted ? "stopped" : "not finished";
+    }
   }
 }
 

@@ -47,6 +47,24 @@ def keep_packable_for_cpu(module: nn.Module) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
+def unpack_before_saving(module: nn.Module, prefix: str = "", keep_vars: bool = False) -> None:
+    """A state-dict pre-hook for a ``Linear4bit``: bitsandbytes' own undoing of its CPU repacking (run by
+    ``_save_to_state_dict``) leaves the block scales transposed and in bf16 unless double quantization is on,
+    so saving after a forward wrote scrambled scales and changed the live layer's answers. Undone here in
+    full first: the weight and its scales as they were, less the bf16 rounding the layer computes with."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nested = state.original_nested
+    transposed = state.absmax
+    module.weight.data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+    if not nested:  # (the inverse restores only a double-quantized scale)
+        state.absmax = transposed.T.reshape(-1).to(torch.float32)
+    module.weight.quant_state = module.quant_state = state
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     # transformers' should_convert_module, negated
     return any(re.match(rf"(?:{key}){_BOUNDARY}", name) or name.endswith(key) for key in patterns)
@@ -115,6 +133,7 @@ class BitsAndBytesMethod:
             module.weight.module = module
             module.quant_state = module.weight.quant_state
             keep_packable_for_cpu(module)
+            module.register_state_dict_pre_hook(unpack_before_saving)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return module.requires_grad_(False)

@@ -1,6 +1,7 @@
 """Generation settings with transformers' names and defaults, read from ``generation_config.json``."""
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -127,6 +128,10 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise InputError(f"{option.name} must be a finite number, got {value}")
         if self.num_beams < 1:
             raise InputError("num_beams must be >= 1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:

@@ -167,6 +167,24 @@ def own_length_and_end_criteria(config: GenerationConfig, criteria: list):
     return config, others, end_ids
 
 
+def check_prompt_tokens(model, input_ids, attention_mask) -> None:
+    """A prompt the model can read: integer ids [batch, length] within its vocabulary, and a mask of the same
+    shape; anything else is an error naming the fix (torch's own would come from deep inside the forward)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InputError(f"input_ids must be a tensor [batch, length] (got {shape}); pass the processor's output, "
+                         f"or add the batch dimension: input_ids[None]")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    limit = getattr(model, "token_id_count", None)
+    if input_ids.numel() and limit is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= limit):
+        raise InputError(f"input_ids hold ids outside the model's vocabulary of {limit} tokens (from "
+                         f"{int(input_ids.min())} to {int(input_ids.max())}); tokenize with this checkpoint's processor")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape "
+                         f"{tuple(input_ids.shape)}")
+
+
 def text_request(model, input_ids, attention_mask, generation_config, streamer, tokenizer, kwargs: dict) -> TextRequest:
     """``generate``'s arguments as a ``TextRequest`` on the model's device; an error naming the problem for
     a missing prompt, an option vlmkit does not implement, or a streamer with beam search."""
@@ -174,6 +192,7 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
         input_ids = kwargs.pop("inputs", None)  # transformers' name for the first argument
     if input_ids is None:
         raise InputError("generate needs input_ids (call the processor first)")
+    check_prompt_tokens(model, input_ids, attention_mask)
     if kwargs.get("guidance_scale") not in (None, 1, 1.0):
         raise InputError("vlmkit does not implement classifier-free guidance (guidance_scale) for text "
                          "generation; leave it unset (Janus takes it with generation_mode='image')")

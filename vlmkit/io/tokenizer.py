@@ -255,6 +255,8 @@ class Tokenizer:
         texts = [text] if single else list(text)
         if any(not isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings")
+        for text in texts:
+            _refuse_surrogates(text)
         pad_to, cut_to = self.padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of)
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         rows = [e.ids if cut_to is None or len(e.ids) <= cut_to else self._truncated(t, cut_to, add_special_tokens)
@@ -331,6 +333,8 @@ class Tokenizer:
             ids = [ids]
         if ids and isinstance(ids[0], list):
             return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
+        if any(not 0 <= i < 2**32 for i in ids):  # (the tokenizers library takes unsigned 32-bit ids)
+            raise InputError(f"token ids are whole numbers from 0, got {min(ids)}")
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
@@ -391,6 +395,14 @@ class Tokenizer:
                                     continue_final_message=continue_final_message,
                                     generation_spans=generation_spans[i] if generation_spans is not None else None,
                                     **{**self.special_tokens_map, **variables}) for i, c in enumerate(conversations)]
+
+
+def _refuse_surrogates(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"the text holds an unpaired surrogate ({text[err.start]!r} at character {err.start}), "
+                         f"which is not Unicode text; decode its bytes with errors='replace' first") from None
 
 
 def _clean_up_spaces(text: str) -> str:

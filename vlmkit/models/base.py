@@ -214,6 +214,11 @@ class PretrainedVLM(nn.Module):
         """The token embedding (``inputs_embeds = model.get_input_embeddings()(input_ids)``)."""
         return self.text_model.embed_tokens
 
+    @property
+    def token_id_count(self) -> int:
+        """How many token ids the model embeds (ids are 0 to this less one)."""
+        return self.get_input_embeddings().num_embeddings
+
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.embed_tokens = value
 

@@ -166,6 +166,11 @@ class IdeficsForVisionText2Text(PretrainedVLM):
                 setattr(vision.post_layernorm, name, nn.Parameter(fill(old.shape, device=like.device, dtype=like.dtype),
                                                                   old.requires_grad))
 
+    @property
+    def token_id_count(self) -> int:
+        """The regular vocabulary and, after it, the additional one (the image tokens)."""
+        return self.config.text_config.vocab_size + self.config.additional_vocab_size
+
     def refuse_resize(self) -> None:
         """``resize_token_embeddings`` on a checkpoint with an additional vocabulary: its image tokens sit right
         after the regular vocabulary, whose growth would move their ids (transformers' resize drops their

@@ -13,6 +13,7 @@ import torch
 from ...errors import InputError
 from ...generation import image_step
 from ...generation.loop import prompt_positions
+from ...generation.options import check_prompt_tokens
 from ...generation.sampling import make_generator
 
 
@@ -46,8 +47,12 @@ def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.
         raise InputError("Janus generates images from text only; pass no pixel_values with generation_mode='image'")
     config = image_generation_config(generation_config or model.generation_config, **options)
     begin_image_id = model.begin_image_token_id
-    if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+    if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise InputError("image generation needs a tokenised prompt (processor(text=..., generation_mode='image'))")
+    check_prompt_tokens(model, input_ids, attention_mask)
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise InputError("image generation prompts must be padded on the left, so each ends with <begin_of_image> "
+                         "(processor.tokenizer.padding_side = 'left', Janus' own setting)")
     if not bool((input_ids[:, -1] == begin_image_id).all()):
         raise InputError("image generation prompts must end with the <begin_of_image> token: prepare them with "
                          "processor(text=prompt, generation_mode='image')")

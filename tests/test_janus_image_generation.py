@@ -181,3 +181,20 @@ def test_imagine_takes_guidance_and_temperature_from_the_checkpoint_unless_given
         assert engine.imagine("a red circle", seed=4, guidance_scale=5.0, temperature=1.0)[0].tobytes() == deepseek
     finally:
         model.generation_config = shared
+
+
+@pytest.mark.parametrize("return_tensors", ["np", "pt", None])
+def test_postprocess_gives_pixels_in_their_own_layout_as_transformers(janus_dir, return_tensors):
+    processor, model = ours(str(janus_dir))
+    ref_processor, _ = reference(str(janus_dir))
+    pixels = model.decode_image_tokens(torch.arange(2 * model.num_image_tokens).reshape(2, -1) % 7).float()
+    first = pixels.permute(0, 3, 1, 2)  # channels first, as transformers' decode_image_tokens gives them
+    got = processor.postprocess(list(first), return_tensors=return_tensors)["pixel_values"]
+    want = ref_processor.postprocess(list(first), return_tensors=return_tensors)["pixel_values"]
+    assert type(got) is type(want)
+    stacked = np.asarray(got if return_tensors else np.stack(got))
+    np.testing.assert_array_equal(stacked, np.asarray(want if return_tensors else np.stack(want)))
+    # channels last (vlmkit's decode_image_tokens, which transformers' postprocess cannot take): the same
+    # pixels, channels last
+    last = processor.postprocess(list(pixels), return_tensors=return_tensors)["pixel_values"]
+    np.testing.assert_array_equal(np.asarray(last if return_tensors else np.stack(last)), stacked.transpose(0, 2, 3, 1))

@@ -90,15 +90,17 @@ class JanusImageProcessor:
         """Generated images back to pixels: undo normalisation, scale to 0..255, clip, uint8.
 
         Takes tensors or arrays shaped [3, H, W] or [H, W, 3] (the transformers Janus example passes the
-        channels-last output of ``decode_image_tokens``), one or a list or a batch. With
-        ``return_tensors="PIL.Image.Image"`` the ``pixel_values`` are PIL images."""
+        channels-last output of ``decode_image_tokens``), one or a list or a batch, and gives them back in
+        that layout, as transformers does: a list, or with ``return_tensors`` "np"/"pt" one stacked array or
+        tensor; with ``return_tensors="PIL.Image.Image"`` the ``pixel_values`` are PIL images."""
         if isinstance(images, Image.Image) or (isinstance(images, list) and images and isinstance(images[0], Image.Image)):
             return {"pixel_values": images if isinstance(images, list) else [images]}
-        arrays = _as_hwc_list(images)
+        arrays, channels_first = _as_hwc_list(images)
         # the reference's arithmetic: un-normalise in float32 as (x + mean/std) * std, then
         # rescale in float64 -> float32, clip and truncate to uint8
         shift = np.asarray([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=np.float32)
         inverse_std = np.asarray([1 / s for s in self.image_std], dtype=np.float32)
+        as_pictures = return_tensors == "PIL.Image.Image" and self.do_normalize and self.do_rescale
         out = []
         for array in arrays:
             values = array.astype(np.float32)
@@ -107,23 +109,26 @@ class JanusImageProcessor:
             if self.do_rescale:
                 values = (values.astype(np.float64) * (1 / self.rescale_factor)).astype(np.float32)
                 values = values.clip(0, 255).astype(np.uint8)
-            out.append(Image.fromarray(values) if return_tensors == "PIL.Image.Image" else values)
-        if return_tensors == "pt":
-            out = torch.from_numpy(np.stack(out))
+            out.append(Image.fromarray(values) if as_pictures else values.transpose(2, 0, 1) if channels_first
+                       else values)
+        if return_tensors in ("np", "pt"):
+            out = np.stack(out) if return_tensors == "np" else torch.from_numpy(np.stack(out))
         return {"pixel_values": out}
 
 
-def _as_hwc_list(images) -> list[np.ndarray]:
+def _as_hwc_list(images) -> tuple[list[np.ndarray], bool]:
+    """The images as [H, W, C] arrays, and whether they came channels first (read from the first one, as
+    transformers' ``infer_channel_dimension_format``: a first axis of 1 or 3 is channels)."""
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         images = list(images)
     if not isinstance(images, (list, tuple)):
         images = [images]
-    arrays = []
+    arrays, channels_first = [], None
     for image in images:
         array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        if array.ndim != 3:
+        if array.ndim != 3 or (array.shape[0] not in (1, 3) and array.shape[-1] not in (1, 3)):
             raise InputError(f"postprocess takes images shaped [3, H, W] or [H, W, 3], got {array.shape}")
-        if array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-            array = array.transpose(1, 2, 0)
-        arrays.append(array)
-    return arrays
+        if channels_first is None:
+            channels_first = array.shape[0] in (1, 3)
+        arrays.append(array.transpose(1, 2, 0) if channels_first else array)
+    return arrays, bool(channels_first)

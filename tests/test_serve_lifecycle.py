@@ -46,6 +46,18 @@ def _serve_process(*args, env=None):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
+def _wait_until_healthy(process, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def test_a_model_that_fails_to_load_ends_the_server_with_status_1(tmp_path, caplog):
     config = ServeConfig(model=str(tmp_path / "missing"), port=free_port())
     assert run_server(config) == 1
@@ -57,15 +69,7 @@ def test_sigterm_finishes_in_flight_answers_refuses_new_ones_and_exits_0(janus_d
     url = f"http://127.0.0.1:{port}"
     process = _serve_process("--model", str(janus_dir), "--port", str(port), env={"VLMKIT_API_KEY": "k"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        _wait_until_healthy(process, url)
         # long enough to be in flight when uvicorn notices the signal (it looks every 0.1 s)
         body = {"messages": user("Tell me everything."), "max_tokens": 300, "ignore_eos": True, "temperature": 0,
                 "stream": True}
@@ -84,3 +88,29 @@ def test_sigterm_finishes_in_flight_answers_refuses_new_ones_and_exits_0(janus_d
     assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
     finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
     assert finish[-1] in ("stop", "length") and len(finish) > 1  # the answer ran to its end
+
+
+def test_answers_longer_than_the_shutdown_timeout_end_with_an_error_event_not_a_cut(janus_dir):
+    """Past --shutdown-timeout uvicorn cancels what still runs; just before, vlmkit ends those requests
+    itself, so a stream closes with an error event and [DONE] (it was cut mid-body, a traceback logged)."""
+    from vlmkit.builtin import builtin_model_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _serve_process("--model", builtin_model_path(), "--port", str(port), "--shutdown-timeout", "1")
+    try:
+        _wait_until_healthy(process, url)
+        body = {"messages": user("Tell me everything."), "max_tokens": 1000, "ignore_eos": True, "n": 8,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert rest[-1] == "data: [DONE]"
+    assert "shut down" in json.loads(rest[-2][6:])["error"]["message"]
+    assert "Traceback" not in process.stderr.read()

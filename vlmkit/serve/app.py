@@ -390,8 +390,21 @@ def run_server(config: ServeConfig, sock=None) -> int:
     sock = sock or listening_socket(config.host, config.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    server = uvicorn.Server(uvicorn_config(app, config))
     state: ServerState = app.state.vlmkit
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """On the first SIGTERM or Ctrl-C, a deadline: requests still running just before uvicorn would
+            cancel their tasks end as a 503, so a stream closes with an error event and [DONE] rather than
+            being cut mid-body."""
+            if not self.should_exit:
+                grace = config.shutdown_timeout_s
+                ending = threading.Timer(max(grace - 1.0, grace / 2), state.close)
+                ending.daemon = True
+                ending.start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn_config(app, config))
 
     def stop_after_failed_load() -> None:
         server.should_exit = True

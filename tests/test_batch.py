@@ -293,6 +293,17 @@ def test_output_paths_that_cannot_hold_results_are_refused_naming_output(tmp_pat
         assert message.startswith("vlmkit: error: ") and why in message and "--output" in message, message
     assert _batch(tmp_path, tmp_path, tmp_path / "out.jsonl") == 1
     assert "is a directory; give the batch JSONL file (--input)" in capsys.readouterr().err
+    assert _batch(tmp_path, source, "") == 1
+    assert "the output path is empty; give a file path for the results (--output)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, why", [("/dev/null", "'/dev/null' is not a regular file (a device, pipe or socket)"),
+                                         ("", "the input path is empty; give the batch JSONL file (--input)")])
+def test_an_input_that_is_not_a_regular_file_is_named_as_such(tmp_path, capsys, source, why):
+    assert _batch(tmp_path, source, tmp_path / "out.jsonl") == 1
+    message = capsys.readouterr().err
+    assert message.startswith("vlmkit: error: ") and why in message and "does not exist" not in message, message
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_lines_too_deep_with_huge_numbers_or_a_lone_surrogate_custom_id_are_refused(tmp_path, capsys):

@@ -49,6 +49,13 @@ def usage_error(capsys, *argv) -> str:
     (["chat", "--image", "/no/such/picture.png", "hi"], "argument --image: no such file: /no/such/picture.png"),
     (["chat", "--image", "/dev/zero", "hi"], "argument --image: /dev/zero is not a regular file"),
     (["chat", "--video", "/no/such/clip.mp4", "hi"], "argument --video: no such file: /no/such/clip.mp4"),
+    (["chat", "--image", "", "hi"], "argument --image: the path is empty; give a file path or URL"),
+    (["chat", "--video", "", "hi"], "argument --video: the path is empty"),
+    (["chat", "--model", "", "hi"], "argument --model/-m: the model is empty; give a checkpoint folder"),
+    (["chat", "-m", "  ", "hi"], "argument --model/-m: the model is empty"),
+    (["imagine", "-m", "", "a red circle"], "argument --model/-m: the model is empty"),
+    (["batch", "-m", "", "-i", "a", "-o", "b"], "argument --model/-m: the model is empty"),
+    (["serve", "--media-root", ""], "argument --media-root: the path is empty; give a folder"),
     (["chat"], "give a question, or -i for an interactive session"),
     (["chat", "   "], "give a question, or -i for an interactive session"),
     (["imagine", "a red circle", "--batch-size", "-2"], "argument --batch-size: must be 1 or more, got -2"),
@@ -151,3 +158,43 @@ def test_help_shows_the_defaults(capsys, command, shown):
     for default in shown:
         assert default in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notes.png", "not a readable video: FFmpeg cannot decode a frame of it"),  # text named like an image
+    ("still.png", "this is a still image, not a video (8 frames requested, it has 1); give it as an image"),
+    ("short.mp4", "8 frames requested but the video has only 3"),
+])
+def test_a_video_that_cannot_give_the_frames_is_refused_before_the_model_loads(
+        capsys, no_model_load, llava_onevision_dir, tmp_path, name, message):
+    from fixtures_llava import write_video
+    from PIL import Image
+    (tmp_path / "notes.png").write_text("hello, not a png\n")
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "still.png")
+    write_video(tmp_path / "short.mp4", num_frames=3)
+    assert main(["chat", "--model", str(llava_onevision_dir), "--video", str(tmp_path / name), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vlmkit: error: ") and message in err and "Traceback" not in err, err
+
+
+def test_llama_cpp_flags_without_quantize_or_a_build_are_named(tmp_path):
+    from vlmkit.bench.options import llama_cpp_problem
+    from vlmkit.bench.run import parse_args
+
+    assert "--llama-cpp only apply with --quantize" in llama_cpp_problem(parse_args(["--llama-cpp", str(tmp_path)]))
+    assert "--build-llama-cpp only apply with --quantize" in llama_cpp_problem(parse_args(["--build-llama-cpp"]))
+    assert "no such folder" in llama_cpp_problem(parse_args(["--quantize", "int8", "--llama-cpp", "/nonexistent"]))
+    problem = llama_cpp_problem(parse_args(["--quantize", "int8", "--llama-cpp", str(tmp_path)]))
+    assert "no build/bin/llama-bench and no convert_hf_to_gguf.py there" in problem
+    (tmp_path / "build" / "bin").mkdir(parents=True)
+    (tmp_path / "build" / "bin" / "llama-bench").write_text("")
+    (tmp_path / "convert_hf_to_gguf.py").write_text("")
+    assert llama_cpp_problem(parse_args(["--quantize", "int8", "--llama-cpp", str(tmp_path)])) is None
+    assert llama_cpp_problem(parse_args(["--quantize", "int8"])) is None
+
+
+def test_bench_refuses_llama_cpp_flags_it_would_ignore_before_measuring(capsys):
+    from vlmkit.cli import main
+
+    assert main(["bench", "--llama-cpp", "/nonexistent"]) == 2
+    assert "only apply with --quantize" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlmkit.errors import MediaError
 from vlmkit.io.media import MediaPolicy
-from vlmkit.io.video import load_video, sample_indices
+from vlmkit.io.video import check_video_file, load_video, sample_indices
 
 N, W, H = 30, 64, 48
 
@@ -231,6 +231,37 @@ def test_random_bytes_are_not_a_video(tmp_path):
     junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     with pytest.raises(MediaError, match="not a video"):
         load_video(junk, 2)
+
+
+def test_text_named_like_an_image_is_not_a_readable_video_whatever_the_frame_count(tmp_path):
+    # FFmpeg's image2 demuxer opens it by its name as a one-frame "video" it cannot decode
+    notes = tmp_path / "notes.png"
+    notes.write_text("hello, not a png\n")
+    for frames in (8, 1):
+        with pytest.raises(MediaError, match="not a readable video: FFmpeg cannot decode a frame of it") as caught:
+            load_video(notes, frames)
+        assert "frames requested" not in str(caught.value)
+        with pytest.raises(MediaError, match="not a readable video"):
+            check_video_file(notes, frames)
+
+
+def test_a_still_image_asked_for_frames_is_called_an_image(tmp_path):
+    Image.new("RGB", (16, 12), "red").save(tmp_path / "still.png")
+    with pytest.raises(MediaError, match="this is a still image, not a video .8 frames requested, it has 1.; give it "
+                                         "as an image"):
+        load_video(tmp_path / "still.png", 8)
+    assert load_video(tmp_path / "still.png", 1).shape == (1, 12, 16, 3)  # one frame is still fine
+
+
+def test_check_video_file_refuses_what_load_video_would_and_counts_frames(videos):
+    assert check_video_file(videos["clip.mp4"], 8) == N
+    assert check_video_file(videos["clip.mkv"]) == N  # counted from its packets
+    with pytest.raises(MediaError, match=f"{N + 1} frames requested but the video has only {N}"):
+        check_video_file(videos["clip.mp4"], N + 1)
+    with pytest.raises(MediaError, match="zero frames"):
+        check_video_file(videos["empty.avi"], 1)
+    with pytest.raises(MediaError, match="must be between 1 and max_frames=64"):
+        check_video_file(videos["clip.mp4"], 100)
 
 
 def test_truncated_videos_are_reported(videos):

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli_args import (DTYPES, HelpFormatter, device, existing_file, file_stem, guidance_scale, non_negative_float,
-                       non_negative_int, port, positive_int, probability, prompt_text, question_text, secret, seed)
+from .cli_args import (DTYPES, HelpFormatter, device, existing_file, file_stem, guidance_scale, model_source,
+                       non_negative_float, non_negative_int, port, positive_int, probability, prompt_text,
+                       question_text, secret, seed)
 from .errors import InputError, VlmkitError
 from .io.folders import writable_folder
 
@@ -35,8 +36,8 @@ def _is_builtin(model: str) -> bool:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", help="checkpoint folder or cached hub id (default: $VLMKIT_MODEL, "
-                                              "else the built-in model)")
+    parser.add_argument("--model", "-m", type=model_source,
+                        help="checkpoint folder or cached hub id (default: $VLMKIT_MODEL, else the built-in model)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype; auto: the checkpoint's")
     parser.add_argument("--device", type=device, default=None,
                         help="auto, cpu, cuda, cuda:N (default: cuda if available)")
@@ -57,6 +58,16 @@ def _takes_video(model: str) -> tuple[str, bool]:
     return model_type, "videos" in inspect.signature(processor_class.__call__).parameters
 
 
+def _check_videos(videos: list[str], frames: int) -> None:
+    """Each local --video read far enough (header, packets, one frame at most) that a file which is no
+    video, or has fewer than --frames frames, is refused before the model loads; URLs are fetched later."""
+    from .cli_args import is_url
+    from .io.video import check_video_file
+    for video in videos:
+        if not is_url(video):
+            check_video_file(video, frames)
+
+
 def cmd_chat(args) -> int:
     from .cli_chat import run_chat, warn_no_image
     if args.prompt is not None and not args.prompt.strip():
@@ -69,6 +80,7 @@ def cmd_chat(args) -> int:
         if not takes_video:
             args.parser.error(f"argument --video: {model_type} models cannot take video; use a LLaVA-OneVision "
                               f"checkpoint (--model), or give frames as --image")
+        _check_videos(args.video, args.frames)
     needs_image = _is_builtin(model)
     if needs_image and args.prompt and not args.image:
         warn_no_image("the built-in model")

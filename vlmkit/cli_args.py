@@ -142,6 +142,8 @@ def is_url(text: str) -> bool:
 
 def existing_file(text: str) -> str:
     """A path to a file that exists (URLs pass through: they are fetched when the model reads them)."""
+    if not text:  # Path("") is ".", a folder: say what is really wrong
+        raise argparse.ArgumentTypeError("the path is empty; give a file path or URL")
     if is_url(text):
         return text
     path = Path(text).expanduser()
@@ -195,8 +197,18 @@ def file_stem(text: str) -> str:
     return text
 
 
+def model_source(text: str) -> str:
+    """``--model``: a checkpoint folder or hub id, never empty (an empty one would quietly mean the default model)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the model is empty; give a checkpoint folder or a cached hub id, or leave "
+                                         "--model out for $VLMKIT_MODEL or the built-in model")
+    return text
+
+
 def existing_folder(text: str) -> str:
     """A folder that exists (``--media-root``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty; give a folder")
     path = Path(text).expanduser()
     if path.is_file():
         raise argparse.ArgumentTypeError(f"{text} is a file; give the folder local images are read from")

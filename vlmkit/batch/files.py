@@ -46,10 +46,15 @@ class InputSummary:
 def scan_input(path) -> InputSummary:
     """Check every line of an input file; raise ``BatchFileError`` listing the lines that cannot be run
     (not JSON, not an object, no ``custom_id``) and custom_ids used twice. Blank lines are skipped."""
+    if not str(path):  # Path("") is ".", a directory: say what is really wrong
+        raise BatchFileError("the input path is empty; give the batch JSONL file (--input)")
     path = Path(path)
     if path.is_dir():
         raise BatchFileError(f"the input {str(path)!r} is a directory; give the batch JSONL file (--input)")
     if not path.is_file():
+        if path.exists():  # a device, a pipe (<(...)), a socket: the file is read twice, checked then run
+            raise BatchFileError(f"the input {str(path)!r} is not a regular file (a device, pipe or socket); write "
+                                 f"the rows to a JSONL file and give that (--input)")
         raise BatchFileError(f"the input file {str(path)!r} does not exist")
     problems, seen, ids = [], {}, []
     with path.open("rb") as lines:
@@ -126,6 +131,9 @@ class ResultsFile:
     """The output of a batch job: open it (recovering after a kill), then append whole lines."""
 
     def __init__(self, path):
+        if not str(path):  # Path("") is ".", a directory: say what is really wrong
+            raise BatchFileError("the output path is empty; give a file path for the results (--output), e.g. "
+                                 "'results.jsonl'")
         self.path = Path(path)
         self._fd: int | None = None
 

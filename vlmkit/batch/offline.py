@@ -7,17 +7,23 @@ the model through the server's request path::
     print(outputs[0].outputs[0].text)
 
 Conversations are OpenAI chat messages; images as ``image_url`` parts (http(s) URLs, data: URIs, or
-local paths when the LLM was made with ``media_root``), or PIL images as vLLM's ``image_pil`` parts."""
+local paths when the LLM was made with ``media_root``), or PIL images (or numpy arrays / tensors) as
+vLLM's ``image_pil`` parts; a content part that is a plain string is a text part, as in vLLM.
+``sampling_params`` is a ``SamplingParams``, a dict of its fields, or a list of either (one per
+conversation). Every argument is checked before the model loads or a row runs: a bad one is an
+``InputError`` that names it."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import os
 from dataclasses import dataclass, field
 
-from ..errors import InputError, VlmkitError
+from ..errors import InputError, MediaError, VlmkitError
 from ..serve.config import ServeConfig, ServeLimits
-from .rows import BatchRequest, BatchWorker
+from .rows import BatchRequest, BatchWorker, check_concurrency
 
 
 @dataclass
@@ -88,34 +94,45 @@ class LLM:
 
     def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None, concurrency: int = 32,
                  limits: ServeLimits | dict | None = None, media_root: str | None = None, **settings):
-        if isinstance(limits, dict):
-            limits = ServeLimits(**limits)
-        config = ServeConfig(model=str(model), dtype=dtype, device=device, limits=limits or ServeLimits(),
-                             media_root=media_root, **settings)
+        # everything is checked here, before Engine.load spends seconds to minutes on the weights
+        if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+            raise InputError(f"model must be a checkpoint folder or a cached hub id, got {model!r}")
+        check_concurrency(concurrency)
+        unknown = sorted(set(settings) - _SETTINGS)
+        if unknown:
+            raise InputError(f"unknown LLM setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTINGS))}")
+        config = ServeConfig(model=str(model), dtype=dtype, device=device, limits=_serve_limits(limits),
+                             media_root=_media_root(media_root), **settings)
         self.worker = BatchWorker.load(config, concurrency)
+        self._closed = False
 
     @classmethod
     def from_engine(cls, engine, config: ServeConfig | None = None, concurrency: int = 32) -> "LLM":
         """An LLM over an already loaded ``Engine``."""
+        check_concurrency(concurrency)
         llm = cls.__new__(cls)
         llm.worker = BatchWorker(engine, config or ServeConfig(model="model"), concurrency)
+        llm._closed = False
         return llm
 
-    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+    def chat(self, messages, sampling_params: SamplingParams | dict | list[SamplingParams | dict] | None = None, *,
              use_tqdm: bool = True, add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict | None = None) -> list[ChatOutput]:
         """Answer one conversation (a list of messages) or many (a list of such lists), in order; the chat
         template options mean what they mean in vLLM's ``LLM.chat``. Raises ``InputError`` with the server's
         message for the first conversation that cannot be answered."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        self._check_open()
+        conversations = _conversations(messages)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(conversations)
         if len(params) != len(conversations):
             raise InputError(f"{len(params)} sampling_params for {len(conversations)} conversations; give one, or one "
                              f"per conversation")
+        params = [_sampling_params(p) for p in params]
         template = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                         chat_template_kwargs=chat_template_kwargs)
-        bodies = [{"messages": [_openai_message(m) for m in conversation], **(p or SamplingParams()).request_fields(),
-                   **template} for conversation, p in zip(conversations, params)]
+        bodies = [{"messages": [_openai_message(m, f"conversation {c}, message {i}")
+                                for i, m in enumerate(conversation)],
+                   **p.request_fields(), **template} for c, (conversation, p) in enumerate(zip(conversations, params))]
         outputs = []
         for index, body in enumerate(self._run("/v1/chat/completions", bodies, "conversation", use_tqdm)):
             choices = [CompletionOutput(c["index"], c["message"]["content"], c["finish_reason"])
@@ -130,7 +147,14 @@ class LLM:
         """``n`` PIL images per prompt (Janus), in order; ``seed`` makes each prompt's images repeatable."""
         from PIL import Image
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self._check_open()
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            shown = prompts if not isinstance(prompts, (list, tuple)) else \
+                next(p for p in prompts if not isinstance(p, str))
+            raise InputError(f"generate_images takes a prompt (str) or a list of prompts, got "
+                             f"{type(shown).__name__} {shown!r:.60}")
+        prompts = list(prompts)
         bodies = [dict(prompt=prompt, n=n, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
                        top_k=top_k, top_p=top_p) for prompt in prompts]
         results = self._run("/v1/images/generations", bodies, "prompt", use_tqdm)
@@ -138,8 +162,14 @@ class LLM:
                 for body in results]
 
     def close(self) -> None:
-        """Stop the model's worker thread."""
-        self.worker.close()
+        """Stop the model's worker thread; later calls to ``chat`` or ``generate_images`` are an ``InputError``."""
+        if not self._closed:
+            self._closed = True
+            self.worker.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("this LLM is closed (close() was called, or its with-block ended); make a new LLM")
 
     def __enter__(self) -> "LLM":
         return self
@@ -164,21 +194,132 @@ class LLM:
         return [body for _, body in results]
 
 
-def _openai_message(message: dict) -> dict:
-    """A message with PIL images (vLLM's ``image_pil`` parts, or ``image`` parts holding a PIL image)
-    turned into ``image_url`` parts with a PNG data URI, the form the request path takes."""
+_SETTINGS = {f.name for f in dataclasses.fields(ServeConfig)} - {"model", "dtype", "device", "limits", "media_root"}
+_LIMITS = [f.name for f in dataclasses.fields(ServeLimits)]
+_SAMPLING = [f.name for f in dataclasses.fields(SamplingParams)]
+_CHAT_TAKES = ("chat takes a conversation (a list of messages such as {'role': 'user', 'content': 'Hi'}) or a "
+               "list of conversations")
+
+
+def _serve_limits(limits) -> ServeLimits:
+    """``limits`` as ``ServeLimits``: a dict is checked key by key (each a whole number of at least 1)."""
+    if limits is None:
+        return ServeLimits()
+    if isinstance(limits, ServeLimits):
+        return limits
+    if not isinstance(limits, dict):
+        raise InputError(f"limits must be a ServeLimits or a dict of its fields, got {type(limits).__name__}")
+    unknown = sorted(set(limits) - set(_LIMITS), key=str)
+    if unknown:
+        raise InputError(f"unknown limit(s) {', '.join(map(repr, unknown))}; known: {', '.join(_LIMITS)}")
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"limits[{name!r}] must be a whole number of at least 1, got {value!r}")
+    return ServeLimits(**limits)
+
+
+def _media_root(media_root) -> str | None:
+    """An existing folder (as ``--media-root`` insists), or None."""
+    if media_root is None:
+        return None
+    from argparse import ArgumentTypeError
+
+    from ..cli_args import existing_folder
+
+    if not isinstance(media_root, (str, os.PathLike)) or not str(media_root):
+        raise InputError(f"media_root must be a folder path, got {media_root!r}")
+    try:
+        return existing_folder(os.fspath(media_root))
+    except ArgumentTypeError as err:
+        raise InputError(f"media_root: {err}") from None
+
+
+def _sampling_params(params) -> SamplingParams:
+    """A ``SamplingParams`` from itself, None (the defaults) or a dict of its fields (as ``SamplingParams(**d)``)."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        unknown = sorted(set(params) - set(_SAMPLING), key=str)
+        if unknown:
+            raise InputError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(_SAMPLING)}")
+        return SamplingParams(**params)
+    raise InputError(f"sampling_params must be a SamplingParams, a dict of its fields, or a list of them (one per "
+                     f"conversation), got {type(params).__name__}")
+
+
+def _conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or many (a list of such lists), as a list of conversations."""
+    if isinstance(messages, dict):
+        raise InputError(f"{_CHAT_TAKES}, got one message (a dict); wrap it in a list: [message]")
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        hint = "; for one question, pass [{'role': 'user', 'content': text}]" if isinstance(messages, str) else ""
+        raise InputError(f"{_CHAT_TAKES}, got {type(messages).__name__}{hint}")
+    messages = list(messages)
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    for c, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)):
+            hint = "; for questions, pass [{'role': 'user', 'content': text}] for each" \
+                if isinstance(conversation, str) else ""
+            raise InputError(f"{_CHAT_TAKES}: conversation {c} is of type {type(conversation).__name__}{hint}")
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict):
+                raise InputError(f"{_CHAT_TAKES}: conversation {c}, message {i} is of type {type(message).__name__}, "
+                                 f"not a dict with 'role' and 'content'")
+    return conversations
+
+
+def _openai_message(message: dict, where: str) -> dict:
+    """A message with PIL images (vLLM's ``image_pil`` parts, or ``image`` parts holding a PIL image, array
+    or tensor) turned into ``image_url`` parts with a PNG data URI, and plain-string parts into text parts
+    (as vLLM's chat parser reads them): the form the request path takes."""
     content = message.get("content")
     if not isinstance(content, list):
         return message
     parts = []
-    for part in content:
+    for k, part in enumerate(content):
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        if not isinstance(part, dict):
+            raise InputError(f"{where}, content part {k} is of type {type(part).__name__}; give a dict such as "
+                             f"{{'type': 'text', 'text': ...}} or a string")
         image = part.get("image_pil") if part.get("type") == "image_pil" else \
             part.get("image") if part.get("type") == "image" and not isinstance(part.get("image"), str) else None
-        parts.append({"type": "image_url", "image_url": {"url": _png_data_uri(image)}} if image is not None else part)
+        if part.get("type") == "image_pil" and image is None:
+            raise InputError(f"{where}, content part {k}: an image_pil part needs its image under 'image_pil'")
+        parts.append({"type": "image_url", "image_url": {"url": _png_data_uri(image, f"{where}, content part {k}")}}
+                     if image is not None else part)
     return {**message, "content": parts}
 
 
-def _png_data_uri(image) -> str:
+def _png_data_uri(image, where: str) -> str:
+    from PIL import Image
+
+    from ..io.media import is_tensor, load_image
+
+    if isinstance(image, (str, os.PathLike)):
+        raise InputError(f"{where}: an image_pil part takes a PIL image (or a numpy array or tensor), not a path "
+                         f"({str(image)!r:.80}); open it with PIL.Image.open, or send an image_url part with the "
+                         f"path and make the LLM with media_root")
+    if not isinstance(image, Image.Image):
+        import numpy as np
+
+        if not (isinstance(image, np.ndarray) or is_tensor(image)):
+            raise InputError(f"{where}: an image_pil part takes a PIL image (or a numpy array or tensor), got "
+                             f"{type(image).__name__}")
+        try:
+            image = load_image(image)  # HxW, HxWxC or CxHxW, as the processors take arrays
+        except MediaError as err:
+            raise InputError(f"{where}: {err}") from None
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # lossless: the model sees the same pixels
+    try:
+        image.save(buffer, format="PNG")  # lossless: the model sees the same pixels
+    except (OSError, ValueError, KeyError):  # a mode PNG cannot hold (CMYK, F): RGB as the processors convert it
+        from ..io.media import to_rgb
+
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from ..errors import InputError
 from ..serve.config import ServeConfig
 from .files import parse_line, row_custom_id
 
@@ -65,6 +66,12 @@ def read_requests(path, skip: set[str] = frozenset()) -> Iterator[BatchRequest]:
                     yield request
 
 
+def check_concurrency(concurrency) -> None:
+    """Refuse anything but a whole number of at least 1 rows in flight, with an ``InputError``."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise InputError(f"concurrency must be a whole number of at least 1, got {concurrency!r}")
+
+
 class BatchWorker:
     """A model behind the server's request handler and scheduler; ``run`` keeps ``concurrency`` rows in
     flight (each prepared on its own thread, as the server's worker threads do, then decoded in the
@@ -74,8 +81,7 @@ class BatchWorker:
         from ..serve.requests import RequestHandler
         from ..serve.scheduler import Scheduler
 
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        check_concurrency(concurrency)
         self.engine = engine
         self.config = config
         self.concurrency = concurrency
@@ -88,8 +94,9 @@ class BatchWorker:
 
     @classmethod
     def load(cls, config: ServeConfig, concurrency: int = 32) -> "BatchWorker":
-        """Load ``config.model`` and start a worker on it."""
+        """Load ``config.model`` and start a worker on it (a bad ``concurrency`` is refused before loading)."""
         from ..engine import Engine
+        check_concurrency(concurrency)
         engine = Engine.load(config.model, dtype=config.dtype, device=config.device, quantize=config.quantize)
         return cls(engine, config, concurrency)
 

@@ -51,3 +51,27 @@ def missing_extra(modules: list[str], why: str) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"vlmkit bench: {why} needs {module}: pip install 'vlmkit[{_EXTRAS[module]}]'"
     return None
+
+
+def llama_cpp_problem(args) -> str | None:
+    """The one-line error for ``--llama-cpp`` / ``--build-llama-cpp`` that would be ignored (no ``--quantize``:
+    llama.cpp's rows are in its table) or a ``--llama-cpp`` folder without a built llama.cpp, else None;
+    checked before the first measurement, not after the other variants' minutes of timing."""
+    from .llama_cpp import BENCH_BINARY
+
+    given = [flag for flag, value in (("--llama-cpp", getattr(args, "llama_cpp", None)),
+                                      ("--build-llama-cpp", getattr(args, "build_llama_cpp", False))) if value]
+    if given and not getattr(args, "quantize", None):
+        return (f"vlmkit bench: {' and '.join(given)} only apply with --quantize (llama.cpp's rows are in the "
+                f"quantized-weights table); add --quantize int8 (or all), or leave {' and '.join(given)} out")
+    tree = getattr(args, "llama_cpp", None)
+    if tree:
+        path = Path(tree).expanduser()
+        if not path.is_dir():
+            return (f"vlmkit bench: --llama-cpp {tree}: no such folder; give a llama.cpp source tree, or "
+                    f"--build-llama-cpp")
+        missing = [str(name) for name in (BENCH_BINARY, Path("convert_hf_to_gguf.py")) if not (path / name).is_file()]
+        if missing:
+            return (f"vlmkit bench: --llama-cpp {tree}: no {' and no '.join(missing)} there; build llama.cpp in it "
+                    f"(cmake -B build && cmake --build build --target llama-bench), or use --build-llama-cpp")
+    return None

@@ -30,7 +30,7 @@ from .checkpoints import checkpoint
 from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
 from .measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, pct_of_bound, peak_rss_in_child,
                       peak_rss_mb, timed)
-from .options import cache_folder, json_output, missing_extra
+from .options import cache_folder, json_output, llama_cpp_problem, missing_extra
 from .quantized import add_llama_cpp_arguments, quantize_variants
 from .report import metric, print_table
 
@@ -236,9 +236,9 @@ def main(argv=None) -> int:
     if missing:
         print(f"vlmkit bench: vlmkit has no {', '.join(missing)} yet", file=sys.stderr)
         return 2
-    extra = _missing_extra(args)
-    if extra:
-        print(extra, file=sys.stderr)
+    problem = _missing_extra(args) or llama_cpp_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
     started = time.perf_counter()

@@ -156,19 +156,49 @@ def _open(file, desc: str):
         raise MediaError(f"not a video, or a corrupt one ({e}): {desc}") from e
 
 
+def check_video_file(path, num_frames: int | None = None, *, fps: float | None = None, max_frames: int = 64,
+                     max_pixels_per_frame: int = 8_000_000) -> int:
+    """Raise ``MediaError`` now for whatever `load_video` would refuse about the local video at `path` with
+    these settings (not a video, no video stream, undecodable, too few frames, frames too large), reading
+    its header and packets and decoding at most one frame; returns its frame count. ``vlmkit chat`` calls
+    this before the model loads."""
+    desc = describe_source(path)
+    if num_frames is not None and not 1 <= num_frames <= max_frames:
+        raise MediaError(f"num_frames={num_frames} requested; it must be between 1 and max_frames={max_frames}")
+    av = _pyav()
+    try:
+        _, total = _sampled_indices(os.fspath(path), num_frames, fps, max_frames, max_pixels_per_frame, desc)
+    except av.FFmpegError as e:
+        raise MediaError(f"corrupt video, decoding failed ({e}): {desc}") from e
+    return total
+
+
+def _sampled_indices(file, num_frames, fps, max_frames, max_pixels, desc) -> tuple[np.ndarray, int]:
+    """The indices of the frames to keep and the frame count, from the container (decoding nothing, unless
+    its size is unknown); ``MediaError`` for a file that is no readable video or has too few frames."""
+    with _open(file, desc) as container:
+        if not container.streams.video:
+            raise MediaError(f"file has no video stream: {desc}")
+        stream = container.streams.video[0]
+        unsized = not (stream.width and stream.height)
+        still = container.format.name == "image2" or container.format.name.endswith("_pipe")  # PNG, JPEG...
+        _check_size(stream.height, stream.width, max_pixels, desc)
+        # The container's frame count, as transformers' PyAV reader uses; some formats (MKV, WebM) leave
+        # it 0, so count packets then: demuxing reads the file but decodes nothing.
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        video_fps = float(stream.average_rate) if stream.average_rate else None
+    if unsized:  # FFmpeg's probe found no frame size: most likely not a video at all (text named .png)
+        _check_decodable(file, desc)
+    if still and total == 1 and num_frames and num_frames > 1:
+        raise MediaError(f"this is a still image, not a video ({num_frames} frames requested, it has 1); give it "
+                         f"as an image (--image, an image part): {desc}")
+    return _select(total, num_frames, fps, max_frames, desc, video_fps), total
+
+
 def _decode(file, num_frames, fps, max_frames, max_pixels, desc) -> np.ndarray:
     av = _pyav()
     try:
-        with _open(file, desc) as container:
-            if not container.streams.video:
-                raise MediaError(f"file has no video stream: {desc}")
-            stream = container.streams.video[0]
-            _check_size(stream.height, stream.width, max_pixels, desc)
-            # The container's frame count, as transformers' PyAV reader uses; some formats (MKV, WebM) leave
-            # it 0, so count packets then: demuxing reads the file but decodes nothing.
-            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-            video_fps = float(stream.average_rate) if stream.average_rate else None
-        indices = _select(total, num_frames, fps, max_frames, desc, video_fps)
+        indices, total = _sampled_indices(file, num_frames, fps, max_frames, max_pixels, desc)
         frames, seen = [], 0
         with _open(file, desc) as container:  # a fresh open is simpler and surer than seeking back
             stream = container.streams.video[0]
@@ -186,3 +216,17 @@ def _decode(file, num_frames, fps, max_frames, max_pixels, desc) -> np.ndarray:
     if len({frame.shape for frame in frames}) > 1:
         raise MediaError(f"video frames change size mid-stream: {desc}")
     return np.stack(frames)
+
+
+def _check_decodable(file, desc: str) -> None:
+    """Decode the first frame, or raise ``MediaError`` saying the file is not a readable video (rather than
+    letting the frame count that such a file reports blame --frames)."""
+    av = _pyav()
+    with _open(file, desc) as container:
+        try:
+            next(container.decode(container.streams.video[0]))
+            return
+        except (av.FFmpegError, StopIteration) as e:
+            reason = f" ({e})" if str(e) else ""
+    raise MediaError(f"not a readable video: FFmpeg cannot decode a frame of it{reason}; give a video file "
+                     f"(mp4, webm, mkv, ...): {desc}")

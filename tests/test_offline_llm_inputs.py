@@ -1,0 +1,152 @@
+"""The offline ``vlmkit.LLM`` API refuses misuse with an ``InputError`` that names the problem and the fix,
+never an AttributeError or TypeError from deep inside: constructor arguments are checked before the model
+loads; ``chat`` takes a conversation or a list of them (a plain string is not one), string content parts
+are text parts (as in vLLM), ``image_pil`` parts take PIL images, arrays and tensors but not paths,
+``sampling_params`` may be a dict of ``SamplingParams`` fields, and a closed LLM says it is closed."""
+
+import numpy as np
+import pytest
+import torch
+from batch_support import serve_config
+from PIL import Image
+from serve_support import engine_for
+
+from vlmkit.batch import LLM, SamplingParams
+from vlmkit.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny model: one thread (conftest.py)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=2)
+# a checkpoint that does not exist: had the check come after loading, the error would name the checkpoint
+MISSING = "/nonexistent/vlmkit-checkpoint"
+
+
+@pytest.fixture(scope="module")
+def llm(janus_dir):
+    llm = LLM.from_engine(engine_for(janus_dir), serve_config(janus_dir), concurrency=2)
+    yield llm
+    llm.close()
+
+
+def ask(*parts) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(concurrency=0), ["concurrency", "at least 1", "0"]),
+    (dict(concurrency="4"), ["concurrency", "'4'"]),
+    (dict(limits={"bogus": 1}), ["unknown limit", "'bogus'", "max_images"]),
+    (dict(limits={"max_images": 0}), ["limits['max_images']", "at least 1"]),
+    (dict(limits="max_images=2"), ["limits must be a ServeLimits or a dict"]),
+    (dict(media_root="/nonexistent/media"), ["media_root", "no such folder", "/nonexistent/media"]),
+    (dict(media_root=__file__), ["media_root", "is a file"]),
+    (dict(bogus_setting=1), ["unknown LLM setting", "bogus_setting", "max_batch_rows"]),
+])
+def test_bad_constructor_arguments_are_refused_before_the_model_loads(kwargs, names):
+    with pytest.raises(InputError) as caught:
+        LLM(MISSING, **kwargs)
+    for name in names:
+        assert name in str(caught.value)
+    assert "checkpoint" not in str(caught.value)
+
+
+def test_an_empty_model_is_refused():
+    with pytest.raises(InputError, match="model must be a checkpoint folder"):
+        LLM("")
+
+
+@pytest.mark.parametrize("messages, names", [
+    ("hello", ["chat takes a conversation", "got str", "[{'role': 'user', 'content': text}]"]),
+    (["hello", "world"], ["chat takes a conversation", "conversation 0 is of type str"]),
+    ([[{"role": "user", "content": "hi"}, "oops"]], ["conversation 0, message 1 is of type str", "'role'"]),
+    (42, ["chat takes a conversation", "got int"]),
+    ({"role": "user", "content": "hi"}, ["got one message (a dict); wrap it in a list"]),
+    (ask({"type": "text", "text": "hi"}, 7), ["conversation 0, message 0, content part 1 is of type int"]),
+])
+def test_chat_refuses_what_is_not_a_conversation(llm, messages, names):
+    with pytest.raises(InputError) as caught:
+        llm.chat(messages, GREEDY, use_tqdm=False)
+    for name in names:
+        assert name in str(caught.value)
+
+
+def test_a_string_content_part_is_a_text_part_as_in_vllm(llm):
+    as_string = llm.chat(ask("Hi there"), GREEDY, use_tqdm=False)[0].text
+    as_part = llm.chat(ask({"type": "text", "text": "Hi there"}), GREEDY, use_tqdm=False)[0].text
+    assert as_string == as_part
+
+
+def test_image_pil_takes_arrays_and_tensors_as_the_same_pixels(llm):
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    answers = [llm.chat(ask({"type": "image_pil", "image_pil": image}, "What is this?"), GREEDY,
+                        use_tqdm=False)[0].text
+               for image in (Image.fromarray(pixels), pixels, torch.from_numpy(pixels).permute(2, 0, 1))]
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_image_pil_in_a_mode_png_cannot_hold_is_sent_as_rgb(llm):
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
+    rgb = cmyk.convert("RGB")
+    answers = [llm.chat(ask({"type": "image_pil", "image_pil": image}, "What is this?"), GREEDY,
+                        use_tqdm=False)[0].text for image in (cmyk, rgb)]
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("image, names", [
+    ("/tmp/picture.png", ["content part 0", "not a path", "'/tmp/picture.png'", "PIL.Image.open", "media_root"]),
+    (np.zeros((2, 3, 4, 5), np.uint8), ["content part 0", "(2, 3, 4, 5)", "is not an image"]),
+    (3.5, ["content part 0", "takes a PIL image", "got float"]),
+    (None, ["content part 0", "needs its image under 'image_pil'"]),
+])
+def test_image_pil_refuses_what_is_not_an_image(llm, image, names):
+    with pytest.raises(InputError) as caught:
+        llm.chat(ask({"type": "image_pil", "image_pil": image}, "What is this?"), GREEDY, use_tqdm=False)
+    for name in names:
+        assert name in str(caught.value)
+
+
+def test_sampling_params_may_be_a_dict_of_its_fields(llm):
+    as_dict = llm.chat(ask("Count"), {"temperature": 0, "max_tokens": 3}, use_tqdm=False)[0]
+    as_params = llm.chat(ask("Count"), SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    assert as_dict.text == as_params.text and as_dict.completion_tokens == as_params.completion_tokens
+    per_conversation = llm.chat([ask("Count"), ask("Count")], [{"temperature": 0, "max_tokens": 3}, as_params_of(3)],
+                                use_tqdm=False)
+    assert [o.text for o in per_conversation] == [as_params.text] * 2
+
+
+def as_params_of(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("params, names", [
+    ({"temprature": 0}, ["unknown sampling parameter", "'temprature'", "temperature"]),
+    (0.5, ["sampling_params must be a SamplingParams, a dict", "got float"]),
+])
+def test_bad_sampling_params_are_named(llm, params, names):
+    with pytest.raises(InputError) as caught:
+        llm.chat(ask("Hi"), params, use_tqdm=False)
+    for name in names:
+        assert name in str(caught.value)
+
+
+@pytest.mark.parametrize("prompts, shown", [(5, "got int 5"), (["a cat", None], "got NoneType None")])
+def test_generate_images_takes_prompts_only(llm, prompts, shown):
+    with pytest.raises(InputError, match="generate_images takes a prompt") as caught:
+        llm.generate_images(prompts, use_tqdm=False)
+    assert shown in str(caught.value)
+
+
+def test_a_closed_llm_says_so(janus_dir):
+    llm = LLM.from_engine(engine_for(janus_dir), serve_config(janus_dir), concurrency=1)
+    with llm:
+        assert llm.chat(ask("Hi"), GREEDY, use_tqdm=False)[0].completion_tokens >= 1
+    llm.close()  # twice is harmless
+    for call in (lambda: llm.chat(ask("Hi"), GREEDY, use_tqdm=False),
+                 lambda: llm.generate_images("a cat", use_tqdm=False)):
+        with pytest.raises(InputError, match="this LLM is closed"):
+            call()
+
+
+def test_from_engine_checks_concurrency(janus_dir):
+    with pytest.raises(InputError, match="concurrency must be a whole number of at least 1, got 0"):
+        LLM.from_engine(engine_for(janus_dir), serve_config(janus_dir), concurrency=0)

@@ -3,7 +3,6 @@ vocabulary, a mask of another length, NaN options, text with lone surrogates) is
 every family, before any decoding (torch's own errors come from deep inside the forward)."""
 
 import pytest
-import torch
 from quantization_support import FIXTURES, vlmkit_class
 
 from vlmkit import AutoProcessor, InputError

@@ -25,7 +25,7 @@ def _processor_class(folder) -> str | None:
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             processor_class = read_json(folder / name).get("processor_class")
-            if processor_class:
+            if isinstance(processor_class, str) and processor_class:
                 return processor_class
     return None
 
@@ -49,7 +49,7 @@ def _model_type(folder) -> str:
     if model_type == "multi_modality" and "gen_vision_config" not in config:
         raise CheckpointError(f"{folder} is a DeepSeek multi_modality checkpoint without image-generation sections "
                               "(JanusFlow or DeepSeek-VL v1?); vlmkit supports Janus and Janus-Pro only")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise CheckpointError(f"{folder}: unknown model type {model_type!r}; vlmkit supports "
                               f"{', '.join(sorted(FAMILIES))}")
     return model_type

@@ -225,7 +225,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .models.base import resolve_device
+    from .models.devices import resolve_device
     from .train import Interrupted, Recipe, train
     recipe = Recipe.from_file(args.config) if args.config else None
     if args.time_limit is not None and not args.time_limit > 0:

@@ -3,24 +3,101 @@ in them (``to_dict``, ``save_pretrained``, and a model's ``save_pretrained`` car
 
 import copy
 import json
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from .errors import CheckpointError
+
 T = TypeVar("T")
 
 
-def dataclass_from_dict(cls: type[T], values: dict | None, **overrides) -> T:
+def dataclass_from_dict(cls: type[T], values: dict | None, where: str | None = None, **overrides) -> T:
     """Build ``cls`` from ``values``: known keys become fields (None means "use the default"), unknown
-    keys are kept in the instance's ``extra`` dict instead of failing."""
+    keys are kept in the instance's ``extra`` dict instead of failing.
+
+    ``where`` (a file, or a section as "config.json: text_config"): the values come from a checkpoint file, so a value of the
+    wrong JSON type for its field (a string for an int, a list for a section) is a ``CheckpointError``
+    naming the key there, raised before any tensor is sized from it."""
+    if values is not None and not isinstance(values, dict):
+        raise CheckpointError(f"{where or cls.__name__} must be a JSON object ({{...}}), got "
+                              f"{json_type(values)} {_short(values)}; fix that section of the file")
     merged = {**(values or {}), **overrides}
     known = {f.name for f in fields(cls)} - {"extra"}
+    if where is not None:
+        check_field_types(cls, {k: v for k, v in merged.items() if k in known and v is not None}, where)
     instance = cls(**{k: v for k, v in merged.items() if k in known and v is not None})
     if "extra" in {f.name for f in fields(cls)}:
         instance.extra = {k: v for k, v in merged.items() if k not in known}
     return instance
+
+
+def check_field_types(cls, values: dict, where: str) -> None:
+    """Refuse a value whose JSON type does not fit the int/float/bool/str (or list of them, or a union of
+    those) annotation of ``cls``'s field of that name; fields of other types are not checked. The message
+    names the key as ``where.key`` and the type expected."""
+    annotations = {f.name: f.type for f in fields(cls)}
+    for key, value in values.items():
+        expected = annotations.get(key)
+        if expected is not None and value is not None and not _fits(value, expected):
+            raise CheckpointError(f"{key_name(where, key)} is {json_type(value)} {_short(value)}, but it must be "
+                                  f"{_describe(expected)}; fix the value in the file")
+
+
+def key_name(where: str, key: str) -> str:
+    """``key`` as found in ``where``: "config.json: vocab_size", "config.json: text_config.vocab_size"."""
+    return f"{where}: {key}" if where.endswith(".json") else f"{where}.{key}"
+
+
+def _fits(value, expected) -> bool:
+    if expected is bool:
+        return isinstance(value, bool) or value in (0, 1) and type(value) is int  # 0/1 as old configs write
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        options = [a for a in typing.get_args(expected) if a is not type(None)]
+        return any(_fits(value, a) for a in options) or not all(_checked(a) for a in options)
+    if typing.get_origin(expected) is list and typing.get_args(expected):
+        return isinstance(value, list) and all(_fits(v, typing.get_args(expected)[0]) for v in value)
+    return True  # dicts, bare lists, tuples, callables: not checked here
+
+
+def _checked(expected) -> bool:
+    return expected in (bool, int, float, str) or (typing.get_origin(expected) is list
+                                                   and bool(typing.get_args(expected)))
+
+
+def _describe(expected) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if expected in names:
+        return names[expected]
+    if typing.get_origin(expected) is list:
+        return f"a list of {_describe(typing.get_args(expected)[0]).removeprefix('a ').removeprefix('an ')}s"
+    options = [a for a in typing.get_args(expected) if a is not type(None)]
+    return " or ".join(_describe(a) for a in options) + (" (or null)" if type(None) in typing.get_args(expected)
+                                                          else "")
+
+
+def json_type(value) -> str:
+    """What JSON calls ``value``'s type, with its article ("a string", "a list")."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, list, dict)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class ConfigFile:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..configs import dataclass_from_dict
-from ..errors import InputError
+from ..configs import check_field_types, dataclass_from_dict
+from ..errors import CheckpointError, InputError
 from ..io.checkpoint import read_json
 
 # the seeds torch.Generator.manual_seed takes: any 64-bit value, signed or unsigned
@@ -112,9 +112,18 @@ class GenerationConfig:
         """``generation_config.json`` when present, over ``defaults`` (e.g. ids from the model config)."""
         values = dict(defaults)
         path = Path(folder) / "generation_config.json"
-        if path.is_file():
-            values.update({k: v for k, v in read_json(path).items() if v is not None})
-        return cls.from_dict(values)
+        if not path.exists():
+            return cls.from_dict(values)
+        read = {k: v for k, v in read_json(path).items() if v is not None}
+        known = {f.name for f in fields(cls)} - {"extra"}
+        # checked as they are read, so a bad file fails at load naming itself, not at the first generate
+        check_field_types(cls, {k: v for k, v in read.items() if k in known}, str(path))
+        config = cls.from_dict({**values, **read})
+        try:
+            config.validate()
+        except InputError as err:
+            raise CheckpointError(f"{path}: {err}; fix or remove that setting in the file") from None
+        return config
 
     def updated(self, **overrides) -> "GenerationConfig":
         """A copy with ``overrides`` applied; an unknown option is an error naming it."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from .mapped_safetensors import MappedSafetensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -92,13 +92,24 @@ def _model_folder(name_or_path, revision: str, cache_dir) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file, with a clear error when it is missing or malformed."""
+    """A JSON file holding an object (every checkpoint metadata file does), with a clear error when it is
+    missing, unreadable, malformed or holds another kind of value."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a file; put the checkpoint's {Path(path).name} there") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}; it must be a readable UTF-8 JSON file") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(values), "null")
+        raise CheckpointError(f"{path} holds {kind}, not a JSON object ({{...}}); replace it with the "
+                              f"checkpoint's own {Path(path).name}")
+    return values
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -106,7 +117,11 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; "
+                                      f"download the checkpoint again")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{folder} is incomplete: shard(s) {', '.join(missing)} listed in "
@@ -166,21 +181,47 @@ def _load_failure(err: Exception) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
+# the dtypes a model computes in; others (integer, float8, complex) cannot hold its activations
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def resolve_dtype(dtype, config: dict, files: list[Path] | None = None) -> torch.dtype:
     """A torch dtype from ``dtype``/``torch_dtype`` arguments: a dtype, a name, or "auto" (None means "auto",
     transformers 5's default). "auto" is what transformers' ``_get_dtype`` picks: the config's top-level
     ``dtype`` (``torch_dtype`` in older files), else the dtype the weights in ``files`` are stored in
-    (``stored_dtype``), else float32."""
+    (``stored_dtype``), else float32. Names are vlmkit's (``DTYPE_NAMES``) or torch's own attribute names
+    (``"float64"``), with or without ``"torch."`` in front (which transformers refuses); a dtype that no model
+    computes in (an integer one: use ``quantization_config`` for int8 weights) is an ``InputError``."""
     if dtype is None or dtype == "auto":
-        name = config.get("dtype") or config.get("torch_dtype")
-        if isinstance(name, str) and name in DTYPE_NAMES:
-            return DTYPE_NAMES[name]
-        return stored_dtype(files) if files else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
+        key = "dtype" if config.get("dtype") is not None else "torch_dtype"
+        name = config.get(key)
+        if name is None:
+            return stored_dtype(files) if files else torch.float32
+        found = _named_dtype(name)
+        if found is None:
+            raise CheckpointError(f"config.json: {key} is {name!r}, which names no torch dtype; it should be "
+                                  f"'bfloat16', 'float16' or 'float32' (or leave it out: the weights' own dtype is "
+                                  f"used)")
+        # a config naming an integer dtype (quantized exports do) loads in the dtype its weights are stored in
+        return found if found in COMPUTE_DTYPES else stored_dtype(files) if files else torch.float32
+    found = dtype if isinstance(dtype, torch.dtype) else _named_dtype(dtype)
+    if found is None or found not in COMPUTE_DTYPES:
+        what = "is not a dtype name" if found is None else "is not a floating dtype a model computes in"
+        raise InputError(f"dtype={dtype!r} {what}; use 'auto', torch.float32, torch.bfloat16, torch.float16 "
+                         f"(or their names: 'float32', 'bfloat16', 'float16', 'fp16', 'bf16'); for int8/int4 "
+                         f"weights pass quantization_config='int8' or 'int4' instead")
+    return found
+
+
+def _named_dtype(name) -> torch.dtype | None:
+    """The torch dtype a name means ("bf16", "bfloat16", "torch.bfloat16", "float64"), or None."""
+    if not isinstance(name, str):
+        return None
+    name = name.removeprefix("torch.")
+    if name in DTYPE_NAMES:
+        return DTYPE_NAMES[name]
+    found = getattr(torch, name, None)
+    return found if isinstance(found, torch.dtype) else None
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype:
@@ -215,7 +256,7 @@ def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, dev
     the weights is ever held. Returns the names of the model tensors that were missing."""
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, wrong_shape = [], []
+    unexpected, wrong_shape, wrong_dtype = [], [], []
     for name, load in iter_checkpoint_tensors(files):
         if any(re.search(p, name) for p in ignore):
             continue
@@ -227,11 +268,19 @@ def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, dev
             if tuple(tensor.shape) != tuple(expected[target].shape):
                 wrong_shape.append(f"{target}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[target].shape)}")
                 continue
+            if expected[target].is_floating_point() and not tensor.is_floating_point():
+                # an integer tensor cast to floats would load as garbage, and torch refuses it as a parameter
+                wrong_dtype.append(f"{name} is stored as {str(tensor.dtype).removeprefix('torch.')}")
+                continue
             tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             loaded[target] = tensor
     missing = sorted(set(expected) - set(loaded))
     required_missing = [m for m in missing if not any(re.search(p, m) for p in optional)]
     problems = []
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} tensors in an integer dtype where the model holds floating-point "
+                        f"weights (a quantized or corrupted export? save the weights as float16/bfloat16/float32): "
+                        + "; ".join(wrong_dtype[:10]))
     if wrong_shape:
         problems.append("wrongly shaped tensors: " + "; ".join(wrong_shape[:10]))
     if required_missing:

@@ -89,7 +89,13 @@ class Tokenizer:
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder} has no tokenizer.json; vlmkit needs the fast tokenizer file")
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises a bare Exception for every malformed file
+            raise CheckpointError(f"{folder / 'tokenizer.json'} cannot be read by the tokenizers library ("
+                                  f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}); the file is "
+                                  f"damaged or not a fast-tokenizer file: copy the checkpoint's tokenizer.json "
+                                  f"again") from None
         backend.no_padding()
         backend.no_truncation()
         tokenizer = cls(backend, {**config, **settings}, find_chat_template(folder, config))

@@ -16,6 +16,7 @@ from ..generation.prompt_cache import PromptCache
 from ..io.checkpoint import checkpoint_location, materialize, read_json, resolve_dtype
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
+from .devices import resolve_device
 
 
 class ModelOutput(FieldsOutput):
@@ -36,28 +37,6 @@ def kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     if isinstance(logits_to_keep, torch.Tensor):
         return hidden[:, logits_to_keep.to(hidden.device)]
     return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-
-
-def resolve_device(device_map=None, device=None) -> torch.device:
-    """One device from transformers-style ``device_map`` ("auto", "cpu", "cuda:0", {"": dev}) or ``device``;
-    neither given: the CPU, as transformers ("auto": CUDA when there is one)."""
-    choice = device if device is not None else device_map
-    if isinstance(choice, dict):
-        targets = set(map(str, choice.values()))
-        if len(targets) != 1:
-            raise InputError(f"device_map spreads the model over {sorted(targets)}; vlmkit places a model on one "
-                             f"device: pass device_map='auto', 'cpu' or 'cuda:N'")
-        choice = targets.pop()
-    if choice is None:
-        return torch.device("cpu")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(choice, int):
-        return torch.device("cuda", choice)
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {choice!r} asked for, but torch sees no CUDA device here")
-    return device
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -115,6 +94,8 @@ class PretrainedVLM(nn.Module):
         raw_config = read_json(folder / "config.json")
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
         config, layout = cls.config_from_folder(folder, raw_config)
+        if hasattr(config, "check_sizes"):
+            config.check_sizes()  # sizes the forward joins across sections, before any weight is read
         files = weight_files(folder)
         if unused.get("use_safetensors") and any(f.suffix != ".safetensors" for f in files):
             raise CheckpointError(f"use_safetensors=True, but {folder} holds its weights in .bin files only; "

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..configs import ConfigFile, dataclass_from_dict
+from ..configs import ConfigFile, dataclass_from_dict, key_name
 from ..errors import CheckpointError
 from .activations import get_activation
 from .attention import DecoderSelfAttention, causal_mask
@@ -58,20 +58,45 @@ class DecoderConfig(ConfigFile):
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, values: dict, **overrides) -> "DecoderConfig":
-        """Build from a ``text_config``/``language_config`` dict; unknown keys are kept in ``extra``."""
-        return dataclass_from_dict(cls, values, **overrides)
+    def from_dict(cls, values: dict, where: str | None = None, **overrides) -> "DecoderConfig":
+        """Build from a ``text_config``/``language_config`` dict; unknown keys are kept in ``extra``. With
+        ``where`` (the file and section the dict was read from) the values are checked as a checkpoint's:
+        JSON types and the sizes the attention needs, each error naming the key."""
+        config = dataclass_from_dict(cls, values, where, **overrides)
+        if where is not None:
+            config.check_sizes(where)
+        return config
+
+    def check_sizes(self, where: str) -> None:
+        """Refuse sizes the decoder cannot be built or run with (as transformers' modeling code would fail
+        on them at the first forward): positive widths and counts, and query heads that share the key/value
+        heads evenly (``repeat_kv``)."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise CheckpointError(f"{key_name(where, key)} is {value}; it must be at least 1")
+        if self.num_hidden_layers < 0:
+            raise CheckpointError(f"{key_name(where, 'num_hidden_layers')} is {self.num_hidden_layers}; it must be "
+                                  f"0 or more")
+        if self.num_attention_heads % self.kv_heads:
+            raise CheckpointError(f"{key_name(where, 'num_attention_heads')} ({self.num_attention_heads}) is not a "
+                                  f"multiple of {key_name(where, 'num_key_value_heads')} ({self.kv_heads}); each "
+                                  f"key/value head serves a whole group of query heads: fix one of the two in the file")
 
     @classmethod
-    def from_text_config(cls, values: dict | None, default_model_type: str) -> "DecoderConfig":
+    def from_text_config(cls, values: dict | None, default_model_type: str,
+                         where: str | None = "config.json: text_config") -> "DecoderConfig":
         """Build a composite config's ``text_config``: its ``model_type`` (``default_model_type`` when it names
         none, as transformers' ``SubConfigSpec``) picks the defaults of the keys it leaves out."""
+        if values is not None and not isinstance(values, dict):
+            dataclass_from_dict(cls, values, where)  # raises, naming the section
         values = dict(values or {})
         model_type = values.get("model_type") or default_model_type
-        if model_type not in TEXT_CONFIG_DEFAULTS:
+        if not isinstance(model_type, str) or model_type not in TEXT_CONFIG_DEFAULTS:
             raise CheckpointError(f"text_config model_type {model_type!r} is not supported; vlmkit runs the "
                                   f"{' and '.join(sorted(TEXT_CONFIG_DEFAULTS))} decoders")
-        config = cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type})
+        config = cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type}, where)
         config.refuse_sliding_window()
         return config
 

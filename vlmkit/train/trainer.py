@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..io.checkpoint import read_json
-from ..models.base import resolve_device
+from ..models.devices import resolve_device
 from .checkpoint import export_weights, save_training_state
 from .data import jsonl_source
 from .init import janus_config_dict, new_model

@@ -106,10 +106,12 @@ class IdeficsConfig(ConfigFile):
             raise CheckpointError(f"not an IDEFICS config (model_type {values.get('model_type')!r})")
         text_keys = {k: v for k, v in values.items() if k not in ("vision_config", "perceiver_config")}
         config = dataclass_from_dict(
-            cls, values,
-            text_config=DecoderConfig.from_dict({**IDEFICS_TEXT_DEFAULTS, **text_keys}),
-            vision_config=dataclass_from_dict(IdeficsVisionConfig, values.get("vision_config")),
-            perceiver_config=dataclass_from_dict(IdeficsPerceiverConfig, values.get("perceiver_config")),
+            cls, values, "config.json",
+            text_config=DecoderConfig.from_dict({**IDEFICS_TEXT_DEFAULTS, **text_keys}, "config.json"),
+            vision_config=dataclass_from_dict(IdeficsVisionConfig, values.get("vision_config"),
+                                              "config.json: vision_config"),
+            perceiver_config=dataclass_from_dict(IdeficsPerceiverConfig, values.get("perceiver_config"),
+                                                 "config.json: perceiver_config"),
         )
         config.validate()
         return config
@@ -129,6 +131,18 @@ class IdeficsConfig(ConfigFile):
             if unknown:
                 raise CheckpointError(f"{key} names unknown module type(s) {unknown}; "
                                       f"known: {list(FREEZE_EXCEPTION_NAMES)}")
+
+    def check_sizes(self) -> None:
+        """Refuse widths the reference's attention layers cannot split evenly over their heads (they raise
+        at construction; the cross-attention and resampler are sized from the tower's width, so those always
+        meet). Called when a model is built."""
+        for width_key, width, heads_key, heads in (
+                ("hidden_size", self.text_config.hidden_size, "num_attention_heads", self.text_config.num_attention_heads),
+                ("vision_config.embed_dim", self.vision_config.embed_dim, "vision_config.num_attention_heads",
+                 self.vision_config.num_attention_heads)):
+            if heads < 1 or width % heads:
+                raise CheckpointError(f"config.json: {width_key} ({width}) is not a multiple of {heads_key} "
+                                      f"({heads}); the attention splits the width evenly over its heads")
 
     @property
     def num_cross_layers(self) -> int:

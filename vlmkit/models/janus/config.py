@@ -81,12 +81,40 @@ class JanusConfig(ConfigFile):
         if values.get("model_type") != "janus":
             raise CheckpointError(f"not a Janus config (model_type {values.get('model_type')!r})")
         config = dataclass_from_dict(
-            cls, values,
+            cls, values, "config.json",
             text_config=DecoderConfig.from_text_config(values.get("text_config"), "llama"),
-            vision_config=dataclass_from_dict(JanusVisionConfig, values.get("vision_config")),
-            vq_config=dataclass_from_dict(JanusVQVAEConfig, values.get("vq_config")),
+            vision_config=dataclass_from_dict(JanusVisionConfig, values.get("vision_config"),
+                                              "config.json: vision_config"),
+            vq_config=dataclass_from_dict(JanusVQVAEConfig, values.get("vq_config"), "config.json: vq_config"),
         )
         return config
+
+    def check_sizes(self) -> None:
+        """Refuse sections whose sizes do not meet where the forward joins them (transformers' modeling
+        builds each part from its own section, so a checkpoint it saved can hold both): the aligners write
+        into the language model's embedding width and the generation head reads its hidden states. Called
+        when a model is built (reading the config alone, as ``AutoConfig``, refuses nothing of this).
+        ``_key_names``: how the file spells these keys, where it is not config.json's transformers layout."""
+        def name(key: str) -> str:
+            return getattr(self, "_key_names", {}).get(key) or f"config.json: {key}"
+        text = self.text_config.hidden_size
+        joins = [("vision_config.projection_dim", self.vision_config.projection_dim,
+                  "the vision aligner's output, written over the image placeholders' embeddings,"),
+                 ("vq_config.projection_dim", self.vq_config.projection_dim,
+                  "the generation aligner's output, the embeddings of generated image tokens,"),
+                 ("vq_config.image_token_embed_dim", self.vq_config.image_token_embed_dim,
+                  "the generation head's input, the language model's hidden states,")]
+        for key, size, role in joins:
+            if size != text:
+                raise CheckpointError(
+                    f"{name(key)} is {size} but {name('text_config.hidden_size')} is {text}; {role} must be as "
+                    f"wide as the language model. The config's sections (and weights built from them) do not "
+                    f"fit together: use the checkpoint's original config.json, or make the two sizes equal")
+        vision = self.vision_config
+        if vision.num_attention_heads < 1 or vision.hidden_size % vision.num_attention_heads:
+            raise CheckpointError(f"{name('vision_config.hidden_size')} ({vision.hidden_size}) is not a multiple of "
+                                  f"{name('vision_config.num_attention_heads')} ({vision.num_attention_heads}); "
+                                  f"the vision attention splits the width evenly over its heads")
 
     @property
     def num_patches_per_side(self) -> int:

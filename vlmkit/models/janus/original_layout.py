@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from ...configs import json_type
 from ...errors import CheckpointError
 from ...io.checkpoint import WeightLayout
 from ...io.tokenizer import added_token_id
@@ -23,7 +24,32 @@ SEPARATORS = ("\n\n", "<\uff5cend\u2581of\u2581sentence\uff5c>")
 
 
 def _params(config: dict, section: str) -> dict:
-    return (config.get(section) or {}).get("params") or {}
+    value = config.get(section) or {}
+    params = value.get("params") if isinstance(value, dict) else value
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"config.json: {section}.params must be a JSON object, got {json_type(params)}; "
+                              f"fix that section of the file")
+    return params or {}
+
+
+def _read(params: dict, section: str, key: str, default, kind: type = int):
+    """``params[key]`` (``default`` when absent), refused when it is not of ``kind``, naming the key."""
+    value = params.get(key, default)
+    if value is None:
+        return default
+    if not (isinstance(value, kind) or kind is float and isinstance(value, int)) or isinstance(value, bool):
+        raise CheckpointError(f"config.json: {section}.params.{key} is {json_type(value)} ({value!r}), but it "
+                              f"must be {'an integer' if kind is int else 'a number'}; fix the value in the file")
+    return value
+
+
+# where the original config.json holds the sizes JanusConfig.check_sizes compares
+ORIGINAL_KEY_NAMES = {"vision_config.projection_dim": "config.json: aligner_config.params.n_embed",
+                      "vq_config.projection_dim": "config.json: gen_aligner_config.params.n_embed",
+                      "vq_config.image_token_embed_dim": "config.json: gen_head_config.params.image_token_embed",
+                      "text_config.hidden_size": "config.json: language_config.hidden_size",
+                      "vision_config.hidden_size": "config.json: vision_config.params.width",
+                      "vision_config.num_attention_heads": "config.json: vision_config.params.heads"}
 
 
 def original_config_and_layout(folder, raw: dict) -> tuple[JanusConfig, WeightLayout]:
@@ -34,28 +60,36 @@ def original_config_and_layout(folder, raw: dict) -> tuple[JanusConfig, WeightLa
         raise CheckpointError(f"{folder}: a multi_modality config without {', '.join(missing)} is not Janus "
                               "(JanusFlow and DeepSeek-VL v1 share this model_type and are not supported)")
     vision, aligner = _params(raw, "vision_config"), _params(raw, "aligner_config")
-    width, layers, heads, patch, size = _SIGLIP_TOWERS.get(vision.get("model_name"),
+    width, layers, heads, patch, size = _SIGLIP_TOWERS.get(str(vision.get("model_name")),
                                                            _SIGLIP_TOWERS["siglip_large_patch16_384"])
+    v, a = "vision_config", "aligner_config"
     vision_config = JanusVisionConfig(
-        hidden_size=vision.get("width", width), num_hidden_layers=vision.get("layers", layers),
-        num_attention_heads=vision.get("heads", heads), patch_size=vision.get("patch_size", patch),
-        image_size=vision.get("image_size", size), mlp_ratio=vision.get("mlp_ratio", 4.0),
-        projection_dim=aligner.get("n_embed", 2048), depth=aligner.get("depth", 2))
+        hidden_size=_read(vision, v, "width", width), num_hidden_layers=_read(vision, v, "layers", layers),
+        num_attention_heads=_read(vision, v, "heads", heads), patch_size=_read(vision, v, "patch_size", patch),
+        image_size=_read(vision, v, "image_size", size), mlp_ratio=_read(vision, v, "mlp_ratio", 4.0, float),
+        projection_dim=_read(aligner, a, "n_embed", 2048), depth=_read(aligner, a, "depth", 2))
     vision_config.num_image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     vq, gen_aligner, gen_head = (_params(raw, s) for s in ("gen_vision_config", "gen_aligner_config",
                                                           "gen_head_config"))
+    q, ga, gh = "gen_vision_config", "gen_aligner_config", "gen_head_config"
+    multipliers = vq.get("encoder_ch_mult", [1, 1, 2, 2, 4])
+    if not isinstance(multipliers, list) or not all(isinstance(m, int) and m > 0 for m in multipliers):
+        raise CheckpointError(f"config.json: {q}.params.encoder_ch_mult must be a list of positive integers, got "
+                              f"{multipliers!r}; fix the value in the file")
     vq_config = JanusVQVAEConfig(
-        embed_dim=vq.get("n_embed", 8), num_embeddings=vq.get("image_token_size", 16384),
-        base_channels=vq.get("ch", 128), channel_multiplier=list(vq.get("encoder_ch_mult", [1, 1, 2, 2, 4])),
-        latent_channels=vq.get("z_channels", 256), num_res_blocks=vq.get("num_res_blocks", 2),
-        projection_dim=gen_aligner.get("n_embed", 2048), num_hidden_layers=gen_aligner.get("depth", 2),
-        image_token_embed_dim=gen_head.get("image_token_embed", 2048))
+        embed_dim=_read(vq, q, "n_embed", 8), num_embeddings=_read(vq, q, "image_token_size", 16384),
+        base_channels=_read(vq, q, "ch", 128), channel_multiplier=list(multipliers),
+        latent_channels=_read(vq, q, "z_channels", 256), num_res_blocks=_read(vq, q, "num_res_blocks", 2),
+        projection_dim=_read(gen_aligner, ga, "n_embed", 2048), num_hidden_layers=_read(gen_aligner, ga, "depth", 2),
+        image_token_embed_dim=_read(gen_head, gh, "image_token_embed", 2048))
     special = _special_token_ids(folder)
-    text_config = DecoderConfig.from_dict(raw["language_config"], model_type="llama", **special)
+    text_config = DecoderConfig.from_dict(raw["language_config"], "config.json: language_config", model_type="llama",
+                                          **special)
     image_token_id = added_token_id(folder, "<image_placeholder>")
     if image_token_id is None:
         raise CheckpointError(f"{folder}: the tokenizer has no <image_placeholder> token")
     config = JanusConfig(text_config, vision_config, vq_config, image_token_id=image_token_id)
+    config._key_names = ORIGINAL_KEY_NAMES  # what check_sizes calls these sizes
     return config, WeightLayout(rename_original_weight, ignore=(r"attn_pool\.", r"quantize\.codebook_used"),
                                 optional=(r"^lm_head\.weight$",))
 

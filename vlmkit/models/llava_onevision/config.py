@@ -71,10 +71,10 @@ class LlavaOnevisionConfig(ConfigFile):
         for alias, key in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
             if values.get(key) is None and values.get(alias) is not None:
                 values[key] = values.pop(alias)
-        text = values.get("text_config") or {}
         config = dataclass_from_dict(
-            cls, values,
-            text_config=DecoderConfig.from_text_config(text, "qwen2"),  # Qwen2: the reference's default backbone
+            cls, values, "config.json",
+            # Qwen2: the reference's default backbone
+            text_config=DecoderConfig.from_text_config(values.get("text_config"), "qwen2"),
             vision_config=_vision_config(values.get("vision_config")),
         )
         if config.vision_feature_select_strategy not in ("default", "full"):
@@ -82,6 +82,24 @@ class LlavaOnevisionConfig(ConfigFile):
                                   f"got {config.vision_feature_select_strategy!r}")
         parse_max_num_patches(config.vision_aspect_ratio)  # an unknown setting fails at load time
         return config
+
+    def check_sizes(self) -> None:
+        """Refuse settings the forward would fail on with the first image: the feature layers must be among
+        the tower's hidden states (its embeddings and one per layer, indexed from either end), and the tower's
+        width split evenly over its heads. (The projector is sized from both sides' widths, so those always
+        meet.) Called when a model is built."""
+        vision = self.vision_config
+        states = vision.num_hidden_layers + 1
+        outside = [layer for layer in self.feature_layers if not -states <= layer < states]
+        if outside:
+            raise CheckpointError(f"config.json: vision_feature_layer {self.vision_feature_layer} names hidden "
+                                  f"state(s) {outside} the tower does not have: with "
+                                  f"vision_config.num_hidden_layers {vision.num_hidden_layers} it has {states} "
+                                  f"(0..{states - 1}, or -1..-{states}); fix one of the two in the file")
+        if vision.num_attention_heads < 1 or vision.hidden_size % vision.num_attention_heads:
+            raise CheckpointError(f"config.json: vision_config.hidden_size ({vision.hidden_size}) is not a multiple "
+                                  f"of vision_config.num_attention_heads ({vision.num_attention_heads}); the "
+                                  f"vision attention splits the width evenly over its heads")
 
     @property
     def image_token_id(self) -> int:
@@ -107,13 +125,16 @@ class LlavaOnevisionConfig(ConfigFile):
 def _vision_config(values: dict | None) -> SiglipVisionConfig:
     """The tower's config as the reference builds it: none at all is ``ONEVISION_VISION_DEFAULTS``; a dict,
     even an empty one, is completed by SigLIP's own defaults."""
+    where = "config.json: vision_config"
     if values is None:
         return dataclass_from_dict(SiglipVisionConfig, ONEVISION_VISION_DEFAULTS)
+    if not isinstance(values, dict):
+        dataclass_from_dict(SiglipVisionConfig, values, where)  # raises, naming the section
     model_type = values.get("model_type") or "siglip_vision_model"
     if model_type != "siglip_vision_model":
         raise CheckpointError(f"vision_config model_type {model_type!r} is not supported; vlmkit runs "
                               "LLaVA-OneVision with its SigLIP tower ('siglip_vision_model')")
-    return dataclass_from_dict(SiglipVisionConfig, values)
+    return dataclass_from_dict(SiglipVisionConfig, values, where)
 
 
 def parse_max_num_patches(vision_aspect_ratio: str) -> int:

@@ -453,3 +453,20 @@ def test_a_processor_saved_before_its_model_keeps_its_edits(janus_dir, tmp_path)
     assert again.tokenizer.padding_side == "right" and again.chat_template == processor.chat_template
     reference = transformers.AutoProcessor.from_pretrained(str(tmp_path))
     assert reference.tokenizer.padding_side == "right" and reference.chat_template == processor.chat_template
+
+
+def test_a_janus_folder_without_processor_files_takes_the_vision_towers_size(janus_dir, tmp_path, sample_images):
+    """Without processor_config.json the class defaults (384 pixels, 576 image tokens) would not fit a
+    checkpoint of another size: the prompt outgrew the context or the features mismatched."""
+    import shutil
+
+    from vlmkit import JanusProcessor
+
+    folder = shutil.copytree(janus_dir, tmp_path / "no_processor_files")
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    full, bare = JanusProcessor.from_pretrained(janus_dir), JanusProcessor.from_pretrained(folder)
+    assert (bare.num_image_tokens, bare.image_processor.size) == (full.num_image_tokens, full.image_processor.size)
+    model = JanusForConditionalGeneration.from_pretrained(folder)
+    inputs = bare(text="<image_placeholder> What is it?", images=sample_images["square"])
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2

@@ -201,12 +201,18 @@ def test_markup_typed_by_the_user_stays_text(watched):
     assert page.locator("#messages b, #messages img").count() == 0
 
 
+def _draw(page, prompt: str, **fields) -> None:
+    """Ask the image tab for a picture as a person would: the prompt and the fields given, then Draw."""
+    page.click("#tab-images")
+    page.fill("#image-prompt", prompt)
+    for field, value in fields.items():
+        page.fill(f"#{field.replace('_', '-')}", value)
+    page.click("#draw")
+
+
 def test_the_image_tab_shows_partial_previews_then_the_picture_the_api_draws(watched, server):
     page = watched.page
-    page.click("#tab-images")
-    page.fill("#image-prompt", "a red circle on the left")
-    page.fill("#seed", "3")
-    page.click("#draw")
+    _draw(page, "a red circle on the left", seed="3")
     page.wait_for_selector("#gallery img[data-final]")
     final = page.locator("#gallery img")
     assert final.get_attribute("data-previews") == "3"
@@ -254,13 +260,8 @@ def test_a_screenshot_of_an_answered_picture_is_kept_for_the_docs(watched, artif
 
 def test_any_temperature_and_guidance_typed_are_sent(watched, server):
     page = watched.page
-    page.click("#tab-images")
-    page.fill("#image-prompt", "a red circle on the left")
-    page.fill("#image-temperature", "0.7")  # neither is a multiple of a step from the field's minimum
-    page.fill("#guidance", "1.25")
-    page.fill("#seed", "3")
-    with page.expect_request("**/v1/images/generations") as sent:
-        page.click("#draw")
+    with page.expect_request("**/v1/images/generations") as sent:  # neither is a multiple of the old steps
+        _draw(page, "a red circle on the left", image_temperature="0.7", guidance="1.25", seed="3")
     body = sent.value.post_data_json
     assert (body["temperature"], body["guidance_scale"]) == (0.7, 1.25)
     page.wait_for_selector("#gallery img[data-final]")
@@ -276,17 +277,13 @@ def test_pictures_stopped_or_refused_do_not_stay_drawing(watched, server, monkey
 
     monkeypatch.setattr(image_step, "guided_image_token", slowly)
     page = watched.page
-    page.click("#tab-images")
-    page.fill("#image-prompt", "a big blue square")
-    page.fill("#image-n", "2")
-    page.click("#draw")
+    _draw(page, "a big blue square", image_n="2")
     page.wait_for_selector("#gallery img[data-previews]")
     page.click("#stop-drawing")
     page.wait_for_selector("#draw:enabled")
     captions = page.locator("#gallery figcaption span").all_text_contents()
     assert captions and "drawing…" not in captions and "stopped" in captions
-    page.fill("#image-prompt", "word " * 5000)  # longer than the model's context: a 400
-    page.click("#draw")
+    _draw(page, "word " * 5000)  # longer than the model's context: a 400
     page.wait_for_selector("#error:visible")
     assert page.locator("#gallery figure").count() == len(captions)  # the refused request left no figure
     # the refused request is the page's own 400, which the browser reports on the console

@@ -403,12 +403,21 @@ class Tokenizer:
                                     **{**self.special_tokens_map, **variables}) for i, c in enumerate(conversations)]
 
 
-def _refuse_surrogates(text: str) -> None:
+def unpaired_surrogate(text: str) -> str | None:
+    """Where ``text`` holds an unpaired surrogate (so it is not Unicode text and cannot be encoded), as a
+    phrase for an error; None when it holds none."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise InputError(f"the text holds an unpaired surrogate ({text[err.start]!r} at character {err.start}), "
-                         f"which is not Unicode text; decode its bytes with errors='replace' first") from None
+        return f"an unpaired surrogate ({text[err.start]!r} at character {err.start})"
+    return None
+
+
+def _refuse_surrogates(text: str) -> None:
+    problem = unpaired_surrogate(text)
+    if problem:
+        raise InputError(f"the text holds {problem}, which is not Unicode text; decode its bytes with "
+                         f"errors='replace' first")
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -19,6 +19,7 @@ from ..generation.config import SEED_RANGE
 from ..generation.grammar import json_constraint
 from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..generation.sampling import GREEDY_BELOW
+from ..io.tokenizer import unpaired_surrogate
 
 
 def _nullable_defaults(schema: dict, model) -> None:
@@ -48,11 +49,9 @@ class _Request(BaseModel):
 
 
 def _valid_unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"the text holds an unpaired surrogate ({text[err.start]!r} at character {err.start}); "
-                         f"send valid Unicode text") from None
+    problem = unpaired_surrogate(text)
+    if problem:
+        raise ValueError(f"the text holds {problem}; send valid Unicode text")
     return text
 
 

@@ -339,8 +339,8 @@ class Tokenizer:
             ids = [ids]
         if ids and isinstance(ids[0], list):
             return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
-        if any(not 0 <= i < 2**32 for i in ids):  # (the tokenizers library takes unsigned 32-bit ids)
-            raise InputError(f"token ids are whole numbers from 0, got {min(ids)}")
+        if ids and (min(ids) < 0 or max(ids) >= 2**32):  # (the tokenizers library takes unsigned 32-bit ids)
+            raise InputError(f"token ids are whole numbers from 0 to 2**32 - 1, got {min(ids)} to {max(ids)}")
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces

@@ -174,3 +174,16 @@ def test_a_rope_type_vlmkit_does_not_compute_is_a_checkpoint_error_at_load(llava
 def test_a_scaled_rope_missing_its_factor_is_named():
     with pytest.raises(CheckpointError, match="'dynamic' needs 'factor'"):
         DecoderConfig.from_text_config(_text_config({"rope_type": "dynamic"}), "qwen2").rope
+
+
+@pytest.mark.parametrize("text_config,named", [
+    ({"rope_theta": "10000"}, "rope_theta"), ({"rope_scaling": "linear"}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                          "beta_fast": "32"}}, "beta_fast")])
+def test_rope_settings_of_the_wrong_type_are_refused_naming_the_key(text_config, named):
+    from vlmkit.nn.rotary import rope_settings
+
+    with pytest.raises(CheckpointError, match=named):
+        rope_settings({"max_position_embeddings": 128, **text_config})

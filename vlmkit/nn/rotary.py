@@ -19,8 +19,18 @@ def rope_settings(config: dict) -> tuple[float, dict]:
     ``convert_rope_params_to_dict`` / ``standardize_rope_params`` read it: transformers 4's ``rope_scaling``
     (``type`` for ``rope_type``) wins over ``rope_parameters``; theta comes from that dict, else
     ``rope_theta``, else 10000. A rope type vlmkit does not compute is a CheckpointError here, at load."""
-    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    given = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(given, dict):
+        raise CheckpointError(f"the text config's rope_scaling / rope_parameters must be a JSON object, got "
+                              f"{given!r:.60}; fix it in config.json")
+    scaling = dict(given)
     theta = scaling.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    for key, value in (("rope_theta", theta), *((k, scaling.get(k)) for k in _NUMERIC_KEYS)):
+        positive = key in ("rope_theta", "factor", "original_max_position_embeddings")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0 or (positive and value == 0)):
+            raise CheckpointError(f"the text config's {key} must be a {'positive' if positive else 'non-negative'} "
+                                  f"number, got {value!r:.60}; fix it in config.json")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     scaling["rope_type"] = rope_type
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -52,6 +62,9 @@ def context_length(max_position_embeddings: int, scaling: dict) -> int:
     return max_position_embeddings
 
 
+# the rope settings that are numbers (transformers' RopeParameters), checked at load rather than inside torch
+_NUMERIC_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                 "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
 _REQUIRED_KEYS = {"linear": ("factor",), "dynamic": ("factor", "max_position_embeddings"),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                   "yarn": ("original_max_position_embeddings",)}

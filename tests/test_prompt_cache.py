@@ -4,7 +4,7 @@ prefill generates."""
 
 import pytest
 import torch
-from janus_reference import chat_inputs
+from janus_reference import chat_inputs, ours
 
 from vlmkit.generation.prompt_cache import PromptCache, common_prefix_length
 
@@ -54,15 +54,25 @@ def test_janus_second_question_about_an_image_skips_tower_and_shared_prefix(janu
 def test_janus_prefill_logits_with_a_reused_prefix_match_a_full_prefill(janus, sample_images):
     processor, model = janus
     inputs = chat_inputs(processor, _question(sample_images["wide"], "What is on the left?"))
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    positions = torch.arange(ids.shape[1])[None]
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    longer = torch.cat([ids, ids[:, -3:]], dim=1)  # the prompt, and three tokens on: the first is reused
+
+    def prefill(prompt):
+        cache = model.new_cache(1, prompt.shape[1] + 1)
+        return model.prefill(prompt, torch.ones_like(prompt), torch.arange(prompt.shape[1])[None], cache,
+                             pixel_values=pixels)
+
     with torch.no_grad():
-        logits = []
-        for _ in range(2):  # the second prefill reuses all but the last position of the first
-            cache = model.new_cache(1, ids.shape[1] + 1)
-            logits.append(model.prefill(ids, mask, positions, cache, pixel_values=inputs["pixel_values"]))
-    assert model.prompt_cache.reused_tokens == ids.shape[1] - 1
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+        prefill(ids)
+        reused = model.prompt_cache.reused_tokens
+        cached = prefill(longer)
+        assert model.prompt_cache.reused_tokens == reused + ids.shape[1]
+        model.prompt_cache.max_entries = 0
+        try:
+            full = prefill(longer)
+        finally:
+            model.prompt_cache.max_entries = 8
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
 def test_janus_other_image_same_text_reuses_nothing(janus, sample_images):
@@ -127,15 +137,34 @@ def test_next_chat_turn_replaces_the_turn_it_extends():
     cache, model = PromptCache(max_entries=4), torch.nn.Linear(1, 1)
     kv = KVCache(2, 1, 1, 4, 16, torch.float32, torch.device("cpu"))
     kv.keys.normal_()
-    cache.store(model, torch.arange(5)[None], b"", kv)
-    cache.store(model, torch.arange(9)[None], b"", kv)  # the same conversation, one turn on
-    cache.store(model, torch.tensor([[7, 7, 7]]), b"", kv)
+    logits = torch.zeros(1, 10)
+    cache.store(model, torch.arange(5)[None], b"", kv, logits)
+    cache.store(model, torch.arange(9)[None], b"", kv, logits)  # the same conversation, one turn on
+    cache.store(model, torch.tensor([[7, 7, 7]]), b"", kv, logits)
     assert len(cache) == 2
     fresh = KVCache(2, 1, 1, 4, 16, torch.float32, torch.device("cpu"))
-    length, source = cache.restore(model, torch.arange(12)[None], b"", fresh)
-    assert length == 9 and source.tolist() == list(range(9))
+    length, source, whole = cache.restore(model, torch.arange(12)[None], b"", fresh)
+    assert length == 9 and source.tolist() == list(range(9)) and whole is None
     assert torch.equal(fresh.keys[:, :, :, :9], kv.keys[:, :, :, :9])
     assert cache.restore(model, torch.arange(12)[None], b"other media", fresh)[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_same_prompt_again_answers_exactly_as_the_first_time(janus_dir, sample_images, dtype):
+    """A repeated request takes its prompt's keys/values and last logits as they were: recomputing the last
+    position alone rounds otherwise (in bfloat16 enough to change a greedy answer)."""
+    from vlmkit import JanusForConditionalGeneration
+
+    processor, _ = ours(str(janus_dir))
+    model = JanusForConditionalGeneration.from_pretrained(janus_dir, dtype=dtype)
+    inputs = chat_inputs(processor, _question(sample_images["square"], "What is in the middle?"))
+    options = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    first = model.generate(**inputs, **options)
+    reused = model.prompt_cache.reused_tokens
+    again = model.generate(**inputs, **options)
+    assert model.prompt_cache.reused_tokens == reused + inputs["input_ids"].shape[1]  # the whole prompt
+    assert torch.equal(again.sequences, first.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(again.scores, first.scores))
 
 
 def test_a_stored_prompt_is_a_view_of_its_requests_cache_which_decoding_leaves_intact(janus, sample_images):

@@ -20,13 +20,16 @@ LONG_PREFILL_ROWS = 256
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
             cache, **model_inputs) -> torch.Tensor:
     """Run the prompt ``input_ids`` [B, T] (with its media) into the empty ``cache``; the last position's
-    logits [B, V]. A prefix the prompt cache holds for the same media is restored instead of recomputed."""
+    logits [B, V]. A prefix the prompt cache holds for the same media is restored instead of recomputed (the
+    whole prompt, with its logits, when it is one the cache holds)."""
     prompt_cache = model.prompt_cache
     use_prompt_cache = prompt_cache.applies(input_ids, attention_mask, cache)
     start, reused_ids = 0, None
     if use_prompt_cache:
         media = media_digest(model_inputs)
-        start, reused_ids = prompt_cache.restore(model, input_ids, media, cache)
+        start, reused_ids, logits = prompt_cache.restore(model, input_ids, media, cache)
+        if logits is not None:  # this very prompt again: as it was the first time
+            return logits
     if start and _media_all_reused(model, input_ids, start, reused_ids):
         embeds = model.text_model.embed_tokens(input_ids[:, start:])  # no media features needed
     else:
@@ -37,9 +40,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         # a long prefill's activations are free now; glibc would keep them resident through the whole
         # decode (Janus-Pro-1B, one image: ~180 MB)
         return_freed_memory()
+    logits = model.lm_logits(hidden[:, -1])
     if use_prompt_cache:
-        prompt_cache.store(model, input_ids, media, cache)
-    return model.lm_logits(hidden[:, -1])
+        prompt_cache.store(model, input_ids, media, cache, logits)
+    return logits
 
 
 def decode_one_token(model, token_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -7,10 +7,11 @@ and, when no media placeholder is left in the rest of the prompt, the vision tow
 
 Entries are keyed by a hash of every media tensor of the request (pixels, image sizes...) and hold the
 prompt's token ids with its keys/values; a prompt reuses the longest common token prefix of an entry
-with the same media, always recomputing at least its last token (whose logits start generation).
-Only single, unpadded prompts take part (that is what a chat turn or a server request prefills). The
-cache empties itself when the model's weights change; results equal a full prefill up to the rounding
-of a differently shaped matmul."""
+with the same media, recomputing the rest. A prompt an entry holds whole (the same request again) takes
+its keys/values and its last position's logits as they were, so it answers exactly as the first time
+did, in any dtype. Only single, unpadded prompts take part (that is what a chat turn or a server request
+prefills). The cache empties itself when the model's weights change; a prompt that reuses part of an
+entry gets the results of a full prefill up to the rounding of a differently shaped matmul."""
 
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class _Entry:
     token_ids: torch.Tensor  # [T] on the CPU
     keys: torch.Tensor  # [layers, kv_heads, T, head_dim]: a view of the request's own KV cache
     values: torch.Tensor
+    last_logits: torch.Tensor  # [V]: what the prompt's last position gave
 
     @property
     def nbytes(self) -> int:
@@ -74,19 +76,22 @@ class PromptCache:
                 and (attention_mask is None or bool(attention_mask.all())))
 
     def restore(self, model: nn.Module, input_ids: torch.Tensor, media: bytes,
-                cache: KVCache) -> tuple[int, torch.Tensor | None]:
+                cache: KVCache) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """Copy the longest reusable prefix of ``input_ids`` [1, T] into the empty ``cache``; returns how
-        many positions it holds now (0: nothing reusable) and the token ids of the prompt they came from."""
+        many positions it holds now (0: nothing reusable), the token ids of the prompt they came from, and,
+        when that prompt was this one whole, its last position's logits [1, V] (nothing is left to run)."""
         self._drop_if_weights_changed(model)
         ids = input_ids[0].cpu()
         best, best_length = None, 0
         for (entry_media, _), entry in self._entries.items():
             if entry_media == media and entry.keys.dtype == cache.keys.dtype and entry.keys.device == cache.keys.device:
-                length = min(common_prefix_length(entry.token_ids, ids), len(ids) - 1, cache.max_len)
+                whole = len(entry.token_ids) == len(ids) and torch.equal(entry.token_ids, ids)
+                length = min(len(ids) if whole else min(common_prefix_length(entry.token_ids, ids), len(ids) - 1),
+                             cache.max_len)
                 if length > best_length:
                     best, best_length = entry, length
         if best is None:
-            return 0, None
+            return 0, None, None
         cache.keys[:, 0, :, :best_length] = best.keys[:, :, :best_length]
         cache.values[:, 0, :, :best_length] = best.values[:, :, :best_length]
         cache.key_mask[0, :best_length] = True
@@ -96,16 +101,20 @@ class PromptCache:
             if entry is best:
                 self._entries.move_to_end(key)
                 break
-        return best_length, best.token_ids
+        logits = best.last_logits[None].clone() if best_length == len(ids) else None
+        return best_length, best.token_ids, logits
 
-    def store(self, model: nn.Module, input_ids: torch.Tensor, media: bytes, cache: KVCache) -> None:
-        """Remember the prompt ``input_ids`` [1, T] whose keys/values ``cache`` now holds."""
+    def store(self, model: nn.Module, input_ids: torch.Tensor, media: bytes, cache: KVCache,
+              last_logits: torch.Tensor) -> None:
+        """Remember the prompt ``input_ids`` [1, T] whose keys/values ``cache`` now holds, and the logits
+        [1, V] its last position gave."""
         self._drop_if_weights_changed(model)
         length = input_ids.shape[1]
         # views, not copies: nothing writes a cache's positions before its length again (decoding appends;
         # beams and the server's batches index rows into new tensors), and a 118 MB copy of a Janus-Pro-1B
         # image prompt cost ~70 ms of its first token, mostly faulting in fresh pages
-        entry = _Entry(input_ids[0].cpu().clone(), cache.keys[:, 0, :, :length], cache.values[:, 0, :, :length])
+        entry = _Entry(input_ids[0].cpu().clone(), cache.keys[:, 0, :, :length], cache.values[:, 0, :, :length],
+                       last_logits[0].detach().clone())
         if entry.nbytes > self.max_bytes:
             return
         # a prompt that extends a stored one (the next chat turn) replaces it

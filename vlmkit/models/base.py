@@ -17,6 +17,7 @@ from ..io.checkpoint import checkpoint_location, materialize, read_json, resolve
 from ..io.memory import keep_freed_blocks_for_reuse, move_to_huge_pages
 from ..nn.layers import prepare_for_decoding
 from .devices import resolve_device
+from .fine_tuning import FineTuningMethods
 
 
 class ModelOutput(FieldsOutput):
@@ -40,11 +41,18 @@ def kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, num_items_in_batch=None) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts label t+1; ``ignore_index`` labels are skipped.
-    ``weights`` (one per label, [B, T]) make it a weighted mean over the labels that count."""
+    ``weights`` (one per label, [B, T]) make it a weighted mean over the labels that count.
+    ``num_items_in_batch`` (what transformers' Trainer passes under gradient accumulation): the sum over
+    this batch's labels divided by the labels of all the accumulated batches, as transformers' loss does."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)
+    if weights is None and num_items_in_batch is not None:
+        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index,
+                                 reduction="sum")
+        return summed / (num_items_in_batch.to(summed.device) if torch.is_tensor(num_items_in_batch)
+                         else num_items_in_batch)
     if weights is None:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
     losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
@@ -61,7 +69,7 @@ def _inputs_follow_the_model(model, args, kwargs):
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
-class PretrainedVLM(nn.Module):
+class PretrainedVLM(FineTuningMethods, nn.Module):
     """Base of the families' top-level classes. A family provides ``config_from_folder`` (returns its
     config and the weight-name mapping for that layout), ``__init__(config)``, the text decoder as
     ``text_model``, ``lm_logits(hidden)`` and ``embed_inputs(input_ids, **model_inputs)``."""
@@ -159,37 +167,6 @@ class PretrainedVLM(nn.Module):
         """Bytes the parameters (and buffers) take, as transformers' ``get_memory_footprint``."""
         tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
         return sum(t.nelement() * t.element_size() for t in tensors)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder layer's activations in the backward pass instead of keeping them (training
-        with less memory; the gradients are the same). Only in train mode, with gradients on."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.pop("use_reentrant", False):
-            raise InputError("gradient_checkpointing_kwargs: vlmkit checkpoints without reentrant autograd "
-                             "(use_reentrant=False); leave use_reentrant out")
-        if kwargs:
-            raise InputError(f"gradient_checkpointing_kwargs: {sorted(kwargs)} are not supported")
-        self.text_model.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.text_model.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.text_model.gradient_checkpointing
-
-    def enable_input_require_grads(self) -> None:
-        """Make the token embeddings' output require gradients, so gradient checkpointing and adapters train
-        with the embeddings frozen (transformers' ``enable_input_require_grads``)."""
-        def require_grads(module, inputs, output):
-            output.requires_grad_(True)
-        self._input_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
-
-    def disable_input_require_grads(self) -> None:
-        hook = getattr(self, "_input_grads_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._input_grads_hook = None
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding (``inputs_embeds = model.get_input_embeddings()(input_ids)``)."""

@@ -1,9 +1,11 @@
 """The LLaMA-style decoder-only language model (LLaMA, Qwen2) that every family's text side runs on."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ..configs import ConfigFile, dataclass_from_dict, key_name
@@ -202,9 +204,12 @@ _SILU = get_activation("silu")
 
 class DecoderModel(nn.Module):
     """Token embeddings, decoder layers and the final norm; returns hidden states (no LM head).
-    ``gradient_checkpointing``: in training, each layer's activations are recomputed in the backward pass."""
+    ``gradient_checkpointing``: in training, every ``checkpoint_every``-th layer's activations are recomputed
+    in the backward pass (kept in host memory meanwhile with ``checkpoint_offload``)."""
 
     gradient_checkpointing = False
+    checkpoint_every = 1
+    checkpoint_offload = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -259,7 +264,11 @@ class DecoderModel(nn.Module):
             if all_hidden_states is not None and index == 0:
                 all_hidden_states.append(hidden_states)
             args = (hidden_states, rotary, mask, cache, index, last_position_only and index == last)
-            hidden_states = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
+            if checkpointed and index % self.checkpoint_every == 0:
+                with save_on_cpu(pin_memory=True) if self.checkpoint_offload and hidden_states.is_cuda else nullcontext():
+                    hidden_states = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden_states = layer(*args)
             if all_hidden_states is not None and index < last:
                 all_hidden_states.append(hidden_states)
         if cache is not None:

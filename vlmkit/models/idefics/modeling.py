@@ -290,7 +290,8 @@ class IdeficsForVisionText2Text(PretrainedVLM):
         logits = self.lm_logits(hidden)
         # over all columns, additional vocabulary included (the reference's loss reshapes the logits to
         # the regular vocabulary only and fails when additional_vocab_size > 0)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=unused.get("num_items_in_batch")) \
+            if labels is not None else None
         return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
                                    hidden_states=all_hidden, image_hidden_states=image_states,
                                    last_hidden_state=hidden)

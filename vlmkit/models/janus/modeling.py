@@ -193,7 +193,8 @@ class JanusForConditionalGeneration(PretrainedVLM):
             output_attentions=output_attentions)
         hidden = kept_positions(hidden, logits_to_keep)
         logits = self.lm_logits(hidden) if generation_mode == "text" else self.model.generation_head(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=unused.get("num_items_in_batch")) \
+            if labels is not None else None
         return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
                                    hidden_states=all_hidden, image_hidden_states=image_features,
                                    last_hidden_state=hidden)

@@ -40,6 +40,8 @@ def tiny_recipe(**changes) -> Recipe:
     values = json.loads(json.dumps(TINY))
     for key, value in changes.items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    if changes.get("data", {}).get("source") == "jsonl":  # the shapes world's data keys cannot apply to files
+        values["data"] = changes["data"]
     return Recipe.from_dict(values)
 
 
@@ -495,12 +497,12 @@ def test_a_run_that_stopped_before_its_first_checkpoint_may_start_again(tmp_path
 
 def test_init_from_must_name_a_janus_checkpoint_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="recipe.init_from: checkpoint folder .*does not exist"):
-        train(tiny_recipe(init_from=str(tmp_path / "missing")), tmp_path / "run", progress=False)
+        train(Recipe.from_dict({"init_from": str(tmp_path / "missing")}), tmp_path / "run", progress=False)
     llava = tmp_path / "llava"
     llava.mkdir()
     (llava / "config.json").write_text('{"model_type": "llava"}')
     with pytest.raises(InputError, match="is a llava checkpoint; fine-tuning needs a Janus checkpoint"):
-        train(tiny_recipe(init_from=str(llava)), tmp_path / "run", progress=False)
+        train(Recipe.from_dict({"init_from": str(llava)}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -225,15 +225,18 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import warnings
     from .models.devices import resolve_device
     from .train import Interrupted, Recipe, train
     recipe = Recipe.from_file(args.config) if args.config else None
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
     try:
-        out = train(recipe, args.out, resume=args.resume, progress=not args.quiet,
-                    device=resolve_device(device=args.device or "auto"),
-                    time_limit=None if args.time_limit is None else 60 * args.time_limit)
+        with warnings.catch_warnings():  # the trainer's notices (threads lowered...) as one line each
+            warnings.showwarning = lambda message, *_, **__: print(f"vlmkit: warning: {message}", file=sys.stderr)
+            out = train(recipe, args.out, resume=args.resume, progress=not args.quiet,
+                        device=resolve_device(device=args.device or "auto"),
+                        time_limit=None if args.time_limit is None else 60 * args.time_limit)
     except Interrupted as stopped:
         print(f"vlmkit train: {stopped}; continue with --resume", file=sys.stderr)
         return 130

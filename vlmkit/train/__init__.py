@@ -3,6 +3,7 @@ stage (image understanding + text-to-image), checkpointed and resumable, exporte
 transformers layout. ``vlmkit train --config recipe.json --out DIR [--resume]``."""
 
 from .recipe import DataSpec, LMStage, ModelSizes, Recipe, VQStage
+from .checkpoint import Diverged
 from .trainer import Interrupted, Trainer, train
 
-__all__ = ["DataSpec", "LMStage", "ModelSizes", "Recipe", "VQStage", "Interrupted", "Trainer", "train"]
+__all__ = ["DataSpec", "LMStage", "ModelSizes", "Recipe", "VQStage", "Diverged", "Interrupted", "Trainer", "train"]

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..models.janus.image_generation import unconditional_prompt
-from .data import GenerationExample, UnderstandingExample
+from .data import GenerationExample, UnderstandingExample, _plain_message
 
 IGNORE = -100
 
@@ -61,6 +61,58 @@ def understanding_row(processor, example: UnderstandingExample) -> tuple[list[in
         labels += [IGNORE] * len(context_ids) + answer_ids
         rendered = context + " " + answer + tokenizer.eos_token
     return ids, labels, pixel_values
+
+
+class RowLengths:
+    """Token counts of training rows without reading their images, to refuse rows longer than the
+    model's context before training: ``understanding_row`` and ``generation_prompt_ids`` plus the image
+    block, which ``tests/test_train_recipes.py`` keeps equal to the real rows' lengths."""
+
+    def __init__(self, processor, num_image_tokens: int):
+        from PIL import Image
+        self.processor = processor
+        self.num_image_tokens = num_image_tokens
+        # the image block's tokens are special tokens (nothing merges across them), so a context piece's
+        # length is its text's tokens plus a constant: BOS, any default system prompt, the block for the
+        # placeholder
+        placeholder = processor.image_token
+        blank = Image.new("RGB", (8, 8))
+        with_image = len(processor(text=placeholder, images=[blank])["input_ids"][0])
+        self.first_piece_extra = with_image - len(processor.tokenizer.encode(placeholder, add_special_tokens=False))
+
+    def understanding(self, messages: list[dict]) -> int:
+        """``len(understanding_row(...)[0])`` for a conversation (``data._plain_message`` messages)."""
+        tokenizer = self.processor.tokenizer
+        messages = _template_messages(messages)
+        length, rendered = 0, ""
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            context = self.processor.apply_chat_template(messages[:index], add_generation_prompt=True)
+            length += len(tokenizer.encode(context[len(rendered):], add_special_tokens=False))
+            answer = message["content"][0]["text"].strip()
+            length += len(tokenizer.encode(" " + answer, add_special_tokens=False)) + 1  # + EOS
+            rendered = context + " " + answer + tokenizer.eos_token
+        return length + self.first_piece_extra
+
+    def generation(self, caption: str) -> int:
+        """The length of a generation row: the ``imagine`` prompt and the image's tokens."""
+        return len(generation_prompt_ids(self.processor, caption)) + self.num_image_tokens
+
+
+def check_row_lengths(processor, source, num_image_tokens: int, context: int) -> None:
+    """Refuse the first JSONL line whose training row is longer than the model's ``context``: the model
+    would learn positions inference never reaches, and a long enough row only shows as an out-of-memory
+    at the step that draws it."""
+    lengths = RowLengths(processor, num_image_tokens)
+    rows = [(r, lengths.understanding, [_plain_message(m) for m in r["conversation"]]) for r in source.understanding_records]
+    rows += [(r, lengths.generation, r["caption"]) for r in source.generation_records]
+    for record, length_of, content in rows:
+        length = length_of(content)
+        if length > context:
+            raise InputError(f"{record['where']}: its training row is {length} tokens long, longer than the model's "
+                             f"context of {context} tokens (max_position_embeddings); shorten or split the line, or "
+                             f"remove it")
 
 
 def understanding_batch(processor, examples: list[UnderstandingExample]) -> dict:

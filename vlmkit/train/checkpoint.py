@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import VlmkitError
 from ..io.checkpoint import resolve_dtype
+
+
+class Diverged(VlmkitError):
+    """A loss or an exported weight is not finite: the run stopped without exporting its weights."""
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
@@ -43,8 +48,16 @@ def export_weights(model, folder: Path, dtype="float32") -> Path:
     """Write ``model.safetensors`` in the transformers layout into ``folder`` (atomically)."""
     from safetensors.torch import save_file
 
+    state = transformers_state_dict(model, dtype)
+    # a last guard: NaN weights (a loss the step checks missed) or ones too large for ``dtype`` (float16
+    # overflows at 65,504) would export a checkpoint that only draws and says noise
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise Diverged(f"{len(bad)} of the trained weights hold NaN or infinity in {dtype} (first: {bad[0]}); nothing "
+                       f"was exported. Lower the learning rates, or export in float32 (export_dtype), and start "
+                       f"again in a new --out folder")
     path = Path(folder) / "model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(transformers_state_dict(model, dtype), str(tmp), metadata={"format": "pt"})
+    save_file(state, str(tmp), metadata={"format": "pt"})
     _replace_atomically(tmp, path)
     return path

@@ -80,6 +80,19 @@ def _plain_message(message) -> dict:
     return {"role": message["role"], "content": content}
 
 
+def _check_text(record, where: str) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800") and Python reads it into a string no tokenizer
+    (or file system) takes: refused here rather than as a TypeError at the step that draws the line."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise InputError(f"{where} holds a lone surrogate \\u{ord(bad):04x} (half of a UTF-16 pair, after "
+                         f"{text[max(0, err.start - 20):err.start]!r}); write the character itself or its full "
+                         f"pair of escapes, or remove the line") from None
+
+
 def _check_record(record, keys: tuple[str, ...], where: str) -> None:
     """One JSONL line's fields, checked as it is read: a bad line found at step 5,000 costs the run."""
     if not isinstance(record, dict):
@@ -136,7 +149,9 @@ def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{where} is not valid JSON: {err}") from None
+            _check_text(record, where)
             _check_record(record, keys, where)
+            record["where"] = where  # for errors found later (a row longer than the model's context)
             record["image"] = (path.parent / record["image"]).resolve()
             if record["image"] not in checked:
                 _check_image(record["image"], where)

@@ -8,13 +8,15 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import InputError
 from ..generation.config import SEED_RANGE
 from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..io.checkpoint import DTYPE_NAMES
+
+VQ_STEPS_FRESH = 1000  # a fresh model's VQ-VAE steps when the recipe names none
 
 
 @dataclass
@@ -73,7 +75,9 @@ class DataSpec:
 class VQStage:
     """Train the VQ-VAE (encoder, codebook, decoder) on images."""
 
-    steps: int = 1000
+    # None: 1000 for a fresh model, 0 with ``init_from`` (a fine-tune keeps the checkpoint's VQ-VAE: its LM
+    # and generation head were trained on that codebook's codes); an explicit number always runs.
+    steps: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 50
@@ -154,8 +158,12 @@ class Recipe:
     """Everything a training run depends on; with the seed it determines the result."""
 
     seed: int = 0
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    init_from: str | None = None  # fine-tune this checkpoint (its sizes and tokenizer) instead of a fresh model
+    # torch CPU threads (0: torch's default); more than the CPUs this process may use are lowered to
+    # that count with a warning (a resumed run may land on a smaller machine, and its recipe is fixed)
+    threads: int = 0
+    # fine-tune this checkpoint (its sizes, tokenizer and VQ-VAE) instead of a fresh model; a run stores
+    # it (and the data files) as absolute paths, resolved against the directory it started in
+    init_from: str | None = None
     model: ModelSizes = field(default_factory=ModelSizes)
     data: DataSpec = field(default_factory=DataSpec)
     vq: VQStage = field(default_factory=VQStage)
@@ -168,6 +176,10 @@ class Recipe:
     # token the unconditional branch deems unlikely: a model whose token choices are near-certain
     # draws noise at 5 and needs a gentle scale.
     guidance_scale: float | None = None
+
+    def __post_init__(self):
+        if self.vq.steps is None:  # see VQStage.steps
+            self.vq = replace(self.vq, steps=0 if self.init_from else VQ_STEPS_FRESH)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Recipe":
@@ -208,12 +220,18 @@ class Recipe:
             raise InputError(f"recipe.export_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.export_dtype!r}")
         if self.data.source not in ("shapes", "jsonl"):
             raise InputError(f"recipe.data.source must be 'shapes' or 'jsonl', got {self.data.source!r}")
+        for name, value in (("init_from", self.init_from), ("data.understanding", self.data.understanding),
+                            ("data.generation", self.data.generation)):
+            if value is not None and not value.strip():
+                raise InputError(f"recipe.{name} is an empty path; give a path, or null (or leave the key out) "
+                                 f"for none")
         if self.data.source == "jsonl" and not (self.data.understanding or self.data.generation):
             raise InputError("recipe.data.source 'jsonl' needs data.understanding and/or data.generation: the JSONL "
                              "files to train on")
         if self.lm.steps and not (self.lm.understanding_batch or self.lm.generation_batch):
             raise InputError("recipe.lm.understanding_batch and lm.generation_batch are both 0: an LM step needs "
                              "examples (or set lm.steps to 0)")
+        _check_keys_apply(self)
         if not self.init_from:  # a fine-tuned model keeps its checkpoint's sizes
             _check_sizes(self.model)
             factor = 2 ** (len(self.model.vq_channel_multiplier) - 1)
@@ -260,6 +278,44 @@ def _check_value(name: str, value) -> None:
             raise InputError(f"{name} must be 1 or more, got {value}")
     elif value < 0:
         raise InputError(f"{name} must be 0 or more, got {value}")
+
+
+def _changed(values, defaults, section: str) -> list[str]:
+    """The keys of ``values`` (a recipe section) that differ from the section's defaults."""
+    return [f"{section}.{item.name}" for item in fields(values)
+            if getattr(values, item.name) != getattr(defaults, item.name)]
+
+
+def _check_keys_apply(recipe: "Recipe") -> None:
+    """Refuse keys the run would ignore (a typo in a recipe should not silently train something else): a
+    key that cannot apply may hold its default only."""
+    if recipe.init_from:
+        changed = _changed(recipe.model, ModelSizes(), "model")
+        if changed:
+            raise InputError(f"recipe.{', '.join(changed)} cannot apply with init_from: a fine-tune keeps the "
+                             f"checkpoint's sizes; leave the model section out")
+        if recipe.lm.image_embeddings_from_codebook:
+            raise InputError("recipe.lm.image_embeddings_from_codebook cannot apply with init_from: it starts a "
+                             "fresh model's image embeddings, and a fine-tune keeps the checkpoint's; set it to false")
+    data = recipe.data
+    if data.source == "jsonl":
+        shapes_only = [key for key in _changed(data, DataSpec(), "data")
+                       if key not in ("data.source", "data.understanding", "data.generation")]
+        if shapes_only:
+            raise InputError(f"recipe.{', '.join(shapes_only)} cannot apply with data.source 'jsonl': "
+                             f"{'it draws' if len(shapes_only) == 1 else 'they draw'} the shapes world's scenes; "
+                             f"leave {'it' if len(shapes_only) == 1 else 'them'} out")
+        for name, file, batch in (("understanding", data.understanding, recipe.lm.understanding_batch),
+                                  ("generation", data.generation, recipe.lm.generation_batch)):
+            # the VQ stage draws its images from both files, so a file is unused only without it
+            if file and not batch and not recipe.vq.steps:
+                raise InputError(f"recipe.data.{name} names a file that no step reads: lm.{name}_batch is 0 (and "
+                                 f"vq.steps 0); set lm.{name}_batch above 0, or leave data.{name} out")
+    else:
+        files = [f"data.{name}" for name in ("understanding", "generation") if getattr(data, name)]
+        if files:
+            raise InputError(f"recipe.{' and '.join(files)} cannot apply with data.source {data.source!r}: set "
+                             f"data.source to 'jsonl' to train on the files, or leave them out")
 
 
 def _check_sizes(sizes: ModelSizes) -> None:

@@ -10,9 +10,11 @@ reproduces the uninterrupted run exactly."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,11 +23,12 @@ import torch
 from ..errors import InputError
 from ..io.checkpoint import read_json
 from ..models.devices import resolve_device
-from .checkpoint import export_weights, save_training_state
+from .checkpoint import Diverged, export_weights, save_training_state
 from .data import jsonl_source
 from .init import janus_config_dict, new_model
-from .preflight import (CHECKPOINT_FILES, check_init_from, check_new_run_folder, load_state,
-                        resumed_recipe)
+from .batches import check_row_lengths
+from .preflight import (CHECKPOINT_FILES, check_init_from, check_new_run_folder, load_state, resumed_recipe,
+                        usable_threads, with_absolute_paths)
 from .recipe import Recipe
 from .stages import (ImageTokenCache, image_embeddings_from_codebook, lm_losses, lr_at, random_crops,
                      restart_dead_codes, vq_losses)
@@ -60,6 +63,11 @@ class Interrupted(Exception):
     """Training stopped on request after saving a checkpoint; ``--resume`` continues it."""
 
 
+def _json_number(value):
+    """A value for log.jsonl: NaN and infinity are not JSON, so they are written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _prepare_folder(recipe: Recipe, out: Path) -> None:
     _write_checkpoint_files(recipe, out)
     if recipe.guidance_scale is not None:
@@ -84,6 +92,18 @@ def _write_checkpoint_files(recipe: Recipe, out: Path) -> None:
     vocab_size = -(-tokenizer.get_vocab_size(with_added_tokens=True) // 64) * 64
     config = janus_config_dict(sizes, token_ids(tokenizer), vocab_size, recipe.vq.patchwise)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_lengths(folder: Path, jsonl) -> None:
+    """Refuse JSONL lines whose rows do not fit the context of the model in ``folder`` (its config and
+    processor files: no weights are read)."""
+    if jsonl is None:
+        return
+    from ..models.janus.config import JanusConfig
+    from ..models.janus.processing import JanusProcessor
+    config = JanusConfig.from_dict(read_json(folder / "config.json"))
+    check_row_lengths(JanusProcessor.from_pretrained(folder), jsonl, config.vision_config.num_image_tokens,
+                      config.text_config.context_length)
 
 
 def _build_model(recipe: Recipe, out: Path):
@@ -164,21 +184,13 @@ class Trainer:
         if resume:
             recipe = resumed_recipe(self.out, self.work / "recipe.json", self.checkpoint_path, recipe)
             jsonl = _jsonl_data(recipe)
+            _check_lengths(self.out, jsonl)
             saved = load_state(self.checkpoint_path)
         else:
-            if recipe is None:
-                raise InputError("a new training run needs a recipe (--config recipe.json)")
-            recipe.check()  # a Recipe built in Python has not been through from_dict's checks
-            if recipe.init_from:
-                check_init_from(recipe.init_from)
-            jsonl = _jsonl_data(recipe)
-            check_new_run_folder(self.out)  # last: it creates the folder
-            self.work.mkdir(parents=True, exist_ok=True)
-            (self.work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
-            _prepare_folder(recipe, self.out)
+            recipe, jsonl = self._start(recipe)
         self.recipe = recipe
         if recipe.threads:
-            torch.set_num_threads(recipe.threads)
+            torch.set_num_threads(usable_threads(recipe.threads))
         from ..models.janus.processing import JanusProcessor
         self.processor = JanusProcessor.from_pretrained(self.out)
         self.model = _build_model(recipe, self.out).to(self.device)
@@ -202,6 +214,28 @@ class Trainer:
                                          "that wrote it") from None
         self.vq_usage = self.vq_usage.to(self.device)
 
+    def _start(self, recipe: Recipe | None):
+        """A new run's checks, then its folder: the checkpoint files are prepared in a scratch folder first
+        (a fresh model's tokenizer is trained there), so lines too long for the model's context are refused
+        before ``--out`` is created."""
+        if recipe is None:
+            raise InputError("a new training run needs a recipe (--config recipe.json)")
+        recipe.check()  # a Recipe built in Python has not been through from_dict's checks
+        if recipe.init_from:
+            check_init_from(recipe.init_from)
+        recipe = with_absolute_paths(recipe)
+        jsonl = _jsonl_data(recipe)
+        with tempfile.TemporaryDirectory(prefix="vlmkit-train-") as scratch:
+            scratch = Path(scratch)
+            _prepare_folder(recipe, scratch)
+            _check_lengths(scratch, jsonl)
+            check_new_run_folder(self.out)  # last: it creates the folder
+            self.work.mkdir(parents=True, exist_ok=True)
+            (self.work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+            for item in scratch.iterdir():
+                shutil.copyfile(item, self.out / item.name)
+        return recipe, jsonl
+
     # --- bookkeeping ---------------------------------------------------------------------------
     def save(self, optimizer) -> None:
         save_training_state(self.checkpoint_path, {
@@ -212,7 +246,7 @@ class Trainer:
 
     def _log(self, values: dict) -> None:
         with open(self.work / "log.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(values) + "\n")
+            log.write(json.dumps({k: _json_number(v) for k, v in values.items()}, allow_nan=False) + "\n")
 
     def _sitting_is_over(self) -> bool:
         """This invocation's step or time allowance is used up."""
@@ -239,6 +273,13 @@ class Trainer:
             self.state["elapsed"][stage] = time.perf_counter() - started
             self.steps_done += 1
             values = {k: round(float(v.detach() if torch.is_tensor(v) else v), 5) for k, v in losses.items()}
+            if not math.isfinite(values["loss"]):
+                self._log({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **values})
+                bar.close()
+                raise Diverged(f"the {stage} loss is {values['loss']} at {stage} step {step + 1} of {total} (learning "
+                               f"rate {optimizer.param_groups[0]['lr']:g}): the run diverged, and nothing was "
+                               f"exported. Lower {stage}.lr (now {peak_lr:g}) or lengthen {stage}.warmup, and start "
+                               f"again in a new --out folder")
             bar.update(1)
             bar.set_postfix(values, refresh=False)
             if step % 10 == 0 or step + 1 == total:

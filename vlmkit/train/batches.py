@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..models.janus.image_generation import unconditional_prompt
-from .data import GenerationExample, UnderstandingExample, _plain_message
+from .data import GenerationExample, UnderstandingExample, plain_message
 
 IGNORE = -100
 
@@ -81,7 +81,7 @@ class RowLengths:
         self.first_piece_extra = with_image - len(processor.tokenizer.encode(placeholder, add_special_tokens=False))
 
     def understanding(self, messages: list[dict]) -> int:
-        """``len(understanding_row(...)[0])`` for a conversation (``data._plain_message`` messages)."""
+        """``len(understanding_row(...)[0])`` for a conversation (``data.plain_message`` messages)."""
         tokenizer = self.processor.tokenizer
         messages = _template_messages(messages)
         length, rendered = 0, ""
@@ -105,7 +105,7 @@ def check_row_lengths(processor, source, num_image_tokens: int, context: int) ->
     would learn positions inference never reaches, and a long enough row only shows as an out-of-memory
     at the step that draws it."""
     lengths = RowLengths(processor, num_image_tokens)
-    rows = [(r, lengths.understanding, [_plain_message(m) for m in r["conversation"]]) for r in source.understanding_records]
+    rows = [(r, lengths.understanding, [plain_message(m) for m in r["conversation"]]) for r in source.understanding_records]
     rows += [(r, lengths.generation, r["caption"]) for r in source.generation_records]
     for record, length_of, content in rows:
         length = length_of(content)

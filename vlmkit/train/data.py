@@ -58,7 +58,7 @@ class JsonlSource:
         if not self.understanding_records:
             return None
         record = rng.choice(self.understanding_records)
-        return UnderstandingExample(self._image(record["image"]), [_plain_message(m) for m in record["conversation"]])
+        return UnderstandingExample(self._image(record["image"]), [plain_message(m) for m in record["conversation"]])
 
     def generation(self, rng: random.Random) -> GenerationExample | None:
         if not self.generation_records:
@@ -70,7 +70,9 @@ class JsonlSource:
         return self._image(rng.choice(self.understanding_records + self.generation_records)["image"])
 
 
-def _plain_message(message) -> dict:
+def plain_message(message) -> dict:
+    """A JSONL conversation message as the training rows take it: its role and its text (content blocks'
+    texts joined; the image is the record's own)."""
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, list):  # content blocks: keep the text, the image is the record's
         content = " ".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
@@ -109,7 +111,7 @@ def _check_record(record, keys: tuple[str, ...], where: str) -> None:
         if not isinstance(conversation, list) or not conversation:
             raise InputError(f"{where}: conversation must be a non-empty list of messages")
         try:
-            roles = [_plain_message(m)["role"] for m in conversation]
+            roles = [plain_message(m)["role"] for m in conversation]
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
         if roles[0] != "user" or "assistant" not in roles:

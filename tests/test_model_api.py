@@ -300,6 +300,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_frozen_embeddings(
         model.gradient_checkpointing_enable({"use_reentrant": True})
 
 
+def test_the_pad_tokens_embedding_row_trains_as_in_the_reference(family):
+    """LLaMA and Qwen2 embeddings give the pad token's row no gradient (padding_idx)."""
+    if family.name.startswith("idefics"):
+        pytest.skip("IDEFICS' decoupled embedding uses no padding row in either library (and transformers' loss "
+                    "fails on its additional vocabulary)")
+    pad = family.ref_model.config.get_text_config().pad_token_id
+    labels = family.inputs["input_ids"].masked_fill(family.inputs["attention_mask"] == 0, -100)
+    assert bool((family.inputs["input_ids"] == pad).any())  # the left-padded batch holds pad tokens
+    rows = []
+    for model in (copy.deepcopy(family.model).train(), copy.deepcopy(family.ref_model).train()):
+        model(**family.inputs, labels=labels).loss.backward()
+        rows.append(model.get_input_embeddings().weight.grad[pad])
+    torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)
+    assert not rows[0].any()
+
+
 def test_tie_weights_ties_only_where_the_config_asks(llava_onevision_tied_dir, onevision_vlmkit):
     from vlmkit import LlavaOnevisionForConditionalGeneration
 

@@ -48,6 +48,14 @@ def check_field_types(cls, values: dict, where: str) -> None:
                                   f"{_describe(expected)}; fix the value in the file")
 
 
+def check_heads_divide(width_name: str, width: int, heads_name: str, heads: int,
+                       attention: str = "the attention") -> None:
+    """Refuse a width its attention heads do not split evenly, naming both keys (as the file spells them)."""
+    if heads < 1 or width % heads:
+        raise CheckpointError(f"{width_name} ({width}) is not a multiple of {heads_name} ({heads}); {attention} "
+                              f"splits the width evenly over its heads")
+
+
 def key_name(where: str, key: str) -> str:
     """``key`` as found in ``where``: "config.json: vocab_size", "config.json: text_config.vocab_size"."""
     return f"{where}: {key}" if where.endswith(".json") else f"{where}.{key}"

@@ -6,7 +6,7 @@ perceiver resampler have their own sub-dicts."""
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import ConfigFile, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -140,9 +140,7 @@ class IdeficsConfig(ConfigFile):
                 ("hidden_size", self.text_config.hidden_size, "num_attention_heads", self.text_config.num_attention_heads),
                 ("vision_config.embed_dim", self.vision_config.embed_dim, "vision_config.num_attention_heads",
                  self.vision_config.num_attention_heads)):
-            if heads < 1 or width % heads:
-                raise CheckpointError(f"config.json: {width_key} ({width}) is not a multiple of {heads_key} "
-                                      f"({heads}); the attention splits the width evenly over its heads")
+            check_heads_divide(f"config.json: {width_key}", width, heads_key, heads)
 
     @property
     def num_cross_layers(self) -> int:

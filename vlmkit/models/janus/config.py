@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import ConfigFile, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -111,10 +111,8 @@ class JanusConfig(ConfigFile):
                     f"wide as the language model. The config's sections (and weights built from them) do not "
                     f"fit together: use the checkpoint's original config.json, or make the two sizes equal")
         vision = self.vision_config
-        if vision.num_attention_heads < 1 or vision.hidden_size % vision.num_attention_heads:
-            raise CheckpointError(f"{name('vision_config.hidden_size')} ({vision.hidden_size}) is not a multiple of "
-                                  f"{name('vision_config.num_attention_heads')} ({vision.num_attention_heads}); "
-                                  f"the vision attention splits the width evenly over its heads")
+        check_heads_divide(name("vision_config.hidden_size"), vision.hidden_size,
+                           name("vision_config.num_attention_heads"), vision.num_attention_heads, "the vision attention")
 
     @property
     def num_patches_per_side(self) -> int:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...configs import ConfigFile, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -96,10 +96,8 @@ class LlavaOnevisionConfig(ConfigFile):
                                   f"state(s) {outside} the tower does not have: with "
                                   f"vision_config.num_hidden_layers {vision.num_hidden_layers} it has {states} "
                                   f"(0..{states - 1}, or -1..-{states}); fix one of the two in the file")
-        if vision.num_attention_heads < 1 or vision.hidden_size % vision.num_attention_heads:
-            raise CheckpointError(f"config.json: vision_config.hidden_size ({vision.hidden_size}) is not a multiple "
-                                  f"of vision_config.num_attention_heads ({vision.num_attention_heads}); the "
-                                  f"vision attention splits the width evenly over its heads")
+        check_heads_divide("config.json: vision_config.hidden_size", vision.hidden_size,
+                           "vision_config.num_attention_heads", vision.num_attention_heads, "the vision attention")
 
     @property
     def image_token_id(self) -> int:

@@ -46,12 +46,16 @@ convert_hf_to_gguf.main()
 def find_tree(explicit: str | None, cache_dir: Path) -> Path | None:
     """The llama.cpp tree to use (with ``llama-bench`` built), or None."""
     for candidate in (explicit, os.environ.get("VLMKIT_LLAMA_CPP"), _built_tree(cache_dir)):
-        if candidate and (Path(candidate) / BENCH_BINARY).is_file() \
-                and (Path(candidate) / "convert_hf_to_gguf.py").is_file():
+        if candidate and not missing_files(Path(candidate)):
             return Path(candidate)
     if explicit:
         raise FileNotFoundError(f"--llama-cpp {explicit}: no {BENCH_BINARY} and convert_hf_to_gguf.py there")
     return None
+
+
+def missing_files(tree: Path) -> list[str]:
+    """What a llama.cpp tree lacks of what the benchmark runs: the built ``llama-bench`` and the converter."""
+    return [str(name) for name in (BENCH_BINARY, Path("convert_hf_to_gguf.py")) if not (tree / name).is_file()]
 
 
 def _built_tree(cache_dir: Path) -> Path | None:

@@ -57,7 +57,7 @@ def llama_cpp_problem(args) -> str | None:
     """The one-line error for ``--llama-cpp`` / ``--build-llama-cpp`` that would be ignored (no ``--quantize``:
     llama.cpp's rows are in its table) or a ``--llama-cpp`` folder without a built llama.cpp, else None;
     checked before the first measurement, not after the other variants' minutes of timing."""
-    from .llama_cpp import BENCH_BINARY
+    from .llama_cpp import missing_files
 
     given = [flag for flag, value in (("--llama-cpp", getattr(args, "llama_cpp", None)),
                                       ("--build-llama-cpp", getattr(args, "build_llama_cpp", False))) if value]
@@ -70,7 +70,7 @@ def llama_cpp_problem(args) -> str | None:
         if not path.is_dir():
             return (f"vlmkit bench: --llama-cpp {tree}: no such folder; give a llama.cpp source tree, or "
                     f"--build-llama-cpp")
-        missing = [str(name) for name in (BENCH_BINARY, Path("convert_hf_to_gguf.py")) if not (path / name).is_file()]
+        missing = missing_files(path)
         if missing:
             return (f"vlmkit bench: --llama-cpp {tree}: no {' and no '.join(missing)} there; build llama.cpp in it "
                     f"(cmake -B build && cmake --build build --target llama-bench), or use --build-llama-cpp")

@@ -112,6 +112,13 @@ OPTION_CASES = {
     "remove_invalid_values": (lambda t, n: dict(remove_invalid_values=True, suppress_tokens=[t[0]]), True),
     "bad_words_ids only the end token": (lambda t, n: dict(eos_token_id=t[1], bad_words_ids=[[t[1]]]), False),
     "pad_token_id None": (lambda t, n: dict(eos_token_id=t[1], pad_token_id=None), False),
+    "encoder_repetition_penalty": (lambda t, n: dict(encoder_repetition_penalty=3.0), False),
+    "encoder_repetition_penalty below 1": (lambda t, n: dict(encoder_repetition_penalty=0.3), False),
+    "encoder_no_repeat_ngram_size": (lambda t, n: dict(encoder_no_repeat_ngram_size=2), False),
+    "encoder_no_repeat_ngram_size 1": (lambda t, n: dict(encoder_no_repeat_ngram_size=1), False),
+    "watermarking_config": (lambda t, n: dict(watermarking_config=transformers.WatermarkingConfig(bias=6.0)), True),
+    "watermarking_config selfhash": (lambda t, n: dict(watermarking_config=dict(
+        seeding_scheme="selfhash", context_width=2, greenlist_ratio=0.5, bias=4.0)), False),
     "everything at once": (lambda t, n: dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[t[1]]],
                                              suppress_tokens=[t[2]], begin_suppress_tokens=[t[3]],
                                              sequence_bias={(t[0],): -1.0}, eos_token_id=t[4], min_new_tokens=3,
@@ -400,12 +407,131 @@ def test_assisted_decoding_greedy_gives_the_references_tokens_and_sampling_throu
             family.model.generate(input_ids, **family.mode, **options | sampled)
 
 
+def test_transformers_watermark_detector_finds_the_mark_in_vlmkit_text(onevision_reference, onevision_vlmkit):
+    _, ref_model = onevision_reference
+    _, model = onevision_vlmkit
+    watermark = transformers.WatermarkingConfig(bias=2.0)
+    detector = transformers.WatermarkDetector(model_config=ref_model.config.get_text_config(), device="cpu",
+                                              watermarking_config=watermark)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    torch.manual_seed(0)
+    marked = model.generate(prompt, max_new_tokens=80, do_sample=True, watermarking_config=watermark)
+    torch.manual_seed(0)
+    plain = model.generate(prompt, max_new_tokens=80, do_sample=True)
+    assert detector(marked, return_dict=True).prediction.tolist() == [True]
+    assert detector(plain, return_dict=True).prediction.tolist() == [False]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(greenlist_ratio=1.0), "greenlist_ratio"), (dict(seeding_scheme="hash"), "seeding_scheme"),
+    (dict(context_width=0), "context_width"), (dict(bias="2"), "bias"), (dict(greenlist=0.5), "unknown"),
+    (transformers.SynthIDTextWatermarkingConfig(keys=[1, 2], ngram_len=2), "SynthID")])
+def test_watermark_settings_it_cannot_use_are_errors_naming_them(onevision_vlmkit, settings, message):
+    _, model = onevision_vlmkit
+    with pytest.raises(InputError, match=message):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=1, watermarking_config=settings)
+
+
+def test_a_watermark_set_in_the_generation_config_is_saved_and_read_back(tmp_path):
+    from vlmkit.generation.config import GenerationConfig
+
+    config = GenerationConfig()
+    config.update(watermarking_config=transformers.WatermarkingConfig(bias=1.5, seeding_scheme="selfhash"))
+    config.save_pretrained(tmp_path)
+    read = GenerationConfig.from_pretrained(tmp_path).watermarking_config
+    assert (read["bias"], read["seeding_scheme"], read["greenlist_ratio"]) == (1.5, "selfhash", 0.25)
+
+
 def test_right_padding_is_warned_about_as_transformers_does(onevision_vlmkit):
     """The shared generate loop's check, shown on one family."""
     _, model = onevision_vlmkit
     input_ids = torch.tensor([[11, 12, 13], [14, 15, 0]])
     with pytest.warns(UserWarning, match="right-padding was detected"):
         model.generate(input_ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("negative", ["last prompt token", "negative prompt", "one negative prompt for all"])
+@pytest.mark.parametrize("options", [dict(), dict(do_sample=True, top_k=20)], ids=["greedy", "sampled"])
+def test_text_guidance_matches_the_reference(family, negative, options):
+    """transformers' unbatched classifier-free guidance over the text: the unconditional branch read by the
+    model in a cache of its own (Janus: guidance is for images only, in both)."""
+    guidance = dict(guidance_scale=2.5)
+    if negative != "last prompt token":
+        rows = 2 if negative == "negative prompt" else 1
+        guidance["negative_prompt_ids"] = torch.tensor([[5, 9, 14, 3], [0, 0, 7, 11]][:rows])
+        guidance["negative_prompt_attention_mask"] = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]][:rows])
+    if family.name == "idefics":
+        family = _idefics_reference_reading_text_alone(family)
+    if negative == "one negative prompt for all":
+        # transformers reads one negative row for one prompt only: compare on the first prompt
+        family = SimpleNamespace(**{**vars(family), "ref_inputs": {k: v[:1] for k, v in family.ref_inputs.items()},
+                                    "inputs": {k: v[:1] for k, v in family.inputs.items()}})
+    torch.manual_seed(3)
+    expected = family.ref_model.generate(**family.ref_inputs, **family.mode, max_new_tokens=NEW_TOKENS,
+                                         return_dict_in_generate=True, output_scores=True, **guidance, **options)
+    torch.manual_seed(3)
+    got = family.model.generate(**family.inputs, **family.mode, max_new_tokens=NEW_TOKENS,
+                                return_dict_in_generate=True, output_scores=True, **guidance, **options)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for want, have in zip(expected.scores, got.scores, strict=True):
+        assert torch.allclose(have, want, atol=1e-4, rtol=0)
+    if not options:  # greedy: guidance changed the answer (Janus: it did not)
+        plain = family.plain.tolist()[:len(got.sequences)]
+        assert (got.sequences.tolist() == plain) == (family.name == "janus")
+
+
+def _idefics_reference_reading_text_alone(family):
+    """transformers' IDEFICS fails on text guidance (its forward demands images): the reference becomes its
+    guidance processor run by hand, reading the unconditional branch with a blank image that no token
+    attends to (its gated cross-attention then adds nothing, as vlmkit's without images)."""
+    ref_model = family.ref_model
+    size = ref_model.config.vision_config.image_size
+
+    def text_alone(ids, attention_mask=None, **options):
+        return ref_model(ids, attention_mask=attention_mask, pixel_values=torch.zeros(ids.shape[0], 1, 3, size, size),
+                         image_attention_mask=torch.zeros(ids.shape[0], ids.shape[1], 1, dtype=torch.long), **options)
+
+    class GuidedReference:
+        def generate(self, guidance_scale, negative_prompt_ids=None, negative_prompt_attention_mask=None, **options):
+            guidance = transformers.generation.logits_process.UnbatchedClassifierFreeGuidanceLogitsProcessor(
+                guidance_scale, text_alone, negative_prompt_ids, negative_prompt_attention_mask)
+            return ref_model.generate(**options, logits_processor=[guidance])
+
+    return SimpleNamespace(**{**vars(family), "ref_model": GuidedReference()})
+
+
+def test_text_guidance_reads_each_prompts_negative_prompt_for_each_of_its_sequences(family):
+    """transformers fails on a negative prompt with num_return_sequences > 1 (one unconditional row for
+    each prompt, not for each sequence); vlmkit gives each sequence its prompt's negative prompt, drawing
+    what transformers draws from prompts and negative prompts repeated by hand."""
+    negative = dict(negative_prompt_ids=torch.tensor([[5, 9, 14, 3], [0, 0, 7, 11]]),
+                    negative_prompt_attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20, guidance_scale=2.5, **family.mode)
+    if family.name == "idefics":
+        family = _idefics_reference_reading_text_alone(family)
+    repeated = {k: v.repeat_interleave(2, dim=0) for k, v in family.ref_inputs.items()}
+    torch.manual_seed(5)
+    expected = family.ref_model.generate(**repeated, **{k: v.repeat_interleave(2, dim=0) for k, v in negative.items()},
+                                         **options)
+    torch.manual_seed(5)
+    got = family.model.generate(**family.inputs, **negative, num_return_sequences=2, **options)
+    assert got.tolist() == expected.tolist()
+
+
+def test_text_guidance_refuses_a_negative_prompt_it_cannot_read(family):
+    if family.name == "janus":
+        pytest.skip("Janus generates text without guidance")
+    generate = lambda **options: family.model.generate(**family.inputs, max_new_tokens=2, guidance_scale=2.0,  # noqa: E731
+                                                      **options)
+    with pytest.raises(InputError, match="rows for 2 prompts"):
+        generate(negative_prompt_ids=torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(InputError, match="vocabulary"):
+        generate(negative_prompt_ids=torch.tensor([[10**9]]))
+    with pytest.raises(InputError, match="shape"):
+        generate(negative_prompt_ids=torch.ones(2, 4, dtype=torch.long),
+                 negative_prompt_attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(InputError, match="token ids"):
+        generate(negative_prompt_ids=torch.ones(2, 4))
 
 
 @pytest.mark.parametrize("option", list(UNSUPPORTED))
@@ -426,11 +552,8 @@ def test_unsupported_combinations_are_errors(family):
         generate(logits_processor=[42])
     with pytest.raises(InputError, match="max_new_tokens"):  # transformers: "must be greater than 0"
         family.model.generate(**family.inputs, **family.mode, max_new_tokens=0)
-    if family.name == "janus":  # transformers' Janus ignores guidance in text mode
-        assert generate(guidance_scale=3.0).tolist() == generate().tolist()
-    else:
-        with pytest.raises(InputError, match="guidance_scale"):
-            generate(guidance_scale=3.0)
+    with pytest.raises(InputError, match="low_memory"):  # transformers 5: "not supported after the beam search..."
+        generate(num_beams=2, low_memory=True)
     # neutral values of options vlmkit does not implement change nothing, so they are accepted
     assert generate(epsilon_cutoff=0.0, num_beam_groups=1, output_attentions=False).shape[1] == family.prompt_length + 2
     inputs = dict(family.inputs, inputs=family.inputs["input_ids"])

@@ -11,6 +11,7 @@ import torch
 from ..configs import check_field_types, dataclass_from_dict
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import read_json
+from .watermark import watermark_settings
 
 # the seeds torch.Generator.manual_seed takes: any 64-bit value, signed or unsigned
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -60,6 +61,12 @@ class GenerationConfig:
     eta_cutoff: float = 0.0
     exponential_decay_length_penalty: tuple[int, float] | None = None
     max_time: float | None = None
+    # the prompt's tokens drawn to (> 1) or away from (< 1); its n-grams not repeated (prompt_penalties.py)
+    encoder_repetition_penalty: float = 1.0
+    encoder_no_repeat_ngram_size: int = 0
+    # a green-list watermark (watermark.py): transformers' WatermarkingConfig or a dict of its settings
+    watermarking_config: dict | None = None
+    low_memory: bool | None = None  # transformers' sequential beam search, which it no longer runs
     # transformers takes it as a generate() argument: (batch_id, input_ids [T]) -> allowed token ids
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = field(default=None, repr=False)
     # what generate returns
@@ -133,6 +140,8 @@ class GenerationConfig:
             raise InputError(f"unknown generation option(s): {', '.join(unknown)}")
         config = replace(self, **{k: v for k, v in overrides.items() if v is not None})
         config.validate()
+        if config.watermarking_config is not None:  # kept as its settings, which save_pretrained can write
+            config.watermarking_config = watermark_settings(config.watermarking_config)
         return config
 
     def validate(self) -> None:
@@ -148,7 +157,7 @@ class GenerationConfig:
                              f"({self.num_beams})")
         if self.early_stopping not in (True, False, "never"):
             raise InputError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        for name in ("min_length", "no_repeat_ngram_size"):
+        for name in ("min_length", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InputError(f"{name} must be an integer >= 0")
         if self.min_new_tokens is not None and (not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0):
@@ -164,8 +173,14 @@ class GenerationConfig:
         for name in ("epsilon_cutoff", "eta_cutoff"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise InputError(f"{name} must be in [0, 1) (0: off)")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise InputError("repetition_penalty must be > 0 (1.0 means no penalty)")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise InputError(f"{name} must be > 0 (1.0 means no penalty)")
+        if self.watermarking_config is not None:
+            watermark_settings(self.watermarking_config)
+        if self.low_memory and self.num_beams > 1:
+            raise InputError("low_memory=True (sequential beam search) is not run by transformers 5 nor vlmkit; "
+                             "leave it unset")
         if self.return_dict_in_generate and (self.output_attentions or self.output_hidden_states):
             raise InputError("vlmkit does not return attentions or hidden states from generate; drop "
                              "output_attentions/output_hidden_states (call the model itself for them)")

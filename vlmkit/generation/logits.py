@@ -3,11 +3,12 @@
 A pipeline is a plain list of callables ``(input_ids [B, T], scores [B, V]) -> scores``, the shape of
 transformers' logits processors, so a user's own processors join the list as they are and the server
 can drive the same list per request. ``logits_processors`` builds it in the order of transformers'
-``GenerationMixin._get_logits_processor`` (each class below names the transformers processor it
-matches, and tests/test_generate_options.py keeps them token-identical): sequence bias, repetition
-penalty, no-repeat n-grams, bad words, minimum lengths, the prefix constraint, forced tokens, invalid
+``GenerationMixin._get_logits_processor`` (each class names the transformers processor it matches, and
+tests/test_generate_options.py keeps them token-identical): text guidance (text_guidance.py), sequence
+bias, the prompt's repetition penalty (prompt_penalties.py), repetition penalty, no-repeat n-grams (the
+sequence's, then the prompt's), bad words, minimum lengths, the prefix constraint, forced tokens, invalid
 values, suppressed tokens, then the user's processors, then the sampling warpers (temperature, top-k,
-top-p, min-p, typical), then renormalisation. With no
+top-p, min-p, typical), the watermark (watermark.py), then renormalisation. With no
 option set the list is empty and the decode step does no work for it.
 """
 
@@ -18,7 +19,9 @@ import torch
 
 from ..errors import InputError
 from .config import GenerationConfig
+from .prompt_penalties import NoPromptNGram, PromptRepetitionPenalty
 from .warpers import sampling_warpers
+from .watermark import Watermark
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -278,19 +281,28 @@ class LogSoftmax:
 
 
 def logits_processors(config: GenerationConfig, prompt_length: int, padding_lengths: torch.Tensor | None = None,
-                      custom: Sequence[LogitsProcessor] = (), max_length: int | None = None) -> list[LogitsProcessor]:
+                      custom: Sequence[LogitsProcessor] = (), max_length: int | None = None, *,
+                      guidance: LogitsProcessor | None = None,
+                      vocab_size: int | None = None) -> list[LogitsProcessor]:
     """The pipeline ``config`` asks for, for prompts ``prompt_length`` tokens long (padding included);
     ``padding_lengths`` [rows]: each row's left padding (None: no padding), which the repetition penalty
     skips; ``custom``: the user's ``logits_processor`` list, run after the built-in bans; ``max_length``:
-    the longest a sequence may grow (prompt included), where ``forced_eos_token_id`` applies."""
+    the longest a sequence may grow (prompt included), where ``forced_eos_token_id`` applies;
+    ``guidance``: text classifier-free guidance (text_guidance.py), first as in transformers;
+    ``vocab_size``: the text model's vocabulary, which a watermark's green lists are drawn from (None:
+    the scores' width)."""
     eos = config.eos_token_ids
-    processors: list[LogitsProcessor] = []
+    processors: list[LogitsProcessor] = [guidance] if guidance is not None else []
     if config.sequence_bias is not None:
         processors.append(SequenceBias(config.sequence_bias))
+    if config.encoder_repetition_penalty not in (None, 1.0):
+        processors.append(PromptRepetitionPenalty(config.encoder_repetition_penalty, prompt_length))
     if config.repetition_penalty not in (None, 1.0):
         processors.append(RepetitionPenalty(float(config.repetition_penalty), padding_lengths))
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.encoder_no_repeat_ngram_size:
+        processors.append(NoPromptNGram(config.encoder_no_repeat_ngram_size, prompt_length))
     banned = NoBadWords.kept(config.bad_words_ids, eos) if config.bad_words_ids is not None else []
     if banned:
         processors.append(NoBadWords(banned))
@@ -317,6 +329,8 @@ def logits_processors(config: GenerationConfig, prompt_length: int, padding_leng
         # beam sampling keeps a token besides every end-of-sequence one, so beams can go on
         keep = 1 if config.num_beams == 1 else len(eos) + 1 if eos else 2
         processors.extend(sampling_warpers(config, min_tokens_to_keep=keep))
+    if config.watermarking_config is not None:  # after every other change to the scores, as transformers
+        processors.append(Watermark(config.watermarking_config, vocab_size))
     if config.renormalize_logits:
         processors.append(LogSoftmax())
     return processors

@@ -22,6 +22,7 @@ from .logits import apply_processors, logits_processors
 from .options import text_request
 from .outputs import GenerateDecoderOnlyOutput
 from .sampling import make_generator
+from .text_guidance import TextGuidance
 from .stopping import Stopping
 
 
@@ -83,13 +84,15 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
         if budget == 0:
             sequences = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             return _wrap(config, sequences, (), ()) if config.return_dict_in_generate else sequences
+        guidance = text_guidance(model, config, input_ids.shape[0], request.negative_prompt)
         # max_time's clock counts the prefill
         stops = Stopping(config, prompt_length, request.should_stop, request.stopping_criteria, request.end_token_ids)
         logits, input_ids, attention_mask, next_position, cache = _start(model, input_ids, attention_mask, config,
                                                                          budget, request.model_inputs)
         padding = padding_lengths(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
         processors = logits_processors(config, prompt_length, padding, request.logits_processor,
-                                       prompt_length + budget)
+                                       prompt_length + budget, guidance=guidance,
+                                       vocab_size=model.config.get_text_config().vocab_size)
         if config.num_beams > 1:
             return beam_search((model, next_position, cache), logits, input_ids, config, budget, processors, stops)
 
@@ -159,6 +162,16 @@ def _start(model, input_ids, attention_mask, config, budget: int, model_inputs: 
         logits, input_ids, positions = logits[rows], input_ids[rows], positions[rows]
         attention_mask = attention_mask[rows]
     return logits, input_ids, attention_mask, positions[:, -1:] + 1, cache
+
+
+def text_guidance(model, config: GenerationConfig, prompts: int, negative_prompt: tuple) -> TextGuidance | None:
+    """Classifier-free guidance over the text when ``config.guidance_scale`` asks for it, checked before the
+    prefill; None for a model whose guidance is for images only (Janus: its checkpoints set a scale for
+    image generation, which transformers' Janus leaves out of text generation too)."""
+    if config.guidance_scale in (None, 1) or not getattr(model, "guides_text", True):
+        return None
+    return TextGuidance(config.guidance_scale, model, prompts, max(config.num_beams, config.num_return_sequences),
+                        *negative_prompt)
 
 
 def _wrap(config, sequences, all_scores, all_logits):

@@ -16,15 +16,13 @@ from .streaming import step_callback
 OPTIONS = frozenset(f.name for f in fields(GenerationConfig)) - {"extra"}
 
 # transformers options that change what is generated and that vlmkit does not implement, with the
-# values that leave generation unchanged (passing those is fine)
+# values that leave generation unchanged (passing those is fine): decoding methods transformers 5 moved to
+# Hub repositories (group beams, contrastive search, DoLa, constrained beams), multi-GPU and multi-token
+# prediction, and token healing (it re-tokenizes the decoded prompt, which drops a VLM's image tokens)
 UNSUPPORTED = {
-    "custom_generate": (None,),
-    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
-    "diversity_penalty": (None, 0.0),
-    "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,),
-    "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0), "force_words_ids": (None,),
-    "constraints": (None,), "watermarking_config": (None,),
-    "token_healing": (None, False), "low_memory": (None, False),
+    "custom_generate": (None,), "synced_gpus": (None, False), "diversity_penalty": (None, 0.0),
+    "num_beam_groups": (None, 1), "penalty_alpha": (None,), "dola_layers": (None,), "force_words_ids": (None,),
+    "constraints": (None,), "token_healing": (None, False),
     "use_mtp": (None, False), "past_key_values": (None,), "decoder_start_token_id": (None,),
     "use_model_defaults": (None, True),
 }
@@ -118,7 +116,9 @@ TEXT_ONLY = ("num_beams", "length_penalty", "early_stopping", "min_length", "min
              "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
              "repetition_penalty", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
              "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "forced_bos_token_id",
-             "forced_eos_token_id", "remove_invalid_values", "max_time", "exponential_decay_length_penalty")
+             "forced_eos_token_id", "remove_invalid_values", "max_time", "exponential_decay_length_penalty",
+             "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "watermarking_config",
+             "negative_prompt_ids", "negative_prompt_attention_mask")
 
 
 def refuse_text_only(options: dict, where: str) -> None:
@@ -146,6 +146,7 @@ class TextRequest:
     logits_processor: list
     stopping_criteria: list
     end_token_ids: list[int] | None = None  # a user's EosTokenCriteria: these end rows, not the config's
+    negative_prompt: tuple = (None, None)  # text guidance's unconditional branch: (ids, attention mask)
 
 
 def own_length_and_end_criteria(config: GenerationConfig, criteria: list):
@@ -193,9 +194,7 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
     if input_ids is None:
         raise InputError("generate needs input_ids (call the processor first)")
     check_prompt_tokens(model, input_ids, attention_mask)
-    if kwargs.get("guidance_scale") not in (None, 1, 1.0):
-        raise InputError("vlmkit does not implement classifier-free guidance (guidance_scale) for text "
-                         "generation; leave it unset (Janus takes it with generation_mode='image')")
+    negative_prompt = (kwargs.pop("negative_prompt_ids", None), kwargs.pop("negative_prompt_attention_mask", None))
     config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
         model.generation_config, generation_config, kwargs)
     config, stopping_criteria, end_token_ids = own_length_and_end_criteria(config, stopping_criteria)
@@ -207,4 +206,5 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
     on_tokens = step_callback(streamer, input_ids)
     return TextRequest(config, input_ids.to(model.device),
                        attention_mask.to(model.device) if attention_mask is not None else None,
-                       model_inputs, on_tokens, should_stop, logits_processor, stopping_criteria, end_token_ids)
+                       model_inputs, on_tokens, should_stop, logits_processor, stopping_criteria, end_token_ids,
+                       negative_prompt)

@@ -73,6 +73,9 @@ class JanusForConditionalGeneration(PretrainedVLM):
 
     accepted_inputs = ("pixel_values", "images_emb_mask")
     ignored_inputs = PretrainedVLM.ignored_inputs + ("images_seq_mask", "sft_format")
+    # guidance_scale (which Janus checkpoints set) is for image generation; text is generated without it,
+    # as in transformers' Janus
+    guides_text = False
 
     def __init__(self, config: JanusConfig):
         super().__init__()

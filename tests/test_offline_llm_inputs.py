@@ -114,6 +114,23 @@ def test_sampling_params_may_be_a_dict_of_its_fields(llm):
     assert [o.text for o in per_conversation] == [as_params.text] * 2
 
 
+def test_openai_penalties_and_logit_bias_reach_the_request_as_vllm_names_them(llm):
+    tokenizer = llm.worker.engine.processor.tokenizer
+    token = tokenizer.encode(" blue", add_special_tokens=False)[-1]
+    forced = llm.chat(ask("Count"), SamplingParams(temperature=0, max_tokens=3, logit_bias={token: 100}),
+                      use_tqdm=False)[0]
+    assert forced.text == tokenizer.decode([token] * 3).strip()
+    penalised = SamplingParams(temperature=0, max_tokens=6, presence_penalty=-2.0, frequency_penalty=-2.0)
+    body = {"messages": [{"role": "user", "content": "Count"}], "max_tokens": 6, "temperature": 0, "presence_penalty": -2.0,
+            "frequency_penalty": -2.0}
+    as_request = llm._run("/v1/chat/completions", [body], "conversation", use_tqdm=False)[0]
+    got = llm.chat(ask("Count"), penalised, use_tqdm=False)[0]
+    assert got.text == as_request["choices"][0]["message"]["content"]
+    assert got.text != llm.chat(ask("Count"), as_params_of(6), use_tqdm=False)[0].text
+    with pytest.raises(InputError, match="logit_bias"):
+        llm.chat(ask("Count"), SamplingParams(logit_bias={token: 101}), use_tqdm=False)
+
+
 def as_params_of(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens)
 

@@ -48,16 +48,20 @@ class SamplingParams:
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, -100 to 100
 
     def request_fields(self) -> dict:
-        """These settings as chat-completion request fields."""
+        """These settings as chat-completion request fields (the server checks them as a request's)."""
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
                       seed=self.seed, stop=self.stop, repetition_penalty=self.repetition_penalty,
                       ignore_eos=self.ignore_eos, min_p=self.min_p, min_tokens=self.min_tokens,
                       stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs,
                       allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
                       include_stop_str_in_output=self.include_stop_str_in_output,
-                      skip_special_tokens=self.skip_special_tokens)
+                      skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty, logit_bias=_string_keys(self.logit_bias))
         if self.max_tokens is not None:
             fields["max_tokens"] = self.max_tokens
         return fields
@@ -192,6 +196,14 @@ class LLM:
                 error = InputError if 400 <= status < 500 else VlmkitError
                 raise error(f"{what} {i}: {body['error']['message']}")
         return [body for _, body in results]
+
+
+def _string_keys(logit_bias):
+    """vLLM's ``{token_id: bias}`` as OpenAI's request writes it, the ids as strings (other keys as they are,
+    for the request's check to name)."""
+    if not isinstance(logit_bias, dict):
+        return logit_bias
+    return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in logit_bias.items()}
 
 
 _SETTINGS = {f.name for f in dataclasses.fields(ServeConfig)} - {"model", "dtype", "device", "limits", "media_root"}

@@ -246,24 +246,29 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
 
 def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, device: torch.device | str,
                  rename: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
-                 ignore: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> set[str]:
+                 ignore: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+                 unexpected: list[str] | None = None) -> set[str]:
     """Fill ``model`` (built on the meta device) from checkpoint ``files``.
 
     ``rename(name, tensor)`` maps one checkpoint tensor to zero or more model tensors (families use it
     for their layout differences). Names matching an ``ignore`` pattern are skipped; model tensors
     matching an ``optional`` pattern may be missing (the caller ties or derives them). Floating tensors
     are cast to ``dtype``; every tensor is moved to ``device`` one at a time, so no second full copy of
-    the weights is ever held. Returns the names of the model tensors that were missing."""
+    the weights is ever held. Returns the names of the model tensors that were missing.
+
+    ``unexpected``: a list to receive the checkpoint tensors the model has no place for, which are then
+    skipped, as transformers skips them (an old LLaMA's saved ``rotary_emb.inv_freq``, a head the model does
+    not use) as long as every tensor the model needs is there; without it they are an error."""
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, wrong_shape, wrong_dtype = [], [], []
+    skipped, wrong_shape, wrong_dtype = [], [], []
     for name, load in iter_checkpoint_tensors(files):
         if any(re.search(p, name) for p in ignore):
             continue
         pairs = rename(name, load()) if rename else [(name, load())]
         for target, tensor in pairs:
             if target not in expected:
-                unexpected.append(name if target == name else f"{name} (as {target})")
+                skipped.append(name if target == name else f"{name} (as {target})")
                 continue
             if tuple(tensor.shape) != tuple(expected[target].shape):
                 wrong_shape.append(f"{target}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[target].shape)}")
@@ -285,11 +290,13 @@ def load_weights(model: nn.Module, files: list[Path], *, dtype: torch.dtype, dev
         problems.append("wrongly shaped tensors: " + "; ".join(wrong_shape[:10]))
     if required_missing:
         problems.append(f"{len(required_missing)} missing tensors: " + ", ".join(required_missing[:10]))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors: " + ", ".join(unexpected[:10]))
+    if skipped and (problems or unexpected is None):  # with nothing else wrong, the caller may skip them
+        problems.append(f"{len(skipped)} unexpected tensors: " + ", ".join(skipped[:10]))
     if problems:
         raise CheckpointError(f"checkpoint in {files[0].parent} does not fit the model config: "
                               + " | ".join(problems))
+    if unexpected is not None:
+        unexpected.extend(skipped)
     model.load_state_dict(loaded, strict=False, assign=True)
     return set(missing)
 

@@ -1,6 +1,7 @@
 """What every vision-language model class shares: loading from a checkpoint folder onto a device
 in a dtype, the model-output container, the causal-LM loss, and the HF-style ``generate``."""
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,8 +117,10 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
         rename, optional = layout.rename, layout.optional
         if quantizer is not None:
             rename, optional = quantizer.wrap_rename(rename), optional + quantizer.optional
+        unexpected: list[str] = []
         missing = load_weights(model, files, dtype=target_dtype, device=target_device, rename=rename,
-                               ignore=layout.ignore, optional=optional)
+                               ignore=layout.ignore, optional=optional, unexpected=unexpected)
+        _warn_unexpected(folder, unexpected)
         if quantizer is not None:
             missing = quantizer.finish(model, missing)
         model.tie_missing_weights(missing)
@@ -139,8 +142,9 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
         model.name_or_path = str(name_or_path)
         model.folder = folder
         model.generation_config = cls.default_generation_config(folder, config)
-        if loading_info:  # every weight was loaded as named (anything else is an error), so nothing to list
-            return model.eval(), {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        if loading_info:  # every weight the model holds was loaded (anything missing is an error); extras skipped
+            return model.eval(), {"missing_keys": [], "unexpected_keys": unexpected, "mismatched_keys": [],
+                                  "error_msgs": []}
         return model.eval()
 
     def save_pretrained(self, save_directory, **options) -> Path:
@@ -370,3 +374,11 @@ def _reject_unsupported(options: dict) -> None:
     if unsupported:
         raise InputError(f"from_pretrained got option(s) vlmkit does not support: "
                          f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}")
+
+
+def _warn_unexpected(folder: Path, names: list[str]) -> None:
+    """Checkpoint tensors the model has no place for were skipped, as transformers skips them (with a warning)."""
+    if names:
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        warnings.warn(f"{folder}: {len(names)} checkpoint tensor(s) this model does not use were skipped: {shown}",
+                      stacklevel=3)

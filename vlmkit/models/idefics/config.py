@@ -14,6 +14,11 @@ from ...nn.decoder import DecoderConfig
 # they differ from DecoderConfig's LLaMA-like field defaults: LLaMA's special token ids, with pad 0.
 IDEFICS_TEXT_DEFAULTS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
+# LLaMA keys transformers' IDEFICS decoder does not read: its attention has as many key/value heads as query heads,
+# head_dim = hidden_size // num_attention_heads and no biases, nor has its MLP, whatever config.json says. They are
+# kept (in ``extra``, written back by ``to_dict``) but not given to the decoder.
+IDEFICS_UNREAD_TEXT_KEYS = ("num_key_value_heads", "head_dim", "attention_bias", "mlp_bias")
+
 # What ``freeze_*_module_exceptions`` may name, as the reference maps them.
 FREEZE_EXCEPTION_NAMES = ("LayerNorm", "Linear", "Embedding")
 
@@ -96,6 +101,9 @@ class IdeficsConfig(ConfigFile):
         """Flat, as IDEFICS' config.json: the text keys at the top level."""
         values = super().to_dict()
         text = values.pop("text_config")
+        for key in IDEFICS_UNREAD_TEXT_KEYS:  # the file's own value (kept in extra), not the decoder's
+            if key in values:
+                text.pop(key, None)
         own = {k: values[k] for k in vars(self) if k in values}  # over the copies of its keys the text side keeps
         return {**values, **text, **own}
 
@@ -104,7 +112,9 @@ class IdeficsConfig(ConfigFile):
         """From a transformers-layout ``config.json`` dict; the text keys are read from its top level."""
         if values.get("model_type") != "idefics":
             raise CheckpointError(f"not an IDEFICS config (model_type {values.get('model_type')!r})")
-        text_keys = {k: v for k, v in values.items() if k not in ("vision_config", "perceiver_config")}
+        text_keys = {k: v for k, v in values.items()
+                     if k not in ("vision_config", "perceiver_config", *IDEFICS_UNREAD_TEXT_KEYS)}
+        _refuse_other_head_dim(values)
         config = dataclass_from_dict(
             cls, values, "config.json",
             text_config=DecoderConfig.from_dict({**IDEFICS_TEXT_DEFAULTS, **text_keys}, "config.json"),
@@ -150,3 +160,16 @@ class IdeficsConfig(ConfigFile):
     def image_width(self) -> int:
         """Width of the image features cross-attention reads (the resampler keeps the tower's width)."""
         return self.vision_config.embed_dim
+
+
+def _refuse_other_head_dim(values: dict) -> None:
+    """A ``head_dim`` other than hidden_size // num_attention_heads: transformers' IDEFICS sizes its rotary
+    embedding from it but its attention heads from the quotient, and fails at the first forward."""
+    head_dim = values.get("head_dim")
+    hidden, heads = values.get("hidden_size", 4096), values.get("num_attention_heads", 32)
+    if head_dim is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in (head_dim, hidden, heads)):
+        return
+    if heads > 0 and head_dim != hidden // heads:
+        raise CheckpointError(f"config.json: head_dim is {head_dim}, but IDEFICS' attention heads are hidden_size // "
+                              f"num_attention_heads = {hidden // heads} wide (transformers' IDEFICS fails on this "
+                              f"config too); remove head_dim from the file or set it to {hidden // heads}")

@@ -166,7 +166,7 @@ def tool_calls(options: ChatOptions, text: str) -> list[dict] | None:
     e.g. cut off by max_tokens)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's JSON reader goes
         return None
     if options.named_tool is not None:
         name, arguments = options.named_tool, value
@@ -174,8 +174,11 @@ def tool_calls(options: ChatOptions, text: str) -> list[dict] | None:
         name, arguments = value["name"], value["arguments"]
     else:
         return None
-    return [{"id": new_id("call"), "type": "function",
-             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
+    try:
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    except RecursionError:  # read, but too deep to write back: the answer's text as it is
+        return None
+    return [{"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}]
 
 
 def logprob_entries(tokens: GrammarTokenizer, token_ids, chosen, top_values, top_ids) -> list[dict]:

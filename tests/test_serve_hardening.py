@@ -140,3 +140,14 @@ def test_a_forced_tool_call_nested_too_deeply_to_read_ends_as_text_not_a_500():
     deep = "[" * 5000 + "]" * 5000  # json.loads gives up (RecursionError) long before this depth
     assert tool_calls(ChatOptions(tool_names=("f",), named_tool="f"), deep) is None
     assert tool_calls(ChatOptions(tool_names=("f",)), '{"name": "f", "arguments": ' + deep + "}") is None
+
+
+def test_a_failed_grammar_logs_the_engines_text_cut_short(caplog):
+    """llguidance's error text can hold the whole grammar (a request with thousands of tools logged 600 KB)."""
+    from vlmkit.generation.grammar import LOGGED_DETAIL_CHARS, _decoding_error
+
+    with caplog.at_level("WARNING", logger="vlmkit.grammar"):
+        error = _decoding_error("tools", "x" * 100_000, 3)
+    (record,) = caplog.records
+    assert len(record.getMessage()) < LOGGED_DETAIL_CHARS + 200 and "98000 more characters" in record.getMessage()
+    assert "x" * 100 not in str(error)  # the client's message stays short too

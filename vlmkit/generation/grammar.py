@@ -207,10 +207,16 @@ class _GrammarRow:
             raise self.error
 
 
+LOGGED_DETAIL_CHARS = 2000  # of the grammar engine's own error text, per failed answer
+
+
 def _decoding_error(field: str, detail: str, tokens: int) -> InputError:
     """A short message for a grammar that failed mid-answer; llguidance's own text (its parser state,
-    about a kilobyte) goes to the log only."""
-    log.warning("%s: the grammar failed after %d tokens: %s", field, tokens, detail)
+    about a kilobyte, but with the whole grammar in it for some errors) goes to the log only, cut short so
+    that a client's huge grammar cannot flood the log."""
+    shown = detail if len(detail) <= LOGGED_DETAIL_CHARS else f"{detail[:LOGGED_DETAIL_CHARS]}... " \
+        f"({len(detail) - LOGGED_DETAIL_CHARS} more characters)"
+    log.warning("%s: the grammar failed after %d tokens: %s", field, tokens, shown)
     if "too many items" in detail.lower() or "toocomplex" in detail.replace(" ", "").lower():
         why = "the constraint is too complex for the grammar engine to follow"
     else:

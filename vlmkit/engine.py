@@ -56,6 +56,11 @@ class Engine:
                                                     **processor_options)
         return inputs.to(self.model.device, dtype=self.model.dtype)
 
+    def text_inputs(self, token_ids: list[int]) -> dict:
+        """Model inputs for a prompt of token ids alone, with no image (a text completion's)."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.model.device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
     def chat(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: list[str] | None = None, on_text=None, **processor_options) -> ChatResult:

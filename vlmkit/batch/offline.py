@@ -1,6 +1,6 @@
 """Offline inference from Python in the shape of vLLM's ``LLM``: load once, then answer a list of
-conversations (``chat``) or draw images for a list of prompts (``generate_images``), all batched on
-the model through the server's request path::
+conversations (``chat``), continue text prompts as they are (``generate``) or draw images for a list of
+prompts (``generate_images``), all batched on the model through the server's request path::
 
     llm = vlmkit.LLM("/models/janus-pro-1b")
     outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=64))
@@ -145,6 +145,24 @@ class LLM:
                                       body["usage"]["completion_tokens"], body))
         return outputs
 
+    def generate(self, prompts, sampling_params: SamplingParams | dict | list[SamplingParams | dict] | None = None, *,
+                 use_tqdm: bool = True) -> list[ChatOutput]:
+        """Continue each prompt as it is, with no chat template (vLLM's ``LLM.generate``, the server's
+        ``/v1/completions``): a text, a list of texts, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``.
+        One output per prompt, in order; ``sampling_params`` as for ``chat``."""
+        self._check_open()
+        prompts = [_completion_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InputError(f"{len(params)} sampling_params for {len(prompts)} prompts; give one, or one per prompt")
+        bodies = [{"prompt": prompt, **_sampling_params(p).request_fields()} for prompt, p in zip(prompts, params)]
+        outputs = []
+        for index, body in enumerate(self._run("/v1/completions", bodies, "prompt", use_tqdm)):
+            choices = [CompletionOutput(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]]
+            outputs.append(ChatOutput(index, choices, body["usage"]["prompt_tokens"],
+                                      body["usage"]["completion_tokens"], body))
+        return outputs
+
     def generate_images(self, prompts: str | list[str], *, n: int = 1, seed: int | None = None,
                         guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         use_tqdm: bool = True) -> list[list]:
@@ -260,6 +278,40 @@ def _sampling_params(params) -> SamplingParams:
         return SamplingParams(**params)
     raise InputError(f"sampling_params must be a SamplingParams, a dict of its fields, or a list of them (one per "
                      f"conversation), got {type(params).__name__}")
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a text or a dict) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts:
+        return list(prompts)
+    raise InputError(f"generate takes a prompt (a text, {{'prompt': text}} or {{'prompt_token_ids': ids}}) or a "
+                     f"non-empty list of them, got {type(prompts).__name__} {prompts!r:.60}")
+
+
+def _completion_prompt(prompt, index: int) -> str | list[int]:
+    """A prompt as ``/v1/completions`` takes it: a text or token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        if "multi_modal_data" in prompt:
+            raise InputError(f"prompt {index}: multi_modal_data is not taken by generate, which continues text as "
+                             f"it is; send images with chat (the chat template places their tokens)")
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"}, key=str)
+        if unknown or len(prompt) != 1:
+            raise InputError(f"prompt {index}: a prompt dict holds 'prompt' (a text) or 'prompt_token_ids' (token "
+                             f"ids), one of them, got the keys {sorted(prompt, key=str)}")
+        value = prompt.get("prompt", prompt.get("prompt_token_ids"))
+        if "prompt" in prompt and isinstance(value, str):
+            return value
+        if "prompt_token_ids" in prompt and isinstance(value, (list, tuple)) and value and \
+                all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+            return list(value)
+        raise InputError(f"prompt {index}: 'prompt' must be a text and 'prompt_token_ids' a non-empty list of token "
+                         f"ids, got {value!r:.60}")
+    raise InputError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a text, {{'prompt': text}} or "
+                     f"{{'prompt_token_ids': ids}}")
 
 
 def _conversations(messages) -> list[list[dict]]:

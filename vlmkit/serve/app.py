@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from . import openapi
+from .completions import completion_body, completion_stream, prepare_completion
 from .config import ServeConfig
 from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
 from .http import HeaderLimit, listening_socket, uvicorn_config
@@ -167,6 +168,33 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         except Exception as err:
             return _error_response(err)
 
+    @router.post("/v1/completions", responses=openapi.COMPLETION_RESPONSES)
+    async def completions(request: Request):
+        jobs = []
+        try:
+            body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
+            handler, scheduler = state.ready()
+            scheduler.check_capacity()
+            parsed, tasks, echoes = await run_in_threadpool(prepare_completion, handler, body)
+            events: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            for prompt_index, task in enumerate(tasks):  # each prompt's events come tagged with its index
+                jobs.append(scheduler.submit(task, _forward(loop, events, parsed.stream, prompt_index)))
+        except Exception as err:
+            for job in jobs:
+                job.cancel()
+            return _error_response(err)
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            stream = completion_stream(_events(jobs, events, request), handler.model_name, parsed, echoes,
+                                       include_usage, lambda err: api_error(err).body())
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            outcomes = await _outcomes(jobs, events, request)
+            return completion_body(handler.model_name, parsed, outcomes, echoes)
+        except Exception as err:
+            return _error_response(err)
+
     @router.post("/tokenize", responses=openapi.TOKENIZE_RESPONSES)
     async def tokenize(request: Request):
         return await _answer_in_threadpool(request, lambda handler, body: handler.tokenize(body))
@@ -213,7 +241,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
-ROUTES = ("/v1/chat/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /tokenize, /detokenize, "
+ROUTES = ("/v1/chat/completions, /v1/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /tokenize, /detokenize, "
           "/health, /stats, /metrics and /openapi.json")
 
 
@@ -291,18 +319,19 @@ def _error_response(err: BaseException) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def _forward(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool):
+def _forward(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool, tag: int | None = None):
     """A job listener that hands events from the worker thread to this request's event loop (only the
-    final one unless streaming)."""
+    final one unless streaming); with a ``tag`` (a completion's prompt index) each as ``(tag, event)``."""
     def listen(event) -> None:
         if stream or isinstance(event, (JobEnd, JobFailed)):
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, event if tag is None else (tag, event))
     return listen
 
 
-async def _events(job, events: asyncio.Queue, request: Request):
-    """The job's events as they come; if the client disconnects first, the job is cancelled (its rows
-    leave the batch before the next step) and the iteration ends."""
+async def _events(jobs, events: asyncio.Queue, request: Request):
+    """The events of a job (or of a list of jobs, which share ``events``) as they come; if the client
+    disconnects first, the jobs are cancelled (their rows leave the batch before the next step) and the
+    iteration ends."""
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         while True:
@@ -314,7 +343,8 @@ async def _events(job, events: asyncio.Queue, request: Request):
             yield get.result()
     finally:
         gone.cancel()
-        job.cancel()  # no-op once finished
+        for job in jobs if isinstance(jobs, list) else [jobs]:
+            job.cancel()  # no-op once finished
 
 
 async def _outcome(job, events: asyncio.Queue, request: Request):
@@ -324,6 +354,18 @@ async def _outcome(job, events: asyncio.Queue, request: Request):
             return event.outcome
         if isinstance(event, JobFailed):
             raise event.error
+    raise ApiError(499, "the client disconnected", code="client_closed_request")
+
+
+async def _outcomes(jobs: list, events: asyncio.Queue, request: Request) -> list:
+    """Wait for every job's outcome, in the order of ``jobs`` (raising the first error that comes)."""
+    outcomes = [None] * len(jobs)
+    async for tag, event in _events(jobs, events, request):
+        if isinstance(event, JobFailed):
+            raise event.error
+        outcomes[tag] = event.outcome
+        if all(outcome is not None for outcome in outcomes):
+            return outcomes
     raise ApiError(499, "the client disconnected", code="client_closed_request")
 
 

@@ -6,10 +6,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from .completions import CompletionRequest, TextCompletion
 from .schemas import (ChatCompletion, ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse,
                       ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 
-REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/images/generations": ImageGenerationRequest,
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                  "/v1/images/generations": ImageGenerationRequest,
                   "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
@@ -40,6 +42,11 @@ _SSE_EVENT = {"type": "object", "required": ["data"],
 CHAT_RESPONSES = {
     200: {"model": ChatCompletion, "description": "the answer; with stream=true, server-sent "
                                                   "chat.completion.chunk events ending in 'data: [DONE]'",
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
+COMPLETION_RESPONSES = {
+    200: {"model": TextCompletion, "description": "the continuations; with stream=true, server-sent text_completion "
+                                                  "events ending in 'data: [DONE]'",
           "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
     **_errors(400, 401, 404, 408, 413, 499, 500, 503)}
 IMAGE_RESPONSES = {

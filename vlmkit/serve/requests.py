@@ -21,6 +21,7 @@ from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, C
                       TokenizeResponse, Usage, error_body, parse_request)
 from .events import ChatOutcome, ImageOutcome
 from .image_stream import completed_usage, encoded_base64
+from .completions import completion_body, prepare_completion
 from .options import chat_options
 from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
 
@@ -131,12 +132,7 @@ class RequestHandler:
         self.check_chat_shape(body)
         request = parse_request(ChatCompletionRequest, body)
         self.check_model(request.model)
-        limits = self.limits
-        if request.n > limits.max_n:
-            raise ApiError(400, f"n={request.n} is more than this server's limit of {limits.max_n} choices per "
-                                f"request (--max-n)")
-        if len(request.stop_strings) > limits.max_stop:
-            raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
+        self.check_counts(request, request.n)
         variables = self.template_variables(request.chat_template_kwargs)
         self.check_prompt_size([*(text for message in request.messages for text in _texts(message.content)),
                                 *_strings(variables)])
@@ -144,14 +140,34 @@ class RequestHandler:
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages, add_generation_prompt=request.add_generation_prompt,
                                           continue_final_message=request.continue_final_message, **variables)
-        prompt = int(inputs["input_ids"].shape[1])
+        budget = self.answer_budget(request, int(inputs["input_ids"].shape[1]),
+                                    "the conversation or send fewer images")
+        return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
+                                 request.stop_strings, request.ignore_eos, request.include_stop_str_in_output,
+                                 request.skip_special_tokens,
+                                 "" if request.continue_final_message else self.answer_prefix, options)
+
+    def check_counts(self, request, choices: int) -> None:
+        """Refuse more choices (``n``, times the prompts of a completion) or stop strings than the server takes."""
+        limits = self.limits
+        if choices > limits.max_n:
+            asked = f"n={request.n}" if choices == request.n else f"{choices // request.n} prompts x n={request.n}"
+            raise ApiError(400, f"{asked} is more than this server's limit of {limits.max_n} choices per request "
+                                f"(--max-n)")
+        if len(request.stop_strings) > limits.max_stop:
+            raise ApiError(400, f"stop has {len(request.stop_strings)} strings; at most {limits.max_stop} are allowed")
+
+    def answer_budget(self, request, prompt: int, shorten: str) -> int:
+        """The tokens a request's answer may take after a prompt of ``prompt`` tokens: its max_tokens, or the
+        server's default (more where min_tokens asks for more), within the model's context; ``shorten``
+        says what the error tells the client to shorten."""
         context = self.engine.model.max_context
         budget = request.answer_budget
         if prompt >= context:  # no max_tokens can help: say so, rather than "lower max_tokens to at most 0"
             raise ApiError(400, f"the prompt is {prompt} tokens long and fills the model's context of {context} "
-                                f"tokens; shorten the conversation or send fewer images")
-        if budget is None:  # the server's default, or more where min_tokens asks for more
-            budget = min(max(limits.default_max_tokens, request.min_tokens or 0), context - prompt)
+                                f"tokens; shorten {shorten}")
+        if budget is None:
+            budget = min(max(self.limits.default_max_tokens, request.min_tokens or 0), context - prompt)
             if request.min_tokens and request.min_tokens > budget:
                 raise ApiError(400, f"min_tokens: {request.min_tokens} tokens do not fit after the prompt "
                                     f"({prompt} tokens) in the model's context of {context} tokens; lower it")
@@ -159,10 +175,7 @@ class RequestHandler:
             raise ApiError(400, f"the prompt ({prompt} tokens) plus max_tokens ({budget}) is more than the model's "
                                 f"context of {context} tokens; lower max_tokens to at most {max(context - prompt, 0)}"
                                 f" or shorten the prompt")
-        return request, ChatTask(inputs, self.sampling_config(request, budget), budget, request.n,
-                                 request.stop_strings, request.ignore_eos, request.include_stop_str_in_output,
-                                 request.skip_special_tokens,
-                                 "" if request.continue_final_message else self.answer_prefix, options)
+        return budget
 
     def template_variables(self, values: dict | None) -> dict:
         """``chat_template_kwargs`` that the checkpoint's chat template reads (others are ignored, as a
@@ -447,25 +460,31 @@ class RequestHandler:
             try:
                 if url == "/v1/chat/completions":
                     request, task = self.prepare_chat(body)
-                    pending.append((lambda outcome, request=request: self.chat_body(request, outcome),
-                                    scheduler.submit(task)))
+                    respond, tasks = (lambda outcomes, request=request: self.chat_body(request, outcomes[0])), [task]
+                elif url == "/v1/completions":
+                    request, tasks, echoes = prepare_completion(self, body)
+                    respond = (lambda outcomes, request=request, echoes=echoes:
+                               completion_body(self.model_name, request, outcomes, echoes))
                 elif url == "/v1/images/generations":
                     request, task = self.prepare_images(body)
-                    pending.append((lambda outcome, request=request, task=task: self.images_body(request, task, outcome),
-                                    scheduler.submit(task)))
+                    respond, tasks = (lambda outcomes, request=request, task=task:
+                                      self.images_body(request, task, outcomes[0])), [task]
                 else:
-                    raise ApiError(404, f"unknown endpoint {url!r}: use /v1/chat/completions or "
+                    raise ApiError(404, f"unknown endpoint {url!r}: use /v1/chat/completions, /v1/completions or "
                                         f"/v1/images/generations", code="unknown_url")
+                pending.append((respond, [scheduler.submit(task) for task in tasks]))
             except Exception as err:
                 pending.append((api_error(err), None))
         results = []
-        for respond, job in pending:
-            if job is None:
+        for respond, jobs in pending:
+            if jobs is None:
                 results.append((respond.status, respond.body()))
                 continue
             try:
-                results.append((200, respond(job.wait())))
+                results.append((200, respond([job.wait() for job in jobs])))
             except Exception as err:
+                for job in jobs:  # a completion's other prompts are not worth finishing
+                    job.cancel()
                 error = api_error(err)
                 results.append((error.status, error.body()))
         return results

@@ -241,14 +241,14 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
 
 
 # --- pieces of the endpoints ---------------------------------------------------------------------
-ROUTES = ("/v1/chat/completions, /v1/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /tokenize, /detokenize, "
-          "/health, /stats, /metrics and /openapi.json")
+ROUTES = ("/v1/chat/completions, /v1/completions, /v1/images/generations, /v1/models, /v1/models/{id}, /tokenize, "
+          "/detokenize, /health, /stats, /metrics and /openapi.json")
 
 
 def _route_error(request: Request, err: StarletteHTTPException) -> str:
     """The message of a routing error; the requested path is not echoed back (it is the client's own text)."""
     if err.status_code == 404:
-        return f"this server has no such route; it serves {ROUTES}"
+        return f"no such route; this server serves {ROUTES}"
     if err.status_code == 405:
         return method_not_allowed(request.method, (err.headers or {}).get("Allow", ""))
     return str(err.detail)

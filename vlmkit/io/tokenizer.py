@@ -9,6 +9,8 @@ from .checkpoint import read_json
 from .assistant_masks import tokenizer_masks
 from .features import BatchFeature, as_return_type
 from .padding import pad_encoded, pad_length, pad_rows
+from .tokenizer_classes import (apply_class_pipeline, apply_class_special_tokens, apply_config_added_tokens,
+                                class_defaults, tokenizer_class, with_special_tokens_map)
 
 # options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
 TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
@@ -89,6 +91,7 @@ class Tokenizer:
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder} has no tokenizer.json; vlmkit needs the fast tokenizer file")
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        config = with_special_tokens_map(folder, config)
         try:
             backend = Backend.from_file(str(folder / "tokenizer.json"))
         except Exception as err:  # tokenizers raises a bare Exception for every malformed file
@@ -98,7 +101,13 @@ class Tokenizer:
                                   f"again") from None
         backend.no_padding()
         backend.no_truncation()
-        tokenizer = cls(backend, {**config, **settings}, find_chat_template(folder, config))
+        # the pipeline, added-token flags and defaults transformers 5 gives the class the checkpoint names: its ids
+        # differ from tokenizer.json's as written for LlamaTokenizer and Qwen2Tokenizer (see tokenizer_classes.py)
+        class_name = tokenizer_class(config, _model_type(folder), folder / "tokenizer.json")
+        apply_class_pipeline(backend, class_name, config)
+        apply_config_added_tokens(backend, config)
+        tokenizer = cls(backend, {**class_defaults(class_name), **config, **settings}, find_chat_template(folder, config))
+        apply_class_special_tokens(backend, class_name, tokenizer.all_special_tokens)
         tokenizer.folder = folder
         return tokenizer
 
@@ -401,6 +410,16 @@ class Tokenizer:
                                     continue_final_message=continue_final_message,
                                     generation_spans=generation_spans[i] if generation_spans is not None else None,
                                     **{**self.special_tokens_map, **variables}) for i, c in enumerate(conversations)]
+
+
+def _model_type(folder: Path) -> str | None:
+    """config.json's model type (AutoTokenizer's choice of class reads it too), or None."""
+    path = folder / "config.json"
+    try:
+        model_type = read_json(path).get("model_type") if path.is_file() else None
+    except CheckpointError:  # a damaged config.json is reported by whatever loads the model
+        return None
+    return model_type if isinstance(model_type, str) else None
 
 
 def unpaired_surrogate(text: str) -> str | None:

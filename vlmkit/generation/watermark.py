@@ -111,5 +111,6 @@ class Watermark:
         processed = scores.clone()
         for index, row in enumerate(input_ids):
             green = self._selfhash_green_ids(row, scores[index]) if self.selfhash else self.green_ids(row)
+            green = green[green < scores.shape[-1]]  # a config's vocabulary larger than the head: no such scores
             processed[index, green] = processed[index, green] + self.bias
         return processed

@@ -149,19 +149,35 @@ def render_conversation(template: str, messages: list[dict], add_generation_prom
 
 
 def find_chat_template(folder: Path, *configs: dict) -> str | None:
-    """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json`` or a
-    ``chat_template`` key in one of the given configs (a string, or a list of named templates)."""
+    """The tokenizer's chat template, found as transformers' tokenizers find it: ``chat_template.jinja``,
+    else a ``chat_template`` key in one of the given configs (tokenizer_config.json's; a string, or a list
+    of named templates). ``chat_template.json`` is the processor's file (``processor_chat_template``), which
+    transformers' tokenizers never read: llava-hf repos keep the processor's multimodal template there and
+    the language model's text-only template in tokenizer_config.json, and each object gets its own."""
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    json_file = folder / "chat_template.json"
-    if json_file.is_file():
-        return _pick(json.loads(json_file.read_text(encoding="utf-8")).get("chat_template"))
     for config in configs:
         template = _pick(config.get("chat_template"))
         if template:
             return template
     return None
+
+
+def processor_chat_template(folder: Path, processor_config: dict, tokenizer_config: dict | None = None) -> str | None:
+    """The processor's chat template, in transformers' ``ProcessorMixin`` order: a ``chat_template`` key in
+    processor_config.json, else the legacy ``chat_template.json``, else ``chat_template.jinja``. Where a
+    folder has none of these, the tokenizer's (tokenizer_config.json's key), which transformers' processors
+    do not take (their ``apply_chat_template`` then fails for want of a template)."""
+    template = _pick(processor_config.get("chat_template"))
+    if template:
+        return template
+    json_file = folder / "chat_template.json"
+    if json_file.is_file():
+        template = _pick(json.loads(json_file.read_text(encoding="utf-8")).get("chat_template"))
+        if template:
+            return template
+    return find_chat_template(folder, tokenizer_config or {})
 
 
 def _pick(template):

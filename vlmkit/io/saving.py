@@ -15,7 +15,7 @@ from torch import nn
 
 from ..configs import with_edits
 from ..errors import InputError
-from .chat_template import find_chat_template
+from .chat_template import processor_chat_template
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
 
 _WEIGHT_FILES = {"model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX, "config.json"}
@@ -99,8 +99,15 @@ def save_processor_files(processor, directory, **options) -> Path:
     _copy_side_files(source, out, also_skip=("generation_config.json", "tokenizer.json", "tokenizer_config.json"))
     config = save_tokenizer_files(tokenizer, out)  # the tokenizer as it is now
     template = getattr(processor, "chat_template", None)
-    if template and template != find_chat_template(out, config):  # set or edited since loading
+    processor_config = out / "processor_config.json"
+    found = processor_chat_template(out, read_json(processor_config) if processor_config.is_file() else {}, config)
+    if template and template != found:  # set or edited since loading: the file processors read, alone
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (out / "chat_template.json").unlink(missing_ok=True)  # a copied older file would be read before it
+        if processor_config.is_file() and "chat_template" in read_json(processor_config):
+            values = read_json(processor_config)
+            del values["chat_template"]
+            processor_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ...io.chat_template import find_chat_template
+from ...io.chat_template import processor_chat_template
 from ...io.checkpoint import checkpoint_location
 from ...io.pixels import stack_same_shapes
 from ...io.features import as_return_type
@@ -73,7 +73,7 @@ class IdeficsProcessor(ProcessorBase):
         settings = tokenizer_settings(unused)
         tokenizer = Tokenizer.from_pretrained(folder, **settings)
         return cls(IdeficsImageProcessor.from_config(image_config), tokenizer,
-                   chat_template=find_chat_template(folder, processor_config, tokenizer.config))
+                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config))
 
     # --- prompts -------------------------------------------------------------------------------
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:

@@ -53,14 +53,14 @@ class JanusProcessor(ProcessorBase):
             from .original_layout import original_processor_settings
             return cls(**original_processor_settings(folder, model_config, processor_config, image_config,
                                                      tokenizer), media_policy=media_policy)
-        from ...io.chat_template import find_chat_template
+        from ...io.chat_template import processor_chat_template
         # a folder without the processor's files (a model saved alone): the vision tower's own size and
         # token count, rather than the class defaults (Janus-Pro's 384 pixels, 576 tokens) it may not have
         vision = model_config.get("vision_config") if isinstance(model_config.get("vision_config"), dict) else {}
         side, patch = vision.get("image_size", 384), vision.get("patch_size", 16)
         image_processor = JanusImageProcessor.from_config(image_config or {"size": side})
         return cls(image_processor, tokenizer,
-                   chat_template=find_chat_template(folder, processor_config, tokenizer.config),
+                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config),
                    use_default_system_prompt=bool(processor_config.get("use_default_system_prompt", False)),
                    num_image_tokens=int(processor_config.get("num_image_tokens", (side // patch) ** 2)),
                    media_policy=media_policy)

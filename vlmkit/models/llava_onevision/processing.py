@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io.checkpoint import checkpoint_location
-from ...io.chat_template import find_chat_template
+from ...io.chat_template import processor_chat_template
 from ...io.features import as_return_type
 from ...io.media import is_tensor
 from ...io.tokenizer import Tokenizer, tokenizer_settings
@@ -66,7 +66,7 @@ class LlavaOnevisionProcessor(ProcessorBase):
                    video_processor=LlavaOnevisionImageProcessor.from_config(video_config),
                    num_image_tokens=processor_config.get("num_image_tokens"),
                    vision_feature_select_strategy=processor_config.get("vision_feature_select_strategy"),
-                   chat_template=find_chat_template(folder, processor_config, tokenizer.config),
+                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config),
                    image_token=processor_config.get("image_token", IMAGE_TOKEN),
                    video_token=processor_config.get("video_token", VIDEO_TOKEN),
                    vision_aspect_ratio=processor_config.get("vision_aspect_ratio", "anyres_max_9"),

@@ -140,7 +140,7 @@ def test_batch_rows_and_llm_generate_answer_completions_as_the_server(janus_dir)
         outputs = llm.generate([PROMPT, {"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=5),
                                use_tqdm=False)
         assert [o.text for o in outputs] == [expected, expected]
-        for bad, names in [({"prompt": PROMPT, "multi_modal_data": {}}, ["multi_modal_data", "chat"]),
+        for bad, names in [({"prompt": PROMPT, "multi_modal_data": {}}, ["multi_modal_data", "'image'"]),
                            ({"prompt_token_ids": []}, ["prompt_token_ids"]), ([3], ["prompt 0 is a int"])]:
             with pytest.raises(InputError) as caught:
                 llm.generate(bad, use_tqdm=False)

@@ -149,13 +149,16 @@ class LLM:
                  use_tqdm: bool = True) -> list[ChatOutput]:
         """Continue each prompt as it is, with no chat template (vLLM's ``LLM.generate``, the server's
         ``/v1/completions``): a text, a list of texts, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``.
+        ``{"prompt": text, "multi_modal_data": {"image": image_or_list}}`` (vLLM's raw multimodal form) gives
+        the text images (PIL, numpy arrays, tensors, or URLs), one per placeholder of the family's processor
+        (``<image>``, Janus' ``<image_placeholder>``), expanded as transformers' processor expands that text.
         One output per prompt, in order; ``sampling_params`` as for ``chat``."""
         self._check_open()
         prompts = [_completion_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InputError(f"{len(params)} sampling_params for {len(prompts)} prompts; give one, or one per prompt")
-        bodies = [{"prompt": prompt, **_sampling_params(p).request_fields()} for prompt, p in zip(prompts, params)]
+        bodies = [{**prompt, **_sampling_params(p).request_fields()} for prompt, p in zip(prompts, params)]
         outputs = []
         for index, body in enumerate(self._run("/v1/completions", bodies, "prompt", use_tqdm)):
             choices = [CompletionOutput(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]]
@@ -290,28 +293,60 @@ def _prompt_list(prompts) -> list:
                      f"non-empty list of them, got {type(prompts).__name__} {prompts!r:.60}")
 
 
-def _completion_prompt(prompt, index: int) -> str | list[int]:
-    """A prompt as ``/v1/completions`` takes it: a text or token ids."""
+def _completion_prompt(prompt, index: int) -> dict:
+    """A prompt as ``/v1/completions`` takes it: ``prompt`` (a text or token ids), with a text's
+    ``multi_modal_data`` as URLs."""
     if isinstance(prompt, str):
-        return prompt
+        return {"prompt": prompt}
     if isinstance(prompt, dict):
-        if "multi_modal_data" in prompt:
-            raise InputError(f"prompt {index}: multi_modal_data is not taken by generate, which continues text as "
-                             f"it is; send images with chat (the chat template places their tokens)")
-        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"}, key=str)
-        if unknown or len(prompt) != 1:
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}, key=str)
+        if unknown or len(set(prompt) & {"prompt", "prompt_token_ids"}) != 1:
             raise InputError(f"prompt {index}: a prompt dict holds 'prompt' (a text) or 'prompt_token_ids' (token "
-                             f"ids), one of them, got the keys {sorted(prompt, key=str)}")
+                             f"ids), one of them, and for a text its 'multi_modal_data'; got the keys "
+                             f"{sorted(prompt, key=str)}")
         value = prompt.get("prompt", prompt.get("prompt_token_ids"))
+        if "multi_modal_data" in prompt and "prompt" not in prompt:
+            raise InputError(f"prompt {index}: multi_modal_data goes with a text 'prompt', whose placeholders the "
+                             f"processor expands into the images' tokens; token ids cannot place images")
         if "prompt" in prompt and isinstance(value, str):
-            return value
+            if "multi_modal_data" in prompt:
+                return {"prompt": value,
+                        "multi_modal_data": _multi_modal_data(prompt["multi_modal_data"], f"prompt {index}")}
+            return {"prompt": value}
         if "prompt_token_ids" in prompt and isinstance(value, (list, tuple)) and value and \
                 all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-            return list(value)
+            return {"prompt": list(value)}
         raise InputError(f"prompt {index}: 'prompt' must be a text and 'prompt_token_ids' a non-empty list of token "
                          f"ids, got {value!r:.60}")
     raise InputError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a text, {{'prompt': text}} or "
                      f"{{'prompt_token_ids': ids}}")
+
+
+def _multi_modal_data(data, where: str) -> dict:
+    """vLLM's ``multi_modal_data`` as the server's: each image a URL (in-memory images as PNG data URIs), each
+    video a URL or local path (``{"url", "num_frames"}`` to choose the frames sampled)."""
+    if not isinstance(data, dict) or not data or set(data) - {"image", "video"}:
+        got = sorted(data, key=str) if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"{where}: multi_modal_data must be a dict {{'image': image or list of images}} (and "
+                         f"'video' for LLaVA-OneVision), got {got}")
+    sent = {}
+    for kind, items in data.items():
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        if not items:
+            raise InputError(f"{where}: multi_modal_data[{kind!r}] is empty; give one, or leave it out")
+        if kind == "image":
+            sent[kind] = [os.fspath(image) if isinstance(image, (str, os.PathLike))  # a URL, or a path with media_root
+                          else _png_data_uri(image, f"{where}, multi_modal_data['image'][{k}]", "multi_modal_data")
+                          for k, image in enumerate(items)]
+        else:
+            for k, video in enumerate(items):
+                if not isinstance(video, (str, os.PathLike, dict)):
+                    # frames would need a video format the server reads from a data: URI; it reads files and URLs
+                    raise InputError(f"{where}, multi_modal_data['video'][{k}]: a video is given as its URL or file "
+                                     f"path (make the LLM with media_root), not as frames "
+                                     f"({type(video).__name__}); write the frames to a video file")
+            sent[kind] = [video if isinstance(video, dict) else os.fspath(video) for video in items]
+    return sent
 
 
 def _conversations(messages) -> list[list[dict]]:
@@ -359,20 +394,21 @@ def _openai_message(message: dict, where: str) -> dict:
     return {**message, "content": parts}
 
 
-def _png_data_uri(image, where: str) -> str:
+def _png_data_uri(image, where: str, taker: str = "an image_pil part") -> str:
+    """A PIL image, array or tensor as a PNG data URI; ``taker`` names what takes it in errors."""
     from PIL import Image
 
     from ..io.media import is_tensor, load_image
 
     if isinstance(image, (str, os.PathLike)):
-        raise InputError(f"{where}: an image_pil part takes a PIL image (or a numpy array or tensor), not a path "
+        raise InputError(f"{where}: {taker} takes a PIL image (or a numpy array or tensor), not a path "
                          f"({str(image)!r:.80}); open it with PIL.Image.open, or send an image_url part with the "
                          f"path and make the LLM with media_root")
     if not isinstance(image, Image.Image):
         import numpy as np
 
         if not (isinstance(image, np.ndarray) or is_tensor(image)):
-            raise InputError(f"{where}: an image_pil part takes a PIL image (or a numpy array or tensor), got "
+            raise InputError(f"{where}: {taker} takes a PIL image (or a numpy array or tensor), got "
                              f"{type(image).__name__}")
         try:
             image = load_image(image)  # HxW, HxWxC or CxHxW, as the processors take arrays

@@ -30,7 +30,7 @@ from .metrics import RequestCounter, ServerMetrics
 from .pages import install_playground
 from .events import ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .scheduler import Scheduler
-from .schemas import ModelCard, ModelList, Usage, error_body, new_id
+from .schemas import ModelCard, ModelList, Usage, chunk_events, error_body
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -377,15 +377,7 @@ async def _disconnected(request: Request) -> None:
 async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int, include_usage: bool):
     """``chat.completion.chunk`` server-sent events, then ``data: [DONE]``. Closing the stream early (the
     client went away) cancels the job."""
-    chunk_id, created = new_id("chatcmpl"), int(time.time())
-
-    def event(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
+    event = chunk_events("chat.completion.chunk", model, "chatcmpl")
     stream = _events(job, events, request)
     try:
         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}

@@ -6,26 +6,60 @@ prompt ``p`` is choice ``p * n + i`` of the answer, as in OpenAI's API. The samp
 and the decoding are the chat endpoint's. ``logprobs`` is an integer here (how many of the likeliest tokens
 to list beside each sampled one, 0 for the sampled token alone) and the entries take the completions
 shape: ``tokens``, ``token_logprobs``, ``top_logprobs`` and ``text_offset``. ``echo`` puts the prompt's
-text before each choice's."""
+text before each choice's.
+
+vlmkit's extension ``multi_modal_data`` (vLLM's field of the same name, with URLs for its images) gives a
+text prompt images, and videos for LLaVA-OneVision: the prompt, written in the family's raw format, holds one
+placeholder per image (``<image_placeholder>`` for Janus, ``<image>`` for LLaVA-OneVision and IDEFICS,
+``<video>`` per video), and the family's processor expands each into that image's tokens, as transformers'
+processor does for the same text. The media are fetched under the chat endpoint's policy and limits."""
 
 import json
 import time
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..errors import InputError
 from .events import ChatOutcome, ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .options import chat_options
-from .schemas import (UNSUPPORTED_VLLM_OPTIONS, ChatCompletionRequest, ChatMessage, Flag, Text, Usage, _int, new_id,
-                      parse_request)
+from .schemas import (UNSUPPORTED_VLLM_OPTIONS, ChatCompletionRequest, ChatMessage, Flag, ImagePart, MediaURL, Text,
+                      Usage, VideoPart, chunk_events, json_int, RequestModel, new_id, parse_request)
 from .scheduler import ChatTask
 
-TokenId = _int(ge=0, le=2 ** 31 - 1)
+TokenId = json_int(ge=0, le=2 ** 31 - 1)
 
-# completions take echo (the prompt's text before each answer); the chat endpoint's other refusals hold
-_UNSUPPORTED = {name: neutral for name, neutral in UNSUPPORTED_VLLM_OPTIONS.items() if name != "echo"}
+class MultiModalData(RequestModel):
+    """``multi_modal_data``: the images (URLs or data: URIs, in the prompt's placeholder order) and videos (URLs,
+    or ``{"url", "num_frames"}`` as a chat's ``video_url``) of a text prompt; one URL alone is a list of one."""
+
+    image: list[Text] = []
+    video: list[MediaURL | Text] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_kinds(cls, values):
+        if isinstance(values, dict):
+            unknown = sorted(set(values) - {"image", "video"}, key=str)
+            if unknown:
+                raise ValueError(f"{', '.join(map(repr, unknown))} is not a kind of media vlmkit takes; give 'image' "
+                                 f"and/or 'video', each a list of URLs")
+        return values
+
+    @field_validator("image", "video", mode="before")
+    @classmethod
+    def _one_is_a_list(cls, value):
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @property
+    def parts(self) -> list[tuple[str, ImagePart | VideoPart]]:
+        """(where, part) for each image and video, as chat content parts (loaded as a chat's are)."""
+        images = [(f"multi_modal_data.image[{i}]", ImagePart(type="image_url", image_url={"url": url}))
+                  for i, url in enumerate(self.image)]
+        videos = [(f"multi_modal_data.video[{i}]", VideoPart(type="video_url", video_url=video))
+                  for i, video in enumerate(self.video)]
+        return images + videos
 
 
 class CompletionRequest(ChatCompletionRequest):
@@ -35,21 +69,16 @@ class CompletionRequest(ChatCompletionRequest):
 
     messages: list[ChatMessage] | None = None  # not read: a completion continues ``prompt``
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(union_mode="left_to_right")
-    max_tokens: _int(ge=1) | None = 16
-    logprobs: _int(ge=0, le=20) | None = None
+    max_tokens: json_int(ge=1) | None = 16
+    logprobs: json_int(ge=0, le=20) | None = None
     echo: Flag = False
     suffix: Text | None = None
     add_special_tokens: Flag = True  # vLLM's: the tokenizer's BOS before a text prompt
+    multi_modal_data: MultiModalData | None = None  # vlmkit's: the images of one text prompt (module docstring)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_unsupported_vllm_options(cls, values):
-        if isinstance(values, dict):
-            for name, neutral in _UNSUPPORTED.items():
-                value = values.get(name)
-                if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
-                    raise ValueError(f"{name}: this vLLM option is not supported by vlmkit's server; leave it out")
-        return values
+    # completions take echo (the prompt's text before each answer); the chat endpoint's other refusals hold
+    UNSUPPORTED_OPTIONS: ClassVar[dict] = {name: neutral for name, neutral in UNSUPPORTED_VLLM_OPTIONS.items()
+                                           if name != "echo"}
 
     @model_validator(mode="after")
     def _completion_only(self):
@@ -64,7 +93,22 @@ class CompletionRequest(ChatCompletionRequest):
             raise ValueError("prompt: an empty list; send a string, a list of strings or token ids")
         if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
             raise ValueError("prompt: a token-id prompt is empty")
+        if self.multi_modal_data is not None:
+            self._check_multi_modal_data()
         return self
+
+    def _check_multi_modal_data(self) -> None:
+        # one prompt per request keeps "which image is whose" out of the API; LLM.generate sends one per prompt
+        media = self.multi_modal_data
+        if not media.image and not media.video:
+            raise ValueError("multi_modal_data: holds no image or video; give 'image' (a list of URLs) or leave "
+                             "multi_modal_data out")
+        if len(self.prompts) > 1:
+            raise ValueError(f"multi_modal_data: goes with one text prompt, and the request has {len(self.prompts)} "
+                             f"prompts; send each prompt with its images in a request of its own")
+        if not isinstance(self.prompts[0], str):
+            raise ValueError("multi_modal_data: goes with a text prompt, whose placeholders the processor expands "
+                             "into the images' tokens; token ids cannot place images, so send the prompt as text")
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -107,6 +151,16 @@ def prepare_completion(handler, body) -> tuple[CompletionRequest, list[ChatTask]
     handler.check_prompt_size([p for p in prompts if isinstance(p, str)])
     options = chat_options(request.logprob_view, handler.engine)
     tokenizer = handler.engine.tokenizer
+
+    def task(inputs: dict, shorten: str) -> ChatTask:
+        budget = handler.answer_budget(request, int(inputs["input_ids"].shape[1]), shorten)
+        return ChatTask(inputs, handler.sampling_config(request, budget), budget, request.n, request.stop_strings,
+                        request.ignore_eos, request.include_stop_str_in_output, request.skip_special_tokens, "",
+                        replace(options))  # each task's own (its grammar matchers, its logprobs)
+
+    if request.multi_modal_data is not None:
+        inputs = _media_inputs(handler, prompts[0], request.multi_modal_data, request.add_special_tokens)
+        return request, [task(inputs, "the prompt or send fewer images")], [prompts[0] if request.echo else ""]
     token_ids = [tokenizer(p, add_special_tokens=request.add_special_tokens)["input_ids"] if isinstance(p, str)
                  else p for p in prompts]
     vocabulary = len(tokenizer)
@@ -116,16 +170,62 @@ def prepare_completion(handler, body) -> tuple[CompletionRequest, list[ChatTask]
         if max(ids) >= vocabulary:
             raise InputError(f"prompt {i} holds token id {max(ids)}, outside the model's vocabulary of {vocabulary} "
                              f"tokens")
-    tasks = []
-    for ids in token_ids:
-        budget = handler.answer_budget(request, len(ids), "the prompt")
-        inputs = handler.engine.text_inputs(ids)
-        tasks.append(ChatTask(inputs, handler.sampling_config(request, budget), budget, request.n,
-                              request.stop_strings, request.ignore_eos, request.include_stop_str_in_output,
-                              request.skip_special_tokens, "", replace(options)))
+    tasks = [task(handler.engine.text_inputs(ids), "the prompt") for ids in token_ids]
     echoes = [(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=request.skip_special_tokens))
               if request.echo else "" for p in prompts]
     return request, tasks, echoes
+
+
+def placeholders(engine) -> dict[str, str]:
+    """The text a raw prompt writes where each image (and video) goes: the family processor's placeholder."""
+    if engine.model_type == "idefics":
+        from ..models.idefics.processing import IMAGE_TOKEN
+        return {"image": IMAGE_TOKEN}  # where an image item goes in the processor's interleaved list
+    video = getattr(engine.processor, "video_token", None)
+    return {"image": engine.processor.image_token, **({"video": video} if video else {})}
+
+
+def _media_inputs(handler, prompt: str, media: MultiModalData, add_special_tokens: bool) -> dict:
+    """Model inputs for a raw text prompt with its images (and videos): the placeholders counted against the
+    media before anything is fetched, then the family's processor called as transformers' is."""
+    engine = handler.engine
+    marks = placeholders(engine)
+    for kind, given in (("image", len(media.image)), ("video", len(media.video))):
+        mark = marks.get(kind)
+        if mark is None:  # video for a family without it: load_media refuses it, naming the family
+            continue
+        written = prompt.count(mark)
+        if written != given:
+            raise InputError(f"the prompt holds {written} {kind} placeholder(s) but multi_modal_data has {given} "
+                             f"{kind}(s); write {mark} in the prompt where each {kind} goes, one per {kind}")
+    blocks = handler.load_media(media.parts)
+    images = [block["image"] for block in blocks if block["type"] == "image"]
+    videos = [block["video"] for block in blocks if block["type"] == "video"]
+    options = {} if add_special_tokens else {"add_special_tokens": False}
+    if engine.model_type == "idefics":
+        inputs = engine.processor(text=[_interleaved(prompt, marks["image"], images)], **options)
+    else:
+        inputs = engine.processor(text=prompt, images=images or None, **({"videos": videos} if videos else {}),
+                                  **options)
+    return inputs.to(engine.model.device, dtype=engine.model.dtype)
+
+
+def _interleaved(prompt: str, mark: str, images: list) -> list:
+    """IDEFICS' prompt form, a list of texts and images: the image at each placeholder. Consecutive images
+    keep no empty text between them, so they share a fake token as in the processor's own lists."""
+    from ..models.idefics.processing import is_url
+
+    pieces = prompt.split(mark)
+    items = [pieces[0]] if pieces[0] else []
+    for image, piece in zip(images, pieces[1:]):
+        items.append(image)
+        if piece:
+            items.append(piece)
+    for item in items:  # the processor would fetch such a text as an image, outside the server's media policy
+        if isinstance(item, str) and is_url(item.strip(" ")):
+            raise InputError(f"the prompt text {item.strip()!r:.80} between image placeholders reads as an image URL "
+                             f"to IDEFICS' processor; give images in multi_modal_data, or add words around it")
+    return items
 
 
 def completion_body(model: str, request: CompletionRequest, outcomes: list[ChatOutcome], echoes: list[str]) -> dict:
@@ -160,14 +260,7 @@ async def completion_stream(tagged_events, model: str, request: CompletionReques
                             include_usage: bool, error_body):
     """``text_completion`` server-sent events from ``tagged_events`` ((prompt index, job event) pairs of every
     prompt's job), then ``data: [DONE]``; ``error_body(err)`` is the body of a failed job's error event."""
-    chunk_id, created, n = new_id("cmpl"), int(time.time()), request.n
-
-    def event(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
+    event, n = chunk_events("text_completion", model, "cmpl"), request.n
     offsets = {}  # each choice's text so far (echo included), where its next token's text starts
 
     def choice(index: int, text: str, entries: list[dict] | None, finish_reason: str | None) -> dict:

@@ -277,18 +277,7 @@ class RequestHandler:
         """OpenAI messages as the Engine's content-block messages, media loaded under the server's policy."""
         parts = [part for message in request.messages if isinstance(message.content, list)
                  for part in message.content]
-        images = sum(part.type == "image_url" for part in parts)
-        if images > self.limits.max_images:
-            raise ApiError(400, f"the request has {images} images; this server takes at most {self.limits.max_images} "
-                                f"per request (--max-images)")
-        videos = [part for part in parts if part.type == "video_url"]
-        for part in videos:
-            frames = part.video_url.num_frames or self._default_frames
-            if frames > self.limits.max_video_frames:
-                raise ApiError(400, f"a video asks for {frames} frames; this server samples at most "
-                                    f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
-        if videos and self.engine.model_type not in VIDEO_FAMILIES:
-            raise ApiError(400, f"this model ({self.engine.model_type}) does not take video; send images instead")
+        self._check_media_counts(parts)
         for i, message in enumerate(request.messages):  # every URL is checked before any is fetched
             for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
                 if part.type != "text":
@@ -301,6 +290,32 @@ class RequestHandler:
                 content = [self._block(part, f"messages[{i}].content[{j}]", pixels) for j, part in enumerate(content)]
             converted.append({"role": role, "content": content if content is not None else ""})
         return converted
+
+    def load_media(self, parts: list[tuple[str, object]]) -> list[dict]:
+        """(where, part) pairs of image and video parts (``ImagePart``/``VideoPart`` outside any message: a
+        completion's ``multi_modal_data``) as the Engine's image and video blocks, under a chat's limits and
+        media policy: the counts, then every URL, before anything is fetched; ``where`` names a part in errors."""
+        self._check_media_counts([part for _, part in parts])
+        for where, part in parts:
+            self._check_url(part, where)
+        pixels = [0]  # summed over the images loaded so far
+        return [self._block(part, where, pixels) for where, part in parts]
+
+    def _check_media_counts(self, parts: list) -> None:
+        """Refuse more images than --max-images, videos asking for more frames than --max-video-frames, and
+        video for a family that takes none."""
+        images = sum(part.type == "image_url" for part in parts)
+        if images > self.limits.max_images:
+            raise ApiError(400, f"the request has {images} images; this server takes at most {self.limits.max_images} "
+                                f"per request (--max-images)")
+        videos = [part for part in parts if part.type == "video_url"]
+        for part in videos:
+            frames = part.video_url.num_frames or self._default_frames
+            if frames > self.limits.max_video_frames:
+                raise ApiError(400, f"a video asks for {frames} frames; this server samples at most "
+                                    f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
+        if videos and self.engine.model_type not in VIDEO_FAMILIES:
+            raise ApiError(400, f"this model ({self.engine.model_type}) does not take video; send images instead")
 
     def _check_url(self, part, where: str) -> None:
         url = (part.image_url if part.type == "image_url" else part.video_url).url

@@ -32,7 +32,7 @@ def _nullable_defaults(schema: dict, model) -> None:
             properties[key] = {"anyOf": [properties[key], {"type": "null"}], **shown}
 
 
-class _Request(BaseModel):
+class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra=_nullable_defaults)
 
     @model_validator(mode="before")
@@ -61,34 +61,34 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def _int(**bounds):
+def json_int(**bounds):
     """A JSON integer (strict: not a string, float or boolean) within ``bounds``."""
     return Annotated[int, Field(strict=True, **bounds)]
 
 
-def _number(**bounds):
+def json_number(**bounds):
     """A finite JSON number within ``bounds`` (integers are taken as floats; strings and booleans are not)."""
     return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
 
 
 Text = Annotated[str, Field(strict=True), AfterValidator(_valid_unicode)]
 Flag = Annotated[bool, Field(strict=True)]
-Seed = _int(ge=SEED_RANGE[0], le=SEED_RANGE[1])
+Seed = json_int(ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
 
 # --- chat completions: request -------------------------------------------------------------------
-class TextPart(_Request):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: Text
 
 
-class MediaURL(_Request):
+class MediaURL(RequestModel):
     url: Text
     detail: Text | None = None
-    num_frames: _int(ge=1) | None = None  # videos: frames to sample (an extra field)
+    num_frames: json_int(ge=1) | None = None  # videos: frames to sample (an extra field)
 
 
-class ImagePart(_Request):
+class ImagePart(RequestModel):
     type: Literal["image_url"]
     image_url: MediaURL | Text  # the schema says a bare URL string is taken too
 
@@ -98,7 +98,7 @@ class ImagePart(_Request):
         return {"url": value} if isinstance(value, str) else value
 
 
-class VideoPart(_Request):
+class VideoPart(RequestModel):
     type: Literal["video_url"]
     video_url: MediaURL | Text  # the schema says a bare URL string is taken too
 
@@ -111,12 +111,12 @@ class VideoPart(_Request):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart] | None = None
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestModel):
     include_usage: Flag = False
 
 
@@ -129,14 +129,14 @@ def _json_schema(value):
 JsonSchema = Annotated[dict | Flag, AfterValidator(_json_schema)]  # a schema is an object or true/false, never a number
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestModel):
     name: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
     description: Text | None = None
     schema_: JsonSchema = Field(default_factory=dict, alias="schema")
     strict: Flag | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestModel):
     """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -163,7 +163,7 @@ def _schema_or_its_text(value):
 SchemaOrText = Annotated[dict | Flag | Text, AfterValidator(_schema_or_its_text)]
 
 
-class StructuredOutputs(_Request):
+class StructuredOutputs(RequestModel):
     """vLLM's ``structured_outputs``: the answer follows exactly one of a JSON Schema (``json``), any JSON
     object (``json_object``), a regular expression, one of the ``choice`` strings, or a Lark/GBNF grammar."""
 
@@ -196,23 +196,23 @@ class StructuredOutputs(_Request):
         return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestModel):
     name: Annotated[str, Field(strict=True, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: Text | None = None
     parameters: JsonSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: Flag | None = None
 
 
-class Tool(_Request):
+class Tool(RequestModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class FunctionName(_Request):
+class FunctionName(RequestModel):
     name: Annotated[str, Field(strict=True, min_length=1)]
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestModel):
     type: Literal["function"] = "function"
     function: FunctionName
 
@@ -254,7 +254,7 @@ UNSUPPORTED_VLLM_OPTIONS = {
 }
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(RequestModel):
     """``POST /v1/chat/completions``. vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``,
     ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``allowed_token_ids``, ``bad_words``,
     ``include_stop_str_in_output``, ``skip_special_tokens``, ``structured_outputs``) have vLLM's meaning; the
@@ -263,17 +263,17 @@ class ChatCompletionRequest(_Request):
 
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: _int(ge=1) | None = None
-    max_completion_tokens: _int(ge=1) | None = None
-    temperature: _number(ge=0, le=2) | None = None
-    top_p: _number(gt=0, le=1) | None = None
-    n: _int(ge=1) = 1
+    max_tokens: json_int(ge=1) | None = None
+    max_completion_tokens: json_int(ge=1) | None = None
+    temperature: json_number(ge=0, le=2) | None = None
+    top_p: json_number(gt=0, le=1) | None = None
+    n: json_int(ge=1) = 1
     stop: Text | list[Text] | None = None
     seed: Seed | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    top_k: _int(ge=-1, le=2 ** 31 - 1) | None = None  # 0 or vLLM's -1: off
-    repetition_penalty: _number(ge=0.01, le=10) | None = None
+    top_k: json_int(ge=-1, le=2 ** 31 - 1) | None = None  # 0 or vLLM's -1: off
+    repetition_penalty: json_number(ge=0.01, le=10) | None = None
     ignore_eos: Flag = False  # vLLM's extra: answer exactly max_tokens tokens (benchmarks)
     structured_outputs: StructuredOutputs | None = None  # vLLM's; its older guided_* names below
     guided_json: SchemaOrText | None = None
@@ -281,7 +281,7 @@ class ChatCompletionRequest(_Request):
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=1024)
     guided_grammar: Text | None = None
     guided_whitespace_pattern: Text | None = None
-    allowed_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, min_length=1, max_length=1 << 20)
+    allowed_token_ids: list[json_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, min_length=1, max_length=1 << 20)
     bad_words: list[Annotated[str, Field(strict=True, min_length=1, max_length=1000), AfterValidator(_valid_unicode),
                               AfterValidator(_not_blank)]] | None = Field(None, max_length=1024)
     include_stop_str_in_output: Flag = False
@@ -289,19 +289,20 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: Flag = True
     continue_final_message: Flag = False  # the answer continues the final (assistant) message's text
     chat_template_kwargs: TemplateVariables | None = None  # variables the chat template reads
-    min_p: _number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
-    min_tokens: _int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
-    stop_token_ids: list[_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
+    min_p: json_number(ge=0, le=1) | None = None  # tokens below min_p x the top token's probability are not drawn
+    min_tokens: json_int(ge=0, le=2 ** 31 - 1) | None = None  # no end (EOS, stop_token_ids) before this many tokens
+    stop_token_ids: list[json_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, max_length=1024)  # these tokens end it
     logprobs: Flag = False
-    top_logprobs: _int(ge=0, le=20) | None = None
-    logit_bias: dict[Text, _number(ge=-100, le=100)] | None = None  # token id (a string) -> bias
-    frequency_penalty: _number(ge=-2, le=2) | None = None
-    presence_penalty: _number(ge=-2, le=2) | None = None
+    top_logprobs: json_int(ge=0, le=20) | None = None
+    logit_bias: dict[Text, json_number(ge=-100, le=100)] | None = None  # token id (a string) -> bias
+    frequency_penalty: json_number(ge=-2, le=2) | None = None
+    presence_penalty: json_number(ge=-2, le=2) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     GREEDY_BELOW: ClassVar[float] = GREEDY_BELOW
+    UNSUPPORTED_OPTIONS: ClassVar[dict] = UNSUPPORTED_VLLM_OPTIONS
 
     @model_validator(mode="before")
     @classmethod
@@ -309,7 +310,7 @@ class ChatCompletionRequest(_Request):
         """vLLM's options this server does not implement are refused unless they ask for what it does anyway
         (silently ignoring one would answer something other than what was asked)."""
         if isinstance(values, dict):
-            for name, neutral in UNSUPPORTED_VLLM_OPTIONS.items():
+            for name, neutral in cls.UNSUPPORTED_OPTIONS.items():
                 value = values.get(name)
                 if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
                     raise ValueError(f"{name}: this vLLM option is not supported by vlmkit's server; leave it out")
@@ -376,7 +377,7 @@ class ChatCompletionRequest(_Request):
 
 
 # --- tokenize / detokenize (vLLM's) -----------------------------------------------------------------
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestModel):
     """``POST /tokenize``: a ``prompt`` as it is (with BOS unless ``add_special_tokens`` is false), or chat
     ``messages`` as ``/v1/chat/completions`` builds their prompt (chat template, image tokens)."""
 
@@ -403,11 +404,11 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestModel):
     """``POST /detokenize``: token ids back to text (special tokens included, as vLLM decodes them)."""
 
     model: Text | None = None
-    tokens: list[_int(ge=0, le=2 ** 31 - 1)] = Field(max_length=1 << 20)
+    tokens: list[json_int(ge=0, le=2 ** 31 - 1)] = Field(max_length=1 << 20)
 
 
 class DetokenizeResponse(BaseModel):
@@ -415,23 +416,23 @@ class DetokenizeResponse(BaseModel):
 
 
 # --- image generations: request ------------------------------------------------------------------
-class ImageGenerationRequest(_Request):
+class ImageGenerationRequest(RequestModel):
     """``POST /v1/images/generations``; ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` are extras."""
 
     model: Text | None = None
     prompt: Text
-    n: _int(ge=1) = 1
+    n: json_int(ge=1) = 1
     size: Text | None = None
     response_format: Text | None = None
     seed: Seed | None = None
-    guidance_scale: _number(ge=0, le=MAX_GUIDANCE_SCALE) | None = None  # None: the model's generation_config (else 5)
-    temperature: _number(ge=0.01, le=10) | None = None
-    top_k: _int(ge=0, le=2 ** 31 - 1) = 0
-    top_p: _number(gt=0, le=1) = 1.0
+    guidance_scale: json_number(ge=0, le=MAX_GUIDANCE_SCALE) | None = None  # None: the model's generation_config (else 5)
+    temperature: json_number(ge=0.01, le=10) | None = None
+    top_k: json_int(ge=0, le=2 ** 31 - 1) = 0
+    top_p: json_number(gt=0, le=1) = 1.0
     stream: Flag = False  # server-sent events: partial pictures, then each finished one
-    partial_images: _int(ge=0, le=3) | None = None  # pictures so far sent while streaming
+    partial_images: json_int(ge=0, le=3) | None = None  # pictures so far sent while streaming
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: _int(ge=0, le=100) | None = None  # jpeg and webp: 100 keeps the most detail
+    output_compression: json_int(ge=0, le=100) | None = None  # jpeg and webp: 100 keeps the most detail
     background: Literal["auto", "opaque", "transparent"] | None = None  # Janus draws opaque pictures only
     # OpenAI's hints with one meaning here (Janus draws every picture the one way; no moderation pass)
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
@@ -502,6 +503,19 @@ def _shown(value) -> str:
 # --- responses -----------------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chunk_events(kind: str, model: str, prefix: str):
+    """``event(choices, usage=None)``: one server-sent event of a streamed answer, a chunk of ``kind``
+    ("chat.completion.chunk", "text_completion"), every chunk with the same id (``prefix``-...) and time."""
+    chunk_id, created = new_id(prefix), int(time.time())
+
+    def event(choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": chunk_id, "object": kind, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return event
 
 
 class Usage(BaseModel):

@@ -391,10 +391,7 @@ async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int,
                 yield event([_chunk_choice(item.index, delta, item.finish_reason, item.last_logprobs)])
             elif isinstance(item, JobEnd):
                 if include_usage:
-                    outcome = item.outcome
-                    yield event([], Usage(prompt_tokens=outcome.prompt_tokens,
-                                          completion_tokens=outcome.completion_tokens,
-                                          total_tokens=outcome.prompt_tokens + outcome.completion_tokens).model_dump())
+                    yield event([], Usage.of(item.outcome.prompt_tokens, item.outcome.completion_tokens).model_dump())
                 break
             elif isinstance(item, JobFailed):
                 yield f"data: {json.dumps(api_error(item.error).body())}\n\n"

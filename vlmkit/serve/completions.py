@@ -237,10 +237,7 @@ def completion_body(model: str, request: CompletionRequest, outcomes: list[ChatO
                 index=prompt_index * request.n + choice.index, text=echo + choice.text,
                 logprobs=None if choice.logprobs is None else completion_logprobs(choice.logprobs, len(echo)),
                 finish_reason=choice.finish_reason))
-    prompt_tokens = sum(o.prompt_tokens for o in outcomes)
-    completion_tokens = sum(o.completion_tokens for o in outcomes)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                  total_tokens=prompt_tokens + completion_tokens)
+    usage = Usage.of(sum(o.prompt_tokens for o in outcomes), sum(o.completion_tokens for o in outcomes))
     return TextCompletion(model=model, choices=choices, usage=usage).model_dump()
 
 
@@ -288,8 +285,7 @@ async def completion_stream(tagged_events, model: str, request: CompletionReques
             if ended < len(echoes):
                 continue
             if include_usage:
-                yield event([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens).model_dump())
+                yield event([], Usage.of(prompt_tokens, completion_tokens).model_dump())
             break
         elif isinstance(item, JobFailed):
             yield f"data: {json.dumps(error_body(item.error))}\n\n"

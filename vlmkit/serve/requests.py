@@ -374,8 +374,7 @@ class RequestHandler:
                           finish_reason=c.finish_reason,
                           logprobs=None if c.logprobs is None else {"content": c.logprobs})
                    for c in outcome.choices]
-        usage = Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                      total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
+        usage = Usage.of(outcome.prompt_tokens, outcome.completion_tokens)
         return ChatCompletion(model=self.model_name, choices=choices, usage=usage).model_dump()
 
     # --- tokenize / detokenize -----------------------------------------------------------------------

@@ -3,6 +3,7 @@ vocabulary, a mask of another length, NaN options, text with lone surrogates) is
 every family, before any decoding (torch's own errors come from deep inside the forward)."""
 
 import pytest
+import torch
 from quantization_support import FIXTURES, vlmkit_class
 
 from vlmkit import AutoProcessor, InputError
@@ -52,3 +53,22 @@ def test_the_tokenizer_refuses_lone_surrogates_and_negative_ids(family):
         tokenizer("broken \ud800 text")
     with pytest.raises(InputError, match="whole numbers from 0"):
         tokenizer.decode([5, -1])
+
+
+def test_a_checkpoint_max_length_past_the_context_ends_the_answer_at_the_context(llava_onevision_dir, tmp_path):
+    """generation_config.json may set max_length past the model's context (a cap, not a request): generate
+    without a length option answers up to the context instead of refusing a length nobody asked for."""
+    import json
+    import shutil
+
+    from vlmkit import AutoModelForImageTextToText
+
+    folder = shutil.copytree(llava_onevision_dir, tmp_path / "long")
+    path = folder / "generation_config.json"
+    values = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**values, "max_length": 10 ** 6, "eos_token_id": None}))
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    prompt = torch.tensor([[3, 4, 5]])
+    assert model.generate(prompt).shape == (1, model.max_context)
+    with pytest.raises(InputError, match="max_new_tokens"):  # asked for in so many words: still an error
+        model.generate(prompt, max_new_tokens=model.max_context)

@@ -200,12 +200,14 @@ class GenerationConfig:
 
     def new_token_budget(self, prompt_length: int, max_context: int | None = None) -> int:
         """How many tokens to generate: ``max_new_tokens``, else what ``max_length`` leaves, else
-        transformers' default of 20 (no further than the model's context)."""
+        transformers' default of 20; the last two no further than the model's context (``max_length`` is a
+        cap, and checkpoints set it past their context: the answer then ends where the context does)."""
         if self.max_new_tokens is not None:
             return self.max_new_tokens
+        room = (max_context or 1 << 62) - prompt_length
         if self.max_length is not None:
-            return max(self.max_length - prompt_length, 0)
-        return max(min(DEFAULT_NEW_TOKENS, (max_context or 1 << 62) - prompt_length), 0)
+            return max(min(self.max_length - prompt_length, room), 0)
+        return max(min(DEFAULT_NEW_TOKENS, room), 0)
 
 
 def _is_json(value) -> bool:

@@ -167,3 +167,18 @@ def test_a_closed_llm_says_so(janus_dir):
 def test_from_engine_checks_concurrency(janus_dir):
     with pytest.raises(InputError, match="concurrency must be a whole number of at least 1, got 0"):
         LLM.from_engine(engine_for(janus_dir), serve_config(janus_dir), concurrency=0)
+
+
+def test_generate_images_takes_the_checkpoints_guidance_unless_given(janus_dir, tmp_path):
+    """As ``vlmkit imagine`` and the server: an unset guidance_scale is the checkpoint's generation_config.json's."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(janus_dir, tmp_path / "guided")
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "guidance_scale": 1.5}))
+    with LLM.from_engine(engine_for(folder), serve_config(folder)) as llm:
+        default = llm.generate_images("a red circle", seed=4, use_tqdm=False)[0][0]
+        given = llm.generate_images("a red circle", seed=4, guidance_scale=1.5, use_tqdm=False)[0][0]
+        other = llm.generate_images("a red circle", seed=4, guidance_scale=5.0, use_tqdm=False)[0][0]
+    assert default.tobytes() == given.tobytes() != other.tobytes()

@@ -167,9 +167,11 @@ class LLM:
         return outputs
 
     def generate_images(self, prompts: str | list[str], *, n: int = 1, seed: int | None = None,
-                        guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        use_tqdm: bool = True) -> list[list]:
-        """``n`` PIL images per prompt (Janus), in order; ``seed`` makes each prompt's images repeatable."""
+                        guidance_scale: float | None = None, temperature: float | None = None, top_k: int = 0,
+                        top_p: float = 1.0, use_tqdm: bool = True) -> list[list]:
+        """``n`` PIL images per prompt (Janus), in order; ``seed`` makes each prompt's images repeatable.
+        ``guidance_scale`` and ``temperature`` default to the checkpoint's generation_config.json, as for
+        ``vlmkit imagine`` and the server."""
         from PIL import Image
 
         self._check_open()
@@ -180,8 +182,9 @@ class LLM:
             raise InputError(f"generate_images takes a prompt (str) or a list of prompts, got "
                              f"{type(shown).__name__} {shown!r:.60}")
         prompts = list(prompts)
-        bodies = [dict(prompt=prompt, n=n, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
-                       top_k=top_k, top_p=top_p) for prompt in prompts]
+        given = {name: value for name, value in (("guidance_scale", guidance_scale), ("temperature", temperature))
+                 if value is not None}  # the others are left out: the server takes the checkpoint's
+        bodies = [dict(prompt=prompt, n=n, seed=seed, top_k=top_k, top_p=top_p, **given) for prompt in prompts]
         results = self._run("/v1/images/generations", bodies, "prompt", use_tqdm)
         return [[Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB") for item in body["data"]]
                 for body in results]

@@ -169,7 +169,7 @@ def run_batch_on_ray(config: ServeConfig, input_path, output_path, *, replicas: 
             ray.init(address=address)
         try:
             context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = not progress  # one bar: ours, over rows written
+            context.enable_progress_bars = False  # one bar at most: ours, over rows written (none when quiet)
             answered = ray.data.from_arrow_refs(_input_blocks(input_path, done, concurrency)).map_batches(
                 BatchPredictor, fn_constructor_kwargs={"config": config, "concurrency": concurrency},
                 compute=ray.data.ActorPoolStrategy(size=replicas), batch_size=concurrency,

@@ -165,10 +165,11 @@ def prepare_completion(handler, body) -> tuple[CompletionRequest, list[ChatTask]
                  else p for p in prompts]
     vocabulary = len(tokenizer)
     for i, ids in enumerate(token_ids):
+        which = f"prompt {i}" if len(token_ids) > 1 else "the prompt"
         if not ids:
-            raise InputError(f"prompt {i} is empty (no tokens): send some text, or add_special_tokens: true")
+            raise InputError(f"{which} is empty (no tokens): send some text, or add_special_tokens: true")
         if max(ids) >= vocabulary:
-            raise InputError(f"prompt {i} holds token id {max(ids)}, outside the model's vocabulary of {vocabulary} "
+            raise InputError(f"{which} holds token id {max(ids)}, outside the model's vocabulary of {vocabulary} "
                              f"tokens")
     tasks = [task(handler.engine.text_inputs(ids), "the prompt") for ids in token_ids]
     echoes = [(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=request.skip_special_tokens))

@@ -21,4 +21,8 @@ class SiglipVisionTransformer(SiglipViT):
         states = [self.embeddings(pixel_values)]
         for layer in self.encoder.layers[:max(wanted)]:
             states.append(layer(states[-1]))
+        if len(wanted) == 1:
+            # as it is, not through cat's contiguous copy: the reference hands the projector the transposed layout
+            # the patch conv leaves, and a half-precision Linear rounds differently on it than on a contiguous copy
+            return states[wanted[0]]
         return torch.cat([states[i] for i in wanted], dim=-1)

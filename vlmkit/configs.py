@@ -2,16 +2,17 @@
 in them (``to_dict``, ``save_pretrained``, and a model's ``save_pretrained`` carrying edits made since loading)."""
 
 import copy
+import functools
 import json
 import types
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 T = TypeVar("T")
 
@@ -34,6 +35,41 @@ def dataclass_from_dict(cls: type[T], values: dict | None, where: str | None = N
     if "extra" in {f.name for f in fields(cls)}:
         instance.extra = {k: v for k, v in merged.items() if k not in known}
     return instance
+
+
+def config_class(cls: type[T]) -> type[T]:
+    """``@dataclass`` for a config class that is also built by keyword as transformers' class of that name is
+    (``JanusVisionConfig(hidden_size=...)``): keyword arguments it has no field for (transformers' own:
+    ``initializer_range``, ``attention_dropout``, ``rope_parameters``...) are kept in ``extra``, as a
+    config.json's unknown keys are, and written back by ``to_dict``."""
+    cls = dataclass(cls)
+    known = {f.name for f in fields(cls)} - {"extra"}
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self, *args, extra: dict | None = None, **kwargs):
+        extra = dict(extra or {})
+        for key in [k for k in kwargs if k not in known]:
+            extra[key] = kwargs.pop(key)
+        generated(self, *args, extra=extra, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def sub_config(value, expected: type[T], build, owner: str, name: str) -> T:
+    """A composite config's section (``JanusConfig(vision_config=...)``) as transformers takes it: an
+    ``expected`` config object is kept; None (the section's defaults), a dict in config.json's key names,
+    another vlmkit config or a transformers config object (both read through ``to_dict``) are built by
+    ``build(dict | None)``."""
+    if isinstance(value, expected):
+        return value
+    if value is not None and not isinstance(value, dict):
+        if not callable(getattr(value, "to_dict", None)):
+            raise InputError(f"{owner}({name}=...) takes a config object, a dict of its keys or None, got "
+                             f"{type(value).__name__}; pass {expected.__name__}(...) or a dict")
+        value = value.to_dict()
+    return build(value)
 
 
 def check_field_types(cls, values: dict, where: str) -> None:

@@ -30,14 +30,17 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
     _refuse_save_options(options)
     shard_bytes = parse_size(max_shard_size)
 
-    source = Path(getattr(model, "folder", "") or ".")
-    raw_config = getattr(model, "checkpoint_config", None) or read_json(source / "config.json")
+    folder = getattr(model, "folder", None)
+    source = Path(folder) if folder else None  # None: built from a config (``ModelClass(config)``), no files
+    raw_config = getattr(model, "checkpoint_config", None) or (
+        read_json(source / "config.json") if source is not None else
+        {**model.config.to_dict(), "architectures": [type(model).__name__]})
     if raw_config.get("model_type") == "multi_modality":
         raise InputError("save_pretrained writes the transformers layout; this model was loaded from DeepSeek's "
                          "original Janus layout (model_type multi_modality): load a transformers-layout Janus "
                          "checkpoint (deepseek-community/Janus-Pro-*) to save it quantized")
     out = Path(directory)
-    if out.exists() and source.exists() and out.resolve() == source.resolve():
+    if source is not None and out.exists() and source.exists() and out.resolve() == source.resolve():
         raise InputError(f"save_pretrained would overwrite the checkpoint the model was loaded from ({source}); "
                          f"pass another folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +81,7 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
     else:
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if source.is_dir():  # a processor saved into the folder first keeps its files (and the user's edits in them)
+    if source is not None and source.is_dir():  # a processor saved there first keeps its files (and edits in them)
         _copy_side_files(source, out, overwrite=False)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:  # as the model holds it now, edits included

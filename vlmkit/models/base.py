@@ -147,11 +147,26 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
                                   "error_msgs": []}
         return model.eval()
 
+    def post_init(self) -> None:
+        """The end of ``ModelClass(config)`` (weights random, as transformers' constructor leaves them), as
+        transformers' ``post_init``: the LM head shares the input embedding where the config ties them, and the
+        generation config holds the config's special token ids (``from_pretrained`` then puts the checkpoint's
+        in its place). Sizes the forward would fail on are refused now, naming the keys."""
+        self.config.text_config.check_sizes(f"{type(self.config).__name__}.text_config")
+        if hasattr(self.config, "check_sizes"):
+            self.config.check_sizes()
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.tie_weights()
+        text = self.config.text_config
+        self.generation_config = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                                                  pad_token_id=text.pad_token_id)
+
     def save_pretrained(self, save_directory, **options) -> Path:
         """Write a checkpoint folder (config.json, model.safetensors, generation_config.json, the tokenizer/
         processor files) that ``from_pretrained`` loads back as it is; a quantized model stays quantized, with
         no need for the original weights. Tensor names follow the transformers layout; ``max_shard_size``
-        ("5GB" by default) splits the weights into shards."""
+        ("5GB" by default) splits the weights into shards. A model built from a config (``ModelClass(config)``)
+        writes that config as it is now, and no tokenizer files."""
         from ..io.saving import save_checkpoint
         return save_checkpoint(self, save_directory, **options)
 

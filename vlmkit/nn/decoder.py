@@ -1,14 +1,14 @@
 """The LLaMA-style decoder-only language model (LLaMA, Qwen2) that every family's text side runs on."""
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 from torch import nn
 from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
-from ..configs import ConfigFile, dataclass_from_dict, key_name
+from ..configs import ConfigFile, config_class, dataclass_from_dict, key_name
 from ..errors import CheckpointError
 from .activations import get_activation
 from .attention import DecoderSelfAttention, causal_mask
@@ -34,11 +34,11 @@ TEXT_CONFIG_DEFAULTS = {
 }
 
 
-@dataclass
+@config_class
 class DecoderConfig(ConfigFile):
     """A text config in the checkpoint's own key names. ``from_text_config`` fills what a config omits with
-    the defaults of transformers' class for its model_type; the field defaults are LLaMA's (DeepSeek's
-    original Janus configs list only a few keys and lean on them)."""
+    the defaults of transformers' class for its model_type (``LlamaConfig``, ``Qwen2Config`` below); the
+    field defaults are LLaMA's (DeepSeek's original Janus configs list only a few keys and lean on them)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -58,6 +58,15 @@ class DecoderConfig(ConfigFile):
     pad_token_id: int | None = None
     model_type: str = "llama"
     extra: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        """As ``ConfigFile.to_dict``, less the sizes left to derive (None): transformers' Qwen2 would read a
+        ``head_dim`` of null as the head size."""
+        values = super().to_dict()
+        for key in ("num_key_value_heads", "head_dim"):
+            if values.get(key, 0) is None:
+                del values[key]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict, where: str | None = None, **overrides) -> "DecoderConfig":
@@ -98,7 +107,10 @@ class DecoderConfig(ConfigFile):
         if not isinstance(model_type, str) or model_type not in TEXT_CONFIG_DEFAULTS:
             raise CheckpointError(f"text_config model_type {model_type!r} is not supported; vlmkit runs the "
                                   f"{' and '.join(sorted(TEXT_CONFIG_DEFAULTS))} decoders")
-        config = cls.from_dict({**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type}, where)
+        config = TEXT_CONFIG_CLASSES[model_type].from_dict({**values, "model_type": model_type}, where)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in values and values[key] is None:
+                setattr(config, key, None)  # null in the file: no such token (not the class default), as transformers
         config.refuse_sliding_window()
         return config
 
@@ -152,6 +164,38 @@ class DecoderConfig(ConfigFile):
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+class LlamaConfig(DecoderConfig):
+    """transformers' ``LlamaConfig``: the decoder config with its defaults (``TEXT_CONFIG_DEFAULTS["llama"]``),
+    built by keyword; what a composite config's ``text_config`` of ``model_type: llama`` reads as."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**_with_defaults("llama", kwargs))
+
+
+class Qwen2Config(DecoderConfig):
+    """transformers' ``Qwen2Config``: the decoder config with its defaults (``TEXT_CONFIG_DEFAULTS["qwen2"]``),
+    built by keyword; what a composite config's ``text_config`` of ``model_type: qwen2`` reads as."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**_with_defaults("qwen2", kwargs))
+
+
+TEXT_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def _with_defaults(model_type: str, values: dict) -> dict:
+    """``values`` over the class's defaults, with what its ``__init__`` derives in transformers: key/value heads
+    as many as the query heads, and (LLaMA) ``head_dim`` from the width."""
+    values = {**TEXT_CONFIG_DEFAULTS[model_type], **values, "model_type": model_type}
+    heads, width = values["num_attention_heads"], values["hidden_size"]
+    if isinstance(heads, int) and heads > 0:  # else check_sizes names the key
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = heads
+        if model_type == "llama" and values.get("head_dim") is None and isinstance(width, int):
+            values["head_dim"] = width // heads
+    return values
 
 
 class DecoderLayer(nn.Module):

@@ -1,12 +1,13 @@
 """IDEFICS configs from a transformers-layout ``config.json`` (``model_type: idefics``).
 
 The text side's keys sit at the top level of the file (LLaMA's names); the CLIP tower and the
-perceiver resampler have their own sub-dicts."""
+perceiver resampler have their own sub-dicts. The classes are also built by keyword as transformers' of
+these names (``IdeficsConfig(hidden_size=..., vision_config={...})``, every argument optional)."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import ClassVar
 
-from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, config_class, dataclass_from_dict, sub_config
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -23,9 +24,11 @@ IDEFICS_UNREAD_TEXT_KEYS = ("num_key_value_heads", "head_dim", "attention_bias",
 FREEZE_EXCEPTION_NAMES = ("LayerNorm", "Linear", "Embedding")
 
 
-@dataclass
+@config_class
 class IdeficsVisionConfig(ConfigFile):
     """The CLIP ViT tower (class token, pre-LayerNorm); ``embed_dim`` is its width."""
+
+    model_type: ClassVar[str] = "idefics_vision"
 
     embed_dim: int = 768
     image_size: int = 224
@@ -43,9 +46,11 @@ class IdeficsVisionConfig(ConfigFile):
         return (self.image_size // self.patch_size) ** 2
 
 
-@dataclass
+@config_class
 class IdeficsPerceiverConfig(ConfigFile):
     """The perceiver resampler that compresses each image's patches to ``resampler_n_latents`` vectors."""
+
+    model_type: ClassVar[str] = "idefics_perciever"  # sic, transformers' spelling
 
     resampler_n_latents: int = 64
     resampler_depth: int = 6
@@ -55,15 +60,18 @@ class IdeficsPerceiverConfig(ConfigFile):
     extra: dict = field(default_factory=dict, repr=False)
 
 
-@dataclass
+@config_class
 class IdeficsConfig(ConfigFile):
-    """The whole model: LLaMA decoder plus gated cross-attention layers, vision tower, optional resampler."""
+    """The whole model: LLaMA decoder plus gated cross-attention layers, vision tower, optional resampler.
+
+    Built by keyword as transformers' (flat) ``IdeficsConfig``: the text keys (``vocab_size``, ``hidden_size``...)
+    make ``text_config``; ``vision_config`` and ``perceiver_config`` may be config objects, dicts or None."""
 
     model_type: ClassVar[str] = "idefics"  # transformers' name for the family (config.model_type)
 
-    text_config: DecoderConfig
-    vision_config: IdeficsVisionConfig
-    perceiver_config: IdeficsPerceiverConfig
+    text_config: DecoderConfig | None = None
+    vision_config: IdeficsVisionConfig | None = None
+    perceiver_config: IdeficsPerceiverConfig | None = None
     additional_vocab_size: int = 0
     alpha_type: str = "float"
     alpha_initializer: str = "zeros"
@@ -77,6 +85,25 @@ class IdeficsConfig(ConfigFile):
     freeze_vision_module_exceptions: list = field(default_factory=list)
     tie_word_embeddings: bool = False
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.text_config is None:  # built by keyword: the text keys were passed flat (and kept in extra)
+            text_keys = {k: v for k, v in self.extra.items() if k not in IDEFICS_UNREAD_TEXT_KEYS}
+            _refuse_other_head_dim(self.extra)
+            self.text_config = DecoderConfig.from_dict({**IDEFICS_TEXT_DEFAULTS, **text_keys,
+                                                        "tie_word_embeddings": self.tie_word_embeddings})
+            for key in DecoderConfig.__dataclass_fields__:  # now the text config's (a later edit goes there)
+                if key not in IDEFICS_UNREAD_TEXT_KEYS:
+                    self.extra.pop(key, None)
+        self.vision_config = sub_config(self.vision_config, IdeficsVisionConfig,
+                                        lambda v: dataclass_from_dict(IdeficsVisionConfig, v), "IdeficsConfig",
+                                        "vision_config")
+        self.perceiver_config = sub_config(self.perceiver_config, IdeficsPerceiverConfig,
+                                           lambda v: dataclass_from_dict(IdeficsPerceiverConfig, v), "IdeficsConfig",
+                                           "perceiver_config")
+        self.freeze_text_module_exceptions = list(self.freeze_text_module_exceptions)
+        self.freeze_vision_module_exceptions = list(self.freeze_vision_module_exceptions)
+        self.validate()
 
     def get_text_config(self, decoder: bool = True) -> DecoderConfig:
         """The language model's config, as transformers' ``get_text_config`` returns it."""
@@ -101,6 +128,7 @@ class IdeficsConfig(ConfigFile):
         """Flat, as IDEFICS' config.json: the text keys at the top level."""
         values = super().to_dict()
         text = values.pop("text_config")
+        text.pop("model_type")  # the file's is "idefics"
         for key in IDEFICS_UNREAD_TEXT_KEYS:  # the file's own value (kept in extra), not the decoder's
             if key in values:
                 text.pop(key, None)
@@ -123,7 +151,6 @@ class IdeficsConfig(ConfigFile):
             perceiver_config=dataclass_from_dict(IdeficsPerceiverConfig, values.get("perceiver_config"),
                                                  "config.json: perceiver_config"),
         )
-        config.validate()
         return config
 
     def validate(self) -> None:

@@ -5,7 +5,8 @@ cross-attention layer over them; the processor's ``image_attention_mask`` says w
 position may see. The additional vocabulary (the image tokens) has its own embedding rows and LM-head
 rows ("decoupled"), so it can be trained while the rest is frozen.
 
-Module names are transformers', so its checkpoints load by name and ``state_dict`` is its own."""
+Module names are transformers', so its checkpoints load by name and ``state_dict`` is its own. ``IdeficsModel``
+is transformers' class of that name: the same without the LM head, returning ``last_hidden_state``."""
 
 
 import torch
@@ -16,6 +17,7 @@ from ...errors import CheckpointError, InputError
 from ...generation.loop import prompt_positions
 from ...io.checkpoint import WeightLayout
 from ...nn.decoder import DecoderModel
+from ...generation.outputs import FieldsOutput
 from ..base import ModelOutput, PretrainedVLM, causal_lm_loss, kept_positions
 from .config import IdeficsConfig
 from .cross_attention import GatedCrossAttentionLayer, IdeficsCache, ImageContext
@@ -68,7 +70,7 @@ def freeze_module(module: nn.Module, module_exceptions=()) -> None:
         child.requires_grad_(bool(kept) and isinstance(child, kept))
 
 
-class IdeficsModel(DecoderModel):
+class IdeficsDecoder(DecoderModel):
     """The LLaMA decoder with the vision side and the gated cross-attention layers interleaved."""
 
     def __init__(self, config: IdeficsConfig):
@@ -138,10 +140,11 @@ class IdeficsForVisionText2Text(PretrainedVLM):
     def __init__(self, config: IdeficsConfig):
         super().__init__()
         self.config = config
-        self.model = IdeficsModel(config)
+        self.model = IdeficsDecoder(config)
         text = config.text_config
         self.lm_head = DecoupledLinear(text.hidden_size, text.vocab_size, config.additional_vocab_size)
         self.freeze_relevant_params()
+        self.post_init()
 
     @classmethod
     def config_from_folder(cls, folder, raw_config: dict):
@@ -196,7 +199,7 @@ class IdeficsForVisionText2Text(PretrainedVLM):
 
     # --- what base.py and generation/ (decode.py, loop.py) use ---------------------------------
     @property
-    def text_model(self) -> IdeficsModel:
+    def text_model(self) -> IdeficsDecoder:
         return self.model
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -269,6 +272,25 @@ class IdeficsForVisionText2Text(PretrainedVLM):
         ``perceiver_embeddings``/``image_encoder_embeddings``, as transformers' generate does) with the new
         positions' ``image_attention_mask``, or none: the new positions then see what the cached prompt's
         last position saw."""
+        hidden, cache, all_hidden, image_states = self.decoder_outputs(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, pixel_values,
+            image_encoder_embeddings, perceiver_embeddings, image_attention_mask, use_cache, interpolate_pos_encoding,
+            cache_position, output_hidden_states, output_attentions)
+        hidden = kept_positions(hidden, logits_to_keep)
+        logits = self.lm_logits(hidden)
+        # over all columns, additional vocabulary included (the reference's loss reshapes the logits to
+        # the regular vocabulary only and fails when additional_vocab_size > 0)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=unused.get("num_items_in_batch")) \
+            if labels is not None else None
+        return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
+                                   hidden_states=all_hidden, image_hidden_states=image_states,
+                                   last_hidden_state=hidden)
+
+    def decoder_outputs(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, pixel_values,
+                        image_encoder_embeddings, perceiver_embeddings, image_attention_mask, use_cache,
+                        interpolate_pos_encoding, cache_position, output_hidden_states, output_attentions):
+        """What ``forward`` computes before the LM head: (the decoder's normed output [B, T, H], the KV cache or
+        None, each layer's hidden states or None, the image features or None)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("forward needs input_ids or inputs_embeds")
@@ -286,15 +308,68 @@ class IdeficsForVisionText2Text(PretrainedVLM):
             inputs_embeds, attention_mask, position_ids, past_key_values=past_key_values, use_cache=use_cache,
             cache_position=cache_position, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions, images=images)
-        hidden = kept_positions(hidden, logits_to_keep)
-        logits = self.lm_logits(hidden)
-        # over all columns, additional vocabulary included (the reference's loss reshapes the logits to
-        # the regular vocabulary only and fails when additional_vocab_size > 0)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch=unused.get("num_items_in_batch")) \
-            if labels is not None else None
-        return self.forward_output(return_dict, loss=loss, logits=logits, past_key_values=cache,
-                                   hidden_states=all_hidden, image_hidden_states=image_states,
-                                   last_hidden_state=hidden)
+        return hidden, cache, all_hidden, image_states
+
+
+class IdeficsBaseModelOutput(FieldsOutput):
+    """``IdeficsModel``'s forward results, transformers' ``IdeficsBaseModelOutputWithPast`` (``out[0]`` is
+    ``last_hidden_state``)."""
+
+    FIELDS = ("last_hidden_state", "past_key_values", "hidden_states", "attentions", "image_hidden_states")
+
+
+class IdeficsModel(IdeficsForVisionText2Text):
+    """transformers' ``IdeficsModel``: IDEFICS without the LM head, whose ``forward`` returns the decoder's normed
+    output (``last_hidden_state``). Its weights are named as transformers' are, without the ``model.`` prefix
+    (``state_dict``, ``save_pretrained``); a checkpoint of either class loads (an LM head is skipped)."""
+
+    def __init__(self, config: IdeficsConfig):
+        super().__init__(config)
+        del self.lm_head
+        self.lm_head = None
+        self.register_state_dict_post_hook(_without_model_prefix)
+        self.register_load_state_dict_pre_hook(_with_model_prefix)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    @classmethod
+    def config_from_folder(cls, folder, raw_config: dict):
+        config, _ = super().config_from_folder(folder, raw_config)
+        return config, WeightLayout(lambda name, tensor: [(name.removeprefix("model."), tensor)], ignore=(r"^lm_head\.",),
+                                    optional=(r"(^|\.)vision_model\.post_layernorm\.",))
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Nothing to tie: there is no LM head."""
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise InputError("IdeficsModel has no LM head (it returns hidden states); load IdeficsForVisionText2Text "
+                         "to get logits or generate text")
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                pixel_values=None, image_encoder_embeddings=None, perceiver_embeddings=None, image_attention_mask=None,
+                use_cache=None, interpolate_pos_encoding: bool = False, return_dict=None, cache_position=None,
+                output_hidden_states=None, output_attentions=None, **unused) -> IdeficsBaseModelOutput:
+        """``last_hidden_state`` [B, T, H] (and ``past_key_values``, ``hidden_states``, ``image_hidden_states``)
+        for the inputs ``IdeficsForVisionText2Text.forward`` takes."""
+        hidden, cache, all_hidden, image_states = self.decoder_outputs(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, pixel_values,
+            image_encoder_embeddings, perceiver_embeddings, image_attention_mask, use_cache, interpolate_pos_encoding,
+            cache_position, output_hidden_states, output_attentions)
+        output = IdeficsBaseModelOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden,
+                                        image_hidden_states=image_states)
+        return output.to_tuple() if return_dict is False else output
+
+
+def _without_model_prefix(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+        state_dict[prefix + key[len(prefix) + len("model."):]] = state_dict.pop(key)
+
+
+def _with_model_prefix(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "model.")]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _checked(tensor: torch.Tensor, ndim: int, name: str) -> torch.Tensor:

@@ -62,7 +62,7 @@ class PerceiverResampler(nn.Module):
     def __init__(self, config: IdeficsConfig):
         super().__init__()
         perceiver, width = config.perceiver_config, config.vision_config.embed_dim
-        self.latents = nn.Parameter(torch.empty(perceiver.resampler_n_latents, width))
+        self.latents = nn.Parameter(torch.randn(perceiver.resampler_n_latents, width))  # random until loaded
         # each block is an (attention, mlp) pair indexed 0/1, the checkpoint's names
         self.blocks = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(width, perceiver.resampler_n_heads, perceiver.resampler_head_dim,

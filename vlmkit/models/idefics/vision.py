@@ -20,7 +20,7 @@ class IdeficsVisionEmbeddings(nn.Module):
     def __init__(self, config: IdeficsVisionConfig):
         super().__init__()
         self.image_size, self.patch_size = config.image_size, config.patch_size
-        self.class_embedding = nn.Parameter(torch.empty(config.embed_dim))
+        self.class_embedding = nn.Parameter(torch.randn(config.embed_dim))  # random until a checkpoint fills it
         self.patch_embedding = nn.Conv2d(config.num_channels, config.embed_dim, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.embed_dim)

@@ -1,16 +1,19 @@
-"""Janus / Janus-Pro configs from a transformers-layout ``config.json`` (``model_type: janus``)."""
+"""Janus / Janus-Pro configs from a transformers-layout ``config.json`` (``model_type: janus``), or built by
+keyword as transformers' classes of these names (every argument optional, with their defaults)."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import ClassVar
 
-from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, config_class, dataclass_from_dict, sub_config
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
 
-@dataclass
+@config_class
 class JanusVisionConfig(ConfigFile):
     """The SigLIP understanding tower and its aligner MLP."""
+
+    model_type: ClassVar[str] = "janus_vision_model"
 
     hidden_size: int = 1024
     num_hidden_layers: int = 24
@@ -33,9 +36,11 @@ class JanusVisionConfig(ConfigFile):
         return int(self.hidden_size * self.mlp_ratio)
 
 
-@dataclass
+@config_class
 class JanusVQVAEConfig(ConfigFile):
     """The VQ-VAE that turns image tokens into pixels, with the generation embedding/aligner/head sizes."""
+
+    model_type: ClassVar[str] = "janus_vqgan"
 
     embed_dim: int = 8
     num_embeddings: int = 16384
@@ -58,18 +63,33 @@ class JanusVQVAEConfig(ConfigFile):
         return 2 ** (len(self.channel_multiplier) - 1)
 
 
-@dataclass
+@config_class
 class JanusConfig(ConfigFile):
-    """The whole model: LLaMA text side, vision tower, VQ-VAE and the image token id."""
+    """The whole model: LLaMA text side, vision tower, VQ-VAE and the image token id. Each section may be
+    given as its config object, a dict or a transformers config; one left out takes its class's defaults
+    (the text side ``LlamaConfig``'s, or those of the class its ``model_type`` names)."""
 
     model_type: ClassVar[str] = "janus"  # transformers' name for the family (config.model_type)
 
-    text_config: DecoderConfig
-    vision_config: JanusVisionConfig
-    vq_config: JanusVQVAEConfig
+    text_config: DecoderConfig | None = None
+    vision_config: JanusVisionConfig | None = None
+    vq_config: JanusVQVAEConfig | None = None
     image_token_id: int = 100581
     tie_word_embeddings: bool = True  # JanusConfig's default (a head missing from the checkpoint is tied anyway)
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.text_config = sub_config(self.text_config, DecoderConfig,
+                                      lambda v: DecoderConfig.from_text_config(v, "llama", where=None),
+                                      "JanusConfig", "text_config")
+        self.vision_config = sub_config(self.vision_config, JanusVisionConfig,
+                                        lambda v: dataclass_from_dict(JanusVisionConfig, v), "JanusConfig",
+                                        "vision_config")
+        self.vq_config = sub_config(self.vq_config, JanusVQVAEConfig,
+                                    lambda v: dataclass_from_dict(JanusVQVAEConfig, v), "JanusConfig", "vq_config")
+        # as transformers' JanusConfig: the VQ decoder's latent grid follows the vision tower's patch grid
+        if isinstance(self.vision_config.patch_size, int) and self.vision_config.patch_size > 0:
+            self.vq_config.extra["num_patches"] = self.num_patches_per_side
 
     def get_text_config(self, decoder: bool = True) -> DecoderConfig:
         """The language model's config, as transformers' ``get_text_config`` returns it."""

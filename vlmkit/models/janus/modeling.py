@@ -85,6 +85,7 @@ class JanusForConditionalGeneration(PretrainedVLM):
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         # aligned features of recent images, by pixel content: a repeated image skips the vision tower
         self.vision_cache = FeatureCache()
+        self.post_init()
 
     @classmethod
     def config_from_folder(cls, folder, raw_config: dict):

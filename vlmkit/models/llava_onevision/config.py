@@ -1,9 +1,10 @@
-"""LLaVA-OneVision configs from a llava-hf ``config.json`` (``model_type: llava_onevision``)."""
+"""LLaVA-OneVision configs from a llava-hf ``config.json`` (``model_type: llava_onevision``), or built by keyword
+as transformers' classes of these names (every argument optional, with their defaults)."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import ClassVar
 
-from ...configs import ConfigFile, check_heads_divide, dataclass_from_dict
+from ...configs import ConfigFile, check_heads_divide, config_class, dataclass_from_dict, sub_config
 from ...errors import CheckpointError
 from ...nn.decoder import DecoderConfig
 
@@ -16,9 +17,11 @@ ONEVISION_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch
                                  num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
 
 
-@dataclass
+@config_class
 class SiglipVisionConfig(ConfigFile):
     """The SigLIP tower; defaults are ``SiglipVisionConfig``'s."""
+
+    model_type: ClassVar[str] = "siglip_vision_model"
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -38,14 +41,17 @@ class SiglipVisionConfig(ConfigFile):
         return self.image_size // self.patch_size
 
 
-@dataclass
+@config_class
 class LlavaOnevisionConfig(ConfigFile):
-    """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings."""
+    """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings. Each section may be
+    given as its config object, a dict or a transformers config (positionally too, vision first, as
+    transformers 4's documentation writes ``LlavaOnevisionConfig(vision_config, text_config)``); one left out
+    takes the defaults transformers gives it (``Qwen2Config``'s; SigLIP-so400m's tower less its last layer)."""
 
     model_type: ClassVar[str] = "llava_onevision"  # transformers' name for the family (config.model_type)
 
-    text_config: DecoderConfig
-    vision_config: SiglipVisionConfig
+    vision_config: SiglipVisionConfig | None = None
+    text_config: DecoderConfig | None = None
     image_token_index: int = 151646
     video_token_index: int = 151647
     projector_hidden_act: str = "gelu"
@@ -56,6 +62,23 @@ class LlavaOnevisionConfig(ConfigFile):
     tie_word_embeddings: bool = False
     multimodal_projector_bias: bool = True
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.vision_config = sub_config(self.vision_config, SiglipVisionConfig, lambda v: _vision_config(v, None),
+                                        "LlavaOnevisionConfig", "vision_config")
+        # Qwen2: the reference's default backbone
+        self.text_config = sub_config(self.text_config, DecoderConfig,
+                                      lambda v: DecoderConfig.from_text_config(v, "qwen2", where=None),
+                                      "LlavaOnevisionConfig", "text_config")
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = [list(p) for p in DEFAULT_GRID_PINPOINTS]
+        # as transformers: a text config that ties its embeddings ties them for the whole model
+        if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
+            self.tie_word_embeddings = True
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                                  f"got {self.vision_feature_select_strategy!r}")
+        parse_max_num_patches(self.vision_aspect_ratio)  # an unknown setting fails as the config is read
 
     def get_text_config(self, decoder: bool = True) -> DecoderConfig:
         """The language model's config, as transformers' ``get_text_config`` returns it."""
@@ -71,17 +94,11 @@ class LlavaOnevisionConfig(ConfigFile):
         for alias, key in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
             if values.get(key) is None and values.get(alias) is not None:
                 values[key] = values.pop(alias)
-        config = dataclass_from_dict(
+        return dataclass_from_dict(
             cls, values, "config.json",
-            # Qwen2: the reference's default backbone
             text_config=DecoderConfig.from_text_config(values.get("text_config"), "qwen2"),
             vision_config=_vision_config(values.get("vision_config")),
         )
-        if config.vision_feature_select_strategy not in ("default", "full"):
-            raise CheckpointError(f"vision_feature_select_strategy must be 'default' or 'full', "
-                                  f"got {config.vision_feature_select_strategy!r}")
-        parse_max_num_patches(config.vision_aspect_ratio)  # an unknown setting fails at load time
-        return config
 
     def check_sizes(self) -> None:
         """Refuse settings the forward would fail on with the first image: the feature layers must be among
@@ -120,10 +137,10 @@ class LlavaOnevisionConfig(ConfigFile):
         return parse_max_num_patches(self.vision_aspect_ratio)
 
 
-def _vision_config(values: dict | None) -> SiglipVisionConfig:
+def _vision_config(values: dict | None, where: str | None = "config.json: vision_config") -> SiglipVisionConfig:
     """The tower's config as the reference builds it: none at all is ``ONEVISION_VISION_DEFAULTS``; a dict,
-    even an empty one, is completed by SigLIP's own defaults."""
-    where = "config.json: vision_config"
+    even an empty one, is completed by SigLIP's own defaults. ``where``: the file section the dict was read
+    from (its values are then checked as a checkpoint's), None for one given by keyword."""
     if values is None:
         return dataclass_from_dict(SiglipVisionConfig, ONEVISION_VISION_DEFAULTS)
     if not isinstance(values, dict):

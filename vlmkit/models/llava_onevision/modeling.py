@@ -47,7 +47,9 @@ class LlavaOnevisionModel(nn.Module):
         super().__init__()
         self.vision_tower = SiglipVisionTransformer(config.vision_config)
         self.multi_modal_projector = MultiModalProjector(config)
-        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        # random as transformers draws it, for a model built from a config (a checkpoint overwrites it)
+        width = config.text_config.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
         self.language_model = DecoderModel(config.text_config)
 
 
@@ -82,6 +84,7 @@ class LlavaOnevisionForConditionalGeneration(PretrainedVLM):
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         # projected features of recent tiles and frames, by pixel content: a repeated image skips the tower
         self.vision_cache = FeatureCache()
+        self.post_init()
 
     @classmethod
     def config_from_folder(cls, folder, raw_config: dict):

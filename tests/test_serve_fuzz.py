@@ -40,6 +40,7 @@ def _short(case) -> None:
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
 # (method, path, what the fuzzer makes: bodies the schema allows or ones it does not, examples)
 CASES = [("POST", "/v1/chat/completions", POSITIVE, 300), ("POST", "/v1/chat/completions", NEGATIVE, 300),
+         ("POST", "/v1/completions", POSITIVE, 150), ("POST", "/v1/completions", NEGATIVE, 150),
          ("POST", "/v1/images/generations", POSITIVE, 100), ("POST", "/v1/images/generations", NEGATIVE, 100),
          ("POST", "/tokenize", POSITIVE, 100), ("POST", "/tokenize", NEGATIVE, 100),
          ("POST", "/detokenize", POSITIVE, 50), ("POST", "/detokenize", NEGATIVE, 50),
@@ -56,6 +57,9 @@ def test_no_request_from_the_schema_gets_a_5xx_and_every_answer_conforms(api_sch
               suppress_health_check=list(HealthCheck))
     def check(case):
         _short(case)
-        case.call_and_validate(base_url=fuzzed_server.url, checks=CHECKS, timeout=60)
+        response = case.call(base_url=fuzzed_server.url, timeout=60)
+        # a body over --max-body-bytes is refused before it is read (413): a rejection, whatever it held
+        excluded = [negative_data_rejection] if response.status_code == 413 else []
+        case.validate_response(response, checks=[c for c in CHECKS if c not in excluded])
 
     check()

@@ -213,7 +213,7 @@ def test_a_video_prompt_is_answered_as_transformers_answers_it(llava_onevision_d
         output, = llm.generate({"prompt": prompt, "multi_modal_data": media},
                                SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False)
         assert output.text == expected
-        with pytest.raises(InputError, match="not as frames"):
+        with pytest.raises(InputError, match="must be uint8"):  # float frames: 0..255 integers only
             llm.generate({"prompt": prompt, "multi_modal_data": {"video": [torch.zeros(2, 8, 8, 3)]}}, use_tqdm=False)
     finally:
         llm.close()

@@ -8,7 +8,8 @@ prompts (``generate_images``), all batched on the model through the server's req
 
 Conversations are OpenAI chat messages; images as ``image_url`` parts (http(s) URLs, data: URIs, or
 local paths when the LLM was made with ``media_root``), or PIL images (or numpy arrays / tensors) as
-vLLM's ``image_pil`` parts; a content part that is a plain string is a text part, as in vLLM.
+vLLM's ``image_pil`` parts; videos as ``video_url`` parts, or frames in memory as ``{"type": "video",
+"video": frames}`` parts; a content part that is a plain string is a text part, as in vLLM.
 ``sampling_params`` is a ``SamplingParams``, a dict of its fields, or a list of either (one per
 conversation). Every argument is checked before the model loads or a row runs: a bad one is an
 ``InputError`` that names it."""
@@ -151,7 +152,9 @@ class LLM:
         ``/v1/completions``): a text, a list of texts, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``.
         ``{"prompt": text, "multi_modal_data": {"image": image_or_list}}`` (vLLM's raw multimodal form) gives
         the text images (PIL, numpy arrays, tensors, or URLs), one per placeholder of the family's processor
-        (``<image>``, Janus' ``<image_placeholder>``), expanded as transformers' processor expands that text.
+        (``<image>``, Janus' ``<image_placeholder>``), expanded as transformers' processor expands that text;
+        ``"video"`` (LLaVA-OneVision, one per ``<video>``) is a URL, or frames in memory (a uint8 array or tensor
+        [frames, height, width, 3], or a list of frames), used as given, as transformers' processor uses them.
         One output per prompt, in order; ``sampling_params`` as for ``chat``."""
         self._check_open()
         prompts = [_completion_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
@@ -327,13 +330,16 @@ def _completion_prompt(prompt, index: int) -> dict:
 
 def _multi_modal_data(data, where: str) -> dict:
     """vLLM's ``multi_modal_data`` as the server's: each image a URL (in-memory images as PNG data URIs), each
-    video a URL or local path (``{"url", "num_frames"}`` to choose the frames sampled)."""
+    video a URL or local path (``{"url", "num_frames"}`` to choose the frames sampled), or its frames in memory
+    (sent as a lossless .npy data URI: `_frames_data_uri`)."""
     if not isinstance(data, dict) or not data or set(data) - {"image", "video"}:
         got = sorted(data, key=str) if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{where}: multi_modal_data must be a dict {{'image': image or list of images}} (and "
                          f"'video' for LLaVA-OneVision), got {got}")
     sent = {}
     for kind, items in data.items():
+        if kind == "video" and _is_frame_list(items):
+            items = [items]  # one video's frames, as transformers' make_batched_videos reads such a list
         items = list(items) if isinstance(items, (list, tuple)) else [items]
         if not items:
             raise InputError(f"{where}: multi_modal_data[{kind!r}] is empty; give one, or leave it out")
@@ -342,14 +348,48 @@ def _multi_modal_data(data, where: str) -> dict:
                           else _png_data_uri(image, f"{where}, multi_modal_data['image'][{k}]", "multi_modal_data")
                           for k, image in enumerate(items)]
         else:
-            for k, video in enumerate(items):
-                if not isinstance(video, (str, os.PathLike, dict)):
-                    # frames would need a video format the server reads from a data: URI; it reads files and URLs
-                    raise InputError(f"{where}, multi_modal_data['video'][{k}]: a video is given as its URL or file "
-                                     f"path (make the LLM with media_root), not as frames "
-                                     f"({type(video).__name__}); write the frames to a video file")
-            sent[kind] = [video if isinstance(video, dict) else os.fspath(video) for video in items]
+            sent[kind] = [_video_url(video, f"{where}, multi_modal_data['video'][{k}]") for k, video in enumerate(items)]
     return sent
+
+
+def _is_frame_list(value) -> bool:
+    """Whether a list is one video's frames (PIL images, or 3-D arrays or tensors) rather than a list of videos."""
+    import numpy as np
+    from PIL import Image
+
+    from ..io.media import is_tensor
+
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(item, Image.Image) or ((isinstance(item, np.ndarray) or is_tensor(item)) and item.ndim == 3)
+        for item in value)
+
+
+def _video_url(video, where: str):
+    """A video as the server's ``video_url``: a URL or path as it is, frames in memory as a data: URI, and in
+    ``{"url", "num_frames"}`` the same for its ``url``."""
+    if isinstance(video, dict):
+        return {**video, "url": _video_url(video["url"], where)} if "url" in video else video  # the server names it
+    if isinstance(video, (str, os.PathLike)):
+        return os.fspath(video)  # a URL, or a path with media_root
+    return _frames_data_uri(video, where)
+
+
+def _frames_data_uri(frames, where: str) -> str:
+    """Video frames held in memory (a uint8 array or tensor [frames, height, width, 3], or a list of frames) as a
+    lossless ``data:application/x-npy`` URI, which the server reads back bit-exactly."""
+    import numpy as np
+
+    from ..io.media import is_tensor
+    from ..io.video import frames_data_uri
+
+    if not (isinstance(frames, (np.ndarray, list, tuple)) or is_tensor(frames)):
+        raise InputError(f"{where}: a video is its URL or file path (make the LLM with media_root), or its frames: a "
+                         f"uint8 numpy array or tensor [frames, height, width, 3] or a list of frames; got "
+                         f"{type(frames).__name__}")
+    try:
+        return frames_data_uri(frames)
+    except MediaError as err:
+        raise InputError(f"{where}: {err}") from None
 
 
 def _conversations(messages) -> list[list[dict]]:
@@ -375,8 +415,9 @@ def _conversations(messages) -> list[list[dict]]:
 
 def _openai_message(message: dict, where: str) -> dict:
     """A message with PIL images (vLLM's ``image_pil`` parts, or ``image`` parts holding a PIL image, array
-    or tensor) turned into ``image_url`` parts with a PNG data URI, and plain-string parts into text parts
-    (as vLLM's chat parser reads them): the form the request path takes."""
+    or tensor) turned into ``image_url`` parts with a PNG data URI, ``video`` parts holding frames (and an
+    optional ``num_frames``) into ``video_url`` parts with a .npy data URI, and plain-string parts into text
+    parts (as vLLM's chat parser reads them): the form the request path takes."""
     content = message.get("content")
     if not isinstance(content, list):
         return message
@@ -392,6 +433,11 @@ def _openai_message(message: dict, where: str) -> dict:
             part.get("image") if part.get("type") == "image" and not isinstance(part.get("image"), str) else None
         if part.get("type") == "image_pil" and image is None:
             raise InputError(f"{where}, content part {k}: an image_pil part needs its image under 'image_pil'")
+        if part.get("type") == "video" and part.get("video") is not None and not isinstance(part["video"], str):
+            asked = {"num_frames": part["num_frames"]} if "num_frames" in part else {}
+            parts.append({"type": "video_url", "video_url": {
+                "url": _frames_data_uri(part["video"], f"{where}, content part {k}"), **asked}})
+            continue
         parts.append({"type": "image_url", "image_url": {"url": _png_data_uri(image, f"{where}, content part {k}")}}
                      if image is not None else part)
     return {**message, "content": parts}

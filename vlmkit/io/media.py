@@ -85,7 +85,7 @@ def _load_image(source, policy: MediaPolicy, desc: str, upright: bool) -> Image.
             fetch_url(source, buf, policy)
             return _decode(buf.getvalue(), policy, desc)
         if scheme == "data":
-            return _decode(_data_uri_bytes(source, policy, desc), policy, desc)
+            return _decode(data_uri_payload(source, policy, desc)[1], policy, desc)
         if scheme is None:
             return _path_or_base64(source, policy, desc)
         if scheme != "file":
@@ -244,14 +244,20 @@ def _decode(data: bytes, policy: MediaPolicy, desc: str) -> Image.Image:
         raise MediaError(f"corrupt or truncated image ({e}): {desc}") from e
 
 
-def _data_uri_bytes(uri: str, policy: MediaPolicy, desc: str) -> bytes:
+def data_uri_payload(uri: str, policy: MediaPolicy, desc: str, kind: str = "image",
+                     media_types: tuple[str, ...] = ("image/",), hint: str = "") -> tuple[str, bytes]:
+    """A base64 ``data:`` URI's media type (lower-cased, "" when it names none) and decoded bytes. A media
+    type that starts with none of `media_types` is refused before anything is decoded (`hint` says what to
+    send instead), as are payloads over ``policy.max_bytes``; `kind` names what was expected in errors."""
     header, comma, payload = uri.partition(",")
     params = header[5:].lower().split(";")
     if not comma or "base64" not in params[1:]:
-        raise MediaError(f"data URI must be base64 encoded (data:image/...;base64,...): {desc}")
-    if params[0] and not params[0].startswith("image/"):
-        raise MediaError(f"data URI is not an image (media type {params[0]!r}): {desc}")
-    return _base64_bytes(unquote(payload), policy, desc, "data URI")
+        raise MediaError(f"data URI must be base64 encoded (data:{kind}/...;base64,...): {desc}")
+    media_type = params[0].strip()
+    if media_type and not media_type.startswith(media_types):
+        raise MediaError(f"data URI is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} (media type "
+                         f"{media_type!r}){hint}: {desc}")
+    return media_type, _base64_bytes(unquote(payload), policy, desc, "data URI")
 
 
 def _base64_bytes(payload: str, policy: MediaPolicy, desc: str, what: str) -> bytes:

@@ -310,8 +310,8 @@ class RequestHandler:
                                 f"per request (--max-images)")
         videos = [part for part in parts if part.type == "video_url"]
         for part in videos:
-            frames = part.video_url.num_frames or self._default_frames
-            if frames > self.limits.max_video_frames:
+            frames = self._frames_asked(part.video_url)
+            if frames is not None and frames > self.limits.max_video_frames:
                 raise ApiError(400, f"a video asks for {frames} frames; this server samples at most "
                                     f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
         if videos and self.engine.model_type not in VIDEO_FAMILIES:
@@ -340,14 +340,26 @@ class RequestHandler:
         url = (part.image_url if part.type == "image_url" else part.video_url).url
         if part.type == "image_url":
             return {"type": "image", "image": self._image(url, where, pixels)}
+        from ..io.video import TooManyFrames, load_video
         try:
-            from ..io.video import load_video
-            frames = part.video_url.num_frames or self._default_frames
-            video = load_video(url, frames, policy=self.policy, max_frames=self.limits.max_video_frames,
-                               max_pixels_per_frame=self.limits.max_image_pixels)
+            video = load_video(url, self._frames_asked(part.video_url), policy=self.policy,
+                               max_frames=self.limits.max_video_frames, max_pixels_per_frame=self.limits.max_image_pixels)
             return {"type": "video", "video": video}
+        except TooManyFrames as err:
+            raise ApiError(400, f"{where}: {err} (this server's limit per video: --max-video-frames)") from None
+        except TooManyPixels as err:
+            raise ApiError(400, f"{where}: {err} (this server's limit per frame: --max-image-pixels)") from None
         except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
             raise ApiError(400, f"{where}: {err}") from None
+
+    def _frames_asked(self, video_url) -> int | None:
+        """The frames to sample from a video: its num_frames, else the server's default (--video-frames); frames
+        sent as they are (a data: URI of frames) are used as they are unless num_frames asks for fewer, as
+        transformers' processor takes a frames array (None: every frame)."""
+        from ..io.video import is_frames_uri
+        if video_url.num_frames or is_frames_uri(video_url.url):
+            return video_url.num_frames
+        return self._default_frames
 
     def _image(self, url: str, where: str, pixels: list[int]):
         """Load one image; the request's images together may have at most --max-request-pixels pixels, which

@@ -214,3 +214,17 @@ def test_what_the_cli_check_learned_of_a_file_spares_the_decode_a_second_read(tm
     clip.write_bytes(write_video(tmp_path / "other.mkv", num_frames=8).read_bytes())  # changed: read afresh
     with pytest.raises(AssertionError, match="read again"):
         load_video(clip, 4)
+
+
+def test_the_processor_takes_every_frame_held_in_memory_as_transformers(reference, llava_onevision_dir):
+    """More frames than load_video's file limit (64): transformers' processor takes them all, and so does vlmkit's
+    (the server's --max-video-frames is checked where it loads them)."""
+    import vlmkit
+
+    ref_processor, _ = reference
+    frames = noise_frames(count=70, height=24, width=24)
+    expected = ref_processor(text=PROMPT, videos=[frames], return_tensors="pt")
+    got = vlmkit.AutoProcessor.from_pretrained(llava_onevision_dir)(text=PROMPT, videos=[frames], return_tensors="pt")
+    assert got["pixel_values_videos"].shape[1] == 70
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["pixel_values_videos"], expected["pixel_values_videos"])

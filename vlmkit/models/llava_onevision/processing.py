@@ -3,6 +3,8 @@ makes features, images to anyres pixel values, videos to frames, chat templates,
 transformers' LlavaOnevisionProcessor (images through its PIL backend, videos through its video processor)."""
 
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -145,7 +147,9 @@ class LlavaOnevisionProcessor(ProcessorBase):
         if not video_options.pop("do_sample_frames", self.do_sample_frames):
             num_frames = fps = None  # transformers keeps every frame unless asked to sample
         processor = self.video_processor.with_options(video_options)
-        frames = [processor.preprocess_frames(load_video(v, num_frames, fps=fps)) for v in sources]
+        # frames already in memory are taken whatever their count, as transformers takes them (the server has
+        # applied its --max-video-frames); a file or URL is held to load_video's frame limit while it decodes
+        frames = [processor.preprocess_frames(load_video(v, num_frames, fps=fps, **_frame_limit(v))) for v in sources]
         if len({tuple(f.shape) for f in frames}) > 1:
             raise InputError("videos of different frame counts cannot be batched; pass the same num_frames")
         tokens = [self.video_token * self.video_token_count(len(f)) for f in frames]
@@ -199,3 +203,11 @@ def _as_video_list(videos) -> list:
 def _is_frame(item) -> bool:
     # the reference's is_valid_video_frame: a PIL image, or a 3-D array or tensor ((H, W, C) or (C, H, W))
     return isinstance(item, Image.Image) or ((isinstance(item, np.ndarray) or is_tensor(item)) and item.ndim == 3)
+
+
+def _frame_limit(video) -> dict:
+    """``load_video``'s ``max_frames`` for ``video``: its own count when its frames are in memory (an array,
+    tensor or list of frames), else load_video's default."""
+    if isinstance(video, (str, os.PathLike)) or not hasattr(video, "__len__"):
+        return {}
+    return {"max_frames": max(len(video), 1)}

@@ -173,3 +173,10 @@ def test_a_transformers_model_built_from_the_same_config_loads_in_vlmkit_with_th
     torch.testing.assert_close(_output(model, inputs), _output(reference, inputs), rtol=1e-4, atol=1e-4)
     ours, _ = FAMILIES[family](vlmkit)
     assert _names_and_shapes(model) == _names_and_shapes(type(model)(ours))
+
+
+def test_llava_onevision_token_ids_by_keyword_take_transformers_5_names_too():
+    for names in [dict(image_token_id=5, video_token_id=7), dict(image_token_index=5, video_token_index=7)]:
+        expected = transformers.LlavaOnevisionConfig(**names)
+        got = vlmkit.LlavaOnevisionConfig(**names)
+        assert (got.image_token_id, got.video_token_id) == (expected.image_token_id, expected.video_token_id) == (5, 7)

@@ -41,6 +41,10 @@ class SiglipVisionConfig(ConfigFile):
         return self.image_size // self.patch_size
 
 
+# transformers 5's names for the placeholder token ids (its attribute map), beside the config.json keys
+TOKEN_ID_ALIASES = (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index"))
+
+
 @config_class
 class LlavaOnevisionConfig(ConfigFile):
     """The whole model: Qwen2 text side, SigLIP tower, projector and the anyres settings. Each section may be
@@ -64,6 +68,9 @@ class LlavaOnevisionConfig(ConfigFile):
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        for alias, key in TOKEN_ID_ALIASES:  # by keyword under transformers 5's attribute names
+            if alias in self.extra:
+                setattr(self, key, self.extra.pop(alias))
         self.vision_config = sub_config(self.vision_config, SiglipVisionConfig, lambda v: _vision_config(v, None),
                                         "LlavaOnevisionConfig", "vision_config")
         # Qwen2: the reference's default backbone
@@ -91,9 +98,10 @@ class LlavaOnevisionConfig(ConfigFile):
             raise CheckpointError(f"not a LLaVA-OneVision config (model_type {values.get('model_type')!r})")
         values = dict(values)
         # transformers 5 may write the token ids under their attribute-map names
-        for alias, key in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
-            if values.get(key) is None and values.get(alias) is not None:
-                values[key] = values.pop(alias)
+        for alias, key in TOKEN_ID_ALIASES:  # the config.json key wins where a file has both
+            alias_value = values.pop(alias, None)
+            if values.get(key) is None and alias_value is not None:
+                values[key] = alias_value
         return dataclass_from_dict(
             cls, values, "config.json",
             text_config=DecoderConfig.from_text_config(values.get("text_config"), "qwen2"),

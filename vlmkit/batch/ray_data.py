@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import VlmkitError
 from ..serve.config import ServeConfig
-from ..serve.schemas import error_body
+from ..serve.responses import error_body
 from .files import BatchFileError, ResultsFile, output_line, parse_line, scan_input
 from .local import BatchReport, progress_bar
 from .rows import BatchRequest, BatchWorker

@@ -102,8 +102,8 @@ class BatchWorker:
 
     def answer(self, request: BatchRequest) -> tuple[int, dict]:
         """Run one row to completion: (status code, response or error body), as the server answers it."""
-        from ..serve.requests import ApiError, api_error, body_too_large, method_not_allowed
-        from ..serve.schemas import error_body
+        from ..serve.api_errors import ApiError, api_error, body_too_large, method_not_allowed
+        from ..serve.responses import error_body
 
         if request.method.upper() != "POST":  # the server's answer to any other method on its routes
             return 405, error_body(method_not_allowed(request.method, "POST"), code="405")

@@ -1,10 +1,13 @@
 """``vlmkit serve``: an OpenAI-compatible HTTP server for chat with images and Janus image generation.
 
-``config`` (settings and flags), ``schemas`` (OpenAI shapes), ``requests`` (the request path: body to
-task, outcome to body; shared with batch jobs), ``options`` (logprobs, penalties, logit_bias, JSON
-grammars and tool calls), ``scheduler`` + ``decoding`` + ``answers`` + ``batching`` (one worker thread
-batching every request's decode steps), ``app`` (FastAPI endpoints, ``run_server``), ``metrics``
-(``/metrics`` for Prometheus).
+``config`` (settings and flags), ``fields`` + ``schemas`` + ``image_schemas`` + ``responses`` (OpenAI
+shapes: field types, the chat request, image generation, response bodies), ``requests`` + ``media`` (the
+request path: body to task, outcome to body; shared with batch jobs), ``api_errors`` (errors as clients
+see them), ``completions`` and ``tokenization`` (``/v1/completions``, ``/tokenize``), ``options``
+(logprobs, penalties, logit_bias, JSON grammars and tool calls), ``scheduler`` + ``decoding`` + ``answers``
++ ``batching`` (one worker thread batching every request's decode steps), ``app`` (FastAPI endpoints,
+``run_server``) + ``streaming`` (a request's job events, server-sent events), ``metrics`` (``/metrics``
+for Prometheus).
 
 Names load on first use, so ``vlmkit.serve.config`` (the CLI's flags) needs neither fastapi nor pydantic."""
 
@@ -13,7 +16,7 @@ from importlib import import_module
 _LAZY = {
     "ServeConfig": "vlmkit.serve.config",
     "ServeLimits": "vlmkit.serve.config",
-    "ApiError": "vlmkit.serve.requests",
+    "ApiError": "vlmkit.serve.api_errors",
     "RequestHandler": "vlmkit.serve.requests",
     "ChatTask": "vlmkit.serve.scheduler",
     "ImageTask": "vlmkit.serve.scheduler",

@@ -1,6 +1,6 @@
 """The HTTP side of ``vlmkit serve``: a FastAPI app with OpenAI's endpoints over the shared request path
 (``requests.RequestHandler``) and the batching ``Scheduler``; API-key checks, body-size limits, server-sent
-events, client-disconnect cancellation, and ``run_server`` with a graceful SIGTERM."""
+events and client-disconnect cancellation (``streaming``), and ``run_server`` with a graceful SIGTERM."""
 
 import asyncio
 import hmac
@@ -19,18 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from . import openapi
+from . import openapi, tokenization
+from .api_errors import ApiError, api_error, body_too_large, method_not_allowed
 from .completions import completion_body, completion_stream, prepare_completion
 from .config import ServeConfig
-from .requests import ApiError, RequestHandler, api_error, body_too_large, method_not_allowed
+from .requests import RequestHandler
 from .http import HeaderLimit, listening_socket, uvicorn_config
 from .image_stream import image_sse
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import RequestCounter, ServerMetrics
 from .pages import install_playground
-from .events import ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .scheduler import Scheduler
-from .schemas import ModelCard, ModelList, Usage, chunk_events, error_body
+from .responses import ModelCard, ModelList, error_body
+from .streaming import chat_sse, forward_events, job_events, job_outcome, job_outcomes
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -156,15 +157,15 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             scheduler.check_capacity()  # before fetching anything
             parsed, task = await run_in_threadpool(handler.prepare_chat, body)
             events: asyncio.Queue = asyncio.Queue()
-            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, parsed.stream))
+            job = scheduler.submit(task, forward_events(asyncio.get_running_loop(), events, parsed.stream))
         except Exception as err:
             return _error_response(err)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return StreamingResponse(_sse(job, events, request, handler.model_name, parsed.n, include_usage),
+            return StreamingResponse(chat_sse(job, events, request, handler.model_name, parsed.n, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            return handler.chat_body(parsed, await _outcome(job, events, request))
+            return handler.chat_body(parsed, await job_outcome(job, events, request))
         except Exception as err:
             return _error_response(err)
 
@@ -179,29 +180,29 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             for prompt_index, task in enumerate(tasks):  # each prompt's events come tagged with its index
-                jobs.append(scheduler.submit(task, _forward(loop, events, parsed.stream, prompt_index)))
+                jobs.append(scheduler.submit(task, forward_events(loop, events, parsed.stream, prompt_index)))
         except Exception as err:
             for job in jobs:
                 job.cancel()
             return _error_response(err)
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            stream = completion_stream(_events(jobs, events, request), handler.model_name, parsed, echoes,
+            stream = completion_stream(job_events(jobs, events, request), handler.model_name, parsed, echoes,
                                        include_usage, lambda err: api_error(err).body())
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            outcomes = await _outcomes(jobs, events, request)
+            outcomes = await job_outcomes(jobs, events, request)
             return completion_body(handler.model_name, parsed, outcomes, echoes)
         except Exception as err:
             return _error_response(err)
 
     @router.post("/tokenize", responses=openapi.TOKENIZE_RESPONSES)
     async def tokenize(request: Request):
-        return await _answer_in_threadpool(request, lambda handler, body: handler.tokenize(body))
+        return await _answer_in_threadpool(request, tokenization.tokenize)
 
     @router.post("/detokenize", responses=openapi.DETOKENIZE_RESPONSES)
     async def detokenize(request: Request):
-        return await _answer_in_threadpool(request, lambda handler, body: handler.detokenize(body))
+        return await _answer_in_threadpool(request, tokenization.detokenize)
 
     async def _answer_in_threadpool(request: Request, answer):
         """A quick request answered off the event loop (tokenizing, fetching a conversation's images)."""
@@ -222,14 +223,14 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             if parsed.stream:
                 task = replace(task, partial_images=parsed.partial_images or 0)
             events: asyncio.Queue = asyncio.Queue()
-            job = scheduler.submit(task, _forward(asyncio.get_running_loop(), events, parsed.stream))
+            job = scheduler.submit(task, forward_events(asyncio.get_running_loop(), events, parsed.stream))
             if parsed.stream:
                 width, height = handler.image_size
-                stream = image_sse(_events(job, events, request), f"{width}x{height}", task.prompt_tokens,
+                stream = image_sse(job_events(job, events, request), f"{width}x{height}", task.prompt_tokens,
                                    handler.engine.model.num_image_tokens, lambda err: api_error(err).body(),
                                    run_in_threadpool, (parsed.output_format, parsed.output_compression))
                 return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            outcome = await _outcome(job, events, request)
+            outcome = await job_outcome(job, events, request)
             return await run_in_threadpool(handler.images_body, parsed, task, outcome)
         except Exception as err:
             return _error_response(err)
@@ -317,97 +318,6 @@ def _error_response(err: BaseException) -> JSONResponse:
     error = api_error(err)
     headers = {"Retry-After": "1"} if error.status == 503 else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def _forward(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool, tag: int | None = None):
-    """A job listener that hands events from the worker thread to this request's event loop (only the
-    final one unless streaming); with a ``tag`` (a completion's prompt index) each as ``(tag, event)``."""
-    def listen(event) -> None:
-        if stream or isinstance(event, (JobEnd, JobFailed)):
-            loop.call_soon_threadsafe(events.put_nowait, event if tag is None else (tag, event))
-    return listen
-
-
-async def _events(jobs, events: asyncio.Queue, request: Request):
-    """The events of a job (or of a list of jobs, which share ``events``) as they come; if the client
-    disconnects first, the jobs are cancelled (their rows leave the batch before the next step) and the
-    iteration ends."""
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        while True:
-            get = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                return
-            yield get.result()
-    finally:
-        gone.cancel()
-        for job in jobs if isinstance(jobs, list) else [jobs]:
-            job.cancel()  # no-op once finished
-
-
-async def _outcome(job, events: asyncio.Queue, request: Request):
-    """Wait for the job's outcome (raising its error)."""
-    async for event in _events(job, events, request):
-        if isinstance(event, JobEnd):
-            return event.outcome
-        if isinstance(event, JobFailed):
-            raise event.error
-    raise ApiError(499, "the client disconnected", code="client_closed_request")
-
-
-async def _outcomes(jobs: list, events: asyncio.Queue, request: Request) -> list:
-    """Wait for every job's outcome, in the order of ``jobs`` (raising the first error that comes)."""
-    outcomes = [None] * len(jobs)
-    async for tag, event in _events(jobs, events, request):
-        if isinstance(event, JobFailed):
-            raise event.error
-        outcomes[tag] = event.outcome
-        if all(outcome is not None for outcome in outcomes):
-            return outcomes
-    raise ApiError(499, "the client disconnected", code="client_closed_request")
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _sse(job, events: asyncio.Queue, request: Request, model: str, n: int, include_usage: bool):
-    """``chat.completion.chunk`` server-sent events, then ``data: [DONE]``. Closing the stream early (the
-    client went away) cancels the job."""
-    event = chunk_events("chat.completion.chunk", model, "chatcmpl")
-    stream = _events(job, events, request)
-    try:
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(n)])
-        async for item in stream:
-            if isinstance(item, TextDelta):
-                yield event([_chunk_choice(item.index, {"content": item.text}, None, item.logprobs)])
-            elif isinstance(item, ChoiceEnd):
-                delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(item.tool_calls)]} \
-                    if item.tool_calls else {}
-                yield event([_chunk_choice(item.index, delta, item.finish_reason, item.last_logprobs)])
-            elif isinstance(item, JobEnd):
-                if include_usage:
-                    yield event([], Usage.of(item.outcome.prompt_tokens, item.outcome.completion_tokens).model_dump())
-                break
-            elif isinstance(item, JobFailed):
-                yield f"data: {json.dumps(api_error(item.error).body())}\n\n"
-                break
-        else:
-            return  # the client went away: nothing more to send
-        yield "data: [DONE]\n\n"
-    finally:
-        await stream.aclose()
-
-
-def _chunk_choice(index: int, delta: dict, finish_reason: str | None, logprobs: list[dict] | None) -> dict:
-    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
-    if logprobs is not None:
-        choice["logprobs"] = {"content": logprobs}
-    return choice
 
 
 # --- the process ---------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from ..errors import InputError
 from .events import ChatOutcome, ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .options import chat_options
-from .schemas import (UNSUPPORTED_VLLM_OPTIONS, ChatCompletionRequest, ChatMessage, Flag, ImagePart, MediaURL, Text,
-                      Usage, VideoPart, chunk_events, json_int, RequestModel, new_id, parse_request)
+from .fields import Flag, RequestModel, Text, json_int, parse_request
+from .responses import Usage, chunk_events, new_id
+from .schemas import UNSUPPORTED_VLLM_OPTIONS, ChatCompletionRequest, ChatMessage, ImagePart, MediaURL, VideoPart
 from .scheduler import ChatTask
 
 TokenId = json_int(ge=0, le=2 ** 31 - 1)

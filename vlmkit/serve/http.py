@@ -77,7 +77,7 @@ class HeaderLimit:
             if size > self.limit:
                 from fastapi.responses import JSONResponse
 
-                from .requests import ApiError
+                from .api_errors import ApiError
 
                 error = ApiError(400, f"the request's headers are {size} bytes, more than this server's limit of "
                                       f"{self.limit} bytes (--max-header-bytes)")

@@ -7,8 +7,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from .completions import CompletionRequest, TextCompletion
-from .schemas import (ChatCompletion, ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse,
-                      ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from .image_schemas import ImageGenerationRequest, ImagesResponse
+from .responses import ChatCompletion, ModelCard, ModelList
+from .schemas import ChatCompletionRequest
+from .tokenization import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
                   "/v1/images/generations": ImageGenerationRequest,

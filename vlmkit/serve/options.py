@@ -25,7 +25,7 @@ from ..generation.grammar import GrammarTokenizer, grammar_tokenizer
 from ..generation.grammar import GrammarConstraint, check_refs_end, json_constraint
 from ..generation.logits import AllowedTokens, LogitBias, NoBadWords, OpenAIPenalties
 from ..generation.schema_refs import rebase_refs
-from .schemas import new_id
+from .responses import new_id
 
 NOT_ALLOWED_LOGPROB = -9999.0  # OpenAI's stand-in for -inf in JSON
 

@@ -2,71 +2,47 @@
 scheduler runs (messages to the Engine's content blocks, media fetched under the server's policy and
 limits, the prompt checked against the context), and the scheduler's outcome becomes the OpenAI
 response body. Bad input is an ``ApiError`` with a status code and a message, never a crash.
+The media a request names are loaded by ``media``; ``/tokenize`` and ``/detokenize`` are ``tokenization``'s.
 
 Everything here blocks (fetching, decoding media, tokenising): the app runs it in a worker thread."""
 
 import functools
 import inspect
-import logging
-import re
-from dataclasses import replace
 
-from ..errors import InputError, MediaError, TemplateError, TooManyPixels, VlmkitError
 from ..io.chat_template import render_conversation, template_variables
-from ..io.media import load_image
 from ..models.janus.image_generation import image_generation_config
+from .api_errors import ApiError, api_error
 from .config import ServeConfig
-from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, DetokenizeRequest,
-                      DetokenizeResponse, ImageData, ImageGenerationRequest, ImagesResponse, TokenizeRequest,
-                      TokenizeResponse, Usage, error_body, parse_request)
+from .fields import parse_request
+from .image_schemas import ImageData, ImageGenerationRequest, ImagesResponse
+from .media import MediaLoading
+from .responses import AssistantMessage, ChatCompletion, Choice, Usage
+from .schemas import ChatCompletionRequest
 from .events import ChatOutcome, ImageOutcome
 from .image_stream import completed_usage, encoded_base64
 from .completions import completion_body, prepare_completion
 from .options import chat_options
-from .scheduler import ChatTask, ImageTask, JobCancelled, ServerBusy
+from .scheduler import ChatTask, ImageTask
 
-log = logging.getLogger("vlmkit.serve")
-
-VIDEO_FAMILIES = ("llava_onevision",)  # model types whose processors take video content blocks
 # template variables the server sets itself: chat_template_kwargs cannot replace them
 _SERVER_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
                                         "documents", "chat_template"})
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
-class ApiError(Exception):
-    """An error answered to the client: HTTP status, message, and OpenAI's error type and code."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # an echoed lone surrogate
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.code)
-
-
-def body_too_large(size: str, limit: int) -> ApiError:
-    """The 413 for a request body over --max-body-bytes (``size`` is the byte count, or "over N")."""
-    return ApiError(413, f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
-                         f"(--max-body-bytes); send smaller or fewer inline images, or image URLs",
-                    code="request_too_large")
-
-
-def _texts(content) -> list[str]:
+def content_texts(content) -> list[str]:
     """The text of a message's content (a string, or the text parts of a list)."""
     if isinstance(content, str):
         return [content]
     return [part.text for part in content or () if part.type == "text"]
 
 
-def _strings(value) -> list[str]:
+def json_strings(value) -> list[str]:
     """Every string in a JSON value (template variables: the template may write any of them)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
         value = [*value.keys(), *value.values()]
-    return [text for item in value for text in _strings(item)] if isinstance(value, list) else []
+    return [text for item in value for text in json_strings(item)] if isinstance(value, list) else []
 
 
 _ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.split() takes for space
@@ -79,31 +55,9 @@ def _solid_chars(text: str) -> int:
     return sum(map(len, text.split()))
 
 
-def method_not_allowed(method: str, allowed: str) -> str:
-    """The message of a 405 (the server's router and batch rows alike)."""
-    return f"method {method[:16]!r} is not allowed on this route; use {allowed or 'another method'}"
-
-
-def api_error(err: BaseException) -> ApiError:
-    """The client-facing form of any error: vlmkit's input, media and template errors are 400s with
-    their own message; anything unexpected is a 500 that reveals nothing but its type."""
-    if isinstance(err, ApiError):
-        return err
-    if isinstance(err, ServerBusy):
-        return ApiError(503, str(err), "server_error", "server_busy")
-    if isinstance(err, JobCancelled):
-        return ApiError(499, str(err), "invalid_request_error", "cancelled")
-    if isinstance(err, (InputError, MediaError, TemplateError)):
-        return ApiError(400, str(err))
-    if isinstance(err, VlmkitError):
-        return ApiError(400, str(err))
-    log.error("internal error while serving a request", exc_info=err)
-    return ApiError(500, f"internal server error ({type(err).__name__}); the server logged the details",
-                    "server_error", "internal_error")
-
-
-class RequestHandler:
-    """Turns request bodies into scheduler tasks and outcomes into response bodies, for one loaded model."""
+class RequestHandler(MediaLoading):
+    """Turns request bodies into scheduler tasks and outcomes into response bodies, for one loaded model
+    (its media loading is ``MediaLoading``'s; ``/tokenize`` and ``/detokenize`` are ``tokenization``'s)."""
 
     def __init__(self, engine, config: ServeConfig):
         self.engine = engine
@@ -114,10 +68,6 @@ class RequestHandler:
     @property
     def model_name(self) -> str:
         return self.config.model_name
-
-    @property
-    def _default_frames(self) -> int:
-        return min(self.limits.video_frames, self.limits.max_video_frames)
 
     def check_model(self, name: str | None) -> None:
         """A request naming another model is a 404, as OpenAI's API answers."""
@@ -134,8 +84,8 @@ class RequestHandler:
         self.check_model(request.model)
         self.check_counts(request, request.n)
         variables = self.template_variables(request.chat_template_kwargs)
-        self.check_prompt_size([*(text for message in request.messages for text in _texts(message.content)),
-                                *_strings(variables)])
+        self.check_prompt_size([*(text for message in request.messages for text in content_texts(message.content)),
+                                *json_strings(variables)])
         options = chat_options(request, self.engine)
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages, add_generation_prompt=request.add_generation_prompt,
@@ -273,111 +223,6 @@ class RequestHandler:
                            eos_token_id=[*base.eos_token_ids, *(request.stop_token_ids or ())])
         return base.updated(**options)
 
-    def engine_messages(self, request: ChatCompletionRequest) -> list[dict]:
-        """OpenAI messages as the Engine's content-block messages, media loaded under the server's policy."""
-        parts = [part for message in request.messages if isinstance(message.content, list)
-                 for part in message.content]
-        self._check_media_counts(parts)
-        for i, message in enumerate(request.messages):  # every URL is checked before any is fetched
-            for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
-                if part.type != "text":
-                    self._check_url(part, f"messages[{i}].content[{j}]")
-        converted, pixels = [], [0]  # pixels: summed over the images loaded so far
-        for i, message in enumerate(request.messages):
-            role = "system" if message.role == "developer" else message.role
-            content = message.content
-            if isinstance(content, list):
-                content = [self._block(part, f"messages[{i}].content[{j}]", pixels) for j, part in enumerate(content)]
-            converted.append({"role": role, "content": content if content is not None else ""})
-        return converted
-
-    def load_media(self, parts: list[tuple[str, object]]) -> list[dict]:
-        """(where, part) pairs of image and video parts (``ImagePart``/``VideoPart`` outside any message: a
-        completion's ``multi_modal_data``) as the Engine's image and video blocks, under a chat's limits and
-        media policy: the counts, then every URL, before anything is fetched; ``where`` names a part in errors."""
-        self._check_media_counts([part for _, part in parts])
-        for where, part in parts:
-            self._check_url(part, where)
-        pixels = [0]  # summed over the images loaded so far
-        return [self._block(part, where, pixels) for where, part in parts]
-
-    def _check_media_counts(self, parts: list) -> None:
-        """Refuse more images than --max-images, videos asking for more frames than --max-video-frames, and
-        video for a family that takes none."""
-        images = sum(part.type == "image_url" for part in parts)
-        if images > self.limits.max_images:
-            raise ApiError(400, f"the request has {images} images; this server takes at most {self.limits.max_images} "
-                                f"per request (--max-images)")
-        videos = [part for part in parts if part.type == "video_url"]
-        for part in videos:
-            frames = self._frames_asked(part.video_url)
-            if frames is not None and frames > self.limits.max_video_frames:
-                raise ApiError(400, f"a video asks for {frames} frames; this server samples at most "
-                                    f"{self.limits.max_video_frames} frames per video (--max-video-frames)")
-        if videos and self.engine.model_type not in VIDEO_FAMILIES:
-            raise ApiError(400, f"this model ({self.engine.model_type}) does not take video; send images instead")
-
-    def _check_url(self, part, where: str) -> None:
-        url = (part.image_url if part.type == "image_url" else part.video_url).url
-        if "\x00" in url:  # no path, URL or base64 text holds one; the OS refuses it with a ValueError
-            raise ApiError(400, f"{where}: the URL holds a NUL character (\\u0000); send the URL or data: URI "
-                                f"without it")
-        scheme = _URL_SCHEME.match(url)
-        if scheme is not None and scheme.group(1).lower() == "data" and not url.isascii():
-            raise ApiError(400, f"{where}: the data: URI holds characters that are not ASCII; base64 data is "
-                                f"A-Z, a-z, 0-9, +, / and =")
-        if scheme is None or scheme.group(1).lower() == "file":
-            if self.config.media_root is None:
-                raise ApiError(400, f"{where}: local paths and file:// URLs are refused (the server was started "
-                                    f"without --media-root); send an http(s) URL or a data: URI")
-        elif scheme.group(1).lower() not in ("http", "https", "data"):
-            raise ApiError(400, f"{where}: unsupported URL scheme {scheme.group(1)!r}; send an http(s) URL or a "
-                                f"data: URI")
-
-    def _block(self, part, where: str, pixels: list[int]) -> dict:
-        if part.type == "text":
-            return {"type": "text", "text": part.text}
-        url = (part.image_url if part.type == "image_url" else part.video_url).url
-        if part.type == "image_url":
-            return {"type": "image", "image": self._image(url, where, pixels)}
-        from ..io.video import TooManyFrames, load_video
-        try:
-            video = load_video(url, self._frames_asked(part.video_url), policy=self.policy,
-                               max_frames=self.limits.max_video_frames, max_pixels_per_frame=self.limits.max_image_pixels)
-            return {"type": "video", "video": video}
-        except TooManyFrames as err:
-            raise ApiError(400, f"{where}: {err} (this server's limit per video: --max-video-frames)") from None
-        except TooManyPixels as err:
-            raise ApiError(400, f"{where}: {err} (this server's limit per frame: --max-image-pixels)") from None
-        except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
-            raise ApiError(400, f"{where}: {err}") from None
-
-    def _frames_asked(self, video_url) -> int | None:
-        """The frames to sample from a video: its num_frames, else the server's default (--video-frames); frames
-        sent as they are (a data: URI of frames) are used as they are unless num_frames asks for fewer, as
-        transformers' processor takes a frames array (None: every frame)."""
-        from ..io.video import is_frames_uri
-        if video_url.num_frames or is_frames_uri(video_url.url):
-            return video_url.num_frames
-        return self._default_frames
-
-    def _image(self, url: str, where: str, pixels: list[int]):
-        """Load one image; the request's images together may have at most --max-request-pixels pixels, which
-        is checked from each image's header before it is decoded."""
-        limit = self.limits.max_request_pixels
-        remaining = max(limit - pixels[0], 0)
-        policy = self.policy if remaining >= self.policy.max_pixels else replace(self.policy, max_pixels=remaining)
-        try:
-            image = load_image(url, policy, on_white=True)  # transparency as vLLM shows it
-        except TooManyPixels as err:
-            if policy is not self.policy:
-                raise ApiError(400, f"{where}: the request's images have more than {limit} pixels in all (width x "
-                                    f"height summed; --max-request-pixels); send fewer or smaller images") from None
-            raise ApiError(400, f"{where}: {err} (this server's limit per image: --max-image-pixels)") from None
-        except (MediaError, ValueError) as err:  # ValueError: input the reader refused with Python's own error
-            raise ApiError(400, f"{where}: {err}") from None
-        pixels[0] += image.width * image.height
-        return image
 
     def chat_body(self, request: ChatCompletionRequest, outcome: ChatOutcome) -> dict:
         """The ``chat.completion`` response body."""
@@ -388,37 +233,6 @@ class RequestHandler:
                    for c in outcome.choices]
         usage = Usage.of(outcome.prompt_tokens, outcome.completion_tokens)
         return ChatCompletion(model=self.model_name, choices=choices, usage=usage).model_dump()
-
-    # --- tokenize / detokenize -----------------------------------------------------------------------
-    def tokenize(self, body) -> dict:
-        """vLLM's ``/tokenize``: the token ids of a prompt, or of a conversation's chat prompt as
-        ``prepare_chat`` builds it (images fetched and expanded into their tokens)."""
-        self.check_chat_shape(body)
-        request = parse_request(TokenizeRequest, body)
-        self.check_model(request.model)
-        if request.prompt is not None:
-            self.check_prompt_size([request.prompt])
-            ids = self.engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
-        else:
-            variables = self.template_variables(request.chat_template_kwargs)
-            self.check_prompt_size([*(text for message in request.messages for text in _texts(message.content)),
-                                    *_strings(variables)])
-            inputs = self.engine.prepare_chat(self.engine_messages(request),
-                                              add_generation_prompt=request.add_generation_prompt,
-                                              continue_final_message=request.continue_final_message, **variables)
-            ids = inputs["input_ids"][0].tolist()
-        return TokenizeResponse(count=len(ids), max_model_len=self.engine.model.max_context, tokens=ids).model_dump()
-
-    def detokenize(self, body) -> dict:
-        """vLLM's ``/detokenize``: the text of token ids."""
-        request = parse_request(DetokenizeRequest, body)
-        self.check_model(request.model)
-        vocab_size = self.engine.tokenizer.backend.get_vocab_size(with_added_tokens=True)
-        outside = [t for t in request.tokens if t >= vocab_size]
-        if outside:
-            raise ApiError(400, f"tokens: ids {outside[:5]} are outside the model's vocabulary of {vocab_size} tokens "
-                                f"(ids 0 to {vocab_size - 1})")
-        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(request.tokens)).model_dump()
 
     # --- images -------------------------------------------------------------------------------------
     @property

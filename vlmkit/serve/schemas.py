@@ -1,79 +1,23 @@
-"""The OpenAI API shapes the server reads and writes (pydantic): chat completions (plain and streamed
-chunks), image generations, the model list and the error body. Unknown request fields are ignored, as
-OpenAI-compatible servers do; fields whose meaning vlmkit cannot honour are refused by name.
+"""The chat completion request, ``POST /v1/chat/completions`` (pydantic): messages and their content
+parts, response formats, vLLM's structured outputs, tools and the template variables, with the checks
+that tie the options together. Fields whose meaning vlmkit cannot honour are refused by name.
 
-Values are checked as OpenAI's API documents their types, strictly: an integer field takes a JSON
-integer (not "5", 5.0 or true), a number field a finite number within its bounds, a string valid
-Unicode; so nothing a client sends reaches sampling as inf or nan, or fails later as a 500."""
+The field types it is built from are ``fields``'; the response bodies are ``responses``'."""
 
 import json
-import time
-import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from ..errors import InputError
-from ..generation.config import SEED_RANGE
 from ..generation.grammar import json_constraint
-from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..generation.sampling import GREEDY_BELOW
-from ..io.tokenizer import unpaired_surrogate
-
-
-def _nullable_defaults(schema: dict, model) -> None:
-    """The published schema allows what ``_null_is_the_default`` takes: null for every option with a default."""
-    properties = schema.get("properties", {})
-    for name, field in model.model_fields.items():
-        key = field.alias or name
-        if key in properties and not field.is_required() and field.default is not None:
-            shown = {k: properties[key].pop(k) for k in ("title", "default", "description") if k in properties[key]}
-            properties[key] = {"anyOf": [properties[key], {"type": "null"}], **shown}
-
-
-class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra=_nullable_defaults)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, values):
-        """An explicit null for an option with a default (``"n": null``, ``"stream": null``, as clients send
-        options they leave unset) takes that default, as OpenAI's API does."""
-        if isinstance(values, dict):
-            fields = cls.model_fields
-            return {key: value for key, value in values.items()
-                    if not (value is None and key in fields and not fields[key].is_required()
-                            and fields[key].default is not None)}
-        return values
-
-
-def _valid_unicode(text: str) -> str:
-    problem = unpaired_surrogate(text)
-    if problem:
-        raise ValueError(f"the text holds {problem}; send valid Unicode text")
-    return text
+from .fields import Flag, RequestModel, Seed, Text, json_int, json_number, shown_value, valid_unicode
 
 
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("a bad word must hold a character other than spaces")
     return text
-
-
-def json_int(**bounds):
-    """A JSON integer (strict: not a string, float or boolean) within ``bounds``."""
-    return Annotated[int, Field(strict=True, **bounds)]
-
-
-def json_number(**bounds):
-    """A finite JSON number within ``bounds`` (integers are taken as floats; strings and booleans are not)."""
-    return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
-
-
-Text = Annotated[str, Field(strict=True), AfterValidator(_valid_unicode)]
-Flag = Annotated[bool, Field(strict=True)]
-Seed = json_int(ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
 
 # --- chat completions: request -------------------------------------------------------------------
@@ -220,10 +164,10 @@ class NamedToolChoice(RequestModel):
 def _valid_unicode_within(value):
     """A JSON value whose strings (keys too) are all valid Unicode."""
     if isinstance(value, str):
-        _valid_unicode(value)
+        valid_unicode(value)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _valid_unicode(key)
+            valid_unicode(key)
             _valid_unicode_within(item)
     elif isinstance(value, list):
         for item in value:
@@ -234,7 +178,7 @@ def _valid_unicode_within(value):
 TemplateVariables = Annotated[dict[Text, Any], AfterValidator(_valid_unicode_within)]
 
 
-def _check_continuation(request) -> None:
+def check_continuation(request) -> None:
     """``continue_final_message`` continues the final assistant message, so no new turn may be prompted."""
     if request.continue_final_message:
         if request.add_generation_prompt:
@@ -282,7 +226,7 @@ class ChatCompletionRequest(RequestModel):
     guided_grammar: Text | None = None
     guided_whitespace_pattern: Text | None = None
     allowed_token_ids: list[json_int(ge=0, le=2 ** 31 - 1)] | None = Field(None, min_length=1, max_length=1 << 20)
-    bad_words: list[Annotated[str, Field(strict=True, min_length=1, max_length=1000), AfterValidator(_valid_unicode),
+    bad_words: list[Annotated[str, Field(strict=True, min_length=1, max_length=1000), AfterValidator(valid_unicode),
                               AfterValidator(_not_blank)]] | None = Field(None, max_length=1024)
     include_stop_str_in_output: Flag = False
     skip_special_tokens: Flag = True
@@ -324,11 +268,11 @@ class ChatCompletionRequest(RequestModel):
             # a token id has at most 10 digits; a longer key would also overflow int()'s 4300-digit limit
             if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"logit_bias: keys are token ids written as strings of at most 10 digits "
-                                 f"(e.g. \"50256\"), got {_shown(key)}")
+                                 f"(e.g. \"50256\"), got {shown_value(key)}")
         if isinstance(self.tool_choice, NamedToolChoice) and \
                 self.tool_choice.function.name not in [tool.function.name for tool in self.tools or ()]:
             raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not among tools")
-        _check_continuation(self)
+        check_continuation(self)
         budget = self.answer_budget
         if self.min_tokens and budget is not None and self.min_tokens > budget:
             raise ValueError(f"min_tokens: {self.min_tokens} is more than max_tokens ({budget}); lower it")
@@ -375,256 +319,3 @@ class ChatCompletionRequest(RequestModel):
     def answer_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-
-# --- tokenize / detokenize (vLLM's) -----------------------------------------------------------------
-class TokenizeRequest(RequestModel):
-    """``POST /tokenize``: a ``prompt`` as it is (with BOS unless ``add_special_tokens`` is false), or chat
-    ``messages`` as ``/v1/chat/completions`` builds their prompt (chat template, image tokens)."""
-
-    model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: Flag = True  # for a prompt; a chat template writes its own
-    add_generation_prompt: Flag = True
-    continue_final_message: Flag = False
-    chat_template_kwargs: TemplateVariables | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give either prompt (text) or messages (a conversation), not both")
-        _check_continuation(self)
-        return self
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int  # the model's context: the longest prompt and answer together
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
-class DetokenizeRequest(RequestModel):
-    """``POST /detokenize``: token ids back to text (special tokens included, as vLLM decodes them)."""
-
-    model: Text | None = None
-    tokens: list[json_int(ge=0, le=2 ** 31 - 1)] = Field(max_length=1 << 20)
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-# --- image generations: request ------------------------------------------------------------------
-class ImageGenerationRequest(RequestModel):
-    """``POST /v1/images/generations``; ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` are extras."""
-
-    model: Text | None = None
-    prompt: Text
-    n: json_int(ge=1) = 1
-    size: Text | None = None
-    response_format: Text | None = None
-    seed: Seed | None = None
-    guidance_scale: json_number(ge=0, le=MAX_GUIDANCE_SCALE) | None = None  # None: the model's generation_config (else 5)
-    temperature: json_number(ge=0.01, le=10) | None = None
-    top_k: json_int(ge=0, le=2 ** 31 - 1) = 0
-    top_p: json_number(gt=0, le=1) = 1.0
-    stream: Flag = False  # server-sent events: partial pictures, then each finished one
-    partial_images: json_int(ge=0, le=3) | None = None  # pictures so far sent while streaming
-    output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: json_int(ge=0, le=100) | None = None  # jpeg and webp: 100 keeps the most detail
-    background: Literal["auto", "opaque", "transparent"] | None = None  # Janus draws opaque pictures only
-    # OpenAI's hints with one meaning here (Janus draws every picture the one way; no moderation pass)
-    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
-    style: Literal["vivid", "natural"] | None = None
-    moderation: Literal["auto", "low"] | None = None
-    user: Text | None = None
-
-    @model_validator(mode="after")
-    def _drawable(self):
-        if self.background == "transparent":
-            raise ValueError("background: 'transparent' is not available: Janus draws opaque pictures; send "
-                             "'opaque' or 'auto', or leave it out")
-        if self.output_compression is not None and self.output_format == "png":
-            raise ValueError("output_compression: applies to output_format 'jpeg' or 'webp' (PNG is lossless)")
-        return self
-
-
-def parse_request(model: type[BaseModel], body) -> BaseModel:
-    """Validate a JSON body against ``model``; a bad body is an ``InputError`` naming the fields."""
-    if not isinstance(body, dict):
-        raise InputError("the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as err:
-        raise InputError(describe_validation_error(err)) from None
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    """A one-line account of what is wrong, naming each field and the value it got:
-    ``messages.0.role: Input should be 'system', ... (got 'robot')``."""
-    problems = [(_field_path(problem["loc"]), problem) for problem in err.errors()]
-    lines = []
-    for path, problem in problems:
-        # a union's other branches ("Input should be a valid list" beside a problem inside the string)
-        if problem["type"].endswith("_type") and any(
-                other is not problem and other_path[:len(path)] == path and
-                (len(other_path) > len(path) or not other["type"].endswith("_type"))
-                for other_path, other in problems):
-            continue
-        message = problem["msg"].removeprefix("Value error, ")
-        value = problem.get("input")
-        if isinstance(value, (bool, int, float)) or (isinstance(value, str) and problem["type"] != "value_error"):
-            message += f" (got {_shown(value)})"
-        name = ".".join(str(p) for p in path)
-        lines.append(f"{name}: {message}" if name else message)
-        if len(lines) == 3:
-            break
-    return "invalid request: " + "; ".join(lines)
-
-
-def _field_path(loc: tuple) -> tuple:
-    """``loc`` without pydantic's union-branch labels ("str", "list[...]", "function-after[...]") and the
-    tag a content part's type adds (``content.0.text.text`` is ``content.0.text``)."""
-    path = [p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("str", "list", "dict", "int",
-                                                                               "float", "bool"))]
-    return tuple(p for i, p in enumerate(path)
-                 if not (i and isinstance(path[i - 1], int) and p in _PART_TAGS and i + 1 < len(path)))
-
-
-_PART_TAGS = ("text", "image_url", "video_url")
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-# --- responses -----------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def chunk_events(kind: str, model: str, prefix: str):
-    """``event(choices, usage=None)``: one server-sent event of a streamed answer, a chunk of ``kind``
-    ("chat.completion.chunk", "text_completion"), every chunk with the same id (``prefix``-...) and time."""
-    chunk_id, created = new_id(prefix), int(time.time())
-
-    def event(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": chunk_id, "object": kind, "created": created, "model": model, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-    return event
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON text
-
-
-class ToolCall(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("call"))
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCall] | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: str | None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-class ImageData(BaseModel):
-    b64_json: str
-    revised_prompt: str | None = None
-
-
-class ImagesResponse(BaseModel):
-    created: int = Field(default_factory=lambda: int(time.time()))
-    data: list[ImageData]
-    background: Literal["opaque"] = "opaque"
-    output_format: str = "png"
-    quality: Literal["auto"] = "auto"
-    size: str | None = None
-    usage: dict | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "vlmkit"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

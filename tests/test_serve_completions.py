@@ -148,3 +148,22 @@ def test_batch_rows_and_llm_generate_answer_completions_as_the_server(janus_dir)
                 assert name in str(caught.value)
     finally:
         llm.close()
+
+
+def test_a_streamed_completion_whose_client_goes_away_frees_its_rows(janus_dir):
+    import time
+
+    with serve(janus_dir) as server:
+        before = server.stats()["cancelled"]
+        body = {"prompt": [PROMPT, "A red circle"], "stream": True, "max_tokens": 400, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break  # leave after the first chunk
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = server.stats()
+            if stats["cancelled"] >= before + 2 and stats["running_rows"] == 0:
+                break
+            time.sleep(0.02)
+    assert stats["cancelled"] == before + 2 and stats["running_rows"] == 0 and stats["completed"] == 0

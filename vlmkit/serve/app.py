@@ -226,7 +226,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             job = scheduler.submit(task, forward_events(asyncio.get_running_loop(), events, parsed.stream))
             if parsed.stream:
                 width, height = handler.image_size
-                stream = image_sse(job_events(job, events, request), f"{width}x{height}", task.prompt_tokens,
+                stream = image_sse(job_events([job], events, request), f"{width}x{height}", task.prompt_tokens,
                                    handler.engine.model.num_image_tokens, lambda err: api_error(err).body(),
                                    run_in_threadpool, (parsed.output_format, parsed.output_compression))
                 return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -258,7 +258,8 @@ def completion_logprobs(entries: list[dict], offset: int = 0) -> dict[str, list[
 async def completion_stream(tagged_events, model: str, request: CompletionRequest, echoes: list[str],
                             include_usage: bool, error_body):
     """``text_completion`` server-sent events from ``tagged_events`` ((prompt index, job event) pairs of every
-    prompt's job), then ``data: [DONE]``; ``error_body(err)`` is the body of a failed job's error event."""
+    prompt's job, as ``streaming.job_events`` gives them), then ``data: [DONE]``; ``error_body(err)`` is the
+    body of a failed job's error event. Closing the stream early (the client went away) cancels the jobs."""
     event, n = chunk_events("text_completion", model, "cmpl"), request.n
     offsets = {}  # each choice's text so far (echo included), where its next token's text starts
 
@@ -269,29 +270,32 @@ async def completion_stream(tagged_events, model: str, request: CompletionReques
             offsets[index] += sum(len(entry["token"]) for entry in entries)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    for prompt_index, echo in enumerate(echoes):
-        for index in range(prompt_index * n, (prompt_index + 1) * n):
-            offsets[index] = len(echo)
-            if echo:
-                yield event([choice(index, echo, None, None)])
-    ended, prompt_tokens, completion_tokens = 0, 0, 0
-    async for prompt_index, item in tagged_events:
-        if isinstance(item, TextDelta):
-            yield event([choice(prompt_index * n + item.index, item.text, item.logprobs, None)])
-        elif isinstance(item, ChoiceEnd):
-            yield event([choice(prompt_index * n + item.index, "", item.last_logprobs, item.finish_reason)])
-        elif isinstance(item, JobEnd):
-            ended += 1
-            prompt_tokens += item.outcome.prompt_tokens
-            completion_tokens += item.outcome.completion_tokens
-            if ended < len(echoes):
-                continue
-            if include_usage:
-                yield event([], Usage.of(prompt_tokens, completion_tokens).model_dump())
-            break
-        elif isinstance(item, JobFailed):
-            yield f"data: {json.dumps(error_body(item.error))}\n\n"
-            break
-    else:
-        return  # the client went away: nothing more to send
-    yield "data: [DONE]\n\n"
+    try:
+        for prompt_index, echo in enumerate(echoes):
+            for index in range(prompt_index * n, (prompt_index + 1) * n):
+                offsets[index] = len(echo)
+                if echo:
+                    yield event([choice(index, echo, None, None)])
+        ended, prompt_tokens, completion_tokens = 0, 0, 0
+        async for prompt_index, item in tagged_events:
+            if isinstance(item, TextDelta):
+                yield event([choice(prompt_index * n + item.index, item.text, item.logprobs, None)])
+            elif isinstance(item, ChoiceEnd):
+                yield event([choice(prompt_index * n + item.index, "", item.last_logprobs, item.finish_reason)])
+            elif isinstance(item, JobEnd):
+                ended += 1
+                prompt_tokens += item.outcome.prompt_tokens
+                completion_tokens += item.outcome.completion_tokens
+                if ended < len(echoes):
+                    continue
+                if include_usage:
+                    yield event([], Usage.of(prompt_tokens, completion_tokens).model_dump())
+                break
+            elif isinstance(item, JobFailed):
+                yield f"data: {json.dumps(error_body(item.error))}\n\n"
+                break
+        else:
+            return  # the client went away: nothing more to send
+        yield "data: [DONE]\n\n"
+    finally:
+        await tagged_events.aclose()  # the jobs are cancelled if the client left before they ended

@@ -21,9 +21,9 @@ def forward_events(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, strea
     return listen
 
 
-async def job_events(jobs, events: asyncio.Queue, request: Request):
-    """The events of a job (or of a list of jobs, which share ``events``) as they come; if the client
-    disconnects first, the jobs are cancelled (their rows leave the batch before the next step) and the
+async def job_events(jobs: list, events: asyncio.Queue, request: Request):
+    """The events of ``jobs`` (one, or a completion's one per prompt, sharing ``events``) as they come; if the
+    client disconnects first, the jobs are cancelled (their rows leave the batch before the next step) and the
     iteration ends."""
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -36,13 +36,13 @@ async def job_events(jobs, events: asyncio.Queue, request: Request):
             yield get.result()
     finally:
         gone.cancel()
-        for job in jobs if isinstance(jobs, list) else [jobs]:
+        for job in jobs:
             job.cancel()  # no-op once finished
 
 
 async def job_outcome(job, events: asyncio.Queue, request: Request):
     """Wait for the job's outcome (raising its error)."""
-    async for event in job_events(job, events, request):
+    async for event in job_events([job], events, request):
         if isinstance(event, JobEnd):
             return event.outcome
         if isinstance(event, JobFailed):
@@ -71,7 +71,7 @@ async def chat_sse(job, events: asyncio.Queue, request: Request, model: str, n: 
     """``chat.completion.chunk`` server-sent events, then ``data: [DONE]``. Closing the stream early (the
     client went away) cancels the job."""
     event = chunk_events("chat.completion.chunk", model, "chatcmpl")
-    stream = job_events(job, events, request)
+    stream = job_events([job], events, request)
     try:
         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                      for i in range(n)])

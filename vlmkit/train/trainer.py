@@ -94,16 +94,17 @@ def _write_checkpoint_files(recipe: Recipe, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _check_lengths(folder: Path, jsonl) -> None:
+def _check_lengths(folder: Path, jsonl):
     """Refuse JSONL lines whose rows do not fit the context of the model in ``folder`` (its config and
-    processor files: no weights are read)."""
+    processor files: no weights are read); returns the processor it loaded (None without JSONL data)."""
     if jsonl is None:
-        return
+        return None
     from ..models.janus.config import JanusConfig
     from ..models.janus.processing import JanusProcessor
     config = JanusConfig.from_dict(read_json(folder / "config.json"))
-    check_row_lengths(JanusProcessor.from_pretrained(folder), jsonl, config.vision_config.num_image_tokens,
-                      config.text_config.context_length)
+    processor = JanusProcessor.from_pretrained(folder)
+    check_row_lengths(processor, jsonl, config.vision_config.num_image_tokens, config.text_config.context_length)
+    return processor
 
 
 def _build_model(recipe: Recipe, out: Path):
@@ -180,19 +181,19 @@ class Trainer:
         self.started = None
         self.steps_done = 0
         self.state = {"stage": "vq", "step": 0, "elapsed": {}}
-        saved = None
+        saved, processor = None, None
         if resume:
             recipe = resumed_recipe(self.out, self.work / "recipe.json", self.checkpoint_path, recipe)
             jsonl = _jsonl_data(recipe)
-            _check_lengths(self.out, jsonl)
+            processor = _check_lengths(self.out, jsonl)  # the run's own: kept, not loaded again below
             saved = load_state(self.checkpoint_path)
-        else:
+        else:  # (checked in a scratch folder before --out exists: the run's processor is loaded below)
             recipe, jsonl = self._start(recipe)
         self.recipe = recipe
         if recipe.threads:
             torch.set_num_threads(usable_threads(recipe.threads))
         from ..models.janus.processing import JanusProcessor
-        self.processor = JanusProcessor.from_pretrained(self.out)
+        self.processor = processor or JanusProcessor.from_pretrained(self.out)
         self.model = _build_model(recipe, self.out).to(self.device)
         self.vq_usage = torch.zeros(self.model.config.vq_config.num_embeddings, dtype=torch.long)
         self.optimizer_state = None

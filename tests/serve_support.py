@@ -34,6 +34,16 @@ def engine_for(model_dir) -> Engine:
     return _ENGINES[key]
 
 
+def stats_when(server, ready, timeout: float = 10.0) -> dict:
+    """The server's /stats once ``ready(stats)`` holds (or as they are after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.stats()
+        if ready(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

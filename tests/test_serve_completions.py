@@ -6,7 +6,7 @@ and 400s naming what is wrong."""
 import httpx
 import pytest
 import torch
-from serve_support import engine_for, serve
+from serve_support import engine_for, serve, stats_when
 
 from vlmkit.batch import LLM, SamplingParams
 from vlmkit.batch.rows import BatchRequest
@@ -151,8 +151,6 @@ def test_batch_rows_and_llm_generate_answer_completions_as_the_server(janus_dir)
 
 
 def test_a_streamed_completion_whose_client_goes_away_frees_its_rows(janus_dir):
-    import time
-
     with serve(janus_dir) as server:
         before = server.stats()["cancelled"]
         body = {"prompt": [PROMPT, "A red circle"], "stream": True, "max_tokens": 400, "ignore_eos": True}
@@ -160,10 +158,5 @@ def test_a_streamed_completion_whose_client_goes_away_frees_its_rows(janus_dir):
             for line in response.iter_lines():
                 if line.startswith("data:"):
                     break  # leave after the first chunk
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stats = server.stats()
-            if stats["cancelled"] >= before + 2 and stats["running_rows"] == 0:
-                break
-            time.sleep(0.02)
+        stats = stats_when(server, lambda stats: stats["cancelled"] >= before + 2 and stats["running_rows"] == 0)
     assert stats["cancelled"] == before + 2 and stats["running_rows"] == 0 and stats["completed"] == 0

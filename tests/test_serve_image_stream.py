@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_support import serve
+from serve_support import serve, stats_when
 
 from vlmkit.builtin import builtin_model_path
 from vlmkit.serve.image_stream import NEUTRAL_FILL, partial_points
@@ -110,12 +110,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows_at_once(server, monke
         for line in response.iter_lines():
             if line.startswith("event: image_generation.partial_image"):
                 break  # leave after the first preview
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        if stats["cancelled"] > before and stats["running_images"] == 0:
-            break
-        time.sleep(0.02)
+    stats = stats_when(server, lambda stats: stats["cancelled"] > before and stats["running_images"] == 0)
     assert stats["cancelled"] == before + 1 and stats["running_images"] == 0
 
 

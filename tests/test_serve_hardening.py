@@ -11,6 +11,7 @@ from tokenizers import decoders, models
 
 from vlmkit.io.tokenizer import Tokenizer
 from vlmkit.serve.answers import AnswerText
+from vlmkit.serve.detokenizer import IncrementalText
 from vlmkit.serve.options import ChatOptions, tool_calls
 
 
@@ -134,6 +135,19 @@ def test_incremental_answers_equal_whole_text_decoding_with_stops_across_tokens_
                                 min_tokens=min_tokens)
                 expected = _run(WholeTextAnswer(tokenizer, stops, **settings), ids)
                 assert _run(AnswerText(tokenizer, stops, **settings), ids) == expected, (name, ids, stops)
+
+
+def test_the_detokenizer_finds_a_tokenizers_anchor_once_not_for_every_answer():
+    tokenizer = _sentencepiece_tokenizer(False)
+    decoded = []
+    tokenizer.decode = lambda ids, **options: decoded.append(ids) or Tokenizer.decode(tokenizer, ids, **options)
+    first = IncrementalText(tokenizer)
+    probes = len(decoded)
+    assert probes > 0 and first.anchor == tokenizer.token_id("a")
+    second = IncrementalText(tokenizer)
+    assert len(decoded) == probes and (second.anchor, second.anchor_text) == (first.anchor, first.anchor_text)
+    IncrementalText(tokenizer, skip_special_tokens=False)  # another setting may decode otherwise: looked up again
+    assert len(decoded) > probes
 
 
 def test_a_forced_tool_call_nested_too_deeply_to_read_ends_as_text_not_a_500():

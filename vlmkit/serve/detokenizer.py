@@ -14,6 +14,7 @@ meanwhile. Should a token change text before it (a tokenizer's clean-up of space
 decoded whole once and ``revised`` says so. ``tests/test_serve_hardening.py`` keeps the text equal to
 whole-text decoding."""
 
+import weakref
 from collections import deque
 
 LOOKBACK = 8  # tokens before the new ones that each step decodes again, to see changes to their text
@@ -32,7 +33,7 @@ class IncrementalText:
         self.read_offset: int | None = 0  # the first token whose text is not in ``stable`` (None: decode whole)
         self._starts: deque[int] = deque([0])  # where windows may start: the text ends in a whole character
         self.revised = False  # the last token changed ``stable`` (it was decoded whole again)
-        self.anchor, self.anchor_text = _anchor(tokenizer, skip_special_tokens)
+        self.anchor, self.anchor_text = anchor_of(tokenizer, skip_special_tokens)
 
     @property
     def text(self) -> str:
@@ -93,7 +94,22 @@ class IncrementalText:
         self._commit()
 
 
-def _anchor(tokenizer, skip_special_tokens: bool) -> tuple[int | None, str]:
+# each tokenizer's anchors, found once (a server makes an IncrementalText for every choice of every request)
+_ANCHORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def anchor_of(tokenizer, skip_special_tokens: bool) -> tuple[int | None, str]:
+    """``tokenizer``'s anchor (see ``_find_anchor``), remembered while the tokenizer lives."""
+    try:
+        found = _ANCHORS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: look each time
+        return _find_anchor(tokenizer, skip_special_tokens)
+    if skip_special_tokens not in found:
+        found[skip_special_tokens] = _find_anchor(tokenizer, skip_special_tokens)
+    return found[skip_special_tokens]
+
+
+def _find_anchor(tokenizer, skip_special_tokens: bool) -> tuple[int | None, str]:
     """A token that decodes to one plain character alone and before others (None if the vocabulary has
     none of the candidates: windows are then decoded as they are, as vLLM does)."""
     token_id = getattr(tokenizer, "token_id", None)

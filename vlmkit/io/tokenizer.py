@@ -93,7 +93,8 @@ class Tokenizer:
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         config = with_special_tokens_map(folder, config)
         try:
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
+            tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            backend = Backend.from_str(tokenizer_json)
         except Exception as err:  # tokenizers raises a bare Exception for every malformed file
             raise CheckpointError(f"{folder / 'tokenizer.json'} cannot be read by the tokenizers library ("
                                   f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}); the file is "
@@ -103,7 +104,7 @@ class Tokenizer:
         backend.no_truncation()
         # the pipeline, added-token flags and defaults transformers 5 gives the class the checkpoint names: its ids
         # differ from tokenizer.json's as written for LlamaTokenizer and Qwen2Tokenizer (see tokenizer_classes.py)
-        class_name = tokenizer_class(config, _model_type(folder), folder / "tokenizer.json")
+        class_name = tokenizer_class(config, _model_type(folder), tokenizer_json)
         apply_class_pipeline(backend, class_name, config)
         apply_config_added_tokens(backend, config)
         tokenizer = cls(backend, {**class_defaults(class_name), **config, **settings}, find_chat_template(folder, config))

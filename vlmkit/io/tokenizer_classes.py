@@ -29,10 +29,10 @@ QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 _CLASS_OF_MODEL_TYPE = {"idefics": "LlamaTokenizer"}
 
 
-def tokenizer_class(config: dict, model_type: str | None, tokenizer_file: Path) -> str:
+def tokenizer_class(config: dict, model_type: str | None, tokenizer_json: str) -> str:
     """The class transformers 5's AutoTokenizer loads for a checkpoint (its tokenizer_config.json ``config``,
-    config.json's ``model_type``), without the "Fast" suffix; "TokenizersBackend" where it uses
-    ``tokenizer_file`` as written."""
+    config.json's ``model_type``, the text of its tokenizer.json), without the "Fast" suffix;
+    "TokenizersBackend" where it uses tokenizer.json as written."""
     named = config.get("tokenizer_class")
     if not (isinstance(named, str) and named):
         return _CLASS_OF_MODEL_TYPE.get(model_type, "TokenizersBackend")
@@ -40,7 +40,7 @@ def tokenizer_class(config: dict, model_type: str | None, tokenizer_file: Path) 
     # AutoTokenizer loads a checkpoint that names LlamaTokenizer over a byte-level file (Janus-Pro's, Llama 3's)
     # with the generic class: the Metaspace pipeline would break it. It tests the file's text, as here, and
     # only for a class the checkpoint names (one the model type picks is used even over a byte-level file).
-    if name == "LlamaTokenizer" and '"ByteLevel"' in tokenizer_file.read_text(encoding="utf-8"):
+    if name == "LlamaTokenizer" and '"ByteLevel"' in tokenizer_json:
         return "TokenizersBackend"
     return name if name in _REBUILDS else "TokenizersBackend"
 

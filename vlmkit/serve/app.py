@@ -188,7 +188,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             stream = completion_stream(job_events(jobs, events, request), handler.model_name, parsed, echoes,
-                                       include_usage, lambda err: api_error(err).body())
+                                       include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             outcomes = await job_outcomes(jobs, events, request)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..errors import InputError
+from .api_errors import api_error
 from .events import ChatOutcome, ChoiceEnd, JobEnd, JobFailed, TextDelta
 from .options import chat_options
 from .fields import Flag, RequestModel, Text, json_int, parse_request
@@ -256,10 +257,10 @@ def completion_logprobs(entries: list[dict], offset: int = 0) -> dict[str, list[
 
 
 async def completion_stream(tagged_events, model: str, request: CompletionRequest, echoes: list[str],
-                            include_usage: bool, error_body):
+                            include_usage: bool):
     """``text_completion`` server-sent events from ``tagged_events`` ((prompt index, job event) pairs of every
-    prompt's job, as ``streaming.job_events`` gives them), then ``data: [DONE]``; ``error_body(err)`` is the
-    body of a failed job's error event. Closing the stream early (the client went away) cancels the jobs."""
+    prompt's job, as ``streaming.job_events`` gives them), then ``data: [DONE]`` (a failed job's error as the chat stream
+    sends it). Closing the stream early (the client went away) cancels the jobs."""
     event, n = chunk_events("text_completion", model, "cmpl"), request.n
     offsets = {}  # each choice's text so far (echo included), where its next token's text starts
 
@@ -292,7 +293,7 @@ async def completion_stream(tagged_events, model: str, request: CompletionReques
                     yield event([], Usage.of(prompt_tokens, completion_tokens).model_dump())
                 break
             elif isinstance(item, JobFailed):
-                yield f"data: {json.dumps(error_body(item.error))}\n\n"
+                yield f"data: {json.dumps(api_error(item.error).body())}\n\n"
                 break
         else:
             return  # the client went away: nothing more to send

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "work_pool.h"
 
@@ -16,53 +17,86 @@ namespace {
 constexpr int64_t kRowsPerBlock = 4;
 constexpr int64_t kBlocksPerChunk = 16;
 
-// Rows [row, row + rows) of W against ROWS_X activation rows; writes fp32 sums to y. Each weight row is
-// read front to back (one sequential stream, prefetched kPrefetchBytes ahead) with several accumulators per
-// activation row to hide FMA latency.
-template <int ROWS_X, typename W>
-void block_product(const float* x, int64_t K, const W* w, int64_t row, int64_t rows, float* y, int64_t N) {
-  constexpr int U = ROWS_X == 1 ? 4 : (ROWS_X == 2 ? 3 : 2);
-  for (int64_t r = 0; r < rows; ++r) {
-    const W* wr = w + (row + r) * K;
-    __m256 acc[U][ROWS_X];
-    for (int u = 0; u < U; ++u) {
-      for (int b = 0; b < ROWS_X; ++b) acc[u][b] = _mm256_setzero_ps();
+// Weight rows first, first + stride, ... (STREAMS of them) against ROWS_X activation rows; writes fp32
+// sums to y. Each activation vector loaded serves every weight row of the pass, and each output keeps A
+// sums over alternate 8-input chunks so that the multiply-adds do not wait on each other.
+template <int ROWS_X, int STREAMS>
+void rows_together(const float* x, int64_t K, const BFloat16* w, int64_t first, int64_t stride, float* y, int64_t N) {
+  constexpr int A = std::min(4, std::max(1, 8 / (ROWS_X * STREAMS)));
+  const BFloat16* wr[STREAMS];
+  for (int i = 0; i < STREAMS; ++i) wr[i] = w + (first + i * stride) * K;
+  __m256 acc[A][STREAMS][ROWS_X];
+  for (int a = 0; a < A; ++a) {
+    for (int i = 0; i < STREAMS; ++i) {
+      for (int b = 0; b < ROWS_X; ++b) acc[a][i][b] = _mm256_setzero_ps();
     }
-    int64_t k = 0;
-    for (; k + 8 * U <= K; k += 8 * U) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + kPrefetchBytes, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        const __m256 wv = load_bf16x8(wr + k + 8 * u);
-        for (int b = 0; b < ROWS_X; ++b) {
-          acc[u][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k + 8 * u), acc[u][b]);
-        }
+  }
+  int64_t k = 0;
+  for (; k + 8 * A <= K; k += 8 * A) {
+    for (int a = 0; a < A; ++a) {
+      __m256 xv[ROWS_X];
+      for (int b = 0; b < ROWS_X; ++b) xv[b] = _mm256_loadu_ps(x + b * K + k + 8 * a);
+      for (int i = 0; i < STREAMS; ++i) {
+        const __m256 wv = load_bf16x8(wr[i] + k + 8 * a);
+        for (int b = 0; b < ROWS_X; ++b) acc[a][i][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][i][b]);
       }
     }
-    for (; k + 8 <= K; k += 8) {
-      const __m256 wv = load_bf16x8(wr + k);
-      for (int b = 0; b < ROWS_X; ++b) acc[0][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k), acc[0][b]);
+  }
+  for (; k + 8 <= K; k += 8) {
+    for (int i = 0; i < STREAMS; ++i) {
+      const __m256 wv = load_bf16x8(wr[i] + k);
+      for (int b = 0; b < ROWS_X; ++b) acc[0][i][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k), acc[0][i][b]);
     }
+  }
+  for (int i = 0; i < STREAMS; ++i) {
     for (int b = 0; b < ROWS_X; ++b) {
-      __m256 total = acc[0][b];
-      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][b]);
+      __m256 total = acc[0][i][b];
+      for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[a][i][b]);
       float sum = horizontal_sum(total);
-      for (int64_t kk = k; kk < K; ++kk) sum += static_cast<float>(wr[kk]) * x[b * K + kk];
-      y[b * N + row + r] = sum;
+      for (int64_t kk = k; kk < K; ++kk) sum += static_cast<float>(wr[i][kk]) * x[b * K + kk];
+      y[b * N + first + i * stride] = sum;
     }
   }
 }
 
-template <typename W>
-void rows_product(const float* x, int64_t B, int64_t K, const W* w, int64_t row, int64_t rows, float* y,
+// Rows [row, row + rows) cut into STREAMS runs read side by side, so each core keeps several sequential
+// streams of weights in flight: together(streams, first, stride) computes rows first, first + stride, ...
+// (streams of them), and rows left over go one at a time. On 2 Zen 3 cores (2026-12-07) four streams read
+// bf16 rows of 896-5632 inputs at 29-33 GB/s where one row after another read 20-24 and a plain
+// one-stream sum 25-30; rows read side by side as neighbours (four short streams that keep jumping) were
+// slower than one at a time for rows of 896 inputs.
+template <int STREAMS, typename Together>
+inline void in_streams(int64_t row, int64_t rows, const Together& together) {
+  const int64_t per_stream = rows / STREAMS;
+  for (int64_t j = 0; j < per_stream; ++j) together(std::integral_constant<int, STREAMS>(), row + j, per_stream);
+  for (int64_t r = row + STREAMS * per_stream; r < row + rows; ++r) {
+    together(std::integral_constant<int, 1>(), r, int64_t{0});
+  }
+}
+
+// How many streams a kernel reads with ROWS_X activation rows: four, and two for four rows, to keep the
+// sums in registers (there bf16 rows read 26 GB/s for three activation rows in four streams, 20-22 for four
+// in two or four).
+template <int ROWS_X>
+constexpr int kStreams = ROWS_X <= 3 ? 4 : 2;
+
+template <int ROWS_X>
+void rows_in_streams(const float* x, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y, int64_t N) {
+  in_streams<kStreams<ROWS_X>>(row, rows, [&](auto streams, int64_t first, int64_t stride) {
+    rows_together<ROWS_X, decltype(streams)::value>(x, K, w, first, stride, y, N);
+  });
+}
+
+void rows_product(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
                   int64_t N) {
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
     const float* xb = x + b0 * K;
     float* yb = y + b0 * N;
     switch (std::min<int64_t>(4, B - b0)) {
-      case 1: block_product<1>(xb, K, w, row, rows, yb, N); break;
-      case 2: block_product<2>(xb, K, w, row, rows, yb, N); break;
-      case 3: block_product<3>(xb, K, w, row, rows, yb, N); break;
-      default: block_product<4>(xb, K, w, row, rows, yb, N); break;
+      case 1: rows_in_streams<1>(xb, K, w, row, rows, yb, N); break;
+      case 2: rows_in_streams<2>(xb, K, w, row, rows, yb, N); break;
+      case 3: rows_in_streams<3>(xb, K, w, row, rows, yb, N); break;
+      default: rows_in_streams<4>(xb, K, w, row, rows, yb, N); break;
     }
   }
 }
@@ -189,33 +223,54 @@ struct Int8GroupActivations {
 
 inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-template <int ROWS_X>
-void int8_rows(const Int16Activations& x, int64_t b0, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
-               int64_t N) {
+// Weight rows first, first + stride, ... (STREAMS of them) against ROWS_X activation rows (in streams, a
+// Janus-Pro-1B int8 decode step took 51 ms where one row after another took 62, 2 Zen 3 cores).
+template <int ROWS_X, int STREAMS>
+void int8_together(const Int16Activations& x, int64_t b0, const PackedWeight& weight, int64_t first, int64_t stride,
+                   float* y, int64_t N) {
   const int64_t K = weight.K, vector_end = K - K % 16;
   const int16_t* xv = x.values.data() + b0 * K;
-  for (int64_t r = row; r < row + rows; ++r) {
-    const int8_t* wr = static_cast<const int8_t*>(weight.data) + r * K;
-    __m256 total[ROWS_X];
-    for (int b = 0; b < ROWS_X; ++b) total[b] = _mm256_setzero_ps();
-    int64_t k = 0;
-    while (k < vector_end) {
-      const int64_t end = std::min(vector_end, k + kIntBlock);
-      __m256i acc[ROWS_X];
-      for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_setzero_si256();
-      for (; k < end; k += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr + k + kPrefetchBytes), _MM_HINT_T0);
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-        for (int b = 0; b < ROWS_X; ++b) acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, load_256(xv + b * K + k)));
-      }
-      for (int b = 0; b < ROWS_X; ++b) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
+  const int8_t* wr[STREAMS];
+  __m256 total[STREAMS][ROWS_X];
+  for (int i = 0; i < STREAMS; ++i) {
+    wr[i] = static_cast<const int8_t*>(weight.data) + (first + i * stride) * K;
+    for (int b = 0; b < ROWS_X; ++b) total[i][b] = _mm256_setzero_ps();
+  }
+  int64_t k = 0;
+  while (k < vector_end) {
+    const int64_t end = std::min(vector_end, k + kIntBlock);
+    __m256i acc[STREAMS][ROWS_X];
+    for (int i = 0; i < STREAMS; ++i) {
+      for (int b = 0; b < ROWS_X; ++b) acc[i][b] = _mm256_setzero_si256();
     }
+    for (; k < end; k += 16) {
+      __m256i xk[ROWS_X];
+      for (int b = 0; b < ROWS_X; ++b) xk[b] = load_256(xv + b * K + k);
+      for (int i = 0; i < STREAMS; ++i) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[i] + k)));
+        for (int b = 0; b < ROWS_X; ++b) acc[i][b] = _mm256_add_epi32(acc[i][b], _mm256_madd_epi16(wv, xk[b]));
+      }
+    }
+    for (int i = 0; i < STREAMS; ++i) {
+      for (int b = 0; b < ROWS_X; ++b) total[i][b] = _mm256_add_ps(total[i][b], _mm256_cvtepi32_ps(acc[i][b]));
+    }
+  }
+  for (int i = 0; i < STREAMS; ++i) {
+    const int64_t r = first + i * stride;
     for (int b = 0; b < ROWS_X; ++b) {
-      float sum = horizontal_sum(total[b]);
-      for (int64_t kk = vector_end; kk < K; ++kk) sum += static_cast<float>(wr[kk]) * xv[b * K + kk];
+      float sum = horizontal_sum(total[i][b]);
+      for (int64_t kk = vector_end; kk < K; ++kk) sum += static_cast<float>(wr[i][kk]) * xv[b * K + kk];
       y[b * N + r] = sum * x.scale[b0 + b] * weight.scale_at(r);
     }
   }
+}
+
+template <int ROWS_X>
+void int8_rows(const Int16Activations& x, int64_t b0, const PackedWeight& weight, int64_t row, int64_t rows, float* y,
+               int64_t N) {
+  in_streams<kStreams<ROWS_X>>(row, rows, [&](auto streams, int64_t first, int64_t stride) {
+    int8_together<ROWS_X, decltype(streams)::value>(x, b0, weight, first, stride, y, N);
+  });
 }
 
 // One span of 4-bit weights (WIDE: 32 bytes, 64 inputs; else 16 bytes, 32 inputs) against ROWS_X rows of
@@ -241,7 +296,9 @@ inline void nibble_span(const uint8_t* bytes, const int8_t* xk, int64_t K, __m25
 }
 
 // 4-bit rows: per group the sum is s * sum(q x) + (z - 8 s) * sum(x), so the inner loop multiplies the
-// bare values 0..15.
+// bare values 0..15. One row at a time, prefetched: with more arithmetic per weight byte than the others,
+// they read no faster in two or four streams (Janus-Pro-1B 4-bit decode steps 33-35 ms either way on 2 Zen 3
+// cores, 2026-12-07).
 template <int ROWS_X, bool WIDE, typename Scale>
 void int4_rows(const Int8GroupActivations& x, int64_t b0, const PackedWeight& weight, int64_t row, int64_t rows,
                float* y, int64_t N) {
@@ -390,40 +447,50 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     bf16_x.assign(x, x + B * K);
   }
   const int64_t N = first_column.back(), blocks = first_block.back();
+  // The AVX-512 kernels take a weight's rows of one chunk four at a time (as measured on Zen 4), the AVX2 ones all
+  // at once (they read them in several streams: rows_in_streams).
+  const auto product = [&](const PackedWeight& w, int64_t row, int64_t count, float* out) {
+    switch (w.kind) {
+      case PackedWeight::Kind::kBFloat16:
+        if (avx512) {
+          avx512_bf16_rows(bf16_x.data(), B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
+        } else {
+          rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
+        }
+        break;
+      case PackedWeight::Kind::kInt8:
+        if (avx512) {
+          avx512_int8_rows(int8_x->values.data(), int8_x->scale.data(), B, w, row, count, out, N);
+        } else {
+          integer_product(*int8_x, B, w, row, count, out, N);
+        }
+        break;
+      case PackedWeight::Kind::kInt4:
+        if (avx512) {
+          const GroupActivationsView view{int4_x->values.data(), int4_x->scale.data(), int4_x->group_sums.data()};
+          avx512_int4_rows(view, int4_x->span, B, w, row, count, out, N);
+        } else {
+          integer_product(*int4_x, B, w, row, count, out, N);
+        }
+        break;
+    }
+  };
   // in runs: each thread streams its own stretch of the weights (LLaVA-OneVision-0.5B decode steps 6-13% and
   // Janus-Pro-1B's 2-6% faster than with chunks dealt out in turn, 2 Zen 4 cores, AVX-512 and AVX2 kernels)
   parallel_runs((blocks + kBlocksPerChunk - 1) / kBlocksPerChunk, [&](int64_t chunk) {
     size_t which = 0;
     const int64_t end = std::min(blocks, (chunk + 1) * kBlocksPerChunk);
-    for (int64_t block = chunk * kBlocksPerChunk; block < end; ++block) {
+    for (int64_t block = chunk * kBlocksPerChunk; block < end;) {
       while (block >= first_block[which + 1]) ++which;
       const PackedWeight& w = weights[which];
-      const int64_t row = (block - first_block[which]) * kRowsPerBlock, count = std::min(kRowsPerBlock, w.N - row);
+      const int64_t last = std::min(end, first_block[which + 1]);  // this weight's blocks in the chunk end here
+      const int64_t row = (block - first_block[which]) * kRowsPerBlock;
+      const int64_t rows = std::min((last - first_block[which]) * kRowsPerBlock, w.N) - row;
       float* out = y + first_column[which];  // this weight's outputs start at its first column
-      switch (w.kind) {
-        case PackedWeight::Kind::kBFloat16:
-          if (avx512) {
-            avx512_bf16_rows(bf16_x.data(), B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
-          } else {
-            rows_product(x, B, K, static_cast<const BFloat16*>(w.data), row, count, out, N);
-          }
-          break;
-        case PackedWeight::Kind::kInt8:
-          if (avx512) {
-            avx512_int8_rows(int8_x->values.data(), int8_x->scale.data(), B, w, row, count, out, N);
-          } else {
-            integer_product(*int8_x, B, w, row, count, out, N);
-          }
-          break;
-        case PackedWeight::Kind::kInt4:
-          if (avx512) {
-            const GroupActivationsView view{int4_x->values.data(), int4_x->scale.data(), int4_x->group_sums.data()};
-            avx512_int4_rows(view, int4_x->span, B, w, row, count, out, N);
-          } else {
-            integer_product(*int4_x, B, w, row, count, out, N);
-          }
-          break;
+      for (int64_t r = row; r < row + rows; r += avx512 ? kRowsPerBlock : rows) {
+        product(w, r, std::min(avx512 ? kRowsPerBlock : rows, row + rows - r), out);
       }
+      block = last;
     }
   });
 }

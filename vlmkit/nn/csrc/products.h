@@ -61,12 +61,11 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
-// How far ahead of its reads a row kernel (either instruction set) asks for weight bytes. On 2 Zen 4 cores
-// (2026-12-06), 4 KiB against 1 KiB made the AVX-512 kernels' Janus-Pro-1B layer products 9% (int4) and
-// 14-17% (int8, 1 and 2 rows) faster, and took the AVX2 kernels' decode steps from 88% to 95% (Janus-Pro-1B)
-// and 87% to 94% (LLaVA-OneVision-0.5B) of their bandwidth bound at 47 GB/s, batch 4 from 130 to 95 ms;
-// 8 KiB was 6-9% faster than 4 KiB while the memory ran at its fastest (80 GB/s) but 2-3% slower at 47, nearer
-// what CPUs with AVX2 alone read (about 33 GB/s on 2 cores).
+// How far ahead of its reads a row kernel asks for weight bytes (the AVX-512 kernels, and the AVX2 4-bit one;
+// the AVX2 bf16 and int8 kernels read several streams at once instead, see in_streams in products.cpp). On
+// 2 Zen 4 cores (2026-12-06), 4 KiB against 1 KiB made the AVX-512 kernels' Janus-Pro-1B layer products 9%
+// (int4) and 14-17% (int8, 1 and 2 rows) faster; 8 KiB was 6-9% faster than 4 KiB while the memory ran at its
+// fastest (80 GB/s) but 2-3% slower at 47.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // One weight as the products read it. `parts` holds its tensors: {bf16 weight}, {int8 weight, scale}

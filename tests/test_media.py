@@ -193,6 +193,7 @@ def test_data_uri_decodes_with_line_breaks_and_urlsafe_alphabet():
 def test_data_uri_errors_name_the_problem_and_truncate_the_source():
     message = error_of("data:image/png;base64," + "!" * 5000)
     assert "invalid base64" in message and len(message) < 300
+    assert "data:image/png;base64,... (5022 characters)" in message and "!!" not in message  # header and length
     assert "must be base64" in error_of("data:image/png,rawbytes")
     assert "not an image" in error_of("data:text/html;base64,PGh0bWw+")
     assert "invalid base64" in error_of("data:image/png;base64,iVBOR\u00e9w0K")  # non-ASCII: not a bare ValueError

@@ -20,8 +20,12 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def describe_source(source) -> str:
+    """A media source as an error message names it: a path or URL (long ones cut), a data: URI as its header
+    and length (its base64 says nothing to a reader, and can be megabytes long), anything else by its type."""
     text = os.fsdecode(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-    return text if len(text) <= 100 else text[:97] + "..."  # data URIs can be megabytes long
+    if isinstance(source, str) and text[:5].lower() == "data:":
+        return f"{text.partition(',')[0][:60]},... ({len(text)} characters)"
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def check_address(address: str, policy: MediaPolicy, host: str | None = None) -> None:

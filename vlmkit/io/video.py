@@ -110,7 +110,7 @@ def load_video(
     as do missing, corrupt, truncated and zero-frame videos. Rotation metadata is not applied.
     """
     policy = policy or MediaPolicy()
-    desc = _describe(source)
+    desc = describe_source(source)
     if num_frames is not None and fps is not None:
         raise MediaError("num_frames and fps are mutually exclusive: pass one of them")
     if num_frames is not None and not 1 <= num_frames <= max_frames:
@@ -141,13 +141,6 @@ def load_video(
     elif not isinstance(source, os.PathLike):
         raise MediaError(f"unsupported video source type {type(source).__name__}: {desc}")
     return _decode(resolve_local_path(source, policy), *limits)
-
-
-def _describe(source) -> str:
-    """`describe_source`, but a data: URI as its header and length: its base64 says nothing to a reader."""
-    if isinstance(source, str) and source[:5].lower() == "data:":
-        return f"{source.partition(',')[0][:60]},... ({len(source)} characters)"
-    return describe_source(source)
 
 
 def _select(total, num_frames, fps, max_frames, desc, video_fps=None) -> np.ndarray:

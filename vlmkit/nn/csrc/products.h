@@ -1,9 +1,10 @@
 // Matrix-vector products for decode steps: y = x @ W^T for a few activation rows x [B, K] (fp32) and one
 // or several weights W_i [N_i, K] reading the same x (q/k/v, gate/up), side by side in y [B, sum N_i].
 // A decode step multiplies a handful of rows by every weight once, so it is bound by how fast weights
-// stream from memory: each weight row is read front to back; bf16 rows are widened to fp32 in
-// registers, quantized ones multiplied as integers against the activations rounded to int16 (int8
-// weights) or to int8 per weight group (4-bit weights).
+// stream from memory: each weight row is read front to back (the AVX2 bf16 and int8 kernels read four rows
+// at once, each the start of its own sequential stream); bf16 rows are widened to fp32 in registers,
+// quantized ones multiplied as integers against the activations rounded to int16 (int8 weights) or to int8
+// per weight group (4-bit weights).
 //
 // Weights come in the forms vlmkit stores: bf16 [N, K]; int8 [N, K] with one scale per output row
 // (applied after the sum); or 4-bit, uint8 [N, K / 2] (two values per byte, high nibble first) in

@@ -447,8 +447,8 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
     bf16_x.assign(x, x + B * K);
   }
   const int64_t N = first_column.back(), blocks = first_block.back();
-  // The AVX-512 kernels take a weight's rows of one chunk four at a time (as measured on Zen 4), the AVX2 ones all
-  // at once (they read them in several streams: rows_in_streams).
+  // The AVX-512 kernels take a weight's rows of one chunk four at a time (the blocks they were measured with on
+  // Zen 4), the AVX2 ones all at once (they cut them into streams: in_streams).
   const auto product = [&](const PackedWeight& w, int64_t row, int64_t count, float* out) {
     switch (w.kind) {
       case PackedWeight::Kind::kBFloat16:
@@ -487,8 +487,9 @@ void weights_product(const float* x, int64_t B, int64_t K, const std::vector<Pac
       const int64_t row = (block - first_block[which]) * kRowsPerBlock;
       const int64_t rows = std::min((last - first_block[which]) * kRowsPerBlock, w.N) - row;
       float* out = y + first_column[which];  // this weight's outputs start at its first column
-      for (int64_t r = row; r < row + rows; r += avx512 ? kRowsPerBlock : rows) {
-        product(w, r, std::min(avx512 ? kRowsPerBlock : rows, row + rows - r), out);
+      const int64_t rows_per_call = avx512 ? kRowsPerBlock : rows;
+      for (int64_t r = row; r < row + rows; r += rows_per_call) {
+        product(w, r, std::min(rows_per_call, row + rows - r), out);
       }
       block = last;
     }

@@ -51,6 +51,8 @@ def test_tiny_benchmark_runs_from_the_entry_point_and_writes_every_figure(tmp_pa
         assert {"vlmkit_tokens_per_s", "transformers_tokens_per_s", "vlmkit_pct_of_bandwidth_bound",
                 "transformers_pct_of_bandwidth_bound"} <= set(decode)
         assert decode["bandwidth_gb_s"] > 0
+        assert {engine: len(gb_s) for engine, gb_s in decode["bandwidths_gb_s"].items()} == {"vlmkit": 1,
+                                                                                              "transformers": 1}
     assert metrics["image_token_loop_s"]["steps_run"] == 2
     assert metrics["images_per_minute_n2"]["unit"] == "images/min"
     assert "text-to-image: 2 at once, images/min" in result.stdout
@@ -122,6 +124,24 @@ def test_the_share_of_the_bound_takes_each_rounds_own_bandwidth():
     from vlmkit.bench.measure import pct_of_bound
     # 1 GB a step: at 10 GB/s a 0.1 s step is at the bound (100%), at 20 GB/s it is at half (50%)
     assert pct_of_bound(10**9, [10.0, 20.0], [0.1, 0.1]) == 75.0
+
+
+def test_each_timed_run_takes_the_mean_bandwidth_measured_just_before_and_after_it():
+    from vlmkit.bench.measure import alternate_with_bandwidth
+    events, readings = [], iter([10.0, 20.0, 30.0, 50.0, 1.0, 3.0, 5.0, 7.0])
+
+    def measure():
+        events.append("bandwidth")
+        return next(readings)
+
+    def engine(name, value):
+        return lambda: events.append(name) or value
+
+    samples, bandwidths = alternate_with_bandwidth({"a": engine("a", 1.0), "b": engine("b", 2.0)}, measure, 2)
+    # the warm-up round is not bracketed and not recorded; every timed run is measured on both sides
+    assert events == ["a", "b"] + ["bandwidth", "a", "bandwidth", "bandwidth", "b", "bandwidth"] * 2
+    assert samples == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
+    assert bandwidths == {"a": [15.0, 2.0], "b": [40.0, 6.0]}
 
 
 

@@ -27,6 +27,25 @@ def alternate(runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 
     return samples
 
 
+def alternate_with_bandwidth(runs: dict[str, Callable[[], float]], measure_bandwidth: Callable[[], float],
+                             repeats: int, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``alternate``, with the memory bandwidth measured just before and just after each timed call; also
+    returns, per run, the mean of the two for each call. On a shared VM the bandwidth moves by half within
+    minutes, so a run's bound takes the bandwidth around that run, not one measured a run away."""
+    alternate(runs, 0, warmup)
+    bandwidths: dict[str, list[float]] = {name: [] for name in runs}
+
+    def bracketed(name: str, run: Callable[[], float]) -> Callable[[], float]:
+        def call() -> float:
+            before = measure_bandwidth()
+            value = run()
+            bandwidths[name].append((before + measure_bandwidth()) / 2)
+            return value
+        return call
+
+    return alternate({name: bracketed(name, run) for name, run in runs.items()}, repeats, warmup=0), bandwidths
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds one call of ``fn`` takes."""
     start = time.perf_counter()
@@ -80,7 +99,7 @@ def _bandwidth_tensor(gib: float) -> torch.Tensor:
 
 def pct_of_bound(weight_bytes: int, bandwidths_gb_s: list[float], step_seconds: list[float]) -> float:
     """The median over rounds of (bandwidth bound / step time) in %, each round's bound from the bandwidth
-    measured in that round: on a shared VM the bandwidth moves by half within minutes."""
+    measured around that round's run (``alternate_with_bandwidth``)."""
     return median([100 * weight_bytes / (bandwidth * 1e9) / seconds
                    for bandwidth, seconds in zip(bandwidths_gb_s, step_seconds)])
 

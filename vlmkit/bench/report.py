@@ -56,15 +56,16 @@ def table_lines(report: dict) -> list[str]:
              f"vlmkit {settings['vlmkit']} vs transformers {settings['transformers']} (torch {settings['torch']}), "
              f"{settings['dtype']}, {settings['threads']} threads, "
              f"memory-read bandwidth {report['memory_bandwidth_gb_s']:.1f} GB/s at the start (each bound below "
-             "uses the bandwidth measured in the same rounds)"]
+             "uses the bandwidth measured just before and after each run)"]
     rows = ROWS + [(key, f"text-to-image: {key.rsplit('_n', 1)[1]} at once, images/min (ratio: time)", "{:.2f}")
                    for family in report["families"].values() for key in family["metrics"]
                    if key.startswith("images_per_minute_n")]
     for name, family in report["families"].items():
         bound = family.get("bandwidth_bound_ms")
         lines += ["", f"{name} ({settings['size']} size): decode reads {family['decode_weight_bytes'] / 1e9:.2f} GB "
-                      f"of weights per step, bandwidth bound {bound:.1f} ms/step (at the decode rounds' "
-                      f"{family['metrics']['decode_ms_per_step_batch1']['bandwidth_gb_s']:.1f} GB/s)",
+                      f"of weights per step, bandwidth bound {bound:.1f} ms/step (at the "
+                      f"{family['metrics']['decode_ms_per_step_batch1']['bandwidth_gb_s']:.1f} GB/s measured around "
+                      "vlmkit's decode runs, median)",
                   "| measure | vlmkit | transformers | vlmkit/transformers | notes |",
                   "|---|---:|---:|---:|---|"]
         for key, label, form in dict.fromkeys(rows):

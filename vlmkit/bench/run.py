@@ -4,7 +4,7 @@
 Builds random-weight checkpoints of the real architectures (or tiny ones), loads both engines, and
 times them alternately (A B A B ..., medians): image preprocessing, first token for one image and a
 short question, decode steps at batch 1 and 4 (also as a share of the memory-bandwidth bound: the
-weight bytes a step reads over the read bandwidth measured in the same round), Janus text-to-image, a repeated
+weight bytes a step reads over the read bandwidth measured just before and after that run), Janus text-to-image, a repeated
 image (vision features cached by content), and peak RSS of each engine in a child process.
 Prints a table; ``--json`` writes every figure."""
 
@@ -28,8 +28,8 @@ from ..nn.cpu_features import cpu_description
 from . import transformers_missing
 from .checkpoints import checkpoint
 from .families import ENGINES, FAMILIES, QUESTION, REPEAT_QUESTION, TEXT_PROMPTS, test_image
-from .measure import (StepTimer, alternate, median, memory_bandwidth_gb_s, pct_of_bound, peak_rss_in_child,
-                      peak_rss_mb, timed)
+from .measure import (StepTimer, alternate, alternate_with_bandwidth, median, memory_bandwidth_gb_s, pct_of_bound,
+                      peak_rss_in_child, peak_rss_mb, timed)
 from .options import cache_folder, json_output, llama_cpp_problem, missing_extra
 from .quantized import add_llama_cpp_arguments, quantize_variants
 from .report import metric, print_table
@@ -112,13 +112,14 @@ def decode_steps(family, batch: int, args, weight_bytes: int, measure_bandwidth:
         family.generate(engine, inputs[engine], args.decode_tokens + 1, timer)
         return median(timer.step_seconds()) * 1e3
 
-    samples = alternate({**{e: lambda e=e: steps(e) for e in ENGINES}, "bandwidth": measure_bandwidth}, args.repeats)
-    bandwidths = samples.pop("bandwidth")
+    samples, bandwidths = alternate_with_bandwidth({e: lambda e=e: steps(e) for e in ENGINES}, measure_bandwidth,
+                                                   args.decode_repeats or args.repeats)
     entry = metric("ms", samples)
-    entry["bandwidth_gb_s"] = median(bandwidths)
+    entry["bandwidth_gb_s"] = median(bandwidths["vlmkit"])
+    entry["bandwidths_gb_s"] = bandwidths
     for engine in ENGINES:
         entry[f"{engine}_tokens_per_s"] = batch * 1e3 / entry[engine]
-        entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(weight_bytes, bandwidths,
+        entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(weight_bytes, bandwidths[engine],
                                                                  [ms / 1e3 for ms in samples[engine]])
     return entry
 
@@ -132,15 +133,16 @@ def image_generation(family, args, measure_bandwidth: Callable[[], float], resul
     for engine in ENGINES:  # warm-up: a couple of steps and a one-token VQ decode
         family.image_token_times(engine, 2)
         family.decode_image(engine, 1)
-    loop = alternate({**{e: lambda e=e: family.image_loop_seconds(e, steps) for e in ENGINES},
-                      "bandwidth": measure_bandwidth}, args.repeats, warmup=0)
-    bandwidths = loop.pop("bandwidth")
+    loop, bandwidths = alternate_with_bandwidth({e: lambda e=e: family.image_loop_seconds(e, steps) for e in ENGINES},
+                                                measure_bandwidth, args.repeats, warmup=0)
     loop_entry = metric("s", loop)
     step_bytes = result["image_step_weight_bytes"] = family.image_step_weight_bytes()
-    loop_entry.update(steps_run=steps, steps_per_image=total, bandwidth_gb_s=median(bandwidths),
-                      bandwidth_bound_s=total * step_bytes / median(bandwidths) / 1e9)
+    bandwidth = median(bandwidths["vlmkit"])
+    loop_entry.update(steps_run=steps, steps_per_image=total, bandwidth_gb_s=bandwidth, bandwidths_gb_s=bandwidths,
+                      bandwidth_bound_s=total * step_bytes / bandwidth / 1e9)
     for engine in ENGINES:
-        loop_entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(total * step_bytes, bandwidths, loop[engine])
+        loop_entry[f"{engine}_pct_of_bandwidth_bound"] = pct_of_bound(total * step_bytes, bandwidths[engine],
+                                                                      loop[engine])
 
     side = round(total ** 0.5)
     grid = min(args.vq_grid or side, side)
@@ -194,6 +196,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per engine and figure (medians)")
     parser.add_argument("--first-token-repeats", type=positive_int, help="rounds of the first-token figures (default: "
                         "--repeats; transformers' bf16 prefill of an image prompt takes minutes on some CPUs)")
+    parser.add_argument("--decode-repeats", type=positive_int, help="rounds of the decode-step figures (default: "
+                        "--repeats; a round is seconds, and more rounds steady the medians on a shared machine)")
     parser.add_argument("--quantize", type=quantize_variants, help="also time decode with quantized weights on the Janus checkpoint: "
                         "int8, int4, bnb, bnb8 or all (comma-separated), beside transformers and vlmkit in bf16")
     parser.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed per generate call")

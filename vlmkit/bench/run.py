@@ -103,8 +103,8 @@ def first_tokens(family, repeats: int) -> dict:
 
 def decode_steps(family, batch: int, args, weight_bytes: int, measure_bandwidth: Callable[[], float]) -> dict:
     """Milliseconds per decode step (the median time between consecutive new tokens) after short text
-    prompts, ``batch`` of them at once; the weights a step reads do not depend on the prompt. Each round
-    also measures the memory bandwidth, for the step's share of its bound in that round."""
+    prompts, ``batch`` of them at once; the weights a step reads do not depend on the prompt. Each run is
+    bracketed by memory-bandwidth measurements, for the step's share of its bound in that run."""
     inputs = {e: family.chat_inputs(e, [], TEXT_PROMPTS[:batch]) for e in ENGINES}
 
     def steps(engine):

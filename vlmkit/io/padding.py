@@ -1,5 +1,6 @@
 """Padding token rows: the tokenizer call's (rows it just encoded) and ``tokenizer.pad`` (rows encoded
-earlier, as a data collator hands them over), with transformers' rules for each key."""
+earlier, as a data collator hands them over), with transformers' rules for each key; the lengths that
+``padding``/``truncation``/``max_length`` ask for."""
 
 import numpy as np
 import torch
@@ -17,6 +18,33 @@ def pad_rows(rows: list[list[int]], length: int, side: str, pad_id: int | None) 
     pad_id = _checked_pad_id(pad_id, rows, length)
     return ([_padded(r, length, side, pad_id) for r in rows],
             [_padded([1] * len(r), length, side, 0) for r in rows])
+
+
+def padding_and_truncation(padding, truncation, max_length: int | None, pad_to_multiple_of: int | None,
+                           model_max_length: int | None) -> tuple:
+    """(length to pad to: None, "longest" or a number; length to cut to: None or a number), as
+    transformers' ``_get_padding_truncation_strategies`` works them out; ``model_max_length`` (the
+    tokenizer's, None for unlimited) stands in for a ``max_length`` not given."""
+    if max_length is not None and padding is False and truncation is None:
+        truncation = True  # a max_length alone truncates, as in transformers
+    if padding in (False, None, "do_not_pad"):
+        pad_to = None
+    elif padding in (True, "longest"):
+        pad_to = "longest"
+    elif padding == "max_length":
+        pad_to = max_length if max_length is not None else model_max_length
+    else:
+        raise InputError(f"padding={padding!r}: use True/'longest', 'max_length' or False")
+    if truncation in (False, None, "do_not_truncate"):
+        cut_to = None
+    elif truncation in (True, "longest_first", "only_first"):
+        cut_to = max_length if max_length is not None else model_max_length
+    else:
+        raise InputError(f"truncation={truncation!r}: use True/'longest_first', 'only_first' or False")
+    if cut_to is not None and pad_to is not None and pad_to_multiple_of and cut_to % pad_to_multiple_of:
+        raise InputError(f"truncation to {cut_to} tokens and padding to a multiple of {pad_to_multiple_of} "
+                         f"cannot both hold; make max_length a multiple of pad_to_multiple_of")
+    return pad_to, cut_to
 
 
 def pad_length(pad_to, rows: list, pad_to_multiple_of: int | None) -> int:
@@ -52,7 +80,7 @@ def pad_encoded(tokenizer, encoded_inputs, padding=True, max_length=None, pad_to
     if single or not features["input_ids"]:
         features = {k: [v] for k, v in features.items()}
     rows = [list(r) for r in features["input_ids"]]
-    pad_to, _ = tokenizer.padding_and_truncation(padding, None, max_length, pad_to_multiple_of)
+    pad_to, _ = padding_and_truncation(padding, None, max_length, pad_to_multiple_of, tokenizer.known_max_length)
     side = padding_side or tokenizer.padding_side
     wants_mask = return_attention_mask if return_attention_mask is not None else \
         "attention_mask" in tokenizer.model_input_names

@@ -8,7 +8,7 @@ from .chat_template import find_chat_template, render_conversation
 from .checkpoint import read_json
 from .assistant_masks import tokenizer_masks
 from .features import BatchFeature, as_return_type
-from .padding import pad_encoded, pad_length, pad_rows
+from .padding import pad_encoded, pad_length, pad_rows, padding_and_truncation
 from .tokenizer_classes import (apply_class_pipeline, apply_class_special_tokens, apply_config_added_tokens,
                                 class_defaults, tokenizer_class, with_special_tokens_map)
 
@@ -273,7 +273,8 @@ class Tokenizer:
             raise InputError("text must be a string or a list of strings")
         for text in texts:
             _refuse_surrogates(text)
-        pad_to, cut_to = self.padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of)
+        pad_to, cut_to = padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of,
+                                                self.known_max_length)
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         rows = [e.ids if cut_to is None or len(e.ids) <= cut_to else self._truncated(t, cut_to, add_special_tokens)
                 for t, e in zip(texts, encodings)]
@@ -290,30 +291,6 @@ class Tokenizer:
         if single and return_tensors is None:
             features = {k: v[0] for k, v in features.items()}
         return as_return_type(BatchFeature(features), return_tensors)
-
-    def padding_and_truncation(self, padding, truncation, max_length, pad_to_multiple_of):
-        """(length to pad to: None, "longest" or a number; length to cut to: None or a number), as
-        transformers' ``_get_padding_truncation_strategies`` works them out."""
-        if max_length is not None and padding is False and truncation is None:
-            truncation = True  # a max_length alone truncates, as in transformers
-        if padding in (False, None, "do_not_pad"):
-            pad_to = None
-        elif padding in (True, "longest"):
-            pad_to = "longest"
-        elif padding == "max_length":
-            pad_to = max_length if max_length is not None else self.known_max_length
-        else:
-            raise InputError(f"padding={padding!r}: use True/'longest', 'max_length' or False")
-        if truncation in (False, None, "do_not_truncate"):
-            cut_to = None
-        elif truncation in (True, "longest_first", "only_first"):
-            cut_to = max_length if max_length is not None else self.known_max_length
-        else:
-            raise InputError(f"truncation={truncation!r}: use True/'longest_first', 'only_first' or False")
-        if cut_to is not None and pad_to is not None and pad_to_multiple_of and cut_to % pad_to_multiple_of:
-            raise InputError(f"truncation to {cut_to} tokens and padding to a multiple of {pad_to_multiple_of} "
-                             f"cannot both hold; make max_length a multiple of pad_to_multiple_of")
-        return pad_to, cut_to
 
     @property
     def known_max_length(self) -> int | None:

@@ -4,8 +4,9 @@
 Builds random-weight checkpoints of the real architectures (or tiny ones), loads both engines, and
 times them alternately (A B A B ..., medians): image preprocessing, first token for one image and a
 short question, decode steps at batch 1 and 4 (also as a share of the memory-bandwidth bound: the
-weight bytes a step reads over the read bandwidth measured just before and after that run), Janus text-to-image, a repeated
-image (vision features cached by content), and peak RSS of each engine in a child process.
+weight bytes a step reads over the read bandwidth measured just before and after that run), Janus
+text-to-image, a repeated image (vision features cached by content), and peak RSS of each engine in a
+child process.
 Prints a table; ``--json`` writes every figure."""
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def parse_args(argv=None):
     parser.add_argument("--first-token-repeats", type=positive_int, help="rounds of the first-token figures (default: "
                         "--repeats; transformers' bf16 prefill of an image prompt takes minutes on some CPUs)")
     parser.add_argument("--decode-repeats", type=positive_int, help="rounds of the decode-step figures (default: "
-                        "--repeats; a round is seconds, and more rounds steady the medians on a shared machine)")
+                        "--repeats; more rounds steady the medians on a shared machine)")
     parser.add_argument("--quantize", type=quantize_variants, help="also time decode with quantized weights on the Janus checkpoint: "
                         "int8, int4, bnb, bnb8 or all (comma-separated), beside transformers and vlmkit in bf16")
     parser.add_argument("--decode-tokens", type=positive_int, default=32, help="decode steps timed per generate call")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlmkit.nn import cpu_kernels
+from vlmkit.nn import cpu_kernels, kernel_build
 from vlmkit.nn.cpu_features import ISA_FLAGS, cpu_flags, kernel_isa
 from vlmkit.nn.decoder import DecoderConfig, DecoderModel
 from vlmkit.nn.kv_cache import KVCache
@@ -42,7 +42,7 @@ def isa(request):
     """Each instruction-set variant of the products this CPU runs, set for the test and restored after."""
     if not (cpu_kernels.kernels_enabled() and HAS_COMPILER):
         pytest.skip("kernels off, no AVX2/FMA CPU or no C++ compiler here")
-    ops = cpu_kernels.compiled_kernels()
+    ops = kernel_build.compiled_kernels()
     previous = ops.kernel_isa()
     assert ops.set_kernel_isa(request.param), f"this build has no {request.param} kernels"
     yield request.param
@@ -51,15 +51,15 @@ def isa(request):
 
 def test_the_kernels_build_wherever_they_can():
     if cpu_kernels.kernels_enabled() and HAS_COMPILER:
-        assert cpu_kernels.compiled_kernels() is not None, "the kernels failed to build (see the warning)"
-        assert cpu_kernels.active_kernel_isa() == kernel_isa()
+        assert kernel_build.compiled_kernels() is not None, "the kernels failed to build (see the warning)"
+        assert kernel_build.active_kernel_isa() == kernel_isa()
 
 
 @needs_kernels
 def test_the_avx512_kernels_are_set_only_where_the_cpu_runs_them():
     """The compiled side asks the CPU itself before it takes the AVX-512 products (on a CPU without them they
     would end the process), so only a CPU with every flag they need gets them; AVX2 is always there."""
-    ops = cpu_kernels.compiled_kernels()
+    ops = kernel_build.compiled_kernels()
     previous = ops.kernel_isa()
     try:
         assert ops.set_kernel_isa("avx512") == (ISA_FLAGS["avx512"] <= cpu_flags())
@@ -83,17 +83,17 @@ def test_a_flag_set_that_failed_before_a_later_one_built_is_not_retried(tmp_path
         return "ops"
 
     flag_sets = (["-O3", "-fopenmp"], ["-O3"])
-    assert cpu_kernels.build_with_first_working_flags(flag_sets, build) == "ops"
+    assert kernel_build.build_with_first_working_flags(flag_sets, build) == "ops"
     assert attempts == [["-O3", "-fopenmp"], ["-O3"]]
     attempts.clear()
-    assert cpu_kernels.build_with_first_working_flags(flag_sets, build) == "ops"
+    assert kernel_build.build_with_first_working_flags(flag_sets, build) == "ops"
     assert attempts == [["-O3"]]
 
     attempts.clear()
     with pytest.warns(UserWarning, match="could not be built.*unsupported option"):
-        assert cpu_kernels.build_with_first_working_flags((["-broken"],), build) is None
+        assert kernel_build.build_with_first_working_flags((["-broken"],), build) is None
     with pytest.warns(UserWarning, match="could not be built.*apt-get install g\\+\\+.*VLMKIT_CPU_KERNELS=off"):
-        assert cpu_kernels.build_with_first_working_flags((["-broken"],), build) is None
+        assert kernel_build.build_with_first_working_flags((["-broken"],), build) is None
     assert attempts == [["-broken"], ["-broken"]]
 
 
@@ -103,7 +103,7 @@ def test_a_kernel_cache_that_cannot_be_made_falls_back_to_torchs_ops_and_names_t
     monkeypatch.setenv("VLMKIT_KERNEL_CACHE", str(in_the_way / "kernels"))
     attempts = []
     with pytest.warns(UserWarning, match="no folder to be built in.*Set VLMKIT_KERNEL_CACHE to a folder you can write"):
-        assert cpu_kernels.build_with_first_working_flags((["-O3"],), lambda flags, folder: attempts.append(flags)) is None
+        assert kernel_build.build_with_first_working_flags((["-O3"],), lambda flags, folder: attempts.append(flags)) is None
     assert attempts == []
 
 
@@ -116,14 +116,14 @@ def test_a_build_never_rewrites_a_library_another_process_runs(tmp_path):
     def compile_and_load(content):
         def run(private):
             assert private.parent == tmp_path and private.name.startswith("building-")
-            (private / cpu_kernels._LIBRARY).write_bytes(content)
+            (private / kernel_build.LIBRARY_FILE).write_bytes(content)
             built.append(content)
         return run
 
-    library = tmp_path / cpu_kernels._LIBRARY
-    cpu_kernels.load_or_build(tmp_path, compile_and_load(b"first build"), loaded.append)
+    library = tmp_path / kernel_build.LIBRARY_FILE
+    kernel_build.load_or_build(tmp_path, compile_and_load(b"first build"), loaded.append)
     assert library.read_bytes() == b"first build" and built == [b"first build"] and loaded == []
-    cpu_kernels.load_or_build(tmp_path, compile_and_load(b"never built"), loaded.append)
+    kernel_build.load_or_build(tmp_path, compile_and_load(b"never built"), loaded.append)
     assert loaded == [str(library)] and built == [b"first build"]
 
     def refuses(path):
@@ -131,10 +131,10 @@ def test_a_build_never_rewrites_a_library_another_process_runs(tmp_path):
 
     with open(library, "rb") as running, mmap.mmap(running.fileno(), 0, access=mmap.ACCESS_READ) as code:
         with pytest.warns(UserWarning, match="did not load.*compiling it again"):
-            cpu_kernels.load_or_build(tmp_path, compile_and_load(b"second build"), refuses)
+            kernel_build.load_or_build(tmp_path, compile_and_load(b"second build"), refuses)
         assert code[:] == b"first build"
     assert library.read_bytes() == b"second build"
-    assert sorted(path.name for path in tmp_path.iterdir()) == [cpu_kernels._LIBRARY]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [kernel_build.LIBRARY_FILE]
 
 
 @needs_kernels
@@ -142,7 +142,7 @@ def test_a_build_never_rewrites_a_library_another_process_runs(tmp_path):
 def test_the_kernels_share_torchs_openmp_runtime():
     """The prefill kernels run on torch's OpenMP threads: the kernels' libgomp is torch's, not a second
     runtime with its own threads competing for the cores."""
-    assert cpu_kernels.compiled_kernels() is not None
+    assert kernel_build.compiled_kernels() is not None
     with open("/proc/self/maps") as maps:
         runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) <= 1, runtimes
@@ -176,7 +176,7 @@ def test_linear_kernel_matches_torch_for_several_weights_at_once(isa, rows, widt
     weights = [bf16(n, width, seed=n) for n in (64, 7, 130)]
     weights[1] = unaligned(weights[1])
     biases = [bf16(w.shape[0], seed=99) for w in weights]
-    outputs = cpu_kernels.compiled_kernels().linear_bf16(x, weights, biases)
+    outputs = kernel_build.compiled_kernels().linear_bf16(x, weights, biases)
     assert [tuple(o.shape) for o in outputs] == [(rows, 1, 64), (rows, 1, 7), (rows, 1, 130)]
     assert all(close_to_fp32(o, w, x, b) for o, w, b in zip(outputs, weights, biases))
 
@@ -188,7 +188,7 @@ def test_products_split_over_any_number_of_threads_give_the_values_of_one(isa, r
     cores too (where threads join late and their runs are taken by the others)."""
     x = bf16(rows, 1, 520)
     weights = [bf16(n, 520, seed=n) for n in (3001, 70, 1030)]
-    ops = cpu_kernels.compiled_kernels()
+    ops = kernel_build.compiled_kernels()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -218,7 +218,7 @@ def test_decode_attention_matches_sdpa_over_a_strided_cache_with_padding(heads, 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = cpu_kernels.compiled_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
+        got = kernel_build.compiled_kernels().decode_attention_bf16(q, k, v, mask, 64 ** -0.5)
     finally:
         torch.set_num_threads(previous)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
@@ -490,7 +490,7 @@ def test_kernel_outputs_round_to_bf16_as_torch_does(isa):
     """The kernels round their fp32 sums to bf16 themselves (torch's conversion would wake its OpenMP
     threads between decode steps): the same bits as torch's rounding, ties to even, NaN, infinities, overflow
     and subnormals included. A zero weight and an fp32 bias make the sums the bias (so no -0.0: 0 + -0 is 0)."""
-    ops = cpu_kernels.compiled_kernels()
+    ops = kernel_build.compiled_kernels()
     ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 ** -130 * 3])  # halfway cases
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 3.4e38, -3.4e38, 1e-45])
     bias = torch.cat([ties, special, torch.randn(40037, generator=torch.Generator().manual_seed(7)) * 1e3])

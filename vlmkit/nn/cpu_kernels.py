@@ -4,10 +4,10 @@ they are (bf16, or vlmkit's int8/int4) throughout.
 * Decode steps (a few activation rows): every weight is read once per token, so speed is how fast
   weights stream from memory; torch's ``F.linear`` is compute-bound or overhead-bound there. ``csrc/``
   streams bf16, int8 and 4-bit weights at memory speed, attends one query over the KV cache, and runs
-  a whole decoder layer's step in one call. It is built once with torch's extension builder (needs a
-  C++ compiler; about a minute) into ``~/.cache/vlmkit/kernels``, on every x86 CPU with AVX2 and FMA;
-  the products have an AVX-512 BF16/VNNI variant chosen at run time on CPUs that have it
-  (``cpu_features.kernel_isa``). Where nothing can be built, torch's ops run.
+  a whole decoder layer's step in one call. It is built once (``kernel_build``: needs a C++ compiler;
+  about a minute) on every x86 CPU with AVX2 and FMA; the products have an AVX-512 BF16/VNNI variant
+  chosen at run time on CPUs that have it (``cpu_features.kernel_isa``). Where nothing can be built,
+  torch's ops run.
 * Prefill and vision towers (many rows) and every convolution: on CPUs without native bf16, torch's
   bf16 GEMM runs at a fifth of its fp32 speed and its bf16 convolution far slower, so these compute in
   fp32 (weights widened per call, fp32 accumulation) and round the result to bf16. On CPUs with native
@@ -24,23 +24,14 @@ layers are int8. Each C++ kernel's Python twin, and the tests that keep them equ
 and ``nn.decoder.DecoderLayer`` (``tests/test_cpu_kernels.py``)."""
 
 import contextlib
-import hashlib
 import math
-import os
-import shutil
-import sys
-import tempfile
-import threading
-import time
-import warnings
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from .cpu_features import kernel_isa, native_bf16
+from .kernel_build import compiled_kernels
 
-_SOURCES = Path(__file__).with_name("csrc")
 # Below this many weights the call overhead outweighs the gain (and tiny test models never build it).
 MIN_KERNEL_WEIGHTS = 1 << 20
 # Up to this many activation rows the kernels beat the float GEMM (bf16: torch's native one where the CPU
@@ -57,9 +48,6 @@ MAX_INT4_KERNEL_ROWS = 64
 # carry; the 4-bit one to int8 per weight group, far below its weights' own rounding. float32 activations
 # take the float path instead.
 INT16_EXACT_ENOUGH = (torch.bfloat16, torch.float16)
-
-_state = {"op": None, "tried": False}
-_lock = threading.Lock()
 
 
 def kernels_enabled() -> bool:
@@ -106,138 +94,6 @@ def on_one_thread_if_small(tensor: torch.Tensor, max_values: int):
     however few the values, and the team then spins on the cores the decode kernels need."""
     return torch_ops_on_one_thread(tensor) if tensor.numel() <= max_values else contextlib.nullcontext()
 
-
-# The prefill kernels split their work over torch's own OpenMP threads (at::parallel_for, -fopenmp: the
-# runtime they link is the libgomp.so.1 torch has already loaded). A compiler without OpenMP builds them
-# without it; they then split it over vlmkit's own helper threads.
-_BUILD_FLAGS = (["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-mavx2", "-mfma"])
-
-
-def _build_directory(flags: list[str]) -> Path:
-    root = Path(os.environ.get("VLMKIT_KERNEL_CACHE") or Path.home() / ".cache" / "vlmkit" / "kernels")
-    digest = hashlib.sha256()
-    for path in sorted(_SOURCES.glob("*.[ch]*")):
-        digest.update(path.name.encode() + path.read_bytes())
-    digest.update(torch.__version__.encode() + " ".join(flags).encode())
-    folder = root / f"decode_kernels-{digest.hexdigest()[:12]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for left in folder.glob("building-*"):  # private build folders of builds that were killed
-        with contextlib.suppress(OSError):
-            if time.time() - left.stat().st_mtime > 3600:
-                shutil.rmtree(left, ignore_errors=True)
-    return folder
-
-
-def compiled_kernels():
-    """``torch.ops.vlmkit`` with the compiled kernels set to this CPU's instruction set, built on first use
-    on any CPU with AVX2/FMA; None where unavailable (no such CPU, turned off, or no compiler)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                _state["op"] = _select_isa(_load()) if kernels_enabled() else None
-                _state["tried"] = True
-    return _state["op"]
-
-
-def _select_isa(ops):
-    """``ops`` with its products set to ``kernel_isa()``; the AVX2 ones where this build lacks AVX-512 or the
-    CPU itself (CPUID) denies what /proc/cpuinfo listed."""
-    if ops is not None and not ops.set_kernel_isa(kernel_isa()):
-        warnings.warn(f"vlmkit: the compiler built no {kernel_isa()} kernels or this CPU cannot run them; using avx2",
-                      stacklevel=4)
-        ops.set_kernel_isa("avx2")
-    return ops
-
-
-def active_kernel_isa() -> str | None:
-    """The instruction set the compiled products run with (``avx512`` or ``avx2``), building them if need
-    be; None where torch's ops run instead."""
-    ops = compiled_kernels()
-    return None if ops is None else ops.kernel_isa()
-
-
-def _load():
-    if hasattr(torch.ops, "vlmkit") and hasattr(torch.ops.vlmkit, "decode_attention_bf16"):
-        return torch.ops.vlmkit
-    sources = [str(path) for path in sorted(_SOURCES.glob("*.cpp"))]
-
-    announced = False  # once, though a failed flag set is followed by the next one
-
-    def compile_and_load(flags: list[str], private: Path):
-        from torch.utils.cpp_extension import load
-        nonlocal announced
-        if not announced:
-            print("vlmkit: compiling the CPU decode kernels once (about a minute)...", file=sys.stderr)
-            announced = True
-        load(_LIBRARY.removesuffix(".so"), sources, build_directory=str(private), is_python_module=False,
-             extra_cflags=flags, extra_ldflags=[flag for flag in flags if flag == "-fopenmp"], verbose=False)
-
-    def build(flags: list[str], folder: Path):
-        load_or_build(folder, lambda private: compile_and_load(flags, private), torch.ops.load_library)
-        return torch.ops.vlmkit
-
-    return build_with_first_working_flags(_BUILD_FLAGS, build)
-
-
-_LIBRARY = "vlmkit_decode_kernels.so"
-
-
-def load_or_build(folder: Path, compile_and_load, load_library) -> None:
-    """Loads the kernels' library kept in ``folder``; where there is none, or it does not load, compiles and
-    loads one in a private folder (``compile_and_load(private)``) and renames a copy into ``folder``.
-
-    A process runs the library file it loaded as its code, and the linker truncates and rewrites an existing
-    output file in place, which ends a process running that file (bus error). So no build writes into the
-    shared folder: processes of other checkouts or virtual environments with the same sources, whose build
-    commands differ, would otherwise rebuild the library under one another."""
-    library = folder / _LIBRARY
-    if library.exists():
-        try:
-            load_library(str(library))
-            return
-        except OSError as err:  # cut short by a full disk, or foreign: built again below
-            warnings.warn(f"vlmkit: {library} did not load ({err}); compiling it again", stacklevel=5)
-    with tempfile.TemporaryDirectory(dir=folder, prefix="building-") as private:
-        compile_and_load(Path(private))
-        staged = folder / f".{_LIBRARY}.{os.getpid()}"
-        shutil.copy(Path(private) / _LIBRARY, staged)
-        os.replace(staged, library)
-
-
-# Written into a flag set's build folder when it failed and a later set built: later processes skip it
-# (a compiler without OpenMP would otherwise re-run the failing -fopenmp compile, seconds, at every start).
-# Without a later success nothing is written, so a compiler installed afterwards is picked up.
-_FAILED_MARKER = "failed"
-
-
-def build_with_first_working_flags(flag_sets, build):
-    """``build(flags, folder)`` for the first of ``flag_sets`` that builds, skipping sets marked failed by an
-    earlier process; None, with a warning, where none builds (decoding still works, at torch's speed)."""
-    failed, failure = [], None
-    for flags in flag_sets:
-        try:
-            folder = _build_directory(flags)
-        except OSError as err:  # a read-only home, a file in the way: no flag set can build
-            warnings.warn(f"vlmkit: the CPU decode kernels have no folder to be built in ({err}); using torch's "
-                          f"slower ops. Set VLMKIT_KERNEL_CACHE to a folder you can write", stacklevel=4)
-            return None
-        if (folder / _FAILED_MARKER).exists():
-            continue
-        try:
-            ops = build(flags, folder)
-        except Exception as err:  # no compiler, no headers, no OpenMP...
-            failed.append(folder)
-            failure = err
-            continue
-        for earlier in failed:
-            with contextlib.suppress(OSError):  # only spares the next process a failing build
-                (earlier / _FAILED_MARKER).write_text(f"{type(failure).__name__}: {str(failure).strip()[:2000]}\n")
-        return ops
-    warnings.warn(f"vlmkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
-                  f"{str(failure).strip()[:300]}); using torch's slower ops. They need a C++ compiler "
-                  f"(Debian/Ubuntu: apt-get install g++); VLMKIT_CPU_KERNELS=off skips them without this warning",
-                  stacklevel=4)
-    return None
 
 
 def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:

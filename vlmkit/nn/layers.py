@@ -7,7 +7,8 @@ outside bf16 on a CPU they compute exactly what ``nn.Linear``/``nn.Conv2d`` do."
 import torch
 from torch import nn
 
-from .cpu_kernels import MIN_KERNEL_WEIGHTS, compiled_kernels, conv_in_fp32, kernel_linears, linear
+from .cpu_kernels import MIN_KERNEL_WEIGHTS, conv_in_fp32, kernel_linears, linear
+from .kernel_build import compiled_kernels
 
 
 class Linear(nn.Linear):

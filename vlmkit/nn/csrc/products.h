@@ -63,7 +63,7 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // How far ahead of its reads a row kernel asks for weight bytes (the AVX-512 kernels, and the AVX2 4-bit one;
-// the AVX2 bf16 and int8 kernels read several streams at once instead, see in_streams in products.cpp). On
+// the AVX2 bf16 and int8 kernels read several streams at once instead, see in_streams in products_avx2.cpp). On
 // 2 Zen 4 cores (2026-12-06), 4 KiB against 1 KiB made the AVX-512 kernels' Janus-Pro-1B layer products 9%
 // (int4) and 14-17% (int8, 1 and 2 rows) faster; 8 KiB was 6-9% faster than 4 KiB while the memory ran at its
 // fastest (80 GB/s) but 2-3% slower at 47.
@@ -117,14 +117,22 @@ std::string kernel_isa();
 #define VLMKIT_HAVE_AVX512 0
 #endif
 
-// products_avx512.cpp: the AVX-512 row kernels (compiled there with their own target attributes).
-// Activations as the integer kernels round them, for int8 weights: values int16 [B, K], scale [B];
-// for 4-bit weights: values int8 [B, K] in span order, scale and group_sums [B, K / G].
+// The row kernels of weights_product: rows [row, row + rows) of one weight against B activation rows, into
+// y [B, N] (row stride N). products_avx2.cpp: for every CPU with AVX2 and FMA; products_avx512.cpp: for
+// AVX-512 BF16/VNNI (compiled there with their own target attributes). bf16 weights take the activations as
+// fp32 (AVX2) or bf16 (AVX-512) values; quantized ones as products.cpp rounds them, for int8 weights: values
+// int16 [B, K], scale [B]; for 4-bit weights: values int8 [B, K] in span order, scale and group_sums [B, K / G].
 struct GroupActivationsView {
   const int8_t* values;
   const float* scale;
   const float* group_sums;
 };
+void avx2_bf16_rows(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
+                    int64_t N);
+void avx2_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,
+                    int64_t rows, float* y, int64_t N);
+void avx2_int4_rows(const GroupActivationsView& x, int64_t span, int64_t B, const PackedWeight& weight, int64_t row,
+                    int64_t rows, float* y, int64_t N);
 // Whether this build has the AVX-512 kernels and this CPU runs them.
 bool avx512_kernels_run_here();
 void avx512_bf16_rows(const BFloat16* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,

@@ -64,8 +64,31 @@ def test_this_cpus_cpuid_confirms_what_its_flags_list():
 
 def test_an_unknown_setting_warns_and_means_auto(cpu):
     cpu(ZEN4, "fastest")
-    with pytest.warns(UserWarning, match="not one of auto, avx512, avx2, off"):
+    with pytest.warns(UserWarning, match="not one of auto, avx512, avx2, off, avx512-emulated"):
         assert cpu_features.kernel_isa() == "avx512"
+
+
+def test_the_avx512_kernels_emulated_run_as_on_an_avx512_bf16_cpu_on_any_cpu_with_avx2(cpu, monkeypatch, tmp_path):
+    """``avx512-emulated``: the AVX-512 kernels built on SIMDe's intrinsics where its headers are on the
+    compiler's path, and the native-bf16 paths such a CPU takes; without the headers (or without AVX2) a
+    warning naming what is missing, and the next variant."""
+    (tmp_path / "simde" / "x86").mkdir(parents=True)
+    (tmp_path / "simde" / "x86" / "avx512.h").write_text("")
+    monkeypatch.setenv("CPATH", str(tmp_path))
+    cpu(HASWELL, "avx512-emulated")
+    assert cpu_features.simde_headers() == tmp_path
+    assert cpu_features.kernel_isa() == "avx512" and cpu_features.kernels_emulated()
+    assert cpu_features.native_bf16() and cpu_features.isa_runs_here("avx512")
+    assert cpu_features.cpu_description()["kernels"] == "avx512-emulated"
+    monkeypatch.setattr(cpu_features, "simde_headers", lambda: None)
+    cpu(HASWELL, "avx512-emulated")
+    with pytest.warns(UserWarning, match="needs SIMDe's headers .*apt-get install libsimde-dev.*; using avx2"):
+        assert cpu_features.kernel_isa() == "avx2"
+    assert not cpu_features.kernels_emulated() and not cpu_features.native_bf16()
+    assert not cpu_features.isa_runs_here("avx512")
+    cpu(ARM, "avx512-emulated")
+    with pytest.warns(UserWarning, match="needs AVX2 and FMA; using torch portable path"):
+        assert cpu_features.kernel_isa() is None
 
 
 @pytest.mark.parametrize("flags,name,native", [

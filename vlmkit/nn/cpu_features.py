@@ -5,7 +5,9 @@ names in its header.
 ``VLMKIT_CPU_KERNELS`` chooses the kernels (see ``kernel_isa``): ``auto`` (the default: the widest this
 CPU runs), ``avx512`` or ``avx2`` to force one (for tests and comparisons; one the CPU lacks falls back
 to the next it has, with a warning), ``off`` (also ``0``) for torch's portable path everywhere, as on
-ARM and x86 CPUs without AVX2. ``1``/``on`` mean ``auto``."""
+ARM and x86 CPUs without AVX2. ``1``/``on`` mean ``auto``. ``avx512-emulated`` builds the AVX-512 kernels on
+SIMDe's portable intrinsics (Debian: ``apt-get install libsimde-dev``) and runs them on any CPU with AVX2: to
+check their arithmetic where no AVX-512 CPU is at hand, many times slower than either real set."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ ISA_FLAGS = {
 FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
                      "amx_int8", "asimd", "sve")
 OFF = ("0", "off", "false", "no", "none", "portable")
+EMULATED_AVX512 = "avx512-emulated"
 
 
 @cache
@@ -68,6 +71,13 @@ def kernel_isa() -> str | None:
     if setting in OFF:
         return None
     supported = [isa for isa, flags in ISA_FLAGS.items() if flags <= cpu_flags() and cpu_runs(isa)]
+    if setting == EMULATED_AVX512:
+        if "avx2" in supported and simde_headers() is not None:
+            return "avx512"
+        lack = "SIMDe's headers (Debian: apt-get install libsimde-dev)" if "avx2" in supported else "AVX2 and FMA"
+        warnings.warn(f"VLMKIT_CPU_KERNELS={setting} needs {lack}; using {supported[0] if supported else 'torch portable path'}",
+                      stacklevel=2)
+        return supported[0] if supported else None
     if setting in ISA_FLAGS:
         if setting in supported:
             return setting
@@ -79,15 +89,34 @@ def kernel_isa() -> str | None:
                       stacklevel=2)
         return fallback
     if setting not in ("auto", "1", "on", "true", "yes"):
-        warnings.warn(f"VLMKIT_CPU_KERNELS={setting!r} is not one of auto, avx512, avx2, off; using auto",
+        warnings.warn(f"VLMKIT_CPU_KERNELS={setting!r} is not one of auto, avx512, avx2, off, {EMULATED_AVX512}; using auto",
                       stacklevel=2)
     return supported[0] if supported else None
 
 
+def kernels_emulated() -> bool:
+    """Whether the AVX-512 kernels run emulated (``VLMKIT_CPU_KERNELS=avx512-emulated``, where it can)."""
+    return kernel_setting() == EMULATED_AVX512 and kernel_isa() == "avx512"
+
+
+def isa_runs_here(isa: str) -> bool:
+    """Whether the kernels of ``isa`` can run in this process: the CPU has it, or it is emulated."""
+    return (ISA_FLAGS[isa] <= cpu_flags() and cpu_runs(isa)) or (isa == "avx512" and kernels_emulated())
+
+
+def simde_headers() -> Path | None:
+    """The folder holding SIMDe's AVX-512 headers (``simde/x86/avx512.h``) on the compiler's usual include
+    path, or None."""
+    folders = [*os.environ.get("CPATH", "").split(os.pathsep), *os.environ.get("CPLUS_INCLUDE_PATH", "").split(os.pathsep),
+               "/usr/local/include", "/usr/include"]
+    return next((Path(f) for f in folders if f and (Path(f) / "simde" / "x86" / "avx512.h").is_file()), None)
+
+
 def native_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there torch's bf16 GEMM and
-    convolutions are fast, so prefill and vision towers stay in bf16."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    convolutions are fast, so prefill and vision towers stay in bf16. The AVX-512 kernels emulated take the
+    paths of such a CPU too."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) or kernels_emulated()
 
 
 def cpu_class() -> str:
@@ -117,4 +146,5 @@ def cpu_description() -> dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "class": cpu_class(),
-            "flags": [f for f in FLAGS_THAT_MATTER if f in cpu_flags()], "kernels": kernel_isa() or "portable"}
+            "flags": [f for f in FLAGS_THAT_MATTER if f in cpu_flags()],
+            "kernels": EMULATED_AVX512 if kernels_emulated() else kernel_isa() or "portable"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_features import kernel_isa
+from .cpu_features import kernel_isa, kernels_emulated
 
 _SOURCES = Path(__file__).with_name("csrc")
 
@@ -28,6 +28,14 @@ _lock = threading.Lock()
 # runtime they link is the libgomp.so.1 torch has already loaded). A compiler without OpenMP builds them
 # without it; they then split it over vlmkit's own helper threads.
 _BUILD_FLAGS = (["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-mavx2", "-mfma"])
+# The AVX-512 kernels on SIMDe's portable intrinsics (cpu_features.kernels_emulated): a build of its own.
+_EMULATION_FLAGS = ["-DVLMKIT_EMULATED_AVX512", "-Wno-psabi"]
+
+
+def build_flag_sets() -> list[list[str]]:
+    """The compiler flag sets to try, in order, for this process's kernels."""
+    extra = _EMULATION_FLAGS if kernels_emulated() else []
+    return [flags + extra for flags in _BUILD_FLAGS]
 
 
 def _build_directory(flags: list[str]) -> Path:
@@ -93,7 +101,7 @@ def _load():
         load_or_build(folder, lambda private: compile_and_load(flags, private), torch.ops.load_library)
         return torch.ops.vlmkit
 
-    return build_with_first_working_flags(_BUILD_FLAGS, build)
+    return build_with_first_working_flags(build_flag_sets(), build)
 
 
 LIBRARY_FILE = "vlmkit_decode_kernels.so"

@@ -20,6 +20,10 @@
 #include "products.h"
 #include "work_pool.h"
 
+#if defined(VLMKIT_EMULATED_AVX512)  // after every other header: its macros stand for the AVX-512 intrinsics
+#include "emulated_avx512.h"
+#endif
+
 namespace vlmkit {
 
 #if VLMKIT_HAVE_AVX512

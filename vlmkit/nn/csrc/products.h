@@ -109,8 +109,12 @@ bool set_kernel_isa(const std::string& isa);
 std::string kernel_isa();
 
 // Functions that use AVX-512 BF16/VNNI carry this attribute (compilers too old for it build none of them);
-// only functions so marked may use those instructions, and only after set_kernel_isa chose them.
-#if defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+// only functions so marked may use those instructions, and only after set_kernel_isa chose them. Built with
+// VLMKIT_EMULATED_AVX512 the same functions use SIMDe's portable intrinsics instead (emulated_avx512.h).
+#if defined(VLMKIT_EMULATED_AVX512)
+#define VLMKIT_HAVE_AVX512 1
+#define VLMKIT_AVX512
+#elif defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
 #define VLMKIT_HAVE_AVX512 1
 #define VLMKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 #else

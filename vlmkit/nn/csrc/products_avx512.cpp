@@ -16,10 +16,16 @@
 #include <algorithm>
 #include <array>
 
+#if defined(VLMKIT_EMULATED_AVX512)  // after every other header: its macros stand for the AVX-512 intrinsics
+#include "emulated_avx512.h"
+#endif
+
 namespace vlmkit {
 
 bool avx512_kernels_run_here() {
-#if VLMKIT_HAVE_AVX512
+#if defined(VLMKIT_EMULATED_AVX512)
+  return true;  // emulated: any CPU with AVX2 runs them
+#elif VLMKIT_HAVE_AVX512
   // The CPU's own answer (CPUID, and the OS saving the AVX-512 registers), whatever the caller was told of
   // it: the instructions on a CPU without them would end the process.
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -120,6 +120,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(b"x")
                     self.wfile.flush()
                     time.sleep(0.05)
+            elif path == "/drip-headers":  # a header line well inside the socket timeout, the end never
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(40):
+                    self.wfile.write(b"X-Slow: 1\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif path == "/drip-status":  # the status line itself, a byte at a time
+                for byte in b"HTTP/1.1 200 OK\r\n" * 3:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
             elif path == "/big-with-length":
                 self.send(200, b"x" * 100, [("Content-Length", str(CAP + 1))])
             elif path == "/big-no-length":  # HTTP/1.0, body ends at close: only the running count can stop it
@@ -544,6 +555,15 @@ def test_slow_response_times_out(server):
 def test_slow_drip_body_cannot_outlast_the_timeout(server):
     started = time.monotonic()
     assert "timed out" in error_of(f"{server}/drip", MediaPolicy(timeout_s=0.5))
+    assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("route", ["/drip-headers", "/drip-status"])
+def test_a_status_line_or_headers_dripped_slowly_cannot_outlast_the_timeout(server, route):
+    """The budget covers the whole exchange, not each read: a server that sends its status line or headers
+    a byte or a line at a time (each well inside the socket timeout) is cut off at the deadline."""
+    started = time.monotonic()
+    assert "timed out after 0.5s" in error_of(f"{server}{route}", MediaPolicy(timeout_s=0.5))
     assert time.monotonic() - started < 1.5
 
 

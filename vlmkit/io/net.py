@@ -4,10 +4,12 @@ IPs against DNS rebinding, one wall-clock budget for the whole fetch, and a byte
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import os
 import socket
+import threading
 import time
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -64,6 +66,11 @@ def fetch_url(url: str, out: BinaryIO, policy: MediaPolicy) -> int:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         pinned = _PinnedHTTPS if parts.scheme.lower() == "https" else _PinnedHTTP
         conn = pinned(host, port, ips, _remaining(deadline, policy, url))
+        # a socket timeout bounds each read, not a status line or headers dripped a byte at a time: at the
+        # deadline the watchdog shuts the connection, which ends whatever read is waiting
+        watchdog = threading.Timer(_remaining(deadline, policy, url), conn.expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             conn.request("GET", path, headers={"User-Agent": "vlmkit", "Accept-Encoding": "identity"})
             sock = conn.sock  # held here: http.client drops conn.sock when the server will close
@@ -76,12 +83,18 @@ def fetch_url(url: str, out: BinaryIO, policy: MediaPolicy) -> int:
                 continue
             if resp.status != 200:
                 raise MediaError(f"HTTP error {resp.status} {resp.reason} fetching {describe_source(current)}")
-            return _read_capped(resp, sock, out, policy, deadline, current)
+            written = _read_capped(resp, sock, out, policy, deadline, current)
+            if conn.expired:  # the body ended because the watchdog shut the connection
+                raise TimeoutError
+            return written
         except TimeoutError as e:  # socket.timeout is TimeoutError since 3.10
             raise MediaError(f"timed out after {policy.timeout_s}s fetching {describe_source(current)}") from e
         except (OSError, http.client.HTTPException, ValueError) as e:
+            if conn.expired:
+                raise MediaError(f"timed out after {policy.timeout_s}s fetching {describe_source(current)}") from e
             raise MediaError(f"could not fetch {describe_source(current)}: {e}") from e
         finally:
+            watchdog.cancel()
             conn.close()
     raise MediaError(f"too many redirects (more than {policy.max_redirects}) fetching {describe_source(url)}")
 
@@ -161,15 +174,27 @@ class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, ips: list[str], timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._ips = ips
+        self._connected: socket.socket | None = None  # the TCP socket, under any TLS layer
+        self.expired = False
 
     def connect(self):
         for i, ip in enumerate(self._ips):
             try:
-                self.sock = socket.create_connection((ip, self.port), self.timeout)
+                self.sock = self._connected = socket.create_connection((ip, self.port), self.timeout)
+                if self.expired:  # the deadline passed while connecting
+                    self.expire()
                 return
             except OSError:
                 if i == len(self._ips) - 1:
                     raise
+
+    def expire(self) -> None:
+        """Called at the fetch's deadline (from another thread): shuts the connection down, so a read waiting
+        on it returns at once, and marks the fetch as timed out."""
+        self.expired = True
+        if self._connected is not None:
+            with contextlib.suppress(OSError):
+                self._connected.shutdown(socket.SHUT_RDWR)
 
 
 class _PinnedHTTPS(_PinnedHTTP, http.client.HTTPSConnection):

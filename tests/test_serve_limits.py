@@ -3,6 +3,9 @@ what to change, and the server answers the next request normally. Also the API k
 policy (private addresses, redirects, local files)."""
 
 import base64
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -185,3 +188,23 @@ def test_media_root_serves_local_files_inside_it_only(janus_dir, tmp_path):
             response = post(rooted, "/v1/chat/completions", {"messages": user(image_part(url), "Hi")})
             assert_refused(response, 400, "outside media_root")
         assert_still_serving(rooted)
+
+
+def test_requests_waiting_on_a_slow_media_host_do_not_hold_up_other_requests(janus_dir):
+    """More requests than the server has threads, each waiting on an image host that never answers: a text
+    chat (its body parsed, its request prepared) is answered while they all still wait."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(128)  # connections are accepted by the kernel and never answered
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/image.png"
+    with serve(janus_dir, allow_private_hosts=True, fetch_timeout_s=5.0) as slow:
+        body = {"messages": user(image_part(url), "Hi"), "max_tokens": 2}
+        with ThreadPoolExecutor(48) as pool:
+            waiting = [pool.submit(post, slow, "/v1/chat/completions", body, None) for _ in range(48)]
+            time.sleep(1.0)  # every one of them is waiting on the image host by now
+            answered = post(slow, "/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2}, None)
+            assert answered.status_code == 200, answered.text
+            assert not any(request.done() for request in waiting)
+            refused = [request.result() for request in waiting]  # each at its fetch's deadline
+    silent.close()
+    assert all(response.status_code == 400 and "timed out" in response.text for response in refused)

@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +27,7 @@ from .config import ServeConfig
 from .requests import RequestHandler
 from .http import HeaderLimit, listening_socket, uvicorn_config
 from .image_stream import image_sse
+from .media import names_remote_media
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import RequestCounter, ServerMetrics
 from .pages import install_playground
@@ -34,6 +36,11 @@ from .responses import ModelCard, ModelList, error_body
 from .streaming import chat_sse, forward_events, job_events, job_outcome, job_outcomes
 
 log = logging.getLogger("vlmkit.serve")
+
+# Requests that name a media URL are prepared on threads of their own: a slow media host holds its request's
+# thread for up to --fetch-timeout per URL, and must not hold the threads that parse every request's body and
+# prepare the requests that fetch nothing.
+FETCHING_THREADS = 16
 
 
 class ServerState:
@@ -49,6 +56,16 @@ class ServerState:
         self.on_load_failed = None  # run_server stops uvicorn with it
         self.metrics = ServerMetrics()
         self.loader: threading.Thread | None = None
+        self.fetching: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
+
+    async def prepare(self, body, prepare, *args):
+        """``prepare(*args)`` off the event loop, on the fetching threads where ``body`` names a media URL."""
+        limiter = None  # anyio's default threads
+        if names_remote_media(body):
+            if self.fetching is None:
+                self.fetching = anyio.CapacityLimiter(FETCHING_THREADS)
+            limiter = self.fetching
+        return await anyio.to_thread.run_sync(prepare, *args, limiter=limiter)
 
     def wait_for_load(self) -> None:
         """Wait until the model's loading thread (if any) has finished."""
@@ -155,7 +172,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, scheduler = state.ready()
             scheduler.check_capacity()  # before fetching anything
-            parsed, task = await run_in_threadpool(handler.prepare_chat, body)
+            parsed, task = await state.prepare(body, handler.prepare_chat, body)
             events: asyncio.Queue = asyncio.Queue()
             job = scheduler.submit(task, forward_events(asyncio.get_running_loop(), events, parsed.stream))
         except Exception as err:
@@ -176,7 +193,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
             body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, scheduler = state.ready()
             scheduler.check_capacity()
-            parsed, tasks, echoes = await run_in_threadpool(prepare_completion, handler, body)
+            parsed, tasks, echoes = await state.prepare(body, prepare_completion, handler, body)
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             for prompt_index, task in enumerate(tasks):  # each prompt's events come tagged with its index
@@ -209,7 +226,7 @@ def create_app(config: ServeConfig, engine=None) -> FastAPI:
         try:
             body = await _read_json(request, config.limits.max_body_bytes, config.body_timeout_s)
             handler, _ = state.ready()
-            return await run_in_threadpool(answer, handler, body)
+            return await state.prepare(body, answer, handler, body)
         except Exception as err:
             return _error_response(err)
 

@@ -14,6 +14,22 @@ VIDEO_FAMILIES = ("llava_onevision",)  # model types whose processors take video
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
+def names_remote_media(body) -> bool:
+    """Whether a request body (parsed JSON) holds an http(s) URL anywhere: such a request may wait on the
+    network while it is prepared."""
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if item[:8].lower().startswith(("http://", "https://")):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class MediaLoading:
     """Turns a request's image and video parts into the Engine's content blocks; a base of ``RequestHandler``,
     whose ``engine``, ``config``, ``limits`` and ``policy`` it reads."""

@@ -432,3 +432,41 @@ def test_generation_config_update_to_dict_and_save_as_transformers(tmp_path):
     assert (again.max_new_tokens, again.top_k, again.num_beams) == (5, 3, 2)
     with pytest.raises(InputError, match="top_p"):
         ours.update(top_p=5.0)
+
+
+@pytest.mark.parametrize("how", ["config", "keyword", "transformers_config"])
+def test_from_pretrained_takes_an_edited_config_or_its_attributes_as_keywords(llava_onevision_dir, onevision_reference,
+                                                                              how):
+    """transformers' ``from_pretrained(path, config=edited)`` and ``from_pretrained(path, attribute=value)``:
+    the weights load under the edited config and give the reference's logits under the same edit."""
+    from vlmkit import AutoConfig, LlavaOnevisionForConditionalGeneration
+    from test_llava_onevision import pattern_image
+
+    processor, _ = onevision_reference
+    edit = {"vision_feature_layer": -2}
+    reference = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, **edit).eval()
+    if how == "config":
+        config = AutoConfig.from_pretrained(llava_onevision_dir)
+        config.vision_feature_layer = -2
+        options = {"config": config}
+    elif how == "transformers_config":
+        options = {"config": reference.config}
+    else:
+        options = edit
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, **options)
+    assert model.config.vision_feature_layer == -2
+    inputs = processor(images=pattern_image(40, 30), text="<image>Describe.", return_tensors="pt")
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits, model(**inputs).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+        llava_onevision_dir).eval()(**inputs).logits, atol=1e-3)  # the edit changes the answer
+
+
+def test_from_pretrained_refuses_a_config_of_another_kind_and_keeps_long_values_short(llava_onevision_dir):
+    from vlmkit import LlavaOnevisionForConditionalGeneration
+
+    with pytest.raises(InputError, match="config must be a LlavaOnevisionConfig"):
+        LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, config=3)
+    with pytest.raises(InputError, match=r"no_such_option='xxx.*\.\.\.$"):
+        LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, no_such_option="x" * 500)

@@ -86,7 +86,9 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
                         revision: str = "main", quantization_config=None, attn_implementation: str | None = None,
                         use_flash_attention_2: bool | None = None, **unused):
         """Load a checkpoint from a folder or the local HF cache, in ``dtype`` ("auto" = the checkpoint's)
-        onto one device, without materialising random weights first.
+        onto one device, without materialising random weights first. As in transformers, ``config=`` loads
+        the weights under a config given (``AutoConfig.from_pretrained(path)``, edited), and keywords that
+        name the config's attributes set them (``vision_feature_select_strategy="full"``).
 
         ``quantization_config``: "int8"/"int4" (vlmkit's weight-only layers) or a ``BitsAndBytesConfig``
         (bitsandbytes' 8/4-bit layers, as transformers); weights are quantized as they stream in. A
@@ -98,11 +100,12 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
 
         folder = checkpoint_location(name_or_path, unused, revision)
         loading_info = unused.pop("output_loading_info", False)
+        raw_config = read_json(folder / "config.json")
+        config, layout = cls.config_from_folder(folder, raw_config)
+        config = _config_with_overrides(cls, folder, config, unused.pop("config", None), unused)
         _reject_unsupported(unused)
         attention = resolve_attn_implementation(attn_implementation, use_flash_attention_2)
-        raw_config = read_json(folder / "config.json")
         quantization, pre_quantized = resolve_quantization(quantization_config, raw_config, folder)
-        config, layout = cls.config_from_folder(folder, raw_config)
         if hasattr(config, "check_sizes"):
             config.check_sizes()  # sizes the forward joins across sections, before any weight is read
         files = weight_files(folder)
@@ -379,16 +382,33 @@ class PretrainedVLM(FineTuningMethods, nn.Module):
 # safetensors when the checkpoint has them
 NEUTRAL_LOADING_OPTIONS = {"low_cpu_mem_usage": None, "offload_folder": None, "offload_state_dict": None,
                            "offload_buffers": None, "use_safetensors": (None, True), "variant": (None,),
-                           "config": (None,), "ignore_mismatched_sizes": (False,), "max_memory": (None,),
+                           "ignore_mismatched_sizes": (False,), "max_memory": (None,),
                            "tp_plan": (None,), "tp_size": (None,), "key_mapping": (None,), "weights_only": (True,)}
+
+
+def _config_with_overrides(cls, folder: Path, config, given, options: dict):
+    """The config to build the model with: ``given`` (a config of this family, vlmkit's or transformers', or
+    a dict in config.json's keys) in place of the folder's, then the ``options`` that name its attributes
+    set on it (and taken out of ``options``), as transformers' ``from_pretrained`` does."""
+    if given is not None and not isinstance(given, type(config)):
+        values = given if isinstance(given, dict) else getattr(given, "to_dict", lambda: None)()
+        if not isinstance(values, dict):
+            raise InputError(f"from_pretrained: config must be a {type(config).__name__} (AutoConfig.from_pretrained)"
+                             f", a transformers config or a dict; got {type(given).__name__}")
+        given = cls.config_from_folder(folder, values)[0]
+    config = given if given is not None else config
+    for name in [k for k in options if k not in NEUTRAL_LOADING_OPTIONS and hasattr(config, k)]:
+        setattr(config, name, options.pop(name))
+    return config
 
 
 def _reject_unsupported(options: dict) -> None:
     unsupported = sorted(k for k, v in options.items() if k not in NEUTRAL_LOADING_OPTIONS
                          or (NEUTRAL_LOADING_OPTIONS[k] is not None and v not in NEUTRAL_LOADING_OPTIONS[k]))
     if unsupported:
+        shown = [f"{k}={options[k]!r}" for k in unsupported]
         raise InputError(f"from_pretrained got option(s) vlmkit does not support: "
-                         f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}")
+                         f"{', '.join(s if len(s) <= 80 else s[:77] + '...' for s in shown)}")
 
 
 def _warn_unexpected(folder: Path, names: list[str]) -> None:

@@ -470,3 +470,16 @@ def test_from_pretrained_refuses_a_config_of_another_kind_and_keeps_long_values_
         LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, config=3)
     with pytest.raises(InputError, match=r"no_such_option='xxx.*\.\.\.$"):
         LlavaOnevisionForConditionalGeneration.from_pretrained(llava_onevision_dir, no_such_option="x" * 500)
+
+
+@pytest.mark.parametrize("args,kwargs", [(("cpu",), {"non_blocking": True}), ((torch.bfloat16,), {}),
+                                         (("cpu", torch.float16), {}), ((), {"device": "cpu", "dtype": torch.bfloat16})])
+def test_processor_outputs_move_and_cast_as_transformers_batch_features_do(onevision_reference, onevision_vlmkit, args,
+                                                                           kwargs):
+    from test_llava_onevision import pattern_image
+
+    call = {"images": pattern_image(40, 30), "text": "<image>Describe.", "return_tensors": "pt"}
+    expected = onevision_reference[0](**call).to(*args, **kwargs)
+    got = onevision_vlmkit[0](**call).to(*args, **kwargs)
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in expected.items()}
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -22,14 +22,15 @@ class BatchFeature(dict):
         """The features themselves (transformers' ``BatchFeature.data``): this dict."""
         return self
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "BatchFeature":
+    def to(self, device=None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "BatchFeature":
         """Move tensors to ``device`` and cast only floating tensors (pixels) to ``dtype``, never token ids; in
-        place, returning this same object, as transformers' ``BatchFeature.to`` does."""
+        place, returning this same object, as transformers' ``BatchFeature.to`` does (``non_blocking`` too)."""
         if isinstance(device, torch.dtype) and dtype is None:
             device, dtype = None, device
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                self[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+                self[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else None,
+                                     non_blocking=non_blocking)
         return self
 
 

@@ -198,3 +198,18 @@ def test_bench_refuses_llama_cpp_flags_it_would_ignore_before_measuring(capsys):
 
     assert main(["bench", "--llama-cpp", "/nonexistent"]) == 2
     assert "only apply with --quantize" in capsys.readouterr().err
+
+
+def test_help_and_a_bad_option_are_answered_without_loading_torch():
+    """torch takes seconds to import: ``vlmkit --help`` and argparse's own errors answer before it loads (and a
+    Ctrl-C while it loads ends the command like one at any other time)."""
+    script = ("import sys, contextlib, io\n"
+              "from vlmkit.cli import main\n"
+              "for argv in (['--help'], ['ask', '--max-new-tokens', 'many']):\n"
+              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+              "contextlib.redirect_stderr(io.StringIO()):\n"
+              "        main(argv)\n"
+              "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -1,19 +1,22 @@
 """vlmkit: a from-scratch PyTorch engine for vision-language models (Janus, LLaVA-OneVision, IDEFICS).
 
 The classes mirror transformers' names, so the usual examples run with only the import changed;
-families load lazily, on first use."""
+families (and torch) load lazily, on first use."""
 
 from importlib import import_module
 
-from .auto import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor,
-                   AutoTokenizer, load)
 from .errors import CheckpointError, InputError, MediaError, TemplateError, VlmkitError
-from .generation.config import GenerationConfig
-from .generation.streaming import TextIteratorStreamer, TextStreamer
 
 __version__ = "0.1.0"
 
+# Every name below imports torch with its module, on first use: ``vlmkit --help`` and the CLI's own checks
+# answer without it (and a Ctrl-C while torch loads is the CLI's, not an import's traceback).
 _LAZY = {
+    **dict.fromkeys(["AutoConfig", "AutoImageProcessor", "AutoModel", "AutoModelForImageTextToText",
+                     "AutoModelForVision2Seq", "AutoProcessor", "AutoTokenizer", "load"], "vlmkit.auto"),
+    "GenerationConfig": "vlmkit.generation.config",
+    "TextStreamer": "vlmkit.generation.streaming",
+    "TextIteratorStreamer": "vlmkit.generation.streaming",
     "JanusForConditionalGeneration": "vlmkit.models.janus",
     "JanusProcessor": "vlmkit.models.janus",
     "JanusImageProcessor": "vlmkit.models.janus",

@@ -358,8 +358,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own options, parsed by the benchmark
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # torch loads with the first option that needs it, or the command: a Ctrl-C there is an exit too
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except VlmkitError as err:
         print(f"vlmkit: error: {err}", file=sys.stderr)

@@ -6,11 +6,9 @@ import math
 import re
 from pathlib import Path
 
-from .generation.config import SEED_RANGE
-from .generation.image_step import MAX_GUIDANCE_SCALE
-from .io.checkpoint import DTYPE_NAMES
+from .io.dtype_names import DTYPE_ALIASES
 
-DTYPES = ("auto", *DTYPE_NAMES)  # every name the loader takes (bf16, fp16, half...)
+DTYPES = ("auto", *DTYPE_ALIASES)  # every name the loader takes (bf16, fp16, half...)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
 
@@ -77,6 +75,8 @@ def non_negative_float(text: str) -> float:
 
 def guidance_scale(text: str) -> float:
     """A classifier-free guidance weight from 0 to ``MAX_GUIDANCE_SCALE`` (the server's bound)."""
+    from .generation.image_step import MAX_GUIDANCE_SCALE  # with torch: only once an option is read
+
     value = _number(text)
     if not 0 <= value <= MAX_GUIDANCE_SCALE:
         raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_GUIDANCE_SCALE:g}, got {text} (the model's "
@@ -94,6 +94,8 @@ def probability(text: str) -> float:
 
 def seed(text: str) -> int:
     """A seed torch's generators take: a whole number from -2**63 to 2**64 - 1."""
+    from .generation.config import SEED_RANGE  # with torch: only once an option is read
+
     value = _integer(text)
     low, high = SEED_RANGE
     if not low <= value <= high:

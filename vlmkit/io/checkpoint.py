@@ -12,17 +12,14 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from .dtype_names import DTYPE_ALIASES
 from .mapped_safetensors import MappedSafetensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 # the dtype names from_pretrained(dtype=...) and --dtype take
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
+DTYPE_NAMES = {name: getattr(torch, dtype) for name, dtype in DTYPE_ALIASES.items()}
 
 
 def hf_cache_dir() -> Path:

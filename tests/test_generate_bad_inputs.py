@@ -72,3 +72,71 @@ def test_a_checkpoint_max_length_past_the_context_ends_the_answer_at_the_context
     assert model.generate(prompt).shape == (1, model.max_context)
     with pytest.raises(InputError, match="max_new_tokens"):  # asked for in so many words: still an error
         model.generate(prompt, max_new_tokens=model.max_context)
+
+
+def _tiny_prompt(length: int = 8) -> torch.Tensor:
+    return torch.randint(0, 500, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_max_length_the_prompt_fills_is_refused_as_transformers_does(onevision_reference, onevision_vlmkit):
+    """transformers refuses a max_length that leaves nothing to generate; vlmkit used to hand the prompt back."""
+    (_, ref_model), (_, model) = onevision_reference, onevision_vlmkit
+    ids = _tiny_prompt(30)
+    for max_length in (10, 30):
+        refused = f"Input length of input_ids is 30, but `max_length` is set to {max_length}"
+        with pytest.raises(ValueError, match=refused):
+            ref_model.generate(input_ids=ids, max_length=max_length)
+        with pytest.raises(InputError, match=f"input_ids is 30, but max_length is set to {max_length}.*max_new_tokens"):
+            model.generate(input_ids=ids, max_length=max_length)
+    assert model.generate(input_ids=ids, max_length=31).tolist() == ref_model.generate(input_ids=ids,
+                                                                                        max_length=31).tolist()
+
+
+# options transformers' generate fails on (a raw TypeError, IndexError or ValueError), with what vlmkit's error names
+REFUSED_OPTIONS = [
+    (dict(max_new_tokens="4"), "max_new_tokens must be a number"),
+    (dict(num_beams=2.0), "num_beams must be a whole number"),
+    (dict(num_return_sequences=2.0, do_sample=True), "num_return_sequences must be a whole number"),
+    (dict(do_sample=True, temperature="0.7"), "temperature must be a number"),
+    (dict(do_sample=True, top_p="0.5"), "top_p must be a number"),
+    (dict(repetition_penalty="1.2"), "repetition_penalty must be a number"),
+    (dict(eos_token_id="x"), "eos_token_id must be a token id"),
+    (dict(eos_token_id=[3, "x"]), "eos_token_id must be a token id"),
+    (dict(pad_token_id="x"), "pad_token_id must be a token id"),
+    (dict(forced_eos_token_id=10 ** 6), "forced_eos_token_id .* vocabulary of 640 tokens"),
+    (dict(forced_eos_token_id=[10 ** 6]), "forced_eos_token_id .* vocabulary of 640 tokens"),
+    (dict(forced_eos_token_id=-5), "forced_eos_token_id .* vocabulary of 640 tokens"),
+    (dict(do_sample=True, top_k=-3), "top_k must be a whole number > 0 when sampling"),
+    (dict(do_sample=True, top_k=2.0), "top_k must be a whole number > 0 when sampling"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "the prompt is empty"),
+]
+
+
+def test_options_of_the_wrong_type_are_errors_naming_them(onevision_reference, onevision_vlmkit):
+    (_, ref_model), (_, model) = onevision_reference, onevision_vlmkit
+    assert model.token_id_count == 640
+    for options, named in REFUSED_OPTIONS:
+        options = {"input_ids": _tiny_prompt(), "max_new_tokens": 4, **options}
+        with pytest.raises((TypeError, ValueError, IndexError, RuntimeError)):
+            ref_model.generate(**options)
+        with pytest.raises(InputError, match=named):
+            model.generate(**options)
+
+
+def test_options_transformers_takes_give_its_tokens(onevision_reference, onevision_vlmkit):
+    """A fractional length (the answer stops at the next whole length), numpy numbers, token ids as whole floats
+    or integer tensors, and top_k < 0 without sampling (not read then) are taken, as transformers takes them."""
+    import numpy as np
+
+    (_, ref_model), (_, model) = onevision_reference, onevision_vlmkit
+    ids = _tiny_prompt()
+    first = ref_model.generate(input_ids=ids, max_new_tokens=2)[0, -1].item()
+    for options in (dict(max_new_tokens=2.5), dict(max_new_tokens=np.float32(2.5)), dict(max_length=9.5),
+                    dict(max_new_tokens=np.int64(3)), dict(max_new_tokens=True), dict(num_beams=np.int64(2)),
+                    dict(eos_token_id=float(first)), dict(eos_token_id=torch.tensor([first, 5])),
+                    dict(eos_token_id=torch.tensor(first)), dict(forced_eos_token_id=np.int64(5)),
+                    dict(top_k=-3), dict(max_new_tokens=4, max_length="x")):
+        options = {"input_ids": ids, "do_sample": False, **options}
+        if "max_length" not in options:
+            options.setdefault("max_new_tokens", 4)
+        assert model.generate(**options).tolist() == ref_model.generate(**options).tolist(), options

@@ -11,6 +11,7 @@ import torch
 from ..configs import check_field_types, dataclass_from_dict
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import read_json
+from .option_types import check_option_types, token_id_list
 from .watermark import watermark_settings
 
 # the seeds torch.Generator.manual_seed takes: any 64-bit value, signed or unsigned
@@ -146,6 +147,7 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
+        check_option_types(self)  # first: the checks below compare the values with numbers
         for option in fields(self):
             value = getattr(self, option.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
@@ -190,24 +192,33 @@ class GenerationConfig:
             raise InputError("top_p must be in [0, 1]")
         if self.num_return_sequences < 1:
             raise InputError("num_return_sequences must be >= 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1 (as in transformers), got {self.max_new_tokens}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be at least 1 (more than 0, as in transformers), got "
+                             f"{self.max_new_tokens}")
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return [int(t) for t in token_id_list(self.eos_token_id)]
 
     def new_token_budget(self, prompt_length: int, max_context: int | None = None) -> int:
         """How many tokens to generate: ``max_new_tokens``, else what ``max_length`` leaves, else
         transformers' default of 20; the last two no further than the model's context (``max_length`` is a
-        cap, and checkpoints set it past their context: the answer then ends where the context does)."""
+        cap, and checkpoints set it past their context: the answer then ends where the context does).
+        A fractional length rounds up: transformers stops once the length reaches it."""
         if self.max_new_tokens is not None:
-            return self.max_new_tokens
+            return math.ceil(self.max_new_tokens)
         room = (max_context or 1 << 62) - prompt_length
         if self.max_length is not None:
-            return max(min(self.max_length - prompt_length, room), 0)
+            return max(min(math.ceil(self.max_length - prompt_length), room), 0)
         return max(min(DEFAULT_NEW_TOKENS, room), 0)
+
+    def check_room(self, prompt_length: int) -> None:
+        """An error when ``max_length`` (with no ``max_new_tokens``) leaves nothing to generate, as
+        transformers' generate refuses it, rather than handing the prompt back as the answer."""
+        if self.max_new_tokens is None and self.max_length is not None and prompt_length >= self.max_length:
+            raise InputError(f"input length of input_ids is {prompt_length}, but max_length is set to "
+                             f"{self.max_length}, which leaves nothing to generate; increase max_length or, "
+                             f"better yet, set max_new_tokens")
 
 
 def _is_json(value) -> bool:

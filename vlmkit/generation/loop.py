@@ -27,9 +27,30 @@ from .stopping import Stopping
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: real tokens count from 0, pads get 1 (as the reference)."""
+    """Position ids for a padded batch as a model's forward makes them without ``position_ids``: real
+    tokens count from 0, pads get 1 (transformers' IdeficsModel.forward)."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 1)
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a prompt to generate from, as transformers 5's generate makes them: real tokens count
+    from 0, pads get 0. Each new token takes the last position + 1, so with right padding (the last
+    position a pad's) the answer goes on from 1, as there."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def inferred_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """The mask of a prompt given without one, as transformers' generate infers it: the pad token's places
+    masked out when the prompt holds it and it is not an end token; all ones otherwise (as for ids that
+    are not int32/int64, or with no pad token, which then falls back to the end token)."""
+    ones = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    pad, eos = config.pad_token_id, config.eos_token_ids
+    if pad is None or int(pad) in eos or input_ids.dtype not in (torch.int32, torch.int64):
+        return ones
+    padding = input_ids == int(pad)
+    return (~padding).long() if bool(padding.any()) else ones
 
 
 def check_context(prompt_length: int, new_tokens: int, max_context: int | None) -> None:
@@ -72,8 +93,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config: Gene
     config, input_ids, attention_mask = request.config, request.input_ids, request.attention_mask
     with _ending(streamer):
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif not bool(attention_mask[:, -1].all()):
+            attention_mask = inferred_attention_mask(input_ids, config)
+        if not bool(attention_mask[:, -1].all()):
             warnings.warn("right-padding was detected in a batch to generate from: a padded row's new tokens "
                           "follow its padding; pad on the left for correct results (padding_side='left', as "
                           "transformers advises)", stacklevel=3)
@@ -153,7 +174,7 @@ def _start(model, input_ids, attention_mask, config, budget: int, model_inputs: 
     repeated for its beams or return sequences; (logits, input_ids, attention_mask, next positions, cache)."""
     batch, prompt_length = input_ids.shape
     cache = model.new_cache(batch, prompt_length + budget)
-    positions = prompt_positions(attention_mask)
+    positions = generation_positions(attention_mask)
     logits = prefill(model, input_ids, attention_mask, positions, cache, **model_inputs)
     copies = max(config.num_beams, config.num_return_sequences)
     if copies > 1:

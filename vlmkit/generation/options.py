@@ -10,6 +10,7 @@ import torch
 
 from ..errors import InputError
 from .config import GenerationConfig
+from .option_types import check_token_ids_in_vocabulary
 from .stopping import stop_strings_check
 from .streaming import step_callback
 
@@ -177,6 +178,9 @@ def check_prompt_tokens(model, input_ids, attention_mask) -> None:
                          f"or add the batch dimension: input_ids[None]")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise InputError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise InputError(f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)}): give at least one "
+                         f"prompt of at least one token, e.g. processor(text=...) with some text")
     limit = getattr(model, "token_id_count", None)
     if input_ids.numel() and limit is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= limit):
         raise InputError(f"input_ids hold ids outside the model's vocabulary of {limit} tokens (from "
@@ -197,6 +201,8 @@ def text_request(model, input_ids, attention_mask, generation_config, streamer, 
     negative_prompt = (kwargs.pop("negative_prompt_ids", None), kwargs.pop("negative_prompt_attention_mask", None))
     config, logits_processor, stopping_criteria, kwargs = split_generate_kwargs(
         model.generation_config, generation_config, kwargs)
+    config.check_room(input_ids.shape[1])  # before a user's MaxLengthCriteria takes max_length's place
+    check_token_ids_in_vocabulary(config, getattr(model, "token_id_count", None))
     config, stopping_criteria, end_token_ids = own_length_and_end_criteria(config, stopping_criteria)
     if streamer is not None and config.num_beams > 1:
         raise InputError("streaming is not possible with beam search (num_beams > 1): the best beam is only "

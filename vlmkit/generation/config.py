@@ -99,6 +99,16 @@ class GenerationConfig:
         values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "extra"}
         return {**self.extra, **values}
 
+    def to_diff_dict(self) -> dict:
+        """The settings that differ from the defaults (transformers' ``to_diff_dict``): what is saved."""
+        return self.to_json_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON text (transformers' ``to_json_string``): with ``use_diff`` only what differs
+        from the defaults, else every setting that JSON can hold."""
+        values = self.to_diff_dict() if use_diff else {k: v for k, v in self.to_dict().items() if _is_json(v)}
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
     def update(self, **kwargs) -> dict:
         """Set the known options in place; returns the others (transformers' ``GenerationConfig.update``)."""
         known = {f.name for f in fields(self)} - {"extra"}
@@ -112,7 +122,7 @@ class GenerationConfig:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "generation_config.json"
-        path.write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(self.to_json_string(), encoding="utf-8")
         return path
 
     @classmethod

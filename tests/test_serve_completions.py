@@ -160,3 +160,18 @@ def test_a_streamed_completion_whose_client_goes_away_frees_its_rows(janus_dir):
                     break  # leave after the first chunk
         stats = stats_when(server, lambda stats: stats["cancelled"] >= before + 2 and stats["running_rows"] == 0)
     assert stats["cancelled"] == before + 2 and stats["running_rows"] == 0 and stats["completed"] == 0
+
+
+def test_a_placeholder_without_multi_modal_data_is_a_400_saying_where_images_go(family):
+    from vlmkit.serve.completions import placeholders
+
+    _, path, server = family
+    engine = engine_for(path)
+    mark = placeholders(engine)["image"]
+    as_ids = engine.tokenizer(f"{mark} What is it?")["input_ids"]
+    for prompt in (f"{mark} What is it?", as_ids):
+        response = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert f"1 image placeholder(s) ({mark})" in message and "multi_modal_data" in message, message
+        assert "pixel_values" not in message

@@ -3,6 +3,7 @@ and give the answers (and pictures) they give alone, whether the fault is in the
 in one request's sampling, for chat and image requests, streamed or not."""
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -231,3 +232,38 @@ def test_a_poisoned_forward_pass_fails_one_request_alone_in_every_family(family,
     summaries = [_summary(r) for r in results]
     assert summaries[1] == "Poison" and [s for i, s in enumerate(summaries) if i != 1] == expected
     assert stats["max_requests_in_step"] >= 3
+
+
+@pytest.mark.parametrize("constraint", [
+    {"guided_regex": "(a{1000}){997}"},
+    {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "word", "schema": {"type": "string", "pattern": "^(a{1000}){996}$"}}}},
+])
+def test_a_grammar_too_complex_to_start_is_refused_before_it_reaches_the_worker(janus_dir, constraint):
+    """Its seconds of lexer work happen in the request's thread: the scheduler never sees the request."""
+    with serve(janus_dir) as server:
+        before = server.stats()
+        response = _post(server, "/v1/chat/completions", {"messages": user("x"), "max_tokens": 5, **constraint})
+        assert response.status_code == 400, response.text
+        assert "the constraint is too complex" in response.json()["error"]["message"]
+        after = server.stats()
+        assert (after["submitted"], after["prefill_s"]) == (before["submitted"], before["prefill_s"])
+
+
+def test_the_worker_copies_checked_matchers_and_never_waits_on_grammar_compiles(janus_dir, monkeypatch):
+    """Compiling holds the grammar cache's lock; the scheduler's worker must not queue behind it."""
+    from vlmkit.generation.grammar import GrammarTokenizer
+
+    callers, matcher = [], GrammarTokenizer.matcher
+
+    def recorded(self, *args):
+        callers.append(threading.current_thread().name)
+        return matcher(self, *args)
+
+    monkeypatch.setattr(GrammarTokenizer, "matcher", recorded)
+    with serve(janus_dir) as server:
+        response = _post(server, "/v1/chat/completions", {"messages": user("x"), "max_tokens": 6, "n": 2,
+                                                          "guided_regex": "(ab|cd){3}"})
+    assert response.status_code == 200, response.text
+    assert [c["message"]["content"] for c in response.json()["choices"]] and callers
+    assert "vlmkit-scheduler" not in callers

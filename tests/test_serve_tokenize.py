@@ -60,7 +60,7 @@ def test_messages_tokenize_as_the_chat_request_builds_its_prompt(server):
 
 @pytest.mark.parametrize("path, body, status, phrase", [
     ("/tokenize", {"prompt": "a", "messages": user("b")}, 400, "either prompt"),
-    ("/tokenize", {}, 400, "either prompt"),
+    ("/tokenize", {}, 400, "one of prompt (text) or messages (a conversation) is required"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"prompt": "a", "model": "other"}, 404, "does not exist"),
     ("/tokenize", {"prompt": "word " * 3_000_000}, 400, "the prompt is"),
@@ -74,3 +74,25 @@ def test_bad_bodies_are_4xx_naming_the_problem(server, path, body, status, phras
     response = post(server, path, body)
     assert response.status_code == status, response.text
     assert phrase in response.json()["error"]["message"]
+
+
+def test_return_token_strs_gives_each_tokens_vocabulary_entry_as_vllm(server):
+    reference = transformers.AutoTokenizer.from_pretrained(builtin_model_path())
+    for body in ({"prompt": "A red circle"}, {"messages": user("A red circle")}):
+        answer = post(server, "/tokenize", {**body, "return_token_strs": True}).json()
+        assert answer["token_strs"] == reference.convert_ids_to_tokens(answer["tokens"])
+        assert post(server, "/tokenize", body).json()["token_strs"] is None
+
+
+@pytest.mark.parametrize("options", [{"add_generation_prompt": False},
+                                     {"add_generation_prompt": False, "continue_final_message": True}])
+def test_an_empty_content_list_is_empty_text_as_null_is(server, options):
+    def conversation(content):
+        return user("Hi") + [{"role": "assistant", "content": content}]
+
+    tokens = [post(server, "/tokenize", {"messages": conversation(content), **options}).json().get("tokens")
+              for content in ([], None, "")]
+    assert tokens[0] is not None and tokens[0] == tokens[1] == tokens[2]
+    chat = post(server, "/v1/chat/completions", {"messages": conversation([]), "max_tokens": 2, **options})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(tokens[0])

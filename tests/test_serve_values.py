@@ -80,6 +80,10 @@ BAD_CHAT_VALUES = {
                                                ["messages[0].content[0]", "malformed URL"]),
     "data URI with non-ASCII base64": ({"messages": user(image_part("data:image/png;base64,iVBOR\u00e9w0K"), "Hi")},
                                        ["messages[0].content[0]", "not ASCII"]),
+    "image detail not OpenAI's": ({"messages": user({"type": "image_url", "image_url": {
+        "url": data_uri(), "detail": "ultra"}}, "Hi")}, ["messages.0.content.0.image_url", "detail", "'auto', 'low' or 'high'"]),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}},
+                                      ["stream_options", "only taken with stream: true"]),
     "image URL holding a NUL": ({"messages": user(image_part("http://example.com/a\x00b.png"), "Hi")},
                                 ["messages[0].content[0]", "NUL character"]),
 }
@@ -100,6 +104,8 @@ BAD_IMAGE_VALUES = {
     "seed past 64 bits": ({"seed": 2 ** 64}, ["seed"]),
     "n a float": ({"n": 1.0}, ["n:", "integer"]),
     "surrogate in the prompt": ({"prompt": "a \ud800 cat"}, ["prompt", "surrogate"]),
+    "image placeholder in the prompt": ({"prompt": "a cat like <image_placeholder>"},
+                                        ["image placeholder token text <image_placeholder>", "remove it"]),
 }
 
 

@@ -173,6 +173,7 @@ def prepare_completion(handler, body) -> tuple[CompletionRequest, list[ChatTask]
         if max(ids) >= vocabulary:
             raise InputError(f"{which} holds token id {max(ids)}, outside the model's vocabulary of {vocabulary} "
                              f"tokens")
+        _check_no_placeholders(handler.engine, which, ids)
     tasks = [task(handler.engine.text_inputs(ids), "the prompt") for ids in token_ids]
     echoes = [(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=request.skip_special_tokens))
               if request.echo else "" for p in prompts]
@@ -186,6 +187,18 @@ def placeholders(engine) -> dict[str, str]:
         return {"image": IMAGE_TOKEN}  # where an image item goes in the processor's interleaved list
     video = getattr(engine.processor, "video_token", None)
     return {"image": engine.processor.image_token, **({"video": video} if video else {})}
+
+
+def _check_no_placeholders(engine, which: str, ids: list[int]) -> None:
+    """A prompt without ``multi_modal_data`` gives no media, so it may hold no media placeholder (as text or as
+    its token id): the model would otherwise fail on it under the names of its own inputs."""
+    for kind, mark in placeholders(engine).items():
+        token = engine.tokenizer.token_id(mark)
+        count = ids.count(token) if token is not None else 0
+        if count:
+            raise InputError(f"{which} holds {count} {kind} placeholder(s) ({mark}) but the request gives no "
+                             f"{kind}s; send the {kind}s in multi_modal_data (one per placeholder, in order) or "
+                             f"remove the placeholder(s) from the prompt")
 
 
 def _media_inputs(handler, prompt: str, media: MultiModalData, add_special_tokens: bool) -> dict:

@@ -2,12 +2,14 @@
 counts of images and video frames, every URL's scheme before anything is fetched, and the pixels of a
 request's images together. ``MediaLoading`` is the part of ``RequestHandler`` that does it."""
 
+import functools
 import re
 from dataclasses import replace
 
 from ..errors import MediaError, TooManyPixels
 from ..io.media import load_image
 from .api_errors import ApiError
+from .options import tool_call_text
 from .schemas import ChatCompletionRequest
 
 VIDEO_FAMILIES = ("llava_onevision",)  # model types whose processors take video content blocks
@@ -49,12 +51,30 @@ class MediaLoading:
                     self._check_url(part, f"messages[{i}].content[{j}]")
         converted, pixels = [], [0]  # pixels: summed over the images loaded so far
         for i, message in enumerate(request.messages):
-            role = "system" if message.role == "developer" else message.role
             content = message.content
             if isinstance(content, list):
                 content = [self._block(part, f"messages[{i}].content[{j}]", pixels) for j, part in enumerate(content)]
-            converted.append({"role": role, "content": content if content is not None else ""})
+            converted.append(self._template_message(message, content))
         return converted
+
+    def _template_message(self, message, content) -> dict:
+        """One message as transformers' apply_chat_template receives OpenAI's: developer as system, no content
+        (null, "" or []) as "" (templates read the first text block, and a continued message continues ""),
+        an assistant's tool_calls and a tool result's tool_call_id kept."""
+        role = "system" if message.role == "developer" else message.role
+        entry = {"role": role, "content": content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [call.for_template() for call in message.tool_calls]
+            if not content and not self._template_renders_tool_calls:  # else the turn would show nothing
+                entry["content"] = tool_call_text(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        return entry
+
+    @functools.cached_property
+    def _template_renders_tool_calls(self) -> bool:
+        """Whether the checkpoint's chat template writes an assistant's tool_calls (the families' own do not)."""
+        return "tool_calls" in (getattr(self.engine.processor, "chat_template", None) or "")
 
     def load_media(self, parts: list[tuple[str, object]]) -> list[dict]:
         """(where, part) pairs of image and video parts (``ImagePart``/``VideoPart`` outside any message: a

@@ -3,8 +3,9 @@ penalties, ``logit_bias``, ``response_format`` (JSON, JSON Schema), tool calls, 
 ``structured_outputs`` (JSON, regular expression, choice, grammar) and ``stop_token_ids``.
 
 ``chat_options`` checks a request's options against the model (a bad value is a 400 naming its field)
-and compiles its grammar once; the decoders then add the options' processors to the request's logits
-pipeline (``generation.logits``, the pipeline ``generate`` runs), and this module turns the sampled
+and compiles its grammar once, computing its first token mask in the request's thread (``checked_start``);
+the decoders then add the options' processors to the request's logits pipeline (``generation.logits``, the
+pipeline ``generate`` runs), and this module turns the sampled
 tokens back into OpenAI's ``logprobs`` entries and ``tool_calls``.
 
 Which scores the logprobs are: the log-softmax of the model's scores after the logits processors
@@ -42,6 +43,7 @@ class ChatOptions:
     tool_names: tuple[str, ...] = ()  # the functions a forced tool call may name
     named_tool: str | None = None  # tool_choice named this function: the answer is its arguments
     tokens: GrammarTokenizer | None = None  # the model's vocabulary for llguidance (grammars, token bytes)
+    start: object = None  # the grammar's matcher at the answer's start, its first mask already computed
     grammar_field: str = ""  # the request field the grammar comes from (response_format or tools)
     stop_token_ids: frozenset[int] = frozenset()  # vLLM's: drawing one ends the choice (it stays in the answer)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be drawn
@@ -69,10 +71,12 @@ class ChatOptions:
         return processors
 
     def grammar(self, rows: int, prompt_length: int) -> GrammarConstraint | None:
-        """One matcher per choice, from the grammar compiled when the request was checked."""
+        """One matcher per choice, copied from the one checked with the request (so the worker thread never
+        waits on the grammar cache's lock, which a request thread holds while it compiles a grammar)."""
         if not self.constrained:
             return None
-        return GrammarConstraint([self.tokens.matcher(*self.constraint) for _ in range(rows)], prompt_length,
+        start = self.start if self.start is not None else self.tokens.matcher(*self.constraint)
+        return GrammarConstraint([start.deep_copy() for _ in range(rows)], prompt_length,
                                  self.tokens.vocab_size, self.grammar_field)
 
 
@@ -122,10 +126,36 @@ def chat_options(request, engine) -> ChatOptions:
     if options.constrained:
         options.grammar_field = where
         try:
-            options.tokens.matcher(*options.constraint)
+            options.start = checked_start(options.tokens, options.constraint)
         except InputError as err:
             raise InputError(f"{where}: {err}") from None
     return options
+
+
+def checked_start(tokens: GrammarTokenizer, constraint: tuple[str, str]):
+    """A matcher for ``constraint`` at the answer's start, its first token mask computed here, in the
+    request's thread. llguidance builds its lexer lazily: a grammar too complex for it fails only when a
+    mask is computed, after seconds of work that on the scheduler's worker would stall every running
+    request. The lexer states are shared by every matcher copied from the same compiled grammar, so the
+    worker's copies find them built. A first mask that spends the lexer's whole budget still comes back,
+    but leaves the shared lexer failed, which the next copy's first mask shows at once: hence two."""
+    for _ in range(2):
+        matcher = tokens.matcher(*constraint)
+        matcher.compute_bitmask()  # the same mask GrammarConstraint fills (into a bytes object here)
+        if matcher.is_error():
+            raise InputError(_start_error(matcher.get_error()))
+    return matcher
+
+
+def _start_error(detail: str) -> str:
+    """What a grammar that cannot give its first token mask is told: the engine's reason (its first line;
+    the rest is the parser's state) and what to change."""
+    reason = detail.strip().splitlines()[0] if detail.strip() else "no reason given"
+    if "too many" in reason.lower() or "toocomplex" in reason.replace(" ", "").lower():
+        return f"the constraint is too complex for the grammar engine to follow ({reason}); simplify it " \
+               f"(fewer nested, optional or repeated parts) and try again"
+    return f"the grammar engine cannot start an answer under the constraint ({reason}); check the constraint " \
+           f"and try again"
 
 
 def bad_words_ids(tokenizer, words: list[str]) -> list[list[int]]:
@@ -179,6 +209,22 @@ def tool_calls(options: ChatOptions, text: str) -> list[dict] | None:
     except RecursionError:  # read, but too deep to write back: the answer's text as it is
         return None
     return [{"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}]
+
+
+def tool_call_text(calls) -> str:
+    """An assistant's tool calls (``schemas.ToolCall``) as the text a forced call is decoded from, one per line:
+    what tool_choice "required" writes, compact as the grammar writes JSON, with "arguments" before "name"
+    (``json_constraint`` sorts the schema's keys, and the grammar follows that order). A chat template that
+    renders no tool_calls shows this, so the model sees what it said."""
+    def text(call) -> str:
+        try:
+            return json.dumps({"arguments": call.arguments, "name": call.function.name}, ensure_ascii=False,
+                              separators=(",", ":"))
+        except RecursionError:  # read, but too deep to write back: the arguments' text as it came
+            return json.dumps({"arguments": call.function.arguments, "name": call.function.name},
+                              ensure_ascii=False, separators=(",", ":"))
+
+    return "\n".join(map(text, calls))
 
 
 def logprob_entries(tokens: GrammarTokenizer, token_ids, chosen, top_values, top_ids) -> list[dict]:

@@ -36,6 +36,12 @@ def content_texts(content) -> list[str]:
     return [part.text for part in content or () if part.type == "text"]
 
 
+def message_texts(messages) -> list[str]:
+    """The text of every message the chat template writes: contents, and the tool calls sent back."""
+    return [*(text for message in messages for text in content_texts(message.content)),
+            *(call.function.arguments for message in messages for call in message.tool_calls or ())]
+
+
 def json_strings(value) -> list[str]:
     """Every string in a JSON value (template variables: the template may write any of them)."""
     if isinstance(value, str):
@@ -84,8 +90,7 @@ class RequestHandler(MediaLoading):
         self.check_model(request.model)
         self.check_counts(request, request.n)
         variables = self.template_variables(request.chat_template_kwargs)
-        self.check_prompt_size([*(text for message in request.messages for text in content_texts(message.content)),
-                                *json_strings(variables)])
+        self.check_prompt_size([*message_texts(request.messages), *json_strings(variables)])
         options = chat_options(request, self.engine)
         messages = self.engine_messages(request)
         inputs = self.engine.prepare_chat(messages, add_generation_prompt=request.add_generation_prompt,
@@ -265,6 +270,10 @@ class RequestHandler(MediaLoading):
                                 f"request (--max-n)")
         if not request.prompt.strip():
             raise ApiError(400, "the image prompt is empty")
+        mark = getattr(engine.processor, "image_token", None)
+        if mark and mark in request.prompt:  # it would ask for an input image, which this endpoint never takes
+            raise ApiError(400, f"the image prompt contains the image placeholder token text {mark}, which this "
+                                f"endpoint does not take (it draws from text alone); remove it from the prompt")
         self.check_prompt_size([request.prompt], "the image prompt")
         messages = [{"role": "user", "content": [{"type": "text", "text": request.prompt.strip()}]}]
         text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -28,7 +28,7 @@ class TextPart(RequestModel):
 
 class MediaURL(RequestModel):
     url: Text
-    detail: Text | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's values; vlmkit's processors use one resolution
     num_frames: json_int(ge=1) | None = None  # videos: frames to sample (an extra field)
 
 
@@ -55,9 +55,50 @@ class VideoPart(RequestModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class CalledFunction(RequestModel):
+    name: Annotated[str, Field(strict=True, min_length=1)]
+    arguments: Text = ""  # the arguments' JSON text, as an answer's tool_calls give it
+
+
+class ToolCall(RequestModel):
+    """A call an assistant message made (OpenAI's ``tool_calls`` item), sent back with the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    @property
+    def arguments(self):
+        """The arguments as a JSON value ({} for none), as vLLM gives them to chat templates; text that is not
+        JSON stays text (OpenAI takes any string, and a model may have written broken JSON)."""
+        if not self.function.arguments.strip():
+            return {}
+        try:
+            return json.loads(self.function.arguments)
+        except (ValueError, RecursionError):
+            return self.function.arguments
+
+    def for_template(self) -> dict:
+        """The call as transformers' chat templates read it."""
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name,
+                                                               "arguments": self.arguments}}
+
+
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back in OpenAI's tool-calling loop
+    tool_call_id: Text | None = None  # a tool message's: the call whose result it holds
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only an assistant message carries tool_calls (the calls the model made), "
+                             f"not a {self.role} message; send a tool's result as a message with role 'tool'")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a message with role 'tool' needs the id of the call whose result it "
+                             "holds (the assistant message's tool_calls[].id)")
+        return self
 
 
 class StreamOptions(RequestModel):
@@ -260,8 +301,24 @@ class ChatCompletionRequest(RequestModel):
                     raise ValueError(f"{name}: this vLLM option is not supported by vlmkit's server; leave it out")
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_legacy_functions(cls, values):
+        """OpenAI's deprecated ``functions`` / ``function_call``: ignoring them would answer in text where a
+        forced call was asked for."""
+        if isinstance(values, dict):
+            for legacy in ("functions", "function_call"):
+                if values.get(legacy) is not None:
+                    raise ValueError(f"{legacy}: the legacy functions / function_call fields are not supported; "
+                                     f"send tools (each {{\"type\": \"function\", \"function\": {{...}}}}) and "
+                                     f"tool_choice instead")
+        return values
+
     @model_validator(mode="after")
     def _consistent(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only taken with stream: true; send stream: true or leave "
+                             "stream_options out")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
         for key in self.logit_bias or {}:

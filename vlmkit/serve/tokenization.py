@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .api_errors import ApiError
 from .fields import Flag, RequestModel, Text, json_int, parse_request
-from .requests import content_texts, json_strings
+from .requests import json_strings, message_texts
 from .schemas import ChatMessage, TemplateVariables, check_continuation
 
 
@@ -21,10 +21,13 @@ class TokenizeRequest(RequestModel):
     add_generation_prompt: Flag = True
     continue_final_message: Flag = False
     chat_template_kwargs: TemplateVariables | None = None
+    return_token_strs: Flag = False  # vLLM's: each token's string (the vocabulary's entry) beside its id
 
     @model_validator(mode="after")
     def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
+        if self.prompt is None and self.messages is None:
+            raise ValueError("one of prompt (text) or messages (a conversation) is required")
+        if self.prompt is not None and self.messages is not None:
             raise ValueError("give either prompt (text) or messages (a conversation), not both")
         check_continuation(self)
         return self
@@ -59,13 +62,14 @@ def tokenize(handler, body) -> dict:
         ids = handler.engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
     else:
         variables = handler.template_variables(request.chat_template_kwargs)
-        handler.check_prompt_size([*(text for message in request.messages for text in content_texts(message.content)),
-                                   *json_strings(variables)])
+        handler.check_prompt_size([*message_texts(request.messages), *json_strings(variables)])
         inputs = handler.engine.prepare_chat(handler.engine_messages(request),
                                              add_generation_prompt=request.add_generation_prompt,
                                              continue_final_message=request.continue_final_message, **variables)
         ids = inputs["input_ids"][0].tolist()
-    return TokenizeResponse(count=len(ids), max_model_len=handler.engine.model.max_context, tokens=ids).model_dump()
+    strings = handler.engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=handler.engine.model.max_context, tokens=ids,
+                            token_strs=strings).model_dump()
 
 
 def detokenize(handler, body) -> dict:

@@ -128,7 +128,7 @@ def test_onevision_processor_options_match_transformers(onevision, image, option
 @pytest.mark.parametrize("options", [
     dict(truncation=True, max_length=150), dict(padding="max_length", max_length=160), dict(do_rescale=False),
     dict(do_pad=False), dict(image_mean=[0.1, 0.2, 0.3]), dict(size={"height": 48, "width": 48}),
-    dict(min_size=20), dict(return_tensors="np"), dict(return_tensors=None),
+    dict(min_size=20), dict(return_tensors="np"), dict(return_tensors=None), dict(resample=0),
 ])
 def test_janus_processor_options_match_transformers(janus, image, options):
     reference, ours = janus
@@ -162,6 +162,21 @@ def test_image_processor_takes_call_options(family, call, image, request):
     assert_same(call(ours, image), call(reference, image))
 
 
+@pytest.mark.parametrize("options", [
+    dict(do_normalize=False), dict(do_rescale=False), dict(image_mean=[0.1, 0.2, 0.3]), dict(image_std=0.25),
+    dict(rescale_factor=100.0), dict(do_rescale=False, image_mean=0.2, return_tensors="np"),
+    dict(input_data_format="channels_last", image_mean=[0.1, 0.2, 0.3], return_tensors="pt"),
+])
+def test_janus_postprocess_options_match_transformers(janus, options):
+    reference, ours = janus
+    shape = (2, 3, 8, 3) if "input_data_format" in options else (2, 3, 8, 8)  # 3 x 8 pictures, channels last
+    images = list((torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.8).numpy())
+    want = reference.postprocess(images, **options)["pixel_values"]
+    for got in (ours.postprocess(images, **options), ours.image_processor.postprocess(images, **options)):
+        assert [np.asarray(g).dtype for g in got["pixel_values"]] == [np.asarray(w).dtype for w in want]
+        assert_same(got, {"pixel_values": want})
+
+
 @pytest.mark.parametrize("return_tensors", ["pt", "np", None, "unset"])
 def test_idefics_image_processor_returns_what_transformers_returns(idefics, image, return_tensors):
     # transformers' IdeficsImageProcessor returns the pixels themselves (no BatchFeature), in the asked type
@@ -176,15 +191,22 @@ def test_idefics_image_processor_returns_what_transformers_returns(idefics, imag
         np.testing.assert_array_equal(np.asarray(as_plain(got)), np.asarray(as_plain(want)))
 
 
-def test_idefics_image_size_option_resizes_as_size_does(idefics, image):
-    # transformers documents a per-call image_size as an alias of size but drops it in preprocess (5.23); vlmkit
-    # honours it, so it is compared with the size option that transformers does honour
+@pytest.mark.parametrize("options", [dict(image_size=20), dict(images_kwargs={"image_size": 20}),
+                                     dict(size={"shortest_edge": 20}), dict(size={"height": 20, "width": 28})])
+def test_idefics_size_options_resize_as_transformers(idefics, options):
+    # a call's image_size changes nothing in transformers 5.23 (only __init__ reads it); a shortest edge keeps
+    # the aspect ratio; height and width need not be equal
     reference, ours = idefics
-    want = reference.image_processor([image], size={"height": 20, "width": 20}, do_rescale=False, return_tensors="pt")
-    got = ours.image_processor([image], image_size=20, do_rescale=False, return_tensors="pt")
-    np.testing.assert_array_equal(got.numpy(), want.numpy())
-    assert_same(ours(text=[["User:", image]], size={"height": 20, "width": 20}),
-                reference(text=[["User:", image]], size={"height": 20, "width": 20}))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours(text=[["User:", picture, "What?"]], **options)
+    assert_same(got, reference(text=[["User:", picture, "What?"]], **options))
+    flat = {k: v for k, v in options.items() if k != "images_kwargs"} | options.get("images_kwargs", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours.image_processor([picture], return_tensors="pt", **flat)
+    np.testing.assert_array_equal(got.numpy(), reference.image_processor([picture], return_tensors="pt", **flat).numpy())
 
 
 @pytest.mark.parametrize("family", ["onevision", "janus"])

@@ -310,3 +310,24 @@ def test_a_machine_without_pyav_gets_a_media_error_naming_it(videos, monkeypatch
     monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
     with pytest.raises(MediaError, match="needs PyAV"):
         load_video(videos["clip.mp4"], 8)
+
+
+@pytest.mark.parametrize("layout", ["thwc_array", "thwc_tensor", "tchw_tensor"])
+def test_a_five_dimensional_batch_is_one_video_per_row_as_in_transformers(llava_onevision_dir, layout):
+    """A [B, T, H, W, C] (or [B, T, C, H, W]) array or tensor is B videos, as transformers splits it."""
+    pytest.importorskip("transformers")
+    from builders.llava_onevision import reference_processor
+    from fixtures_llava import moving_pattern
+
+    from vlmkit.models.llava_onevision import LlavaOnevisionProcessor
+
+    ref, ours = reference_processor(llava_onevision_dir), LlavaOnevisionProcessor.from_pretrained(llava_onevision_dir)
+    prompt = "<|im_start|>user <video>\nWhat?<|im_end|>"
+    batch = np.stack([np.stack([moving_pattern(i + shift) for i in range(3)]) for shift in (0, 5)])
+    videos = {"thwc_array": batch, "thwc_tensor": torch.from_numpy(batch),
+              "tchw_tensor": torch.from_numpy(batch).permute(0, 1, 4, 2, 3).contiguous()}[layout]
+    expected = ref(videos=videos, text=[prompt, prompt], padding=True, return_tensors="pt")
+    got = ours(videos=videos, text=[prompt, prompt], padding=True)
+    assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert got["pixel_values_videos"].shape == expected["pixel_values_videos"].shape
+    torch.testing.assert_close(got["pixel_values_videos"], expected["pixel_values_videos"], rtol=0, atol=1e-6)

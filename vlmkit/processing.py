@@ -2,7 +2,9 @@
 chat-template rendering and decoding (``ProcessorBase``), conversations with image/video content
 blocks, and expanding image placeholders."""
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,46 @@ from .io.chat_template import template_variables
 from .io.checkpoint import read_json
 from .io.features import BatchFeature, as_return_type
 from .io.media import flat_image_list
+from .io.tokenizer import tokenizer_settings
+
+# from_pretrained keywords that pick transformers' backend, class or device, and change nothing in vlmkit's
+# processors (which run on the CPU, with the fast tokenizer)
+NEUTRAL_LOAD_OPTIONS = frozenset({"backend", "use_fast", "_from_pipeline", "device", "dtype", "torch_dtype",
+                                  "device_map", "attn_implementation", "low_cpu_mem_usage"})
+# image options shared by every family's image processor (its config's keys)
+IMAGE_LOAD_OPTIONS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                                "image_mean", "image_std", "do_pad"})
+
+
+@dataclass
+class LoadOptions:
+    """A processor's from_pretrained keywords by where transformers hands them: ``image`` to the image (and
+    video) processor's config, ``processor`` to the processor's own settings, ``tokenizer`` to the tokenizer."""
+
+    image: dict
+    processor: dict
+    tokenizer: dict
+
+
+def sort_load_options(options: dict, image_keys=(), processor_keys=()) -> LoadOptions:
+    """Sort what is left of a processor's from_pretrained ``options`` once the checkpoint is located.
+
+    transformers gives every keyword to the tokenizer, the image processor and the processor alike, each
+    taking the ones it knows: the image settings (``image_mean``, ``size``... and the family's
+    ``image_keys``), the processor's own (``processor_keys``: ``num_image_tokens``...), the tokenizer's
+    (``pad_token``, ``padding_side``, ``chat_template``...). One none of them reads is kept in the
+    tokenizer's config, as transformers keeps it in the tokenizer's init_kwargs, with a warning that it
+    changes nothing."""
+    options = {k: v for k, v in options.items() if k not in NEUTRAL_LOAD_OPTIONS}
+    image = {k: options.pop(k) for k in list(options) if k in IMAGE_LOAD_OPTIONS or k in image_keys}
+    processor = {k: options[k] for k in options if k in processor_keys}
+    tokenizer = tokenizer_settings(options)
+    unknown = sorted(k for k in options if k not in processor)
+    if unknown:
+        warnings.warn(f"from_pretrained got {', '.join(unknown)}, which no part of this processor reads; ignored",
+                      stacklevel=3)
+    tokenizer.update({k: options[k] for k in unknown})
+    return LoadOptions(image=image, processor=processor, tokenizer=tokenizer)
 
 
 def config_file(folder: Path, name: str) -> dict:

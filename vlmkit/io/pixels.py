@@ -101,6 +101,30 @@ def square_side(size) -> int:
     raise InputError(f"unsupported image size {size!r}; give a number or {{'height': N, 'width': N}}")
 
 
+def size_dict(size) -> dict:
+    """A size as transformers' image processors hold it: a number is ``{"height": N, "width": N}``; a dict gives
+    ``{"height": H, "width": W}`` or ``{"shortest_edge": N}`` (the shorter side, the aspect ratio kept)."""
+    if isinstance(size, dict):
+        if size.get("height") and size.get("width"):
+            return {"height": int(size["height"]), "width": int(size["width"])}
+        if size.get("shortest_edge") and not size.get("longest_edge"):
+            return {"shortest_edge": int(size["shortest_edge"])}
+    elif isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0:
+        return {"height": int(size), "width": int(size)}
+    raise InputError(f"unsupported image size {size!r}; give a number, {{'height': H, 'width': W}} or "
+                     f"{{'shortest_edge': N}}")
+
+
+def resized_shape(size: dict, height: int, width: int) -> tuple[int, int]:
+    """(height, width) an image of ``height`` x ``width`` is resized to for a ``size_dict``: the shortest edge
+    to N and the other truncated to keep the ratio, as transformers' ``get_resize_output_image_size``."""
+    if "shortest_edge" not in size:
+        return size["height"], size["width"]
+    short, long = sorted((height, width))
+    new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
 def known_settings(config: dict, keys: tuple[str, ...]) -> dict:
     """The ``keys`` a preprocessor config sets (not null), with a scalar mean or std spread to three channels."""
     known = {k: config[k] for k in keys if config.get(k) is not None}

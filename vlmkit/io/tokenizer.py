@@ -9,8 +9,9 @@ from .checkpoint import read_json
 from .assistant_masks import tokenizer_masks
 from .features import BatchFeature, as_return_type
 from .padding import pad_encoded, pad_length, pad_rows, padding_and_truncation
-from .tokenizer_classes import (apply_class_pipeline, apply_class_special_tokens, apply_config_added_tokens,
-                                class_defaults, tokenizer_class, with_special_tokens_map)
+from .tokenizer_classes import (add_setting_tokens, apply_class_pipeline, apply_class_special_tokens,
+                                apply_config_added_tokens, class_defaults, load_settings, tokenizer_class,
+                                with_settings, with_special_tokens_map)
 
 # options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
 TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
@@ -20,13 +21,16 @@ TEXT_OPTIONS_NOT_IMPLEMENTED = frozenset({"text_pair", "text_target", "text_pair
                                           "is_split_into_words", "return_overflowing_tokens",
                                           "return_special_tokens_mask", "return_offsets_mapping", "return_length",
                                           "return_mm_token_type_ids", "return_text_replacement_offsets"})
-# keyword arguments of a processor's from_pretrained that set the tokenizer's behaviour
-TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length")
+# keyword arguments of from_pretrained that set what the tokenizer reads from tokenizer_config.json (and every
+# ``*_token`` one, a named special token)
+TOKENIZER_SETTINGS = frozenset({"padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces",
+                                "add_prefix_space", "legacy", "split_special_tokens", "additional_special_tokens",
+                                "extra_special_tokens", "chat_template", "model_input_names"})
 
 
 def tokenizer_settings(options: dict) -> dict:
-    """Take the tokenizer settings (``padding_side``...) out of a from_pretrained call's ``options``."""
-    return {key: options.pop(key) for key in TOKENIZER_SETTINGS if key in options}
+    """Take the tokenizer settings (``padding_side``, ``pad_token``...) out of a from_pretrained call's ``options``."""
+    return {key: options.pop(key) for key in list(options) if key in TOKENIZER_SETTINGS or key.endswith("_token")}
 
 
 def token_text(value):
@@ -83,15 +87,17 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder, **settings) -> "Tokenizer":
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` (and the chat template) from a folder;
-        ``settings`` (``padding_side``, ``truncation_side``, ``model_max_length``) override the config's, as
-        the keyword arguments of transformers' ``from_pretrained`` do."""
+        ``settings`` (``padding_side``, ``pad_token``, ``chat_template``...) override the config's, as the
+        keyword arguments of transformers' ``from_pretrained`` do; a special token they name that the
+        vocabulary lacks is added to it."""
         from tokenizers import Tokenizer as Backend
 
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder} has no tokenizer.json; vlmkit needs the fast tokenizer file")
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        config = with_special_tokens_map(folder, config)
+        # the keywords over the file's settings, before the class pipeline reads them
+        config, settings = with_settings(with_special_tokens_map(folder, config), load_settings(settings))
         try:
             tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
             backend = Backend.from_str(tokenizer_json)
@@ -107,7 +113,9 @@ class Tokenizer:
         class_name = tokenizer_class(config, _model_type(folder), tokenizer_json)
         apply_class_pipeline(backend, class_name, config)
         apply_config_added_tokens(backend, config)
-        tokenizer = cls(backend, {**class_defaults(class_name), **config, **settings}, find_chat_template(folder, config))
+        template = settings.get("chat_template") or find_chat_template(folder, config)
+        tokenizer = cls(backend, {**class_defaults(class_name), **config}, template)
+        add_setting_tokens(backend, settings)
         apply_class_special_tokens(backend, class_name, tokenizer.all_special_tokens)
         tokenizer.folder = folder
         return tokenizer

@@ -19,13 +19,16 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from .checkpoint import read_json
 
 # Qwen2Tokenizer's pre-tokenizer pattern (transformers' models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX)
 QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # the class AutoTokenizer picks from config.json's model type when tokenizer_config.json names none
+# the order transformers adds the named special tokens a from_pretrained keyword brings that the vocabulary lacks
+_SPECIAL_TOKEN_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_UNNAMED_SPECIAL_TOKENS = ("additional_special_tokens", "extra_special_tokens")
 _CLASS_OF_MODEL_TYPE = {"idefics": "LlamaTokenizer"}
 
 
@@ -131,3 +134,41 @@ def _set_bpe(backend, **options) -> None:
 
 
 _REBUILDS = {"LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2}
+
+
+def load_settings(settings: dict) -> dict:
+    """from_pretrained's tokenizer keywords as tokenizer_config.json would hold them: a special token (a
+    ``*_token`` keyword, or a list of unnamed ones) as its text; anything but text is an error naming it."""
+    settings = dict(settings)
+    for key, value in settings.items():
+        if key.endswith("_token") and value is not None:
+            settings[key] = _token_text(key, value)
+        elif key in _UNNAMED_SPECIAL_TOKENS and value is not None:
+            settings[key] = [_token_text(key, t) for t in (value if isinstance(value, (list, tuple)) else [value])]
+    return settings
+
+
+def with_settings(config: dict, settings: dict) -> tuple[dict, dict]:
+    """(tokenizer_config.json's ``config`` with from_pretrained's ``settings`` over it, the settings that count): a
+    keyword's additional_special_tokens counts only where the config lists no extra_special_tokens, which
+    transformers 5 reads first."""
+    if config.get("extra_special_tokens") and "extra_special_tokens" not in settings:
+        settings = {k: v for k, v in settings.items() if k != "additional_special_tokens"}
+    return {**config, **settings}, settings
+
+
+def _token_text(key: str, token) -> str:
+    text = token.content if isinstance(token, AddedToken) else token
+    if not isinstance(text, str) or not text:
+        raise InputError(f"{key} must be a token's text (a non-empty string), got {token!r}")
+    return text
+
+
+def add_setting_tokens(backend, settings: dict) -> None:
+    """Add the special tokens from_pretrained's keywords name that the vocabulary lacks (``pad_token="<pad>"``),
+    as transformers does: named ones in its order, then the unnamed ones."""
+    named = sorted((k for k in settings if k.endswith("_token") and settings[k]),
+                   key=lambda k: _SPECIAL_TOKEN_ORDER.index(k) if k in _SPECIAL_TOKEN_ORDER else len(_SPECIAL_TOKEN_ORDER))
+    tokens = [settings[k] for k in named] + [t for k in _UNNAMED_SPECIAL_TOKENS for t in settings.get(k) or []]
+    missing = [t for t in dict.fromkeys(tokens) if backend.token_to_id(t) is None]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])

@@ -14,8 +14,8 @@ from ...io.chat_template import processor_chat_template
 from ...io.checkpoint import checkpoint_location
 from ...io.pixels import stack_same_shapes
 from ...io.features import as_return_type
-from ...io.tokenizer import Tokenizer, tokenizer_settings
-from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages
+from ...io.tokenizer import Tokenizer
+from ...processing import BatchFeature, ProcessorBase, config_file, media_from_messages, sort_load_options
 from ...processor_options import sort_call_options
 from .image_processing import IdeficsImageProcessor
 
@@ -41,6 +41,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 _TEXT_OPTIONS = ("add_end_of_utterance_token", "add_eos_token")  # IDEFICS' own, beside the tokenizer's
 _IMAGE_OPTIONS = ("transform", "image_size", "image_num_channels")
+# from_pretrained keywords for the image processor beside every family's; the processor's own is its chat
+# template, which transformers' IdeficsProcessor gives the tokenizer only (vlmkit's processor renders it too)
+_IMAGE_KEYS, _PROCESSOR_KEYS = ("image_size", "image_num_channels"), ("chat_template",)
 
 
 def is_url(text: str) -> bool:
@@ -65,15 +68,21 @@ class IdeficsProcessor(ProcessorBase):
         self.tokenizer_was_trained_with_end_of_utterance_token = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "IdeficsProcessor":
-        """Load from a checkpoint folder or the local HF cache (``backend=`` and such are accepted and ignored)."""
-        folder = checkpoint_location(name_or_path, unused, revision)
+    def from_pretrained(cls, name_or_path, revision: str = "main", **options) -> "IdeficsProcessor":
+        """Load from a checkpoint folder or the local HF cache (``backend=`` and such are accepted and ignored).
+        Other keywords override the checkpoint's settings, as in transformers: the image processor's
+        (``image_size``, ``image_mean``...), the tokenizer's (``pad_token``...) and the chat template."""
+        folder = checkpoint_location(name_or_path, options, revision)
+        loading = sort_load_options(options, _IMAGE_KEYS, _PROCESSOR_KEYS)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
-        settings = tokenizer_settings(unused)
-        tokenizer = Tokenizer.from_pretrained(folder, **settings)
-        return cls(IdeficsImageProcessor.from_config(image_config), tokenizer,
-                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config))
+        tokenizer = Tokenizer.from_pretrained(folder, **loading.tokenizer)
+        template = loading.processor.get("chat_template") or processor_chat_template(folder, processor_config,
+                                                                                     tokenizer.config)
+        image_settings = {**image_config, **loading.image}
+        if "size" in loading.image:  # it wins over image_size in transformers: its processor calls take it
+            image_settings.pop("image_size", None)
+        return cls(IdeficsImageProcessor.from_config(image_settings), tokenizer, chat_template=template)
 
     # --- prompts -------------------------------------------------------------------------------
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
@@ -86,7 +95,7 @@ class IdeficsProcessor(ProcessorBase):
         Options: ``add_end_of_utterance_token`` (None: on when the tokenizer has the token),
         ``add_eos_token``, ``transform`` (a callable replacing the image preprocessing), and
         transformers' tokenizer and image options (``padding``, default "longest"; ``truncation``,
-        ``max_length``, ``image_size``, ``do_rescale``..., flat or as ``text_kwargs``/``images_kwargs``).
+        ``max_length``, ``size``, ``do_rescale``..., flat or as ``text_kwargs``/``images_kwargs``).
         Returns ``input_ids``, ``attention_mask``, ``pixel_values`` [batch, max images, 3, H, W] and
         ``image_attention_mask``, as torch tensors unless ``return_tensors`` asks for "np" or None (lists)."""
         options = sort_call_options(kwargs, family_text=_TEXT_OPTIONS, family_images=_IMAGE_OPTIONS)

@@ -42,7 +42,11 @@ class JanusImageProcessor:
         return cls(size=square_side(config.get("size") or config.get("image_size") or 384), **known)
 
     def with_options(self, options: dict) -> "JanusImageProcessor":
-        """A copy with one call's options (transformers' names: ``do_rescale``, ``size``...) applied."""
+        """A copy with one call's options (transformers' names: ``do_rescale``, ``size``...) applied.
+        A ``resample`` of 0 (NEAREST) or None keeps the configured filter, as transformers' Janus resize
+        takes ``resample or self.resample``."""
+        if "resample" in options and not options["resample"]:
+            options = {k: v for k, v in options.items() if k != "resample"}
         return with_image_options(self, options, "size", square_side)
 
     def __post_init__(self):
@@ -86,8 +90,13 @@ class JanusImageProcessor:
 
     preprocess = __call__
 
-    def postprocess(self, images, return_tensors: str | None = None, **_ignored) -> dict:
+    def postprocess(self, images, do_rescale: bool | None = None, rescale_factor: float | None = None,
+                    do_normalize: bool | None = None, image_mean=None, image_std=None, input_data_format=None,
+                    return_tensors: str | None = None, **unknown) -> dict:
         """Generated images back to pixels: undo normalisation, scale to 0..255, clip, uint8.
+        The options are transformers' (None: the processor's setting); ``rescale_factor`` multiplies, so its
+        default is ``1 / self.rescale_factor`` (255). ``input_data_format`` is taken and changes nothing, as in
+        transformers 5.23, whose arithmetic ignores it.
 
         Takes tensors or arrays shaped [3, H, W] or [H, W, 3] (the transformers Janus example passes the
         channels-last output of ``decode_image_tokens``), one or a list or a batch, and gives them back in
@@ -95,25 +104,41 @@ class JanusImageProcessor:
         tensor; with ``return_tensors="PIL.Image.Image"`` the ``pixel_values`` are PIL images."""
         if isinstance(images, Image.Image) or (isinstance(images, list) and images and isinstance(images[0], Image.Image)):
             return {"pixel_values": images if isinstance(images, list) else [images]}
+        if unknown:
+            raise InputError(f"postprocess has no option {', '.join(sorted(unknown))}; it takes do_rescale, "
+                             f"rescale_factor, do_normalize, image_mean, image_std, input_data_format, return_tensors")
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        scale = 1 / self.rescale_factor if rescale_factor is None else rescale_factor
         arrays, channels_first = _as_hwc_list(images)
         # the reference's arithmetic: un-normalise in float32 as (x + mean/std) * std, then
         # rescale in float64 -> float32, clip and truncate to uint8
-        shift = np.asarray([-m / s for m, s in zip(self.image_mean, self.image_std)], dtype=np.float32)
-        inverse_std = np.asarray([1 / s for s in self.image_std], dtype=np.float32)
-        as_pictures = return_tensors == "PIL.Image.Image" and self.do_normalize and self.do_rescale
+        shift, inverse_std = _unnormalize_terms(self.image_mean if image_mean is None else image_mean,
+                                                self.image_std if image_std is None else image_std)
+        as_pictures = return_tensors == "PIL.Image.Image" and do_normalize and do_rescale
         out = []
         for array in arrays:
             values = array.astype(np.float32)
-            if self.do_normalize:
+            if do_normalize:
                 values = (values - shift) / inverse_std
-            if self.do_rescale:
-                values = (values.astype(np.float64) * (1 / self.rescale_factor)).astype(np.float32)
+            if do_rescale:
+                values = (values.astype(np.float64) * scale).astype(np.float32)
                 values = values.clip(0, 255).astype(np.uint8)
             out.append(Image.fromarray(values) if as_pictures else values.transpose(2, 0, 1) if channels_first
                        else values)
         if return_tensors in ("np", "pt"):
             out = np.stack(out) if return_tensors == "np" else torch.from_numpy(np.stack(out))
         return {"pixel_values": out}
+
+
+def _unnormalize_terms(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """(-mean / std, 1 / std) per channel in float32, transformers' ``unnormalize`` terms; a number is every
+    channel's."""
+    mean, std = ([v] * 3 if not isinstance(v, (list, tuple, np.ndarray)) else list(v) for v in (mean, std))
+    if len(mean) != 3 or len(std) != 3:
+        raise InputError(f"image_mean and image_std need 3 values (one per channel) or one number, got {mean}, {std}")
+    return (np.asarray([-m / s for m, s in zip(mean, std)], dtype=np.float32),
+            np.asarray([1 / s for s in std], dtype=np.float32))
 
 
 def _as_hwc_list(images) -> tuple[list[np.ndarray], bool]:

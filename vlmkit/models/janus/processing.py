@@ -7,9 +7,9 @@ from ...errors import InputError
 from ...io.checkpoint import checkpoint_location
 from ...io.media import load_image
 from ...io.features import as_return_type
-from ...io.tokenizer import Tokenizer, tokenizer_settings
+from ...io.tokenizer import Tokenizer
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
-                           flatten_images, media_from_messages, prompt_texts)
+                           flatten_images, media_from_messages, prompt_texts, sort_load_options)
 from ...processor_options import sort_call_options
 from .image_processing import JanusImageProcessor
 
@@ -18,6 +18,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "the user provides, and assist the user with a variety of tasks using natural language.\n\n")
 
 IMAGE_TOKEN, BEGIN_IMAGE_TOKEN, END_IMAGE_TOKEN = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+# from_pretrained keywords for the image processor beside every family's, and for the processor itself
+_IMAGE_KEYS, _PROCESSOR_KEYS = ("min_size",), ("chat_template", "use_default_system_prompt", "num_image_tokens")
 
 
 class JanusProcessor(ProcessorBase):
@@ -38,32 +40,35 @@ class JanusProcessor(ProcessorBase):
         self.media_tokens = (self.image_token, self.image_start_token, self.image_end_token)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision: str = "main", media_policy=None, **unused) -> "JanusProcessor":
+    def from_pretrained(cls, name_or_path, revision: str = "main", media_policy=None, **options) -> "JanusProcessor":
         """Load from a checkpoint folder (transformers or DeepSeek original layout) or the HF cache.
-        ``media_policy`` (a ``vlmkit.io.media.MediaPolicy``) bounds image fetches."""
-        folder = checkpoint_location(name_or_path, unused, revision)
+        ``media_policy`` (a ``vlmkit.io.media.MediaPolicy``) bounds image fetches. Other keywords override
+        the checkpoint's settings, as in transformers: the image processor's (``image_mean``, ``size``...),
+        the processor's (``num_image_tokens``, ``chat_template``...) and the tokenizer's (``pad_token``...)."""
+        folder = checkpoint_location(name_or_path, options, revision)
+        loading = sort_load_options(options, _IMAGE_KEYS, _PROCESSOR_KEYS)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
         model_config = config_file(folder, "config.json")
-        settings = tokenizer_settings(unused)
-        tokenizer = Tokenizer.from_pretrained(folder, **settings)
+        tokenizer = Tokenizer.from_pretrained(folder, **loading.tokenizer)
         if "padding_side" not in tokenizer.config:  # the caller's or the saved setting wins, as in transformers
             tokenizer.padding_side = "left"  # Janus pads prompts on the left
         if model_config.get("model_type") == "multi_modality":
             from .original_layout import original_processor_settings
-            return cls(**original_processor_settings(folder, model_config, processor_config, image_config,
-                                                     tokenizer), media_policy=media_policy)
+            settings = original_processor_settings(folder, model_config, processor_config,
+                                                   {**image_config, **loading.image}, tokenizer)
+            return cls(**{**settings, **loading.processor}, media_policy=media_policy)
         from ...io.chat_template import processor_chat_template
         # a folder without the processor's files (a model saved alone): the vision tower's own size and
         # token count, rather than the class defaults (Janus-Pro's 384 pixels, 576 tokens) it may not have
         vision = model_config.get("vision_config") if isinstance(model_config.get("vision_config"), dict) else {}
         side, patch = vision.get("image_size", 384), vision.get("patch_size", 16)
-        image_processor = JanusImageProcessor.from_config(image_config or {"size": side})
-        return cls(image_processor, tokenizer,
-                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config),
-                   use_default_system_prompt=bool(processor_config.get("use_default_system_prompt", False)),
-                   num_image_tokens=int(processor_config.get("num_image_tokens", (side // patch) ** 2)),
-                   media_policy=media_policy)
+        image_processor = JanusImageProcessor.from_config({**(image_config or {"size": side}), **loading.image})
+        settings = {"chat_template": processor_chat_template(folder, processor_config, tokenizer.config),
+                    "use_default_system_prompt": bool(processor_config.get("use_default_system_prompt", False)),
+                    "num_image_tokens": int(processor_config.get("num_image_tokens", (side // patch) ** 2)),
+                    **loading.processor}
+        return cls(image_processor, tokenizer, **settings, media_policy=media_policy)
 
     def image_block(self, _index: int = 0) -> str:
         """What one image placeholder becomes in the token stream."""

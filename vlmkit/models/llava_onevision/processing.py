@@ -14,16 +14,21 @@ from ...io.checkpoint import checkpoint_location
 from ...io.chat_template import processor_chat_template
 from ...io.features import as_return_type
 from ...io.media import is_tensor
-from ...io.tokenizer import Tokenizer, tokenizer_settings
+from ...io.tokenizer import Tokenizer
 from ...io.video import load_video
 from ...processing import (BatchFeature, ProcessorBase, check_media_tokens_kept, config_file, expand_placeholders,
-                           flatten_images, media_from_messages, prompt_texts)
+                           flatten_images, media_from_messages, prompt_texts, sort_load_options)
 from ...processor_options import sort_call_options
 from . import anyres
 from .config import parse_max_num_patches
 from .image_processing import LlavaOnevisionImageProcessor
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+# from_pretrained keywords for the image and video processors beside every family's, for the video processor
+# alone, and for the processor itself (transformers' LlavaOnevisionProcessor.__init__ arguments)
+_IMAGE_KEYS, _VIDEO_KEYS = ("image_grid_pinpoints", "do_sample_frames"), ("do_sample_frames",)
+_PROCESSOR_KEYS = ("num_image_tokens", "vision_feature_select_strategy", "chat_template", "image_token", "video_token",
+                   "vision_aspect_ratio")
 
 
 class LlavaOnevisionProcessor(ProcessorBase):
@@ -54,25 +59,29 @@ class LlavaOnevisionProcessor(ProcessorBase):
         self.grid_size = int(self.num_image_tokens ** 0.5)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision: str = "main", **unused) -> "LlavaOnevisionProcessor":
+    def from_pretrained(cls, name_or_path, revision: str = "main", **options) -> "LlavaOnevisionProcessor":
         """Load from a checkpoint folder or the HF cache. Reads transformers 5's single
-        ``processor_config.json`` and the older separate preprocessor/video-preprocessor files alike."""
-        folder = checkpoint_location(name_or_path, unused, revision)
+        ``processor_config.json`` and the older separate preprocessor/video-preprocessor files alike. Other
+        keywords override the checkpoint's settings, as in transformers: the image and video processors'
+        (``image_mean``, ``size``...), the processor's (``num_image_tokens``...) and the tokenizer's."""
+        folder = checkpoint_location(name_or_path, options, revision)
+        loading = sort_load_options(options, _IMAGE_KEYS, _PROCESSOR_KEYS)
         processor_config = config_file(folder, "processor_config.json")
         image_config = processor_config.get("image_processor") or config_file(folder, "preprocessor_config.json")
-        video_config = (processor_config.get("video_processor")
-                        or config_file(folder, "video_preprocessor_config.json") or image_config)
-        settings = tokenizer_settings(unused)
-        tokenizer = Tokenizer.from_pretrained(folder, **settings)
+        video_config = {**(processor_config.get("video_processor")
+                           or config_file(folder, "video_preprocessor_config.json") or image_config), **loading.image}
+        image_config = {**image_config, **{k: v for k, v in loading.image.items() if k not in _VIDEO_KEYS}}
+        tokenizer = Tokenizer.from_pretrained(folder, **loading.tokenizer)
+        settings = {"num_image_tokens": processor_config.get("num_image_tokens"),
+                    "vision_feature_select_strategy": processor_config.get("vision_feature_select_strategy"),
+                    "chat_template": processor_chat_template(folder, processor_config, tokenizer.config),
+                    "image_token": processor_config.get("image_token", IMAGE_TOKEN),
+                    "video_token": processor_config.get("video_token", VIDEO_TOKEN),
+                    "vision_aspect_ratio": processor_config.get("vision_aspect_ratio", "anyres_max_9"),
+                    **loading.processor}
         return cls(LlavaOnevisionImageProcessor.from_config(image_config), tokenizer,
                    video_processor=LlavaOnevisionImageProcessor.from_config(video_config),
-                   num_image_tokens=processor_config.get("num_image_tokens"),
-                   vision_feature_select_strategy=processor_config.get("vision_feature_select_strategy"),
-                   chat_template=processor_chat_template(folder, processor_config, tokenizer.config),
-                   image_token=processor_config.get("image_token", IMAGE_TOKEN),
-                   video_token=processor_config.get("video_token", VIDEO_TOKEN),
-                   vision_aspect_ratio=processor_config.get("vision_aspect_ratio", "anyres_max_9"),
-                   do_sample_frames=bool(video_config.get("do_sample_frames", False)))
+                   do_sample_frames=bool(video_config.get("do_sample_frames", False)), **settings)
 
     # --- placeholder counts ---------------------------------------------------------------------
     def image_token_count(self, image_size: anyres.Size, anyres_tiling: bool = True, image_processor=None) -> int:
@@ -192,6 +201,9 @@ def _image_groups(images) -> list[list]:
 def _as_video_list(videos) -> list:
     if videos is None:
         return []
+    if (isinstance(videos, np.ndarray) or is_tensor(videos)) and videos.ndim == 5:
+        # a batch [B, T, ...] is B videos, as the reference's make_batched_videos splits it
+        return list(videos)
     if isinstance(videos, (list, tuple)):
         # a list of frames (images) is one video; otherwise a list of videos
         if videos and all(_is_frame(v) for v in videos):

@@ -149,3 +149,28 @@ def test_a_setting_nothing_reads_is_kept_by_the_tokenizer_with_a_warning(fixture
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vlmkit.AutoProcessor.from_pretrained(folder, backend="pil", use_fast=True)  # transformers' choices: silent
+
+
+@pytest.mark.parametrize("fixture,edits", [
+    ("janus_dir", {"use_default_system_prompt": True, "image_processor.image_mean": [0.1, 0.2, 0.3],
+                   "image_processor.do_normalize": False}),
+    ("llava_onevision_dir", {"image_processor.image_std": [0.2, 0.3, 0.4], "image_processor.rescale_factor": 0.5})])
+def test_settings_edited_after_loading_are_saved_as_transformers_saves_them(fixture, edits, request, image, tmp_path):
+    """``processor.image_processor.image_mean = ...; processor.save_pretrained(folder)``: transformers and vlmkit
+    load the edited settings back from the saved files, and their processors then agree."""
+    folder = request.getfixturevalue(fixture)
+    ours = vlmkit.AutoProcessor.from_pretrained(folder)
+    for name, value in edits.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(getattr(ours, owner) if owner else ours, attribute, value)
+    ours.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())  # as beside a saved model
+    reference, reloaded = reference_processor(tmp_path), vlmkit.AutoProcessor.from_pretrained(tmp_path)
+    for name, value in edits.items():
+        owner, _, attribute = name.rpartition(".")
+        for processor in (reference, reloaded):
+            saved = getattr(getattr(processor, owner) if owner else processor, attribute)
+            assert list(saved) == value if isinstance(value, list) else saved == value, (name, processor)
+    prompt = PROMPTS[fixture]
+    assert_same_features(reloaded(text=prompt, images=image, return_tensors="pt"),
+                         reference(text=prompt, images=image, return_tensors="pt"))

@@ -76,6 +76,8 @@ class ProcessorBase:
     chat_content_as_blocks: bool = True
     # the tokens a family expands its image placeholders into (for assistant masks); None: masks not given
     media_tokens: tuple[str, ...] | None = None
+    # the processor's own settings processor_config.json holds (transformers' processor arguments)
+    own_settings: tuple[str, ...] = ()
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, chat_template: str | None = None,

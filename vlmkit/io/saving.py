@@ -111,7 +111,64 @@ def save_processor_files(processor, directory, **options) -> Path:
             values = read_json(processor_config)
             del values["chat_template"]
             processor_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_setting_edits(processor, out)
     return out
+
+
+# image processor settings written back when edited (transformers' names, which every family reads)
+_IMAGE_SETTINGS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                             "image_mean", "image_std", "do_pad", "do_convert_rgb", "min_size", "image_grid_pinpoints"})
+
+
+def _write_setting_edits(processor, out: Path) -> None:
+    """Settings changed since loading (``processor.use_default_system_prompt = True``,
+    ``processor.image_processor.image_mean = [...]``) written into the copied files where ``from_pretrained``
+    (vlmkit's and transformers') reads them: processor_config.json, and the image and video processors'
+    sections of it or their own files."""
+    processor_file = out / "processor_config.json"
+    values = read_json(processor_file) if processor_file.is_file() else {}
+    edited = {key: getattr(processor, key) for key in processor.own_settings
+              if _plain(getattr(processor, key, None)) and values.get(key) != getattr(processor, key)}
+    sections = (("image_processor", "preprocessor_config.json"), ("video_processor", "video_preprocessor_config.json"))
+    for attribute, file_name in sections:
+        settings = getattr(processor, attribute, None)
+        if settings is None or (attribute == "video_processor" and settings is processor.image_processor):
+            continue
+        if isinstance(values.get(attribute), dict):  # transformers 5: one file, a section per part
+            values[attribute] = _with_image_edits(settings, values[attribute])
+        elif (out / file_name).is_file():
+            config = read_json(out / file_name)
+            updated = _with_image_edits(settings, config)
+            if updated != config:
+                (out / file_name).write_text(json.dumps(updated, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if edited or values != (read_json(processor_file) if processor_file.is_file() else {}):
+        processor_file.write_text(json.dumps({**values, **edited}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _with_image_edits(image_processor, config: dict) -> dict:
+    """``config`` (an image processor's file) with the settings ``image_processor`` holds that differ from
+    what that file gives."""
+    loaded = type(image_processor).from_config(config)
+    updated = dict(config)
+    for name in _IMAGE_SETTINGS:
+        value, before = getattr(image_processor, name, None), getattr(loaded, name, None)
+        if value is None or value == before:
+            continue
+        if name == "size" and isinstance(value, int) and isinstance(config.get("size"), dict):
+            value = {key: value for key in config["size"]} if set(config["size"]) <= {"height", "width"} else None
+        value = int(value) if name == "resample" else list(value) if isinstance(value, tuple) else value
+        if _plain(value):
+            updated[name] = value
+    return updated
+
+
+def _plain(value) -> bool:
+    """Whether ``value`` is written as JSON as it is (not a tensor, an enum or an object)."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return isinstance(value, (str, int, float, bool)) and type(value) in (str, int, float, bool)
 
 
 def save_tokenizer_files(tokenizer, out: Path) -> dict:

@@ -25,6 +25,8 @@ _IMAGE_KEYS, _PROCESSOR_KEYS = ("min_size",), ("chat_template", "use_default_sys
 class JanusProcessor(ProcessorBase):
     """Tokenizer + image processor + the Janus prompt conventions."""
 
+    own_settings = ("use_default_system_prompt", "num_image_tokens")
+
     def __init__(self, image_processor: JanusImageProcessor, tokenizer: Tokenizer, chat_template: str | None = None,
                  use_default_system_prompt: bool = False, num_image_tokens: int = 576, media_policy=None):
         self.media_policy = media_policy  # limits for fetching images (None: MediaPolicy's defaults)

@@ -34,6 +34,9 @@ _PROCESSOR_KEYS = ("num_image_tokens", "vision_feature_select_strategy", "chat_t
 class LlavaOnevisionProcessor(ProcessorBase):
     """Tokenizer + image/video preprocessing + the OneVision placeholder rules."""
 
+    own_settings = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "video_token",
+                      "vision_aspect_ratio")
+
     def __init__(self, image_processor: LlavaOnevisionImageProcessor, tokenizer: Tokenizer,
                  video_processor: LlavaOnevisionImageProcessor | None = None, num_image_tokens: int | None = None,
                  vision_feature_select_strategy: str | None = "full", chat_template: str | None = None,

@@ -37,8 +37,8 @@ def save_checkpoint(model: nn.Module, directory, max_shard_size="5GB", **options
         {**model.config.to_dict(), "architectures": [type(model).__name__]})
     if raw_config.get("model_type") == "multi_modality":
         raise InputError("save_pretrained writes the transformers layout; this model was loaded from DeepSeek's "
-                         "original Janus layout (model_type multi_modality): load a transformers-layout Janus "
-                         "checkpoint (deepseek-community/Janus-Pro-*) to save it quantized")
+                         "original Janus layout (model_type multi_modality), which it cannot write back: load a "
+                         "transformers-layout Janus checkpoint (deepseek-community/Janus-Pro-*) to save one")
     out = Path(directory)
     if source is not None and out.exists() and source.exists() and out.resolve() == source.resolve():
         raise InputError(f"save_pretrained would overwrite the checkpoint the model was loaded from ({source}); "
@@ -100,6 +100,8 @@ def save_processor_files(processor, directory, **options) -> Path:
     source, out = Path(tokenizer.folder), Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(source, out, also_skip=("generation_config.json", "tokenizer.json", "tokenizer_config.json"))
+    if config_model_type(source) == "multi_modality":  # the folder's layout is told by config.json: without it
+        shutil.copy2(source / "config.json", out / "config.json")  # DeepSeek's files read as transformers'
     config = save_tokenizer_files(tokenizer, out)  # the tokenizer as it is now
     template = getattr(processor, "chat_template", None)
     processor_config = out / "processor_config.json"
@@ -169,6 +171,11 @@ def _plain(value) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return isinstance(value, (str, int, float, bool)) and type(value) in (str, int, float, bool)
+
+
+def config_model_type(folder: Path) -> str | None:
+    """The ``model_type`` of a folder's config.json, None where it has none."""
+    return read_json(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
 
 
 def save_tokenizer_files(tokenizer, out: Path) -> dict:

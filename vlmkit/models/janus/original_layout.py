@@ -193,5 +193,6 @@ def original_processor_settings(folder, model_config: dict, processor_config: di
     tokens = int(processor_config.get("num_image_tokens") or (image_processor.size // patch) ** 2)
     user, assistant = _ROLES.get(processor_config.get("sft_format", "deepseek"), _ROLES["deepseek"])
     return dict(image_processor=image_processor, tokenizer=tokenizer,
-                chat_template=deepseek_chat_template(user, assistant), use_default_system_prompt=True,
+                chat_template=deepseek_chat_template(user, assistant),
+                use_default_system_prompt=bool(processor_config.get("use_default_system_prompt", True)),
                 num_image_tokens=tokens)

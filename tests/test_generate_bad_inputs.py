@@ -140,3 +140,25 @@ def test_options_transformers_takes_give_its_tokens(onevision_reference, onevisi
         if "max_length" not in options:
             options.setdefault("max_new_tokens", 4)
         assert model.generate(**options).tolist() == ref_model.generate(**options).tolist(), options
+
+
+REFUSED_WHEN_SAMPLING = [dict(top_p=-0.5), dict(typical_p=0.0), dict(min_p=2.0), dict(top_h=2.0)]
+OFF_WHEN_SAMPLING = [dict(top_p=5.0), dict(typical_p=2.0), dict(epsilon_cutoff=1.5), dict(eta_cutoff=-1.0)]
+
+
+@pytest.mark.parametrize("options", REFUSED_WHEN_SAMPLING + OFF_WHEN_SAMPLING, ids=str)
+def test_sampling_filters_are_checked_where_transformers_builds_them(onevision_reference, onevision_vlmkit, options):
+    """transformers builds its sampling filters only when sampling, and top_p / typical_p only below 1,
+    epsilon and eta cutoffs only inside (0, 1): greedy decoding takes any value (its greedy tokens), and
+    sampling refuses what a filter it builds refuses and samples without the others."""
+    (_, ref_model), (_, model) = onevision_reference, onevision_vlmkit
+    call = {"input_ids": _tiny_prompt(), "max_new_tokens": 4, **options}
+    assert model.generate(**call, do_sample=False).tolist() == ref_model.generate(**call, do_sample=False).tolist()
+    if options in OFF_WHEN_SAMPLING:
+        ref_model.generate(**call, do_sample=True)
+        assert model.generate(**call, do_sample=True).shape[1] > call["input_ids"].shape[1]
+        return
+    with pytest.raises(ValueError):
+        ref_model.generate(**call, do_sample=True)
+    with pytest.raises(InputError, match=next(iter(options))):
+        model.generate(**call, do_sample=True)

@@ -176,15 +176,8 @@ class GenerationConfig:
             raise InputError("min_new_tokens must be an integer >= 0")
         if self.prefix_allowed_tokens_fn is not None and not callable(self.prefix_allowed_tokens_fn):
             raise InputError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise InputError("min_p must be in [0, 1]")
-        if self.top_h is not None and not 0 < self.top_h <= 1:
-            raise InputError("top_h must be in (0, 1]")
-        if self.typical_p is not None and not 0 < self.typical_p <= 1:
-            raise InputError("typical_p must be in (0, 1]")
-        for name in ("epsilon_cutoff", "eta_cutoff"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
-                raise InputError(f"{name} must be in [0, 1) (0: off)")
+        if self.do_sample:  # the sampling filters: unread without sampling, as in transformers
+            self._validate_sampling_filters()
         for name in ("repetition_penalty", "encoder_repetition_penalty"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise InputError(f"{name} must be > 0 (1.0 means no penalty)")
@@ -196,15 +189,25 @@ class GenerationConfig:
         if self.return_dict_in_generate and (self.output_attentions or self.output_hidden_states):
             raise InputError("vlmkit does not return attentions or hidden states from generate; drop "
                              "output_attentions/output_hidden_states (call the model itself for them)")
-        if self.do_sample and self.temperature is not None and self.temperature <= 0:
-            raise InputError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
-        if not 0 <= (self.top_p if self.top_p is not None else 1.0) <= 1:  # 0 keeps the likeliest token only
-            raise InputError("top_p must be in [0, 1]")
         if self.num_return_sequences < 1:
             raise InputError("num_return_sequences must be >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be at least 1 (more than 0, as in transformers), got "
                              f"{self.max_new_tokens}")
+
+    def _validate_sampling_filters(self) -> None:
+        """What transformers' sampling filters refuse where it builds them (warpers.py builds them alike): a
+        top_p or typical_p of 1 or more, and an epsilon or eta cutoff outside (0, 1), mean no filter."""
+        if self.temperature is not None and self.temperature <= 0:
+            raise InputError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
+        if self.top_p is not None and self.top_p < 0:  # 0 keeps the likeliest token only
+            raise InputError("top_p must be in [0, 1] (1: no filter)")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise InputError("min_p must be in [0, 1]")
+        if self.top_h is not None and not 0 < self.top_h <= 1:
+            raise InputError("top_h must be in (0, 1]")
+        if self.typical_p is not None and self.typical_p <= 0:
+            raise InputError("typical_p must be in (0, 1] (1: no filter)")
 
     @property
     def eos_token_ids(self) -> list[int]:

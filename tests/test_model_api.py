@@ -477,7 +477,8 @@ def test_from_pretrained_refuses_a_config_of_another_kind_and_keeps_long_values_
 
 
 @pytest.mark.parametrize("args,kwargs", [(("cpu",), {"non_blocking": True}), ((torch.bfloat16,), {}),
-                                         (("cpu", torch.float16), {}), ((), {"device": "cpu", "dtype": torch.bfloat16})])
+                                         (("cpu", torch.float16), {}),
+                                         ((), {"device": "cpu", "dtype": torch.bfloat16})])
 def test_processor_outputs_move_and_cast_as_transformers_batch_features_do(onevision_reference, onevision_vlmkit, args,
                                                                            kwargs):
     from test_llava_onevision import pattern_image

@@ -76,7 +76,8 @@ def test_processor_settings_given_at_load_match_transformers(fixture, options, r
 
 
 @pytest.mark.parametrize("options", [dict(image_size=48), dict(image_mean=[0.1, 0.2, 0.3], do_normalize=False),
-                                     dict(image_std=0.3), dict(size={"height": 20, "width": 28}), dict(size={"height": 20, "width": 20}, image_size=40)])
+                                     dict(image_std=0.3), dict(size={"height": 20, "width": 28}),
+                                     dict(size={"height": 20, "width": 20}, image_size=40)])
 def test_idefics_settings_given_at_load_match_transformers(idefics_resampler_dir, options, image):
     reference = reference_processor(idefics_resampler_dir, **options)
     ours = vlmkit.AutoProcessor.from_pretrained(idefics_resampler_dir, **options)

@@ -26,10 +26,10 @@ from .checkpoint import read_json
 QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # the class AutoTokenizer picks from config.json's model type when tokenizer_config.json names none
+_CLASS_OF_MODEL_TYPE = {"idefics": "LlamaTokenizer"}
 # the order transformers adds the named special tokens a from_pretrained keyword brings that the vocabulary lacks
 _SPECIAL_TOKEN_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _UNNAMED_SPECIAL_TOKENS = ("additional_special_tokens", "extra_special_tokens")
-_CLASS_OF_MODEL_TYPE = {"idefics": "LlamaTokenizer"}
 
 
 def tokenizer_class(config: dict, model_type: str | None, tokenizer_json: str) -> str:
@@ -167,8 +167,8 @@ def _token_text(key: str, token) -> str:
 def add_setting_tokens(backend, settings: dict) -> None:
     """Add the special tokens from_pretrained's keywords name that the vocabulary lacks (``pad_token="<pad>"``),
     as transformers does: named ones in its order, then the unnamed ones."""
-    named = sorted((k for k in settings if k.endswith("_token") and settings[k]),
-                   key=lambda k: _SPECIAL_TOKEN_ORDER.index(k) if k in _SPECIAL_TOKEN_ORDER else len(_SPECIAL_TOKEN_ORDER))
+    order = {key: index for index, key in enumerate(_SPECIAL_TOKEN_ORDER)}
+    named = sorted((k for k in settings if k.endswith("_token") and settings[k]), key=lambda k: order.get(k, len(order)))
     tokens = [settings[k] for k in named] + [t for k in _UNNAMED_SPECIAL_TOKENS for t in settings.get(k) or []]
     missing = [t for t in dict.fromkeys(tokens) if backend.token_to_id(t) is None]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])

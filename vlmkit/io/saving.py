@@ -17,6 +17,7 @@ from ..configs import with_edits
 from ..errors import InputError
 from .chat_template import processor_chat_template
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
+from .tokenizer_classes import config_model_type
 
 _WEIGHT_FILES = {"model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX, "config.json"}
 
@@ -171,11 +172,6 @@ def _plain(value) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return isinstance(value, (str, int, float, bool)) and type(value) in (str, int, float, bool)
-
-
-def config_model_type(folder: Path) -> str | None:
-    """The ``model_type`` of a folder's config.json, None where it has none."""
-    return read_json(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
 
 
 def save_tokenizer_files(tokenizer, out: Path) -> dict:

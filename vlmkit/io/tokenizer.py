@@ -9,9 +9,10 @@ from .checkpoint import read_json
 from .assistant_masks import tokenizer_masks
 from .features import BatchFeature, as_return_type
 from .padding import pad_encoded, pad_length, pad_rows, padding_and_truncation
+from .text import clean_up_spaces, refuse_surrogates
 from .tokenizer_classes import (add_setting_tokens, apply_class_pipeline, apply_class_special_tokens,
-                                apply_config_added_tokens, class_defaults, load_settings, tokenizer_class,
-                                with_settings, with_special_tokens_map)
+                                apply_config_added_tokens, class_defaults, config_model_type, load_settings,
+                                tokenizer_class, with_settings, with_special_tokens_map)
 
 # options of the tokenizer call (``Tokenizer.__call__`` implements them); ``verbose`` only silences warnings
 TEXT_OPTIONS = frozenset({"add_special_tokens", "padding", "padding_side", "truncation", "max_length",
@@ -110,7 +111,7 @@ class Tokenizer:
         backend.no_truncation()
         # the pipeline, added-token flags and defaults transformers 5 gives the class the checkpoint names: its ids
         # differ from tokenizer.json's as written for LlamaTokenizer and Qwen2Tokenizer (see tokenizer_classes.py)
-        class_name = tokenizer_class(config, _model_type(folder), tokenizer_json)
+        class_name = tokenizer_class(config, config_model_type(folder), tokenizer_json)
         apply_class_pipeline(backend, class_name, config)
         apply_config_added_tokens(backend, config)
         template = settings.get("chat_template") or find_chat_template(folder, config)
@@ -280,7 +281,7 @@ class Tokenizer:
         if any(not isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings")
         for text in texts:
-            _refuse_surrogates(text)
+            refuse_surrogates(text)
         pad_to, cut_to = padding_and_truncation(padding, truncation, max_length, pad_to_multiple_of,
                                                 self.known_max_length)
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
@@ -339,7 +340,7 @@ class Tokenizer:
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        return _clean_up_spaces(text) if clean_up_tokenization_spaces and self._cleanup_applies else text
+        return clean_up_spaces(text) if clean_up_tokenization_spaces and self._cleanup_applies else text
 
     @property
     def _cleanup_applies(self) -> bool:
@@ -396,40 +397,6 @@ class Tokenizer:
                                     continue_final_message=continue_final_message,
                                     generation_spans=generation_spans[i] if generation_spans is not None else None,
                                     **{**self.special_tokens_map, **variables}) for i, c in enumerate(conversations)]
-
-
-def _model_type(folder: Path) -> str | None:
-    """config.json's model type (AutoTokenizer's choice of class reads it too), or None."""
-    path = folder / "config.json"
-    try:
-        model_type = read_json(path).get("model_type") if path.is_file() else None
-    except CheckpointError:  # a damaged config.json is reported by whatever loads the model
-        return None
-    return model_type if isinstance(model_type, str) else None
-
-
-def unpaired_surrogate(text: str) -> str | None:
-    """Where ``text`` holds an unpaired surrogate (so it is not Unicode text and cannot be encoded), as a
-    phrase for an error; None when it holds none."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"an unpaired surrogate ({text[err.start]!r} at character {err.start})"
-    return None
-
-
-def _refuse_surrogates(text: str) -> None:
-    problem = unpaired_surrogate(text)
-    if problem:
-        raise InputError(f"the text holds {problem}, which is not Unicode text; decode its bytes with "
-                         f"errors='replace' first")
-
-
-def _clean_up_spaces(text: str) -> str:
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text
 
 
 def added_token_id(folder: Path, content: str) -> int | None:

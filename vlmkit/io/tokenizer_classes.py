@@ -172,3 +172,13 @@ def add_setting_tokens(backend, settings: dict) -> None:
     tokens = [settings[k] for k in named] + [t for k in _UNNAMED_SPECIAL_TOKENS for t in settings.get(k) or []]
     missing = [t for t in dict.fromkeys(tokens) if backend.token_to_id(t) is None]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+
+
+def config_model_type(folder: Path) -> str | None:
+    """config.json's model type (AutoTokenizer's choice of class reads it too), or None."""
+    path = folder / "config.json"
+    try:
+        model_type = read_json(path).get("model_type") if path.is_file() else None
+    except CheckpointError:  # a damaged config.json is reported by whatever loads the model
+        return None
+    return model_type if isinstance(model_type, str) else None

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ..errors import InputError
 from ..generation.config import SEED_RANGE
-from ..io.tokenizer import unpaired_surrogate
+from ..io.text import unpaired_surrogate
 
 
 def _nullable_defaults(schema: dict, model) -> None:

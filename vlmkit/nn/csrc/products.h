@@ -15,7 +15,9 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace vlmkit {
@@ -131,6 +133,36 @@ struct GroupActivationsView {
   const float* scale;
   const float* group_sums;
 };
+// Activation rows [0, B) in blocks of up to four: block(b0, count), count a std::integral_constant<int, 1..4>, so a
+// row kernel is compiled for each count (every row's sums stay in registers).
+template <typename Block>
+inline void in_row_blocks(int64_t B, const Block& block) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    switch (std::min<int64_t>(4, B - b0)) {
+      case 1: block(b0, std::integral_constant<int, 1>()); break;
+      case 2: block(b0, std::integral_constant<int, 2>()); break;
+      case 3: block(b0, std::integral_constant<int, 3>()); break;
+      default: block(b0, std::integral_constant<int, 4>()); break;
+    }
+  }
+}
+
+// The 4-bit kernels' two choices: kernel(wide, scale) with wide a std::bool_constant (spans of 64 inputs, else 32)
+// and scale a value of the scales' type (BFloat16 or float).
+template <typename Kernel>
+inline void with_int4_layout(int64_t span, bool bf16_scales, const Kernel& kernel) {
+  if (span == 64) {
+    bf16_scales ? kernel(std::true_type(), BFloat16()) : kernel(std::true_type(), float());
+  } else {
+    bf16_scales ? kernel(std::false_type(), BFloat16()) : kernel(std::false_type(), float());
+  }
+}
+
+// The rows [b0, b0 + count) of 4-bit activations.
+inline GroupActivationsView rows_from(const GroupActivationsView& x, int64_t b0, int64_t K, int64_t groups) {
+  return {x.values + b0 * K, x.scale + b0 * groups, x.group_sums + b0 * groups};
+}
+
 void avx2_bf16_rows(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
                     int64_t N);
 void avx2_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,

@@ -195,62 +195,31 @@ void int4_rows(const GroupActivationsView& x, const PackedWeight& weight, int64_
   }
 }
 
-template <bool WIDE, typename Scale>
-void int4_rows_of(const GroupActivationsView& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows,
-                  float* y, int64_t N) {
-  const int64_t K = weight.K, groups = K / weight.G;
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const GroupActivationsView xb{x.values + b0 * K, x.scale + b0 * groups, x.group_sums + b0 * groups};
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: int4_rows<1, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      case 2: int4_rows<2, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      case 3: int4_rows<3, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      default: int4_rows<4, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-    }
-  }
-}
-
 }  // namespace
 
 void avx2_bf16_rows(const float* x, int64_t B, int64_t K, const BFloat16* w, int64_t row, int64_t rows, float* y,
                     int64_t N) {
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const float* xb = x + b0 * K;
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: rows_in_streams<1>(xb, K, w, row, rows, yb, N); break;
-      case 2: rows_in_streams<2>(xb, K, w, row, rows, yb, N); break;
-      case 3: rows_in_streams<3>(xb, K, w, row, rows, yb, N); break;
-      default: rows_in_streams<4>(xb, K, w, row, rows, yb, N); break;
-    }
-  }
+  in_row_blocks(B, [&](int64_t b0, auto count) {
+    rows_in_streams<decltype(count)::value>(x + b0 * K, K, w, row, rows, y + b0 * N, N);
+  });
 }
 
 void avx2_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,
                     int64_t rows, float* y, int64_t N) {
-  const int64_t K = weight.K;
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const int16_t* xb = x + b0 * K;
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: int8_rows<1>(xb, x_scale + b0, weight, row, rows, yb, N); break;
-      case 2: int8_rows<2>(xb, x_scale + b0, weight, row, rows, yb, N); break;
-      case 3: int8_rows<3>(xb, x_scale + b0, weight, row, rows, yb, N); break;
-      default: int8_rows<4>(xb, x_scale + b0, weight, row, rows, yb, N); break;
-    }
-  }
+  in_row_blocks(B, [&](int64_t b0, auto count) {
+    int8_rows<decltype(count)::value>(x + b0 * weight.K, x_scale + b0, weight, row, rows, y + b0 * N, N);
+  });
 }
 
 void avx2_int4_rows(const GroupActivationsView& x, int64_t span, int64_t B, const PackedWeight& weight, int64_t row,
                     int64_t rows, float* y, int64_t N) {
-  if (span == 64) {
-    weight.bf16_scales ? int4_rows_of<true, BFloat16>(x, B, weight, row, rows, y, N)
-                       : int4_rows_of<true, float>(x, B, weight, row, rows, y, N);
-  } else {
-    weight.bf16_scales ? int4_rows_of<false, BFloat16>(x, B, weight, row, rows, y, N)
-                       : int4_rows_of<false, float>(x, B, weight, row, rows, y, N);
-  }
+  const int64_t groups = weight.K / weight.G;
+  with_int4_layout(span, weight.bf16_scales, [&](auto wide, auto scale) {
+    in_row_blocks(B, [&](int64_t b0, auto count) {
+      int4_rows<decltype(count)::value, decltype(wide)::value, decltype(scale)>(
+          rows_from(x, b0, weight.K, groups), weight, row, rows, y + b0 * N, N);
+    });
+  });
 }
 
 }  // namespace vlmkit

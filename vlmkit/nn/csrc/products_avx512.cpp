@@ -186,22 +186,6 @@ VLMKIT_AVX512 void int4_block(const GroupActivationsView& x, const PackedWeight&
   }
 }
 
-template <bool WIDE, typename Scale>
-void int4_rows_of(const GroupActivationsView& x, int64_t B, const PackedWeight& weight, int64_t row, int64_t rows,
-                  float* y, int64_t N) {
-  const int64_t K = weight.K, groups = K / weight.G;
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const GroupActivationsView xb{x.values + b0 * K, x.scale + b0 * groups, x.group_sums + b0 * groups};
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: int4_block<1, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      case 2: int4_block<2, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      case 3: int4_block<3, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-      default: int4_block<4, WIDE, Scale>(xb, weight, row, rows, yb, N); break;
-    }
-  }
-}
-
 }  // namespace
 
 // Up to five activation rows (a text step, a CFG image step, small batches) stream one weight row at a time:
@@ -223,28 +207,20 @@ void avx512_bf16_rows(const BFloat16* x, int64_t B, int64_t K, const BFloat16* w
 
 void avx512_int8_rows(const int16_t* x, const float* x_scale, int64_t B, const PackedWeight& weight, int64_t row,
                       int64_t rows, float* y, int64_t N) {
-  const int64_t K = weight.K;
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const int16_t* xb = x + b0 * K;
-    float* yb = y + b0 * N;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: int8_block<1>(xb, x_scale + b0, K, weight, row, rows, yb, N); break;
-      case 2: int8_block<2>(xb, x_scale + b0, K, weight, row, rows, yb, N); break;
-      case 3: int8_block<3>(xb, x_scale + b0, K, weight, row, rows, yb, N); break;
-      default: int8_block<4>(xb, x_scale + b0, K, weight, row, rows, yb, N); break;
-    }
-  }
+  in_row_blocks(B, [&](int64_t b0, auto count) {
+    int8_block<decltype(count)::value>(x + b0 * weight.K, x_scale + b0, weight.K, weight, row, rows, y + b0 * N, N);
+  });
 }
 
 void avx512_int4_rows(const GroupActivationsView& x, int64_t span, int64_t B, const PackedWeight& weight, int64_t row,
                       int64_t rows, float* y, int64_t N) {
-  if (span == 64) {
-    weight.bf16_scales ? int4_rows_of<true, BFloat16>(x, B, weight, row, rows, y, N)
-                       : int4_rows_of<true, float>(x, B, weight, row, rows, y, N);
-  } else {
-    weight.bf16_scales ? int4_rows_of<false, BFloat16>(x, B, weight, row, rows, y, N)
-                       : int4_rows_of<false, float>(x, B, weight, row, rows, y, N);
-  }
+  const int64_t groups = weight.K / weight.G;
+  with_int4_layout(span, weight.bf16_scales, [&](auto wide, auto scale) {
+    in_row_blocks(B, [&](int64_t b0, auto count) {
+      int4_block<decltype(count)::value, decltype(wide)::value, decltype(scale)>(
+          rows_from(x, b0, weight.K, groups), weight, row, rows, y + b0 * N, N);
+    });
+  });
 }
 
 #else  // a compiler without AVX-512 BF16 support: set_kernel_isa never selects these

@@ -288,3 +288,64 @@ def test_pictures_stopped_or_refused_do_not_stay_drawing(watched, server, monkey
     assert page.locator("#gallery figure").count() == len(captions)  # the refused request left no figure
     # the refused request is the page's own 400, which the browser reports on the console
     watched.problems[:] = [p for p in watched.problems if "status of 400" not in p]
+
+
+@pytest.fixture
+def slow_answers(monkeypatch):
+    """A slow model, so an answer is still coming while the page is used."""
+    from vlmkit.serve.decoding import TextDecoder
+    step = TextDecoder.step
+
+    def slow_step(self):
+        time.sleep(0.05)
+        return step(self)
+
+    monkeypatch.setattr(TextDecoder, "step", slow_step)
+
+
+def test_enter_while_an_answer_streams_sends_nothing_until_it_ends(watched, server, slow_answers):
+    """Send is disabled while an answer streams, and so is Enter: one request, whose conversation the next
+    question then continues (a second request would have left the first answer out, and unstoppable)."""
+    page = watched.page
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    page.fill("#prompt", "first question")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant span:not(:empty)")
+    page.fill("#prompt", "second question")
+    page.keyboard.press("Enter")
+    page.click("#stop")
+    page.wait_for_selector(".message.assistant[data-done]")
+    assert len(sent) == 1 and page.input_value("#prompt") == "second question"
+    page.click("#prompt")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant[data-done] >> nth=1")
+    assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]
+
+
+def test_a_new_chat_during_an_answer_starts_from_nothing(watched, server, slow_answers):
+    """New chat while an answer streams stops it; the stopped answer belongs to no conversation, so the new
+    chat's first request holds its own question alone."""
+    page = watched.page
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    page.fill("#prompt", "an old question")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant span:not(:empty)")
+    page.click("#new-chat")
+    assert page.locator(".message").count() == 0 and page.is_enabled("#send")
+    time.sleep(0.3)  # the stopped request's ending, which must not reach the new conversation
+    page.fill("#prompt", "a new question")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant[data-done]")
+    assert sent[-1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a new question"}]}]
+
+
+def test_a_seed_past_what_a_javascript_number_holds_is_sent_as_typed(watched, server):
+    page = watched.page
+    seed = "18446744073709551615"  # 2**64 - 1, the largest seed the API takes
+    with page.expect_request("**/v1/images/generations") as sent:
+        _draw(page, "a red circle on the left", seed=seed)
+    assert f'"seed":{seed}' in sent.value.post_data
+    page.wait_for_selector("#gallery img[data-final]")
+    assert page.locator("#error").is_hidden()

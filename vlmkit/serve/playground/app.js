@@ -20,9 +20,19 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// A request body as JSON; `exact` holds whole numbers as their digits (seeds up to 2**64 - 1, past what a
+// JavaScript number holds exactly), written into the JSON as they are.
+function json(body, exact = {}) {
+  let text = JSON.stringify(body);
+  for (const [key, digits] of Object.entries(exact)) {
+    text = text.slice(0, -1) + (text.length > 2 ? "," : "") + JSON.stringify(key) + ":" + digits + "}";
+  }
+  return text;
+}
+
 // POST a streaming request; calls onEvent(name, data) for each server-sent event.
-async function stream(path, body, signal, onEvent) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+async function stream(path, body, signal, onEvent, exact = {}) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: json(body, exact), signal });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
@@ -55,7 +65,8 @@ async function stream(path, body, signal, onEvent) {
 // --- chat ---------------------------------------------------------------------------------------
 const history = [];  // OpenAI messages of this conversation
 let attachments = [];  // data: URLs of the pictures for the next message
-let chatAbort = null;
+let chatAbort = null;  // the answer being streamed, if any
+let chat = 0;  // which conversation this is ("New chat" counts up)
 
 function addMessage(role, text, images = []) {
   const div = document.createElement("div");
@@ -102,7 +113,8 @@ function attach(files) {
 async function send(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text && !attachments.length) return;
+  // one answer at a time (Enter submits even while Send is disabled): the next question waits for it
+  if (chatAbort || (!text && !attachments.length)) return;
   showError("");
   // pictures before the question, as the models are trained (and as `vlmkit chat --image` sends them)
   const content = [...attachments.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }];
@@ -116,16 +128,19 @@ async function send(event) {
   const body = { model: modelName, messages: history, stream: true,
                  temperature: Number($("chat-temperature").value || 0),
                  max_tokens: Number($("max-tokens").value || 256) };
-  chatAbort = new AbortController();
+  const abort = chatAbort = new AbortController();
+  const conversation = chat;  // "New chat" starts another: this answer then belongs to none
   setChatBusy(true);
   try {
-    await stream("/v1/chat/completions", body, chatAbort.signal, (_, chunk) => {
+    await stream("/v1/chat/completions", body, abort.signal, (_, chunk) => {
       for (const choice of chunk.choices) answer.textContent += choice.delta.content || "";
       answer.parentElement.scrollIntoView({ block: "end" });
     });
-    history.push({ role: "assistant", content: answer.textContent });
+    if (conversation === chat) history.push({ role: "assistant", content: answer.textContent });
   } catch (err) {
-    if (err.name === "AbortError") {
+    if (conversation !== chat) {
+      // dropped with its conversation
+    } else if (err.name === "AbortError") {
       history.push({ role: "assistant", content: answer.textContent });  // a stopped answer stays as far as it got
     } else {  // the turn did not happen: take it back, so it can be sent again
       showError(err.message);
@@ -138,7 +153,10 @@ async function send(event) {
     }
   } finally {
     answer.parentElement.dataset.done = "true";
-    setChatBusy(false);
+    if (chatAbort === abort) {
+      chatAbort = null;
+      setChatBusy(false);
+    }
   }
 }
 
@@ -148,7 +166,10 @@ function setChatBusy(busy) {
 }
 
 function newChat() {
+  chat += 1;
   if (chatAbort) chatAbort.abort();
+  chatAbort = null;
+  setChatBusy(false);
   history.length = 0;
   attachments = [];
   showAttachments();
@@ -171,8 +192,11 @@ async function draw(event) {
   showError("");
   const n = Number($("image-n").value || 1);
   const body = { model: modelName, prompt, n, stream: true, partial_images: 3,
-                 guidance_scale: optionalNumber("guidance"), temperature: optionalNumber("image-temperature"),
-                 seed: optionalNumber("seed") };
+                 guidance_scale: optionalNumber("guidance"), temperature: optionalNumber("image-temperature") };
+  // a seed is sent as its digits: a JavaScript number would round one past 2**53 to another seed
+  const seed = $("seed").value.trim();
+  const exact = /^-?\d+$/.test(seed) ? { seed } : {};
+  if (seed && !exact.seed) body.seed = Number(seed);  // not a whole number: the server says so
   const figures = [];
   for (let i = 0; i < n; i++) figures.push(newFigure(i));
   $("gallery").prepend(...figures.map((f) => f.figure));
@@ -192,7 +216,7 @@ async function draw(event) {
         figure.status.textContent = `preview ${data.partial_image_index + 1}`;
         figure.img.dataset.previews = data.partial_image_index + 1;
       }
-    });
+    }, exact);
   } catch (err) {
     if (err.name !== "AbortError") showError(err.message);
   } finally {

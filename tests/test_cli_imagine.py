@@ -97,3 +97,23 @@ def test_a_png_that_cannot_be_written_is_an_error_leaving_no_partial_file(tmp_pa
     monkeypatch.setattr(Image.Image, "save", disk_full)
     assert main(["imagine", "a red circle", "-o", str(tmp_path), "--seed", "1"]) == 1
     assert "No space left on device" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_folder_in_the_way_of_a_picture_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "image-00.png").mkdir()
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "image-00.png: a folder of that name is in the way" in err and "Traceback" not in err
+
+
+def test_a_png_that_cannot_be_overwritten_is_an_error_that_leaves_the_users_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "image-00.png").write_bytes(b"the user's picture")
+
+    def refused(image, path, *args, **kwargs):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(Image.Image, "save", refused)
+    assert main(["imagine", "a red circle", "-o", str(tmp_path), "--seed", "1", "--overwrite"]) == 1
+    assert "Permission denied" in capsys.readouterr().err
+    assert (tmp_path / "image-00.png").read_bytes() == b"the user's picture"

@@ -161,6 +161,15 @@ def test_clear_errors_for_bad_image_generation_requests(janus_dir, prompts, samp
     with pytest.raises(InputError, match="context of"):  # the prompt plus the image's tokens must fit
         long_prompt = processor(text="a red circle " * model.max_context, generation_mode="image")
         model.generate(**long_prompt, generation_mode="image")
+    image_prompt = processor(text=prompts[0], generation_mode="image")
+    for batch in (0, -1, 1.5):
+        with pytest.raises(InputError, match="max_batch_images must be a whole number >= 1"):
+            model.generate(**image_prompt, generation_mode="image", max_batch_images=batch)
+    for seed in (2**64, -(2**63) - 1, 1.5):  # past what a torch generator takes, or not a whole number
+        for mode in ("image", "text"):
+            with pytest.raises(InputError, match="seed must be a whole number from"):
+                model.generate(**(image_prompt if mode == "image" else processor(text="hello")), do_sample=True,
+                               generation_mode=mode, seed=seed, max_new_tokens=2)
 
 
 def test_imagine_takes_guidance_and_temperature_from_the_checkpoint_unless_given(janus_dir):

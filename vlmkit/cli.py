@@ -117,6 +117,10 @@ def cmd_imagine(args) -> int:
     out = _output_folder(args)
     stem = args.name or "image"
     first = 0 if args.overwrite else _first_free_index(out, stem)
+    in_the_way = [path for path in (out / f"{stem}-{first + i:02d}.png" for i in range(args.n)) if path.is_dir()]
+    if in_the_way:  # before the model loads, not after the drawing
+        raise InputError(f"could not write {in_the_way[0]}: a folder of that name is in the way; move it or pass "
+                         f"another -o or --name")
     engine = _load_engine(args, args.model or _default_model())
     if not engine.can_generate_images:
         raise InputError(f"{engine.model_type} checkpoints cannot generate images; vlmkit imagine needs a Janus "
@@ -149,12 +153,16 @@ def cmd_imagine(args) -> int:
 
 
 def _save_png(image, path: Path) -> None:
-    """Write one PNG; a write that fails (disk full, a folder that refuses files) leaves no partial file and
-    is an error naming the file."""
+    """Write one PNG; a write that fails (disk full, a folder that refuses files) leaves no partial file of
+    its own and is an error naming the file."""
+    if path.is_dir():
+        raise InputError(f"could not write {path}: a folder of that name is in the way; move it or pass another -o")
+    existed = path.exists()
     try:
         image.save(path)
     except OSError as err:
-        path.unlink(missing_ok=True)
+        if not existed:  # a file of the user's (--overwrite) is never deleted
+            path.unlink(missing_ok=True)
         raise InputError(f"could not write {path}: {err.strerror or err}") from None
 
 

@@ -11,7 +11,7 @@ import torch
 from ..configs import check_field_types, dataclass_from_dict
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import read_json
-from .option_types import check_option_types, token_id_list
+from .option_types import check_option_types, is_whole, token_id_list
 from .watermark import watermark_settings
 
 # the seeds torch.Generator.manual_seed takes: any 64-bit value, signed or unsigned
@@ -162,6 +162,9 @@ class GenerationConfig:
             value = getattr(self, option.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
                 raise InputError(f"{option.name} must be a finite number, got {value}")
+        if self.seed is not None and not (is_whole(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise InputError(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what a torch "
+                             f"generator takes), got {self.seed!r}")
         if self.num_beams < 1:
             raise InputError("num_beams must be >= 1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:

@@ -13,7 +13,7 @@ from ..io.chat_template import render_conversation, template_variables
 from ..models.janus.image_generation import image_generation_config
 from .api_errors import ApiError, api_error
 from .config import ServeConfig
-from .fields import parse_request
+from .fields import parse_request, shown_value
 from .image_schemas import ImageData, ImageGenerationRequest, ImagesResponse
 from .media import MediaLoading
 from .responses import AssistantMessage, ChatCompletion, Choice, Usage
@@ -259,12 +259,12 @@ class RequestHandler(MediaLoading):
             raise ApiError(400, "this model cannot generate images (only Janus checkpoints with generation weights "
                                 "can); use /v1/chat/completions")
         if request.response_format not in (None, "b64_json"):
-            raise ApiError(400, f"response_format {request.response_format!r} is not supported: this server returns "
-                                f"images inline only; use response_format='b64_json'")
+            raise ApiError(400, f"response_format {shown_value(request.response_format)} is not supported: this server "
+                                f"returns images inline only; use response_format='b64_json'")
         width, height = self.image_size
         if request.size not in (None, "auto", f"{width}x{height}"):
-            raise ApiError(400, f"size {request.size!r} is not available: this model draws {width}x{height} images "
-                                f"only; send size='{width}x{height}' or leave it out")
+            raise ApiError(400, f"size {shown_value(request.size)} is not available: this model draws {width}x{height} "
+                                f"images only; send size='{width}x{height}' or leave it out")
         if request.n > limits.max_n:
             raise ApiError(400, f"n={request.n} is more than this server's limit of {limits.max_n} images per "
                                 f"request (--max-n)")

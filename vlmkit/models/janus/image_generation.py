@@ -13,6 +13,7 @@ import torch
 from ...errors import InputError
 from ...generation import image_step
 from ...generation.loop import prompt_positions
+from ...generation.option_types import is_whole
 from ...generation.options import check_prompt_tokens
 from ...generation.sampling import make_generator
 
@@ -46,6 +47,9 @@ def generate_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.
     if options.pop("pixel_values", None) is not None:
         raise InputError("Janus generates images from text only; pass no pixel_values with generation_mode='image'")
     config = image_generation_config(generation_config or model.generation_config, **options)
+    if max_batch_images is not None and not (is_whole(max_batch_images) and max_batch_images >= 1):
+        raise InputError(f"max_batch_images must be a whole number >= 1 (None: every image at once), got "
+                         f"{max_batch_images!r}")
     begin_image_id = model.begin_image_token_id
     if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise InputError("image generation needs a tokenised prompt (processor(text=..., generation_mode='image'))")

@@ -470,3 +470,68 @@ def test_a_janus_folder_without_processor_files_takes_the_vision_towers_size(jan
     model = JanusForConditionalGeneration.from_pretrained(folder)
     inputs = bare(text="<image_placeholder> What is it?", images=sample_images["square"])
     assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_an_index_whose_metadata_is_not_an_object_is_refused_naming_it(janus_dir, tmp_path):
+    sharded = _reshard(janus_dir, tmp_path / "sharded", 2)
+    config = json.loads((sharded / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)  # so that dtype "auto" reads the index
+    (sharded / "config.json").write_text(json.dumps(config))
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "metadata": ["float32"]}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: metadata must be a JSON object"):
+        JanusForConditionalGeneration.from_pretrained(sharded)
+
+
+def _point_shard(sharded, shard):
+    """The index of ``sharded`` with its second shard's tensors listed under ``shard`` instead."""
+    index = sharded / "model.safetensors.index.json"
+    values = json.loads(index.read_text())
+    values["weight_map"] = {k: shard if v.startswith("model-00002") else v for k, v in values["weight_map"].items()}
+    index.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("shard,message", [("../outside.safetensors", "outside the checkpoint folder"),
+                                           ("absolute", "outside the checkpoint folder"),
+                                           ("model-00002.bin", "may only name .safetensors")])
+def test_an_index_naming_shards_outside_the_folder_or_pickles_is_refused(janus_dir, tmp_path, shard, message):
+    sharded = _reshard(janus_dir, tmp_path / "sharded", 2)
+    second = load_file(str(sharded / "model-00002-of-00002.safetensors"))
+    target = tmp_path / "elsewhere.bin" if shard == "absolute" else sharded / shard
+    if target.suffix == ".bin":
+        torch.save(second, str(target))
+    else:
+        save_file(second, str(target))
+    _point_shard(sharded, str(target) if shard == "absolute" else shard)
+    with pytest.raises(CheckpointError, match=message):
+        JanusForConditionalGeneration.from_pretrained(sharded)
+
+
+def test_a_janus_checkpoint_missing_some_generation_tensors_is_refused_naming_them(janus_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(janus_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state.pop("model.vqmodel.decoder.mid.attn_1.k.weight")
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks 1: model.vqmodel.decoder.mid.attn_1.k.weight"):
+        JanusForConditionalGeneration.from_pretrained(broken)
+    # without any generation tensor it is an understanding-only checkpoint
+    save_file({k: v for k, v in state.items() if not k.startswith(("model.vqmodel.", "model.generation_"))},
+              str(broken / "model.safetensors"))
+    assert not JanusForConditionalGeneration.from_pretrained(broken).has_generation_weights
+
+
+def test_load_reads_the_processor_from_the_revision_and_cache_the_model_comes_from(janus_dir, tmp_path):
+    import vlmkit
+    repo = tmp_path / "hub" / "models--org--tiny-janus"
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(janus_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    # only the asked revision's processor has this setting
+    processor_config = repo / "snapshots" / ("a" * 40) / "processor_config.json"
+    values = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
+    processor_config.write_text(json.dumps({**values, "num_image_tokens": 4}))
+    model, processor = vlmkit.load("org/tiny-janus", revision="a" * 40, cache_dir=tmp_path / "hub")
+    assert model.folder == repo / "snapshots" / ("a" * 40)
+    assert processor.num_image_tokens == 4

@@ -198,3 +198,81 @@ def test_a_checkpoint_quantized_in_another_format_is_refused_before_loading(janu
     monkeypatch.setattr("vlmkit.io.checkpoint.load_weights", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(CheckpointError, match="already quantized with 'gptq'"):
         vlmkit_class("janus").from_pretrained(tmp_path)
+
+
+def _with_config(janus_dir, folder, quantization_config):
+    """``folder``: janus_dir's files (linked) under a config.json whose quantization_config is given."""
+    for item in janus_dir.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((janus_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return folder
+
+
+@pytest.mark.parametrize("saved,key", [
+    ({"quant_method": "vlmkit", "bits": 8, "format_version": None}, "format_version"),
+    ({"quant_method": "vlmkit", "bits": 8, "format_version": "1"}, "format_version"),
+    ({"quant_method": "vlmkit", "bits": "eight"}, "bits"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": None}, "llm_int8_threshold"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": "x"}, "llm_int8_threshold"),
+    ({"quant_method": "bitsandbytes"}, "load_in_8bit"),
+])
+def test_a_bad_quantization_config_value_in_config_json_is_refused_naming_the_file_and_key(janus_dir, tmp_path,
+                                                                                         saved, key):
+    folder = _with_config(janus_dir, tmp_path, saved)
+    with pytest.raises(CheckpointError) as error:
+        vlmkit_class("janus").from_pretrained(folder)
+    assert str(folder / "config.json") in str(error.value) and key in str(error.value)
+
+
+@pytest.mark.parametrize("saved", [{"quant_method": "vlmkit", "bits": 8},
+                                   {"quant_method": "vlmkit", "bits": 4, "group_size": 128},
+                                   {"quant_method": "bitsandbytes", "load_in_8bit": True}])
+def test_a_config_saying_quantized_over_full_precision_weights_is_refused(janus_dir, tmp_path, saved):
+    folder = _with_config(janus_dir, tmp_path, saved)
+    with pytest.raises(CheckpointError, match="says the weights are quantized.*but they are not"):
+        vlmkit_class("janus").from_pretrained(folder)
+
+
+def test_full_precision_weights_under_a_quantized_config_are_quantized_when_asked_explicitly(janus_dir, tmp_path):
+    folder = _with_config(janus_dir, tmp_path, {"quant_method": "vlmkit", "bits": 8})
+    model = vlmkit_class("janus").from_pretrained(folder, dtype=torch.float32, quantization_config="int8")
+    assert quantized_modules(model) == quantized_modules(load("janus", str(janus_dir), "int8"))
+    assert model.quantization_config.name == "int8"
+
+
+LAYER = "model.language_model.layers.0.mlp.up_proj"
+
+
+def _damage(state, suffix, change):
+    if change == "missing":
+        state.pop(f"{LAYER}.{suffix}")
+    elif change == "rows cut":
+        state[f"{LAYER}.{suffix}"] = state[f"{LAYER}.{suffix}"][:3].clone()
+    elif change == "columns cut":
+        state[f"{LAYER}.{suffix}"] = state[f"{LAYER}.{suffix}"][:, :-2].clone()
+    else:
+        state[f"{LAYER}.{suffix}"] = state[f"{LAYER}.{suffix}"].to(change)
+
+
+@pytest.mark.parametrize("name,suffix,change", [
+    ("int8", "weight_scale", "rows cut"),
+    ("int8", "weight_scale", torch.int32),
+    ("int8", "weight", "columns cut"),
+    ("int8", "weight", torch.float32),
+    pytest.param("int4", "weight_zero", "missing", marks=needs_int4_kernel),
+    pytest.param("int4", "weight_scale", "rows cut", marks=needs_int4_kernel),
+    pytest.param("int4", "weight_scale", torch.int32, marks=needs_int4_kernel),
+    pytest.param("int4", "weight", "columns cut", marks=needs_int4_kernel),
+])
+def test_a_damaged_quantized_tensor_is_refused_at_load_naming_it_and_its_file(janus_dir, tmp_path, name, suffix,
+                                                                            change):
+    from safetensors.torch import load_file, save_file
+    load("janus", str(janus_dir), name).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    _damage(state, suffix, change)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        vlmkit_class("janus").from_pretrained(tmp_path)
+    assert f"{LAYER}.{suffix}" in str(error.value) and str(tmp_path / "model.safetensors") in str(error.value)

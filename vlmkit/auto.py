@@ -4,7 +4,7 @@
 from importlib import import_module
 
 from .errors import CheckpointError, InputError
-from .io.checkpoint import checkpoint_location, read_json
+from .io.checkpoint import LOCATION_OPTIONS, checkpoint_location, read_json
 
 # model_type -> (module, model class, processor class)
 FAMILIES = {
@@ -113,4 +113,6 @@ class AutoImageProcessor:
 
 def load(name_or_path, **kwargs):
     """(model, processor) for a checkpoint folder or cached hub id."""
-    return AutoModel.from_pretrained(name_or_path, **kwargs), AutoProcessor.from_pretrained(name_or_path)
+    # the processor is read from the very folder the model is (same revision, cache, subfolder)
+    location = {key: kwargs[key] for key in LOCATION_OPTIONS if key in kwargs}
+    return AutoModel.from_pretrained(name_or_path, **kwargs), AutoProcessor.from_pretrained(name_or_path, **location)

@@ -36,6 +36,10 @@ HUB_OPTIONS = ("token", "use_auth_token", "proxies", "resume_download", "local_f
                "force_download", "mirror", "_from_auto", "user_agent")
 
 
+# the from_pretrained options that say where a checkpoint is: the model's and its processor's alike
+LOCATION_OPTIONS = ("revision", "cache_dir", "subfolder") + HUB_OPTIONS
+
+
 def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main", cache_dir=None,
                        subfolder: str = "") -> Path:
     """A local checkpoint folder, or the snapshot of a hub model id already in the local HF cache
@@ -119,6 +123,7 @@ def weight_files(folder: Path) -> list[Path]:
                 raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; "
                                       f"download the checkpoint again")
             shards = sorted(set(weight_map.values()))
+            _check_shard_names(index, shards)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{folder} is incomplete: shard(s) {', '.join(missing)} listed in "
@@ -130,6 +135,27 @@ def weight_files(folder: Path) -> list[Path]:
             return [folder / single]
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors, {SAFETENSORS_INDEX}, "
                           f"pytorch_model.bin or {BIN_INDEX}")
+
+
+def _check_shard_names(index: Path, shards: list[str]) -> None:
+    """Shards are files inside the checkpoint folder, and a safetensors index names safetensors only: an
+    index must not lead the loader to other folders, nor to pickle files where safetensors were promised."""
+    outside = [s for s in shards if Path(s).is_absolute() or ".." in Path(s).parts or "\\" in s]
+    if outside:
+        raise CheckpointError(f"{index}: weight_map names shard(s) outside the checkpoint folder: "
+                              f"{', '.join(outside[:5])}; shard names must be file names inside {index.parent}: "
+                              f"download the checkpoint again")
+    if index.name == SAFETENSORS_INDEX:
+        other = [s for s in shards if not s.endswith(".safetensors")]
+        if other:
+            raise CheckpointError(f"{index}: a safetensors index may only name .safetensors shards, but it names "
+                                  f"{', '.join(other[:5])}; download the checkpoint again")
+
+
+def iter_checkpoint_names(files: list[Path]) -> Iterator[str]:
+    """The tensor names in ``files`` (safetensors: from the headers, no tensor data read)."""
+    for name, _ in iter_checkpoint_tensors(files):
+        yield name
 
 
 def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -230,7 +256,13 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
     folder = files[0].parent
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         if (folder / index_name).is_file():
-            name = (read_json(folder / index_name).get("metadata") or {}).get("dtype")
+            metadata = read_json(folder / index_name).get("metadata")
+            if metadata is not None and not isinstance(metadata, dict):
+                # transformers fails on it too; a clear message instead of an AttributeError
+                raise CheckpointError(f"{folder / index_name}: metadata must be a JSON object ({{...}}), got "
+                                      f"{type(metadata).__name__}; download the checkpoint again, or remove "
+                                      f"\"metadata\" from the index")
+            name = (metadata or {}).get("dtype")
             if isinstance(name, str) and name in DTYPE_NAMES:
                 return DTYPE_NAMES[name]
     if files[0].suffix == ".safetensors":

@@ -42,7 +42,7 @@ def quantizer_for(model: nn.Module, quantization, pre_quantized: bool, files, la
         method = WeightOnlyMethod(quantization, device, dtype, pre_quantized)
         names = stored_weight_only_module_names(checkpoint_tensor_names(files, layout.rename)) \
             if pre_quantized else weight_only_module_names(model)
-    return StreamingQuantizer(method, names)
+    return StreamingQuantizer(method, names, files)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

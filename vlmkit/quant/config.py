@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,9 @@ class BitsAndBytesConfig:
         if llm_int8_skip_modules is not None and not (isinstance(llm_int8_skip_modules, (list, tuple)) and
                                                       all(isinstance(m, str) for m in llm_int8_skip_modules)):
             raise InputError("BitsAndBytesConfig: llm_int8_skip_modules must be a list of module names")
+        if isinstance(llm_int8_threshold, bool) or not isinstance(llm_int8_threshold, (int, float)):
+            # float() would take "6" and refuse None with a bare TypeError; transformers wants a number too
+            raise InputError(f"BitsAndBytesConfig: llm_int8_threshold must be a number, got {llm_int8_threshold!r}")
         self.load_in_8bit, self.load_in_4bit = load_in_8bit, load_in_4bit
         self.llm_int8_threshold = float(llm_int8_threshold)
         self.llm_int8_skip_modules = list(llm_int8_skip_modules) if llm_int8_skip_modules is not None else None
@@ -130,13 +134,16 @@ class WeightOnlyConfig:
     @classmethod
     def from_dict(cls, values: dict) -> WeightOnlyConfig:
         version = values.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InputError(f"vlmkit quantization_config: format_version must be a whole number such as "
+                             f"{cls.FORMAT_VERSION}, got {version!r}")
         if version > cls.FORMAT_VERSION:
             raise CheckpointError(f"this checkpoint's vlmkit quantization format {version} is newer than this "
                                   f"vlmkit reads ({cls.FORMAT_VERSION}); upgrade vlmkit")
-        try:
-            return cls(int(values["bits"]), values.get("group_size"))
-        except (KeyError, TypeError, ValueError, InputError) as err:
-            raise CheckpointError(f"unreadable vlmkit quantization_config {values!r}: {err}") from None
+        bits = values.get("bits")
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise InputError(f"vlmkit quantization_config: bits must be 8 or 4, got {bits!r}")
+        return cls(bits, values.get("group_size"))
 
 
 NAMED = {"int8": WeightOnlyConfig(8), "int4": WeightOnlyConfig(4, 128)}
@@ -183,9 +190,14 @@ def checkpoint_quantization(raw_config: dict, folder) -> QuantizationConfig | No
                               f"full-precision checkpoints, bitsandbytes ones and its own int8/int4: load the "
                               f"original full-precision weights instead")
     try:
-        return parse_quantization_config(saved)
-    except InputError as err:
-        raise CheckpointError(f"{folder}: unreadable quantization_config in config.json: {err}") from None
+        config = parse_quantization_config(saved)
+        if isinstance(config, BitsAndBytesConfig) and config.quantization_method() is None:
+            raise InputError("BitsAndBytesConfig: neither load_in_8bit nor load_in_4bit is true")
+    except (InputError, CheckpointError) as err:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: unreadable quantization_config: {err}. Fix that "
+                              f"value, or take quantization_config out of config.json if the weights are full "
+                              f"precision") from None
+    return config
 
 
 def resolve_quantization(requested, raw_config: dict, folder) -> tuple[QuantizationConfig | None, bool]:
@@ -196,11 +208,41 @@ def resolve_quantization(requested, raw_config: dict, folder) -> tuple[Quantizat
     stored = checkpoint_quantization(raw_config, folder)
     if stored is None:
         return asked, False
+    if not _weights_quantized(folder, stored):
+        # config.json alone must not decide: quantized layers built over float weights would load nothing
+        if asked is not None:
+            return asked, False  # quantized at load, as asked; the stale config entry is ignored
+        raise CheckpointError(f"{Path(folder) / 'config.json'} says the weights are quantized ({_describe(stored)}), "
+                              f"but they are not: the checkpoint holds none of its {_MARKER_TEXT[_marker(stored)]} "
+                              f"tensors. Remove quantization_config from config.json to load them in full "
+                              f"precision, or pass quantization_config= to quantize them at load")
     if asked is not None and not _same_format(asked, stored):
         raise InputError(f"{folder} is already quantized as {_describe(stored)}; it cannot be loaded as "
                          f"{_describe(asked)}. Drop quantization_config (the stored format is used), or load the "
                          f"full-precision checkpoint to quantize it another way")
     return stored, True
+
+
+# a tensor-name ending that each stored format writes for every quantized layer
+_MARKERS = {"vlmkit": ".weight_scale", "llm_int8": ".SCB", "4bit": ".weight.quant_state.bitsandbytes__"}
+_MARKER_TEXT = {"vlmkit": "weight_scale", "llm_int8": "SCB", "4bit": "weight.quant_state"}
+
+
+def _marker(config: QuantizationConfig) -> str:
+    if isinstance(config, WeightOnlyConfig):
+        return "vlmkit"
+    return "llm_int8" if config.quantization_method() == "llm_int8" else "4bit"
+
+
+def _weights_quantized(folder, stored: QuantizationConfig) -> bool:
+    """Whether the weights in ``folder`` hold any layer quantized in the ``stored`` format (names only:
+    safetensors headers are read, no tensor data)."""
+    from ..io.checkpoint import iter_checkpoint_names, weight_files
+    key = _marker(stored)
+    marker = _MARKERS[key]
+    found = (name.endswith(marker) if key != "4bit" else marker in name
+             for name in iter_checkpoint_names(weight_files(Path(folder))))
+    return any(found)
 
 
 def _same_format(a: QuantizationConfig, b: QuantizationConfig) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..io.checkpoint import iter_checkpoint_tensors
+from ..errors import CheckpointError
+from ..io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, iter_checkpoint_tensors, read_json
 from ..io.mapped_safetensors import release_pages
 from ..io.memory import return_freed_memory
 
@@ -23,8 +25,9 @@ class StreamingQuantizer:
     ``build(linear, taken)`` (the quantized module replacing ``linear``); ``suffixes`` says which tensor
     names after a layer's name belong to it (``weight``, ``weight.absmax``...; the bias loads as usual)."""
 
-    def __init__(self, method, module_names: Iterable[str]):
+    def __init__(self, method, module_names: Iterable[str], files: list[Path] | None = None):
         self.method = method
+        self.files = files or []
         self.module_names = set(module_names)
         self._since_trim = 0
         self.taken: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -74,11 +77,34 @@ class StreamingQuantizer:
             if "weight" not in taken:
                 continue
             linear = model.get_submodule(name)
+            self._check_stored(name, linear, taken)
             model.set_submodule(name, self.method.build(linear, taken))
             replaced.add(f"{name}.weight")
         self.taken.clear()
         return_freed_memory()
         return missing - replaced
+
+    def _check_stored(self, name: str, linear: nn.Module, taken: dict) -> None:
+        check = getattr(self.method, "stored_problem", None)
+        if not self.method.pre_quantized or check is None:
+            return
+        problem = check(name, linear, taken)
+        if problem:
+            raise CheckpointError(f"{self._file_of(name + '.weight')}: {problem}. This quantized checkpoint is "
+                                  f"damaged: save or download it again")
+
+    def _file_of(self, tensor_name: str) -> str:
+        """The weight file holding ``tensor_name`` (a shard index says which), else the checkpoint folder."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        if not self.files:
+            return "the checkpoint"
+        for index in (SAFETENSORS_INDEX, BIN_INDEX):
+            if (self.files[0].parent / index).is_file():
+                shard = read_json(self.files[0].parent / index).get("weight_map", {}).get(tensor_name)
+                if isinstance(shard, str):
+                    return str(self.files[0].parent / shard)
+        return str(self.files[0].parent)
 
 
 TRIM_EVERY_WEIGHTS = 32 << 20

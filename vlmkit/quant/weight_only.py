@@ -259,6 +259,33 @@ class WeightOnlyMethod:
             return None  # torch's CUDA int4 kernel takes bfloat16 activations only
         return int4_group_size(out_features, in_features, group_size, self.device)
 
+    def stored_problem(self, name: str, linear: nn.Linear, taken: dict) -> str | None:
+        """What is wrong with a stored layer's tensors for ``linear`` (naming the tensor, what it is and what
+        it should be), or None. A damaged tensor would otherwise load and only fail, or silently compute
+        garbage, at the first forward."""
+        weight, out_features, in_features = taken["weight"], linear.out_features, linear.in_features
+        if weight.dtype == torch.int8:
+            expected = {"weight": ((out_features, in_features), "int8"),
+                        "weight_scale": ((out_features,), FLOAT_KIND)}
+            if "weight_zero" in taken:
+                return f"{name}.weight_zero belongs to an int4 layer, but {name}.weight is int8"
+        elif weight.dtype == torch.uint8 and self.config.bits == 4:
+            groups = _stored_groups(taken)
+            if groups is None or in_features % 2 or in_features % groups:
+                groups = "groups"  # a shape no stored group count fits; the message gives the rule
+            expected = {"weight": ((out_features, in_features // 2), "uint8"),
+                        "weight_scale": ((out_features, groups), FLOAT_KIND),
+                        "weight_zero": ((out_features, groups), FLOAT_KIND)}
+        else:
+            kinds = "int8" if self.config.bits == 8 else "int8 or uint8 (int4, two values a byte)"
+            return f"{name}.weight is stored as {_dtype_name(weight.dtype)}; a vlmkit int{self.config.bits} layer's is {kinds}"
+        for suffix, (shape, kind) in expected.items():
+            problem = _tensor_problem(f"{name}.{suffix}", taken.get(suffix), shape, kind)
+            if problem:
+                return problem + (f" (groups: a number of input-channel groups dividing {in_features})"
+                                  if "groups" in shape else "")
+        return None
+
     def build(self, linear: nn.Linear, taken: dict) -> nn.Module:
         bias = None if linear.bias is None else linear.bias.detach()
         if not self.pre_quantized:
@@ -275,6 +302,29 @@ class WeightOnlyMethod:
         groups = unpack_nibbles(packed).float().reshape(packed.shape[0], -1, group)
         weight = (groups - 8) * scale.float()[..., None] + zero.float()[..., None]
         return Int8Linear.from_float(weight.reshape(packed.shape[0], -1), bias, self.dtype)
+
+
+FLOAT_KIND = "float32/bfloat16/float16"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _stored_groups(taken: dict) -> int | None:
+    scale = taken.get("weight_scale")
+    return scale.shape[1] if scale is not None and scale.dim() == 2 and scale.shape[1] > 0 else None
+
+
+def _tensor_problem(name: str, tensor: torch.Tensor | None, shape: tuple, kind: str) -> str | None:
+    """Why ``tensor`` cannot be the layer's ``name`` of ``shape`` and dtype ``kind``, or None."""
+    if tensor is None:
+        return f"{name} is missing"
+    dtype_ok = tensor.is_floating_point() if kind == FLOAT_KIND else _dtype_name(tensor.dtype) == kind
+    if tuple(tensor.shape) != shape or not dtype_ok:
+        return (f"{name} is {_dtype_name(tensor.dtype)} {tuple(tensor.shape)}, the layer needs {kind} "
+                f"{shape}".replace("'groups'", "groups"))
+    return None
 
 
 def weight_only_module_names(model: nn.Module) -> list[str]:

@@ -68,6 +68,21 @@ class JanusModel(nn.Module):
 GENERATION_WEIGHTS = (r"^model\.vqmodel\.", r"^model\.generation_")
 
 
+def _require_whole_generation_group(model: nn.Module, generation_missing: list[str]) -> None:
+    """Only a checkpoint without any generation tensor is understanding-only: one that lacks some of them is
+    damaged (a lost shard, a failed export), and dropping the generation modules would hide that."""
+    if not generation_missing:
+        return
+    missing = set(generation_missing)
+    present = [n for n in model.state_dict() if any(re.search(p, n) for p in GENERATION_WEIGHTS) and n not in missing]
+    if present:
+        raise CheckpointError(
+            f"the checkpoint holds {len(present)} image-generation tensors but lacks {len(missing)}: "
+            f"{', '.join(sorted(missing)[:10])}{' ...' if len(missing) > 10 else ''}. Download it again (a shard "
+            f"may be missing), or remove every model.vqmodel.* and model.generation_* tensor for an "
+            f"understanding-only checkpoint")
+
+
 class JanusForConditionalGeneration(PretrainedVLM):
     """Janus for image understanding (text out) and text-to-image generation (image tokens out)."""
 
@@ -102,6 +117,7 @@ class JanusForConditionalGeneration(PretrainedVLM):
     def tie_missing_weights(self, missing: set[str]) -> None:
         super().tie_missing_weights(missing)
         generation_missing = [m for m in missing if any(re.search(p, m) for p in GENERATION_WEIGHTS)]
+        _require_whole_generation_group(self, generation_missing)
         self.has_generation_weights = not generation_missing
         if generation_missing:  # drop the unloaded generation modules instead of keeping meta tensors
             for name in ("vqmodel", "generation_embeddings", "generation_aligner", "generation_head"):

@@ -156,3 +156,18 @@ def test_ctrl_c_during_an_answer_stops_that_answer_and_the_session_goes_on(monke
     assert run_interactive(session, [], [], [], "m") == 0
     assert "answer stopped" in capsys.readouterr().err
     assert len(session.asked[1]) == 1  # the stopped question was not kept in the conversation
+
+
+def test_an_image_that_does_not_open_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from vlmkit import cli
+    from vlmkit.cli import main
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before --image was checked")
+
+    monkeypatch.setattr(cli, "_load_engine", load)
+    fake = tmp_path / "photo.png"
+    fake.write_text("not a picture")
+    assert main(["chat", "--image", str(fake), "what is it?"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("vlmkit: error: ") and "not an image" in message and str(fake) in message, message

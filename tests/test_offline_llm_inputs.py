@@ -182,3 +182,43 @@ def test_generate_images_takes_the_checkpoints_guidance_unless_given(janus_dir, 
         given = llm.generate_images("a red circle", seed=4, guidance_scale=1.5, use_tqdm=False)[0][0]
         other = llm.generate_images("a red circle", seed=4, guidance_scale=5.0, use_tqdm=False)[0][0]
     assert default.tobytes() == given.tobytes() != other.tobytes()
+
+
+@pytest.mark.parametrize("top_k", [None, "5", -5, 2.5, True])
+def test_a_top_k_vllm_refuses_is_an_input_error_naming_it(llm, top_k):
+    for params in (SamplingParams(top_k=top_k, max_tokens=2), {"top_k": top_k, "max_tokens": 2}):
+        with pytest.raises(InputError, match="top_k"):
+            llm.chat(ask("Hi"), params, use_tqdm=False)
+
+
+def test_numpy_and_tensor_token_ids_are_prompts_as_lists_are(llm):
+    ids = [5, 17, 42]
+    expected = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].text
+    for given in (np.array(ids), list(np.array(ids)), torch.tensor(ids)):
+        assert llm.generate({"prompt_token_ids": given}, GREEDY, use_tqdm=False)[0].text == expected
+
+
+@pytest.mark.parametrize("kwargs, names, unwanted", [
+    (dict(dtype="int8"), ["dtype='int8'", "quantize='int8'"], "quantization_config"),
+    (dict(quantize="int3"), ["unknown quantization 'int3'"], "quantization_config"),
+    (dict(device="tpu"), ["device='tpu'"], "device_map"),
+    (dict(tensor_parallel_size=2), ["tensor_parallel_size=2", "one device"], None),
+    (dict(max_model_len=64), ["max_model_len=64", "model's own context"], None),
+    (dict(limit_mm_per_prompt={"audio": 1}), ["limit_mm_per_prompt takes {'image': N}"], None),
+    (dict(seed="1"), ["seed must be a whole number"], None),
+])
+def test_load_options_and_vllm_settings_are_checked_in_llms_own_names(kwargs, names, unwanted):
+    with pytest.raises(InputError) as caught:
+        LLM(MISSING, **kwargs)
+    for name in names:
+        assert name in str(caught.value)
+    assert "checkpoint" not in str(caught.value) and (unwanted is None or unwanted not in str(caught.value))
+
+
+def test_vllms_llm_settings_that_vlmkit_honours_are_taken(janus_dir):
+    with LLM(str(janus_dir), seed=7, limit_mm_per_prompt={"image": 1}, tensor_parallel_size=1,
+             trust_remote_code=True, concurrency=2) as llm:
+        assert llm.worker.config.limits.max_images == 1
+        params = SamplingParams(temperature=1.0, max_tokens=4)
+        first = [output.text for output in llm.chat([ask("Hi"), ask("Hi")], params, use_tqdm=False)]
+        assert [output.text for output in llm.chat([ask("Hi"), ask("Hi")], params, use_tqdm=False)] == first

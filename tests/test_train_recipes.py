@@ -218,3 +218,32 @@ def test_an_older_recipe_with_relative_paths_resumes_from_where_they_are(tmp_pat
     with pytest.warns(UserWarning, match="relative to the directory the run started in; reading"):
         recipe = resumed_recipe(out, out / "training" / "recipe.json", out / "training" / "checkpoint.pt", None)
     assert recipe.data.understanding == str(tmp_path / "data" / "u.jsonl")
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"hidden_size": 66, "num_heads": 2, "num_kv_heads": 2}, r"recipe.model.hidden_size / num_heads \(66 / 2 = 33\) must be even"),
+    ({"max_position_embeddings": 8}, r"recipe.model.max_position_embeddings \(8\) leaves no room for a prompt: an "
+                                     r"image is 64 tokens"),
+])
+def test_sizes_no_model_can_run_are_refused_by_the_recipe_check(tmp_path, capsys, model, message):
+    with pytest.raises(InputError, match=message):
+        Recipe.from_dict({"model": model})
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": model, "vq": {"steps": 1}}))
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "run")]) != 0
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+    ('{"lm": {"seed": ' + "9" * 5000 + "}}", "JSON with a number of more than 4300 digits"),
+])
+def test_a_recipe_or_data_line_beyond_pythons_json_limits_is_one_error_naming_the_file(janus_dir, tmp_path, text,
+                                                                                          message):
+    (tmp_path / "recipe.json").write_text(text)
+    with pytest.raises(InputError, match=f"recipe {tmp_path / 'recipe.json'} is {message}"):
+        Recipe.from_file(tmp_path / "recipe.json")
+    write_data(tmp_path / "data", understanding=(QA, text))
+    with pytest.raises(InputError, match=f"u.jsonl:2 is {message}"):
+        train(Recipe.from_dict(fine_tune(janus_dir, tmp_path / "data")), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

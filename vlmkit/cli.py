@@ -68,6 +68,16 @@ def _check_videos(videos: list[str], frames: int) -> None:
             check_video_file(video, frames)
 
 
+def _check_images(images: list[str]) -> None:
+    """Each local --image decoded now, so a file that is no image is refused before the model loads (as
+    the session would read it); URLs are fetched later."""
+    from .cli_args import is_url
+    from .io.media import load_image
+    for image in images:
+        if not is_url(image):
+            load_image(image)
+
+
 def cmd_chat(args) -> int:
     from .cli_chat import run_chat, warn_no_image
     if args.prompt is not None and not args.prompt.strip():
@@ -81,6 +91,7 @@ def cmd_chat(args) -> int:
             args.parser.error(f"argument --video: {model_type} models cannot take video; use a LLaVA-OneVision "
                               f"checkpoint (--model), or give frames as --image")
         _check_videos(args.video, args.frames)
+    _check_images(args.image)
     needs_image = _is_builtin(model)
     if needs_image and args.prompt and not args.image:
         warn_no_image("the built-in model")

@@ -71,6 +71,9 @@ def scan_input(path) -> InputSummary:
                 continue
             seen[custom_id] = number
             ids.append(custom_id)
+    if not ids and not problems:
+        raise BatchFileError(f"{path}: the input has no requests (it is empty or only blank lines); give a JSONL "
+                             f"file with one request per line")
     if problems:
         more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
         raise BatchFileError(f"{path}: {len(problems)} line(s) cannot be run: " + "; ".join(problems[:_SHOWN]) + more +
@@ -82,6 +85,8 @@ def scan_input(path) -> InputSummary:
 def parse_line(raw: str | bytes):
     """One line's JSON value, or ``BatchFileError`` saying why it cannot be read (Python's own limits
     included: nesting deeper than the recursion limit, integers of more than 4300 digits)."""
+    if isinstance(raw, bytes) and _wide_text(raw):
+        raise BatchFileError("the line is UTF-16 or UTF-32 text; save the file as UTF-8")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -91,6 +96,12 @@ def parse_line(raw: str | bytes):
     except ValueError:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
         raise BatchFileError(f"a number has more than {sys.get_int_max_str_digits()} digits; write it as a "
                              f"string") from None
+
+
+def _wide_text(raw: bytes) -> bool:
+    """Whether json would read the line as UTF-16/32 (a BOM, or NUL bytes among its first four). It reads
+    such a line alone, but a file split at b"\n" is torn mid-character, and Ray workers read UTF-8 only."""
+    return json.detect_encoding(raw) not in ("utf-8", "utf-8-sig") and bool(raw.strip(b"\0\r\n"))
 
 
 def row_custom_id(row) -> str:
@@ -151,10 +162,12 @@ class ResultsFile:
                                  f"where a new file can be written") from None
         try:
             self._lock()
-            done, good_end = self._read_done()
+            done, good_end, unended = self._read_done()
             if good_end < os.fstat(self._fd).st_size:
                 os.ftruncate(self._fd, good_end)  # the line a kill tore; its row runs again
                 os.fsync(self._fd)
+            if unended:  # a whole last line without its newline: end it, or the next result joins it
+                self.append([])
             if created:
                 _fsync_dir(self.path.parent)
             if expected_ids is not None:
@@ -170,8 +183,9 @@ class ResultsFile:
         return done
 
     def append(self, lines: list[dict | str]) -> None:
-        """Write whole lines at the end of the file, then flush them to disk (one fsync per call)."""
-        data = b"".join(encode_line(line) for line in lines)
+        """Write whole lines at the end of the file, then flush them to disk (one fsync per call).
+        No lines (``open`` ending an unended last line) writes just a newline."""
+        data = b"".join(encode_line(line) for line in lines) or b"\n"
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -218,17 +232,21 @@ class ResultsFile:
             raise BatchFileError(f"another vlmkit batch job is writing {self.path}; wait for it to finish (or stop "
                                  f"it) before running this one") from None
 
-    def _read_done(self) -> tuple[set[str], int]:
-        """The custom_ids of the whole lines, and the byte offset where the last whole line ends. Every
-        whole line must be a batch output line; only a last line without its newline that starts as one
-        (or is zeros, as a crash can leave) is a torn write, cut off by ``open``. Anything else means the
-        file is not (only) this job's output, and it is refused rather than cut."""
-        done, good_end = set(), 0
+    def _read_done(self) -> tuple[set[str], int, bool]:
+        """The custom_ids of the whole lines, the byte offset where the last whole line ends, and whether
+        that line lacks its newline. Every whole line must be a batch output line; a last line without its
+        newline that is a complete one is kept (a script that rewrote the file may have dropped the final
+        newline), and one that only starts as one (or is zeros, as a crash can leave) is a torn write, cut
+        off by ``open``. Anything else means the file is not (only) this job's output, and it is refused
+        rather than cut."""
+        done, good_end, unended = set(), 0, False
         with open(self.path, "rb") as lines:
             for number, raw in enumerate(lines, start=1):
-                if not raw.endswith(b"\n") and _torn(raw):
-                    break
                 custom_id = _written_id(raw)
+                if not raw.endswith(b"\n"):
+                    if custom_id is None and _torn(raw):
+                        break
+                    unended = custom_id is not None
                 if custom_id is None:
                     raise BatchFileError(f"--output {str(self.path)!r}: line {number} is not a batch output line "
                                          f"({_shown(raw)}), so this file is not the output of a vlmkit batch job "
@@ -236,7 +254,7 @@ class ResultsFile:
                                          f"if it is not needed")
                 done.add(custom_id)
                 good_end += len(raw)
-        return done, good_end
+        return done, good_end, unended
 
 
 def _written_id(raw: bytes) -> str | None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError, VlmkitError
 from ..serve.config import ServeConfig, ServeLimits
+from .llm_settings import VLLM_SETTINGS, check_load_options, vllm_settings
 from .python_inputs import completion_prompt, conversations_of, openai_message, prompt_list
-from .rows import BatchRequest, BatchWorker, check_concurrency
+from .rows import BatchRequest, BatchWorker, check_concurrency, derived_seed
 
 
 @dataclass
@@ -56,7 +57,7 @@ class SamplingParams:
 
     def request_fields(self) -> dict:
         """These settings as chat-completion request fields (the server checks them as a request's)."""
-        fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+        fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=_top_k(self.top_k),
                       seed=self.seed, stop=self.stop, repetition_penalty=self.repetition_penalty,
                       ignore_eos=self.ignore_eos, min_p=self.min_p, min_tokens=self.min_tokens,
                       stop_token_ids=self.stop_token_ids, structured_outputs=self.structured_outputs,
@@ -100,16 +101,23 @@ class LLM:
 
     def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None, concurrency: int = 32,
                  limits: ServeLimits | dict | None = None, media_root: str | None = None, **settings):
+        """``settings`` are ``ServeConfig`` fields, and vLLM's ``LLM`` settings that vlmkit honours
+        (``vllm_settings``: ``seed``, ``limit_mm_per_prompt``, ``tensor_parallel_size=1``, ...)."""
         # everything is checked here, before Engine.load spends seconds to minutes on the weights
         if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
             raise InputError(f"model must be a checkpoint folder or a cached hub id, got {model!r}")
         check_concurrency(concurrency)
+        seed, limits = vllm_settings(settings, limits)
         unknown = sorted(set(settings) - _SETTINGS)
         if unknown:
-            raise InputError(f"unknown LLM setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTINGS))}")
-        config = ServeConfig(model=str(model), dtype=dtype, device=device, limits=_serve_limits(limits),
+            raise InputError(f"unknown LLM setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(_SETTINGS | set(VLLM_SETTINGS)))}")
+        limits = _serve_limits(limits)
+        check_load_options(dtype, device, settings.get("quantize"))
+        config = ServeConfig(model=str(model), dtype=dtype, device=device, limits=limits,
                              media_root=_media_root(media_root), **settings)
         self.worker = BatchWorker.load(config, concurrency)
+        self.seed = seed
         self._closed = False
 
     @classmethod
@@ -118,6 +126,7 @@ class LLM:
         check_concurrency(concurrency)
         llm = cls.__new__(cls)
         llm.worker = BatchWorker(engine, config or ServeConfig(model="model"), concurrency)
+        llm.seed = None
         llm._closed = False
         return llm
 
@@ -212,6 +221,9 @@ class LLM:
     def _run(self, url: str, bodies: list[dict], what: str, use_tqdm: bool) -> list[dict]:
         from tqdm import tqdm
 
+        if self.seed is not None:  # vLLM's LLM(seed=): repeatable runs, yet each prompt draws its own tokens
+            bodies = [{**body, "seed": derived_seed(f"{self.seed}:{i}")} if body.get("seed") is None else body
+                      for i, body in enumerate(bodies)]
         requests = [BatchRequest(None, "POST", url, body) for body in bodies]
         index = {id(request): i for i, request in enumerate(requests)}
         results: list = [None] * len(requests)
@@ -224,6 +236,14 @@ class LLM:
                 error = InputError if 400 <= status < 500 else VlmkitError
                 raise error(f"{what} {i}: {body['error']['message']}")
         return [body for _, body in results]
+
+
+def _top_k(top_k) -> int:
+    """vLLM's top_k as the request's: 0 or -1 (vLLM's older spelling) is off, else a whole number of at least 1."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise InputError(f"top_k must be 0 (or -1) for no top-k filter, or a whole number of at least 1, got "
+                         f"{top_k!r}")
+    return max(top_k, 0)
 
 
 def _string_keys(logit_bias):

@@ -45,13 +45,30 @@ def completion_prompt(prompt, index: int) -> dict:
                 return {"prompt": value,
                         "multi_modal_data": _multi_modal_data(prompt["multi_modal_data"], f"prompt {index}")}
             return {"prompt": value}
-        if "prompt_token_ids" in prompt and isinstance(value, (list, tuple)) and value and \
-                all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-            return {"prompt": list(value)}
-        raise InputError(f"prompt {index}: 'prompt' must be a text and 'prompt_token_ids' a non-empty list of token "
-                         f"ids, got {value!r:.60}")
+        ids = _token_ids(value) if "prompt_token_ids" in prompt else None
+        if ids:
+            return {"prompt": ids}
+        raise InputError(f"prompt {index}: 'prompt' must be a text and 'prompt_token_ids' a non-empty list (or 1-D "
+                         f"numpy array or tensor) of non-negative integer token ids, got {value!r:.60}")
     raise InputError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a text, {{'prompt': text}} or "
                      f"{{'prompt_token_ids': ids}}")
+
+
+def _token_ids(value) -> list[int] | None:
+    """Token ids as plain ints, from a list or tuple (of ints, numpy or torch integer scalars), a 1-D numpy
+    array or a 1-D tensor, as vLLM takes what a tokenizer returns with ``return_tensors``; None otherwise."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:  # numpy array, torch tensor
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return None
+    ids = []
+    for token in value:
+        if hasattr(token, "ndim") and token.ndim == 0 and hasattr(token, "item"):
+            token = token.item()  # a numpy or torch scalar; a float one stays a float and is refused
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            return None
+        ids.append(int(token))
+    return ids
 
 
 def _multi_modal_data(data, where: str) -> dict:

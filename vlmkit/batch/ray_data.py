@@ -82,17 +82,28 @@ def _batch_rows(batch: dict):
     size = len(next(iter(batch.values()))) if batch else 0
     for i in range(size):
         try:
-            if lines is not None:
-                yield BatchRequest.from_line(str(lines[i]))
+            if lines is not None:  # read_text keeps a UTF-8 BOM, which json.loads(str) refuses
+                yield BatchRequest.from_line(str(lines[i]).removeprefix("\ufeff"))
                 continue
             row = {key: _plain(batch[key][i]) for key in ("custom_id", "method", "url", "body") if key in batch}
             row = {key: value for key, value in row.items() if value is not None}
             if isinstance(row.get("body"), str):
                 row["body"] = parse_line(row["body"])
-            yield BatchRequest.from_row(row, len(json.dumps(row.get("body")).encode("utf-8")))
+            yield BatchRequest.from_row(row)
         except (BatchFileError, json.JSONDecodeError) as err:
-            custom_id = _plain(batch["custom_id"][i]) if "custom_id" in batch else None
+            custom_id = _row_id(batch, lines, i)
             yield (custom_id if isinstance(custom_id, str) else None, f"the row cannot be run: {err}")
+
+
+def _row_id(batch: dict, lines, i: int):
+    """The custom_id a row that cannot be run still names, so its error line is matched to it."""
+    if lines is None:
+        return _plain(batch["custom_id"][i]) if "custom_id" in batch else None
+    try:
+        row = parse_line(str(lines[i]).removeprefix("\ufeff"))
+    except BatchFileError:
+        return None
+    return row.get("custom_id") if isinstance(row, dict) else None
 
 
 def _plain(value):
@@ -137,7 +148,7 @@ def _input_blocks(path, done: set[str], rows_per_block: int, bytes_per_block: in
         for raw in lines:
             if not raw.strip() or json.loads(raw)["custom_id"] in done:  # the file was checked by scan_input
                 continue
-            block.append(raw.decode("utf-8").rstrip("\r\n"))
+            block.append(_line_text(raw))
             size += len(raw)
             if len(block) >= rows_per_block or size >= bytes_per_block:
                 refs.append(ray.put(pa.table({"text": block})))
@@ -145,6 +156,16 @@ def _input_blocks(path, done: set[str], rows_per_block: int, bytes_per_block: in
     if block:
         refs.append(ray.put(pa.table({"text": block})))
     return refs
+
+
+def _line_text(raw: bytes) -> str:
+    """A checked input line as text for a worker, read as the local job reads it: a UTF-8 BOM dropped,
+    and a line whose bytes are not strict UTF-8 (json accepts encoded surrogates) sent as the same JSON
+    with escapes."""
+    try:
+        return raw.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return json.dumps(parse_line(raw))
 
 
 def run_batch_on_ray(config: ServeConfig, input_path, output_path, *, replicas: int = 1, address: str | None = None,

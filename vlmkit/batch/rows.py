@@ -17,6 +17,8 @@ from ..errors import InputError
 from ..serve.config import ServeConfig
 from .files import parse_line, row_custom_id
 
+_GIVE = {"url": '"/v1/chat/completions", "/v1/completions" or "/v1/images/generations"',
+         "method": '"POST" (or leave the field out)'}
 _SEED_BITS = 63  # torch.Generator.manual_seed takes any int64
 
 
@@ -29,7 +31,7 @@ def derived_seed(custom_id: str) -> int:
 
 @dataclass
 class BatchRequest:
-    """One row of a batch file; ``size`` is the byte length of its body as written (for --max-body-bytes)."""
+    """One row of a batch file; ``size`` is its body's length as sent (``body_bytes``, for --max-body-bytes)."""
 
     custom_id: str | None
     method: str
@@ -38,22 +40,33 @@ class BatchRequest:
     size: int = 0
 
     @classmethod
-    def from_row(cls, row: dict, size: int | None = None) -> "BatchRequest":
+    def from_row(cls, row: dict) -> "BatchRequest":
         """A row from its parsed JSON object; a body without ``seed`` gets ``derived_seed(custom_id)``
         (greedy rows ignore it)."""
         custom_id = row_custom_id(row)
         body = row.get("body")
+        size = body_bytes(body)  # before the derived seed: the limit is on what the row itself sends
         if isinstance(body, dict) and body.get("seed") is None:
             body = {**body, "seed": derived_seed(custom_id)}
-        method = row.get("method", "POST")
-        return cls(custom_id, method if isinstance(method, str) else repr(method), str(row.get("url", "")), body,
-                   size if size is not None else 0)
+        method, url = row.get("method", "POST"), row.get("url")
+        return cls(custom_id, _field_text(method), _field_text(url), body, size)
 
     @classmethod
     def from_line(cls, line: str | bytes) -> "BatchRequest":
         """A row from its JSON line; raises ``BatchFileError`` when it cannot be read or has no usable custom_id."""
-        row = parse_line(line)
-        return cls.from_row(row, len(line.encode("utf-8")) if isinstance(line, str) else len(line))
+        return cls.from_row(parse_line(line))
+
+
+def _field_text(value) -> str:
+    """A row's method or url as text: "" when absent or null (``answer`` says so), else the text it gives."""
+    return "" if value is None else value if isinstance(value, str) else repr(value)
+
+
+def body_bytes(body) -> int:
+    """A body's size as a client sends it: compact JSON in UTF-8, whatever escapes or spacing the row's
+    line used, so every row (a line, Ray columns) is measured alike."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def read_requests(path, skip: set[str] = frozenset()) -> Iterator[BatchRequest]:
@@ -105,14 +118,15 @@ class BatchWorker:
         from ..serve.api_errors import ApiError, api_error, body_too_large, method_not_allowed
         from ..serve.responses import error_body
 
+        for field, value in (("url", request.url), ("method", request.method)):
+            if not value:
+                return 400, error_body(f"the row's {field} is missing or null; give {_GIVE[field]}", code="invalid_row")
         if request.method.upper() != "POST":  # the server's answer to any other method on its routes
             return 405, error_body(method_not_allowed(request.method, "POST"), code="405")
         limit = self.config.limits.max_body_bytes
         if request.size > limit:
-            size = len(json.dumps(request.body, separators=(",", ":")).encode("utf-8"))
-            if size > limit:
-                error = body_too_large(str(size), limit)
-                return error.status, error.body()
+            error = body_too_large(str(request.size), limit)
+            return error.status, error.body()
         try:
             return self.handler.run(self.scheduler, request.url, request.body)
         except Exception as err:  # run() answers bad input itself; this is a fault, reported as the server would

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
+from .jsontext import parse_json
 
 
 @dataclass
@@ -147,10 +148,7 @@ def _read_jsonl(path: str | None, keys: tuple[str, ...]) -> list[dict]:
                 raise InputError(f"{where} is not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where} is not valid JSON: {err}") from None
+            record = parse_json(line, f"{where} is")
             _check_text(record, where)
             _check_record(record, keys, where)
             record["where"] = where  # for errors found later (a row longer than the model's context)

@@ -4,7 +4,6 @@ in a recipe should not silently train something else."""
 
 from __future__ import annotations
 
-import json
 import math
 import types
 import typing
@@ -15,6 +14,7 @@ from ..errors import InputError
 from ..generation.config import SEED_RANGE
 from ..generation.image_step import MAX_GUIDANCE_SCALE
 from ..io.checkpoint import DTYPE_NAMES
+from .jsontext import parse_json
 
 VQ_STEPS_FRESH = 1000  # a fresh model's VQ-VAE steps when the recipe names none
 
@@ -202,11 +202,7 @@ class Recipe:
             raise InputError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON") from None
         except OSError as err:
             raise InputError(f"cannot read recipe {path}: {err.strerror or err}") from None
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"recipe {path} is not valid JSON: {err}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(parse_json(text, f"recipe {path} is"))
 
     def check(self) -> None:
         """Refuse values no run can use (a zero batch, a negative learning rate, NaN, a VQ grid that does
@@ -326,6 +322,16 @@ def _check_sizes(sizes: ModelSizes) -> None:
         if getattr(sizes, whole) % getattr(sizes, part):
             raise InputError(f"recipe.model.{whole} ({getattr(sizes, whole)}) must be a multiple of "
                              f"model.{part} ({getattr(sizes, part)})")
+    head = sizes.hidden_size // sizes.num_heads
+    if head % 2:  # rotary embeddings turn each head's channels in pairs
+        raise InputError(f"recipe.model.hidden_size / num_heads ({sizes.hidden_size} / {sizes.num_heads} = {head}) "
+                         f"must be even: rotary position embeddings need an even head size; e.g. hidden_size "
+                         f"{sizes.num_heads * (head + 1)}")
+    image_tokens = (sizes.image_size // sizes.patch_size) ** 2
+    if sizes.max_position_embeddings <= image_tokens + 2:
+        raise InputError(f"recipe.model.max_position_embeddings ({sizes.max_position_embeddings}) leaves no room for "
+                         f"a prompt: an image is {image_tokens} tokens plus its 2 markers; give more than that plus "
+                         f"the longest prompt and answer (the default is 1024)")
     if not sizes.vq_channel_multiplier:
         raise InputError("recipe.model.vq_channel_multiplier is empty; give one multiplier per VQ level, e.g. "
                          "[1, 1, 2, 2]")

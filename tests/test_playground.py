@@ -303,12 +303,18 @@ def slow_answers(monkeypatch):
     monkeypatch.setattr(TextDecoder, "step", slow_step)
 
 
+def _chat_requests(page) -> list:
+    """The bodies of the chat requests the page sends from now on, as they are sent."""
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    return sent
+
+
 def test_enter_while_an_answer_streams_sends_nothing_until_it_ends(watched, server, slow_answers):
     """Send is disabled while an answer streams, and so is Enter: one request, whose conversation the next
     question then continues (a second request would have left the first answer out, and unstoppable)."""
     page = watched.page
-    sent = []
-    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    sent = _chat_requests(page)
     page.fill("#prompt", "first question")
     page.keyboard.press("Enter")
     page.wait_for_selector(".message.assistant span:not(:empty)")
@@ -327,8 +333,7 @@ def test_a_new_chat_during_an_answer_starts_from_nothing(watched, server, slow_a
     """New chat while an answer streams stops it; the stopped answer belongs to no conversation, so the new
     chat's first request holds its own question alone."""
     page = watched.page
-    sent = []
-    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    sent = _chat_requests(page)
     page.fill("#prompt", "an old question")
     page.keyboard.press("Enter")
     page.wait_for_selector(".message.assistant span:not(:empty)")

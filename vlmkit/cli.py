@@ -70,7 +70,7 @@ def _check_videos(videos: list[str], frames: int) -> None:
 
 def _check_images(images: list[str]) -> None:
     """Each local --image decoded now, so a file that is no image is refused before the model loads (as
-    the session would read it); URLs are fetched later."""
+    the chat would read it); URLs are fetched later."""
     from .cli_args import is_url
     from .io.media import load_image
     for image in images:

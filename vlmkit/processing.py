@@ -16,15 +16,13 @@ from .io.chat_template import template_variables
 from .io.checkpoint import read_json
 from .io.features import BatchFeature, as_return_type
 from .io.media import flat_image_list
+from .io.pixels import IMAGE_SETTINGS
 from .io.tokenizer import tokenizer_settings
 
 # from_pretrained keywords that pick transformers' backend, class or device, and change nothing in vlmkit's
 # processors (which run on the CPU, with the fast tokenizer)
 NEUTRAL_LOAD_OPTIONS = frozenset({"backend", "use_fast", "_from_pipeline", "device", "dtype", "torch_dtype",
                                   "device_map", "attn_implementation", "low_cpu_mem_usage"})
-# image options shared by every family's image processor (its config's keys)
-IMAGE_LOAD_OPTIONS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                                "image_mean", "image_std", "do_pad"})
 
 
 @dataclass
@@ -47,7 +45,7 @@ def sort_load_options(options: dict, image_keys=(), processor_keys=()) -> LoadOp
     tokenizer's config, as transformers keeps it in the tokenizer's init_kwargs, with a warning that it
     changes nothing."""
     options = {k: v for k, v in options.items() if k not in NEUTRAL_LOAD_OPTIONS}
-    image = {k: options.pop(k) for k in list(options) if k in IMAGE_LOAD_OPTIONS or k in image_keys}
+    image = {k: options.pop(k) for k in list(options) if k in IMAGE_SETTINGS or k in image_keys}
     processor = {k: options[k] for k in options if k in processor_keys}
     tokenizer = tokenizer_settings(options)
     unknown = sorted(k for k in options if k not in processor)

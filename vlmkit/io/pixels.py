@@ -12,6 +12,10 @@ from .media import FROM_FLOAT
 
 # OpenAI CLIP's mean/std: transformers' defaults for these processors (the real checkpoints often
 # override them, so a config is always read)
+# the image options every family's image processor takes (its config's keys, transformers' names): a call's,
+# from_pretrained's, and those save_pretrained writes back when edited
+IMAGE_SETTINGS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                            "image_mean", "image_std", "do_pad"})
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -17,6 +17,7 @@ from ..configs import with_edits
 from ..errors import InputError
 from .chat_template import processor_chat_template
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, read_json
+from .pixels import IMAGE_SETTINGS
 from .tokenizer_classes import config_model_type
 
 _WEIGHT_FILES = {"model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX, "config.json"}
@@ -118,9 +119,8 @@ def save_processor_files(processor, directory, **options) -> Path:
     return out
 
 
-# image processor settings written back when edited (transformers' names, which every family reads)
-_IMAGE_SETTINGS = frozenset({"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                             "image_mean", "image_std", "do_pad", "do_convert_rgb", "min_size", "image_grid_pinpoints"})
+# image processor settings written back when edited: every family's, and the families' own ones
+_SAVED_IMAGE_SETTINGS = IMAGE_SETTINGS | {"do_convert_rgb", "min_size", "image_grid_pinpoints"}
 
 
 def _write_setting_edits(processor, out: Path) -> None:
@@ -153,7 +153,7 @@ def _with_image_edits(image_processor, config: dict) -> dict:
     what that file gives."""
     loaded = type(image_processor).from_config(config)
     updated = dict(config)
-    for name in _IMAGE_SETTINGS:
+    for name in _SAVED_IMAGE_SETTINGS:
         value, before = getattr(image_processor, name, None), getattr(loaded, name, None)
         if value is None or value == before:
             continue

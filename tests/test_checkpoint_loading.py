@@ -44,13 +44,21 @@ def test_missing_shard_is_named(janus_dir, tmp_path):
         JanusForConditionalGeneration.from_pretrained(sharded)
 
 
+def _with_edited_weights(folder, out, edit):
+    """A copy of a one-file checkpoint whose tensors ``edit(state)`` changed in place."""
+    shutil.copytree(folder, out)
+    state = load_file(str(out / "model.safetensors"))
+    edit(state)
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
 def test_missing_and_misshaped_tensors_are_named(janus_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(janus_dir, broken)
-    state = load_file(str(broken / "model.safetensors"))
-    state.pop("model.language_model.norm.weight")
-    state["model.aligner.fc1.bias"] = torch.zeros(3)
-    save_file(state, str(broken / "model.safetensors"))
+    def damage(state):
+        state.pop("model.language_model.norm.weight")
+        state["model.aligner.fc1.bias"] = torch.zeros(3)
+
+    broken = _with_edited_weights(janus_dir, tmp_path / "broken", damage)
     with pytest.raises(CheckpointError) as error:
         JanusForConditionalGeneration.from_pretrained(broken)
     assert "model.language_model.norm.weight" in str(error.value)
@@ -416,17 +424,17 @@ def test_an_index_naming_shards_outside_the_folder_or_pickles_is_refused(janus_d
 
 
 def test_a_janus_checkpoint_missing_some_generation_tensors_is_refused_naming_them(janus_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(janus_dir, broken)
-    state = load_file(str(broken / "model.safetensors"))
-    state.pop("model.vqmodel.decoder.mid.attn_1.k.weight")
-    save_file(state, str(broken / "model.safetensors"))
+    broken = _with_edited_weights(janus_dir, tmp_path / "broken",
+                                  lambda state: state.pop("model.vqmodel.decoder.mid.attn_1.k.weight"))
     with pytest.raises(CheckpointError, match="lacks 1: model.vqmodel.decoder.mid.attn_1.k.weight"):
         JanusForConditionalGeneration.from_pretrained(broken)
     # without any generation tensor it is an understanding-only checkpoint
-    save_file({k: v for k, v in state.items() if not k.startswith(("model.vqmodel.", "model.generation_"))},
-              str(broken / "model.safetensors"))
-    assert not JanusForConditionalGeneration.from_pretrained(broken).has_generation_weights
+    def without_generation(state):
+        for name in [k for k in state if k.startswith(("model.vqmodel.", "model.generation_"))]:
+            del state[name]
+
+    bare = _with_edited_weights(janus_dir, tmp_path / "bare", without_generation)
+    assert not JanusForConditionalGeneration.from_pretrained(bare).has_generation_weights
 
 
 def test_load_reads_the_processor_from_the_revision_and_cache_the_model_comes_from(janus_dir, tmp_path):
